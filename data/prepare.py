@@ -1,0 +1,152 @@
+"""Make ImageFolder data sets (DIR/train/<class>/*.png, DIR/test/<class>/*.png).
+
+  python data/prepare.py fashion               # rebuild the shipped sample, data/fashion_sample
+  python data/prepare.py fashion --out data/fashion_bench --size 224 --train_per_class 100 --test_per_class 30
+  python data/prepare.py catdog --zip ~/Downloads/train.zip    # Kaggle dogs-vs-cats -> data/catdog
+  python data/prepare.py hymenoptera           # ants/bees from the PyTorch tutorial (needs internet)
+
+Fashion-MNIST comes from the Debian package dataset-fashion-mnist (MIT licence; apt-get install
+dataset-fashion-mnist), read from /usr/share/datasets/fashion-mnist/*.gz in IDX format.
+"""
+import argparse
+import gzip
+import random
+import shutil
+import struct
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle_boot"]
+SAMPLE_CLASSES = ["trouser", "sneaker", "bag", "ankle_boot"]
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_idx(path):
+    """IDX files: magic (0, 0, dtype, ndim), then ndim big-endian sizes, then the data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return dims, data[4 + 4 * ndim:]
+
+
+def fashion(args):
+    from PIL import Image
+
+    source = Path(args.source)
+    if not (source / "train-images-idx3-ubyte.gz").is_file():
+        fail(f"Fashion-MNIST not found in {source}; install it with: apt-get install dataset-fashion-mnist")
+    classes = args.classes.split(",") if args.classes else SAMPLE_CLASSES
+    unknown = [c for c in classes if c not in FASHION_CLASSES]
+    if unknown:
+        fail(f"unknown classes {unknown}; choose from {', '.join(FASHION_CLASSES)}")
+    out = Path(args.out)
+    for split, prefix, per_class in (("train", "train", args.train_per_class), ("test", "t10k", args.test_per_class)):
+        (n, rows, cols), pixels = read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
+        _, labels = read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
+        taken = {c: 0 for c in classes}
+        for i in range(n):  # the first images of each class, in file order: reproducible
+            name = FASHION_CLASSES[labels[i]]
+            if name not in taken or taken[name] >= per_class:
+                continue
+            img = Image.frombytes("L", (cols, rows), pixels[i * rows * cols:(i + 1) * rows * cols])
+            if args.size != rows:
+                img = img.resize((args.size, args.size), Image.BICUBIC)
+            folder = out / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{prefix}_{i:05d}.png", optimize=True)
+            taken[name] += 1
+            if all(v >= per_class for v in taken.values()):
+                break
+        print(f"{out / split}: {taken}")
+
+
+def catdog(args):
+    """Kaggle dogs-vs-cats train.zip (train/cat.0.jpg, ...) -> out/train/<cat|dog>/ + a held-out out/test/."""
+    zip_path = Path(args.zip)
+    if not zip_path.is_file():
+        fail(f"{zip_path} not found: download train.zip of Kaggle's dogs-vs-cats competition first")
+    out = Path(args.out)
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        fail(f"{zip_path} is not a zip file")
+    with archive:
+        names = sorted(n for n in archive.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        by_class = {}
+        for n in names:
+            label = Path(n).name.split(".")[0].lower()
+            if label in ("cat", "dog"):
+                by_class.setdefault(label, []).append(n)
+        if not by_class:
+            fail(f"{zip_path} holds no cat.*.jpg / dog.*.jpg files")
+        rng = random.Random(args.seed)
+        for label, members in by_class.items():
+            rng.shuffle(members)
+            n_test = int(round(len(members) * args.test_ratio))
+            for split, part in (("test", members[:n_test]), ("train", members[n_test:])):
+                folder = out / split / label
+                folder.mkdir(parents=True, exist_ok=True)
+                for name in part:
+                    with archive.open(name) as src, open(folder / Path(name).name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+            print(f"{label}: {len(members) - n_test} train, {n_test} test")
+    print(f"done: python train.py --data_dir {out} --use_pretrained --freeze")
+
+
+def hymenoptera(args):
+    """The PyTorch transfer-learning tutorial's ants/bees set: train/ and val/ (renamed valid/)."""
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        zip_path = Path(tmp) / "hymenoptera_data.zip"
+        try:
+            urllib.request.urlretrieve(HYMENOPTERA_URL, zip_path)
+        except Exception as e:
+            fail(f"could not download {HYMENOPTERA_URL} ({e}); this needs internet access")
+        with zipfile.ZipFile(zip_path) as archive:
+            archive.extractall(tmp)
+        src = Path(tmp) / "hymenoptera_data"
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src / "train", out / "train", dirs_exist_ok=True)
+        shutil.copytree(src / "val", out / "valid", dirs_exist_ok=True)
+    print(f"done: python train.py --data_dir {out} --use_pretrained --freeze")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fashion", help="Fashion-MNIST from the Debian package")
+    f.add_argument("--out", default=str(HERE / "fashion_sample"))
+    f.add_argument("--classes", default=None, help=f"comma-separated (default: {','.join(SAMPLE_CLASSES)}; "
+                   f"all: {','.join(FASHION_CLASSES)})")
+    f.add_argument("--train_per_class", type=int, default=100)
+    f.add_argument("--test_per_class", type=int, default=30)
+    f.add_argument("--size", type=int, default=28, help="side in pixels (28 = original)")
+    f.add_argument("--source", default=str(FASHION_DIR))
+    c = sub.add_parser("catdog", help="Kaggle dogs-vs-cats train.zip")
+    c.add_argument("--zip", required=True)
+    c.add_argument("--out", default=str(HERE / "catdog"))
+    c.add_argument("--test_ratio", type=float, default=0.1)
+    c.add_argument("--seed", type=int, default=42)
+    h = sub.add_parser("hymenoptera", help="ants/bees, downloaded")
+    h.add_argument("--out", default=str(HERE / "hymenoptera"))
+    return p.parse_args(argv)
+
+
+def main(args):
+    {"fashion": fashion, "catdog": catdog, "hymenoptera": hymenoptera}[args.command](args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,394 @@
+"""Images in, tensors out: folder scanning, image decoding, transforms, the seeded split, samplers, loaders."""
+import csv
+import math
+import os
+import warnings
+from collections import Counter, defaultdict, namedtuple
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from utils import CLIError, atomic_open, ignore_stop_signals
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RRC_SCALE = (0.25, 1.0)  # RandomResizedCrop area range; torchvision's 0.08 is too harsh for small transfer sets
+
+
+# ----------------------------------------------------------------------------- files and decoding
+
+
+def is_image_file(path):
+    path = Path(path)
+    return not path.name.startswith(".") and path.suffix.lower() in IMG_EXTENSIONS
+
+
+def list_images(folder):
+    """Image files under `folder`, recursively, sorted; hidden files and folders are skipped."""
+    folder = Path(folder)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+    return sorted(found)
+
+
+def to_rgb(img):
+    """Any Pillow mode to 8-bit RGB: 16-bit gray is scaled (not clipped), transparency goes on white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or arr.max(initial=0) > 255:
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def load_rgb(path):
+    """Decode one image fully (a truncated file raises), turn it upright by its EXIF tag, make it RGB.
+    Pillow's decompression-bomb warning is treated as an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def default_resize(input_size):
+    return int(math.floor(input_size * 256 / 224))
+
+
+def build_transforms(input_size, resize_size, mean, std, train):
+    """Train: RandomResizedCrop + flip. Eval: resize the short side, then center crop. Both normalize."""
+    if train:
+        steps = [T.RandomResizedCrop(input_size, scale=RRC_SCALE, antialias=True), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(resize_size, antialias=True), T.CenterCrop(input_size)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def display_transform(input_size, resize_size):
+    """The eval geometry without normalization: what the model saw, in real colours."""
+    return T.Compose([T.Resize(resize_size, antialias=True), T.CenterCrop(input_size)])
+
+
+# ----------------------------------------------------------------------------- datasets
+
+BadSample = namedtuple("BadSample", "index reason")
+
+
+def describe_error(e):
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class ImageDataset(Dataset):
+    """(path, label) pairs -> (tensor, label, index). An unreadable file yields a BadSample instead of
+    raising, so one bad image never stops an epoch; the collate function sorts them out."""
+
+    def __init__(self, samples, transform):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):  # (index, seed) from TrainSampler: augmentation fixed per image and epoch
+            index, seed = index
+            torch.manual_seed(seed)
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except Exception as e:  # any decoder failure: zero bytes, truncated, not an image, too large
+            return BadSample(index, describe_error(e))
+        return self.transform(image), label, index
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    bad: list = field(default_factory=list)  # BadSample for each unreadable file of this batch
+
+    def pin_memory(self):
+        self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+        return self
+
+
+def collate(items):
+    good = [it for it in items if not isinstance(it, BadSample)]
+    bad = [it for it in items if isinstance(it, BadSample)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad)
+    images = torch.stack([g[0] for g in good])
+    labels = torch.tensor([g[1] for g in good], dtype=torch.long)
+    indices = torch.tensor([g[2] for g in good], dtype=torch.long)
+    return Batch(images, labels, indices, bad)
+
+
+# ----------------------------------------------------------------------------- folders and split
+
+
+def scan_class_folders(root, class_names=None, what="data folder"):
+    """ImageFolder layout root/<class>/**/image. Returns (class_names, [(path, label)]).
+    With `class_names` given (valid/ and test/ folders), folders must be a subset of them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CLIError(f"{what} {str(root)!r} does not exist or is not a folder")
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise CLIError(f"{what} {str(root)!r} has no class subfolders (expected {root}/<class_name>/<image files>)")
+    if class_names is None:
+        class_names = folders
+    else:
+        unknown = [f for f in folders if f not in class_names]
+        if unknown:
+            raise CLIError(f"{what} {str(root)!r} has class folders that train/ lacks: {', '.join(unknown[:5])}")
+    index = {c: i for i, c in enumerate(class_names)}
+    samples = []
+    for name in folders:
+        files = list_images(root / name)
+        if not files:
+            raise CLIError(f"class folder {str(root / name)!r} has no images ({', '.join(IMG_EXTENSIONS)})")
+        samples.extend((str(p), index[name]) for p in files)
+    return class_names, samples
+
+
+def stratified_split(labels, valid_ratio, seed):
+    """Seeded split keeping each class's share: every class with 2+ images gets at least one of each."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    train, valid = [], []
+    for y in sorted(by_class):
+        members = by_class[y]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        n_valid = round(len(members) * valid_ratio)
+        if len(members) >= 2:
+            n_valid = min(max(n_valid, 1), len(members) - 1)
+        else:
+            n_valid = 0
+        valid.extend(members[j] for j in order[:n_valid])
+        train.extend(members[j] for j in order[n_valid:])
+    return sorted(train), sorted(valid)
+
+
+@dataclass
+class DataSplits:
+    class_names: list
+    train: list  # [(path, label)]
+    valid: list
+    test: list  # empty when there is no test/ folder
+    valid_source: str  # "valid/ folder" or "split of train/"
+
+
+def resolve_data_dir(data_dir):
+    """The folder holding train/ (and valid/, test/); a bare ImageFolder (root/<class>/) also works as train/."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise CLIError(f"data folder {str(root)!r} does not exist or is not a folder")
+    return root
+
+
+def build_splits(data_dir, valid_ratio, seed):
+    root = resolve_data_dir(data_dir)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    class_names, train = scan_class_folders(train_dir, what="training folder")
+    if len(class_names) < 2:
+        raise CLIError(f"training folder {str(train_dir)!r} has only one class ({class_names[0]}); "
+                       "a classifier needs at least two class subfolders")
+    if (root / "valid").is_dir():
+        _, valid = scan_class_folders(root / "valid", class_names, what="validation folder")
+        valid_source = "valid/ folder"
+    else:
+        if not 0 < valid_ratio < 1:
+            raise CLIError(f"--valid_ratio must be between 0 and 1 (exclusive) when there is no valid/ folder; got {valid_ratio}")
+        train_idx, valid_idx = stratified_split([y for _, y in train], valid_ratio, seed)
+        if not valid_idx:
+            raise CLIError("too few images to hold out a validation set; add images or a valid/ folder")
+        train, valid = [train[i] for i in train_idx], [train[i] for i in valid_idx]
+        valid_source = f"seeded split of train/ (valid_ratio={valid_ratio}, seed={seed})"
+    test = []
+    if train_dir != root and (root / "test").is_dir():
+        _, test = scan_class_folders(root / "test", class_names, what="test folder")
+    return DataSplits(class_names, train, valid, test, valid_source)
+
+
+def write_split_lists(splits, run_dir):
+    """train_files.csv and valid_files.csv in the run folder: path,class per line."""
+    for name, samples in (("train", splits.train), ("valid", splits.valid)):
+        with atomic_open(Path(run_dir) / f"{name}_files.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "class"])
+            writer.writerows((p, splits.class_names[y]) for p, y in samples)
+
+
+def class_counts(samples, n_classes):
+    counts = Counter(y for _, y in samples)
+    return [counts.get(i, 0) for i in range(n_classes)]
+
+
+# ----------------------------------------------------------------------------- samplers and loaders
+
+
+class TrainSampler(Sampler):
+    """Shuffles with a generator seeded by (seed, epoch), so a resumed run sees the same order, and gives
+    each image a seed for its augmentation, so results do not depend on workers or interruptions.
+    Shards across processes, padding so every rank gets the same number of samples (DDP needs it).
+    With `weights`, draws with replacement in proportion to them (the balanced sampler)."""
+
+    def __init__(self, n, seed, rank=0, world_size=1, weights=None):
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def sample_seed(self, epoch, index):
+        return (self.seed * 1000003 + epoch) * 1000003 + index
+
+    def __len__(self):
+        return math.ceil(self.n / self.world_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        total = len(self) * self.world_size
+        order = (order * math.ceil(total / max(1, len(order))))[:total]
+        return iter((i, self.sample_seed(self.epoch, i)) for i in order[self.rank::self.world_size])
+
+
+class ShardSampler(Sampler):
+    """Evaluation: rank r takes r, r+world, ...; every sample exactly once over all ranks, no padding."""
+
+    def __init__(self, n, rank=0, world_size=1):
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world_size))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+
+def default_num_workers():
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, pin_memory=False, drop_last=False):
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    valid: DataLoader
+    test: DataLoader  # None without a test/ folder
+    train_eval: DataLoader  # the training images with eval transforms (feature cache)
+
+
+def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_workers, seed,
+                  rank=0, world_size=1, pin_memory=False, class_weights=None):
+    """Train loader with augmentation and a seeded, sharded sampler; the others with eval transforms,
+    each image seen exactly once over all processes. `class_weights` turns on the balanced sampler."""
+    train_tf = build_transforms(input_size, resize_size, mean, std, train=True)
+    eval_tf = build_transforms(input_size, resize_size, mean, std, train=False)
+    sample_weights = None
+    if class_weights is not None:
+        sample_weights = [class_weights[y] for _, y in splits.train]
+    train_sampler = TrainSampler(len(splits.train), seed, rank, world_size, sample_weights)
+    per_rank = len(train_sampler)
+    drop_last = per_rank > batch_size and per_rank % batch_size == 1  # a lone last sample breaks BatchNorm
+    train = make_loader(ImageDataset(splits.train, train_tf), batch_size, train_sampler, num_workers,
+                        pin_memory, drop_last)
+
+    def eval_loader(samples):
+        if not samples:
+            return None
+        return make_loader(ImageDataset(samples, eval_tf), batch_size, ShardSampler(len(samples), rank, world_size),
+                           num_workers, pin_memory)
+
+    return Loaders(train, eval_loader(splits.valid), eval_loader(splits.test), eval_loader(splits.train))
+
+
+# ----------------------------------------------------------------------------- audit (--check_data)
+
+TINY_SIDE = 16  # images with a side below this many pixels are reported as tiny
+
+
+def audit_data(data_dir, out=print):
+    """Decode every image once: unreadable files, per-class counts and imbalance, files shared by
+    train/valid/test (same bytes), tiny images, unusual modes. Returns the exit status: 1 on
+    unreadable files or leaks, else 0."""
+    import hashlib
+
+    root = resolve_data_dir(data_dir)
+    parts = [(n, root / n) for n in ("train", "valid", "test") if (root / n).is_dir()] or [("train", root)]
+    class_names = None
+    unreadable, tiny, modes, owners = [], [], Counter(), defaultdict(set)
+    for part, folder in parts:
+        class_names, samples = scan_class_folders(folder, class_names if part != "train" else None, f"{part} folder")
+        counts = class_counts(samples, len(class_names))
+        shown = ", ".join(f"{c} {n}" for c, n in zip(class_names, counts))
+        ratio = max(counts) / max(1, min(counts))
+        out(f"{part}: {len(samples)} images; {shown}; imbalance {ratio:.1f}x")
+        for path, _ in samples:
+            with open(path, "rb") as f:
+                owners[hashlib.sha1(f.read()).hexdigest()].add((part, path))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(path) as img:
+                        img.load()
+                        modes[img.mode] += 1
+                        if min(img.size) < TINY_SIDE:
+                            tiny.append(f"{path} ({img.size[0]}x{img.size[1]})")
+            except Exception as e:
+                unreadable.append(f"{path}: {describe_error(e)}")
+    leaks = [sorted(p for _, p in group) for group in owners.values() if len({part for part, _ in group}) > 1]
+    out(f"modes: {dict(modes)}" + ("" if set(modes) <= {"RGB", "L"} else " (converted to RGB when loaded)"))
+    for title, items in (("unreadable", unreadable), ("tiny", tiny),
+                         ("identical files in more than one of train/valid/test", [" = ".join(g) for g in leaks])):
+        out(f"{title}: {len(items)}")
+        for item in items[:20]:
+            out(f"  {item}")
+        if len(items) > 20:
+            out(f"  ... and {len(items) - 20} more")
+    return 1 if unreadable or leaks else 0

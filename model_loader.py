@@ -1,0 +1,266 @@
+"""Backbones: the registry, head replacement, pretrained weights, freezing, checkpoint save and load."""
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from utils import CLIError, atomic_torch_save
+
+# The older scripts' five names, mapped to the torchvision model each one meant.
+ALIASES = {"resnet": "resnet34", "alexnet": "alexnet", "vgg": "vgg16_bn", "squeezenet": "squeezenet1_0",
+           "densenet": "densenet121"}
+EXAMPLE_NAMES = "resnet, alexnet, vgg, squeezenet, densenet, resnet18, resnet50, mobilenet_v2, efficientnet_b0, convnext_tiny, vit_b_16"
+# Models whose auxiliary classifiers would change the training output; we build them without.
+BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                "inception_v3": {"aux_logits": False, "init_weights": True}}
+FORMAT_VERSION = 1
+CHECKPOINT_KEYS = ("format_version", "model_name", "state_dict", "class_names", "input_size", "resize_size",
+                   "mean", "std")
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def classification_models():
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def resolve_model_name(name):
+    """An alias or any torchvision classification model name -> the torchvision name."""
+    resolved = ALIASES.get(name, name)
+    if resolved not in classification_models():
+        raise CLIError(f"unknown --model_name {name!r}; valid names include {EXAMPLE_NAMES} "
+                       f"(any of torchvision's {len(classification_models())} classification models)")
+    return resolved
+
+
+def default_weights(name):
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def model_defaults(name):
+    """The backbone's own input size, mean and std (from its default ImageNet weights' preprocessing)."""
+    preprocess = default_weights(name).transforms()
+    return {"input_size": int(preprocess.crop_size[0]), "mean": [float(m) for m in preprocess.mean],
+            "std": [float(s) for s in preprocess.std]}
+
+
+def find_head(model, num_classes):
+    """The dotted name of the classifier layer: the last Linear (or 1x1 Conv2d, SqueezeNet) with
+    num_classes outputs."""
+    head = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_classes:
+            head = name
+        elif isinstance(module, nn.Conv2d) and module.out_channels == num_classes and module.kernel_size == (1, 1):
+            head = name
+    if head is None:
+        raise CLIError(f"cannot find the classifier layer of {type(model).__name__}")
+    return head
+
+
+def is_head_param(name, head):
+    return name.startswith(head + ".")
+
+
+# ----------------------------------------------------------------------------- weights files
+
+
+def safe_load(path, what="checkpoint"):
+    """torch.load with weights_only=True: tensors and plain types only; pickled code is refused unrun."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"{what} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "Weights only load failed" in first or "weights_only" in str(e):
+            found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|[\w ]+ is not supported)", str(e))
+            detail = f": {found.group(1)}" if found else ""
+            raise CLIError(f"{what} {str(path)!r} holds pickled Python objects or code, which is refused "
+                           f"(loaded with weights_only=True; nothing in it was run){detail}") from None
+        raise CLIError(f"{what} {str(path)!r} is not a PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint ({first[:200]})") from None
+
+
+def pretrained_file(name):
+    """(weights enum, path where torchvision caches the file: $TORCH_HOME/hub/checkpoints/<file>)."""
+    weights = default_weights(name)
+    filename = os.path.basename(urlparse(weights.url).path)
+    return weights, Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def load_pretrained_state(name):
+    """ImageNet weights through torchvision's weights API: the cached file, or a download when online."""
+    weights, path = pretrained_file(name)
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(path), progress=False)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CLIError(f"ImageNet weights for {name} are not cached and could not be downloaded ({reason[:120]}); "
+                           f"copy {path.name} from {weights.url} to {path} (set TORCH_HOME to change the folder), "
+                           "or pass --weights FILE") from None
+    return safe_load(path, "pretrained weights file")
+
+
+def unwrap_state_dict(obj):
+    """A torchvision state_dict, or a checkpoint of this project -> a state_dict without 'module.' prefixes."""
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CLIError("the weights file holds no state_dict (a dict of tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_backbone_state(model, state, head, log=print):
+    """Copy every matching tensor except the classifier's; report what did not fit."""
+    own = model.state_dict()
+    usable, mismatched = {}, []
+    for key, value in state.items():
+        if is_head_param(key, head) or key not in own:
+            continue
+        if own[key].shape != value.shape:
+            mismatched.append(key)
+            continue
+        usable[key] = value
+    if not usable:
+        raise CLIError(f"the weights do not fit {type(model).__name__}: none of their {len(state)} tensors match")
+    missing = [k for k in own if k not in usable and not is_head_param(k, head)]
+    unexpected = [k for k in state if k not in own and not is_head_param(k, head)]
+    model.load_state_dict(usable, strict=False)
+    for label, keys in (("missing (left at random init)", missing), ("unexpected (ignored)", unexpected),
+                        ("with another shape (ignored)", mismatched)):
+        if keys:
+            log(f"weights: {len(keys)} keys {label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    return len(usable)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_model(name, num_classes, pretrained=False, weights_path=None, log=print):
+    """A torchvision model with a fresh num_classes head (same key names as torchvision's own),
+    and backbone weights from ImageNet (`pretrained`) or a local file (`weights_path`).
+    Returns (model, head_name)."""
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **BUILD_KWARGS.get(name, {}))
+    head = find_head(model, num_classes)
+    state = None
+    if weights_path:
+        state = unwrap_state_dict(safe_load(weights_path, "--weights file"))
+    elif pretrained:
+        state = unwrap_state_dict(load_pretrained_state(name))
+    if state is not None:
+        n = load_backbone_state(model, state, head, log)
+        log(f"weights: loaded {n} backbone tensors into {name}; new {num_classes}-class head '{head}'")
+    return model, head
+
+
+def set_backbone_trainable(model, head, trainable):
+    for name, p in model.named_parameters():
+        if not is_head_param(name, head):
+            p.requires_grad_(trainable)
+
+
+def set_train_mode(model, head, backbone_frozen):
+    """model.train(), except a frozen backbone stays in eval mode (BatchNorm statistics must not drift)."""
+    if backbone_frozen:
+        model.eval()
+        model.get_submodule(head).train()
+    else:
+        model.train()
+
+
+def param_groups(model, head, lr, backbone_lr_scale, weight_decay):
+    """Two groups: the new head at lr, the pretrained part at lr * backbone_lr_scale."""
+    head_params = [p for n, p in model.named_parameters() if is_head_param(n, head)]
+    backbone_params = [p for n, p in model.named_parameters() if not is_head_param(n, head)]
+    return [{"params": head_params, "lr": lr, "weight_decay": weight_decay, "name": "head"},
+            {"params": backbone_params, "lr": lr * backbone_lr_scale, "weight_decay": weight_decay,
+             "name": "backbone"}]
+
+
+def is_convolutional(model):
+    return any(isinstance(m, nn.Conv2d) for m in model.modules()) and not isinstance(
+        model, torchvision.models.VisionTransformer)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def plain(value):
+    """Namespaces and paths -> plain types, so weights_only loading accepts them."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float)):  # numpy scalars and int/float subclasses
+        return float(value) if isinstance(value, float) else int(value)
+    return str(value)
+
+
+def make_checkpoint(model, model_name, class_names, input_size, resize_size, mean, std, epoch, metrics, args):
+    """The self-describing checkpoint: tensors and plain types only (see STYLE.md)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "state_dict": state,
+        "class_names": list(class_names),
+        "input_size": int(input_size),
+        "resize_size": int(resize_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "epoch": int(epoch),
+        "metrics": plain(metrics),
+        "args": plain(dict(args)),
+        "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+    }
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint(path):
+    """Load and check a checkpoint of this project; anything else is a one-line CLIError."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict):
+        raise CLIError(f"{str(path)!r} is not a checkpoint of this tool (it holds a {type(ckpt).__name__}, not a dict)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        hint = " (it looks like a bare state_dict)" if all(isinstance(v, torch.Tensor) for v in ckpt.values()) else ""
+        raise CLIError(f"{str(path)!r} is not a checkpoint of this tool{hint}: missing {', '.join(missing)}")
+    if not isinstance(ckpt["format_version"], int) or ckpt["format_version"] > FORMAT_VERSION:
+        raise CLIError(f"{str(path)!r} has checkpoint format {ckpt['format_version']!r}; this version reads up to {FORMAT_VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild the model from the checkpoint's own metadata; returns (model, head_name)."""
+    name, class_names = ckpt["model_name"], ckpt["class_names"]
+    if name not in classification_models():
+        raise CLIError(f"{str(path)!r} names model {name!r}, which this torchvision does not have")
+    model = torchvision.models.get_model(name, weights=None, num_classes=len(class_names), **BUILD_KWARGS.get(name, {}))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CLIError(f"{str(path)!r}: its state_dict does not fit {name} with {len(class_names)} classes ({detail[:160]})") from None
+    return model, find_head(model, len(class_names))

@@ -1,0 +1,236 @@
+"""Train an image classifier on a folder of images (one subfolder per class) from an ImageNet-pretrained
+torchvision backbone: freeze it and train a new head (--freeze), or fine-tune everything with a smaller
+learning rate on the pretrained part. Runs unchanged under torchrun for several GPUs or machines."""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data_loader
+import model_loader
+import trainer
+from utils import (CLIError, StopFlag, check_writable, dist_info_from_env, resolve_device, run_cli,
+                   seed_everything)
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATASET = "fashion_sample"  # shipped in data/: 4 Fashion-MNIST classes, PNG
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def add(name, *more, **kw):  # every --snake_case flag is also accepted as --dashed-case
+        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(more)
+        p.add_argument(*names, **kw)
+
+    g = p.add_argument_group("data")
+    add("--data_dir", default=None, help="ImageFolder root: DIR/train/<class>/*, optional DIR/valid/ and DIR/test/ "
+        f"(default: data/{DEFAULT_DATASET})")
+    add("--dataset_name", default=None, help="shortcut for --data_dir data/NAME")
+    add("--valid_ratio", type=float, default=0.2, help="share of train/ held out for validation when there is no valid/")
+    add("--input_size", type=int, default=None, help="crop size fed to the model (default: the backbone's, 224)")
+    add("--resize_size", type=int, default=None, help="short side before the center crop (default: input_size*256/224)")
+    add("--batch_size", type=int, default=32, help="images per batch and per process")
+    add("--num_workers", type=int, default=data_loader.default_num_workers(), help="DataLoader worker processes")
+    add("--class_weights", choices=["none", "auto"], default="none", help="auto = inverse-frequency loss weights")
+    add("--balanced_sampler", action="store_true", help="draw training images with equal class probability")
+    add("--check_data", action="store_true", help="audit the data folder and exit without training")
+
+    g = p.add_argument_group("model")
+    add("--model_name", default="resnet", help="resnet (=resnet34), alexnet, vgg (=vgg16_bn), squeezenet, densenet "
+        "(=densenet121), or any torchvision classification model (resnet50, efficientnet_b0, vit_b_16, ...)")
+    add("--n_classes", type=int, default=None, help="optional check: must equal the number of class folders")
+    add("--use_pretrained", action="store_true", help="start from torchvision's ImageNet weights (cached in TORCH_HOME)")
+    add("--weights", default=None, help="backbone weights from a local file (torchvision state_dict or our checkpoint)")
+    add("--freeze", action="store_true", help="mode 1: freeze the backbone, train only the new head")
+    add("--unfreeze_after", type=int, default=0, help="mode 2: train the head alone for N epochs, then fine-tune all")
+    add("--backbone_lr_scale", type=float, default=0.1, help="mode 2: backbone learning rate = lr * this")
+
+    g = p.add_argument_group("training")
+    add("--model_fn", "--model_path", default="model.pth", help="where the best checkpoint is written")
+    add("--n_epochs", type=int, default=20)
+    add("--lr", type=float, default=1e-3, help="learning rate of the head (AdamW)")
+    add("--weight_decay", type=float, default=0.01)
+    add("--lr_schedule", choices=["cosine", "constant"], default="cosine", help="after the warm-up")
+    add("--warmup", type=float, default=0.05, help="share of each phase's steps spent warming up linearly")
+    add("--label_smoothing", type=float, default=0.0)
+    add("--patience", type=int, default=5, help="epochs without a better validation loss before stopping; 0 = never")
+    add("--seed", type=int, default=42, help="seeds the split, the initial head, shuffling and augmentation")
+    add("--log_dir", default=None, help="run folder for TensorBoard, metrics.csv and split lists "
+        "(default: runs/<date-time>_<model_name>)")
+    add("--resume", default=None, help="continue from a <model_fn stem>_last.pth; its saved flags are the defaults")
+    add("--verbose", type=int, default=2, help="0 = summary only, 1 = a line per epoch, 2 = also progress bars")
+
+    g = p.add_argument_group("speed")
+    add("--gpu_id", type=int, default=None, help="CUDA device; -1 = CPU (default: GPU 0, else Apple MPS, else CPU)")
+    add("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + GradScaler on GPUs without bf16)")
+    add("--no_channels_last", action="store_true", help="keep NCHW memory format for convolutional backbones")
+    add("--no_feature_cache", action="store_true", help="with --freeze, run the backbone every epoch")
+    add("--cache_views", type=int, default=1, help="augmented views cached per training image (1 = eval transform)")
+    add("--cache_memory_mb", type=int, default=2048, help="feature cache above this size goes to a file in the run folder")
+
+    g = p.add_argument_group("several processes (torchrun)")
+    add("--scale_lr", action="store_true", help="multiply --lr by the number of processes (linear scaling)")
+    add("--sync_bn", action="store_true", help="synchronize BatchNorm statistics across GPUs when fine-tuning")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.resume:  # the interrupted run's own flags become the defaults; flags given now still win
+        saved = model_loader.safe_load(args.resume, "--resume checkpoint")
+        if not isinstance(saved, dict) or "resumable" not in saved or "args" not in saved:
+            raise CLIError(f"--resume {args.resume!r} is not a resumable checkpoint (use the *_last.pth file)")
+        known = {a.dest for a in p._actions}
+        p.set_defaults(**{k: v for k, v in saved["args"].items() if k in known and k != "resume"})
+        args = p.parse_args(argv)
+    return args
+
+
+def check_args(args):
+    for name in ("batch_size", "n_epochs", "cache_views", "cache_memory_mb"):
+        if getattr(args, name) <= 0:
+            raise CLIError(f"--{name} must be a positive number; got {getattr(args, name)}")
+    for name in ("lr", "backbone_lr_scale"):
+        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
+            raise CLIError(f"--{name} must be positive; got {getattr(args, name)}")
+    if args.num_workers < 0 or args.patience < 0 or args.unfreeze_after < 0:
+        raise CLIError("--num_workers, --patience and --unfreeze_after must be 0 or more")
+    if not 0 <= args.label_smoothing < 1 or not 0 <= args.warmup < 1:
+        raise CLIError("--label_smoothing and --warmup must be in [0, 1)")
+    if args.input_size is not None and args.input_size < 8:
+        raise CLIError(f"--input_size must be at least 8; got {args.input_size}")
+    if args.freeze and args.unfreeze_after:
+        raise CLIError("--freeze keeps the backbone frozen for the whole run; use --unfreeze_after N without --freeze")
+
+
+def resolve_data(args):
+    if args.data_dir and args.dataset_name:
+        raise CLIError("give --data_dir or --dataset_name, not both")
+    if args.dataset_name:
+        return HERE / "data" / args.dataset_name
+    return Path(args.data_dir) if args.data_dir else HERE / "data" / DEFAULT_DATASET
+
+
+def default_run_dir(model_name):
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{model_name}"
+
+
+def last_path(model_fn):
+    model_fn = Path(model_fn)
+    return model_fn.with_name(f"{model_fn.stem}_last.pth")
+
+
+def inverse_frequency(counts):
+    total, n = sum(counts), len(counts)
+    return [total / (n * c) if c else 0.0 for c in counts]
+
+
+def init_distributed(dist, device):
+    if not dist.enabled:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
+
+
+def main(args):
+    dist = dist_info_from_env()
+    log = trainer.tqdm.write if dist.is_main and args.verbose >= 1 else (lambda *a, **k: None)
+    say = print if dist.is_main else (lambda *a, **k: None)  # the summary, even at --verbose 0
+    check_args(args)
+    model_name = model_loader.resolve_model_name(args.model_name)
+    data_dir = resolve_data(args)
+    if args.check_data:
+        status = data_loader.audit_data(data_dir, print)
+        if status:
+            sys.exit(status)
+        return None
+    if args.weights and args.use_pretrained:
+        raise CLIError("give --use_pretrained or --weights, not both")
+    device = resolve_device(args.gpu_id, dist.local_rank)
+    if dist.is_main:
+        check_writable(args.model_fn, "--model_fn")
+    splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed)
+    n_classes = len(splits.class_names)
+    if args.n_classes is not None and args.n_classes != n_classes:
+        raise CLIError(f"--n_classes {args.n_classes} does not match the {n_classes} class folders in "
+                       f"{data_dir}: {', '.join(splits.class_names[:10])}")
+
+    resume = model_loader.safe_load(args.resume, "--resume checkpoint") if args.resume else None
+    run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))
+    defaults = model_loader.model_defaults(model_name)
+    input_size = args.input_size or defaults["input_size"]
+    meta = {"model_name": model_name, "input_size": input_size,
+            "resize_size": args.resize_size or data_loader.default_resize(input_size),
+            "mean": defaults["mean"], "std": defaults["std"]}
+
+    stop = StopFlag().install()
+    init_distributed(dist, device)
+    try:
+        seed_everything(args.seed)
+        model, head = model_loader.build_model(model_name, n_classes, args.use_pretrained, args.weights, log)
+        if resume is not None and (resume.get("model_name") != model_name or resume.get("class_names") != splits.class_names):
+            raise CLIError(f"--resume {args.resume!r} was trained as {resume.get('model_name')} on classes "
+                           f"{resume.get('class_names')}, not {model_name} on this data")
+        channels_last = model_loader.is_convolutional(model) and not args.no_channels_last
+        model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        if args.sync_bn and dist.enabled and device.type == "cuda" and not args.freeze:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        lr = args.lr * (dist.world_size if args.scale_lr else 1)
+        # the smaller rate is for pretrained weights; a backbone from random init learns at the full rate
+        lr_scale = args.backbone_lr_scale if (args.use_pretrained or args.weights) else 1.0
+        counts = data_loader.class_counts(splits.train, n_classes)
+        weights = inverse_frequency(counts)
+        loaders = data_loader.build_loaders(
+            splits, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], args.batch_size,
+            args.num_workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
+            class_weights=weights if args.balanced_sampler else None)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            data_loader.write_split_lists(splits, run_dir)
+        compute = trainer.Compute(device, trainer.amp_dtype_for(device, args.amp), channels_last, dist, stop,
+                                  progress=dist.is_main and args.verbose >= 2)
+        args.feature_cache = args.freeze or args.unfreeze_after > 0
+        args.feature_cache = args.feature_cache and not args.no_feature_cache
+        fitter = trainer.Fitter(model, head, splits, loaders, compute, args, meta, args.model_fn,
+                                last_path(args.model_fn), run_dir, log,
+                                class_weights=weights if args.class_weights == "auto" else None,
+                                lr=lr, backbone_lr_scale=lr_scale)
+        if resume is not None:
+            fitter.restore(resume)
+            log(f"resumed from {args.resume} after epoch {fitter.state.epoch}")
+        mode = "frozen backbone, head only" if args.freeze else (
+            f"head only for {args.unfreeze_after} epochs, then fine-tune" if args.unfreeze_after else "fine-tune all")
+        log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
+            f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / {len(splits.test)} test; "
+            f"input {meta['input_size']}px; run folder {run_dir}")
+        result = fitter.fit()
+    finally:
+        stop.restore()
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    state = result.state
+    if result.skipped_per_class:
+        say(f"skipped unreadable images per class: {result.skipped_per_class}")
+    if result.interrupted:
+        say(f"interrupted after epoch {state.epoch}; continue with: python train.py --resume {last_path(args.model_fn)}")
+        sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
+    if state.best_epoch:
+        m = state.best_metrics
+        say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid accuracy {m['valid_accuracy']:.4f}"
+            f" -> {args.model_fn}")
+    if result.test_metrics:
+        t = result.test_metrics
+        say(f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")
+    say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))

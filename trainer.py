@@ -1,0 +1,645 @@
+"""The training loop: one epoch, evaluation, the frozen-backbone feature cache, the fit loop with
+early stopping, best/last checkpoints, TensorBoard and metrics.csv logging, and exact resume."""
+import csv
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import model_loader
+from data_loader import ShardSampler, TrainSampler, display_transform, load_rgb
+from utils import all_reduce_sum, atomic_open, atomic_torch_save, seed_everything
+
+LAST_FORMAT = 1  # version of the resumable _last.pth layout
+
+
+# ----------------------------------------------------------------------------- compute settings
+
+
+@dataclass
+class Compute:
+    """How tensors run: device, mixed precision, memory format, and the stop flag to poll."""
+    device: torch.device
+    amp_dtype: torch.dtype = None  # None = fp32; bf16 or fp16 autocast otherwise
+    channels_last: bool = False
+    dist: object = None  # utils.DistInfo
+    stop: object = None  # utils.StopFlag
+    progress: bool = False  # tqdm bars
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images, labels=None):
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images if labels is None else (images, labels.to(self.device, non_blocking=True))
+
+    def stop_requested(self):
+        """True on every rank once any rank got SIGINT/SIGTERM, so all ranks stop at the same batch."""
+        flag = bool(self.stop is not None and self.stop.requested)
+        if self.dist is not None and self.dist.enabled:
+            return all_reduce_sum([float(flag)], self.dist, self.device)[0] > 0
+        return flag
+
+
+def amp_dtype_for(device, amp):
+    """--amp: bf16 where the device has it (CPU, Ampere+ GPUs), else fp16 (with a GradScaler)."""
+    if not amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+class Meter:
+    """Loss and accuracy sums, summed over processes once at the end."""
+
+    def __init__(self):
+        self.loss = self.correct = self.count = 0.0
+
+    def update(self, loss, logits, labels):
+        n = labels.numel()
+        self.loss += float(loss) * n
+        self.correct += float((logits.argmax(1) == labels).sum())
+        self.count += n
+
+    def result(self, dist=None, device=None):
+        loss, correct, count = (self.loss, self.correct, self.count)
+        if dist is not None and dist.enabled:
+            loss, correct, count = all_reduce_sum([loss, correct, count], dist, device)
+        count = int(round(count))
+        return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1), "count": count}
+
+
+class SkipLog:
+    """Unreadable files: one warning each, and a count per class for the summary."""
+
+    def __init__(self, samples, class_names, warn):
+        self.samples, self.class_names, self.warn = samples, class_names, warn
+        self.seen = {}
+
+    def add(self, bad_items, samples=None):
+        samples = samples or self.samples
+        for item in bad_items:
+            path, label = samples[item.index]
+            if path not in self.seen:
+                self.seen[path] = label
+                self.warn(f"warning: skipping unreadable image {path} ({item.reason})")
+
+    def per_class(self):
+        counts = {}
+        for label in self.seen.values():
+            name = self.class_names[label] if label >= 0 else "?"
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def bar(iterable, compute, desc, total=None):
+    # disable=None: bars only on a terminal, so logs and pipes stay clean
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None if compute.progress else True,
+                dynamic_ncols=True)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, compute, skips, desc="train"):
+    """One pass over the loader. Returns metrics, or None when a stop signal arrived (epoch abandoned)."""
+    meter = Meter()
+    for batch in bar(loader, compute, desc):
+        skips.add(batch.bad)
+        if batch.labels.numel():
+            images, labels = compute.to_device(batch.images, batch.labels)
+            with compute.autocast():
+                logits = model(images)
+                loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            meter.update(loss.detach(), logits.detach(), labels)
+        if compute.stop_requested():
+            return None
+    return meter.result(compute.dist, compute.device)
+
+
+@torch.inference_mode()
+def evaluate(model, loader, compute, skips=None, desc="valid"):
+    """Loss and accuracy over the whole loader, each image once over all processes."""
+    model.eval()
+    meter = Meter()
+    criterion = nn.CrossEntropyLoss()
+    for batch in bar(loader, compute, desc):
+        if skips is not None:
+            skips.add(batch.bad, loader.dataset.samples)
+        if batch.labels.numel():
+            images, labels = compute.to_device(batch.images, batch.labels)
+            with compute.autocast():
+                logits = model(images).float()
+            meter.update(criterion(logits, labels), logits, labels)
+    return meter.result(compute.dist, compute.device)
+
+
+# ----------------------------------------------------------------------------- the feature cache
+
+
+def head_takes_features(model, head, input_size, device):
+    """True when the classifier layer is the model's last operation (its output is the logits), so
+    training it on cached inputs is the same as training it through the frozen backbone."""
+    seen = {}
+    hook = model.get_submodule(head).register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
+    try:
+        with torch.inference_mode():
+            was_training = model.training
+            model.eval()
+            logits = model(torch.randn(2, 3, input_size, input_size, device=device))
+            model.train(was_training)
+    finally:
+        hook.remove()
+    out = seen.get("out")
+    return (out is not None and seen["inp"].dim() == 2 and out.shape == logits.shape
+            and torch.allclose(out.float(), logits.float()))
+
+
+@dataclass
+class FeatureCache:
+    train: torch.Tensor  # (views, n_train, dim): backbone outputs, the classifier's inputs
+    train_ok: torch.Tensor  # (n_train,) bool: False for unreadable images
+    valid: torch.Tensor  # (1, n_valid, dim)
+    valid_ok: torch.Tensor
+    seconds: float
+    location: str  # "memory" or the spill file
+
+
+class ViewSampler(TrainSampler):
+    """Every index once, in order, each with the seed of its augmented view (for cache_views > 1)."""
+
+    def __init__(self, n, seed, view, rank=0, world_size=1):
+        super().__init__(n, seed, rank, world_size)
+        self.view = view
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world_size))
+
+    def __iter__(self):
+        return iter((i, self.sample_seed(10_000 + self.view, i)) for i in range(self.rank, self.n, self.world_size))
+
+
+@torch.inference_mode()
+def extract_features(model, head, loader, store, view, compute, skips):
+    """Fill store[view, index] with the classifier's input for every image this rank's loader yields."""
+    model.eval()
+    captured = []
+    hook = model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: captured.append(inputs[0]))
+    ok = torch.zeros(store.shape[1], dtype=torch.bool)
+    try:
+        for batch in bar(loader, compute, f"features {view + 1}"):
+            skips.add(batch.bad, loader.dataset.samples)
+            if batch.labels.numel():
+                captured.clear()
+                with compute.autocast():
+                    model(compute.to_device(batch.images))
+                store[view, batch.indices] = captured[0].float().cpu()
+                ok[batch.indices] = True
+            if compute.stop_requested():
+                return None
+    finally:
+        hook.remove()
+    return ok
+
+
+def feature_store(views, n, dim, budget_mb, spill_path):
+    """A zeroed (views, n, dim) float32 tensor in memory, or memory-mapped from a file past the budget."""
+    numel = views * n * dim
+    if numel * 4 <= budget_mb * 2**20:
+        return torch.zeros(views, n, dim), "memory"
+    spill_path = Path(spill_path)
+    spill_path.parent.mkdir(parents=True, exist_ok=True)
+    spill_path.unlink(missing_ok=True)
+    store = torch.from_file(str(spill_path), shared=True, size=numel, dtype=torch.float32).view(views, n, dim)
+    store.zero_()
+    return store, str(spill_path)
+
+
+def feature_dim(model, head):
+    module = model.get_submodule(head)
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def build_feature_cache(model, head, loaders, views, budget_mb, spill_path, compute, skips):
+    """One frozen-backbone pass over train (x views) and valid; under torchrun each rank does its shard
+    and an all-reduce assembles the whole (each row is written by exactly one rank)."""
+    start = time.perf_counter()
+    dim = feature_dim(model, head)
+    n_train, n_valid = len(loaders.train_eval.dataset), len(loaders.valid.dataset)
+    train, location = feature_store(views, n_train, dim, budget_mb, spill_path)
+    valid = torch.zeros(1, n_valid, dim)
+    train_ok = torch.zeros(n_train, dtype=torch.bool)
+    for view in range(views):
+        if views == 1:
+            loader = loaders.train_eval
+        else:  # augmented views: the training transform, seeded per (image, view)
+            dist = compute.dist
+            loader = torch.utils.data.DataLoader(
+                loaders.train.dataset, batch_size=loaders.train.batch_size, num_workers=loaders.train.num_workers,
+                sampler=ViewSampler(n_train, loaders.train.sampler.seed, view, dist.rank, dist.world_size),
+                collate_fn=loaders.train.collate_fn, worker_init_fn=loaders.train.worker_init_fn)
+        ok = extract_features(model, head, loader, train, view, compute, skips)
+        if ok is None:
+            return None
+        train_ok |= ok
+    valid_ok = extract_features(model, head, loaders.valid, valid, 0, compute, skips)
+    if valid_ok is None:
+        return None
+    if compute.dist.enabled:
+        for t in (train, valid):
+            gathered = t.to(compute.device)
+            torch.distributed.all_reduce(gathered)
+            t.copy_(gathered.cpu())
+        masks = torch.cat([train_ok, valid_ok]).to(compute.device, torch.float32)
+        torch.distributed.all_reduce(masks)
+        train_ok, valid_ok = (masks.cpu() > 0).split([n_train, n_valid])
+    return FeatureCache(train, train_ok, valid, valid_ok, time.perf_counter() - start, location)
+
+
+def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer, scheduler, scaler, criterion,
+                     compute, epoch):
+    """One epoch of the classifier on cached features; same sampler order and batch size as the image loop.
+    Each image uses one of its cached views, drawn per epoch."""
+    head_module.train()
+    meter = Meter()
+    order = torch.tensor([i for i, _ in sampler], dtype=torch.long)
+    views = cache.train.shape[0]
+    g = torch.Generator().manual_seed(sampler.seed * 7919 + epoch)
+    view_of = torch.randint(views, (len(order),), generator=g)
+    for start in range(0, len(order), batch_size):
+        idx, view = order[start:start + batch_size], view_of[start:start + batch_size]
+        keep = cache.train_ok[idx]
+        idx, view = idx[keep], view[keep]
+        if not len(idx):
+            continue
+        x = cache.train[view, idx].to(compute.device)
+        y = labels[idx].to(compute.device)
+        with compute.autocast():
+            logits = head_module(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        meter.update(loss.detach(), logits.detach(), y)
+        if compute.stop_requested():
+            return None
+    return meter.result()
+
+
+@torch.inference_mode()
+def evaluate_head(head_module, features, ok, labels, batch_size, compute):
+    head_module.eval()
+    meter = Meter()
+    criterion = nn.CrossEntropyLoss()
+    idx_all = torch.nonzero(ok).flatten()
+    for start in range(0, len(idx_all), batch_size):
+        idx = idx_all[start:start + batch_size]
+        with compute.autocast():
+            logits = head_module(features[0, idx].to(compute.device)).float()
+        y = labels[idx].to(compute.device)
+        meter.update(criterion(logits, y), logits, y)
+    return meter.result()
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step, phases, warmup_fraction, schedule):
+    """Linear warm-up then cosine decay (to 1%), restarted at each phase (head-only, then fine-tune)."""
+    for start, length in reversed(phases):
+        if step >= start:
+            break
+    t = step - start
+    warmup = max(1, int(round(length * warmup_fraction)))
+    if t < warmup:
+        return (t + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (t - warmup) / max(1, length - warmup))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def write_metrics_csv(history, path):
+    """metrics.csv rewritten whole each epoch from the history (a resumed run never duplicates a row)."""
+    columns = ["epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr", "seconds"]
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def log_epoch(writer, row):
+    step = row["epoch"]
+    writer.add_scalar("Train/Loss", row["train_loss"], step)
+    writer.add_scalar("Train/Accuracy", row["train_accuracy"], step)
+    writer.add_scalar("Validation/Loss", row["valid_loss"], step)
+    writer.add_scalar("Validation/Accuracy", row["valid_accuracy"], step)
+    writer.add_scalar("Train/LR", row["lr"], step)
+    writer.flush()
+
+
+def log_hparams(writer, hparams, metrics):
+    """Hyperparameters with the best metrics, in the run's own event file (no extra sub-run)."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+    for summary in hparams_summary(hparams, metrics):
+        writer.file_writer.add_summary(summary)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v)
+    writer.flush()
+
+
+@torch.inference_mode()
+def prediction_grid(model, samples, class_names, meta, compute, n=16):
+    """A matplotlib figure of the first n validation images titled with prediction (red when wrong)."""
+    from data_loader import build_transforms
+    from utils import image_grid_figure
+
+    show = display_transform(meta["input_size"], meta["resize_size"])
+    tf = build_transforms(meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], train=False)
+    images, titles, colors = [], [], []
+    model.eval()
+    for path, label in samples[:n]:
+        try:
+            img = load_rgb(path)
+        except Exception:
+            continue
+        with compute.autocast():
+            prob = model(compute.to_device(tf(img)[None])).float().softmax(1)[0]
+        p = int(prob.argmax())
+        images.append(show(img))
+        titles.append(f"{class_names[p]} {prob[p]:.2f}")
+        colors.append("black" if p == label else "red")
+    return image_grid_figure(images, titles, colors) if images else None
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+@dataclass
+class TrainState:
+    """Everything the resumable checkpoint restores besides model, optimizer, scheduler and scaler."""
+    epoch: int = 0  # completed epochs
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_metrics: dict = field(default_factory=dict)
+    bad_epochs: int = 0  # epochs since the best validation loss (early stopping)
+    history: list = field(default_factory=list)  # one dict per completed epoch (metrics.csv rows)
+    skipped: dict = field(default_factory=dict)  # unreadable files seen so far: path -> label
+
+
+@dataclass
+class FitResult:
+    state: TrainState
+    interrupted: bool
+    stopped_early: bool
+    test_metrics: dict
+    skipped_per_class: dict
+    cache_note: str
+
+
+class Fitter:
+    """Runs the epochs. Owns the optimizer, schedule, DDP wrapper and the two checkpoint files."""
+
+    def __init__(self, model, head, splits, loaders, compute, args, meta, model_fn, last_fn, run_dir, log,
+                 class_weights=None, lr=None, backbone_lr_scale=None):
+        self.model, self.head, self.splits, self.loaders = model, head, splits, loaders
+        self.compute, self.args, self.meta, self.log = compute, args, meta, log
+        self.model_fn, self.last_fn, self.run_dir = Path(model_fn), Path(last_fn), Path(run_dir)
+        self.dist = compute.dist
+        self.frozen_epochs = args.n_epochs if args.freeze else min(args.unfreeze_after, args.n_epochs)
+        self.steps_per_epoch = max(1, len(loaders.train))
+        self.optimizer = torch.optim.AdamW(
+            model_loader.param_groups(model, head, lr or args.lr, backbone_lr_scale if backbone_lr_scale is not None
+                                      else args.backbone_lr_scale, args.weight_decay),
+            lr=lr or args.lr, weight_decay=args.weight_decay)
+        phases = [(0, self.frozen_epochs * self.steps_per_epoch)]
+        if self.frozen_epochs < args.n_epochs:
+            start = self.frozen_epochs * self.steps_per_epoch
+            phases = ([phases[0]] if self.frozen_epochs else []) + [(start, args.n_epochs * self.steps_per_epoch - start)]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, phases=phases, warmup_fraction=args.warmup, schedule=args.lr_schedule))
+        self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.amp_dtype == torch.float16)
+        weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing).to(compute.device)
+        self.train_labels = torch.tensor([y for _, y in splits.train], dtype=torch.long)
+        self.valid_labels = torch.tensor([y for _, y in splits.valid], dtype=torch.long)
+        self.cache = None
+        self.cache_possible = None
+        self.skips = SkipLog(splits.train, splits.class_names, log)
+        self.state = TrainState()
+        self.best_state = None  # weights of the best epoch, kept on every rank for the final test
+        self.writer = None
+        self._ddp = None
+        self._ddp_frozen = None
+
+    # -- checkpoints
+
+    def best_checkpoint(self, metrics):
+        return model_loader.make_checkpoint(
+            self.model, self.meta["model_name"], self.splits.class_names, self.meta["input_size"],
+            self.meta["resize_size"], self.meta["mean"], self.meta["std"], self.state.epoch, metrics, vars(self.args))
+
+    def last_checkpoint(self):
+        ckpt = self.best_checkpoint(self.state.best_metrics)
+        ckpt.update({
+            "resumable": LAST_FORMAT,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": model_loader.plain(asdict(self.state)),
+            "rng": {"torch": torch.get_rng_state(), "seed": int(self.args.seed)},
+            "feature_cache": self.cache_identity(),
+            "run_dir": str(self.run_dir),
+        })
+        return ckpt
+
+    def cache_identity(self):
+        return {"model_name": self.meta["model_name"], "input_size": self.meta["input_size"],
+                "n_train": len(self.splits.train), "n_valid": len(self.splits.valid),
+                "views": int(self.args.cache_views), "seed": int(self.args.seed)}
+
+    def restore(self, ckpt):
+        """Continue from a resumable checkpoint (see last_checkpoint)."""
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        saved = ckpt["train_state"]
+        saved["best_loss"] = float(saved["best_loss"])
+        self.state = TrainState(**saved)
+        self.skips.seen.update(self.state.skipped)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+
+    def save_last(self):
+        if self.dist.is_main:
+            self.state.skipped = dict(self.skips.seen)
+            atomic_torch_save(self.last_checkpoint(), self.last_fn)
+
+    # -- TensorBoard
+
+    def open_writer(self):
+        if self.writer is None and self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events a killed run logged after its last checkpoint
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.epoch + 1 if self.state.epoch else None)
+        return self.writer
+
+    # -- phases
+
+    def backbone_frozen(self, epoch):
+        return epoch < self.frozen_epochs
+
+    def forward_model(self, frozen):
+        """The model to call in training: DDP-wrapped under torchrun (re-wrapped when the set of trainable
+        parameters changes at unfreezing), else the model itself."""
+        if not self.dist.enabled:
+            return self.model
+        if self._ddp is None or self._ddp_frozen != frozen:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.compute.device.index] if self.compute.device.type == "cuda" else None
+            self._ddp, self._ddp_frozen = DDP(self.model, device_ids=ids), frozen
+        return self._ddp
+
+    def use_cache(self, epoch):
+        if not (self.args.feature_cache and self.backbone_frozen(epoch)):
+            return False
+        if self.cache_possible is None:
+            self.cache_possible = head_takes_features(self.model, self.head, self.meta["input_size"], self.compute.device)
+            if not self.cache_possible:
+                self.log(f"feature cache: not available for {self.meta['model_name']} (its classifier is not the last "
+                         "layer); training through the frozen backbone")
+        return self.cache_possible
+
+    def run_epoch(self, epoch):
+        """Train one epoch and validate; returns (train_metrics, valid_metrics) or None when stopped."""
+        args, compute = self.args, self.compute
+        seed_everything(args.seed + epoch)  # dropout etc.; augmentation is seeded per image by the sampler
+        sampler = self.loaders.train.sampler
+        sampler.set_epoch(epoch)
+        frozen = self.backbone_frozen(epoch)
+        model_loader.set_backbone_trainable(self.model, self.head, not frozen)
+        if self.use_cache(epoch):
+            if self.cache is None:
+                self.cache = build_feature_cache(self.model, self.head, self.loaders, args.cache_views,
+                                                 args.cache_memory_mb, self.run_dir / "feature_cache.bin",
+                                                 compute, self.skips)
+                if self.cache is None:
+                    return None
+                self.log(f"feature cache: {self.cache.train.shape[0]} view(s) x {len(self.train_labels)} train + "
+                         f"{len(self.valid_labels)} valid images, dim {self.cache.train.shape[2]}, in "
+                         f"{self.cache.seconds:.1f}s ({self.cache.location})")
+            head_module = self.model.get_submodule(self.head)
+            whole = TrainSampler(sampler.n, sampler.seed, 0, 1, sampler.weights)  # every rank: all features
+            whole.set_epoch(epoch)
+            train = train_head_epoch(head_module, self.cache, self.train_labels, whole, self.loaders.train.batch_size,
+                                     self.optimizer, self.scheduler, self.scaler, self.criterion, compute, epoch)
+            if train is None:
+                return None
+            valid = evaluate_head(head_module, self.cache.valid, self.cache.valid_ok, self.valid_labels,
+                                  self.loaders.valid.batch_size, compute)
+            return train, valid
+        if not frozen:
+            self.cache = None  # fine-tuning changes the backbone: cached features are stale
+        model_loader.set_train_mode(self.model, self.head, frozen)
+        train = train_one_epoch(self.forward_model(frozen), self.loaders.train, self.optimizer, self.scheduler,
+                                self.scaler, self.criterion, compute, self.skips,
+                                desc=f"epoch {epoch + 1}/{args.n_epochs}")
+        if train is None:
+            return None
+        return train, evaluate(self.model, self.loaders.valid, compute, self.skips)
+
+    def fit(self):
+        args, state = self.args, self.state
+        interrupted = stopped_early = False
+        if state.epoch == 0:
+            self.save_last()  # a run stopped before its first epoch can still be resumed
+        for epoch in bar(range(state.epoch, args.n_epochs), self.compute, "epochs"):
+            start = time.perf_counter()
+            result = self.run_epoch(epoch)
+            if result is None:
+                interrupted = True
+                break
+            train, valid = result
+            state.epoch = epoch + 1
+            row = {"epoch": state.epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+                   "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
+                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3),
+                   "valid_count": valid["count"]}
+            state.history.append(row)
+            improved = valid["loss"] < state.best_loss
+            if improved:
+                state.best_loss, state.best_epoch, state.bad_epochs = valid["loss"], state.epoch, 0
+                state.best_metrics = {"valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
+                                      "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+                                      "best_epoch": state.epoch}
+            else:
+                state.bad_epochs += 1
+            if improved:
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            if self.dist.is_main:
+                if improved:
+                    model_loader.save_checkpoint(self.best_checkpoint(state.best_metrics), self.model_fn)
+                log_epoch(self.open_writer(), row)
+                write_metrics_csv(state.history, self.run_dir / "metrics.csv")
+                self.log(f"epoch {state.epoch}/{args.n_epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}"
+                         f"  valid loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}  lr {row['lr']:.2e}"
+                         f"  {row['seconds']:.1f}s{'  *best' if improved else ''}")
+            self.save_last()
+            if args.patience and state.bad_epochs >= args.patience:
+                stopped_early = True
+                self.log(f"early stop: no better validation loss for {args.patience} epochs (best epoch {state.best_epoch})")
+                break
+            if self.compute.stop_requested():
+                interrupted = True
+                break
+        return self.finish(interrupted, stopped_early)
+
+    def finish(self, interrupted, stopped_early):
+        test_metrics = {}
+        if not interrupted and self.loaders.test is not None and self.state.best_epoch:
+            if self.best_state is None and self.model_fn.exists():  # resumed after the best epoch
+                self.best_state = model_loader.safe_load(self.model_fn)["state_dict"]
+            if self.best_state is not None:
+                self.model.load_state_dict(self.best_state)
+            test_metrics = evaluate(self.model, self.loaders.test, self.compute, desc="test")
+        skipped = self.skips.per_class()
+        if self.dist.is_main and not interrupted and self.state.best_epoch:
+            writer = self.open_writer()
+            figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute)
+            if figure is not None:
+                writer.add_figure("Validation/Predictions", figure, self.state.epoch)
+            metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
+            if test_metrics:
+                metrics["hparam/test_accuracy"] = float(test_metrics["accuracy"])
+            log_hparams(writer, {k: v for k, v in vars(self.args).items() if v is not None}, metrics)
+        if self.writer is not None:
+            self.writer.close()
+        note = ""
+        if self.cache is not None:
+            note = f"feature cache {self.cache.seconds:.1f}s"
+        return FitResult(self.state, interrupted, stopped_early, test_metrics, skipped, note)
