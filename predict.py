@@ -12,19 +12,15 @@ import torch
 import data_loader
 import model_loader
 from trainer import Compute, amp_dtype_for, bar
-from utils import (CLIError, StopFlag, atomic_open, check_writable, resolve_device, run_cli,
+from utils import (CLIError, HelpFormatter, flag_adder, StopFlag, atomic_open, check_writable, resolve_device, run_cli,
                    save_confusion_matrix, save_image_grid)
 
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def add(name, *more, **kw):  # every --snake_case flag is also accepted as --dashed-case
-        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(more)
-        p.add_argument(*names, **kw)
-
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = flag_adder(p)
     add("--model_fn", "--model_path", default="model.pth", help="checkpoint written by train.py")
     add("--data_dir", default=None, help="an image file, or a folder searched recursively "
         "(default: test/ of the data set the checkpoint was trained on)")
@@ -121,6 +117,8 @@ def main(args):
     labelled = any(label >= 0 for _, label in inputs)
     columns = csv_columns(class_names, topk, labelled)
     tally, samples_for_plot = Tally(len(class_names)), []
+    n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
+    plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
     n_done = n_bad = 0
     stop = StopFlag().install()
     start = time.perf_counter()
@@ -139,7 +137,7 @@ def main(args):
                             pred, label = int(p.argmax()), inputs[index][1]
                             if label >= 0:
                                 tally.add(label, pred)
-                            if len(samples_for_plot) < args.n_images:
+                            if index in plot_at:
                                 samples_for_plot.append((inputs[index], pred, float(p[pred])))
                     for bad in batch.bad:
                         path, label = inputs[bad.index]

@@ -11,7 +11,7 @@ import torch
 import data_loader
 import model_loader
 import trainer
-from utils import (CLIError, StopFlag, check_writable, dist_info_from_env, resolve_device, run_cli,
+from utils import (CLIError, HelpFormatter, flag_adder, StopFlag, check_writable, dist_info_from_env, resolve_device, run_cli,
                    seed_everything)
 
 HERE = Path(__file__).resolve().parent
@@ -19,13 +19,8 @@ DEFAULT_DATASET = "fashion_sample"  # shipped in data/: 4 Fashion-MNIST classes,
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def add(name, *more, **kw):  # every --snake_case flag is also accepted as --dashed-case
-        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(more)
-        p.add_argument(*names, **kw)
-
-    g = p.add_argument_group("data")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = flag_adder(p.add_argument_group("data"))
     add("--data_dir", default=None, help="ImageFolder root: DIR/train/<class>/*, optional DIR/valid/ and DIR/test/ "
         f"(default: data/{DEFAULT_DATASET})")
     add("--dataset_name", default=None, help="shortcut for --data_dir data/NAME")
@@ -38,7 +33,7 @@ def build_parser():
     add("--balanced_sampler", action="store_true", help="draw training images with equal class probability")
     add("--check_data", action="store_true", help="audit the data folder and exit without training")
 
-    g = p.add_argument_group("model")
+    add = flag_adder(p.add_argument_group("model"))
     add("--model_name", default="resnet", help="resnet (=resnet34), alexnet, vgg (=vgg16_bn), squeezenet, densenet "
         "(=densenet121), or any torchvision classification model (resnet50, efficientnet_b0, vit_b_16, ...)")
     add("--n_classes", type=int, default=None, help="optional check: must equal the number of class folders")
@@ -48,14 +43,14 @@ def build_parser():
     add("--unfreeze_after", type=int, default=0, help="mode 2: train the head alone for N epochs, then fine-tune all")
     add("--backbone_lr_scale", type=float, default=0.1, help="mode 2: backbone learning rate = lr * this")
 
-    g = p.add_argument_group("training")
+    add = flag_adder(p.add_argument_group("training"))
     add("--model_fn", "--model_path", default="model.pth", help="where the best checkpoint is written")
-    add("--n_epochs", type=int, default=20)
+    add("--n_epochs", type=int, default=20, help="epochs in all (a resumed run counts those already done)")
     add("--lr", type=float, default=1e-3, help="learning rate of the head (AdamW)")
-    add("--weight_decay", type=float, default=0.01)
+    add("--weight_decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     add("--lr_schedule", choices=["cosine", "constant"], default="cosine", help="after the warm-up")
     add("--warmup", type=float, default=0.05, help="share of each phase's steps spent warming up linearly")
-    add("--label_smoothing", type=float, default=0.0)
+    add("--label_smoothing", type=float, default=0.0, help="0.1 is a common choice")
     add("--patience", type=int, default=5, help="epochs without a better validation loss before stopping; 0 = never")
     add("--seed", type=int, default=42, help="seeds the split, the initial head, shuffling and augmentation")
     add("--log_dir", default=None, help="run folder for TensorBoard, metrics.csv and split lists "
@@ -63,7 +58,7 @@ def build_parser():
     add("--resume", default=None, help="continue from a <model_fn stem>_last.pth; its saved flags are the defaults")
     add("--verbose", type=int, default=2, help="0 = summary only, 1 = a line per epoch, 2 = also progress bars")
 
-    g = p.add_argument_group("speed")
+    add = flag_adder(p.add_argument_group("speed"))
     add("--gpu_id", type=int, default=None, help="CUDA device; -1 = CPU (default: GPU 0, else Apple MPS, else CPU)")
     add("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + GradScaler on GPUs without bf16)")
     add("--no_channels_last", action="store_true", help="keep NCHW memory format for convolutional backbones")
@@ -71,7 +66,7 @@ def build_parser():
     add("--cache_views", type=int, default=1, help="augmented views cached per training image (1 = eval transform)")
     add("--cache_memory_mb", type=int, default=2048, help="feature cache above this size goes to a file in the run folder")
 
-    g = p.add_argument_group("several processes (torchrun)")
+    add = flag_adder(p.add_argument_group("several processes (torchrun)"))
     add("--scale_lr", action="store_true", help="multiply --lr by the number of processes (linear scaling)")
     add("--sync_bn", action="store_true", help="synchronize BatchNorm statistics across GPUs when fine-tuning")
     return p

@@ -1,4 +1,5 @@
 """Small shared helpers: errors, seeding, devices, distributed info, safe writes, stop signals, figures."""
+import argparse
 import os
 import random
 import signal
@@ -9,6 +10,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows defaults, except empty ones and those the help text already states."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def flag_adder(parser):
+    """add(name, ...) for a parser: every --snake_case flag is also accepted as --dashed-case."""
+
+    def add(name, *more, **kw):
+        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(more)
+        return parser.add_argument(*names, **kw)
+
+    return add
 
 
 class CLIError(Exception):

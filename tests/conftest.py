@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny real ImageFolder cut from the shipped Fashion-MNIST sample, and a runner for
+the real command-line scripts as subprocesses (no network, a private TORCH_HOME)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "fashion_sample"
+sys.path.insert(0, str(ROOT))
+
+
+def copy_subset(dst, classes, n_train, n_test):
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in classes:
+            (dst / split / c).mkdir(parents=True, exist_ok=True)
+            for f in sorted((SAMPLE / split / c).glob("*.png"))[:n]:
+                shutil.copy(f, dst / split / c / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """3 classes x 16 train / 6 test real 28 px images."""
+    return copy_subset(tmp_path_factory.mktemp("tiny"), ["bag", "sneaker", "trouser"], 16, 6)
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("torch_home")
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=600):
+    """Run train.py / predict.py as a user would; returns the CompletedProcess (never raises on failure)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(proc, *fragments):
+    """A non-zero exit with one 'error: ...' line and no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -1,0 +1,170 @@
+import csv
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import data_loader as dl
+import model_loader as ml
+import train
+import trainer
+from utils import DistInfo
+
+
+def fast_args(data, tmp_path, *extra):
+    return ["--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--num_workers", "0",
+            "--batch_size", "8", "--verbose", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run",
+            *extra]
+
+
+def run_train(*argv):
+    return train.main(train.parse_args([str(a) for a in argv]))
+
+
+def test_lr_schedule_warms_up_decays_and_restarts_per_phase():
+    phases = [(0, 100), (100, 100)]
+    f = [trainer.lr_factor(s, phases, 0.1, "cosine") for s in range(200)]
+    assert f[0] < f[5] < f[10] and f[10] == pytest.approx(1.0, abs=0.02)
+    assert f[50] < f[20] and f[99] == pytest.approx(0.01, abs=0.01)
+    assert f[100] < 0.2 and f[110] == pytest.approx(1.0, abs=0.02)  # warm-up again after unfreezing
+    assert trainer.lr_factor(50, [(0, 100)], 0.1, "constant") == 1.0
+
+
+def test_head_takes_features_only_when_the_classifier_is_last():
+    resnet, head = ml.build_model("resnet18", 3, log=print)
+    squeeze, shead = ml.build_model("squeezenet1_0", 3, log=print)
+    cpu = torch.device("cpu")
+    assert trainer.head_takes_features(resnet, head, 32, cpu)
+    assert not trainer.head_takes_features(squeeze, shead, 64, cpu)
+
+
+def cache_setup(tiny_data, tmp_path, budget_mb=64):
+    torch.manual_seed(0)
+    model, head = ml.build_model("resnet18", 3, log=print)
+    splits = dl.build_splits(tiny_data, 0.25, 0)
+    loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
+    compute = trainer.Compute(torch.device("cpu"), dist=DistInfo())
+    skips = trainer.SkipLog(splits.train, splits.class_names, print)
+    cache = trainer.build_feature_cache(model, head, loaders, 1, budget_mb, tmp_path / "cache.bin", compute, skips)
+    return model, splits, loaders, cache
+
+
+def test_cached_features_equal_the_frozen_backbone_output(tiny_data, tmp_path):
+    model, splits, loaders, cache = cache_setup(tiny_data, tmp_path)
+    assert cache.location == "memory" and cache.train.shape == (1, len(splits.train), 512)
+    assert bool(cache.train_ok.all()) and bool(cache.valid_ok.all())
+    backbone = nn.Sequential(*list(model.children())[:-1], nn.Flatten()).eval()  # resnet without fc
+    tf = dl.build_transforms(32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, train=False)
+    with torch.no_grad():
+        for i in (0, 7, len(splits.train) - 1):
+            expected = backbone(tf(dl.load_rgb(splits.train[i][0]))[None])[0]
+            assert torch.allclose(cache.train[0, i], expected, atol=1e-5)
+        expected = backbone(tf(dl.load_rgb(splits.valid[3][0]))[None])[0]
+        assert torch.allclose(cache.valid[0, 3], expected, atol=1e-5)
+
+
+def test_feature_cache_spills_to_a_file_past_its_memory_budget(tiny_data, tmp_path):
+    _, _, _, in_memory = cache_setup(tiny_data, tmp_path / "a", budget_mb=64)
+    _, _, _, spilled = cache_setup(tiny_data, tmp_path / "b", budget_mb=0)
+    assert spilled.location == str(tmp_path / "b" / "cache.bin")
+    assert (tmp_path / "b" / "cache.bin").stat().st_size == spilled.train.numel() * 4
+    assert torch.allclose(spilled.train, in_memory.train, atol=1e-6)
+
+
+def test_head_epoch_on_cached_features_equals_the_loop_through_the_backbone(tiny_data, tmp_path):
+    """Same images (eval view), same order, same batches: identical head weights, cached or not."""
+    model, splits, loaders, cache = cache_setup(tiny_data, tmp_path)
+    head = "fc"
+    ml.set_backbone_trainable(model, head, False)
+    compute = trainer.Compute(torch.device("cpu"), dist=DistInfo())
+    labels = torch.tensor([y for _, y in splits.train])
+    results = []
+    for cached in (True, False):
+        torch.manual_seed(1)
+        model.fc.reset_parameters()
+        opt = torch.optim.SGD(model.fc.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        sampler = dl.TrainSampler(len(splits.train), seed=3)
+        sampler.set_epoch(0)
+        if cached:
+            metrics = trainer.train_head_epoch(model.fc, cache, labels, sampler, 8, opt, sched, scaler,
+                                               nn.CrossEntropyLoss(), compute, 0)
+        else:
+            eval_view = dl.make_loader(loaders.train_eval.dataset, 8, sampler, 0)
+            ml.set_train_mode(model, head, backbone_frozen=True)
+            skips = trainer.SkipLog(splits.train, splits.class_names, print)
+            metrics = trainer.train_one_epoch(model, eval_view, opt, sched, scaler, nn.CrossEntropyLoss(), compute,
+                                              skips)
+        results.append((metrics, model.fc.weight.detach().clone()))
+    (m1, w1), (m2, w2) = results
+    assert torch.allclose(w1, w2, atol=1e-5)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5) and m1["count"] == m2["count"] == len(splits.train)
+
+
+def test_feature_cache_accuracy_parity_with_the_uncached_loop(tiny_data, tmp_path):
+    """A backbone that knows the images (fine-tuned briefly, passed as --weights), then the head alone:
+    cached and uncached reach the same validation accuracy within noise."""
+    run_train(*fast_args(tiny_data, tmp_path / "donor", "--n_epochs", "4", "--patience", "0"))
+    common = ["--freeze", "--n_epochs", "5", "--patience", "0", "--weights", tmp_path / "donor" / "m.pth"]
+    cached = run_train(*fast_args(tiny_data, tmp_path / "c", *common))
+    plain = run_train(*fast_args(tiny_data, tmp_path / "p", *common, "--no_feature_cache"))
+    assert cached.cache_note.startswith("feature cache") and not plain.cache_note
+    a, b = cached.state.history[-1], plain.state.history[-1]
+    assert a["valid_accuracy"] >= 0.6 and b["valid_accuracy"] >= 0.6
+    assert abs(a["valid_accuracy"] - b["valid_accuracy"]) <= 0.2
+    assert a["valid_count"] == b["valid_count"] == 9
+
+
+def test_frozen_training_changes_only_the_head(tiny_data, tmp_path):
+    run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "2"))
+    ckpt = ml.load_checkpoint(tmp_path / "m.pth")
+    torch.manual_seed(42)  # the same seed train.py builds the model with
+    fresh, _ = ml.build_model("resnet18", 3, log=print)
+    for k, v in fresh.state_dict().items():
+        if k.startswith("fc."):
+            assert not torch.equal(v, ckpt["state_dict"][k])
+        else:
+            assert torch.equal(v, ckpt["state_dict"][k]), k  # weights and BatchNorm statistics untouched
+
+
+def test_unfreeze_after_trains_head_then_everything(tiny_data, tmp_path):
+    result = run_train(*fast_args(tiny_data, tmp_path, "--unfreeze_after", "1", "--n_epochs", "2", "--patience", "0"))
+    assert [row["epoch"] for row in result.state.history] == [1, 2]
+    ckpt = ml.load_checkpoint(tmp_path / "m_last.pth")
+    torch.manual_seed(42)
+    fresh, _ = ml.build_model("resnet18", 3, log=print)
+    assert not torch.equal(fresh.conv1.weight, ckpt["state_dict"]["conv1.weight"])
+
+
+def test_early_stopping_and_metrics_csv(tiny_data, tmp_path):
+    result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "30", "--patience", "1", "--lr", "0.5",
+                                  "--lr_schedule", "constant"))
+    assert result.stopped_early and len(result.state.history) < 30
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(result.state.history) + 1))
+    assert set(rows[0]) == {"epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr", "seconds"}
+    ckpt = ml.load_checkpoint(tmp_path / "m.pth")
+    assert ckpt["epoch"] == result.state.best_epoch
+    assert ckpt["metrics"]["valid_loss"] == pytest.approx(min(float(r["valid_loss"]) for r in rows))
+
+
+def test_learning_happens_on_real_images(tmp_path):
+    """Two easy Fashion-MNIST classes from the shipped sample: well above chance in a few epochs."""
+    from conftest import copy_subset
+
+    data = copy_subset(tmp_path / "easy", ["bag", "trouser"], 40, 20)
+    result = run_train(*fast_args(data, tmp_path, "--n_epochs", "4", "--patience", "0"))
+    assert result.state.best_metrics["valid_accuracy"] >= 0.8
+    assert result.test_metrics["accuracy"] >= 0.8 and result.test_metrics["count"] == 40
+
+
+def test_amp_and_channels_last_paths_run_on_cpu(tiny_data, tmp_path):
+    result = run_train(*fast_args(tiny_data, tmp_path, "--amp", "--n_epochs", "1"))
+    assert math.isfinite(result.state.history[0]["train_loss"])
+    compute = trainer.Compute(torch.device("cpu"), trainer.amp_dtype_for(torch.device("cpu"), True), True)
+    x = compute.to_device(torch.randn(2, 3, 8, 8))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with compute.autocast():
+        assert nn.Linear(4, 2)(torch.randn(1, 4)).dtype == torch.bfloat16
