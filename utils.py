@@ -184,9 +184,10 @@ class StopFlag:
 
 
 def ignore_stop_signals(_worker_id=None):
-    """DataLoader worker_init_fn: workers ignore Ctrl-C; the main process decides when to stop."""
+    """DataLoader worker_init_fn: workers ignore Ctrl-C and SIGTERM sent to the whole process group; the
+    main process decides when to stop and shuts them down (they also exit if the main process dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- figures
