@@ -297,8 +297,14 @@ class ShardSampler(Sampler):
         return iter(range(self.rank, self.n, self.world_size))
 
 
-def default_num_workers():
-    return min(8, max(1, (os.cpu_count() or 2) - 1))
+def default_num_workers(device_type="cpu", processes_per_machine=1):
+    """Loader processes per training/prediction process. With a GPU doing the maths, keep the CPUs
+    decoding. On the CPU the workers compete with the compute threads: on 2 cores one worker cost a
+    ResNet-34 fine-tune 35% and decoding is ~4% of its time, so small machines decode in-process."""
+    cpus = max(1, (os.cpu_count() or 1) // max(1, processes_per_machine))
+    if device_type in ("cuda", "mps"):
+        return min(8, max(1, cpus - 1))
+    return 0 if cpus <= 4 else min(4, cpus // 4)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, pin_memory=False, drop_last=False):

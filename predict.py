@@ -31,7 +31,8 @@ def build_parser():
     add("--topk", type=int, default=None, help="add the k best classes per image (default: 5 when there are "
         f"more than {MAX_PROB_COLUMNS} classes)")
     add("--batch_size", type=int, default=64)
-    add("--num_workers", type=int, default=data_loader.default_num_workers())
+    add("--num_workers", type=int, default=None, help="DataLoader worker processes (default: CPUs - 1 up to 8 "
+        "with a GPU; on the CPU 0 up to 4 cores, else a quarter of them)")
     add("--gpu_id", type=int, default=None, help="CUDA device; -1 = CPU (default: GPU 0, else MPS, else CPU)")
     add("--amp", action="store_true", help="bf16/fp16 autocast")
     add("--verbose", type=int, default=1, help="0 = summary only, 1 = also a progress bar")
@@ -96,7 +97,7 @@ class Tally:
 
 
 def main(args):
-    if args.batch_size <= 0 or args.n_images < 0 or args.num_workers < 0 or (args.topk is not None and args.topk <= 0):
+    if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0 or (args.topk is not None and args.topk <= 0):
         raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
     ckpt = model_loader.load_checkpoint(args.model_fn)
     class_names = ckpt["class_names"]
@@ -107,12 +108,13 @@ def main(args):
         check_writable(args.plot, "--plot")
     device = resolve_device(args.gpu_id)
     channels_last = model_loader.is_convolutional(model)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
-    compute = Compute(device, amp_dtype_for(device, args.amp), channels_last, progress=args.verbose >= 1)
+    model = model_loader.optimize_for_inference(model.to(device), channels_last)
+    compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
 
     tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
     dataset = data_loader.ImageDataset(inputs, tf)
-    loader = data_loader.make_loader(dataset, args.batch_size, None, args.num_workers, pin_memory=device.type == "cuda")
+    workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
+    loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
     labelled = any(label >= 0 for _, label in inputs)
     columns = csv_columns(class_names, topk, labelled)

@@ -2,6 +2,7 @@
 torchvision backbone: freeze it and train a new head (--freeze), or fine-tune everything with a smaller
 learning rate on the pretrained part. Runs unchanged under torchrun for several GPUs or machines."""
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ def build_parser():
     add("--input_size", type=int, default=None, help="crop size fed to the model (default: the backbone's, 224)")
     add("--resize_size", type=int, default=None, help="short side before the center crop (default: input_size*256/224)")
     add("--batch_size", type=int, default=32, help="images per batch and per process")
-    add("--num_workers", type=int, default=data_loader.default_num_workers(), help="DataLoader worker processes")
+    add("--num_workers", type=int, default=None, help="DataLoader worker processes (default: CPUs - 1 up to 8 "
+        "with a GPU; on the CPU 0 up to 4 cores, else a quarter of them)")
     add("--class_weights", choices=["none", "auto"], default="none", help="auto = inverse-frequency loss weights")
     add("--balanced_sampler", action="store_true", help="draw training images with equal class probability")
     add("--check_data", action="store_true", help="audit the data folder and exit without training")
@@ -92,7 +94,7 @@ def check_args(args):
     for name in ("lr", "backbone_lr_scale"):
         if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
             raise CLIError(f"--{name} must be positive; got {getattr(args, name)}")
-    if args.num_workers < 0 or args.patience < 0 or args.unfreeze_after < 0:
+    if (args.num_workers or 0) < 0 or args.patience < 0 or args.unfreeze_after < 0:
         raise CLIError("--num_workers, --patience and --unfreeze_after must be 0 or more")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.warmup < 1:
         raise CLIError("--label_smoothing and --warmup must be in [0, 1)")
@@ -181,14 +183,17 @@ def main(args):
         lr_scale = args.backbone_lr_scale if (args.use_pretrained or args.weights) else 1.0
         counts = data_loader.class_counts(splits.train, n_classes)
         weights = inverse_frequency(counts)
+        workers = args.num_workers
+        if workers is None:
+            workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         loaders = data_loader.build_loaders(
             splits, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], args.batch_size,
-            args.num_workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
+            workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
             class_weights=weights if args.balanced_sampler else None)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             data_loader.write_split_lists(splits, run_dir)
-        compute = trainer.Compute(device, trainer.amp_dtype_for(device, args.amp), channels_last, dist, stop,
+        compute = trainer.Compute(device, trainer.amp_dtype_for(device, args.amp, log), channels_last, dist, stop,
                                   progress=dist.is_main and args.verbose >= 2)
         args.feature_cache = args.freeze or args.unfreeze_after > 0
         args.feature_cache = args.feature_cache and not args.no_feature_cache

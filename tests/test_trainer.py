@@ -163,8 +163,37 @@ def test_learning_happens_on_real_images(tmp_path):
 def test_amp_and_channels_last_paths_run_on_cpu(tiny_data, tmp_path):
     result = run_train(*fast_args(tiny_data, tmp_path, "--amp", "--n_epochs", "1"))
     assert math.isfinite(result.state.history[0]["train_loss"])
-    compute = trainer.Compute(torch.device("cpu"), trainer.amp_dtype_for(torch.device("cpu"), True), True)
+    cpu = torch.device("cpu")
+    assert (trainer.amp_dtype_for(cpu, True) is torch.bfloat16) == trainer.cpu_has_fast_bf16()
+    # the bf16 autocast path itself, whatever this CPU's speed at it
+    compute = trainer.Compute(cpu, torch.bfloat16, channels_last=True, dist=DistInfo())
     x = compute.to_device(torch.randn(2, 3, 8, 8))
     assert x.is_contiguous(memory_format=torch.channels_last)
     with compute.autocast():
         assert nn.Linear(4, 2)(torch.randn(1, 4)).dtype == torch.bfloat16
+    model, head = ml.build_model("resnet18", 3, log=print)
+    model = model.to(memory_format=torch.channels_last)
+    splits = dl.build_splits(tiny_data, 0.25, 0)
+    loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    metrics = trainer.train_one_epoch(model, loaders.train, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                                      nn.CrossEntropyLoss(), compute, trainer.SkipLog(splits.train, [], print))
+    assert math.isfinite(metrics["loss"]) and metrics["count"] == len(splits.train)
+
+
+def test_inference_rewrite_keeps_the_probabilities():
+    model, _ = ml.build_model("resnet18", 3, log=print)
+    model.eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so folding has work to do
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fast = ml.optimize_for_inference(model, channels_last=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        p1 = model(x).softmax(1)
+        p2 = fast(x.contiguous(memory_format=torch.channels_last)).softmax(1)
+    assert torch.allclose(p1, p2, atol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched

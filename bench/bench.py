@@ -1,0 +1,203 @@
+"""Speed benchmark (a script, not a test): prints this machine's figures and their ratios in one run.
+
+  python bench/bench.py                          # resnet34, 224 px Fashion-MNIST (built on first use)
+  python bench/bench.py --uncached_epochs 3      # quicker: the uncached frozen run is extrapolated
+
+Measures, for one backbone and input size:
+  1. the forward-only ceiling: img/s on ready tensors, best of memory formats and dtypes;
+  2. frozen training (--freeze, N epochs) as whole processes, with and without the feature cache,
+     against the physical floor (start-up + one backbone pass over every image at the ceiling);
+  3. a fine-tuning epoch against a plain loop (NCHW, fp32, no workers);
+  4. predict.py as a whole process against the ceiling and a plain loop;
+  5. predict.py's peak RSS for 1k and 10k images (28 px, so it runs in seconds: memory is what counts).
+"""
+import argparse
+import copy
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import data_loader as dl  # noqa: E402
+import model_loader as ml  # noqa: E402
+import trainer  # noqa: E402
+from utils import DistInfo  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=str(ROOT / "data" / "fashion_bench"),
+                   help="ImageFolder with train/ and test/ (default: built from Fashion-MNIST at 224 px)")
+    p.add_argument("--model_name", default="resnet34")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=20, help="frozen-training epochs")
+    p.add_argument("--uncached_epochs", type=int, default=20,
+                   help="epochs actually run without the cache; fewer are extrapolated to --epochs")
+    p.add_argument("--finetune_images", type=int, default=96, help="training images timed per fine-tune loop")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--skip_rss", action="store_true", help="skip the 1k/10k-image memory measurement")
+    return p.parse_args(argv)
+
+
+def run(cmd, **kw):
+    """Wall time of a whole process; fails loudly if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return seconds, proc.stdout
+
+
+def peak_rss_mb(cmd):
+    """Peak resident memory of a command's largest process (via a fresh helper, so runs do not mix)."""
+    helper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", helper, *map(str, cmd)], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) / 1024
+
+
+def ensure_data(path, size, per_class_train, per_class_test):
+    if (Path(path) / "train").is_dir():
+        return
+    run([sys.executable, ROOT / "data" / "prepare.py", "fashion", "--out", path, "--size", size,
+         "--train_per_class", per_class_train, "--test_per_class", per_class_test])
+
+
+@torch.inference_mode()
+def forward_rate(model, x, autocast=None, repeats=3):
+    model(x[:2])
+    start = time.perf_counter()
+    for _ in range(repeats):
+        with autocast() if autocast else torch.inference_mode():
+            model(x)
+    return repeats * len(x) / (time.perf_counter() - start)
+
+
+def ceiling(model_name, size, batch):
+    model, _ = ml.build_model(model_name, 4, log=lambda *a: None)
+    model.eval()
+    x = torch.randn(batch, 3, size, size)
+    rates = {"NCHW fp32": forward_rate(model, x)}
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    rates["channels_last fp32"] = forward_rate(cl, xcl)
+    if trainer.cpu_has_fast_bf16():
+        rates["channels_last bf16"] = forward_rate(cl, xcl, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    return rates
+
+
+def finetune_rates(model_name, data_dir, size, batch, n_images):
+    """img/s of one fine-tuning pass: a plain loop (NCHW fp32, no workers) against ours."""
+    splits = dl.build_splits(data_dir, 0.2, 0)
+    splits.train = splits.train[:n_images]
+    results = {}
+    for name, channels_last, workers in (("plain", False, 0), ("ours", True, dl.default_num_workers())):
+        torch.manual_seed(0)
+        model, head = ml.build_model(model_name, len(splits.class_names), log=lambda *a: None)
+        model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        loaders = dl.build_loaders(splits, size, dl.default_resize(size), dl.IMAGENET_MEAN, dl.IMAGENET_STD, batch,
+                                   workers, seed=0)
+        compute = trainer.Compute(torch.device("cpu"), None, channels_last, DistInfo())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        model.train()
+        start = time.perf_counter()
+        metrics = trainer.train_one_epoch(model, loaders.train, opt, sched, scaler, torch.nn.CrossEntropyLoss(),
+                                          compute, trainer.SkipLog(splits.train, splits.class_names, print))
+        results[name] = metrics["count"] / (time.perf_counter() - start)
+    return results
+
+
+@torch.inference_mode()
+def plain_predict_rate(ckpt_path, files):
+    """The loop a first script would write: PIL, NCHW fp32, one image at a time through a DataLoader of 0 workers."""
+    ckpt = ml.load_checkpoint(ckpt_path)
+    model, _ = ml.model_from_checkpoint(ckpt)
+    model.eval()
+    tf = dl.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
+    start = time.perf_counter()
+    for i in range(0, len(files), 32):
+        x = torch.stack([tf(dl.load_rgb(f)) for f in files[i:i + 32]])
+        model(x).softmax(1)
+    return len(files) / (time.perf_counter() - start)
+
+
+def main(args):
+    size, data = args.input_size, Path(args.data_dir)
+    ensure_data(data, size, 100, 30)
+    splits = dl.build_splits(data, 0.2, 42)
+    n_train, n_valid, n_test = len(splits.train), len(splits.valid), len(splits.test)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.model_name} at {size} px; {n_train} train / {n_valid} valid / {n_test} test images in {data}")
+
+    rates = ceiling(args.model_name, size, args.batch_size)
+    best_name, best = max(rates.items(), key=lambda kv: kv[1])
+    print("\n1. forward-only ceiling (img/s on ready tensors, batch %d)" % args.batch_size)
+    for name, r in rates.items():
+        print(f"   {name:22s} {r:7.1f}")
+    print(f"   ceiling = {best:.1f} img/s ({best_name})")
+
+    work = Path(tempfile.mkdtemp(prefix="bench_"))
+    startup, _ = run([sys.executable, ROOT / "train.py", "--help"])
+    common = [sys.executable, ROOT / "train.py", "--data_dir", data, "--model_name", args.model_name,
+              "--input_size", size, "--freeze", "--patience", "0", "--verbose", "1", "--batch_size", args.batch_size]
+    cached_s, cached_out = run(common + ["--n_epochs", args.epochs, "--model_fn", work / "cached.pth",
+                                         "--log_dir", work / "cached"])
+    unc_s, unc_out = run(common + ["--n_epochs", args.uncached_epochs, "--model_fn", work / "uncached.pth",
+                                   "--log_dir", work / "uncached", "--no_feature_cache"])
+    unc_total = unc_s if args.uncached_epochs == args.epochs else (
+        startup + (unc_s - startup) * args.epochs / args.uncached_epochs)
+    floor = startup + (n_train + n_valid + n_test) / best
+
+    def accuracy(out):
+        lines = [l for l in out.splitlines() if l.startswith("test accuracy")]
+        return lines[-1].split()[2] if lines else "?"
+
+    print(f"\n2. frozen training, {args.epochs} epochs, whole process (start-up {startup:.1f}s)")
+    print(f"   physical floor (start-up + one pass over {n_train + n_valid + n_test} images at the ceiling): {floor:.1f}s")
+    print(f"   with feature cache:    {cached_s:7.1f}s  = {cached_s / floor:.2f}x floor   test accuracy {accuracy(cached_out)}")
+    note = "" if args.uncached_epochs == args.epochs else f" (extrapolated from {args.uncached_epochs} epochs: {unc_s:.1f}s)"
+    print(f"   without (--no_feature_cache): {unc_total:7.1f}s{note}  test accuracy {accuracy(unc_out)}")
+    print(f"   speed-up from the cache: {unc_total / cached_s:.1f}x")
+
+    ft = finetune_rates(args.model_name, data, size, args.batch_size, args.finetune_images)
+    print(f"\n3. fine-tuning, {args.finetune_images} images: plain NCHW fp32 loop {ft['plain']:.1f} img/s, "
+          f"ours {ft['ours']:.1f} img/s = {ft['ours'] / ft['plain']:.2f}x")
+
+    files = [p for p, _ in splits.train + splits.valid + splits.test]
+    pred_s, _ = run([sys.executable, ROOT / "predict.py", "--model_fn", work / "cached.pth", "--data_dir", data,
+                     "--output", work / "result.csv", "--plot", work / "p.png", "--verbose", "0"])
+    pred_rate = len(files) / pred_s
+    plain = plain_predict_rate(work / "cached.pth", files)
+    print(f"\n4. predict.py, {len(files)} images, whole process: {pred_s:.1f}s = {pred_rate:.1f} img/s = "
+          f"{pred_rate / best:.2f}x the ceiling; plain loop (in-process, no start-up) {plain:.1f} img/s -> "
+          f"{pred_rate / plain:.2f}x")
+
+    if not args.skip_rss:
+        small = work / "small.pth"
+        run([sys.executable, ROOT / "train.py", "--model_name", args.model_name, "--input_size", 28, "--freeze",
+             "--n_epochs", 1, "--model_fn", small, "--log_dir", work / "small", "--verbose", 0])
+        rss = {}
+        for n in (1000, 10000):
+            folder = work / f"fashion{n}"
+            ensure_data(folder, 28, n // 4, 0)
+            rss[n] = peak_rss_mb([sys.executable, ROOT / "predict.py", "--model_fn", small, "--data_dir",
+                                  folder / "train", "--output", work / f"r{n}.csv", "--plot", work / f"p{n}.png",
+                                  "--verbose", 0])
+        print(f"\n5. predict.py peak RSS (largest process), 28 px: 1k images {rss[1000]:.0f} MB, 10k images "
+              f"{rss[10000]:.0f} MB = {rss[10000] / rss[1000]:.2f}x")
+    print(f"\n(work files in {work})")
+
+
+if __name__ == "__main__":
+    main(parse_args())
