@@ -169,6 +169,10 @@ def main(args):
     stop = StopFlag().install()
     init_distributed(dist, device)
     try:
+        if dist.enabled:  # every rank uses rank 0's run folder (the default name holds the time)
+            shared = [str(run_dir)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            run_dir = Path(shared[0])
         seed_everything(args.seed)
         model, head = model_loader.build_model(model_name, n_classes, args.use_pretrained, args.weights, log)
         if resume is not None and (resume.get("model_name") != model_name or resume.get("class_names") != splits.class_names):

@@ -225,7 +225,8 @@ def extract_features(model, head, loader, store, view, compute, skips):
                     model(compute.to_device(batch.images))
                 store[view, batch.indices] = captured[0].float().cpu()
                 ok[batch.indices] = True
-            if compute.stop_requested():
+            # ranks hold different numbers of batches here, so no collective check under torchrun
+            if not compute.dist.enabled and compute.stop_requested():
                 return None
     finally:
         hook.remove()
@@ -445,15 +446,24 @@ class Fitter:
         self.model_fn, self.last_fn, self.run_dir = Path(model_fn), Path(last_fn), Path(run_dir)
         self.dist = compute.dist
         self.frozen_epochs = args.n_epochs if args.freeze else min(args.unfreeze_after, args.n_epochs)
+        self.cache_possible = args.feature_cache and self.frozen_epochs > 0 and head_takes_features(
+            model, head, meta["input_size"], compute.device)
+        if args.feature_cache and self.frozen_epochs and not self.cache_possible:
+            log(f"feature cache: not available for {meta['model_name']} (its classifier is not the last layer); "
+                "training through the frozen backbone")
+        # optimizer steps per epoch: the head on cached features walks all images in every process
+        cached_steps = math.ceil(len(splits.train) / loaders.train.batch_size)
+        frozen_steps = max(1, cached_steps if self.cache_possible else len(loaders.train))
         self.steps_per_epoch = max(1, len(loaders.train))
         self.optimizer = torch.optim.AdamW(
             model_loader.param_groups(model, head, lr or args.lr, backbone_lr_scale if backbone_lr_scale is not None
                                       else args.backbone_lr_scale, args.weight_decay),
             lr=lr or args.lr, weight_decay=args.weight_decay)
-        phases = [(0, self.frozen_epochs * self.steps_per_epoch)]
+        phases = [(0, self.frozen_epochs * frozen_steps)]
         if self.frozen_epochs < args.n_epochs:
-            start = self.frozen_epochs * self.steps_per_epoch
-            phases = ([phases[0]] if self.frozen_epochs else []) + [(start, args.n_epochs * self.steps_per_epoch - start)]
+            start = self.frozen_epochs * frozen_steps
+            phases = ([phases[0]] if self.frozen_epochs else []) + [
+                (start, (args.n_epochs - self.frozen_epochs) * self.steps_per_epoch)]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, phases=phases, warmup_fraction=args.warmup, schedule=args.lr_schedule))
         self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.amp_dtype == torch.float16)
@@ -462,7 +472,6 @@ class Fitter:
         self.train_labels = torch.tensor([y for _, y in splits.train], dtype=torch.long)
         self.valid_labels = torch.tensor([y for _, y in splits.valid], dtype=torch.long)
         self.cache = None
-        self.cache_possible = None
         self.skips = SkipLog(splits.train, splits.class_names, log)
         self.state = TrainState()
         self.best_state = None  # weights of the best epoch, kept on every rank for the final test
@@ -541,14 +550,7 @@ class Fitter:
         return self._ddp
 
     def use_cache(self, epoch):
-        if not (self.args.feature_cache and self.backbone_frozen(epoch)):
-            return False
-        if self.cache_possible is None:
-            self.cache_possible = head_takes_features(self.model, self.head, self.meta["input_size"], self.compute.device)
-            if not self.cache_possible:
-                self.log(f"feature cache: not available for {self.meta['model_name']} (its classifier is not the last "
-                         "layer); training through the frozen backbone")
-        return self.cache_possible
+        return self.cache_possible and self.backbone_frozen(epoch)
 
     def run_epoch(self, epoch):
         """Train one epoch and validate; returns (train_metrics, valid_metrics) or None when stopped."""
@@ -561,7 +563,8 @@ class Fitter:
         if self.use_cache(epoch):
             if self.cache is None:
                 self.cache = build_feature_cache(self.model, self.head, self.loaders, args.cache_views,
-                                                 args.cache_memory_mb, self.run_dir / "feature_cache.bin",
+                                                 args.cache_memory_mb,
+                                                 self.run_dir / f"feature_cache.rank{self.dist.rank}.bin",
                                                  compute, self.skips)
                 if self.cache is None:
                     return None

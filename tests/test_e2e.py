@@ -164,8 +164,11 @@ def test_every_readme_command_works(tmp_path, tiny_data):
     torch.save(torchvision.models.resnet34().state_dict(), weights)  # a real resnet34 file, torchvision's name
     env = dict(__import__("os").environ, TORCH_HOME=str(torch_home), MPLBACKEND="Agg")
     bin_dir = Path(sys.executable).parent
-    ran = []
+    ran, by_torchrun = [], set()
     for command in readme_commands():
+        tokens = shlex.split(command)
+        if "--model_fn" in tokens and tokens[tokens.index("--model_fn") + 1] in by_torchrun:
+            continue  # predicts from a torchrun checkpoint: tests/test_distributed.py runs the pair
         if command.startswith("python3 -m venv") or command == "pytest":
             ci = (ROOT / ".ci" / "run").read_text()
             assert "-m venv" in ci and "pip install" in ci and "-r requirements.txt" in ci and "pytest" in ci
@@ -173,6 +176,7 @@ def test_every_readme_command_works(tmp_path, tiny_data):
         if command.startswith("tensorboard"):
             argv = [str(bin_dir / "tensorboard"), "--inspect"] + shlex.split(command)[1:]
         elif command.startswith("torchrun"):
+            by_torchrun.add(tokens[tokens.index("--model_fn") + 1])
             continue  # tests/test_distributed.py runs the torchrun commands
         else:
             argv = adapt(command, work, weights)

@@ -197,3 +197,18 @@ def test_inference_rewrite_keeps_the_probabilities():
         p2 = fast(x.contiguous(memory_format=torch.channels_last)).softmax(1)
     assert torch.allclose(p1, p2, atol=1e-5)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+
+
+def test_cache_views_hold_distinct_augmented_views(tiny_data, tmp_path):
+    model, head = ml.build_model("resnet18", 3, log=print)
+    splits = dl.build_splits(tiny_data, 0.25, 0)
+    loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
+    compute = trainer.Compute(torch.device("cpu"), dist=DistInfo())
+    skips = trainer.SkipLog(splits.train, splits.class_names, print)
+    first = trainer.build_feature_cache(model, head, loaders, 3, 64, tmp_path / "c.bin", compute, skips)
+    again = trainer.build_feature_cache(model, head, loaders, 3, 64, tmp_path / "c.bin", compute, skips)
+    assert first.train.shape == (3, len(splits.train), 512) and bool(first.train_ok.all())
+    assert not torch.allclose(first.train[0], first.train[1])  # different augmentations
+    assert torch.equal(first.train, again.train)  # seeded per image and view: reproducible
+    result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--cache_views", "3", "--n_epochs", "2"))
+    assert "feature cache" in result.cache_note and len(result.state.history) == 2

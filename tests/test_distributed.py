@@ -1,0 +1,107 @@
+"""train.py under torchrun on the CPU (gloo): two processes against one, and the README's commands."""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, copy_subset, run_script
+from test_e2e import readme_commands
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+FAST = ["--model_name", "resnet18", "--input_size", "32", "--batch_size", "8", "--patience", "0", "--verbose", "1",
+        "--num_workers", "0"]
+
+
+def env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+
+
+def torchrun(*args, cwd, nproc=2, timeout=600):
+    argv = [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def history(path):
+    return torch.load(path, weights_only=True)["train_state"]["history"]
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory):
+    return copy_subset(tmp_path_factory.mktemp("ddp"), ["bag", "sneaker", "trouser"], 24, 6)
+
+
+def test_two_processes_match_one(ddp_data, tmp_path):
+    args = ["--data_dir", ddp_data, *FAST, "--n_epochs", "4", "--lr", "2e-3"]
+    single = run_script("train.py", *args, "--model_fn", tmp_path / "one" / "m.pth", "--log_dir",
+                        tmp_path / "one" / "run", env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+    proc = torchrun(*args, "--model_fn", tmp_path / "two" / "m.pth", "--log_dir", tmp_path / "two" / "run",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best epoch") == 1 and proc.stdout.count("epoch 1/4") == 1  # rank 0 alone prints
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["m.pth", "m_last.pth", "run"]
+    assert len(list((tmp_path / "two" / "run").glob("events.out.tfevents.*"))) == 1
+    one, two = history(tmp_path / "one" / "m_last.pth"), history(tmp_path / "two" / "m_last.pth")
+    assert [r["valid_count"] for r in two] == [r["valid_count"] for r in one] == [15] * 4
+    assert abs(two[-1]["valid_accuracy"] - one[-1]["valid_accuracy"]) <= 0.2
+    assert two[-1]["valid_accuracy"] >= 0.6
+    ckpt = torch.load(tmp_path / "two" / "m.pth", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    pred = run_script("predict.py", "--model_fn", tmp_path / "two" / "m.pth", "--data_dir", ddp_data / "test",
+                      "--output", tmp_path / "r.csv", "--plot", tmp_path / "p.png", cwd=tmp_path)
+    assert pred.returncode == 0, pred.stderr
+    assert "accuracy" in pred.stdout
+
+
+def test_frozen_cache_under_torchrun_equals_one_process_and_resumes(ddp_data, tmp_path):
+    args = ["--data_dir", ddp_data, *FAST, "--freeze", "--n_epochs", "3"]
+    single = run_script("train.py", *args, "--model_fn", tmp_path / "one" / "m.pth", "--log_dir",
+                        tmp_path / "one" / "run", env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+    proc = torchrun(*args, "--model_fn", tmp_path / "two" / "m.pth", "--log_dir", tmp_path / "two" / "run",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "feature cache: 1 view(s) x 57 train + 15 valid" in proc.stdout
+    one, two = history(tmp_path / "one" / "m_last.pth"), history(tmp_path / "two" / "m_last.pth")
+    for a, b in zip(one, two):  # the same features and the same head updates: equal within float noise
+        assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-3, abs=1e-4)
+        assert b["valid_accuracy"] == pytest.approx(a["valid_accuracy"])
+    resumed = torchrun("--resume", tmp_path / "two" / "m_last.pth", "--n_epochs", "5", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert [r["epoch"] for r in history(tmp_path / "two" / "m_last.pth")] == [1, 2, 3, 4, 5]
+
+
+def test_readme_torchrun_commands(tmp_path):
+    """The README's torchrun lines, as written (shorter runs), the multi-machine one as two 'machines'."""
+    commands = [c for c in readme_commands() if c.startswith("torchrun")]
+    assert len(commands) == 2
+    data = copy_subset(tmp_path / "data", ["bag", "trouser"], 12, 4)
+    extra = ["--data_dir", str(data), "--n_epochs", "1", "--input_size", "32", "--num_workers", "0", "--verbose", "0"]
+    single = shlex.split(commands[0])
+    argv = [TORCHRUN] + single[1:single.index("train.py")] + [str(ROOT / "train.py")]
+    argv += single[single.index("train.py") + 1:] + extra
+    proc = subprocess.run(argv, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp.pth").exists()
+    follow = [c for c in readme_commands() if "predict.py --model_fn ddp.pth" in c]
+    assert follow
+    pred = subprocess.run([sys.executable, str(ROOT / "predict.py")] + shlex.split(follow[0])[2:],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert pred.returncode == 0, pred.stderr
+
+    multi = shlex.split(commands[1])
+    argv = [TORCHRUN] + multi[1:multi.index("train.py")] + [str(ROOT / "train.py")]
+    argv += multi[multi.index("train.py") + 1:] + extra
+    nodes = [subprocess.Popen(argv, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, err[-3000:]
+    assert sum("best epoch" in out for out, _ in outs) == 1  # one global rank 0 over both machines
+    ckpt = torch.load(tmp_path / "multi.pth", weights_only=True)
+    assert ckpt["class_names"] == ["bag", "trouser"] and ckpt["args"]["model_name"] == "resnet18"
