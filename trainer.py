@@ -455,10 +455,11 @@ class Fitter:
         cached_steps = math.ceil(len(splits.train) / loaders.train.batch_size)
         frozen_steps = max(1, cached_steps if self.cache_possible else len(loaders.train))
         self.steps_per_epoch = max(1, len(loaders.train))
-        self.optimizer = torch.optim.AdamW(
-            model_loader.param_groups(model, head, lr or args.lr, backbone_lr_scale if backbone_lr_scale is not None
-                                      else args.backbone_lr_scale, args.weight_decay),
-            lr=lr or args.lr, weight_decay=args.weight_decay)
+        groups = model_loader.param_groups(model, head, lr or args.lr, backbone_lr_scale if backbone_lr_scale
+                                           is not None else args.backbone_lr_scale, args.weight_decay)
+        if self.frozen_epochs >= args.n_epochs:  # --freeze: the optimizer gets the head's parameters only
+            groups = groups[:1]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr or args.lr, weight_decay=args.weight_decay)
         phases = [(0, self.frozen_epochs * frozen_steps)]
         if self.frozen_epochs < args.n_epochs:
             start = self.frozen_epochs * frozen_steps

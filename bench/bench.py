@@ -43,6 +43,10 @@ def parse_args(argv=None):
                    help="epochs actually run without the cache; fewer are extrapolated to --epochs")
     p.add_argument("--finetune_images", type=int, default=96, help="training images timed per fine-tune loop")
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--weights", default=None, help="backbone weights for the frozen runs (e.g. torchvision's "
+                   "ImageNet file); default: a donor fine-tuned here for --donor_epochs at 64 px, so that the "
+                   "frozen features mean something and the accuracies can be compared")
+    p.add_argument("--donor_epochs", type=int, default=3)
     p.add_argument("--skip_rss", action="store_true", help="skip the 1k/10k-image memory measurement")
     return p.parse_args(argv)
 
@@ -149,8 +153,14 @@ def main(args):
 
     work = Path(tempfile.mkdtemp(prefix="bench_"))
     startup, _ = run([sys.executable, ROOT / "train.py", "--help"])
+    weights = args.weights
+    if weights is None:
+        weights = work / "donor.pth"
+        run([sys.executable, ROOT / "train.py", "--data_dir", data, "--model_name", args.model_name, "--input_size",
+             64, "--n_epochs", args.donor_epochs, "--model_fn", weights, "--log_dir", work / "donor", "--verbose", 0])
     common = [sys.executable, ROOT / "train.py", "--data_dir", data, "--model_name", args.model_name,
-              "--input_size", size, "--freeze", "--patience", "0", "--verbose", "1", "--batch_size", args.batch_size]
+              "--input_size", size, "--freeze", "--patience", "0", "--verbose", "1", "--batch_size", args.batch_size,
+              "--weights", weights]
     cached_s, cached_out = run(common + ["--n_epochs", args.epochs, "--model_fn", work / "cached.pth",
                                          "--log_dir", work / "cached"])
     unc_s, unc_out = run(common + ["--n_epochs", args.uncached_epochs, "--model_fn", work / "uncached.pth",

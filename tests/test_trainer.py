@@ -119,6 +119,8 @@ def test_feature_cache_accuracy_parity_with_the_uncached_loop(tiny_data, tmp_pat
 
 def test_frozen_training_changes_only_the_head(tiny_data, tmp_path):
     run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "2"))
+    last = torch.load(tmp_path / "m_last.pth", weights_only=True)
+    assert [len(g["params"]) for g in last["optimizer"]["param_groups"]] == [2]  # fc.weight, fc.bias only
     ckpt = ml.load_checkpoint(tmp_path / "m.pth")
     torch.manual_seed(42)  # the same seed train.py builds the model with
     fresh, _ = ml.build_model("resnet18", 3, log=print)
