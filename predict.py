@@ -3,7 +3,6 @@ image) and a picture of sample predictions. The model, class names and preproces
 checkpoint; no model flag is needed."""
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 

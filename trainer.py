@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 import model_loader
-from data_loader import ShardSampler, TrainSampler, display_transform, load_rgb
+from data_loader import TrainSampler, display_transform, load_rgb
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
@@ -126,6 +126,19 @@ def bar(iterable, compute, desc, total=None):
                 dynamic_ncols=True)
 
 
+def train_step(model, images, labels, optimizer, scheduler, scaler, criterion, compute, meter):
+    """Forward, backward, optimizer and schedule step for one batch (the same for images and features)."""
+    with compute.autocast():
+        logits = model(images)
+        loss = criterion(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    meter.update(loss.detach(), logits.detach(), labels)
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, compute, skips, desc="train"):
     """One pass over the loader. Returns metrics, or None when a stop signal arrived (epoch abandoned)."""
     meter = Meter()
@@ -133,15 +146,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, comp
         skips.add(batch.bad)
         if batch.labels.numel():
             images, labels = compute.to_device(batch.images, batch.labels)
-            with compute.autocast():
-                logits = model(images)
-                loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            meter.update(loss.detach(), logits.detach(), labels)
+            train_step(model, images, labels, optimizer, scheduler, scaler, criterion, compute, meter)
         if compute.stop_requested():
             return None
     return meter.result(compute.dist, compute.device)
@@ -306,15 +311,7 @@ def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer,
             continue
         x = cache.train[view, idx].to(compute.device)
         y = labels[idx].to(compute.device)
-        with compute.autocast():
-            logits = head_module(x)
-            loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        meter.update(loss.detach(), logits.detach(), y)
+        train_step(head_module, x, y, optimizer, scheduler, scaler, criterion, compute, meter)
         if compute.stop_requested():
             return None
     return meter.result()
@@ -454,7 +451,7 @@ class Fitter:
         # optimizer steps per epoch: the head on cached features walks all images in every process
         cached_steps = math.ceil(len(splits.train) / loaders.train.batch_size)
         frozen_steps = max(1, cached_steps if self.cache_possible else len(loaders.train))
-        self.steps_per_epoch = max(1, len(loaders.train))
+        steps = max(1, len(loaders.train))
         groups = model_loader.param_groups(model, head, lr or args.lr, backbone_lr_scale if backbone_lr_scale
                                            is not None else args.backbone_lr_scale, args.weight_decay)
         if self.frozen_epochs >= args.n_epochs:  # --freeze: the optimizer gets the head's parameters only
@@ -464,7 +461,7 @@ class Fitter:
         if self.frozen_epochs < args.n_epochs:
             start = self.frozen_epochs * frozen_steps
             phases = ([phases[0]] if self.frozen_epochs else []) + [
-                (start, (args.n_epochs - self.frozen_epochs) * self.steps_per_epoch)]
+                (start, (args.n_epochs - self.frozen_epochs) * steps)]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, phases=phases, warmup_fraction=args.warmup, schedule=args.lr_schedule))
         self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.amp_dtype == torch.float16)
@@ -517,6 +514,8 @@ class Fitter:
         self.state = TrainState(**saved)
         self.skips.seen.update(self.state.skipped)
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.cache_possible and ckpt.get("feature_cache") != self.cache_identity():
+            self.log("feature cache: data or settings differ from the interrupted run's")
 
     def save_last(self):
         if self.dist.is_main:

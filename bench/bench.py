@@ -14,7 +14,6 @@ Measures, for one backbone and input size:
 import argparse
 import copy
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -66,8 +66,6 @@ def test_train_bad_data_folders(tmp_path, capsys, layout, message):
 
 
 def test_train_errors_as_a_subprocess_have_no_traceback(tmp_path):
-    proc = run_script("train.py", "--data_dir", tmp_path / "missing", "--model_fn", tmp_path / "m.pth")
-    assert_clean_error(proc, "does not exist")
     proc = run_script("train.py", "--n-epochs", "0")  # dashed spelling accepted, value refused
     assert_clean_error(proc, "--n_epochs must be a positive number")
 
@@ -90,10 +88,12 @@ def test_predict_errors_as_a_subprocess_have_no_traceback(tmp_path):
     assert not (tmp_path / "result.csv").exists()
 
 
-def test_help_runs_for_both_scripts():
-    for script in ("train.py", "predict.py"):
-        proc = run_script(script, "--help")
-        assert proc.returncode == 0 and "--model_fn" in proc.stdout and "--gpu_id" in proc.stdout
+def test_help_runs_for_both_scripts(capsys):
+    for module in (train, predict):
+        with pytest.raises(SystemExit) as e:
+            module.parse_args(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and "--model_fn" in out and "--gpu_id" in out
 
 
 def test_every_flag_is_in_the_readme():

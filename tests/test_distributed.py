@@ -25,6 +25,17 @@ def torchrun(*args, cwd, nproc=2, timeout=600):
     return subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
+def one_then_two_processes(args, tmp_path):
+    """train.py alone into tmp_path/one, then under torchrun with 2 processes into tmp_path/two."""
+    single = run_script("train.py", *args, "--model_fn", tmp_path / "one" / "m.pth", "--log_dir",
+                        tmp_path / "one" / "run", env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+    proc = torchrun(*args, "--model_fn", tmp_path / "two" / "m.pth", "--log_dir", tmp_path / "two" / "run",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def history(path):
     return torch.load(path, weights_only=True)["train_state"]["history"]
 
@@ -36,12 +47,7 @@ def ddp_data(tmp_path_factory):
 
 def test_two_processes_match_one(ddp_data, tmp_path):
     args = ["--data_dir", ddp_data, *FAST, "--n_epochs", "4", "--lr", "2e-3"]
-    single = run_script("train.py", *args, "--model_fn", tmp_path / "one" / "m.pth", "--log_dir",
-                        tmp_path / "one" / "run", env={"OMP_NUM_THREADS": "1"})
-    assert single.returncode == 0, single.stderr
-    proc = torchrun(*args, "--model_fn", tmp_path / "two" / "m.pth", "--log_dir", tmp_path / "two" / "run",
-                    cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = one_then_two_processes(args, tmp_path)
     assert proc.stdout.count("best epoch") == 1 and proc.stdout.count("epoch 1/4") == 1  # rank 0 alone prints
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["m.pth", "m_last.pth", "run"]
     assert len(list((tmp_path / "two" / "run").glob("events.out.tfevents.*"))) == 1
@@ -59,12 +65,7 @@ def test_two_processes_match_one(ddp_data, tmp_path):
 
 def test_frozen_cache_under_torchrun_equals_one_process_and_resumes(ddp_data, tmp_path):
     args = ["--data_dir", ddp_data, *FAST, "--freeze", "--n_epochs", "3"]
-    single = run_script("train.py", *args, "--model_fn", tmp_path / "one" / "m.pth", "--log_dir",
-                        tmp_path / "one" / "run", env={"OMP_NUM_THREADS": "1"})
-    assert single.returncode == 0, single.stderr
-    proc = torchrun(*args, "--model_fn", tmp_path / "two" / "m.pth", "--log_dir", tmp_path / "two" / "run",
-                    cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = one_then_two_processes(args, tmp_path)
     assert "feature cache: 1 view(s) x 57 train + 15 valid" in proc.stdout
     one, two = history(tmp_path / "one" / "m_last.pth"), history(tmp_path / "two" / "m_last.pth")
     for a, b in zip(one, two):  # the same features and the same head updates: equal within float noise

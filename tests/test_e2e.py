@@ -144,6 +144,10 @@ def adapt(command, work, weights):
         tokens += ["--n_epochs", "2", "--input_size", "32", "--num_workers", "0", "--verbose", "0"]
     if script == "predict.py":
         tokens += ["--num_workers", "0"]
+    if script == "bench/bench.py":  # the same measurements, small: tiny images, few epochs
+        tokens += ["--data_dir", str(work / "my_images"), "--model_name", "resnet18", "--input_size", "32",
+                   "--epochs", "2", "--uncached_epochs", "1", "--finetune_images", "16", "--donor_epochs", "1",
+                   "--skip_rss"]
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():
@@ -185,6 +189,8 @@ def test_every_readme_command_works(tmp_path, tiny_data):
         assert "Traceback" not in proc.stderr
         if command.startswith("tensorboard"):
             assert "Train/Loss" in proc.stdout and "Validation/Accuracy" in proc.stdout
+        if "bench.py" in command:
+            assert "ceiling =" in proc.stdout and "speed-up from the cache" in proc.stdout and "predict.py" in proc.stdout
         ran.append(command)
     assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
     for produced in ("model.pth", "models/mine.pth", "mine.csv", "mine.png", "catdog.pth", "resnet.pth",
