@@ -102,3 +102,18 @@ def test_every_flag_is_in_the_readme():
         for action in module.build_parser()._actions:
             if action.option_strings and action.dest != "help":
                 assert f"`{action.option_strings[0]}" in readme, action.option_strings[0]
+
+
+def test_predict_unwritable_output_fails_before_work_and_keeps_old_results(tiny_data, tmp_path, capsys):
+    run_in_process_ok = train.main(train.parse_args([str(a) for a in base(tiny_data, tmp_path) + ["--freeze"]]))
+    assert run_in_process_ok.state.epoch == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = run_in_process(predict, ["--model_fn", tmp_path / "m.pth", "--data_dir", tiny_data / "test",
+                                   "--output", blocker / "r.csv", "--num_workers", "0"], capsys)
+    assert "cannot write --output" in err
+    old = tmp_path / "result.csv"
+    old.write_text("earlier results\n")
+    err = run_in_process(predict, ["--model_fn", tmp_path / "m.pth", "--data_dir", tmp_path / "empty_dir_missing",
+                                   "--output", old, "--num_workers", "0"], capsys)
+    assert "does not exist" in err and old.read_text() == "earlier results\n"

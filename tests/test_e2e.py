@@ -5,6 +5,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -69,10 +70,12 @@ def test_train_then_predict_end_to_end(tiny_data, tmp_path):
 
 
 def test_predict_single_file_unlabelled_folder_and_topk(tiny_data, tmp_path):
-    proc = run_script("train.py", "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32",
-                      "--n_epochs", "1", "--num_workers", "0", "--freeze", "--model_fn", tmp_path / "m.pth",
-                      "--log_dir", tmp_path / "run", "--verbose", "0")
-    assert proc.returncode == 0, proc.stderr
+    import train
+
+    train.main(train.parse_args([str(a) for a in (
+        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1",
+        "--num_workers", "0", "--freeze", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run",
+        "--verbose", "0")]))
     loose = tmp_path / "loose dir é"
     loose.mkdir()
     for i, f in enumerate(sorted((tiny_data / "test" / "bag").glob("*.png"))[:3]):
@@ -141,13 +144,12 @@ def adapt(command, work, weights):
             tokens = replace_flag(tokens, "--dataset_name", None) + ["--data_dir", str(work / name)]
         if "--weights" in tokens:
             tokens = replace_flag(tokens, "--weights", str(weights))
-        tokens += ["--n_epochs", "2", "--input_size", "32", "--num_workers", "0", "--verbose", "0"]
+        tokens += ["--n_epochs", "1", "--input_size", "32", "--num_workers", "0", "--verbose", "0"]
     if script == "predict.py":
         tokens += ["--num_workers", "0"]
     if script == "bench/bench.py":  # the same measurements, small: tiny images, few epochs
-        tokens += ["--data_dir", str(work / "my_images"), "--model_name", "resnet18", "--input_size", "32",
-                   "--epochs", "2", "--uncached_epochs", "1", "--finetune_images", "16", "--donor_epochs", "1",
-                   "--skip_rss"]
+        tokens += ["--data_dir", str(work / "my_images"), "--input_size", "32", "--weights", str(weights),
+                   "--epochs", "2", "--uncached_epochs", "1", "--finetune_images", "16", "--skip_rss"]
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():
@@ -184,7 +186,9 @@ def test_every_readme_command_works(tmp_path, tiny_data):
             continue  # tests/test_distributed.py runs the torchrun commands
         else:
             argv = adapt(command, work, weights)
+        start = time.perf_counter()
         proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        print(f"{time.perf_counter() - start:6.1f}s  {command}")
         assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"
         assert "Traceback" not in proc.stderr
         if command.startswith("tensorboard"):
