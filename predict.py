@@ -192,8 +192,9 @@ def plot_predictions(samples, class_names, ckpt, path, show):
     images, titles, colors = [], [], []
     for (file, label), pred, confidence in samples:
         images.append(show_tf(data_loader.load_rgb(file)))
-        titles.append(f"{class_names[pred]} ({confidence:.2f})")
-        colors.append("red" if label >= 0 and label != pred else "black")
+        wrong = label >= 0 and label != pred
+        titles.append(f"{class_names[pred]} ({confidence:.2f})" + (f"\ntrue: {class_names[label]}" if wrong else ""))
+        colors.append("red" if wrong else "black")
     save_image_grid(images, titles, colors, path, show=show)
 
 

@@ -448,8 +448,9 @@ class Fitter:
         if args.feature_cache and self.frozen_epochs and not self.cache_possible:
             log(f"feature cache: not available for {meta['model_name']} (its classifier is not the last layer); "
                 "training through the frozen backbone")
-        # optimizer steps per epoch: the head on cached features walks all images in every process
-        cached_steps = math.ceil(len(splits.train) / loaders.train.batch_size)
+        # the head on cached features walks all images in every process, one global batch per step
+        self.global_batch = loaders.train.batch_size * compute.dist.world_size
+        cached_steps = math.ceil(len(splits.train) / self.global_batch)
         frozen_steps = max(1, cached_steps if self.cache_possible else len(loaders.train))
         steps = max(1, len(loaders.train))
         groups = model_loader.param_groups(model, head, lr or args.lr, backbone_lr_scale if backbone_lr_scale
@@ -574,7 +575,7 @@ class Fitter:
             head_module = self.model.get_submodule(self.head)
             whole = TrainSampler(sampler.n, sampler.seed, 0, 1, sampler.weights)  # every rank: all features
             whole.set_epoch(epoch)
-            train = train_head_epoch(head_module, self.cache, self.train_labels, whole, self.loaders.train.batch_size,
+            train = train_head_epoch(head_module, self.cache, self.train_labels, whole, self.global_batch,
                                      self.optimizer, self.scheduler, self.scaler, self.criterion, compute, epoch)
             if train is None:
                 return None

@@ -211,7 +211,7 @@ def image_grid_figure(images, titles, colors, ncols=None):
     n = max(1, len(images))
     ncols = ncols or min(n, 6)
     nrows = math.ceil(n / ncols)
-    fig = new_figure(figsize=(2.4 * ncols, 2.6 * nrows))
+    fig = new_figure(figsize=(2.4 * ncols, 2.9 * nrows))
     for i, (img, title, color) in enumerate(zip(images, titles, colors)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(img)

@@ -12,8 +12,7 @@ from conftest import ROOT, copy_subset, run_script
 from test_e2e import readme_commands
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-FAST = ["--model_name", "resnet18", "--input_size", "32", "--batch_size", "8", "--patience", "0", "--verbose", "1",
-        "--num_workers", "0"]
+FAST = ["--model_name", "resnet18", "--input_size", "32", "--patience", "0", "--verbose", "1", "--num_workers", "0"]
 
 
 def env():
@@ -26,12 +25,14 @@ def torchrun(*args, cwd, nproc=2, timeout=600):
 
 
 def one_then_two_processes(args, tmp_path):
-    """train.py alone into tmp_path/one, then under torchrun with 2 processes into tmp_path/two."""
-    single = run_script("train.py", *args, "--model_fn", tmp_path / "one" / "m.pth", "--log_dir",
+    """train.py alone into tmp_path/one with a batch of 16, then under torchrun with 2 processes of 8 into
+    tmp_path/two: the same global batch, so each step sees the same images (the sampler shards each
+    16-image window of one shared order), and only per-process BatchNorm statistics differ."""
+    single = run_script("train.py", *args, "--batch_size", "16", "--model_fn", tmp_path / "one" / "m.pth", "--log_dir",
                         tmp_path / "one" / "run", env={"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
-    proc = torchrun(*args, "--model_fn", tmp_path / "two" / "m.pth", "--log_dir", tmp_path / "two" / "run",
-                    cwd=tmp_path)
+    proc = torchrun(*args, "--batch_size", "8", "--model_fn", tmp_path / "two" / "m.pth", "--log_dir",
+                    tmp_path / "two" / "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -53,8 +54,10 @@ def test_two_processes_match_one(ddp_data, tmp_path):
     assert len(list((tmp_path / "two" / "run").glob("events.out.tfevents.*"))) == 1
     one, two = history(tmp_path / "one" / "m_last.pth"), history(tmp_path / "two" / "m_last.pth")
     assert [r["valid_count"] for r in two] == [r["valid_count"] for r in one] == [15] * 3
+    print("valid accuracy per epoch, 1 process:", [r["valid_accuracy"] for r in one],
+          "2 processes:", [r["valid_accuracy"] for r in two])
     assert abs(two[-1]["valid_accuracy"] - one[-1]["valid_accuracy"]) <= 0.2
-    assert two[-1]["valid_accuracy"] >= 0.6
+    assert two[-1]["valid_accuracy"] >= 0.5  # chance is 0.33
     ckpt = torch.load(tmp_path / "two" / "m.pth", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
     pred = run_script("predict.py", "--model_fn", tmp_path / "two" / "m.pth", "--data_dir", ddp_data / "test",
