@@ -204,6 +204,19 @@ class DataSplits:
     valid_source: str  # "valid/ folder" or "split of train/"
 
 
+SHIPPED = Path(__file__).resolve().parent / "data"  # data sets that live in this repository's data/
+DEFAULT_DATASET = "fashion_sample"  # 4 Fashion-MNIST classes, PNG
+
+
+def dataset_root(data_dir=None, dataset_name=None):
+    """--data_dir DIR, or --dataset_name NAME for data/NAME; neither: the shipped sample."""
+    if data_dir and dataset_name:
+        raise CLIError("give --data_dir or --dataset_name, not both")
+    if data_dir:
+        return Path(data_dir)
+    return SHIPPED / (dataset_name or DEFAULT_DATASET)
+
+
 def resolve_data_dir(data_dir):
     """The folder holding train/ (and valid/, test/); a bare ImageFolder (root/<class>/) also works as train/."""
     root = Path(data_dir)

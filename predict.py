@@ -45,11 +45,7 @@ def parse_args(argv=None):
 def default_inputs(ckpt):
     """test/ of the data set the checkpoint was trained on."""
     saved = ckpt.get("args", {})
-    here = Path(__file__).resolve().parent
-    if saved.get("data_dir"):
-        root = Path(saved["data_dir"])
-    else:
-        root = here / "data" / (saved.get("dataset_name") or "fashion_sample")
+    root = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name"))
     if not (root / "test").is_dir():
         raise CLIError(f"no --data_dir given and the training data's test folder {str(root / 'test')!r} does not exist")
     return root / "test"

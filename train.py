@@ -15,15 +15,13 @@ import trainer
 from utils import (CLIError, HelpFormatter, flag_adder, StopFlag, check_writable, dist_info_from_env, resolve_device, run_cli,
                    seed_everything)
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATASET = "fashion_sample"  # shipped in data/: 4 Fashion-MNIST classes, PNG
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = flag_adder(p.add_argument_group("data"))
     add("--data_dir", default=None, help="ImageFolder root: DIR/train/<class>/*, optional DIR/valid/ and DIR/test/ "
-        f"(default: data/{DEFAULT_DATASET})")
+        f"(default: data/{data_loader.DEFAULT_DATASET})")
     add("--dataset_name", default=None, help="shortcut for --data_dir data/NAME")
     add("--valid_ratio", type=float, default=0.2, help="share of train/ held out for validation when there is no valid/")
     add("--input_size", type=int, default=None, help="crop size fed to the model (default: the backbone's, 224)")
@@ -104,14 +102,6 @@ def check_args(args):
         raise CLIError("--freeze keeps the backbone frozen for the whole run; use --unfreeze_after N without --freeze")
 
 
-def resolve_data(args):
-    if args.data_dir and args.dataset_name:
-        raise CLIError("give --data_dir or --dataset_name, not both")
-    if args.dataset_name:
-        return HERE / "data" / args.dataset_name
-    return Path(args.data_dir) if args.data_dir else HERE / "data" / DEFAULT_DATASET
-
-
 def default_run_dir(model_name):
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{model_name}"
 
@@ -141,7 +131,7 @@ def main(args):
     say = print if dist.is_main else (lambda *a, **k: None)  # the summary, even at --verbose 0
     check_args(args)
     model_name = model_loader.resolve_model_name(args.model_name)
-    data_dir = resolve_data(args)
+    data_dir = data_loader.dataset_root(args.data_dir, args.dataset_name)
     if args.check_data:
         status = data_loader.audit_data(data_dir, print)
         if status:
@@ -185,25 +175,23 @@ def main(args):
         lr = args.lr * (dist.world_size if args.scale_lr else 1)
         # the smaller rate is for pretrained weights; a backbone from random init learns at the full rate
         lr_scale = args.backbone_lr_scale if (args.use_pretrained or args.weights) else 1.0
-        counts = data_loader.class_counts(splits.train, n_classes)
-        weights = inverse_frequency(counts)
+        balance = inverse_frequency(data_loader.class_counts(splits.train, n_classes))
         workers = args.num_workers
         if workers is None:
             workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         loaders = data_loader.build_loaders(
             splits, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], args.batch_size,
             workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
-            class_weights=weights if args.balanced_sampler else None)
+            class_weights=balance if args.balanced_sampler else None)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             data_loader.write_split_lists(splits, run_dir)
         compute = trainer.Compute(device, trainer.amp_dtype_for(device, args.amp, log), channels_last, dist, stop,
                                   progress=dist.is_main and args.verbose >= 2)
-        args.feature_cache = args.freeze or args.unfreeze_after > 0
-        args.feature_cache = args.feature_cache and not args.no_feature_cache
+        args.feature_cache = (args.freeze or args.unfreeze_after > 0) and not args.no_feature_cache
         fitter = trainer.Fitter(model, head, splits, loaders, compute, args, meta, args.model_fn,
                                 last_path(args.model_fn), run_dir, log,
-                                class_weights=weights if args.class_weights == "auto" else None,
+                                class_weights=balance if args.class_weights == "auto" else None,
                                 lr=lr, backbone_lr_scale=lr_scale)
         if resume is not None:
             fitter.restore(resume)
