@@ -1,5 +1,7 @@
 """Images in, tensors out: folder scanning, image decoding, transforms, the seeded split, samplers, loaders."""
 import csv
+import hashlib
+import io
 import math
 import os
 import warnings
@@ -376,8 +378,6 @@ def audit_data(data_dir, out=print):
     """Decode every image once: unreadable files, per-class counts and imbalance, files shared by
     train/valid/test (same bytes), tiny images, unusual modes. Returns the exit status: 1 on
     unreadable files or leaks, else 0."""
-    import hashlib
-
     root = resolve_data_dir(data_dir)
     parts = [(n, root / n) for n in ("train", "valid", "test") if (root / n).is_dir()] or [("train", root)]
     class_names = None
@@ -390,11 +390,12 @@ def audit_data(data_dir, out=print):
         out(f"{part}: {len(samples)} images; {shown}; imbalance {ratio:.1f}x")
         for path, _ in samples:
             with open(path, "rb") as f:
-                owners[hashlib.sha1(f.read()).hexdigest()].add((part, path))
+                content = f.read()  # read once: hashed for leaks, then decoded
+            owners[hashlib.sha1(content).hexdigest()].add((part, path))
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    with Image.open(path) as img:
+                    with Image.open(io.BytesIO(content)) as img:
                         img.load()
                         modes[img.mode] += 1
                         if min(img.size) < TINY_SIDE:

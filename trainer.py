@@ -13,8 +13,8 @@ from torch import nn
 from tqdm import tqdm
 
 import model_loader
-from data_loader import TrainSampler, display_transform, load_rgb
-from utils import all_reduce_sum, atomic_open, atomic_torch_save, seed_everything
+from data_loader import TrainSampler, build_transforms, display_transform, load_rgb
+from utils import all_reduce_sum, atomic_open, atomic_torch_save, image_grid_figure, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
 
@@ -387,9 +387,6 @@ def log_hparams(writer, hparams, metrics):
 @torch.inference_mode()
 def prediction_grid(model, samples, class_names, meta, compute, n=16):
     """A matplotlib figure of the first n validation images titled with prediction (red when wrong)."""
-    from data_loader import build_transforms
-    from utils import image_grid_figure
-
     show = display_transform(meta["input_size"], meta["resize_size"])
     tf = build_transforms(meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], train=False)
     images, titles, colors = [], [], []
