@@ -81,12 +81,13 @@ def test_predict_single_file_unlabelled_folder_and_topk(tiny_data, tmp_path):
         shutil.copy(f, loose / f"image {i} ü.png")
     (loose / "readme.txt").write_text("ignored")
     proc = run_script("predict.py", "--model_fn", tmp_path / "m.pth", "--data_dir", loose, "--topk", "2",
-                      "--output", tmp_path / "o.csv", "--plot", tmp_path / "o.png", "--num_workers", "0")
+                      "--output", tmp_path / "o.csv", "--plot", tmp_path / "o.png", "--num_workers", "0",
+                      "--show")  # headless here: the figure is saved, and show() has no window to open
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "o.csv", encoding="utf-8-sig")))
     assert len(rows) == 3 and "label" not in rows[0] and rows[0]["top1_class"] == rows[0]["predict"]
     assert float(rows[0]["top1_prob"]) >= float(rows[0]["top2_prob"])
-    assert not (tmp_path / "o_confusion.png").exists()
+    assert not (tmp_path / "o_confusion.png").exists() and (tmp_path / "o.png").stat().st_size > 1000
     single = loose / "image 0 ü.png"
     proc = run_script("predict.py", "--model_fn", tmp_path / "m.pth", "--data_dir", single, "--n_images", "0",
                       "--output", tmp_path / "one.csv", "--num_workers", "0")
