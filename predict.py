@@ -137,9 +137,7 @@ def main(args):
                             if index in plot_at:
                                 samples_for_plot.append((inputs[index], pred, float(p[pred])))
                     for bad in batch.bad:
-                        path, label = inputs[bad.index]
-                        rows[bad.index] = [path, ""] + [""] * (len(columns) - 3 - labelled) + (
-                            [class_names[label] if label >= 0 else ""] if labelled else []) + [bad.reason]
+                        rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled)
                     for index in sorted(rows):
                         writer.writerow(rows[index])
                     n_done += batch.labels.numel()
@@ -179,6 +177,16 @@ def prediction_row(sample, probs, class_names, topk, labelled):
     if labelled:
         row.append(class_names[label] if label >= 0 else "")
     return row + [""]
+
+
+def error_row(sample, reason, columns, class_names, labelled):
+    """An unreadable image: its path, its label when known, the reason; the prediction columns empty."""
+    path, label = sample
+    row = dict.fromkeys(columns, "")
+    row.update(file_dir=path, error=reason)
+    if labelled:
+        row["label"] = class_names[label] if label >= 0 else ""
+    return list(row.values())
 
 
 def plot_predictions(samples, class_names, ckpt, path, show):

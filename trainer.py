@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 import model_loader
-from data_loader import TrainSampler, build_transforms, display_transform, load_rgb
+from data_loader import TrainSampler, build_transforms, display_transform, load_rgb, make_loader
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, image_grid_figure, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
@@ -120,9 +120,9 @@ class SkipLog:
 # ----------------------------------------------------------------------------- epochs
 
 
-def bar(iterable, compute, desc, total=None):
+def bar(iterable, compute, desc):
     # disable=None: bars only on a terminal, so logs and pipes stay clean
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None if compute.progress else True,
+    return tqdm(iterable, desc=desc, leave=False, disable=None if compute.progress else True,
                 dynamic_ncols=True)
 
 
@@ -152,20 +152,23 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, comp
     return meter.result(compute.dist, compute.device)
 
 
+def eval_step(model, inputs, labels, compute, meter):
+    """Plain cross-entropy (no class weights or smoothing), so validation losses compare across runs."""
+    with compute.autocast():
+        logits = model(inputs).float()
+    meter.update(nn.functional.cross_entropy(logits, labels), logits, labels)
+
+
 @torch.inference_mode()
 def evaluate(model, loader, compute, skips=None, desc="valid"):
     """Loss and accuracy over the whole loader, each image once over all processes."""
     model.eval()
     meter = Meter()
-    criterion = nn.CrossEntropyLoss()
     for batch in bar(loader, compute, desc):
         if skips is not None:
             skips.add(batch.bad, loader.dataset.samples)
         if batch.labels.numel():
-            images, labels = compute.to_device(batch.images, batch.labels)
-            with compute.autocast():
-                logits = model(images).float()
-            meter.update(criterion(logits, labels), logits, labels)
+            eval_step(model, *compute.to_device(batch.images, batch.labels), compute, meter)
     return meter.result(compute.dist, compute.device)
 
 
@@ -270,11 +273,8 @@ def build_feature_cache(model, head, loaders, views, budget_mb, spill_path, comp
         if views == 1:
             loader = loaders.train_eval
         else:  # augmented views: the training transform, seeded per (image, view)
-            dist = compute.dist
-            loader = torch.utils.data.DataLoader(
-                loaders.train.dataset, batch_size=loaders.train.batch_size, num_workers=loaders.train.num_workers,
-                sampler=ViewSampler(n_train, loaders.train.sampler.seed, view, dist.rank, dist.world_size),
-                collate_fn=loaders.train.collate_fn, worker_init_fn=loaders.train.worker_init_fn)
+            sampler = ViewSampler(n_train, loaders.train.sampler.seed, view, compute.dist.rank, compute.dist.world_size)
+            loader = make_loader(loaders.train.dataset, loaders.train.batch_size, sampler, loaders.train.num_workers)
         ok = extract_features(model, head, loader, train, view, compute, skips)
         if ok is None:
             return None
@@ -321,14 +321,10 @@ def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer,
 def evaluate_head(head_module, features, ok, labels, batch_size, compute):
     head_module.eval()
     meter = Meter()
-    criterion = nn.CrossEntropyLoss()
     idx_all = torch.nonzero(ok).flatten()
     for start in range(0, len(idx_all), batch_size):
         idx = idx_all[start:start + batch_size]
-        with compute.autocast():
-            logits = head_module(features[0, idx].to(compute.device)).float()
-        y = labels[idx].to(compute.device)
-        meter.update(criterion(logits, y), logits, y)
+        eval_step(head_module, features[0, idx].to(compute.device), labels[idx].to(compute.device), compute, meter)
     return meter.result()
 
 
@@ -412,12 +408,15 @@ def prediction_grid(model, samples, class_names, meta, compute, n=16):
 class TrainState:
     """Everything the resumable checkpoint restores besides model, optimizer, scheduler and scaler."""
     epoch: int = 0  # completed epochs
-    best_loss: float = math.inf
     best_epoch: int = 0
     best_metrics: dict = field(default_factory=dict)
     bad_epochs: int = 0  # epochs since the best validation loss (early stopping)
     history: list = field(default_factory=list)  # one dict per completed epoch (metrics.csv rows)
     skipped: dict = field(default_factory=dict)  # unreadable files seen so far: path -> label
+
+    @property
+    def best_loss(self):
+        return self.best_metrics.get("valid_loss", math.inf)
 
 
 @dataclass
@@ -507,9 +506,7 @@ class Fitter:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        saved = ckpt["train_state"]
-        saved["best_loss"] = float(saved["best_loss"])
-        self.state = TrainState(**saved)
+        self.state = TrainState(**ckpt["train_state"])
         self.skips.seen.update(self.state.skipped)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.cache_possible and ckpt.get("feature_cache") != self.cache_identity():
@@ -609,14 +606,13 @@ class Fitter:
             state.history.append(row)
             improved = valid["loss"] < state.best_loss
             if improved:
-                state.best_loss, state.best_epoch, state.bad_epochs = valid["loss"], state.epoch, 0
+                state.best_epoch, state.bad_epochs = state.epoch, 0
                 state.best_metrics = {"valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
                                       "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                                       "best_epoch": state.epoch}
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             else:
                 state.bad_epochs += 1
-            if improved:
-                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             if self.dist.is_main:
                 if improved:
                     model_loader.save_checkpoint(self.best_checkpoint(state.best_metrics), self.model_fn)
