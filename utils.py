@@ -36,12 +36,17 @@ class CLIError(Exception):
 
 
 def run_cli(entry):
-    """Run a CLI entry point (no arguments); turn CLIError into a one-line message and exit status 2."""
+    """Run a CLI entry point (no arguments); turn CLIError into a one-line message and exit status 2.
+    When stdout is closed early (`| head`), stop quietly with status 1, as other command-line tools do;
+    files are written atomically, so none is left half-written."""
     try:
         return entry()
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        sys.exit(1)
 
 
 def seed_everything(seed):

@@ -1,4 +1,8 @@
 """Bad input to both scripts: one clear line, non-zero exit, no traceback, nothing already written lost."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -117,3 +121,17 @@ def test_predict_unwritable_output_fails_before_work_and_keeps_old_results(tiny_
     err = run_in_process(predict, ["--model_fn", tmp_path / "m.pth", "--data_dir", tmp_path / "empty_dir_missing",
                                    "--output", old, "--num_workers", "0"], capsys)
     assert "does not exist" in err and old.read_text() == "earlier results\n"
+
+
+def test_closed_stdout_stops_quietly_and_keeps_the_results(tiny_data, tmp_path):
+    """`predict.py | head -1`-style: the reader goes away; no traceback, non-zero exit, result.csv whole."""
+    train.main(train.parse_args([str(a) for a in base(tiny_data, tmp_path) + ["--freeze"]]))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), "--model_fn", tmp_path / "m.pth", "--data_dir",
+                             tiny_data / "test", "--num_workers", "0", "--verbose", "0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MPLBACKEND": "Agg"})
+    proc.stdout.close()  # nobody reads what predict prints
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    rows = (tmp_path / "result.csv").read_text(encoding="utf-8-sig").splitlines()
+    assert len(rows) == 1 + 18 and rows[0].startswith("file_dir,predict,confidence")
