@@ -169,7 +169,8 @@ def main(args):
             raise CLIError(f"--resume {args.resume!r} was trained as {resume.get('model_name')} on classes "
                            f"{resume.get('class_names')}, not {model_name} on this data")
         channels_last = model_loader.is_convolutional(model) and not args.no_channels_last
-        model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        train_cl = trainer.train_channels_last(device, channels_last)
+        model = model.to(device, memory_format=torch.channels_last if train_cl else torch.preserve_format)
         if args.sync_bn and dist.enabled and device.type == "cuda" and not args.freeze:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         lr = args.lr * (dist.world_size if args.scale_lr else 1)
@@ -186,8 +187,8 @@ def main(args):
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             data_loader.write_split_lists(splits, run_dir)
-        compute = trainer.Compute(device, trainer.amp_dtype_for(device, args.amp, log), channels_last, dist, stop,
-                                  progress=dist.is_main and args.verbose >= 2)
+        compute = trainer.Compute(device, trainer.amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist,
+                                  stop, progress=dist.is_main and args.verbose >= 2)
         args.feature_cache = (args.freeze or args.unfreeze_after > 0) and not args.no_feature_cache
         fitter = trainer.Fitter(model, head, splits, loaders, compute, args, meta, args.model_fn,
                                 last_path(args.model_fn), run_dir, log,

@@ -39,6 +39,7 @@ def run_cli(entry):
     """Run a CLI entry point (no arguments); turn CLIError into a one-line message and exit status 2.
     When stdout is closed early (`| head`), stop quietly with status 1, as other command-line tools do;
     files are written atomically, so none is left half-written."""
+    tune_allocator()
     try:
         return entry()
     except CLIError as e:
@@ -47,6 +48,28 @@ def run_cli(entry):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         sys.exit(1)
+
+
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_CONF", "TCMALLOC_")
+
+
+def tune_allocator():
+    """Keep freed activation buffers in the heap instead of giving them back to the kernel after every
+    layer. glibc's defaults unmap blocks over its mmap threshold and trim the heap top, so each batch
+    faults its activations in again (tens of thousands of page faults per ResNet batch); the tuned
+    settings make CPU inference about 10% faster (bench/bench.py). Linux glibc only; skipped when the
+    user already tunes malloc or preloads another allocator. True when applied."""
+    if not sys.platform.startswith("linux") or os.environ.get("LD_PRELOAD") or any(
+            k.startswith(ALLOCATOR_ENV) for k in os.environ):
+        return False
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl or another libc
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    return all(mallopt(option, value) == 1 for option, value in (
+        (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 512 << 20), (M_TOP_PAD, 64 << 20)))
 
 
 def seed_everything(seed):

@@ -1,5 +1,8 @@
 import csv
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import data_loader as dl
 import model_loader as ml
 import train
 import trainer
+import utils
+from conftest import ROOT
 from utils import DistInfo
 
 
@@ -168,13 +173,22 @@ def test_amp_and_channels_last_paths_run_on_cpu(tiny_data, tmp_path):
     cpu = torch.device("cpu")
     assert (trainer.amp_dtype_for(cpu, True) is torch.bfloat16) == trainer.cpu_has_fast_bf16()
     # the bf16 autocast path itself, whatever this CPU's speed at it
-    compute = trainer.Compute(cpu, torch.bfloat16, channels_last=True, dist=DistInfo())
-    x = compute.to_device(torch.randn(2, 3, 8, 8))
+    # on the CPU, training steps stay NCHW (faster there) and forward-only passes go channels_last
+    assert not trainer.train_channels_last(cpu, True) and trainer.train_channels_last(torch.device("cuda"), True)
+    on_cpu = trainer.Compute(cpu, channels_last=True, train_channels_last=False, dist=DistInfo())
+    assert on_cpu.to_device(torch.randn(2, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
+    assert not on_cpu.to_device(torch.randn(2, 3, 8, 8), train=True).is_contiguous(memory_format=torch.channels_last)
+    # the channels_last training path (as on GPUs) with the bf16 autocast path, whatever this CPU's speed at them
+    compute = trainer.Compute(cpu, torch.bfloat16, channels_last=True, train_channels_last=True, dist=DistInfo())
+    x = compute.to_device(torch.randn(2, 3, 8, 8), train=True)
     assert x.is_contiguous(memory_format=torch.channels_last)
     with compute.autocast():
         assert nn.Linear(4, 2)(torch.randn(1, 4)).dtype == torch.bfloat16
     model, head = ml.build_model("resnet18", 3, log=print)
     model = model.to(memory_format=torch.channels_last)
+    formats = []
+    model.register_forward_pre_hook(lambda m, args: formats.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
     splits = dl.build_splits(tiny_data, 0.25, 0)
     loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -182,6 +196,7 @@ def test_amp_and_channels_last_paths_run_on_cpu(tiny_data, tmp_path):
     metrics = trainer.train_one_epoch(model, loaders.train, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
                                       nn.CrossEntropyLoss(), compute, trainer.SkipLog(splits.train, [], print))
     assert math.isfinite(metrics["loss"]) and metrics["count"] == len(splits.train)
+    assert formats and all(formats)
 
 
 def test_inference_rewrite_keeps_the_probabilities():
@@ -214,3 +229,40 @@ def test_cache_views_hold_distinct_augmented_views(tiny_data, tmp_path):
     assert torch.equal(first.train, again.train)  # seeded per image and view: reproducible
     result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--cache_views", "3", "--n_epochs", "2"))
     assert "feature cache" in result.cache_note and len(result.state.history) == 2
+
+
+FAULTS_PER_FORWARD = """
+import resource, sys
+import torch, torchvision
+import utils
+def measure():
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(16, 3, 112, 112)
+    with torch.inference_mode():
+        model(x), model(x)
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            model(x)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+if sys.argv[1] == "cli":
+    utils.run_cli(measure)  # what train.py and predict.py run under
+else:
+    measure()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_cli_keeps_activation_memory_mapped_between_batches(tmp_path):
+    """Under run_cli, repeated forward passes reuse the heap instead of faulting fresh pages in."""
+    script = tmp_path / "faults.py"
+    script.write_text(FAULTS_PER_FORWARD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(utils.ALLOCATOR_ENV)}
+
+    def faults(mode, **extra):
+        out = subprocess.run([sys.executable, str(script), mode], env={**env, "PYTHONPATH": str(ROOT), **extra},
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[-1])
+
+    plain, tuned = faults("plain"), faults("cli")
+    assert tuned * 10 < plain, (plain, tuned)
+    assert faults("cli", MALLOC_TOP_PAD_="0") * 10 > plain  # a user's own malloc settings are left alone
