@@ -149,7 +149,8 @@ def adapt(command, work, weights):
         tokens += ["--num_workers", "0"]
     if script == "bench/bench.py":  # the same measurements, small: tiny images, few epochs
         tokens += ["--data_dir", str(work / "my_images"), "--input_size", "32", "--weights", str(weights),
-                   "--epochs", "2", "--uncached_epochs", "1", "--finetune_images", "16", "--skip_rss"]
+                   "--epochs", "2", "--uncached_epochs", "1", "--finetune_images", "16", "--skip_rss",
+                   "--gpu_id", "0" if torch.cuda.is_available() else "-1"]  # the device flag reaches every run
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():
