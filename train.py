@@ -55,6 +55,8 @@ def build_parser():
     add("--seed", type=int, default=42, help="seeds the split, the initial head, shuffling and augmentation")
     add("--log_dir", default=None, help="run folder for TensorBoard, metrics.csv and split lists "
         "(default: runs/<date-time>_<model_name>)")
+    add("--save_interval", type=float, default=30, help="seconds between checkpoint writes when epochs are "
+        "shorter (0 = after every epoch); always written at the end and when stopped")
     add("--resume", default=None, help="continue from a <model_fn stem>_last.pth; its saved flags are the defaults")
     add("--verbose", type=int, default=2, help="0 = summary only, 1 = a line per epoch, 2 = also progress bars")
 
@@ -92,8 +94,8 @@ def check_args(args):
     for name in ("lr", "backbone_lr_scale"):
         if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
             raise CLIError(f"--{name} must be positive; got {getattr(args, name)}")
-    if (args.num_workers or 0) < 0 or args.patience < 0 or args.unfreeze_after < 0:
-        raise CLIError("--num_workers, --patience and --unfreeze_after must be 0 or more")
+    if (args.num_workers or 0) < 0 or args.patience < 0 or args.unfreeze_after < 0 or args.save_interval < 0:
+        raise CLIError("--num_workers, --patience, --unfreeze_after and --save_interval must be 0 or more")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.warmup < 1:
         raise CLIError("--label_smoothing and --warmup must be in [0, 1)")
     if args.input_size is not None and args.input_size < 8:

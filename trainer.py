@@ -1,5 +1,6 @@
 """The training loop: one epoch, evaluation, the frozen-backbone feature cache, the fit loop with
 early stopping, best/last checkpoints, TensorBoard and metrics.csv logging, and exact resume."""
+import copy
 import csv
 import math
 import time
@@ -479,6 +480,8 @@ class Fitter:
         self.skips = SkipLog(splits.train, splits.class_names, log)
         self.state = TrainState()
         self.best_state = None  # weights of the best epoch, kept on every rank for the final test
+        self._pending = {}  # checkpoints not written yet (epochs shorter than --save_interval): path -> dict
+        self._saved_at = -math.inf
         self.writer = None
         self._ddp = None
         self._ddp_frozen = None
@@ -494,7 +497,7 @@ class Fitter:
         ckpt = self.best_checkpoint(self.state.best_metrics)
         ckpt.update({
             "resumable": LAST_FORMAT,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot: Adam's moments change in place
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "train_state": model_loader.plain(asdict(self.state)),
@@ -521,10 +524,27 @@ class Fitter:
         if self.cache_possible and ckpt.get("feature_cache") != self.cache_identity():
             self.log("feature cache: data or settings differ from the interrupted run's")
 
-    def save_last(self):
-        if self.dist.is_main:
-            self.state.skipped = dict(self.skips.seen)
-            atomic_torch_save(self.last_checkpoint(), self.last_fn)
+    def save_checkpoints(self, improved, force=False):
+        """At an epoch's end: the best checkpoint when it improved, and the resumable last one. Written
+        now when the last write is --save_interval seconds old or `force`; otherwise kept in memory (a
+        snapshot of this epoch's end) until then. Head epochs on cached features take milliseconds and a
+        checkpoint write a tenth of a second or more, so writing both every epoch would cost more than
+        the training."""
+        if not self.dist.is_main:
+            return
+        if improved:
+            self._pending[self.model_fn] = self.best_checkpoint(self.state.best_metrics)
+        self.state.skipped = dict(self.skips.seen)
+        self._pending[self.last_fn] = self.last_checkpoint()
+        if force or time.perf_counter() - self._saved_at >= self.args.save_interval:
+            self.write_pending()
+
+    def write_pending(self):
+        """Write what save_checkpoints kept back: the best first, then the last (as resume expects)."""
+        for path in (self.model_fn, self.last_fn):
+            if path in self._pending:
+                atomic_torch_save(self._pending.pop(path), path)
+        self._saved_at = time.perf_counter()
 
     # -- TensorBoard
 
@@ -599,11 +619,13 @@ class Fitter:
         args, state = self.args, self.state
         interrupted = stopped_early = False
         if state.epoch == 0:
-            self.save_last()  # a run stopped before its first epoch can still be resumed
+            self.save_checkpoints(False, force=True)  # a run stopped before its first epoch can still be resumed
         for epoch in bar(range(state.epoch, args.n_epochs), self.compute, "epochs"):
             start = time.perf_counter()
             result = self.run_epoch(epoch)
-            if result is None:
+            if result is None:  # stopped mid-epoch: the end of the last finished epoch is what counts
+                if self.dist.is_main:
+                    self.write_pending()
                 interrupted = True
                 break
             train, valid = result
@@ -623,20 +645,18 @@ class Fitter:
             else:
                 state.bad_epochs += 1
             if self.dist.is_main:
-                if improved:
-                    model_loader.save_checkpoint(self.best_checkpoint(state.best_metrics), self.model_fn)
                 log_epoch(self.open_writer(), row)
                 write_metrics_csv(state.history, self.run_dir / "metrics.csv")
                 self.log(f"epoch {state.epoch}/{args.n_epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}"
                          f"  valid loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}  lr {row['lr']:.2e}"
                          f"  {row['seconds']:.1f}s{'  *best' if improved else ''}")
-            self.save_last()
-            if args.patience and state.bad_epochs >= args.patience:
-                stopped_early = True
+            stopped_early = bool(args.patience and state.bad_epochs >= args.patience)
+            interrupted = not stopped_early and self.compute.stop_requested()
+            self.save_checkpoints(improved, force=stopped_early or interrupted or state.epoch == args.n_epochs)
+            if stopped_early:
                 self.log(f"early stop: no better validation loss for {args.patience} epochs (best epoch {state.best_epoch})")
                 break
-            if self.compute.stop_requested():
-                interrupted = True
+            if interrupted:
                 break
         return self.finish(interrupted, stopped_early)
 

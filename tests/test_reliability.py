@@ -195,7 +195,7 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints(tiny_data, tmp_path):
         work.mkdir()
         proc = subprocess.Popen([sys.executable, str(wrapper)] + [str(a) for a in [
             "--data_dir", tiny_data, "--model_fn", work / "m.pth", "--log_dir", work / "run", *TRAIN_ARGS,
-            "--n_epochs", "3", "--num_workers", "0"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            "--n_epochs", "3", "--num_workers", "0", "--save_interval", "0"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=dict(os.environ, SLOW_SAVE_AT=str(at), PYTHONUNBUFFERED="1"), start_new_session=True)
         wait_for(proc, "SAVING")
         os.killpg(proc.pid, signal.SIGKILL)  # in the middle of a checkpoint write (temp file half done)

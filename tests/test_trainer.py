@@ -1,6 +1,7 @@
 import csv
 import math
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -266,3 +267,23 @@ def test_cli_keeps_activation_memory_mapped_between_batches(tmp_path):
     plain, tuned = faults("plain"), faults("cli")
     assert tuned * 10 < plain, (plain, tuned)
     assert faults("cli", MALLOC_TOP_PAD_="0") * 10 > plain  # a user's own malloc settings are left alone
+
+
+def test_short_epochs_write_checkpoints_at_most_every_save_interval(tiny_data, tmp_path, monkeypatch):
+    """Cached head epochs take milliseconds: the checkpoints are written at the start and the end only,
+    and hold the same as a run that writes after every epoch."""
+    writes = []
+    real = trainer.atomic_torch_save
+    monkeypatch.setattr(trainer, "atomic_torch_save", lambda obj, path: (writes.append(Path(path).name), real(obj, path)))
+    throttled = run_train(*fast_args(tiny_data, tmp_path / "a", "--freeze", "--n_epochs", "4", "--patience", "0"))
+    assert writes == ["m_last.pth", "m.pth", "m_last.pth"], writes
+    writes.clear()
+    every = run_train(*fast_args(tiny_data, tmp_path / "b", "--freeze", "--n_epochs", "4", "--patience", "0",
+                                 "--save_interval", "0"))
+    assert writes.count("m_last.pth") == 5 and writes.count("m.pth") >= 1, writes  # the start, then every epoch
+    assert throttled.state.best_epoch == every.state.best_epoch
+    for name in ("m.pth", "m_last.pth"):
+        a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in "ab")
+        assert a["epoch"] == b["epoch"] and a["metrics"] == b["metrics"]
+        for k in a["state_dict"]:
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
