@@ -230,9 +230,11 @@ def plain(value):
     return str(value)
 
 
-def make_checkpoint(model, model_name, class_names, input_size, resize_size, mean, std, epoch, metrics, args):
-    """The self-describing checkpoint: tensors and plain types only (see STYLE.md)."""
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+def make_checkpoint(model, model_name, class_names, input_size, resize_size, mean, std, epoch, metrics, args,
+                    weights=None):
+    """The self-describing checkpoint: tensors and plain types only (see STYLE.md). `weights`: a CPU copy
+    of the model's state_dict already taken (see weights_copy), else one is taken here."""
+    state = weights_copy(model) if weights is None else weights
     return {
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
@@ -248,6 +250,11 @@ def make_checkpoint(model, model_name, class_names, input_size, resize_size, mea
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
     }
+
+
+def weights_copy(model):
+    """The model's state_dict on the CPU, detached from the live parameters."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(checkpoint, path):

@@ -16,7 +16,6 @@ from utils import (CLIError, HelpFormatter, flag_adder, StopFlag, check_writable
                    seed_everything)
 
 
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = flag_adder(p.add_argument_group("data"))

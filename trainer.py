@@ -29,7 +29,7 @@ class Compute:
     device: torch.device
     amp_dtype: torch.dtype = None  # None = fp32; bf16 or fp16 autocast otherwise
     channels_last: bool = False  # inputs of forward-only passes (evaluation, caching, prediction)
-    train_channels_last: bool = False  # inputs of training steps (see train_memory_format)
+    train_channels_last: bool = False  # inputs of training steps (see train_channels_last())
     dist: object = None  # utils.DistInfo
     stop: object = None  # utils.StopFlag
     progress: bool = False  # tqdm bars
@@ -488,13 +488,14 @@ class Fitter:
 
     # -- checkpoints
 
-    def best_checkpoint(self, metrics):
+    def best_checkpoint(self, metrics, weights=None):
         return model_loader.make_checkpoint(
             self.model, self.meta["model_name"], self.splits.class_names, self.meta["input_size"],
-            self.meta["resize_size"], self.meta["mean"], self.meta["std"], self.state.epoch, metrics, vars(self.args))
+            self.meta["resize_size"], self.meta["mean"], self.meta["std"], self.state.epoch, metrics, vars(self.args),
+            weights)
 
-    def last_checkpoint(self):
-        ckpt = self.best_checkpoint(self.state.best_metrics)
+    def last_checkpoint(self, weights=None):
+        ckpt = self.best_checkpoint(self.state.best_metrics, weights)
         ckpt.update({
             "resumable": LAST_FORMAT,
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot: Adam's moments change in place
@@ -532,15 +533,18 @@ class Fitter:
         the training."""
         if not self.dist.is_main:
             return
+        weights = self.best_state if improved else None  # this epoch's weights, already copied by fit()
         if improved:
-            self._pending[self.model_fn] = self.best_checkpoint(self.state.best_metrics)
+            self._pending[self.model_fn] = self.best_checkpoint(self.state.best_metrics, weights)
         self.state.skipped = dict(self.skips.seen)
-        self._pending[self.last_fn] = self.last_checkpoint()
+        self._pending[self.last_fn] = self.last_checkpoint(weights)
         if force or time.perf_counter() - self._saved_at >= self.args.save_interval:
             self.write_pending()
 
     def write_pending(self):
         """Write what save_checkpoints kept back: the best first, then the last (as resume expects)."""
+        if not self.dist.is_main:
+            return
         for path in (self.model_fn, self.last_fn):
             if path in self._pending:
                 atomic_torch_save(self._pending.pop(path), path)
@@ -624,8 +628,7 @@ class Fitter:
             start = time.perf_counter()
             result = self.run_epoch(epoch)
             if result is None:  # stopped mid-epoch: the end of the last finished epoch is what counts
-                if self.dist.is_main:
-                    self.write_pending()
+                self.write_pending()
                 interrupted = True
                 break
             train, valid = result
@@ -641,7 +644,7 @@ class Fitter:
                 state.best_metrics = {"valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
                                       "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                                       "best_epoch": state.epoch}
-                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best_state = model_loader.weights_copy(self.model)
             else:
                 state.bad_epochs += 1
             if self.dist.is_main:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,15 +84,14 @@ def sync(device):
 
 
 @torch.inference_mode()
-def forward_rate(model, x, autocast=None, repeats=3):
-    with autocast() if autocast else torch.inference_mode():
+def forward_rate(model, x, autocast=nullcontext, repeats=3):
+    with autocast():
         model(x)  # warm-up at the timed shape: kernel selection, allocator
-    sync(x.device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        with autocast() if autocast else torch.inference_mode():
+        sync(x.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
             model(x)
-    sync(x.device)
+        sync(x.device)
     return repeats * len(x) / (time.perf_counter() - start)
 
 
@@ -118,9 +118,9 @@ def finetune_rates(model_name, data_dir, size, batch, n_images, device, rounds=2
     splits.train = splits.train[:n_images]
     setups = {}
     gpu = device.type == "cuda"
-    for name, channels_last, workers, amp in (("plain", False, 0, None),  # ours: as train.py sets it up (--amp on GPUs)
-                                              ("ours", True, dl.default_num_workers(device.type),
-                                               trainer.amp_dtype_for(device, gpu))):
+    variants = (("plain", False, 0, None),  # ours: as train.py sets it up, with --amp on GPUs
+                ("ours", True, dl.default_num_workers(device.type), trainer.amp_dtype_for(device, gpu)))
+    for name, channels_last, workers, amp in variants:
         torch.manual_seed(0)
         model, _ = ml.build_model(model_name, len(splits.class_names), log=lambda *a: None)
         train_cl = trainer.train_channels_last(device, channels_last)
@@ -217,8 +217,9 @@ def main(args):
     print(f"   speed-up from the cache: {unc_total / cached_s:.1f}x")
 
     ft = finetune_rates(args.model_name, data, size, args.batch_size, args.finetune_images, device)
+    ours = "ours (--amp, channels_last)" if device.type == "cuda" else "ours"
     print(f"\n3. fine-tuning, {args.finetune_images} images (best of 2 passes each, in turns): plain NCHW fp32 loop "
-          f"{ft['plain']:.1f} img/s, ours{' (--amp, channels_last)' if device.type == 'cuda' else ''} {ft['ours']:.1f} img/s = {ft['ours'] / ft['plain']:.2f}x")
+          f"{ft['plain']:.1f} img/s, {ours} {ft['ours']:.1f} img/s = {ft['ours'] / ft['plain']:.2f}x")
 
     files = [p for p, _ in splits.train + splits.valid + splits.test]
     # the ceiling again, next to the run it is compared with: this machine's speed drifts over minutes
