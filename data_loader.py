@@ -15,7 +15,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from utils import CLIError, atomic_open, ignore_stop_signals
+from cli import CLIError, ignore_stop_signals
+from utils import atomic_open
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -9,7 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from utils import CLIError, atomic_torch_save
+from cli import CLIError
+from utils import atomic_torch_save
 
 # The older scripts' five names, mapped to the torchvision model each one meant.
 ALIASES = {"resnet": "resnet34", "alexnet": "alexnet", "vgg": "vgg16_bn", "squeezenet": "squeezenet1_0",

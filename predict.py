@@ -1,7 +1,11 @@
 """Predict classes for new images with a checkpoint written by train.py: result.csv (one row per
 image) and a picture of sample predictions. The model, class names and preprocessing come from the
 checkpoint; no model flag is needed."""
-import argparse
+import cli  # before torch: Ctrl-C while the imports below load is one quiet line, not a traceback
+
+if __name__ == "__main__":
+    cli.exit_quietly_on_stop_signals()
+
 import csv
 import time
 from pathlib import Path
@@ -10,15 +14,15 @@ import torch
 
 import data_loader
 import model_loader
-from trainer import Compute, amp_dtype_for, bar
-from utils import (CLIError, HelpFormatter, flag_adder, StopFlag, atomic_open, check_writable, resolve_device, run_cli,
-                   save_confusion_matrix, save_image_grid)
+from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
+from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, resolve_device, save_confusion_matrix,
+                   save_image_grid)
 
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     add = flag_adder(p)
     add("--model_fn", "--model_path", default="model.pth", help="checkpoint written by train.py")
     add("--data_dir", default=None, help="an image file, or a folder searched recursively "

@@ -1,23 +1,28 @@
 """Train an image classifier on a folder of images (one subfolder per class) from an ImageNet-pretrained
 torchvision backbone: freeze it and train a new head (--freeze), or fine-tune everything with a smaller
 learning rate on the pretrained part. Runs unchanged under torchrun for several GPUs or machines."""
-import argparse
+import cli  # before torch: Ctrl-C while the imports below load is one quiet line, not a traceback
+
+if __name__ == "__main__":
+    cli.exit_quietly_on_stop_signals()
+
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import data_loader
 import model_loader
 import trainer
-from utils import (CLIError, HelpFormatter, flag_adder, StopFlag, check_writable, dist_info_from_env, resolve_device, run_cli,
-                   seed_everything)
+from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
+from utils import Compute, amp_dtype_for, check_writable, dist_info_from_env, resolve_device, seed_everything
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     add = flag_adder(p.add_argument_group("data"))
     add("--data_dir", default=None, help="ImageFolder root: DIR/train/<class>/*, optional DIR/valid/ and DIR/test/ "
         f"(default: data/{data_loader.DEFAULT_DATASET})")
@@ -128,7 +133,7 @@ def init_distributed(dist, device):
 
 def main(args):
     dist = dist_info_from_env()
-    log = trainer.tqdm.write if dist.is_main and args.verbose >= 1 else (lambda *a, **k: None)
+    log = tqdm.write if dist.is_main and args.verbose >= 1 else (lambda *a, **k: None)
     say = print if dist.is_main else (lambda *a, **k: None)  # the summary, even at --verbose 0
     check_args(args)
     model_name = model_loader.resolve_model_name(args.model_name)
@@ -188,7 +193,7 @@ def main(args):
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             data_loader.write_split_lists(splits, run_dir)
-        compute = trainer.Compute(device, trainer.amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist,
+        compute = Compute(device, amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist,
                                   stop, progress=dist.is_main and args.verbose >= 2)
         args.feature_cache = (args.freeze or args.unfreeze_after > 0) and not args.no_feature_cache
         fitter = trainer.Fitter(model, head, splits, loaders, compute, args, meta, args.model_fn,

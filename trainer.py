@@ -4,53 +4,18 @@ import copy
 import csv
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import model_loader
 from data_loader import TrainSampler, build_transforms, display_transform, load_rgb, make_loader
-from utils import all_reduce_sum, atomic_open, atomic_torch_save, image_grid_figure, seed_everything
+from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
-
-
-# ----------------------------------------------------------------------------- compute settings
-
-
-@dataclass
-class Compute:
-    """How tensors run: device, mixed precision, memory format, and the stop flag to poll."""
-    device: torch.device
-    amp_dtype: torch.dtype = None  # None = fp32; bf16 or fp16 autocast otherwise
-    channels_last: bool = False  # inputs of forward-only passes (evaluation, caching, prediction)
-    train_channels_last: bool = False  # inputs of training steps (see train_channels_last())
-    dist: object = None  # utils.DistInfo
-    stop: object = None  # utils.StopFlag
-    progress: bool = False  # tqdm bars
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def to_device(self, images, labels=None, train=False):
-        images = images.to(self.device, non_blocking=True)
-        if (self.train_channels_last if train else self.channels_last) and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images if labels is None else (images, labels.to(self.device, non_blocking=True))
-
-    def stop_requested(self):
-        """True on every rank once any rank got SIGINT/SIGTERM, so all ranks stop at the same batch."""
-        flag = bool(self.stop is not None and self.stop.requested)
-        if self.dist is not None and self.dist.enabled:
-            return all_reduce_sum([float(flag)], self.dist, self.device)[0] > 0
-        return flag
 
 
 def train_channels_last(device, channels_last):
@@ -59,29 +24,6 @@ def train_channels_last(device, channels_last):
     EPYC), more than its faster forward gains, while forward-only passes gain 1.2-1.3x. The weights stay
     NCHW then; a channels_last input still takes the fast forward path."""
     return channels_last and device.type != "cpu"
-
-
-def cpu_has_fast_bf16():
-    """bf16 autocast only pays on CPUs with bf16 instructions (AVX512-BF16, AMX); elsewhere it is
-    several times slower than fp32 (measured: 7x on an AVX2 EPYC)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def amp_dtype_for(device, amp, log=None):
-    """--amp: bf16 on GPUs that have it, else fp16 (with a GradScaler); on CPU bf16 only where it is faster."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and not cpu_has_fast_bf16():
-        if log:
-            log("--amp: this CPU has no bf16 instructions, where bf16 runs slower than fp32; staying in fp32")
-        return None
-    return torch.bfloat16
 
 
 class Meter:
@@ -128,12 +70,6 @@ class SkipLog:
 
 
 # ----------------------------------------------------------------------------- epochs
-
-
-def bar(iterable, compute, desc):
-    # disable=None: bars only on a terminal, so logs and pipes stay clean
-    return tqdm(iterable, desc=desc, leave=False, disable=None if compute.progress else True,
-                dynamic_ncols=True)
 
 
 def train_step(model, images, labels, optimizer, scheduler, scaler, criterion, compute, meter):

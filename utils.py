@@ -1,75 +1,16 @@
-"""Small shared helpers: errors, seeding, devices, distributed info, safe writes, stop signals, figures."""
-import argparse
+"""Small shared helpers: seeding, devices and how tensors run on them (Compute: mixed precision, memory
+format, progress bars), distributed info, safe writes, figures."""
 import os
 import random
-import signal
-import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows defaults, except empty ones and those the help text already states."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def flag_adder(parser):
-    """add(name, ...) for a parser: every --snake_case flag is also accepted as --dashed-case."""
-
-    def add(name, *more, **kw):
-        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(more)
-        return parser.add_argument(*names, **kw)
-
-    return add
-
-
-class CLIError(Exception):
-    """A user-facing problem: printed as one line, exit status 2, no traceback."""
-
-
-def run_cli(entry):
-    """Run a CLI entry point (no arguments); turn CLIError into a one-line message and exit status 2.
-    When stdout is closed early (`| head`), stop quietly with status 1, as other command-line tools do;
-    files are written atomically, so none is left half-written."""
-    tune_allocator()
-    try:
-        return entry()
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        sys.exit(1)
-
-
-ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_CONF", "TCMALLOC_")
-
-
-def tune_allocator():
-    """Keep freed activation buffers in the heap instead of giving them back to the kernel after every
-    layer. glibc's defaults unmap blocks over its mmap threshold and trim the heap top, so each batch
-    faults its activations in again (tens of thousands of page faults per ResNet batch; predict.py's
-    loop ran 9-20% faster tuned, see the README). Linux glibc only; skipped when the user already tunes
-    malloc or preloads another allocator. True when applied."""
-    if not sys.platform.startswith("linux") or os.environ.get("LD_PRELOAD") or any(
-            k.startswith(ALLOCATOR_ENV) for k in os.environ):
-        return False
-    try:
-        import ctypes
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl or another libc
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return all(mallopt(option, value) == 1 for option, value in (
-        (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 512 << 20), (M_TOP_PAD, 64 << 20)))
+from cli import CLIError
 
 
 def seed_everything(seed):
@@ -98,6 +39,65 @@ def resolve_device(gpu_id, local_rank=None):
     if gpu_id >= torch.cuda.device_count():
         raise CLIError(f"--gpu_id {gpu_id} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device("cuda", gpu_id)
+
+
+@dataclass
+class Compute:
+    """How tensors run: device, mixed precision, memory format, and the stop flag to poll."""
+    device: torch.device
+    amp_dtype: torch.dtype = None  # None = fp32; bf16 or fp16 autocast otherwise
+    channels_last: bool = False  # inputs of forward-only passes (evaluation, caching, prediction)
+    train_channels_last: bool = False  # inputs of training steps (see trainer.train_channels_last)
+    dist: object = None  # utils.DistInfo
+    stop: object = None  # utils.StopFlag
+    progress: bool = False  # tqdm bars
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images, labels=None, train=False):
+        images = images.to(self.device, non_blocking=True)
+        if (self.train_channels_last if train else self.channels_last) and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images if labels is None else (images, labels.to(self.device, non_blocking=True))
+
+    def stop_requested(self):
+        """True on every rank once any rank got SIGINT/SIGTERM, so all ranks stop at the same batch."""
+        flag = bool(self.stop is not None and self.stop.requested)
+        if self.dist is not None and self.dist.enabled:
+            return all_reduce_sum([float(flag)], self.dist, self.device)[0] > 0
+        return flag
+
+
+def cpu_has_fast_bf16():
+    """bf16 autocast only pays on CPUs with bf16 instructions (AVX512-BF16, AMX); elsewhere it is
+    several times slower than fp32 (measured: 7x on an AVX2 EPYC)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def amp_dtype_for(device, amp, log=None):
+    """--amp: bf16 on GPUs that have it, else fp16 (with a GradScaler); on CPU bf16 only where it is faster."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        if log:
+            log("--amp: this CPU has no bf16 instructions, where bf16 runs slower than fp32; staying in fp32")
+        return None
+    return torch.bfloat16
+
+
+def bar(iterable, compute, desc):
+    # disable=None: bars only on a terminal, so logs and pipes stay clean
+    return tqdm(iterable, desc=desc, leave=False, disable=None if compute.progress else True,
+                dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -180,42 +180,6 @@ def atomic_savefig(fig, path, **kwargs):
     suffix = Path(path).suffix.lstrip(".") or "png"
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format=suffix, **kwargs)
-
-
-# ----------------------------------------------------------------------------- stop signals
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loops look at it at safe points (between batches).
-    Installed explicitly so a background job that inherited an ignored SIGINT still stops on Ctrl-C."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    @property
-    def requested(self):
-        return self.signum is not None
-
-    def _handler(self, signum, frame):
-        self.signum = signum
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-def ignore_stop_signals(_worker_id=None):
-    """DataLoader worker_init_fn: workers ignore Ctrl-C and SIGTERM sent to the whole process group; the
-    main process decides when to stop and shuts them down (they also exit if the main process dies)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- figures

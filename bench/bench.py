@@ -11,7 +11,6 @@ Measures, for one backbone and input size:
   4. predict.py as a whole process against the ceiling and a plain loop;
   5. predict.py's peak RSS for 1k and 10k images (28 px, so it runs in seconds: memory is what counts).
 """
-import argparse
 import copy
 import os
 import subprocess
@@ -29,11 +28,13 @@ import torch  # noqa: E402
 import data_loader as dl  # noqa: E402
 import model_loader as ml  # noqa: E402
 import trainer  # noqa: E402
-from utils import DistInfo, resolve_device, tune_allocator  # noqa: E402
+import utils  # noqa: E402
+from cli import ArgumentParser, tune_allocator  # noqa: E402
+from utils import DistInfo, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data_dir", default=str(ROOT / "data" / "fashion_bench"),
                    help="ImageFolder with train/ and test/ (default: built from Fashion-MNIST at 224 px)")
     p.add_argument("--model_name", default="resnet34")
@@ -103,7 +104,7 @@ def ceiling(model_name, size, batch, device):
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     xcl = x.contiguous(memory_format=torch.channels_last)
     rates["channels_last fp32"] = forward_rate(cl, xcl)
-    amp = trainer.amp_dtype_for(device, True)  # bf16/fp16 on GPUs; bf16 on CPUs only where it is fast
+    amp = utils.amp_dtype_for(device, True)  # bf16/fp16 on GPUs; bf16 on CPUs only where it is fast
     if amp is not None:
         name = "channels_last " + str(amp).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
         rates[name] = forward_rate(cl, xcl, lambda: torch.autocast(device.type, dtype=amp))
@@ -119,7 +120,7 @@ def finetune_rates(model_name, data_dir, size, batch, n_images, device, rounds=2
     setups = {}
     gpu = device.type == "cuda"
     variants = (("plain", False, 0, None),  # ours: as train.py sets it up, with --amp on GPUs
-                ("ours", True, dl.default_num_workers(device.type), trainer.amp_dtype_for(device, gpu)))
+                ("ours", True, dl.default_num_workers(device.type), utils.amp_dtype_for(device, gpu)))
     for name, channels_last, workers, amp in variants:
         torch.manual_seed(0)
         model, _ = ml.build_model(model_name, len(splits.class_names), log=lambda *a: None)
@@ -127,7 +128,7 @@ def finetune_rates(model_name, data_dir, size, batch, n_images, device, rounds=2
         model = model.to(device, memory_format=torch.channels_last if train_cl else torch.contiguous_format)
         loaders = dl.build_loaders(splits, size, dl.default_resize(size), dl.IMAGENET_MEAN, dl.IMAGENET_STD, batch,
                                    workers, seed=0, pin_memory=gpu and name == "ours")
-        compute = trainer.Compute(device, amp, channels_last, train_cl, DistInfo())
+        compute = utils.Compute(device, amp, channels_last, train_cl, DistInfo())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
         setups[name] = (model.train(), loaders.train, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),

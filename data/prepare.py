@@ -8,7 +8,6 @@
 Fashion-MNIST comes from the Debian package dataset-fashion-mnist (MIT licence; apt-get install
 dataset-fashion-mnist), read from /usr/share/datasets/fashion-mnist/*.gz in IDX format.
 """
-import argparse
 import gzip
 import random
 import shutil
@@ -20,6 +19,9 @@ import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from cli import ArgumentParser  # noqa: E402 (the repository root, for this script in data/)
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle_boot"]
@@ -124,7 +126,7 @@ def hymenoptera(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fashion", help="Fashion-MNIST from the Debian package")
     f.add_argument("--out", default=str(HERE / "fashion_sample"))

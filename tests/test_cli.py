@@ -10,7 +10,7 @@ from PIL import Image
 import predict
 import train
 from conftest import ROOT, assert_clean_error, run_script
-from utils import run_cli
+from cli import run_cli
 
 
 def run_in_process(module, argv, capsys):

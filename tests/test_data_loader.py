@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import data_loader as dl
-from utils import CLIError
+from cli import CLIError
 
 
 def write(path, img, **kw):

@@ -171,7 +171,7 @@ def load_script(relative):
 def run_python_command(argv, capsys):
     """`python SCRIPT ARGS` in this process (the same parse_args and main; test_train_then_predict_end_to_end
     covers real processes): returns (exit status, stdout, stderr)."""
-    from utils import run_cli
+    from cli import run_cli
 
     module = load_script(argv[1])
     try:

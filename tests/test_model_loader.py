@@ -5,7 +5,7 @@ import torchvision
 from torch import nn
 
 import model_loader as ml
-from utils import CLIError
+from cli import CLIError
 
 
 @pytest.mark.parametrize("alias, name, head", [

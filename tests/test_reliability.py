@@ -167,7 +167,7 @@ def wait_for(proc, text, timeout=180):
 SLOW_SAVE = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-import torch, utils
+import torch, cli
 real_save, count = torch.save, [0]
 def slow_save(obj, f, *a, **k):
     count[0] += 1
@@ -178,7 +178,7 @@ def slow_save(obj, f, *a, **k):
         time.sleep(60)
 torch.save = slow_save
 import train
-utils.run_cli(lambda: train.main(train.parse_args()))
+cli.run_cli(lambda: train.main(train.parse_args()))
 """
 
 

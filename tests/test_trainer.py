@@ -13,6 +13,7 @@ import data_loader as dl
 import model_loader as ml
 import train
 import trainer
+import cli
 import utils
 from conftest import ROOT
 from utils import DistInfo
@@ -50,7 +51,7 @@ def cache_setup(tiny_data, tmp_path, budget_mb=64):
     model, head = ml.build_model("resnet18", 3, log=print)
     splits = dl.build_splits(tiny_data, 0.25, 0)
     loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
-    compute = trainer.Compute(torch.device("cpu"), dist=DistInfo())
+    compute = utils.Compute(torch.device("cpu"), dist=DistInfo())
     skips = trainer.SkipLog(splits.train, splits.class_names, print)
     cache = trainer.build_feature_cache(model, head, loaders, 1, budget_mb, tmp_path / "cache.bin", compute, skips)
     return model, splits, loaders, cache
@@ -83,7 +84,7 @@ def test_head_epoch_on_cached_features_equals_the_loop_through_the_backbone(tiny
     model, splits, loaders, cache = cache_setup(tiny_data, tmp_path)
     head = "fc"
     ml.set_backbone_trainable(model, head, False)
-    compute = trainer.Compute(torch.device("cpu"), dist=DistInfo())
+    compute = utils.Compute(torch.device("cpu"), dist=DistInfo())
     labels = torch.tensor([y for _, y in splits.train])
     results = []
     for cached in (True, False):
@@ -172,15 +173,15 @@ def test_amp_and_channels_last_paths_run_on_cpu(tiny_data, tmp_path):
     result = run_train(*fast_args(tiny_data, tmp_path, "--amp", "--n_epochs", "1"))
     assert math.isfinite(result.state.history[0]["train_loss"])
     cpu = torch.device("cpu")
-    assert (trainer.amp_dtype_for(cpu, True) is torch.bfloat16) == trainer.cpu_has_fast_bf16()
+    assert (utils.amp_dtype_for(cpu, True) is torch.bfloat16) == utils.cpu_has_fast_bf16()
     # the bf16 autocast path itself, whatever this CPU's speed at it
     # on the CPU, training steps stay NCHW (faster there) and forward-only passes go channels_last
     assert not trainer.train_channels_last(cpu, True) and trainer.train_channels_last(torch.device("cuda"), True)
-    on_cpu = trainer.Compute(cpu, channels_last=True, train_channels_last=False, dist=DistInfo())
+    on_cpu = utils.Compute(cpu, channels_last=True, train_channels_last=False, dist=DistInfo())
     assert on_cpu.to_device(torch.randn(2, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
     assert not on_cpu.to_device(torch.randn(2, 3, 8, 8), train=True).is_contiguous(memory_format=torch.channels_last)
     # the channels_last training path (as on GPUs) with the bf16 autocast path, whatever this CPU's speed at them
-    compute = trainer.Compute(cpu, torch.bfloat16, channels_last=True, train_channels_last=True, dist=DistInfo())
+    compute = utils.Compute(cpu, torch.bfloat16, channels_last=True, train_channels_last=True, dist=DistInfo())
     x = compute.to_device(torch.randn(2, 3, 8, 8), train=True)
     assert x.is_contiguous(memory_format=torch.channels_last)
     with compute.autocast():
@@ -221,7 +222,7 @@ def test_cache_views_hold_distinct_augmented_views(tiny_data, tmp_path):
     model, head = ml.build_model("resnet18", 3, log=print)
     splits = dl.build_splits(tiny_data, 0.25, 0)
     loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
-    compute = trainer.Compute(torch.device("cpu"), dist=DistInfo())
+    compute = utils.Compute(torch.device("cpu"), dist=DistInfo())
     skips = trainer.SkipLog(splits.train, splits.class_names, print)
     first = trainer.build_feature_cache(model, head, loaders, 3, 64, tmp_path / "c.bin", compute, skips)
     again = trainer.build_feature_cache(model, head, loaders, 3, 64, tmp_path / "c.bin", compute, skips)
@@ -235,7 +236,7 @@ def test_cache_views_hold_distinct_augmented_views(tiny_data, tmp_path):
 FAULTS_PER_FORWARD = """
 import resource, sys
 import torch, torchvision
-import utils
+import cli
 def measure():
     model = torchvision.models.resnet18(num_classes=4).eval()
     x = torch.randn(16, 3, 112, 112)
@@ -246,7 +247,7 @@ def measure():
             model(x)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 if sys.argv[1] == "cli":
-    utils.run_cli(measure)  # what train.py and predict.py run under
+    cli.run_cli(measure)  # what train.py and predict.py run under
 else:
     measure()
 """
@@ -257,7 +258,7 @@ def test_cli_keeps_activation_memory_mapped_between_batches(tmp_path):
     """Under run_cli, repeated forward passes reuse the heap instead of faulting fresh pages in."""
     script = tmp_path / "faults.py"
     script.write_text(FAULTS_PER_FORWARD)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(utils.ALLOCATOR_ENV)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cli.ALLOCATOR_ENV)}
 
     def faults(mode, **extra):
         out = subprocess.run([sys.executable, str(script), mode], env={**env, "PYTHONPATH": str(ROOT), **extra},
