@@ -38,11 +38,20 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def long_flags(self):
+        """Every --flag of this parser and of its sub-commands."""
+        flags = [s for s in self._option_string_actions if s.startswith("--")]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    flags += sub.long_flags()
+        return flags
+
     def error(self, message):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
             flags = [t for t in message[len(prefix):].split() if t.startswith("-")] or message[len(prefix):].split()
-            known = [s for s in self._option_string_actions if s.startswith("--")]
+            known = self.long_flags()
             parts = []
             for flag in flags:
                 close = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
@@ -101,13 +110,13 @@ def end_child_processes():
 
 
 def exit_quietly_on_stop_signals():
-    """Until a StopFlag takes over (once work starts): Ctrl-C or SIGTERM ends the process at once with
-    one line and status 130 (143), instead of a KeyboardInterrupt traceback from inside an import.
-    Nothing has been written at that point."""
+    """Outside the stretches a StopFlag guards (the imports, start-up checks, the final figures): Ctrl-C or
+    SIGTERM ends the process at once with one line and status 130 (143), instead of a KeyboardInterrupt
+    traceback from wherever it landed. Every file is written whole or not at all (utils.atomic_open), so
+    nothing already written is lost."""
 
     def handler(signum, frame):
-        name = signal.Signals(signum).name
-        os.write(2, f"interrupted ({name}) while starting; nothing was written\n".encode())
+        os.write(2, f"interrupted ({signal.Signals(signum).name})\n".encode())
         os._exit(128 + signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,7 +166,7 @@ def tune_allocator():
     """Keep freed activation buffers in the heap instead of giving them back to the kernel after every
     layer. glibc's defaults unmap blocks over its mmap threshold and trim the heap top, so each batch
     faults its activations in again (tens of thousands of page faults per ResNet batch; predict.py's
-    loop ran 9-20% faster tuned, see the README). Linux glibc only; skipped when the user already tunes
+    loop ran 9-20% faster tuned, see bench/README.md). Linux glibc only; skipped when the user already tunes
     malloc or preloads another allocator. True when applied."""
     if not sys.platform.startswith("linux") or os.environ.get("LD_PRELOAD") or any(
             k.startswith(ALLOCATOR_ENV) for k in os.environ):

@@ -373,6 +373,10 @@ def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_wo
 # ----------------------------------------------------------------------------- audit (--check_data)
 
 TINY_SIDE = 16  # images with a side below this many pixels are reported as tiny
+MODE_NAMES = {"RGB": "colour (RGB)", "L": "grayscale (L)", "RGBA": "colour with transparency (RGBA)",
+              "P": "palette (P)", "CMYK": "CMYK", "LA": "grayscale with transparency (LA)", "1": "black-and-white (1)",
+              "I;16": "16-bit grayscale (I;16)", "I": "32-bit grayscale (I)", "F": "floating-point grayscale (F)",
+              "YCbCr": "YCbCr", "PA": "palette with transparency (PA)"}  # Pillow's mode codes in words
 
 
 def audit_data(data_dir, out=print):
@@ -404,7 +408,8 @@ def audit_data(data_dir, out=print):
             except Exception as e:
                 unreadable.append(f"{path}: {describe_error(e)}")
     leaks = [sorted(p for _, p in group) for group in owners.values() if len({part for part, _ in group}) > 1]
-    out(f"modes: {dict(modes)}" + ("" if set(modes) <= {"RGB", "L"} else " (converted to RGB when loaded)"))
+    shown = ", ".join(f"{n} {MODE_NAMES.get(m, m)}" for m, n in modes.most_common())
+    out(f"image modes: {shown or 'none'}" + ("" if set(modes) <= {"RGB", "L"} else "; all are converted to RGB when loaded"))
     for title, items in (("unreadable", unreadable), ("tiny", tiny),
                          ("identical files in more than one of train/valid/test", [" = ".join(g) for g in leaks])):
         out(f"{title}: {len(items)}")

@@ -150,6 +150,15 @@ def load_backbone_state(model, state, head, log=print):
 # ----------------------------------------------------------------------------- building
 
 
+def weights_source(name, pretrained=False, weights_path=None):
+    """Where build_model's backbone weights come from, in words for the start-up line."""
+    if weights_path:
+        return f"file {weights_path}"
+    if pretrained:
+        return f"ImageNet ({pretrained_file(name)[1].name}, torchvision's DEFAULT weights)"
+    return "random initialisation (no --use_pretrained or --weights)"
+
+
 def build_model(name, num_classes, pretrained=False, weights_path=None, log=print):
     """A torchvision model with a fresh num_classes head (same key names as torchvision's own),
     and backbone weights from ImageNet (`pretrained`) or a local file (`weights_path`).
@@ -269,7 +278,10 @@ def load_checkpoint(path):
         raise CLIError(f"{str(path)!r} is not a checkpoint of this tool (it holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
-        hint = " (it looks like a bare state_dict)" if all(isinstance(v, torch.Tensor) for v in ckpt.values()) else ""
+        hint = ""
+        if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            hint = (" (it looks like a bare state_dict: weights without class names or preprocessing; to start "
+                    f"training from them, use python train.py --weights {path})")
         raise CLIError(f"{str(path)!r} is not a checkpoint of this tool{hint}: missing {', '.join(missing)}")
     if not isinstance(ckpt["format_version"], int) or ckpt["format_version"] > FORMAT_VERSION:
         raise CLIError(f"{str(path)!r} has checkpoint format {ckpt['format_version']!r}; this version reads up to {FORMAT_VERSION}")

@@ -21,8 +21,14 @@ from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, res
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
 
 
+EXAMPLES = """examples:
+  python predict.py --model_fn model.pth                     # test/ of the training data -> result.csv
+  python predict.py --model_fn model.pth --data_dir new_images --output new.csv --plot new.png
+  python predict.py --model_fn model.pth --data_dir photo.jpg --gpu_id -1    # one image, on the CPU"""
+
+
 def build_parser():
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     add = flag_adder(p)
     add("--model_fn", "--model_path", default="model.pth", help="checkpoint written by train.py")
     add("--data_dir", default=None, help="an image file, or a folder searched recursively "
@@ -33,7 +39,7 @@ def build_parser():
     add("--show", action="store_true", help="also open the figure in a window")
     add("--topk", type=int, default=None, help="add the k best classes per image (default: 5 when there are "
         f"more than {MAX_PROB_COLUMNS} classes)")
-    add("--batch_size", type=int, default=64)
+    add("--batch_size", type=int, default=64, help="images per forward pass (lower it if memory runs out)")
     add("--num_workers", type=int, default=None, help="DataLoader worker processes (default: CPUs - 1 up to 8 "
         "with a GPU; on the CPU 0 up to 4 cores, else a quarter of them)")
     add("--gpu_id", type=int, default=None, help="CUDA device; -1 = CPU (default: GPU 0, else MPS, else CPU)")
@@ -203,7 +209,8 @@ def plot_predictions(samples, class_names, ckpt, path, show):
         wrong = label >= 0 and label != pred
         titles.append(f"{class_names[pred]} ({confidence:.2f})" + (f"\ntrue: {class_names[label]}" if wrong else ""))
         colors.append("red" if wrong else "black")
-    save_image_grid(images, titles, colors, path, show=show)
+    if not save_image_grid(images, titles, colors, path, show=show):
+        print(f"--show: no window can open here (no display), so the figure was only saved: {path}")
 
 
 if __name__ == "__main__":

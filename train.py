@@ -21,8 +21,14 @@ from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa:
 from utils import Compute, amp_dtype_for, check_writable, dist_info_from_env, resolve_device, seed_everything
 
 
+EXAMPLES = """examples:
+  python train.py --model_name resnet18 --input_size 64 --n_epochs 5         # the shipped sample, from scratch
+  python train.py --data_dir my_images --use_pretrained --freeze             # mode 1: new head on a frozen backbone
+  python train.py --data_dir my_images --use_pretrained --unfreeze_after 2   # mode 2: then fine-tune everything"""
+
+
 def build_parser():
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     add = flag_adder(p.add_argument_group("data"))
     add("--data_dir", default=None, help="ImageFolder root: DIR/train/<class>/*, optional DIR/valid/ and DIR/test/ "
         f"(default: data/{data_loader.DEFAULT_DATASET})")
@@ -170,7 +176,15 @@ def main(args):
             torch.distributed.broadcast_object_list(shared, src=0)
             run_dir = Path(shared[0])
         seed_everything(args.seed)
-        model, head = model_loader.build_model(model_name, n_classes, args.use_pretrained, args.weights, log)
+        if resume is not None:  # its trained weights replace the backbone's: no ImageNet file is needed again
+            source = f"the resumed checkpoint {args.resume}"
+            model, head = model_loader.build_model(model_name, n_classes, log=log)
+        else:
+            source = model_loader.weights_source(model_name, args.use_pretrained, args.weights)
+            model, head = model_loader.build_model(model_name, n_classes, args.use_pretrained, args.weights, log)
+            if args.freeze and not (args.use_pretrained or args.weights) and dist.is_main:
+                print("warning: --freeze without --use_pretrained or --weights freezes a randomly initialised "
+                      "backbone: only the head trains, on random features", file=sys.stderr)
         if resume is not None and (resume.get("model_name") != model_name or resume.get("class_names") != splits.class_names):
             raise CLIError(f"--resume {args.resume!r} was trained as {resume.get('model_name')} on classes "
                            f"{resume.get('class_names')}, not {model_name} on this data")
@@ -193,8 +207,8 @@ def main(args):
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             data_loader.write_split_lists(splits, run_dir)
-        compute = Compute(device, amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist,
-                                  stop, progress=dist.is_main and args.verbose >= 2)
+        compute = Compute(device, amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist, stop,
+                          progress=dist.is_main and args.verbose >= 2)
         args.feature_cache = (args.freeze or args.unfreeze_after > 0) and not args.no_feature_cache
         fitter = trainer.Fitter(model, head, splits, loaders, compute, args, meta, args.model_fn,
                                 last_path(args.model_fn), run_dir, log,
@@ -207,7 +221,7 @@ def main(args):
             f"head only for {args.unfreeze_after} epochs, then fine-tune" if args.unfreeze_after else "fine-tune all")
         log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
             f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / {len(splits.test)} test; "
-            f"input {meta['input_size']}px; run folder {run_dir}")
+            f"input {meta['input_size']}px; backbone weights: {source}; run folder {run_dir}")
         result = fitter.fit()
     finally:
         stop.restore()
@@ -218,7 +232,12 @@ def main(args):
     if result.skipped_per_class:
         say(f"skipped unreadable images per class: {result.skipped_per_class}")
     if result.interrupted:
-        say(f"interrupted after epoch {state.epoch}; continue with: python train.py --resume {last_path(args.model_fn)}")
+        if state.epoch == 0:  # resuming from nothing would be a fresh start
+            say("interrupted before the first epoch finished: nothing was trained yet and nothing was saved; "
+                "run the same command again to start")
+        else:
+            say(f"interrupted after epoch {state.epoch}; continue with: python train.py --resume "
+                f"{last_path(args.model_fn)}")
         sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
     if state.best_epoch:
         m = state.best_metrics

@@ -314,26 +314,41 @@ def log_epoch(writer, row):
     writer.flush()
 
 
-def log_hparams(writer, hparams, metrics):
-    """Hyperparameters with the best metrics, in the run's own event file (no extra sub-run)."""
+def log_hparams(writer, hparams, metrics, step):
+    """Hyperparameters with the best metrics, in the run's own event file (no extra sub-run), at the last
+    epoch's step: an event at step 0 after the epochs' would make TensorBoard's steps go backwards."""
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
     hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
     for summary in hparams_summary(hparams, metrics):
-        writer.file_writer.add_summary(summary)
+        writer.file_writer.add_summary(summary, step)
     for k, v in metrics.items():
-        writer.add_scalar(k, v)
+        writer.add_scalar(k, v, step)
     writer.flush()
+
+
+def spread_over_classes(samples, n):
+    """Up to n samples taken in turn from each class (the first of each class, then the second, ...), so a
+    list sorted by class still shows every class."""
+    by_class = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    queues = [by_class[c] for c in sorted(by_class)]
+    picked = []
+    for i in range(max(map(len, queues), default=0)):
+        picked += [q[i] for q in queues if i < len(q)]
+    return picked[:n]
 
 
 @torch.inference_mode()
 def prediction_grid(model, samples, class_names, meta, compute, n=16):
-    """A matplotlib figure of the first n validation images titled with prediction (red when wrong)."""
+    """A figure of n validation images spread over the classes, titled with the prediction and its
+    probability; wrong ones in red with the true class."""
     show = display_transform(meta["input_size"], meta["resize_size"])
     tf = build_transforms(meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], train=False)
     images, titles, colors = [], [], []
     model.eval()
-    for path, label in samples[:n]:
+    for path, label in spread_over_classes(samples, n):
         try:
             img = load_rgb(path)
         except Exception:
@@ -342,9 +357,9 @@ def prediction_grid(model, samples, class_names, meta, compute, n=16):
             prob = model(compute.to_device(tf(img)[None])).float().softmax(1)[0]
         p = int(prob.argmax())
         images.append(show(img))
-        titles.append(f"{class_names[p]} {prob[p]:.2f}")
+        titles.append(f"{class_names[p]} {prob[p]:.2f}" + ("" if p == label else f"\ntrue: {class_names[label]}"))
         colors.append("black" if p == label else "red")
-    return image_grid_figure(images, titles, colors) if images else None
+    return image_grid_figure(images, titles, colors, ncols=4, fontsize=12) if images else None
 
 
 # ----------------------------------------------------------------------------- fit
@@ -558,8 +573,6 @@ class Fitter:
     def fit(self):
         args, state = self.args, self.state
         interrupted = stopped_early = False
-        if state.epoch == 0:
-            self.save_checkpoints(False, force=True)  # a run stopped before its first epoch can still be resumed
         for epoch in bar(range(state.epoch, args.n_epochs), self.compute, "epochs"):
             start = time.perf_counter()
             result = self.run_epoch(epoch)
@@ -616,7 +629,7 @@ class Fitter:
             metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
             if test_metrics:
                 metrics["hparam/test_accuracy"] = float(test_metrics["accuracy"])
-            log_hparams(writer, {k: v for k, v in vars(self.args).items() if v is not None}, metrics)
+            log_hparams(writer, {k: v for k, v in vars(self.args).items() if v is not None}, metrics, self.state.epoch)
         if self.writer is not None:
             self.writer.close()
         note = ""

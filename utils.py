@@ -2,6 +2,7 @@
 format, progress bars), distributed info, safe writes, figures."""
 import os
 import random
+import stat
 import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -150,6 +151,16 @@ def check_writable(path, what="output"):
         raise CLIError(f"{what} {str(path)!r} is a folder, not a file")
 
 
+def file_mode(path):
+    """The permissions open(path, "w") would leave: an existing file's own, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_open(path, mode="w", **kwargs):
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
@@ -158,6 +169,7 @@ def atomic_open(path, mode="w", **kwargs):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(fd, file_mode(path))  # mkstemp makes 0600; the result gets what open() would give
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
@@ -196,7 +208,7 @@ def new_figure(**kwargs):
     return plt.figure(**kwargs)
 
 
-def image_grid_figure(images, titles, colors, ncols=None):
+def image_grid_figure(images, titles, colors, ncols=None, fontsize=9):
     """images: PIL images or HxWx3 arrays; one titled cell each."""
     import math
 
@@ -207,20 +219,29 @@ def image_grid_figure(images, titles, colors, ncols=None):
     for i, (img, title, color) in enumerate(zip(images, titles, colors)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(img)
-        ax.set_title(title, color=color, fontsize=9)
+        ax.set_title(title, color=color, fontsize=fontsize)
         ax.axis("off")
     fig.tight_layout()
     return fig
 
 
+NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}  # matplotlib backends without windows
+
+
 def save_image_grid(images, titles, colors, path, show=False):
+    """Save the grid; with `show`, also open it in a window. Returns False when a window was asked for but
+    this machine has no display (the figure is saved all the same)."""
     import matplotlib.pyplot as plt
 
     fig = image_grid_figure(images, titles, colors)
     atomic_savefig(fig, path, dpi=100)
+    shown = True
     if show:
-        plt.show()
+        shown = plt.get_backend().lower() not in NON_INTERACTIVE
+        if shown:
+            plt.show()
     plt.close(fig)
+    return shown
 
 
 def save_confusion_matrix(matrix, class_names, path):

@@ -34,6 +34,21 @@ def fail(message):
     sys.exit(2)
 
 
+def fresh_folders(folders, overwrite):
+    """The class folders a command is about to fill must not hold files of an earlier run (a re-run with
+    another split would leave images in both train/ and test/): refuse, or with --overwrite empty them."""
+    used = [f for f in folders if f.is_dir() and any(f.iterdir())]
+    if used and not overwrite:
+        fail(f"{used[0]} already holds files (from an earlier run?); add --overwrite to replace "
+             f"{', '.join(str(f) for f in used[:4])}{' ...' if len(used) > 4 else ''}")
+    for folder in used:
+        shutil.rmtree(folder)
+
+
+def count_files(folder):
+    return sum(1 for p in Path(folder).rglob("*") if p.is_file())
+
+
 def read_idx(path):
     """IDX files: magic (0, 0, dtype, ndim), then ndim big-endian sizes, then the data."""
     with gzip.open(path, "rb") as f:
@@ -54,6 +69,7 @@ def fashion(args):
     if unknown:
         fail(f"unknown classes {unknown}; choose from {', '.join(FASHION_CLASSES)}")
     out = Path(args.out)
+    fresh_folders([out / split / c for split in ("train", "test") for c in classes], args.overwrite)
     for split, prefix, per_class in (("train", "train", args.train_per_class), ("test", "t10k", args.test_per_class)):
         (n, rows, cols), pixels = read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
         _, labels = read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
@@ -93,6 +109,7 @@ def catdog(args):
                 by_class.setdefault(label, []).append(n)
         if not by_class:
             fail(f"{zip_path} holds no cat.*.jpg / dog.*.jpg files")
+        fresh_folders([out / split / label for split in ("train", "test") for label in by_class], args.overwrite)
         rng = random.Random(args.seed)
         for label, members in by_class.items():
             rng.shuffle(members)
@@ -103,7 +120,7 @@ def catdog(args):
                 for name in part:
                     with archive.open(name) as src, open(folder / Path(name).name, "wb") as dst:
                         shutil.copyfileobj(src, dst)
-            print(f"{label}: {len(members) - n_test} train, {n_test} test")
+            print(f"{label}: {count_files(out / 'train' / label)} train, {count_files(out / 'test' / label)} test")
     print(f"done: python train.py --data_dir {out} --use_pretrained --freeze")
 
 
@@ -119,6 +136,7 @@ def hymenoptera(args):
         with zipfile.ZipFile(zip_path) as archive:
             archive.extractall(tmp)
         src = Path(tmp) / "hymenoptera_data"
+        fresh_folders([out / "train", out / "valid"], args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src / "train", out / "train", dirs_exist_ok=True)
         shutil.copytree(src / "val", out / "valid", dirs_exist_ok=True)
@@ -136,13 +154,16 @@ def parse_args(argv=None):
     f.add_argument("--test_per_class", type=int, default=30)
     f.add_argument("--size", type=int, default=28, help="side in pixels (28 = original)")
     f.add_argument("--source", default=str(FASHION_DIR))
+    f.add_argument("--overwrite", action="store_true", help="replace the class folders of an earlier run")
     c = sub.add_parser("catdog", help="Kaggle dogs-vs-cats train.zip")
     c.add_argument("--zip", required=True)
     c.add_argument("--out", default=str(HERE / "catdog"))
     c.add_argument("--test_ratio", type=float, default=0.1)
     c.add_argument("--seed", type=int, default=42)
+    c.add_argument("--overwrite", action="store_true", help="replace the class folders of an earlier run")
     h = sub.add_parser("hymenoptera", help="ants/bees, downloaded")
     h.add_argument("--out", default=str(HERE / "hymenoptera"))
+    h.add_argument("--overwrite", action="store_true", help="replace the folders of an earlier run")
     return p.parse_args(argv)
 
 

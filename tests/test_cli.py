@@ -83,7 +83,8 @@ def test_predict_bad_inputs(tmp_path, capsys, tiny_data):
     import torchvision
 
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), bare)
-    assert "bare state_dict" in run_in_process(predict, ["--model_fn", bare], capsys)
+    err = run_in_process(predict, ["--model_fn", bare], capsys)
+    assert "bare state_dict" in err and f"python train.py --weights {bare}" in err
 
 
 def test_predict_errors_as_a_subprocess_have_no_traceback(tmp_path):
@@ -92,12 +93,96 @@ def test_predict_errors_as_a_subprocess_have_no_traceback(tmp_path):
     assert not (tmp_path / "result.csv").exists()
 
 
-def test_help_runs_for_both_scripts(capsys):
-    for module in (train, predict):
+def test_help_runs_for_both_scripts_and_ends_with_examples(capsys):
+    for module, script in ((train, "train.py"), (predict, "predict.py")):
         with pytest.raises(SystemExit) as e:
             module.parse_args(["--help"])
         out = capsys.readouterr().out
         assert e.value.code == 0 and "--model_fn" in out and "--gpu_id" in out
+        tail = out.rstrip().split("examples:")[-1].strip().splitlines()
+        assert 2 <= len(tail) <= 3 and all(line.strip().startswith(f"python {script} --") for line in tail), out
+        for action in module.build_parser()._actions:
+            assert action.help, action.option_strings  # every flag says what it does
+
+
+def every_parser():
+    from test_e2e import load_script
+
+    return {"train.py": (train.parse_args, ["--n_epoch", "3"], "--n_epochs"),
+            "predict.py": (predict.parse_args, ["--batch", "3"], "--batch_size"),
+            "data/prepare.py": (load_script("data/prepare.py").parse_args,
+                                ["catdog", "--zip", "z", "--test_rat", "0.2"], "--test_ratio"),
+            "bench/bench.py": (load_script("bench/bench.py").parse_args, ["--epoch", "2"], "--epochs")}
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "data/prepare.py", "bench/bench.py"])
+def test_a_flag_prefix_is_an_error_that_names_the_flag(script, capsys):
+    parse, argv, meant = every_parser()[script]
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err  # one line: no usage dump
+    assert err.startswith(f"error: unrecognized argument {argv[-2]}; did you mean {meant}?"), err
+
+
+def test_a_mistyped_flag_as_a_subprocess_is_one_line(tmp_path):
+    proc = run_script("train.py", "--use_pretrain", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: unrecognized argument --use_pretrain; did you mean --use_pretrained? (see train.py --help)"]
+
+
+@pytest.mark.parametrize("script, delay", [("train.py", 0.3), ("train.py", 1.0), ("predict.py", 0.6)])
+def test_ctrl_c_in_the_first_second_is_one_line(tmp_path, script, delay):
+    """SIGINT to the whole process group while the script is still importing torch."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--model_fn", str(tmp_path / "m.pth")], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "interrupted" in err and list(tmp_path.iterdir()) == []
+
+
+CRASH_MID_EPOCH = """
+import sys
+sys.path.insert(0, {root!r})
+import cli, train, trainer
+real, calls = trainer.train_step, [0]
+def failing_step(*a, **k):
+    calls[0] += 1
+    if calls[0] == 2:
+        raise RuntimeError("CUDA out of memory (simulated)")
+    return real(*a, **k)
+trainer.train_step = failing_step
+cli.run_cli(lambda: train.main(train.parse_args()))
+"""
+
+
+def test_an_error_with_loader_workers_alive_ends_the_process(tiny_data, tmp_path):
+    """Workers ignore SIGTERM; an exception mid-epoch must still end everything within seconds."""
+    import signal
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_MID_EPOCH.format(root=str(ROOT)))
+    proc = subprocess.Popen([sys.executable, str(script), "--data_dir", str(tiny_data), "--model_name", "resnet18",
+                             "--input_size", "32", "--batch_size", "8", "--num_workers", "1", "--n_epochs", "2",
+                             "--model_fn", str(tmp_path / "m.pth"), "--log_dir", str(tmp_path / "run"),
+                             "--verbose", "0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the process hung after the error")
+    assert proc.returncode == 1, out + err
+    assert err.strip().splitlines() == ["error: RuntimeError: CUDA out of memory (simulated)"], err
+    with pytest.raises(ProcessLookupError):  # no worker left behind in the process group
+        os.killpg(proc.pid, 0)
 
 
 def test_every_flag_is_in_the_readme():

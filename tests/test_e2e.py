@@ -48,6 +48,11 @@ def test_train_then_predict_end_to_end(tiny_data, tmp_path):
     assert TB_TAGS | {"Train/LR"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("Validation/Accuracy")] == [1, 2]
     assert "Validation/Predictions" in acc.Tags()["images"]
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (events_file,) = run.glob("events.out.tfevents.*")
+    steps = [e.step for e in EventFileLoader(str(events_file)).Load() if e.HasField("summary")]
+    assert steps == sorted(steps) and steps[-1] == 2  # hparams too: no step goes backwards
 
     proc = run_script("predict.py", "--model_fn", tmp_path / "out" / "model.pth", "--num_workers", "0",
                       cwd=tmp_path)
@@ -66,6 +71,17 @@ def test_train_then_predict_end_to_end(tiny_data, tmp_path):
     for png in ("predictions.png", "predictions_confusion.png"):
         with Image.open(tmp_path / png) as img:
             assert img.format == "PNG" and img.size[0] > 100
+    readable = 0o666 & ~current_umask()  # what a plain open() gives: colleagues can read the results
+    for written in ("out/model.pth", "out/model_last.pth", "result.csv", "predictions.png", "run/metrics.csv"):
+        assert (tmp_path / written).stat().st_mode & 0o777 == readable, written
+
+
+def current_umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_predict_single_file_unlabelled_folder_and_topk(tiny_data, tmp_path):
@@ -88,6 +104,8 @@ def test_predict_single_file_unlabelled_folder_and_topk(tiny_data, tmp_path):
     assert len(rows) == 3 and "label" not in rows[0] and rows[0]["top1_class"] == rows[0]["predict"]
     assert float(rows[0]["top1_prob"]) >= float(rows[0]["top2_prob"])
     assert not (tmp_path / "o_confusion.png").exists() and (tmp_path / "o.png").stat().st_size > 1000
+    assert f"--show: no window can open here (no display), so the figure was only saved: {tmp_path / 'o.png'}" \
+        in proc.stdout
     single = loose / "image 0 ü.png"
     proc = run_script("predict.py", "--model_fn", tmp_path / "m.pth", "--data_dir", single, "--n_images", "0",
                       "--output", tmp_path / "one.csv", "--num_workers", "0")
@@ -205,6 +223,8 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             ci = (ROOT / ".ci" / "run").read_text()
             assert "-m venv" in ci and "pip install" in ci and "-r requirements.txt" in ci and "pytest" in ci
             continue  # .ci/run itself runs these steps, in a fresh virtual environment
+        if command.startswith("pip install torch torchvision --index-url"):
+            continue  # PyTorch's CPU wheel index: a download, which this offline machine cannot make
         if command.startswith("torchrun"):
             by_torchrun.add(tokens[tokens.index("--model_fn") + 1])
             continue  # tests/test_distributed.py runs the torchrun commands
@@ -221,9 +241,42 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             assert "ceiling =" in out and "speed-up from the cache" in out and "predict.py" in out
         ran.append(command)
     assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
-    for produced in ("model.pth", "models/mine.pth", "mine.csv", "mine.png", "catdog.pth", "resnet.pth",
-                     "catdog_ft.pth", "result.csv", "predictions.png", "catdog/test/cat", "catdog/train/dog"):
-        assert (work / produced).exists(), produced
+    check_what_the_readme_commands_wrote(work)
+
+
+def csv_rows(path):
+    with open(path, encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
+def check_what_the_readme_commands_wrote(work):
+    import model_loader
+
+    def ckpt(name):
+        return model_loader.load_checkpoint(work / name)
+
+    sample_classes = sorted(p.name for p in (SAMPLE / "train").iterdir())
+    assert ckpt("model.pth")["class_names"] == sample_classes  # the quick start: the shipped sample
+    assert ckpt("models/mine.pth")["class_names"] == ["bag", "sneaker", "trouser"]
+    assert ckpt("models/mine.pth")["args"]["freeze"] is True
+    for name in ("catdog.pth", "resnet.pth", "catdog_ft.pth"):
+        assert ckpt(name)["class_names"] == ["cat", "dog"], name
+    assert ckpt("resnet.pth")["model_name"] == "resnet34" and ckpt("resnet.pth")["args"]["use_pretrained"]
+    assert ckpt("catdog_ft.pth")["args"]["unfreeze_after"] == 2
+    # the zip's 14 cats and 14 dogs, split once: every file in exactly one of train/ and test/
+    for animal in ("cat", "dog"):
+        train_files = {p.name for p in (work / "catdog" / "train" / animal).iterdir()}
+        test_files = {p.name for p in (work / "catdog" / "test" / animal).iterdir()}
+        assert len(train_files) + len(test_files) == 14 and not train_files & test_files and test_files
+    rows = csv_rows(work / "mine.csv")
+    assert [r["file_dir"] for r in rows] == sorted(str(p) for p in (work / "my_images" / "test").rglob("*.png"))
+    assert all(r["predict"] in ("bag", "sneaker", "trouser") and r["label"] == Path(r["file_dir"]).parent.name
+               for r in rows)
+    rows = csv_rows(work / "result.csv")  # the last predict.py: resnet.pth on catdog/test, its training data's
+    assert sorted(r["file_dir"] for r in rows) == sorted(str(p) for p in (work / "catdog" / "test").rglob("*.jpg"))
+    for png in ("predictions.png", "mine.png", "predictions_confusion.png"):
+        with Image.open(work / png) as img:
+            assert img.format == "PNG" and img.size[0] > 100, png
 
 
 def test_prepare_fashion_rebuilds_the_shipped_sample(tmp_path):
@@ -237,6 +290,68 @@ def test_prepare_fashion_rebuilds_the_shipped_sample(tmp_path):
     assert made == shipped and len(made) == 520
     for rel in made[::97]:
         assert list(Image.open(tmp_path / rel).getdata()) == list(Image.open(SAMPLE / rel).getdata())
+
+
+def write_idx(path, array):
+    """An IDX file as Fashion-MNIST ships it: magic 0,0,0x08 (uint8),ndim; big-endian sizes; the bytes."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def test_prepare_fashion_reads_idx_files(tmp_path):
+    """Fashion-MNIST's format, written here (the Debian package is absent on a fresh machine): the images of
+    the chosen classes, the first N of each in file order, with their exact pixels."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "idx"
+    source.mkdir()
+    labels = {"train": [1, 7, 1, 8, 7, 1, 0], "t10k": [8, 1, 7]}  # 1 trouser, 7 sneaker, 8 bag, 0 t-shirt
+    pixels = {}
+    for prefix, ys in labels.items():
+        pixels[prefix] = rng.integers(0, 256, (len(ys), 28, 28), dtype=np.uint8)
+        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", pixels[prefix])
+        write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", ys)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "fashion", "--source", str(source),
+                           "--out", str(out), "--classes", "trouser,sneaker", "--train_per_class", "2",
+                           "--test_per_class", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    made = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert made == ["test/sneaker/t10k_00002.png", "test/trouser/t10k_00001.png", "train/sneaker/train_00001.png",
+                    "train/sneaker/train_00004.png", "train/trouser/train_00000.png", "train/trouser/train_00002.png"]
+    for rel in made:
+        prefix, index = Path(rel).stem.split("_")
+        assert np.array_equal(np.asarray(Image.open(out / rel)), pixels[prefix][int(index)]), rel
+
+
+def test_prepare_catdog_again_never_mixes_two_splits(tmp_path):
+    zip_path = tmp_path / "train.zip"
+    make_catdog_zip(zip_path)
+    out = tmp_path / "catdog"
+
+    def prepare(*extra):
+        return subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "catdog", "--zip", str(zip_path),
+                               "--out", str(out), *extra], capture_output=True, text=True)
+
+    assert prepare().returncode == 0
+    before = sorted(out.rglob("*.jpg"))
+    refused = prepare("--test_ratio", "0.5")
+    assert_clean_error(refused, "already holds files", "--overwrite")
+    assert sorted(out.rglob("*.jpg")) == before  # nothing touched
+    proc = prepare("--test_ratio", "0.5", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    for animal in ("cat", "dog"):
+        train = {p.name for p in (out / "train" / animal).iterdir()}
+        test = {p.name for p in (out / "test" / animal).iterdir()}
+        assert len(train) == len(test) == 7 and not train & test
+        assert f"{animal}: 7 train, 7 test" in proc.stdout  # what it prints is what is on disk
 
 
 def test_prepare_hymenoptera_offline_fails_clearly(tmp_path):

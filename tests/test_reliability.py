@@ -109,6 +109,9 @@ def test_check_data_reports_problems_and_leaks(corpus, tmp_path):
     root, _ = corpus
     proc = run_script("train.py", "--data_dir", root, "--check_data")
     assert proc.returncode == 1 and "unreadable: 4" in proc.stdout and "tiny: 1" in proc.stdout
+    (modes,) = [line for line in proc.stdout.splitlines() if line.startswith("image modes: ")]
+    assert "{" not in modes and "CMYK" in modes and "grayscale with transparency (LA)" in modes, modes
+    assert "converted to RGB" in modes
     assert "identical files in more than one of train/valid/test: 0" in proc.stdout
     import data_loader as dl
 
@@ -123,16 +126,30 @@ def test_check_data_reports_problems_and_leaks(corpus, tmp_path):
     assert "identical files in more than one of train/valid/test: 1" in lines
 
 
-def test_class_weights_and_balanced_sampler_train(tmp_path):
+def test_class_weights_and_balanced_sampler_train(tmp_path, monkeypatch):
+    """20 bags and 4 trousers: the balanced sampler shows the head as many trousers as bags, and the loss
+    carries the inverse-frequency weights."""
     data = copy_subset(tmp_path / "imb", ["bag"], 20, 2)
     copy_subset(data, ["trouser"], 4, 2)
     import train
+    import trainer
 
+    seen, weights, real = [], [], trainer.train_step
+
+    def recording_step(model, images, labels, optimizer, scheduler, scaler, criterion, *rest):
+        seen.extend(labels.tolist())
+        weights.append(criterion.weight)
+        return real(model, images, labels, optimizer, scheduler, scaler, criterion, *rest)
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
     args = ["--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--num_workers", "0",
-            "--verbose", "0", "--n_epochs", "1", "--freeze", "--class_weights", "auto", "--balanced_sampler",
-            "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run"]
+            "--verbose", "0", "--n_epochs", "4", "--patience", "0", "--freeze", "--class_weights", "auto",
+            "--balanced_sampler", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run"]
     result = train.main(train.parse_args([str(a) for a in args]))
-    assert result.state.epoch == 1
+    assert result.state.epoch == 4
+    # 16 bags + 3 trousers train (valid split 0.2): plain shuffling would give trousers 16% of the draws
+    assert 0.35 <= sum(seen) / len(seen) <= 0.65 and len(seen) == 4 * 19
+    assert weights[0].tolist() == pytest.approx(train.inverse_frequency([16, 3]))
     assert train.inverse_frequency([16, 4]) == pytest.approx([0.625, 2.5])
 
 
@@ -189,8 +206,8 @@ def loads(path):
 def test_sigkill_at_any_moment_leaves_loadable_checkpoints(tiny_data, tmp_path):
     wrapper = tmp_path / "slow_save.py"
     wrapper.write_text(SLOW_SAVE.format(root=str(ROOT)))
-    # saves: 1 = initial _last, 2 = best after epoch 1, 3 = _last after epoch 1, 4 = best after epoch 2, ...
-    for at in (4, 5):
+    # saves: 1 = best after epoch 1, 2 = _last after epoch 1, 3 = best after epoch 2, 4 = _last after epoch 2
+    for at in (3, 4):
         work = tmp_path / f"save{at}"
         work.mkdir()
         proc = subprocess.Popen([sys.executable, str(wrapper)] + [str(a) for a in [
@@ -204,16 +221,24 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints(tiny_data, tmp_path):
         target = work / (tmp.name[1:].split(".pth")[0] + ".pth")
         assert loads(target)["epoch"] < loads(tmp)["epoch"]  # the file under its real name is the earlier one
         assert loads(work / "m.pth")["epoch"] >= 1 and loads(work / "m_last.pth")["epoch"] >= 1
-    for delay in (0.5, 6.0):  # at start-up, and mid-epoch
-        work = tmp_path / f"t{delay}"
-        work.mkdir()
-        proc = popen_train(tiny_data, work, "--n_epochs", "3", "--num_workers", "1")
-        time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for name in ("m.pth", "m_last.pth"):
-            if (work / name).exists():
-                assert "state_dict" in loads(work / name)
+    work = tmp_path / "start"  # killed at start-up: nothing is written, not even a temporary file
+    work.mkdir()
+    proc = popen_train(tiny_data, work, "--n_epochs", "3", "--num_workers", "1")
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(work.iterdir()) == []
+    work = tmp_path / "mid"  # killed in the second epoch: the first one's checkpoints are whole
+    work.mkdir()
+    proc = popen_train(tiny_data, work, "--n_epochs", "3", "--num_workers", "1")
+    wait_for(proc, "epoch 1/3")
+    deadline = time.time() + 60
+    while not (work / "m_last.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert loads(work / "m.pth")["epoch"] >= 1 and loads(work / "m_last.pth")["epoch"] >= 1
 
 
 @pytest.mark.parametrize("sig, ignored", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)])

@@ -288,3 +288,157 @@ def test_short_epochs_write_checkpoints_at_most_every_save_interval(tiny_data, t
         assert a["epoch"] == b["epoch"] and a["metrics"] == b["metrics"]
         for k in a["state_dict"]:
             assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (name, k)
+
+
+# ----------------------------------------------------------------------------- bugs a user would not see
+
+
+def test_valid_folder_labels_use_the_training_class_order(tmp_path):
+    """valid/ holds only some classes: its labels must still index train/'s class list, not its own."""
+    from PIL import Image
+
+    for c in ("ant", "bee", "cat"):
+        for i in range(2):
+            (tmp_path / "train" / c).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), i).save(tmp_path / "train" / c / f"{i}.png")
+    for c in ("bee", "cat"):
+        (tmp_path / "valid" / c).mkdir(parents=True)
+        Image.new("L", (8, 8), 5).save(tmp_path / "valid" / c / "v.png")
+    splits = dl.build_splits(tmp_path, 0.5, 0)
+    assert [(Path(p).parent.name, splits.class_names[y]) for p, y in splits.valid] == [("bee", "bee"), ("cat", "cat")]
+
+
+def test_logged_learning_rate_warms_up_then_decays(tiny_data, tmp_path):
+    result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "6", "--patience", "0",
+                                  "--warmup", "0.4", "--lr", "0.01"))
+    lrs = [row["lr"] for row in result.state.history]
+    peak = lrs.index(max(lrs))
+    assert 0 < peak < 5, lrs  # rises during the warm-up, then falls
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1])), lrs
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:])), lrs
+    assert max(lrs) == pytest.approx(0.01, rel=0.2) and lrs[-1] < 0.002
+    csv_lrs = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
+    assert csv_lrs == pytest.approx(lrs)
+
+
+def test_label_smoothing_and_class_weights_change_the_training_loss(tmp_path):
+    from conftest import copy_subset
+
+    data = copy_subset(tmp_path / "imb", ["bag"], 24, 1)
+    copy_subset(data, ["trouser"], 6, 1)
+    common = ["--freeze", "--n_epochs", "1"]
+    plain = run_train(*fast_args(data, tmp_path / "plain", *common)).state.history[0]
+    smooth = run_train(*fast_args(data, tmp_path / "smooth", *common, "--label_smoothing", "0.3")).state.history[0]
+    weighted = run_train(*fast_args(data, tmp_path / "w", *common, "--class_weights", "auto")).state.history[0]
+    # the same seed, images, order and initial head: only the loss function differs
+    assert abs(smooth["train_loss"] - plain["train_loss"]) > 1e-3
+    assert abs(weighted["train_loss"] - plain["train_loss"]) > 1e-3
+
+
+def test_test_split_is_evaluated_with_the_best_weights_not_the_last(tiny_data, tmp_path, monkeypatch):
+    """Epoch 3 is made to look worse on validation, so epoch 2 stays best; the test figures must be those of
+    the best checkpoint, although the model trained on for a third epoch."""
+    real = trainer.Fitter.run_epoch
+
+    def third_epoch_looks_worse(self, epoch):
+        train_metrics, valid = real(self, epoch)
+        return train_metrics, (dict(valid, loss=99.0) if epoch == 2 else valid)
+
+    monkeypatch.setattr(trainer.Fitter, "run_epoch", third_epoch_looks_worse)
+    result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "3", "--patience", "0"))
+    assert result.state.best_epoch == 2 and result.state.epoch == 3
+    best, last = ml.load_checkpoint(tmp_path / "m.pth"), ml.load_checkpoint(tmp_path / "m_last.pth")
+    assert not torch.equal(best["state_dict"]["fc.weight"], last["state_dict"]["fc.weight"])
+    splits = dl.build_splits(tiny_data, 0.2, 42)
+    loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=42)
+    compute = utils.Compute(torch.device("cpu"), dist=DistInfo())
+    scores = {}
+    for name, ckpt in (("best", best), ("last", last)):
+        model, _ = ml.model_from_checkpoint(ckpt)
+        scores[name] = trainer.evaluate(model, loaders.test, compute)
+    assert scores["best"]["loss"] != pytest.approx(scores["last"]["loss"], rel=1e-4)
+    assert result.test_metrics["loss"] == pytest.approx(scores["best"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra", [["--no_feature_cache"], []])
+def test_frozen_backbone_statistics_never_move(tiny_data, tmp_path, extra):
+    """With --freeze the BatchNorm running statistics stay those of the weights file: through the backbone
+    (--no_feature_cache) and on cached features alike."""
+    weights = tmp_path / "backbone.pth"
+    torch.manual_seed(3)
+    donor = __import__("torchvision").models.resnet18()
+    donor.train()(torch.randn(4, 3, 32, 32))  # non-trivial running statistics
+    torch.save(donor.state_dict(), weights)
+    run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "1", "--weights", weights, *extra))
+    saved = ml.load_checkpoint(tmp_path / "m.pth")["state_dict"]
+    for k, v in donor.state_dict().items():
+        if "running_" in k:
+            assert torch.equal(saved[k], v), k
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_a_last_file(tiny_data, tmp_path):
+    run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "1"))
+    with pytest.raises(cli.CLIError, match="not a resumable checkpoint"):
+        train.parse_args(["--resume", str(tmp_path / "m.pth")])
+
+
+def test_resume_needs_no_imagenet_weights_and_the_start_line_names_the_weights(tiny_data, tmp_path, monkeypatch,
+                                                                               capsys):
+    import torchvision
+
+    home = tmp_path / "torch_home"
+    cached = home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    run_train(*fast_args(tiny_data, tmp_path, "--use_pretrained", "--freeze", "--n_epochs", "1", "--verbose", "1"))
+    out = capsys.readouterr()
+    assert "backbone weights: ImageNet (resnet18-f37072fd.pth" in out.out and "random" not in out.err
+    cached.unlink()  # offline, with an empty TORCH_HOME: the checkpoint has the trained weights
+    result = run_train("--resume", tmp_path / "m_last.pth", "--n_epochs", "2", "--verbose", "1")
+    assert result.state.epoch == 2
+    assert f"backbone weights: the resumed checkpoint {tmp_path / 'm_last.pth'}" in capsys.readouterr().out
+
+
+def test_freezing_a_random_backbone_is_said(tiny_data, tmp_path, capsys):
+    run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "1", "--verbose", "1"))
+    out = capsys.readouterr()
+    assert "backbone weights: random initialisation" in out.out
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "random" in warnings[0] and "--use_pretrained" in warnings[0]
+
+
+def test_interrupt_before_the_first_epoch_ends_saves_nothing(tiny_data, tmp_path, monkeypatch, capsys):
+    """A real SIGINT (to this process) during the first training step: the run says nothing was trained."""
+    import signal
+
+    real = trainer.train_step
+
+    def interrupted_step(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "train_step", interrupted_step)
+    with pytest.raises(SystemExit) as e:
+        run_train(*fast_args(tiny_data, tmp_path, "--n_epochs", "2"))
+    assert e.value.code == 130
+    out = capsys.readouterr().out
+    assert "nothing was trained yet" in out and "--resume" not in out
+    assert not (tmp_path / "m_last.pth").exists() and not (tmp_path / "m.pth").exists()
+
+
+def test_prediction_grid_shows_every_class_and_the_truth_when_wrong(tiny_data):
+    splits = dl.build_splits(tiny_data, 0.5, 0)  # valid sorted by class: bag..., sneaker..., trouser...
+    assert [y for _, y in trainer.spread_over_classes(splits.valid, 5)] == [0, 1, 2, 0, 1]
+
+    class AlwaysBag(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[5.0, 0.0, 0.0]]).expand(len(x), 3)
+
+    meta = {"input_size": 32, "resize_size": 36, "mean": dl.IMAGENET_MEAN, "std": dl.IMAGENET_STD}
+    fig = trainer.prediction_grid(AlwaysBag(), splits.valid, splits.class_names, meta,
+                                  utils.Compute(torch.device("cpu"), dist=DistInfo()), n=6)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 6 and all(t.startswith("bag ") for t in titles)
+    assert sum("true: sneaker" in t for t in titles) == 2 and sum("true: trouser" in t for t in titles) == 2
+    assert sum("true:" in t for t in titles) == 4
