@@ -169,6 +169,9 @@ def adapt(command, work, weights):
         tokens += ["--data_dir", str(work / "my_images"), "--input_size", "32", "--weights", str(weights),
                    "--epochs", "2", "--uncached_epochs", "1", "--finetune_images", "16", "--skip_rss",
                    "--gpu_id", "0" if torch.cuda.is_available() else "-1"]  # the device flag reaches every run
+    if script == "bench/advice.py":  # two of its rows, one epoch each, on the tiny set, with a resnet18 file
+        tokens += ["--data_dir", str(work / "my_images"), "--weights", str(work / "resnet18.pth"), "--epochs", "1",
+                   "--only", "from scratch, 5", "pretrained, --freeze", "--work", str(work / "advice")]
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():
@@ -210,6 +213,7 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
     weights = torch_home / "hub" / "checkpoints" / "resnet34-b627a593.pth"
     weights.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet34().state_dict(), weights)  # a real resnet34 file, torchvision's name
+    torch.save(torchvision.models.resnet18().state_dict(), work / "resnet18.pth")
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(work)
@@ -237,8 +241,12 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             code, out, err = run_python_command(adapt(command, work, weights), capsys)
         assert code == 0, f"{command}\n{out}\n{err}"
         assert "Traceback" not in err
-        if "bench.py" in command:
+        if "bench/bench.py" in command:
             assert "ceiling =" in out and "speed-up from the cache" in out and "predict.py" in out
+        if "bench/advice.py" in command:
+            rows = [line.split() for line in out.splitlines()[1:]]
+            assert [r[:3] for r in rows] == [["from", "scratch,", "5"], ["pretrained,", "--freeze,", "20"]], out
+            assert all(0 <= float(r[-4]) <= 1 and r[-2] == "1" for r in rows), out  # test accuracy; 1 epoch run
         ran.append(command)
     assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
     check_what_the_readme_commands_wrote(work)
