@@ -105,6 +105,11 @@ def fit_softmax(x, y, masks, l2s, n_classes):
     return w.detach()
 
 
+def predict_softmax(w, x):
+    """Probabilities of one fitted problem (weights as fit_softmax returns them) for rows x."""
+    return (x @ w[:-1] + w[-1]).softmax(-1)
+
+
 def out_of_fold(features, labels, n_classes, fold_draws, l2s):
     """features: (views, n, dim), standardized. For every fold draw and L2 strength, each fold's images
     get probabilities from a model fitted on the other folds' images (each view of them a training row),
@@ -119,7 +124,7 @@ def out_of_fold(features, labels, n_classes, fold_draws, l2s):
     with torch.no_grad():
         for p, (d, fold, g) in enumerate(problems):
             held = fold_draws[d] == fold
-            probs[d, g, held] = (features[:, held] @ w[p, :-1] + w[p, -1]).softmax(-1).mean(0)
+            probs[d, g, held] = predict_softmax(w[p], features[:, held]).mean(0)
     return probs
 
 
