@@ -1,7 +1,7 @@
 """The label check of `train.py --check_data`: which images' labels are probably wrong, before training.
 
-Features of every train and valid image from the frozen pretrained backbone (the eval view, plus a few
-seeded augmented views), out-of-fold probabilities from a multinomial logistic regression on them
+Features of every train and valid image from the frozen pretrained backbone (the eval view, plus seeded
+augmented views when asked), out-of-fold probabilities from a multinomial logistic regression on them
 (stratified, seeded k-fold; its L2 strength chosen by the out-of-fold log loss over a small grid; the
 folds drawn a few times and averaged), the images ranked by the out-of-fold probability of their given
 label (self-confidence; lower = more suspicious), and flagged by confident learning's per-class
@@ -29,7 +29,7 @@ L2_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # L2 strengths tried, per image, on 
 # fits below this many (problems x rows x channels) run on one thread: 400 images took 3.8 s there against
 # 32.6 s on 2 threads of a busy 2-core machine, where the threads wait for each other on such small products
 SMALL_FIT = 2**28
-MAX_ITER = 100  # L-BFGS iterations per fit (convex problem: it converges well before on these sizes)
+MAX_ITER = 100  # L-BFGS iterations per batched fit at most (the problem is convex; a cap, not a schedule)
 GRID_IMAGES = 24  # suspects shown in label_issues.png
 COLUMNS = ["file", "given", "suggested", "score", "flagged", "suggested_score", "split"]
 
@@ -156,7 +156,7 @@ def confident_learning_flags(probs, labels, n_classes):
     """Per-class thresholds t_j = mean probability of class j over the images labelled j; an image is
     flagged when some other class k has p_k >= t_k and p_k > p_given. Returns (flags, thresholds)."""
     labels = torch.as_tensor(labels)
-    thresholds = torch.ones(n_classes)  # a class without images: nothing can reach it... except p = 1
+    thresholds = torch.ones(n_classes)  # a class with no readable image: only a probability of 1 reaches it
     for c in range(n_classes):
         mine = labels == c
         if mine.any():
@@ -254,6 +254,9 @@ def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_siz
     files = [samples[i][0] for i in keep.tolist()]
     labels = torch.tensor([samples[i][1] for i in keep.tolist()], dtype=torch.long)
     n_classes = len(splits.class_names)
+    if len(torch.unique(labels)) < 2:
+        out("label check: skipped; fewer than two classes have readable images")
+        return []
     k, note = choose_folds(labels, splits.class_names)
     if note:
         out(f"label check: {note}")

@@ -12,8 +12,10 @@ What it does:
   3. runs `train.py --check_data --weights donor.pth` as a whole process and reads its label_issues.csv:
      precision among the first --top rows (share of them that are planted flips) and recall of the flips
      within the first 2 x --top rows, and the same for the `flagged` column;
-  4. the baseline in this process, on the same backbone: eval-view features, one 5-fold logistic regression
-     (scikit-learn's default strength, C = 1), ranked by self-confidence; and the steps in between;
+  4. in this process, on the same backbone, for each of --seeds (other flips of the same images, so the
+     features are taken once): the baseline (eval-view features, one 5-fold logistic regression with
+     scikit-learn's default strength C = 1, ranked by self-confidence) against the check's own method,
+     and the mean over the seeds;
   5. times: one plain feature pass over the images against the whole check.
 """
 import csv
@@ -48,10 +50,11 @@ def parse_args(argv=None):
                    help="classes the donor backbone is fine-tuned on (none of --classes)")
     p.add_argument("--per_class", type=int, default=100, help="training images per class of the checked set")
     p.add_argument("--flip", type=float, default=0.1, help="share of labels flipped to another class")
-    p.add_argument("--seed", type=int, default=0, help="which images are flipped, and to what")
+    p.add_argument("--seed", type=int, default=0, help="which images are flipped, and to what, for the train.py run")
     p.add_argument("--top", type=int, default=40, help="precision in the first N rows, recall in the first 2N")
     p.add_argument("--check_views", type=int, default=None, help="passed to train.py (default: its own)")
-    p.add_argument("--extra_views", type=int, default=4, help="augmented views of the in-process comparison row")
+    p.add_argument("--extra_views", type=int, default=4, help="augmented views of an extra comparison row (0 = none)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="flip seeds of the in-process comparison (same features)")
     p.add_argument("--weights", default=None, help="backbone weights; default: a donor fine-tuned here")
     p.add_argument("--donor_epochs", type=int, default=3)
     p.add_argument("--donor_per_class", type=int, default=100)
@@ -71,43 +74,43 @@ def fashion(out, size, classes, per_class):
          per_class, "--test_per_class", 0, "--classes", classes])
 
 
+def flipped_labels(files, share, seed):
+    """Seeded wrong labels: {file index: the class folder it is moved to} for a share of the files."""
+    classes = sorted({f.parent.name for f in files})
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(len(files)), round(share * len(files))))
+    return {i: rng.choice([c for c in classes if c != files[i].parent.name]) for i in chosen}
+
+
 def plant_flips(clean, flipped, share, seed):
     """Copy clean/train/<class>/* to flipped/train/, a seeded share of the files into another class's
     folder. Returns the set of paths (in flipped/) whose folder is the wrong class."""
     files = sorted(dl.list_images(clean / "train"))
-    classes = sorted({f.parent.name for f in files})
-    rng = random.Random(seed)
-    chosen = set(rng.sample(range(len(files)), round(share * len(files))))
+    moved = flipped_labels(files, share, seed)
     wrong = set()
     for i, f in enumerate(files):
-        label = f.parent.name
-        if i in chosen:
-            label = rng.choice([c for c in classes if c != f.parent.name])
-        dst = flipped / "train" / label / f.name
+        dst = flipped / "train" / moved.get(i, f.parent.name) / f.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, dst)
-        if i in chosen:
+        if i in moved:
             wrong.add(str(dst))
     return wrong
 
 
-def hits(files, wrong, top):
-    return sum(f in wrong for f in files[:top])
+def scores(files, wrong, top, flagged):
+    """precision in the first `top` rows, recall of the flips in the first 2 x top, flagged precision, recall."""
+    caught = len(flagged & wrong)
+    return (sum(f in wrong for f in files[:top]) / top, sum(f in wrong for f in files[:2 * top]) / len(wrong),
+            caught / max(1, len(flagged)), caught / len(wrong))
 
 
-def report(name, files, wrong, top, flagged=None):
-    precision = hits(files, wrong, top) / top
-    recall = hits(files, wrong, 2 * top) / len(wrong)
-    line = f"   {name:58s} precision@{top} {precision:.3f}   recall@{2 * top} {recall:.3f}"
-    if flagged is not None:
-        caught = len(flagged & wrong)
-        line += f"   flagged {len(flagged)}: precision {caught / max(1, len(flagged)):.3f}, recall {caught / len(wrong):.3f}"
-    print(line)
+def show(name, values):
+    p, r, fp, fr = values
+    print(f"   {name:66s} {p:6.3f} {r:6.3f}    {fp:5.3f} {fr:5.3f}")
 
 
-def ranked(samples, probs, class_names):
-    labels = torch.tensor([y for _, y in samples])
-    rows = lc.LabelIssues([p for p, _ in samples], labels, ["train"] * len(samples), probs, class_names).table()
+def ranked(files, labels, probs, class_names):
+    rows = lc.LabelIssues(files, labels, ["train"] * len(files), probs, class_names).table()
     return [r["file"] for r in rows], {r["file"] for r in rows if r["flagged"]}
 
 
@@ -147,37 +150,53 @@ def main(args):
     print("\n".join(f"   | {l}" for l in summary))
     top = args.top
 
-    # the baseline and the steps between, in this process on the same backbone
-    splits = dl.build_splits(flipped, 0.2, 42)
-    samples = splits.train + splits.valid
-    model, head = ml.build_model(ml.resolve_model_name(args.model_name), len(splits.class_names),
+    # the baseline and the steps between, in this process on the same backbone, over several flip seeds:
+    # the features do not depend on the labels, so they are taken once from the clean folder
+    clean_files = sorted(dl.list_images(clean / "train"))
+    class_names = sorted({f.parent.name for f in clean_files})
+    samples = [(str(f), class_names.index(f.parent.name)) for f in clean_files]
+    model, head = ml.build_model(ml.resolve_model_name(args.model_name), len(class_names),
                                  weights_path=weights, log=lambda *a: None)
     defaults = ml.model_defaults(ml.resolve_model_name(args.model_name))
     meta = {"input_size": args.size, "resize_size": dl.default_resize(args.size), "mean": defaults["mean"],
             "std": defaults["std"]}
     compute = Compute(torch.device("cpu"), None, ml.is_convolutional(model), False, DistInfo())
-    skips = trainer.SkipLog(samples, splits.class_names, print)
+    skips = trainer.SkipLog(samples, class_names, print)
     lc.backbone_features(model, head, samples[:32], 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")  # warm-up
     start = time.perf_counter()
     plain, _ = lc.backbone_features(model, head, samples, 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")
     plain_s = time.perf_counter() - start
     views = args.check_views or 0
-    extra = args.extra_views
-    many, _ = lc.backbone_features(model, head, samples, extra, meta, 32, 0, 42, compute, skips, 2048, work / "f.bin")
-    labels = torch.tensor([y for _, y in samples])
-    n_classes = len(splits.class_names)
     n_fit = round(len(samples) * (lc.FOLDS - 1) / lc.FOLDS)
-    print(f"\nranking quality ({len(wrong)} planted flips among {len(samples)} images):")
     steps = [("baseline: eval view, 5-fold once, C=1 (L2 1/n), self-confidence", plain, (1 / n_fit,), 1),
-             ("eval view, L2 by out-of-fold log loss, folds x3 averaged", plain, lc.L2_GRID, lc.REPEATS),
-             (f"eval + {extra} augmented views, L2 by log loss, folds x3", many, lc.L2_GRID, lc.REPEATS)]
-    for name, feats, grid, repeats in steps:
-        start = time.perf_counter()
-        probs, l2, _ = lc.cross_validated_probs(feats, labels, n_classes, lc.FOLDS, 42, grid, repeats)
-        files, flagged = ranked(samples, probs, splits.class_names)
-        report(f"{name} [L2 {l2:g}, {time.perf_counter() - start:.1f}s]", files, wrong, top, flagged)
-    report("train.py --check_data (label_issues.csv)", [r["file"] for r in rows], wrong, top,
-           {r["file"] for r in rows if r["flagged"] == "1"})
+             ("eval view, L2 by out-of-fold log loss, folds x3 (the check's default)", plain, lc.L2_GRID, lc.REPEATS)]
+    if args.extra_views:
+        many, _ = lc.backbone_features(model, head, samples, args.extra_views, meta, 32, 0, 42, compute, skips,
+                                       2048, work / "f.bin")
+        steps.append((f"eval + {args.extra_views} augmented views, L2 by log loss, folds x3", many, lc.L2_GRID,
+                      lc.REPEATS))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    print(f"\nranking quality, {len(seeds)} flip seeds ({','.join(map(str, seeds))}), "
+          f"{round(args.flip * len(samples))} flips among {len(samples)} images each:")
+    header = f"precision@{top} recall@{2 * top}  flagged: precision recall"
+    print(f"   {'':66s} {header}")
+    files = [p for p, _ in samples]
+    totals = {name: [] for name, *_ in steps}
+    for seed in seeds:
+        moved = flipped_labels(clean_files, args.flip, seed)
+        labels = torch.tensor([class_names.index(moved.get(i, f.parent.name)) for i, f in enumerate(clean_files)])
+        wrong_here = {files[i] for i in moved}
+        for name, feats, grid, repeats in steps:
+            probs, l2, _ = lc.cross_validated_probs(feats, labels, len(class_names), lc.FOLDS, 42, grid, repeats)
+            ranking, flagged = ranked(files, labels, probs, class_names)
+            values = scores(ranking, wrong_here, top, flagged)
+            totals[name].append(values)
+            show(f"seed {seed}: {name} [L2 {l2:g}]", values)
+    print("   mean over the seeds:")
+    for name, values in totals.items():
+        show(name, [sum(v[j] for v in values) / len(values) for j in range(4)])
+    show(f"train.py --check_data (label_issues.csv, seed {args.seed})",
+         scores([r["file"] for r in rows], wrong, top, {r["file"] for r in rows if r["flagged"] == "1"}))
     print(f"\ntime: one plain feature pass over {len(samples)} images (eval view, in-process) {plain_s:.1f}s; "
           f"the whole check as a process (start-up, audit, {1 + views} views, fits, files) {check_s:.1f}s "
           f"= {check_s / plain_s:.1f}x")

@@ -153,7 +153,7 @@ def adapt(command, work, weights):
                    "--gpu_id", "0" if torch.cuda.is_available() else "-1"]  # the device flag reaches every run
     if script == "bench/label_bench.py":  # the same steps, small: 32 px, a few images, a one-epoch donor
         tokens += ["--work", str(work / "label_bench"), "--size", "32", "--per_class", "10", "--donor_per_class", "10",
-                   "--donor_epochs", "1", "--extra_views", "1", "--top", "2"]
+                   "--donor_epochs", "1", "--extra_views", "1", "--top", "2", "--seeds", "0,1"]
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():
