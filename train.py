@@ -136,6 +136,15 @@ def init_distributed(dist, device):
     torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
 
 
+def model_meta(args, model_name):
+    """Model name and preprocessing: --input_size and --resize_size, else the backbone's own."""
+    defaults = model_loader.model_defaults(model_name)
+    input_size = args.input_size or defaults["input_size"]
+    return {"model_name": model_name, "input_size": input_size,
+            "resize_size": args.resize_size or data_loader.default_resize(input_size),
+            "mean": defaults["mean"], "std": defaults["std"]}
+
+
 def check_data(args, data_dir, model_name):
     """--check_data: the audit, then the label check when a pretrained backbone is given (label_check.py).
     Exits 1 on unreadable files or leaks; labels flagged as wrong alone do not fail it."""
@@ -151,10 +160,7 @@ def check_data(args, data_dir, model_name):
         run_dir = Path(args.log_dir) if args.log_dir else default_run_dir(f"{model_name}_labels")
         check_writable(run_dir / "label_issues.csv", "--log_dir")
         splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed)
-        defaults = model_loader.model_defaults(model_name)
-        input_size = args.input_size or defaults["input_size"]
-        meta = {"input_size": input_size, "resize_size": args.resize_size or data_loader.default_resize(input_size),
-                "mean": defaults["mean"], "std": defaults["std"]}
+        meta = model_meta(args, model_name)
         seed_everything(args.seed)
         model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
                                                args.weights, print if args.verbose >= 1 else (lambda *a: None))
@@ -199,11 +205,7 @@ def main(args):
 
     resume = model_loader.safe_load(args.resume, "--resume checkpoint") if args.resume else None
     run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))
-    defaults = model_loader.model_defaults(model_name)
-    input_size = args.input_size or defaults["input_size"]
-    meta = {"model_name": model_name, "input_size": input_size,
-            "resize_size": args.resize_size or data_loader.default_resize(input_size),
-            "mean": defaults["mean"], "std": defaults["std"]}
+    meta = model_meta(args, model_name)
 
     stop = StopFlag().install()
     init_distributed(dist, device)
