@@ -220,8 +220,10 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             code, out, err = run_python_command(adapt(command, work, weights), capsys)
         assert code == 0, f"{command}\n{out}\n{err}"
         assert "Traceback" not in err
-        if "bench.py" in command:
+        if "bench/bench.py" in command:
             assert "ceiling =" in out and "speed-up from the cache" in out and "predict.py" in out
+        if "bench/label_bench.py" in command:
+            assert "mean over the seeds" in out and "train.py --check_data (label_issues.csv" in out
         ran.append(command)
     assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
     for produced in ("model.pth", "models/mine.pth", "mine.csv", "mine.png", "catdog.pth", "resnet.pth",
