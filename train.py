@@ -15,10 +15,12 @@ import torch
 from tqdm import tqdm
 
 import data_loader
+import label_check
 import model_loader
 import trainer
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
-from utils import Compute, amp_dtype_for, check_writable, dist_info_from_env, resolve_device, seed_everything
+from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, resolve_device,
+                   seed_everything)
 
 
 EXAMPLES = """examples:
@@ -41,7 +43,10 @@ def build_parser():
         "with a GPU; on the CPU 0 up to 4 cores, else a quarter of them)")
     add("--class_weights", choices=["none", "auto"], default="none", help="auto = inverse-frequency loss weights")
     add("--balanced_sampler", action="store_true", help="draw training images with equal class probability")
-    add("--check_data", action="store_true", help="audit the data folder and exit without training")
+    add("--check_data", action="store_true", help="audit the data folder and exit without training; with "
+        "--use_pretrained or --weights, also rank the images by how likely their label is wrong (label_issues.csv)")
+    add("--check_views", type=int, default=0, help="--check_data: augmented views per image, besides the eval "
+        "view, in the label check's features (0 = the eval view only)")
 
     add = flag_adder(p.add_argument_group("model"))
     add("--model_name", default="resnet", help="resnet (=resnet34), alexnet, vgg (=vgg16_bn), squeezenet, densenet "
@@ -137,6 +142,53 @@ def init_distributed(dist, device):
     torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
 
 
+def model_meta(args, model_name):
+    """Model name and preprocessing: --input_size and --resize_size, else the backbone's own."""
+    defaults = model_loader.model_defaults(model_name)
+    input_size = args.input_size or defaults["input_size"]
+    return {"model_name": model_name, "input_size": input_size,
+            "resize_size": args.resize_size or data_loader.default_resize(input_size),
+            "mean": defaults["mean"], "std": defaults["std"]}
+
+
+def check_data(args, data_dir, model_name):
+    """--check_data: the audit, then the label check when a pretrained backbone is given (label_check.py).
+    Exits 1 on unreadable files or leaks; labels flagged as wrong alone do not fail it."""
+    if args.weights and args.use_pretrained:
+        raise CLIError("give --use_pretrained or --weights, not both")
+    if args.check_views < 0:
+        raise CLIError(f"--check_views must be 0 or more; got {args.check_views}")
+    status = data_loader.audit_data(data_dir, print)
+    if not (args.use_pretrained or args.weights):
+        print("label check: skipped; it needs a pretrained backbone (--use_pretrained or --weights FILE)")
+    else:
+        device = resolve_device(args.gpu_id)
+        run_dir = Path(args.log_dir) if args.log_dir else default_run_dir(f"{model_name}_labels")
+        check_writable(run_dir / "label_issues.csv", "--log_dir")
+        splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed)
+        meta = model_meta(args, model_name)
+        seed_everything(args.seed)
+        model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
+                                               args.weights, print if args.verbose >= 1 else (lambda *a: None))
+        channels_last = model_loader.is_convolutional(model) and not args.no_channels_last
+        workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
+        stop = StopFlag().install()
+        try:
+            compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, False, DistInfo(), stop,
+                              progress=args.verbose >= 2)
+            rows = label_check.check_labels(model.to(device), head, splits, meta, compute, run_dir,
+                                            views=args.check_views, batch_size=args.batch_size, num_workers=workers,
+                                            seed=args.seed, budget_mb=args.cache_memory_mb)
+        finally:
+            stop.restore()
+        if rows is None:
+            print("label check: interrupted; nothing written")
+            sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
+    if status:
+        sys.exit(status)
+    return None
+
+
 def main(args):
     dist = dist_info_from_env()
     log = tqdm.write if dist.is_main and args.verbose >= 1 else (lambda *a, **k: None)
@@ -145,10 +197,7 @@ def main(args):
     model_name = model_loader.resolve_model_name(args.model_name)
     data_dir = data_loader.dataset_root(args.data_dir, args.dataset_name)
     if args.check_data:
-        status = data_loader.audit_data(data_dir, print)
-        if status:
-            sys.exit(status)
-        return None
+        return check_data(args, data_dir, model_name)
     if args.weights and args.use_pretrained:
         raise CLIError("give --use_pretrained or --weights, not both")
     device = resolve_device(args.gpu_id, dist.local_rank)
@@ -162,11 +211,7 @@ def main(args):
 
     resume = model_loader.safe_load(args.resume, "--resume checkpoint") if args.resume else None
     run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))
-    defaults = model_loader.model_defaults(model_name)
-    input_size = args.input_size or defaults["input_size"]
-    meta = {"model_name": model_name, "input_size": input_size,
-            "resize_size": args.resize_size or data_loader.default_resize(input_size),
-            "mean": defaults["mean"], "std": defaults["std"]}
+    meta = model_meta(args, model_name)
 
     stop = StopFlag().install()
     init_distributed(dist, device)

@@ -177,13 +177,36 @@ def extract_features(model, head, loader, store, view, compute, skips):
                 captured.clear()
                 with compute.autocast():
                     model(compute.to_device(batch.images))
-                store[view, batch.indices] = captured[0].float().cpu()
+                features = captured[0].float()
+                if features.dim() > 2:  # a 1x1-conv classifier (SqueezeNet) takes a feature map: its spatial mean
+                    features = features.flatten(2).mean(2)
+                store[view, batch.indices] = features.cpu()
                 ok[batch.indices] = True
             # ranks hold different numbers of batches here, so no collective check under torchrun
             if not compute.dist.enabled and compute.stop_requested():
                 return None
     finally:
         hook.remove()
+    return ok
+
+
+def view_loader(train_loader, view, rank=0, world_size=1):
+    """The training images through the training transform, each seeded by (image, view): augmented view
+    number `view`, the same on every run; every image once, in order (this rank's share)."""
+    sampler = ViewSampler(len(train_loader.dataset), train_loader.sampler.seed, view, rank, world_size)
+    return make_loader(train_loader.dataset, train_loader.batch_size, sampler, train_loader.num_workers)
+
+
+def extract_views(model, head, view_loaders, store, compute, skips):
+    """store[v, i] = the classifier's input for image i as view_loaders[v] yields it (all loaders walk the
+    same images). Returns the mask of images read in some view, or None when a stop signal arrived.
+    `model` is best an optimize_for_inference copy."""
+    ok = torch.zeros(store.shape[1], dtype=torch.bool)
+    for view, loader in enumerate(view_loaders):
+        got = extract_features(model, head, loader, store, view, compute, skips)
+        if got is None:
+            return None
+        ok |= got
     return ok
 
 
@@ -214,18 +237,13 @@ def build_feature_cache(model, head, loaders, views, budget_mb, spill_path, comp
     n_train, n_valid = len(loaders.train_eval.dataset), len(loaders.valid.dataset)
     train, location = feature_store(views, n_train, dim, budget_mb, spill_path)
     valid = torch.zeros(1, n_valid, dim)
-    train_ok = torch.zeros(n_train, dtype=torch.bool)
-    for view in range(views):
-        if views == 1:
-            loader = loaders.train_eval
-        else:  # augmented views: the training transform, seeded per (image, view)
-            sampler = ViewSampler(n_train, loaders.train.sampler.seed, view, compute.dist.rank, compute.dist.world_size)
-            loader = make_loader(loaders.train.dataset, loaders.train.batch_size, sampler, loaders.train.num_workers)
-        ok = extract_features(model, head, loader, train, view, compute, skips)
-        if ok is None:
-            return None
-        train_ok |= ok
-    valid_ok = extract_features(model, head, loaders.valid, valid, 0, compute, skips)
+    # one view: the eval transform; several: augmented views (the training transform, seeded per image and view)
+    train_loaders = [loaders.train_eval] if views == 1 else [
+        view_loader(loaders.train, view, compute.dist.rank, compute.dist.world_size) for view in range(views)]
+    train_ok = extract_views(model, head, train_loaders, train, compute, skips)
+    if train_ok is None:
+        return None
+    valid_ok = extract_views(model, head, [loaders.valid], valid, compute, skips)
     if valid_ok is None:
         return None
     if compute.dist.enabled:

@@ -172,6 +172,9 @@ def adapt(command, work, weights):
     if script == "bench/advice.py":  # two of its rows, one epoch each, on the tiny set, with a resnet18 file
         tokens += ["--data_dir", str(work / "my_images"), "--weights", str(work / "resnet18.pth"), "--epochs", "1",
                    "--only", "from scratch, 5", "pretrained, --freeze", "--work", str(work / "advice")]
+    if script == "bench/label_bench.py":  # the same steps, small: 32 px, a few images, a one-epoch donor
+        tokens += ["--work", str(work / "label_bench"), "--size", "32", "--per_class", "10", "--donor_per_class", "10",
+                   "--donor_epochs", "1", "--extra_views", "1", "--top", "2", "--seeds", "0,1"]
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():
@@ -247,6 +250,8 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             rows = [line.split() for line in out.splitlines()[1:]]
             assert [r[:3] for r in rows] == [["from", "scratch,", "5"], ["pretrained,", "--freeze,", "20"]], out
             assert all(0 <= float(r[-4]) <= 1 and r[-2] == "1" for r in rows), out  # test accuracy; 1 epoch run
+        if "bench/label_bench.py" in command:
+            assert "mean over the seeds" in out and "train.py --check_data (label_issues.csv" in out
         ran.append(command)
     assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
     check_what_the_readme_commands_wrote(work)

@@ -1,0 +1,207 @@
+"""Label-check benchmark (a script, not a test): plants wrong labels in a real image set and prints how
+many of them `train.py --check_data` puts at the top of label_issues.csv, against a plain baseline.
+
+  python bench/label_bench.py                     # 4 Fashion-MNIST classes x 100 at 96 px, 10% flipped
+  python bench/label_bench.py --size 224          # the issue's time comparison at 224 px
+
+What it does:
+  1. builds a train/ folder of --per_class images per class of --classes from Fashion-MNIST, and moves a
+     seeded --flip share of them into another (random) class's folder: the planted wrong labels;
+  2. without --weights, fine-tunes a donor backbone on OTHER Fashion-MNIST classes (--donor_classes), so
+     that its frozen features mean something without ImageNet weights (as bench/bench.py does);
+  3. runs `train.py --check_data --weights donor.pth` as a whole process and reads its label_issues.csv:
+     precision among the first --top rows (share of them that are planted flips) and recall of the flips
+     within the first 2 x --top rows, and the same for the `flagged` column;
+  4. in this process, on the same backbone, for each of --seeds (other flips of the same images, so the
+     features are taken once): the baseline (eval-view features, one 5-fold logistic regression with
+     scikit-learn's default strength C = 1, ranked by self-confidence) against the check's own method,
+     and the mean over the seeds;
+  5. times: one plain feature pass over the images against the whole check.
+"""
+import csv
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import data_loader as dl  # noqa: E402
+import label_check as lc  # noqa: E402
+import model_loader as ml  # noqa: E402
+import trainer  # noqa: E402
+from cli import ArgumentParser, tune_allocator  # noqa: E402
+from utils import Compute, DistInfo  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--work", default=None, help="folder for data, donor and outputs (default: a new temporary one)")
+    p.add_argument("--model_name", default="resnet18")
+    p.add_argument("--size", type=int, default=96, help="image side on disk and model input size")
+    p.add_argument("--classes", default="pullover,coat,shirt,bag", help="classes of the checked set")
+    p.add_argument("--donor_classes", default="tshirt_top,trouser,dress,sandal,sneaker,ankle_boot",
+                   help="classes the donor backbone is fine-tuned on (none of --classes)")
+    p.add_argument("--per_class", type=int, default=100, help="training images per class of the checked set")
+    p.add_argument("--flip", type=float, default=0.1, help="share of labels flipped to another class")
+    p.add_argument("--seed", type=int, default=0, help="which images are flipped, and to what, for the train.py run")
+    p.add_argument("--top", type=int, default=40, help="precision in the first N rows, recall in the first 2N")
+    p.add_argument("--check_views", type=int, default=None, help="passed to train.py (default: its own)")
+    p.add_argument("--extra_views", type=int, default=4, help="augmented views of an extra comparison row (0 = none)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="flip seeds of the in-process comparison (same features)")
+    p.add_argument("--weights", default=None, help="backbone weights; default: a donor fine-tuned here")
+    p.add_argument("--donor_epochs", type=int, default=3)
+    p.add_argument("--donor_per_class", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def run(cmd):
+    start = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start, proc.stdout
+
+
+def fashion(out, size, classes, per_class):
+    run([sys.executable, ROOT / "data" / "prepare.py", "fashion", "--out", out, "--size", size, "--train_per_class",
+         per_class, "--test_per_class", 0, "--classes", classes])
+
+
+def flipped_labels(files, share, seed):
+    """Seeded wrong labels: {file index: the class folder it is moved to} for a share of the files."""
+    classes = sorted({f.parent.name for f in files})
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(len(files)), round(share * len(files))))
+    return {i: rng.choice([c for c in classes if c != files[i].parent.name]) for i in chosen}
+
+
+def plant_flips(clean, flipped, share, seed):
+    """Copy clean/train/<class>/* to flipped/train/, a seeded share of the files into another class's
+    folder. Returns the set of paths (in flipped/) whose folder is the wrong class."""
+    files = sorted(dl.list_images(clean / "train"))
+    moved = flipped_labels(files, share, seed)
+    wrong = set()
+    for i, f in enumerate(files):
+        dst = flipped / "train" / moved.get(i, f.parent.name) / f.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst)
+        if i in moved:
+            wrong.add(str(dst))
+    return wrong
+
+
+def scores(files, wrong, top, flagged):
+    """precision in the first `top` rows, recall of the flips in the first 2 x top, flagged precision, recall."""
+    caught = len(flagged & wrong)
+    return (sum(f in wrong for f in files[:top]) / top, sum(f in wrong for f in files[:2 * top]) / len(wrong),
+            caught / max(1, len(flagged)), caught / len(wrong))
+
+
+def show(name, values):
+    p, r, fp, fr = values
+    print(f"   {name:66s} {p:6.3f} {r:6.3f}    {fp:5.3f} {fr:5.3f}")
+
+
+def ranked(files, labels, probs, class_names):
+    rows = lc.LabelIssues(files, labels, ["train"] * len(files), probs, class_names).table()
+    return [r["file"] for r in rows], {r["file"] for r in rows if r["flagged"]}
+
+
+def main(args):
+    tune_allocator()
+    work = Path(args.work or tempfile.mkdtemp(prefix="label_bench_"))
+    clean, flipped = work / "clean", work / "flipped"
+    if not (clean / "train").is_dir():
+        fashion(clean, args.size, args.classes, args.per_class)
+    shutil.rmtree(flipped, ignore_errors=True)
+    wrong = plant_flips(clean, flipped, args.flip, args.seed)
+    weights = args.weights
+    if weights is None:
+        weights = work / "donor.pth"
+        if not weights.is_file():
+            fashion(work / "donor_data", args.size, args.donor_classes, args.donor_per_class)
+            seconds, _ = run([sys.executable, ROOT / "train.py", "--data_dir", work / "donor_data", "--model_name",
+                              args.model_name, "--input_size", args.size, "--n_epochs", args.donor_epochs,
+                              "--model_fn", weights, "--log_dir", work / "donor_run", "--verbose", 0])
+            print(f"donor: {args.model_name} fine-tuned {args.donor_epochs} epochs on {args.donor_classes} "
+                  f"({args.donor_per_class} per class, {args.size} px) in {seconds:.0f}s")
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (a shared, noisy machine)")
+    n = len(dl.list_images(flipped / "train"))
+    print(f"data: {n} images of {args.classes} at {args.size} px, {len(wrong)} labels flipped (seed {args.seed}); "
+          f"backbone {args.model_name} with {weights}")
+
+    # the check, as a user runs it
+    cmd = [sys.executable, ROOT / "train.py", "--check_data", "--data_dir", flipped, "--model_name", args.model_name,
+           "--weights", weights, "--input_size", args.size, "--log_dir", work / "check", "--verbose", 1]
+    if args.check_views is not None:
+        cmd += ["--check_views", args.check_views]
+    check_s, out = run(cmd)
+    with open(work / "check" / "label_issues.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    summary = [l for l in out.splitlines() if l.startswith(("label check:", "flagged:"))]
+    print("\n".join(f"   | {l}" for l in summary))
+    top = args.top
+
+    # the baseline and the steps between, in this process on the same backbone, over several flip seeds:
+    # the features do not depend on the labels, so they are taken once from the clean folder
+    clean_files = sorted(dl.list_images(clean / "train"))
+    class_names = sorted({f.parent.name for f in clean_files})
+    samples = [(str(f), class_names.index(f.parent.name)) for f in clean_files]
+    model, head = ml.build_model(ml.resolve_model_name(args.model_name), len(class_names),
+                                 weights_path=weights, log=lambda *a: None)
+    defaults = ml.model_defaults(ml.resolve_model_name(args.model_name))
+    meta = {"input_size": args.size, "resize_size": dl.default_resize(args.size), "mean": defaults["mean"],
+            "std": defaults["std"]}
+    compute = Compute(torch.device("cpu"), None, ml.is_convolutional(model), False, DistInfo())
+    skips = trainer.SkipLog(samples, class_names, print)
+    lc.backbone_features(model, head, samples[:32], 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")  # warm-up
+    start = time.perf_counter()
+    plain, _ = lc.backbone_features(model, head, samples, 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")
+    plain_s = time.perf_counter() - start
+    views = args.check_views or 0
+    n_fit = round(len(samples) * (lc.FOLDS - 1) / lc.FOLDS)
+    steps = [("baseline: eval view, 5-fold once, C=1 (L2 1/n), self-confidence", plain, (1 / n_fit,), 1),
+             ("eval view, L2 by out-of-fold log loss, folds x3 (the check's default)", plain, lc.L2_GRID, lc.REPEATS)]
+    if args.extra_views:
+        many, _ = lc.backbone_features(model, head, samples, args.extra_views, meta, 32, 0, 42, compute, skips,
+                                       2048, work / "f.bin")
+        steps.append((f"eval + {args.extra_views} augmented views, L2 by log loss, folds x3", many, lc.L2_GRID,
+                      lc.REPEATS))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    print(f"\nranking quality, {len(seeds)} flip seeds ({','.join(map(str, seeds))}), "
+          f"{round(args.flip * len(samples))} flips among {len(samples)} images each:")
+    header = f"precision@{top} recall@{2 * top}  flagged: precision recall"
+    print(f"   {'':66s} {header}")
+    files = [p for p, _ in samples]
+    totals = {name: [] for name, *_ in steps}
+    for seed in seeds:
+        moved = flipped_labels(clean_files, args.flip, seed)
+        labels = torch.tensor([class_names.index(moved.get(i, f.parent.name)) for i, f in enumerate(clean_files)])
+        wrong_here = {files[i] for i in moved}
+        for name, feats, grid, repeats in steps:
+            probs, l2, _ = lc.cross_validated_probs(feats, labels, len(class_names), lc.FOLDS, 42, grid, repeats)
+            ranking, flagged = ranked(files, labels, probs, class_names)
+            values = scores(ranking, wrong_here, top, flagged)
+            totals[name].append(values)
+            show(f"seed {seed}: {name} [L2 {l2:g}]", values)
+    print("   mean over the seeds:")
+    for name, values in totals.items():
+        show(name, [sum(v[j] for v in values) / len(values) for j in range(4)])
+    show(f"train.py --check_data (label_issues.csv, seed {args.seed})",
+         scores([r["file"] for r in rows], wrong, top, {r["file"] for r in rows if r["flagged"] == "1"}))
+    print(f"\ntime: one plain feature pass over {len(samples)} images (eval view, in-process) {plain_s:.1f}s; "
+          f"the whole check as a process (start-up, audit, {1 + views} views, fits, files) {check_s:.1f}s "
+          f"= {check_s / plain_s:.1f}x")
+    print(f"(work files in {work}; command: {' '.join(map(str, cmd))})")
+
+
+if __name__ == "__main__":
+    main(parse_args())

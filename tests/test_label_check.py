@@ -1,0 +1,179 @@
+"""The label check of train.py --check_data (label_check.py): planted wrong labels rank first, the CSV, the
+figure, small classes, unreadable files, and the audit without a backbone."""
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+
+COLOURS = {"blue": (30, 40, 200), "green": (30, 180, 40), "red": (200, 30, 30)}
+PER_CLASS = 12
+FLIPS = {"red/red_03.png": "green", "green/green_05.png": "blue", "blue/blue_07.png": "red"}  # file -> wrong folder
+
+
+def make_colour_set(root, seed=0):
+    """train/<colour>/*.png: 32 px images of the class's colour with per-pixel noise (no two files alike),
+    then one image of each class moved into another class's folder: the planted wrong labels.
+    The classes are told apart by colour, which even a randomly initialised ResNet's pooled features
+    keep apart linearly; so a random backbone (deterministic, no training, no download) is a backbone
+    whose features separate these classes, and what is tested is our ranking, not the backbone."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(PER_CLASS):
+            pixels = np.clip(np.array(rgb) + rng.integers(-40, 41, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name}_{i:02d}.png")
+    wrong = []
+    for rel, folder in FLIPS.items():
+        dst = root / "train" / folder / rel.split("/")[1]
+        shutil.move(root / "train" / rel, dst)
+        wrong.append(str(dst))
+    return wrong
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18_random.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory, random_weights):
+    """train.py --check_data --weights as a user runs it, on the colour set plus one unreadable file."""
+    root = tmp_path_factory.mktemp("colours")
+    wrong = make_colour_set(root)
+    broken = root / "train" / "green" / "broken.png"
+    broken.write_bytes(b"")
+    out = root / "out"
+    proc = run_script("train.py", "--check_data", "--data_dir", root, "--model_name", "resnet18", "--weights",
+                      random_weights, "--input_size", 32, "--log_dir", out, "--verbose", 0, "--num_workers", 0,
+                      "--gpu_id", -1)
+    with open(out / "label_issues.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    return root, wrong, broken, out, proc, rows
+
+
+def test_planted_wrong_labels_rank_first_and_are_flagged(checked):
+    root, wrong, _, _, proc, rows = checked
+    header, body = rows[0], rows[1:]
+    assert sorted(r[0] for r in body[:3]) == sorted(wrong), body[:5]
+    assert all(float(r[3]) < 0.5 for r in body[:3]) and all(float(r[3]) > 0.5 for r in body[3:])
+    by_file = {r[0]: dict(zip(header, r)) for r in body}
+    for rel, folder in FLIPS.items():
+        row = by_file[str(root / "train" / folder / rel.split("/")[1])]
+        assert row["given"] == folder and row["suggested"] == rel.split("/")[0] and row["flagged"] == "1"
+    assert sum(r[4] == "1" for r in body) == 3, [r for r in body if r[4] == "1"]
+    assert "flagged: 3 of 36 labels look wrong; per class: blue 1, green 1, red 1" in proc.stdout
+    top = proc.stdout.split("most suspicious")[1].splitlines()[1:11]
+    assert len(top) == 10 and all(r[0] in line for r, line in zip(body[:10], top))
+
+
+def test_csv_columns_order_and_every_readable_image_once(checked):
+    root, _, broken, _, _, rows = checked
+    assert rows[0][:5] == ["file", "given", "suggested", "score", "flagged"]
+    files = [r[0] for r in rows[1:]]
+    readable = sorted(str(p) for p in (root / "train").rglob("*.png") if p != broken)
+    assert sorted(files) == readable and len(files) == len(set(files)) == 3 * PER_CLASS
+    scores = [float(r[3]) for r in rows[1:]]
+    assert scores == sorted(scores)  # most suspicious first
+    assert {r[6] for r in rows[1:]} == {"train", "valid"}  # the check covers the validation split too
+
+
+def test_unreadable_image_is_skipped_named_and_fails_the_audit_as_before(checked):
+    _, _, broken, _, proc, rows = checked
+    assert proc.returncode == 1, proc.stderr  # the audit's status: an unreadable file
+    assert f"warning: skipping unreadable image {broken} (" in proc.stdout
+    assert "unreadable: 1" in proc.stdout
+    assert str(broken) not in {r[0] for r in rows}
+
+
+def test_suspects_figure_is_a_real_image(checked):
+    out = checked[3]
+    with Image.open(out / "label_issues.png") as img:
+        img.load()
+        assert img.size[0] > 600 and img.size[1] > 200
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.std() > 10  # images and titles, not a blank canvas
+    assert (np.abs(pixels.astype(int) - (200, 30, 30)).sum(-1) < 80).sum() > 1000  # the red images are drawn
+
+
+def test_flagged_labels_alone_do_not_fail_and_without_a_backbone_the_check_is_named(tmp_path, random_weights, capsys):
+    import train
+
+    make_colour_set(tmp_path / "data")
+    base = ["--check_data", "--data_dir", str(tmp_path / "data"), "--model_name", "resnet18", "--log_dir",
+            str(tmp_path / "out"), "--input_size", "32", "--verbose", "0", "--gpu_id", "-1"]
+    assert train.main(train.parse_args(base)) is None  # status 0: the audit found nothing wrong
+    out = capsys.readouterr().out
+    assert "label check: skipped; it needs a pretrained backbone (--use_pretrained or --weights FILE)" in out
+    assert not (tmp_path / "out").exists()
+    assert train.main(train.parse_args(base + ["--weights", str(random_weights)])) is None
+    assert "flagged: 3 of 36" in capsys.readouterr().out
+
+
+def test_a_class_smaller_than_k_gets_fewer_folds_with_a_note():
+    import label_check as lc
+
+    names = ["a", "b", "c"]
+    labels = [0] * 10 + [1] * 10 + [2] * 3
+    k, note = lc.choose_folds(labels, names)
+    assert k == 3 and note == "class c has 3 images: 3-fold instead of 5-fold"
+    folds = lc.stratified_folds(torch.tensor(labels), k, seed=0)
+    for c in range(3):  # every class in every fold, fold sizes within one image
+        assert set(folds[torch.tensor(labels) == c].tolist()) == {0, 1, 2}
+    assert torch.bincount(folds).tolist() in ([8, 8, 7], [8, 7, 8], [7, 8, 8])
+    assert torch.equal(folds, lc.stratified_folds(torch.tensor(labels), k, seed=0))
+    assert not torch.equal(folds, lc.stratified_folds(torch.tensor(labels), k, seed=1))
+    k, note = lc.choose_folds([0, 0, 0, 1], ["a", "b"])
+    assert k == 2 and "class b has 1 image: 2-fold" in note and "means little" in note
+    # the whole fit with the small class: each image scored once, probabilities that sum to 1
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 3
+    features = (centres[torch.tensor(labels)] + torch.randn(len(labels), 16, generator=g))[None]
+    probs, l2, losses = lc.cross_validated_probs(features, labels, 3, 3, seed=0)
+    assert probs.shape == (23, 3) and torch.allclose(probs.sum(1), torch.ones(23), atol=1e-5)
+    assert (probs.argmax(1) == torch.tensor(labels)).float().mean() > 0.9
+    assert l2 in lc.L2_GRID and losses[l2] == min(losses.values())
+
+
+def test_batched_fits_equal_separate_fits():
+    import label_check as lc
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g)
+    y = (x[:, 0] + 0.5 * torch.randn(60, generator=g) > 0).long() + (x[:, 1] > 1).long()
+    masks = torch.stack([torch.arange(60) % 3 != 0, torch.arange(60) % 2 == 0]).float()
+    l2s = torch.tensor([0.01, 1.0])
+    together = lc.fit_softmax(x, y, masks, l2s, 3)
+    for p in range(2):
+        alone = lc.fit_softmax(x[masks[p].bool()], y[masks[p].bool()], torch.ones(1, int(masks[p].sum())), l2s[p:p + 1], 3)
+        assert torch.allclose(lc.predict_softmax(together[p], x), lc.predict_softmax(alone[0], x), atol=2e-3)
+    assert not torch.allclose(together[0], together[1], atol=1e-2)
+
+
+def test_confident_learning_flags_use_per_class_thresholds():
+    import label_check as lc
+
+    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.4, 0.6],  # given 0: mean p0 = (0.9+0.7+0.4)/3 = 0.667
+                          [0.2, 0.8], [0.1, 0.9], [0.55, 0.45]])  # given 1: mean p1 = (0.8+0.9+0.45)/3 = 0.717
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    flags, thresholds = lc.confident_learning_flags(probs, labels, 2)
+    assert torch.allclose(thresholds, torch.tensor([2 / 3, 2.15 / 3]))
+    # image 2: p1 0.6 > p0 0.4 but below class 1's threshold 0.717 -> kept; image 5: p0 0.55 < 0.667 -> kept
+    assert flags.tolist() == [False] * 6
+    probs[2] = torch.tensor([0.2, 0.8])  # now above class 1's threshold (which stays 0.717)
+    flags, thresholds = lc.confident_learning_flags(probs, labels, 2)
+    assert flags.tolist() == [False, False, True, False, False, False]
+    rows = lc.LabelIssues([f"f{i}" for i in range(6)], labels, ["train"] * 6, probs, ["a", "b"]).table()
+    assert [r["file"] for r in rows] == ["f2", "f5", "f1", "f3", "f0", "f4"]  # ties by path
+    assert rows[0] == {"file": "f2", "given": "a", "suggested": "b", "score": pytest.approx(0.2), "flagged": 1,
+                       "suggested_score": pytest.approx(0.8), "split": "train"}
