@@ -186,6 +186,10 @@ def main(args):
               f"the rest predicted as {args.unknown_label!r}")
     if labelled:
         print_accuracy(tally, args.threshold)
+        confidence = torch.stack(tally.probs).max(1).values
+        correct = torch.tensor(tally.argmax) == torch.tensor(tally.labels)
+        print(f"mean confidence {float(confidence.mean()):.4f}, ECE {evaluation.ece(confidence, correct):.4f} "
+              f"({evaluation.N_BINS} bins; temperature {temperature:.3f} from the checkpoint)")
         report = tally.report(class_names)
         report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
         evaluation.write_report(report, report_path)
