@@ -260,3 +260,20 @@ def test_an_unknown_label_that_is_a_class_is_refused(trained, capsys):
     root, _, _ = trained
     err = run_in_process(predict, ["--model_fn", root / "m.pth", "--threshold", "0.5", "--unknown_label", "bag"], capsys)
     assert "--unknown_label 'bag' is one of the classes" in err
+
+
+def test_no_readable_validation_image_keeps_temperature_one_and_says_so(tmp_path, capsys):
+    from conftest import copy_subset
+
+    data = copy_subset(tmp_path / "data", ["bag", "trouser"], 8, 0)
+    shutil.rmtree(data / "test")
+    for c in ("bag", "trouser"):
+        (data / "valid" / c).mkdir(parents=True)
+        (data / "valid" / c / "broken.png").write_bytes(b"not an image")
+    train.main(train.parse_args([str(a) for a in (
+        "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--freeze",
+        "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "0")]))
+    assert "calibration: no validation images could be read; temperature stays 1.0" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert ckpt["temperature"] == 1.0 and "valid_nll_after" not in ckpt["metrics"]
+    assert not (tmp_path / "run" / "reliability.png").exists()
