@@ -328,8 +328,9 @@ def log_hparams(writer, hparams, metrics):
 
 
 @torch.inference_mode()
-def prediction_grid(model, samples, class_names, meta, compute, n=16):
-    """A matplotlib figure of the first n validation images titled with prediction (red when wrong)."""
+def prediction_grid(model, samples, class_names, meta, compute, n=16, temperature=1.0):
+    """A matplotlib figure of the first n validation images titled with prediction and calibrated
+    confidence (red when wrong)."""
     show = display_transform(meta["input_size"], meta["resize_size"])
     tf = build_transforms(meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], train=False)
     images, titles, colors = [], [], []
@@ -340,7 +341,7 @@ def prediction_grid(model, samples, class_names, meta, compute, n=16):
         except Exception:
             continue
         with compute.autocast():
-            prob = model(compute.to_device(tf(img)[None])).float().softmax(1)[0]
+            prob = evaluation.probabilities(model(compute.to_device(tf(img)[None])), temperature)[0]
         p = int(prob.argmax())
         images.append(show(img))
         titles.append(f"{class_names[p]} {prob[p]:.2f}")
@@ -623,7 +624,8 @@ class Fitter:
             if report is not None:
                 evaluation.write_report(report, self.run_dir / "test_report.csv")
             writer = self.open_writer()
-            figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute)
+            figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute,
+                                     temperature=calibration.temperature if calibration else 1.0)
             if figure is not None:
                 writer.add_figure("Validation/Predictions", figure, self.state.epoch)
             metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
