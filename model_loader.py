@@ -256,6 +256,7 @@ def make_checkpoint(model, model_name, class_names, input_size, resize_size, mea
         "std": [float(s) for s in std],
         "epoch": int(epoch),
         "metrics": plain(metrics),
+        "temperature": 1.0,  # predict.py divides the logits by it; 1.0 = none (train.py fits it after training)
         "args": plain(dict(args)),
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import data_loader
+import evaluation
 import model_loader
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, resolve_device, save_confusion_matrix,
@@ -45,6 +46,11 @@ def build_parser():
     add("--gpu_id", type=int, default=None, help="CUDA device; -1 = CPU (default: GPU 0, else MPS, else CPU)")
     add("--amp", action="store_true", help="bf16/fp16 autocast")
     add("--verbose", type=int, default=1, help="0 = summary only, 1 = also a progress bar")
+    add("--threshold", type=float, default=None, help="in (0, 1]: rows whose calibrated confidence is below it are "
+        "predicted as --unknown_label (their probabilities stay in the row)")
+    add("--unknown_label", default="unknown", help="the prediction of rows below --threshold")
+    add("--tta", action="store_true", help="test-time augmentation: average the probabilities of each image and "
+        "its horizontal mirror image")
     return p
 
 
@@ -85,27 +91,42 @@ def csv_columns(class_names, topk, labelled):
 
 
 class Tally:
-    """Counts for accuracy, per-class recall and the confusion matrix."""
+    """Labels, decisions and probabilities of the labelled rows: accuracy, the confusion matrix (with an
+    'unknown' column under --threshold) and the per-class report."""
 
-    def __init__(self, n):
-        self.matrix = [[0] * n for _ in range(n)]
+    def __init__(self):
+        self.labels, self.preds, self.argmax, self.probs = [], [], [], []
 
-    def add(self, label, pred):
-        self.matrix[label][pred] += 1
+    def add(self, label, pred, probs):
+        self.labels.append(label)
+        self.preds.append(pred)
+        self.argmax.append(int(probs.argmax()))
+        self.probs.append(probs)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def confusion(self, n, unknown_column):
+        matrix = [[0] * (n + unknown_column) for _ in range(n)]
+        for label, pred in zip(self.labels, self.preds):
+            matrix[label][pred if pred != evaluation.UNKNOWN else n] += 1
+        return matrix
 
     def report(self, class_names):
-        total = sum(map(sum, self.matrix))
-        correct = sum(self.matrix[i][i] for i in range(len(class_names)))
-        recalls = {c: (self.matrix[i][i] / sum(self.matrix[i]) if sum(self.matrix[i]) else None)
-                   for i, c in enumerate(class_names)}
-        return total, correct, recalls
+        return evaluation.classification_report(self.labels, self.preds, torch.stack(self.probs), class_names)
 
 
 def main(args):
     if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0 or (args.topk is not None and args.topk <= 0):
         raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise CLIError(f"--threshold must be in (0, 1]; got {args.threshold}")
     ckpt = model_loader.load_checkpoint(args.model_fn)
     class_names = ckpt["class_names"]
+    if args.threshold is not None and args.unknown_label in class_names:
+        raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
+    temperature = float(ckpt.get("temperature", 1.0))  # older checkpoints have none: uncalibrated
+    views = 2 if args.tta else 1  # the image, and its mirror image with --tta
     model, _ = model_loader.model_from_checkpoint(ckpt, args.model_fn)
     inputs = find_inputs(args.data_dir or default_inputs(ckpt), class_names)
     check_writable(args.output, "--output")
@@ -123,10 +144,10 @@ def main(args):
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
     labelled = any(label >= 0 for _, label in inputs)
     columns = csv_columns(class_names, topk, labelled)
-    tally, samples_for_plot = Tally(len(class_names)), []
+    tally, samples_for_plot = Tally(), []
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
-    n_done = n_bad = 0
+    n_done = n_bad = n_accepted = 0
     stop = StopFlag().install()
     start = time.perf_counter()
     try:
@@ -137,15 +158,20 @@ def main(args):
                 for batch in bar(loader, compute, "predict"):
                     rows = {}
                     if batch.labels.numel():
+                        images = compute.to_device(batch.images)
                         with compute.autocast():
-                            probs = model(compute.to_device(batch.images)).float().softmax(1).cpu()
-                        for index, p in zip(batch.indices.tolist(), probs):
-                            rows[index] = prediction_row(inputs[index], p, class_names, topk, labelled)
-                            pred, label = int(p.argmax()), inputs[index][1]
+                            logits = model(evaluation.with_flips(images) if args.tta else images)
+                        probs = evaluation.probabilities(logits, temperature, views).cpu()
+                        preds = evaluation.decide(probs, args.threshold)
+                        n_accepted += int((preds != evaluation.UNKNOWN).sum())
+                        for index, p, pred in zip(batch.indices.tolist(), probs, preds.tolist()):
+                            rows[index] = prediction_row(inputs[index], p, pred, class_names, topk, labelled,
+                                                         args.unknown_label)
+                            label = inputs[index][1]
                             if label >= 0:
-                                tally.add(label, pred)
+                                tally.add(label, pred, p)
                             if index in plot_at:
-                                samples_for_plot.append((inputs[index], pred, float(p[pred])))
+                                samples_for_plot.append((inputs[index], pred, p))
                     for bad in batch.bad:
                         rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled)
                     for index in sorted(rows):
@@ -161,23 +187,44 @@ def main(args):
     seconds = time.perf_counter() - start
     print(f"predicted {n_done} images in {seconds:.1f}s ({n_done / max(seconds, 1e-9):.1f} img/s)"
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
+    if args.threshold is not None:
+        print(f"threshold {args.threshold:g}: {n_accepted}/{n_done} accepted ({n_accepted / n_done:.1%}), "
+              f"the rest predicted as {args.unknown_label!r}")
     if labelled:
-        total, correct, recalls = tally.report(class_names)
-        print(f"accuracy {correct / max(total, 1):.4f} ({correct}/{total} labelled images)")
-        print("recall per class: " + ", ".join(f"{c} {r:.3f}" for c, r in recalls.items() if r is not None))
+        print_accuracy(tally, args.threshold)
+        confidence = torch.stack(tally.probs).max(1).values
+        correct = torch.tensor(tally.argmax) == torch.tensor(tally.labels)
+        print(f"mean confidence {float(confidence.mean()):.4f}, ECE {evaluation.ece(confidence, correct):.4f} "
+              f"({evaluation.N_BINS} bins; temperature {temperature:.3f} from the checkpoint)")
+        report = tally.report(class_names)
+        report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
+        evaluation.write_report(report, report_path)
+        print(f"per-class report -> {report_path}\n{evaluation.format_report(report)}")
     if samples_for_plot:
-        plot_predictions(samples_for_plot, class_names, ckpt, args.plot, args.show)
+        plot_predictions(samples_for_plot, class_names, ckpt, args.plot, args.show, args.unknown_label)
         print(f"figure -> {args.plot}")
         if labelled:
             confusion = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
-            save_confusion_matrix(tally.matrix, class_names, confusion)
+            save_confusion_matrix(tally.confusion(len(class_names), args.threshold is not None), class_names,
+                                  confusion, extra_column=args.unknown_label if args.threshold is not None else None)
             print(f"confusion matrix -> {confusion}")
 
 
-def prediction_row(sample, probs, class_names, topk, labelled):
+def print_accuracy(tally, threshold):
+    """Accuracy of the best class over the labelled rows and, under --threshold, over the accepted ones."""
+    correct = sum(a == y for a, y in zip(tally.argmax, tally.labels))
+    print(f"accuracy {correct / len(tally):.4f} ({correct}/{len(tally)} labelled images)")
+    if threshold is not None:
+        accepted = [(p, y) for p, y in zip(tally.preds, tally.labels) if p != evaluation.UNKNOWN]
+        right = sum(p == y for p, y in accepted)
+        print(f"accuracy on accepted rows {right / max(len(accepted), 1):.4f} ({right}/{len(accepted)}; "
+              f"{len(accepted) / len(tally):.1%} of the labelled images accepted)")
+
+
+def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_label):
+    """pred: the class index, or evaluation.UNKNOWN (below --threshold); confidence is the best probability."""
     path, label = sample
-    pred = int(probs.argmax())
-    row = [path, class_names[pred], f"{float(probs[pred]):.6f}"]
+    row = [path, unknown_label if pred == evaluation.UNKNOWN else class_names[pred], f"{float(probs.max()):.6f}"]
     if len(class_names) <= MAX_PROB_COLUMNS:
         row += [f"{float(p):.6f}" for p in probs]
     if topk:
@@ -199,16 +246,22 @@ def error_row(sample, reason, columns, class_names, labelled):
     return list(row.values())
 
 
-def plot_predictions(samples, class_names, ckpt, path, show):
+def plot_predictions(samples, class_names, ckpt, path, show, unknown_label):
     """The images as the model saw them (resize + center crop), in real colours, titled with the
-    prediction and its confidence; red when the folder name says otherwise."""
+    prediction and its confidence; red when the folder name says otherwise; orange for rows below
+    --threshold ('unknown', with the best class named)."""
     show_tf = data_loader.display_transform(ckpt["input_size"], ckpt["resize_size"])
     images, titles, colors = [], [], []
-    for (file, label), pred, confidence in samples:
+    for (file, label), pred, probs in samples:
         images.append(show_tf(data_loader.load_rgb(file)))
-        wrong = label >= 0 and label != pred
-        titles.append(f"{class_names[pred]} ({confidence:.2f})" + (f"\ntrue: {class_names[label]}" if wrong else ""))
-        colors.append("red" if wrong else "black")
+        best, confidence = int(probs.argmax()), float(probs.max())
+        truth = f"\ntrue: {class_names[label]}" if label >= 0 and label != best else ""
+        if pred == evaluation.UNKNOWN:
+            titles.append(f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth)
+            colors.append("darkorange")
+        else:
+            titles.append(f"{class_names[pred]} ({confidence:.2f})" + truth)
+            colors.append("red" if truth else "black")
     if not save_image_grid(images, titles, colors, path, show=show):
         print(f"--show: no window can open here (no display), so the figure was only saved: {path}")
 

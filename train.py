@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import data_loader
+import evaluation
 import label_check
 import model_loader
 import trainer
@@ -288,9 +289,14 @@ def main(args):
         m = state.best_metrics
         say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid accuracy {m['valid_accuracy']:.4f}"
             f" -> {args.model_fn}")
+    if state.best_epoch:
+        say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
+            else "calibration: no validation images could be read; temperature stays 1.0")
     if result.test_metrics:
         t = result.test_metrics
         say(f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")
+    if result.test_report is not None:
+        say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
     say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     return result
 

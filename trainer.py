@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import evaluation
 import model_loader
 from data_loader import TrainSampler, build_transforms, display_transform, load_rgb, make_loader
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
@@ -359,8 +360,8 @@ def spread_over_classes(samples, n):
 
 
 @torch.inference_mode()
-def prediction_grid(model, samples, class_names, meta, compute, n=16):
-    """A figure of n validation images spread over the classes, titled with the prediction and its
+def prediction_grid(model, samples, class_names, meta, compute, n=16, temperature=1.0):
+    """A figure of n validation images spread over the classes, titled with the prediction and its calibrated
     probability; wrong ones in red with the true class."""
     show = display_transform(meta["input_size"], meta["resize_size"])
     tf = build_transforms(meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], train=False)
@@ -372,7 +373,7 @@ def prediction_grid(model, samples, class_names, meta, compute, n=16):
         except Exception:
             continue
         with compute.autocast():
-            prob = model(compute.to_device(tf(img)[None])).float().softmax(1)[0]
+            prob = evaluation.probabilities(model(compute.to_device(tf(img)[None])), temperature)[0]
         p = int(prob.argmax())
         images.append(show(img))
         titles.append(f"{class_names[p]} {prob[p]:.2f}" + ("" if p == label else f"\ntrue: {class_names[label]}"))
@@ -406,6 +407,8 @@ class FitResult:
     test_metrics: dict
     skipped_per_class: dict
     cache_note: str
+    calibration: object = None  # evaluation.Calibration, None when there were no validation logits
+    test_report: object = None  # pandas DataFrame (evaluation.classification_report) of the test split
 
 
 class Fitter:
@@ -631,26 +634,58 @@ class Fitter:
         return self.finish(interrupted, stopped_early)
 
     def finish(self, interrupted, stopped_early):
-        test_metrics = {}
-        if not interrupted and self.loaders.test is not None and self.state.best_epoch:
+        test_metrics, calibration, report = {}, None, None
+        done = not interrupted and self.state.best_epoch
+        if done:
             if self.best_state is None and self.model_fn.exists():  # resumed after the best epoch
                 self.best_state = model_loader.safe_load(self.model_fn)["state_dict"]
             if self.best_state is not None:
                 self.model.load_state_dict(self.best_state)
-            test_metrics = evaluate(self.model, self.loaders.test, self.compute, desc="test")
+            calibration = self.calibrate()
+            if self.loaders.test is not None:
+                t = calibration.temperature if calibration else 1.0
+                logits, labels = evaluation.collect_logits(self.model, self.loaders.test, self.compute, "test")
+                test_metrics = evaluation.loss_accuracy(logits, labels)
+                if len(labels):
+                    probs = evaluation.probabilities(logits, t)
+                    report = evaluation.classification_report(labels, probs.argmax(1), probs, self.splits.class_names)
         skipped = self.skips.per_class()
-        if self.dist.is_main and not interrupted and self.state.best_epoch:
+        if self.dist.is_main and done:
+            if report is not None:
+                evaluation.write_report(report, self.run_dir / "test_report.csv")
             writer = self.open_writer()
-            figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute)
+            figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute,
+                                     temperature=calibration.temperature if calibration else 1.0)
             if figure is not None:
                 writer.add_figure("Validation/Predictions", figure, self.state.epoch)
             metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
             if test_metrics:
                 metrics["hparam/test_accuracy"] = float(test_metrics["accuracy"])
+            metrics["hparam/temperature"] = calibration.temperature if calibration else 1.0
+            metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
             log_hparams(writer, {k: v for k, v in vars(self.args).items() if v is not None}, metrics, self.state.epoch)
         if self.writer is not None:
             self.writer.close()
         note = ""
         if self.cache is not None:
             note = f"feature cache {self.cache.seconds:.1f}s"
-        return FitResult(self.state, interrupted, stopped_early, test_metrics, skipped, note)
+        return FitResult(self.state, interrupted, stopped_early, test_metrics, skipped, note, calibration, report)
+
+    def calibrate(self):
+        """Temperature scaling of the best model on the whole validation set (cached features when the
+        cache still holds them), stored in the best checkpoint with a reliability diagram beside the run."""
+        if self.cache is not None:
+            logits, labels = evaluation.head_logits(self.model.get_submodule(self.head), self.cache.valid[0],
+                                                    self.cache.valid_ok, self.valid_labels,
+                                                    self.loaders.valid.batch_size, self.compute)
+        else:
+            logits, labels = evaluation.collect_logits(self.model, self.loaders.valid, self.compute, "calibrate")
+        calibration = evaluation.calibrate(logits, labels)
+        if self.dist.is_main and calibration is not None:
+            ckpt = model_loader.safe_load(self.model_fn)
+            ckpt["temperature"] = calibration.temperature
+            ckpt["metrics"].update(calibration.metrics)
+            atomic_torch_save(ckpt, self.model_fn)
+            evaluation.save_reliability_diagram(logits, labels, calibration.temperature,
+                                                self.run_dir / "reliability.png")
+        return calibration

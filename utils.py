@@ -244,23 +244,25 @@ def save_image_grid(images, titles, colors, path, show=False):
     return shown
 
 
-def save_confusion_matrix(matrix, class_names, path):
-    """matrix[i][j] = images of true class i predicted as j."""
+def save_confusion_matrix(matrix, class_names, path, extra_column=None):
+    """matrix[i][j] = images of true class i predicted as j; with extra_column (a name such as 'unknown'),
+    each row has one more count, shown as a last predicted column."""
     import matplotlib.pyplot as plt
 
     n = len(class_names)
+    predicted = list(class_names) + ([extra_column] if extra_column is not None else [])
     size = max(4, 0.5 * n + 2)
     fig = new_figure(figsize=(size, size))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(range(len(predicted)), predicted, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n), class_names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 30:
         top = max(1, max(max(row) for row in matrix))
         for i in range(n):
-            for j in range(n):
+            for j in range(len(predicted)):
                 ax.text(j, i, int(matrix[i][j]), ha="center", va="center", fontsize=7,
                         color="white" if matrix[i][j] > top / 2 else "black")
     fig.tight_layout()

@@ -54,6 +54,8 @@ def test_two_processes_match_one(ddp_data, tmp_path):
     assert len(list((tmp_path / "two" / "run").glob("events.out.tfevents.*"))) == 1
     one, two = history(tmp_path / "one" / "m_last.pth"), history(tmp_path / "two" / "m_last.pth")
     assert [r["valid_count"] for r in two] == [r["valid_count"] for r in one] == [15] * 3
+    calibrated = torch.load(tmp_path / "two" / "m.pth", weights_only=True)
+    assert calibrated["metrics"]["calibration_count"] == 15 and calibrated["temperature"] != 1.0  # all ranks' logits
     print("valid accuracy per epoch, 1 process:", [r["valid_accuracy"] for r in one],
           "2 processes:", [r["valid_accuracy"] for r in two])
     assert abs(two[-1]["valid_accuracy"] - one[-1]["valid_accuracy"]) <= 0.2

@@ -35,7 +35,8 @@ def test_train_then_predict_end_to_end(tiny_data, tmp_path):
     assert "test accuracy" in proc.stdout and "epoch 2/2" in proc.stdout
     ckpt = torch.load(tmp_path / "out" / "model.pth", weights_only=True)
     assert set(ckpt) == {"format_version", "model_name", "state_dict", "class_names", "input_size", "resize_size",
-                         "mean", "std", "epoch", "metrics", "args", "torch_version", "torchvision_version"}
+                         "mean", "std", "epoch", "metrics", "temperature", "args", "torch_version",
+                         "torchvision_version"}
     assert ckpt["class_names"] == ["bag", "sneaker", "trouser"] and ckpt["input_size"] == 32
     assert ckpt["mean"] == pytest.approx([0.485, 0.456, 0.406])
     torchvision.models.get_model("resnet18", num_classes=3).load_state_dict(ckpt["state_dict"])
@@ -57,7 +58,8 @@ def test_train_then_predict_end_to_end(tiny_data, tmp_path):
     proc = run_script("predict.py", "--model_fn", tmp_path / "out" / "model.pth", "--num_workers", "0",
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "accuracy" in proc.stdout and "recall per class" in proc.stdout
+    assert "accuracy" in proc.stdout and "per-class report -> result_report.csv" in proc.stdout
+    assert [r["class"] for r in csv.DictReader(open(tmp_path / "result_report.csv"))][-2:] == ["macro avg", "weighted avg"]
     with open(tmp_path / "result.csv", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["file_dir", "predict", "confidence", "prob_bag", "prob_sneaker", "prob_trouser",

@@ -1,0 +1,279 @@
+"""Calibration, ECE, the per-class report, and how both scripts use them (temperature, --threshold, --tta)."""
+import csv
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluation
+import predict
+import train
+from conftest import SAMPLE
+from test_cli import run_in_process
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def synthetic_logits(scale, n=4000, classes=4, seed=0):
+    """Labels drawn from softmax(z); the model reports z * scale (scale > 1: over-confident, so the best
+    temperature is about `scale`; scale < 1: under-confident)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, classes, generator=g) * 2
+    labels = torch.multinomial(z.softmax(1), 1, generator=g)[:, 0]
+    return z * scale, labels
+
+
+@pytest.mark.parametrize("scale", [3.0, 1 / 3])
+def test_temperature_fit_undoes_over_and_under_confidence(scale):
+    logits, labels = synthetic_logits(scale)
+    calibration = evaluation.calibrate(logits, labels)
+    t, m = calibration.temperature, calibration.metrics
+    assert t == pytest.approx(scale, rel=0.1)  # T > 1 for the over-confident model, T < 1 for the other
+    assert m["valid_nll_after"] < m["valid_nll_before"] - 0.05
+    assert m["valid_ece_after"] < m["valid_ece_before"] and m["valid_ece_after"] < 0.03
+    for nearby in (t / 1.01, t * 1.01):  # the minimum, not just an improvement
+        assert evaluation.nll(logits, labels, nearby) > m["valid_nll_after"]
+
+
+def test_no_validation_logits_means_no_calibration():
+    assert evaluation.calibrate(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) is None
+
+
+def test_ece_equals_a_hand_computation():
+    confidence = torch.tensor([0.95, 0.97, 0.50, 0.52, 0.10], dtype=torch.float64)
+    correct = torch.tensor([True, False, True, True, False])
+    # bins of width 1/15: (14/15, 1] holds 0.95, 0.97 (accuracy 0.5, confidence 0.96); (7/15, 8/15] holds 0.50,
+    # 0.52 (accuracy 1, confidence 0.51); (1/15, 2/15] holds 0.10 (accuracy 0, confidence 0.10)
+    hand = 2 / 5 * abs(0.5 - 0.96) + 2 / 5 * abs(1 - 0.51) + 1 / 5 * abs(0 - 0.10)
+    assert evaluation.ece(confidence, correct) == pytest.approx(hand, abs=1e-9)
+    count, _, _ = evaluation.reliability_bins(torch.tensor([2 / 15, 1.0, 1 / 15 + 1e-6], dtype=torch.float64), torch.ones(3, dtype=torch.bool))
+    assert count.tolist() == [0, 2] + [0] * 12 + [1]  # bins are (lo, hi]: 2/15 is in the second bin, 1.0 in the last
+
+
+def test_temperature_one_leaves_probabilities_unchanged_and_others_follow_the_formula():
+    logits = torch.randn(7, 5)
+    assert torch.equal(evaluation.probabilities(logits, 1.0), logits.softmax(1))
+    assert torch.allclose(evaluation.probabilities(logits, 2.5), (logits / 2.5).softmax(1))
+
+
+def test_flips_average_the_two_views():
+    images = torch.randn(3, 3, 8, 8)
+    both = evaluation.with_flips(images)
+    assert torch.equal(both[3:], images.flip(-1))
+    logits = torch.randn(6, 4)
+    expected = (logits[:3].softmax(1) + logits[3:].softmax(1)) / 2
+    assert torch.allclose(evaluation.probabilities(logits, 1.0, views=2), expected)
+
+
+def test_threshold_marks_rows_below_it_unknown():
+    probs = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7], [0.5, 0.5]])
+    assert evaluation.decide(probs).tolist() == [0, 0, 1, 0]
+    assert evaluation.decide(probs, 0.6).tolist() == [0, evaluation.UNKNOWN, 1, evaluation.UNKNOWN]
+    assert evaluation.decide(probs, 0.7).tolist() == [0, -1, 1, -1]  # exactly at the threshold is accepted
+    assert evaluation.decide(probs, 1.0).tolist() == [-1] * 4
+
+
+def test_roc_auc_and_average_precision_equal_hand_computations():
+    scores, positive = [0.9, 0.8, 0.7, 0.6], [True, False, True, False]
+    assert evaluation.roc_auc(scores, positive) == pytest.approx(3 / 4)  # 3 of the 4 (pos, neg) pairs ordered
+    assert evaluation.average_precision(scores, positive) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    tied, positive = [0.8, 0.8, 0.3], [True, False, True]
+    assert evaluation.roc_auc(tied, positive) == pytest.approx((0.5 + 0) / 2)  # a tie counts half
+    # one threshold at 0.8 (precision 1/2, recall 1/2), then 0.3 (precision 2/3, recall 1)
+    assert evaluation.average_precision(tied, positive) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+    assert math.isnan(evaluation.roc_auc([0.1, 0.2], [True, True]))
+    assert math.isnan(evaluation.average_precision([0.1, 0.2], [False, False]))
+
+
+def test_report_counts_unknown_rows_wrong_for_recall_and_leaves_them_out_of_precision():
+    labels = [0, 0, 0, 1, 1, 2]
+    preds = [0, 1, evaluation.UNKNOWN, 1, evaluation.UNKNOWN, 0]
+    probs = torch.tensor([[.8, .1, .1], [.2, .7, .1], [.4, .3, .3], [.1, .8, .1], [.3, .4, .3], [.6, .1, .3]])
+    table = evaluation.classification_report(labels, preds, probs, ["a", "b", "c"]).set_index("class")
+    assert list(table.index) == ["a", "b", "c", "macro avg", "weighted avg"]
+    assert table.loc["a", "precision"] == pytest.approx(1 / 2)  # predicted a twice (rows 0 and 5), right once
+    assert table.loc["a", "recall"] == pytest.approx(1 / 3)  # 3 a's: one right, one wrong, one unknown
+    assert table.loc["b", "precision"] == pytest.approx(1 / 2) and table.loc["b", "recall"] == pytest.approx(1 / 2)
+    assert table.loc["c", "precision"] == 0 and table.loc["c", "recall"] == 0 and table.loc["c", "f1"] == 0
+    assert table.loc["a", "f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
+    assert table.support.tolist() == [3, 2, 1, 6, 6]
+    assert table.loc["macro avg", "recall"] == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
+    assert table.loc["weighted avg", "recall"] == pytest.approx((3 * 1 / 3 + 2 * 1 / 2 + 0) / 6)
+    # class c: its only image (row 5) has score .3; negatives .1 .1 .3 .1 .3 -> 3 below, 2 ties: (3 + 1) / 5
+    assert table.loc["c", "roc_auc"] == pytest.approx(4 / 5)
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One frozen run on 3 classes (shared by the tests below): the calibrated checkpoint and its run folder."""
+    from conftest import copy_subset
+
+    root = tmp_path_factory.mktemp("evaluation")
+    data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 20, 8)
+    result = train.main(train.parse_args([str(a) for a in (
+        "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "4", "--freeze",
+        "--lr", "3e-3", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
+        "--verbose", "0")]))
+    return root, data, result
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
+def run_predict(capsys, *argv):
+    predict.main(predict.parse_args([str(a) for a in argv] + ["--num_workers", "0", "--verbose", "0"]))
+    return capsys.readouterr().out
+
+
+def test_train_stores_the_temperature_metrics_diagram_and_test_report(trained):
+    root, data, result = trained
+    ckpt = torch.load(root / "m.pth", weights_only=True)
+    t = ckpt["temperature"]
+    assert isinstance(t, float) and t != 1.0 and t == result.calibration.temperature
+    m = ckpt["metrics"]
+    assert m["valid_nll_after"] <= m["valid_nll_before"] and m["calibration_count"] == len(
+        list((root / "run").glob("valid_files.csv"))[0].read_text().splitlines()) - 1
+    with Image.open(root / "run" / "reliability.png") as img:
+        assert img.format == "PNG" and img.size[0] > 400
+    report = read_csv(root / "run" / "test_report.csv")
+    assert [r["class"] for r in report] == ["bag", "sneaker", "trouser", "macro avg", "weighted avg"]
+    assert [int(r["support"]) for r in report] == [8, 8, 8, 24, 24]
+    # without a threshold, weighted recall is the accuracy
+    assert float(report[-1]["recall"]) == pytest.approx(result.test_metrics["accuracy"], abs=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(root / "run"))
+    acc.Reload()
+    assert acc.Scalars("hparam/temperature")[0].value == pytest.approx(t, rel=1e-6)
+    assert acc.Scalars("hparam/valid_ece_after")[0].value == pytest.approx(m["valid_ece_after"], rel=1e-5)
+
+
+def with_temperature(src, dst, temperature):
+    ckpt = torch.load(src, weights_only=True)
+    if temperature is None:
+        del ckpt["temperature"]
+    else:
+        ckpt["temperature"] = temperature
+    torch.save(ckpt, dst)
+    return dst
+
+
+def probs_of(rows, classes):
+    return np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+
+
+def test_predict_honours_the_temperature_and_old_checkpoints_predict_as_before(trained, tmp_path, capsys):
+    root, data, _ = trained
+    classes = ["bag", "sneaker", "trouser"]
+    out = {}
+    for name, t in (("old", None), ("one", 1.0), ("two", 2.0), ("calibrated", "as trained")):
+        model = root / "m.pth" if t == "as trained" else with_temperature(root / "m.pth", tmp_path / f"{name}.pth", t)
+        run_predict(capsys, "--model_fn", model, "--data_dir", data / "test", "--output", tmp_path / f"{name}.csv",
+                    "--n_images", "0")
+        out[name] = read_csv(tmp_path / f"{name}.csv")
+    assert out["old"] == out["one"]  # no key = T of 1, no message
+    p1, p2, pc = (probs_of(out[k], classes) for k in ("one", "two", "calibrated"))
+    expected = np.sqrt(p1) / np.sqrt(p1).sum(1, keepdims=True)  # softmax(z / 2) from softmax(z)
+    assert np.allclose(p2, expected, atol=2e-6)
+    t = torch.load(root / "m.pth", weights_only=True)["temperature"]
+    powered = p1 ** (1 / t)
+    assert np.allclose(pc, powered / powered.sum(1, keepdims=True), atol=1e-5)
+    assert [r["predict"] for r in out["two"]] == [r["predict"] for r in out["one"]]  # T never changes the class
+
+
+def test_report_and_threshold_equal_a_hand_count_on_a_labelled_folder(trained, tmp_path, capsys):
+    root, data, _ = trained
+    classes = ["bag", "sneaker", "trouser"]
+    run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", tmp_path / "all.csv",
+                "--n_images", "0")
+    confidences = sorted(float(r["confidence"]) for r in read_csv(tmp_path / "all.csv"))
+    threshold = round((confidences[7] + confidences[8]) / 2, 6)  # 8 of the 24 rows fall below it
+    printed = run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output",
+                          tmp_path / "cut.csv", "--threshold", threshold, "--unknown_label", "not sure",
+                          "--plot", tmp_path / "cut.png", "--n_images", "12")
+    rows = read_csv(tmp_path / "cut.csv")
+    unsure = [r for r in rows if r["predict"] == "not sure"]
+    assert len(unsure) == 8 and all(float(r["confidence"]) < threshold for r in unsure)
+    assert all(float(r["confidence"]) >= threshold for r in rows if r["predict"] != "not sure")
+    for r in unsure:  # probabilities kept
+        assert sum(float(r[f"prob_{c}"]) for c in classes) == pytest.approx(1, abs=1e-5)
+    report = {r["class"]: r for r in read_csv(tmp_path / "cut_report.csv")}
+    probs = probs_of(rows, classes)
+    for i, c in enumerate(classes):
+        hit = sum(r["predict"] == c and r["label"] == c for r in rows)
+        predicted = sum(r["predict"] == c for r in rows)
+        support = sum(r["label"] == c for r in rows)
+        assert float(report[c]["precision"]) == pytest.approx(hit / predicted if predicted else 0, abs=1e-6)
+        assert float(report[c]["recall"]) == pytest.approx(hit / support, abs=1e-6)
+        assert int(report[c]["support"]) == support == 8
+        pos = [probs[k, i] for k, r in enumerate(rows) if r["label"] == c]
+        neg = [probs[k, i] for k, r in enumerate(rows) if r["label"] != c]
+        pairs = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+        assert float(report[c]["roc_auc"]) == pytest.approx(pairs, abs=1e-6)
+    accepted = [r for r in rows if r["predict"] != "not sure"]
+    right = sum(r["predict"] == r["label"] for r in accepted)
+    assert f"16/24 accepted (66.7%)" in printed
+    assert f"accuracy on accepted rows {right / 16:.4f} ({right}/16;" in printed
+    assert "weighted avg" in printed and "roc_auc" in printed
+    with Image.open(tmp_path / "cut_confusion.png") as img:
+        assert img.format == "PNG"
+
+
+def test_tta_averages_the_image_and_its_mirror_and_changes_nothing_on_a_symmetric_image(trained, tmp_path, capsys):
+    root, _, _ = trained
+    folder = tmp_path / "images"
+    folder.mkdir()
+    src = np.asarray(Image.open(sorted((SAMPLE / "test" / "sneaker").glob("*.png"))[0]).convert("RGB"))
+    Image.fromarray(src).save(folder / "a.png")
+    Image.fromarray(src[:, ::-1].copy()).save(folder / "a_mirrored.png")
+    half = src[:, :14]
+    Image.fromarray(np.concatenate([half, half[:, ::-1]], 1)).save(folder / "symmetric.png")
+    for name, extra in (("plain", []), ("tta", ["--tta"])):
+        run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", folder, "--output", tmp_path / f"{name}.csv",
+                    "--n_images", "0", *extra)
+    classes = ["bag", "sneaker", "trouser"]
+    plain = dict(zip(["a", "mirrored", "symmetric"], probs_of(read_csv(tmp_path / "plain.csv"), classes)))
+    tta = dict(zip(["a", "mirrored", "symmetric"], probs_of(read_csv(tmp_path / "tta.csv"), classes)))
+    assert np.allclose(tta["symmetric"], plain["symmetric"], atol=2e-6)
+    assert not np.allclose(plain["a"], plain["mirrored"], atol=1e-4)  # the flip matters for this image...
+    assert np.allclose(tta["a"], (plain["a"] + plain["mirrored"]) / 2, atol=2e-6)  # ...and TTA averages both
+    assert np.allclose(tta["mirrored"], tta["a"], atol=2e-6)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2", "nan"])
+def test_a_threshold_outside_zero_one_is_a_one_line_error(trained, capsys, value):
+    root, data, _ = trained
+    err = run_in_process(predict, ["--model_fn", root / "m.pth", "--threshold", value], capsys)
+    assert "--threshold must be in (0, 1]" in err
+
+
+def test_an_unknown_label_that_is_a_class_is_refused(trained, capsys):
+    root, _, _ = trained
+    err = run_in_process(predict, ["--model_fn", root / "m.pth", "--threshold", "0.5", "--unknown_label", "bag"], capsys)
+    assert "--unknown_label 'bag' is one of the classes" in err
+
+
+def test_no_readable_validation_image_keeps_temperature_one_and_says_so(tmp_path, capsys):
+    from conftest import copy_subset
+
+    data = copy_subset(tmp_path / "data", ["bag", "trouser"], 8, 0)
+    shutil.rmtree(data / "test")
+    for c in ("bag", "trouser"):
+        (data / "valid" / c).mkdir(parents=True)
+        (data / "valid" / c / "broken.png").write_bytes(b"not an image")
+    train.main(train.parse_args([str(a) for a in (
+        "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--freeze",
+        "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "0")]))
+    assert "calibration: no validation images could be read; temperature stays 1.0" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert ckpt["temperature"] == 1.0 and "valid_nll_after" not in ckpt["metrics"]
+    assert not (tmp_path / "run" / "reliability.png").exists()
