@@ -196,6 +196,7 @@ def test_every_flag_is_in_the_readme():
 def test_predict_unwritable_output_fails_before_work_and_keeps_old_results(tiny_data, tmp_path, capsys):
     run_in_process_ok = train.main(train.parse_args([str(a) for a in base(tiny_data, tmp_path) + ["--freeze"]]))
     assert run_in_process_ok.state.epoch == 1
+    capsys.readouterr()  # the training's own output (its warning about a random frozen backbone)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     err = run_in_process(predict, ["--model_fn", tmp_path / "m.pth", "--data_dir", tiny_data / "test",
