@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import export
 import predict
 import train
 from conftest import ROOT, assert_clean_error, run_script
@@ -93,7 +94,7 @@ def test_predict_errors_as_a_subprocess_have_no_traceback(tmp_path):
 
 
 def test_help_runs_for_both_scripts(capsys):
-    for module in (train, predict):
+    for module in (train, predict, export):
         with pytest.raises(SystemExit) as e:
             module.parse_args(["--help"])
         out = capsys.readouterr().out
@@ -102,7 +103,7 @@ def test_help_runs_for_both_scripts(capsys):
 
 def test_every_flag_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
-    for module in (train, predict):
+    for module in (train, predict, export):
         for action in module.build_parser()._actions:
             if action.option_strings and action.dest != "help":
                 assert f"`{action.option_strings[0]}" in readme, action.option_strings[0]

@@ -222,7 +222,8 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
         ran.append(command)
     assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
     for produced in ("model.pth", "models/mine.pth", "mine.csv", "mine.png", "catdog.pth", "resnet.pth",
-                     "catdog_ft.pth", "result.csv", "predictions.png", "catdog/test/cat", "catdog/train/dog"):
+                     "catdog_ft.pth", "result.csv", "predictions.png", "catdog/test/cat", "catdog/train/dog",
+                     "model.onnx", "model.pt2"):
         assert (work / produced).exists(), produced
 
 

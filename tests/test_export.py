@@ -25,6 +25,13 @@ FAMILIES = ["resnet18", "mobilenet_v2", "densenet121", "squeezenet1_0"]
 SIZE = 32  # px: every family runs at this size, and exports in seconds
 
 
+def onednn(name):
+    """oneDNN compiles a kernel for each of DenseNet's ~120 distinct convolution shapes, which at 32 px costs
+    far more (tens of seconds) than the convolutions; PyTorch's own kernels run it in a few (MobileNet's
+    depthwise convolutions need oneDNN, on the other hand)."""
+    return torch.backends.mkldnn.flags(enabled=name != "densenet121")
+
+
 def real_batch(folder, n):
     from data_loader import build_transforms, list_images, load_rgb
 
@@ -63,7 +70,8 @@ def ckpts(tiny_data, tmp_path_factory):
     out = {}
     for name in FAMILIES:
         path = folder / f"{name}.pth"
-        ckpt, model = make_ckpt(name, tiny_data, path, temperature=1.5 if name == "resnet18" else None)
+        with onednn(name):
+            ckpt, model = make_ckpt(name, tiny_data, path, temperature=1.5 if name == "resnet18" else None)
         out[name] = (path, ckpt, model)
     return out
 
@@ -78,7 +86,7 @@ def exported(ckpts, tmp_path_factory):
     for name, (path, _, _) in ckpts.items():
         folder = tmp_path_factory.mktemp(f"onnx_{name}")
         printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed), onednn(name):
             export.main(export.parse_args(["--model_fn", str(path), "--output", str(folder / f"{name}.onnx"),
                                            "--check_images", "8"]))
         out[name] = (folder / f"{name}.onnx", printed.getvalue(), folder)
@@ -129,7 +137,7 @@ def test_onnx_round_trip_metadata_and_dynamic_batch(ckpts, exported, tiny_data, 
     assert json.loads(meta["args"])["data_dir"] == str(tiny_data)
 
     images = real_batch(tiny_data / "test", 7)
-    with torch.no_grad():
+    with torch.no_grad(), onednn(name):
         expected = probs(model(images))
     for batch in (images[:1], images):  # the batch axis is dynamic: 1 and 7 both run
         got = probs(session.run(["logits"], {"input": batch.numpy()})[0])
