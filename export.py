@@ -92,6 +92,8 @@ def check_batch(ckpt, args):
                 break
         if images:
             return torch.stack(images), f"{len(images)} images of {folder}"
+    if args.data_dir:
+        raise CLIError(f"--data_dir {args.data_dir!r} holds no readable images ({', '.join(data_loader.IMG_EXTENSIONS)})")
     size = ckpt["input_size"]
     generator = torch.Generator().manual_seed(0)
     return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors"
@@ -170,9 +172,9 @@ def compare(model, exported, images, temperature):
 def main(args):
     if args.check_images <= 0:
         raise CLIError("--check_images must be a positive number")
-    if args.opset is not None and args.format == "pt2":
-        raise CLIError("--opset is for ONNX, not --format pt2")
     fmt, output = resolve_output(args)
+    if fmt == "pt2" and (args.opset is not None or args.exporter != "torchscript"):
+        raise CLIError("--opset and --exporter are for ONNX, not the pt2 format")
     if output.resolve() == Path(args.model_fn).resolve():
         raise CLIError(f"--output {str(output)!r} would overwrite the checkpoint")
     ckpt = model_loader.load_checkpoint(args.model_fn)

@@ -360,10 +360,10 @@ class OnnxModel:
         self.path, self.device = Path(path), torch.device(device)
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise CLIError(f"a GPU was asked for, but this onnxruntime has no CUDA provider (it has "
-                               f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu, or use --gpu_id -1")
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
+            else:
+                print("onnxruntime: this installation has no CUDA provider (onnxruntime-gpu has it); running on the CPU")
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch's CPU ops
         try:

@@ -29,7 +29,14 @@ def onednn(name):
     """oneDNN compiles a kernel for each of DenseNet's ~120 distinct convolution shapes, which at 32 px costs
     far more (tens of seconds) than the convolutions; PyTorch's own kernels run it in a few (MobileNet's
     depthwise convolutions need oneDNN, on the other hand)."""
-    return torch.backends.mkldnn.flags(enabled=name != "densenet121")
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", "TF32 acceleration on top of oneDNN")  # said on every flags() change
+    stack.enter_context(torch.backends.mkldnn.flags(enabled=name != "densenet121"))
+    return stack
 
 
 def real_batch(folder, n):
@@ -313,6 +320,7 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), bare)
     blocker = tmp_path / "file"
     blocker.write_text("x")
+    (tmp_path / "empty").mkdir()
     good = ckpts["resnet18"][0]
     cases = [
         (["--model_fn", tmp_path / "missing.pth"], "does not exist"),
@@ -323,10 +331,15 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys
         (["--model_fn", good, "--output", tmp_path / "m.onnx", "--format", "pt2"], "has the extension of onnx"),
         (["--model_fn", good, "--output", blocker / "m.onnx"], "cannot write --output"),
         (["--model_fn", good, "--output", tmp_path / "m.onnx", "--data_dir", tmp_path / "nowhere"], "does not exist"),
+        (["--model_fn", good, "--output", tmp_path / "m.onnx", "--data_dir", tmp_path / "empty"], "no readable images"),
+        (["--model_fn", good, "--output", tmp_path / "m.pt2", "--opset", "17"], "not the pt2 format"),
+        (["--model_fn", good, "--output", good, "--format", "onnx"], "would overwrite the checkpoint"),
+        (["--model_fn", good, "--check_images", "0"], "must be a positive number"),
     ]
     for argv, message in cases:
         assert message in run_in_process(export, argv, capsys), argv
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.pth", "file", "notes.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.pth", "empty", "file", "notes.pth"]
+    assert sorted(p.name for p in good.parent.iterdir()) == sorted(f"{name}.pth" for name in FAMILIES)
 
 
 def test_predict_refuses_bad_onnx_files(tiny_data, tmp_path, capsys):
