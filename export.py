@@ -161,8 +161,12 @@ def compare(model, exported, images, temperature):
     whole batch and over a batch of one."""
     with torch.inference_mode():
         ref = (model(images) / temperature).softmax(1)
-        got = (exported(images).float() / temperature).softmax(1)
-        one = (exported(images[:1]).float() / temperature).softmax(1)
+        try:
+            got = (exported(images).float() / temperature).softmax(1)
+            one = (exported(images[:1]).float() / temperature).softmax(1)
+        except Exception as e:  # onnxruntime or the loaded program refuses the batch
+            raise CLIError(f"the export does not run on batches of {len(images)} and 1 ({first_line(e)}); "
+                           "nothing was written") from None
     if got.shape != ref.shape or one.shape != ref[:1].shape:
         raise CLIError(f"the export gives shapes {tuple(got.shape)} and {tuple(one.shape)}, not {tuple(ref.shape)}")
     diff = max(float((got - ref).abs().max()), float((one - ref[:1]).abs().max()))

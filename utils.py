@@ -2,6 +2,7 @@
 format, progress bars), distributed info, safe writes, figures."""
 import os
 import random
+import stat
 import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -150,6 +151,16 @@ def check_writable(path, what="output"):
         raise CLIError(f"{what} {str(path)!r} is a folder, not a file")
 
 
+def file_mode(path):
+    """The permissions open(path, "w") would leave: an existing file's own, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_open(path, mode="w", **kwargs):
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
@@ -178,8 +189,9 @@ def atomic_path(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
     try:
+        os.chmod(fd, file_mode(path))  # mkstemp makes 0600; an export is meant to be shared
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

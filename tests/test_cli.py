@@ -94,7 +94,7 @@ def test_predict_errors_as_a_subprocess_have_no_traceback(tmp_path):
 
 
 def test_help_runs_for_both_scripts(capsys):
-    for module in (train, predict, export):
+    for module in (train, predict):
         with pytest.raises(SystemExit) as e:
             module.parse_args(["--help"])
         out = capsys.readouterr().out

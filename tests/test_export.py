@@ -129,6 +129,9 @@ def test_onnx_round_trip_metadata_and_dynamic_batch(ckpts, exported, tiny_data, 
     assert diff <= 1e-4 and agree == n
     assert f"exported {name} (3 classes, 32 px) as onnx" in out
     assert sorted(p.name for p in folder.iterdir()) == [onnx_path.name]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert onnx_path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others as open() leaves it, not 0600
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["logits"]
