@@ -31,7 +31,8 @@ EXAMPLES = """examples:
 def build_parser():
     p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     add = flag_adder(p)
-    add("--model_fn", "--model_path", default="model.pth", help="checkpoint written by train.py")
+    add("--model_fn", "--model_path", default="model.pth", help="checkpoint written by train.py, or an .onnx file "
+        "written by export.py")
     add("--data_dir", default=None, help="an image file, or a folder searched recursively "
         "(default: test/ of the data set the checkpoint was trained on)")
     add("--output", default="result.csv", help="CSV with one row per image")
@@ -121,20 +122,26 @@ def main(args):
         raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise CLIError(f"--threshold must be in (0, 1]; got {args.threshold}")
-    ckpt = model_loader.load_checkpoint(args.model_fn)
+    if model_loader.is_exported(args.model_fn):  # an ONNX file of export.py: onnxruntime runs it
+        ckpt, model = model_loader.load_exported(args.model_fn)
+    else:
+        ckpt = model_loader.load_checkpoint(args.model_fn)
+        model, _ = model_loader.model_from_checkpoint(ckpt, args.model_fn)
     class_names = ckpt["class_names"]
     if args.threshold is not None and args.unknown_label in class_names:
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     temperature = float(ckpt.get("temperature", 1.0))  # older checkpoints have none: uncalibrated
     views = 2 if args.tta else 1  # the image, and its mirror image with --tta
-    model, _ = model_loader.model_from_checkpoint(ckpt, args.model_fn)
     inputs = find_inputs(args.data_dir or default_inputs(ckpt), class_names)
     check_writable(args.output, "--output")
     if args.n_images:
         check_writable(args.plot, "--plot")
     device = resolve_device(args.gpu_id)
-    channels_last = model_loader.is_convolutional(model)
-    model = model_loader.optimize_for_inference(model.to(device), channels_last)
+    if isinstance(model, model_loader.OnnxModel):  # onnxruntime optimizes its graph itself; batches stay on the CPU
+        model, device, channels_last = model.to(device), torch.device("cpu"), False
+    else:
+        channels_last = model_loader.is_convolutional(model)
+        model = model_loader.optimize_for_inference(model.to(device), channels_last)
     compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
 
     tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)

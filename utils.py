@@ -183,6 +183,28 @@ def atomic_open(path, mode="w", **kwargs):
         raise
 
 
+@contextmanager
+def atomic_path(path):
+    """For writers that want a file name (onnx, torch.export.save): a temporary path in the same folder
+    (same extension), fsynced and renamed over `path` when the block succeeds, removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    try:
+        os.chmod(fd, file_mode(path))  # mkstemp makes 0600; an export is meant to be shared
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def atomic_torch_save(obj, path):
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import export
 import predict
 import train
 from conftest import ROOT, assert_clean_error, run_script
@@ -187,7 +188,7 @@ def test_an_error_with_loader_workers_alive_ends_the_process(tiny_data, tmp_path
 
 def test_every_flag_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
-    for module in (train, predict):
+    for module in (train, predict, export):
         for action in module.build_parser()._actions:
             if action.option_strings and action.dest != "help":
                 assert f"`{action.option_strings[0]}" in readme, action.option_strings[0]

@@ -1,4 +1,5 @@
 """train.py under torchrun on the CPU (gloo): two processes against one, and the README's commands."""
+import csv
 import os
 import shlex
 import subprocess
@@ -66,6 +67,15 @@ def test_two_processes_match_one(ddp_data, tmp_path):
                       "--output", tmp_path / "r.csv", "--plot", tmp_path / "p.png", cwd=tmp_path)
     assert pred.returncode == 0, pred.stderr
     assert "accuracy" in pred.stdout
+    exported = run_script("export.py", "--model_fn", tmp_path / "two" / "m.pth", cwd=tmp_path)  # -> two/m.onnx
+    assert exported.returncode == 0, exported.stderr
+    assert f"16 images of {ddp_data / 'test'}" in exported.stdout and "top-1 agreement 16/16" in exported.stdout
+    # no --data_dir: the training data's test folder, named in the ONNX file's metadata
+    pred = run_script("predict.py", "--model_fn", tmp_path / "two" / "m.onnx", "--output", tmp_path / "o.csv",
+                      "--n_images", "0", cwd=tmp_path)
+    assert pred.returncode == 0, pred.stderr
+    rows = [list(csv.DictReader(open(tmp_path / f, encoding="utf-8-sig"))) for f in ("r.csv", "o.csv")]
+    assert [r["predict"] for r in rows[0]] == [r["predict"] for r in rows[1]] and len(rows[0]) == 18
 
 
 def test_frozen_cache_under_torchrun_equals_one_process_and_resumes(ddp_data, tmp_path):

@@ -287,8 +287,20 @@ def check_what_the_readme_commands_wrote(work):
     assert [r["file_dir"] for r in rows] == sorted(str(p) for p in (work / "my_images" / "test").rglob("*.png"))
     assert all(r["predict"] in ("bag", "sneaker", "trouser") and r["label"] == Path(r["file_dir"]).parent.name
                for r in rows)
-    rows = csv_rows(work / "result.csv")  # the last predict.py: resnet.pth on catdog/test, its training data's
-    assert sorted(r["file_dir"] for r in rows) == sorted(str(p) for p in (work / "catdog" / "test").rglob("*.jpg"))
+    rows = csv_rows(work / "result.csv")  # the last predict.py: model.onnx on the test/ of model.pth's data
+    assert [r["file_dir"] for r in rows] == sorted(str(p) for p in (SAMPLE / "test").rglob("*.png"))
+    assert all(r["predict"] in sample_classes for r in rows)
+    import json
+
+    import onnx
+
+    metadata = {p.key: p.value for p in onnx.load(work / "model.onnx").metadata_props}
+    assert json.loads(metadata["class_names"]) == sample_classes and metadata["input_size"] == "32"
+    assert zipfile.is_zipfile(work / "model.pt2")
+    rows = csv_rows(work / "trust.csv")  # --threshold 0.9: below it 'unknown', the probabilities kept
+    assert rows and all((r["predict"] == "unknown") == (float(r["confidence"]) < 0.9) for r in rows)
+    report = csv_rows(work / "trust_report.csv")
+    assert [r["class"] for r in report][-2:] == ["macro avg", "weighted avg"]
     for png in ("predictions.png", "mine.png", "predictions_confusion.png"):
         with Image.open(work / png) as img:
             assert img.format == "PNG" and img.size[0] > 100, png

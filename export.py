@@ -1,0 +1,212 @@
+"""Export a checkpoint of train.py for deployment: ONNX (for onnxruntime, in any language) or PyTorch's
+own torch.export format (.pt2). The class names and the preprocessing travel inside the file. Before the
+file is put in place it is checked against the PyTorch model on real images (the training data's test
+folder, else random tensors); a difference of a probability above 1e-4 fails and writes nothing.
+
+  python export.py --model_fn model.pth                       # -> model.onnx
+  python export.py --model_fn model.pth --output model.pt2    # torch.export.load()-able
+"""
+import cli  # before torch: Ctrl-C while the imports below load is one quiet line, not a traceback
+
+if __name__ == "__main__":
+    cli.exit_quietly_on_stop_signals()
+
+import io
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import data_loader
+import model_loader
+from cli import ArgumentParser, CLIError, flag_adder, run_cli  # noqa: E402
+from utils import atomic_path, check_writable
+
+FORMATS = {".onnx": "onnx", ".pt2": "pt2"}  # file extension -> format
+TOLERANCE = 1e-4  # largest difference of any class probability between the export and the PyTorch model
+DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # 17: onnxruntime >= 1.11 runs it; the dynamo exporter starts at 18
+EXAMPLE_BATCH = 2  # traced batch size; the batch axis is exported dynamic (a batch of 1 is checked as well)
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__)
+    add = flag_adder(p)
+    add("--model_fn", "--model_path", default="model.pth", help="checkpoint written by train.py")
+    add("--output", default=None, help="exported file (default: --model_fn with the format's extension)")
+    add("--format", choices=sorted(set(FORMATS.values())), default=None,
+        help="onnx or pt2 (default: from --output's extension, else onnx)")
+    add("--opset", type=int, default=None, help="ONNX opset (default: 17 with the torchscript exporter, 18 with dynamo)")
+    add("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+        help="ONNX exporter: torch.onnx's TorchScript tracer (seconds), or its torch.export-based one "
+             "(needs onnxscript; up to a minute on a CPU)")
+    add("--data_dir", default=None, help="images for the check: an image folder (searched recursively) "
+        "(default: test/ of the training data when it exists, else random tensors)")
+    add("--check_images", type=int, default=16, help="images the export is checked on")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def resolve_output(args):
+    """(format, output path) from --format and --output; a CLIError when they disagree."""
+    fmt = args.format
+    if args.output is None:
+        fmt = fmt or "onnx"
+        return fmt, Path(args.model_fn).with_suffix("." + fmt)
+    output = Path(args.output)
+    from_extension = FORMATS.get(output.suffix.lower())
+    if fmt is None and from_extension is None:
+        raise CLIError(f"cannot tell the format from --output {str(output)!r}: name it .onnx or .pt2, or give --format")
+    if fmt is not None and from_extension is not None and fmt != from_extension:
+        raise CLIError(f"--output {str(output)!r} has the extension of {from_extension}, but --format is {fmt}")
+    return fmt or from_extension, output
+
+
+def check_batch(ckpt, args):
+    """(images, where they came from): up to --check_images preprocessed images spread over the sorted
+    files of --data_dir or of the training data's test folder; random tensors when there is no folder."""
+    folder = Path(args.data_dir) if args.data_dir else None
+    if folder is not None and not folder.is_dir():
+        raise CLIError(f"--data_dir {str(folder)!r} does not exist or is not a folder")
+    if folder is None:
+        saved = ckpt.get("args", {})
+        try:
+            folder = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name")) / "test"
+        except CLIError:
+            folder = None
+    files = data_loader.list_images(folder) if folder is not None and folder.is_dir() else []
+    if files:
+        tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"],
+                                          train=False)
+        step = max(1, len(files) // args.check_images)  # evenly spread: several classes show
+        images = []
+        for f in files[::step]:
+            try:
+                images.append(tf(data_loader.load_rgb(f)))
+            except Exception:  # an unreadable file: the check uses the others
+                continue
+            if len(images) == args.check_images:
+                break
+        if images:
+            return torch.stack(images), f"{len(images)} images of {folder}"
+    if args.data_dir:
+        raise CLIError(f"--data_dir {args.data_dir!r} holds no readable images ({', '.join(data_loader.IMG_EXTENSIONS)})")
+    size = ckpt["input_size"]
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors"
+
+
+def first_line(e):
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def write_onnx(model, example, path, meta, opset, exporter):
+    """The model as ONNX at `path`: input 'input' (N, 3, H, W) float32, output 'logits', N dynamic, and
+    `meta` as metadata_props."""
+    import onnx
+
+    opset = opset or DEFAULT_OPSET[exporter]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice, tracer notes
+            if exporter == "dynamo":
+                program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["logits"],
+                                            dynamic_shapes=({0: "batch"},), opset_version=opset, dynamo=True,
+                                            verbose=False)
+                proto = program.model_proto
+            else:
+                buffer = io.BytesIO()
+                torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=opset, dynamo=False)
+                proto = onnx.load_from_string(buffer.getvalue())
+        onnx.helper.set_model_props(proto, meta)
+        onnx.checker.check_model(proto)
+    except CLIError:
+        raise
+    except Exception as e:  # the exporter's many ways to refuse a model or an opset
+        raise CLIError(f"the {exporter} ONNX exporter failed at opset {opset} ({first_line(e)})") from None
+    if proto.ByteSize() >= 2 ** 31:
+        raise CLIError("the model is over ONNX's 2 GB single-file limit; export it with --format pt2")
+    path.write_bytes(proto.SerializeToString())
+
+
+def write_pt2(model, example, path, meta):
+    """The model as a torch.export program at `path` (batch axis dynamic), `meta` as its extra files."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(program, str(path), extra_files=meta)
+    except Exception as e:
+        raise CLIError(f"torch.export failed ({first_line(e)})") from None
+
+
+def load_for_check(fmt, path):
+    """The written file, loaded the way a consumer loads it: (metadata strings, callable images -> logits)."""
+    if fmt == "onnx":
+        model = model_loader.OnnxModel(path)
+        return model.metadata(), model
+    meta = dict.fromkeys(model_loader.EXPORT_KEYS, "")
+    program = torch.export.load(str(path), extra_files=meta)
+    return meta, program.module()
+
+
+def compare(model, exported, images, temperature):
+    """(largest probability difference, top-1 agreements) of the export against the PyTorch model, over the
+    whole batch and over a batch of one."""
+    with torch.inference_mode():
+        ref = (model(images) / temperature).softmax(1)
+        try:
+            got = (exported(images).float() / temperature).softmax(1)
+            one = (exported(images[:1]).float() / temperature).softmax(1)
+        except Exception as e:  # onnxruntime or the loaded program refuses the batch
+            raise CLIError(f"the export does not run on batches of {len(images)} and 1 ({first_line(e)}); "
+                           "nothing was written") from None
+    if got.shape != ref.shape or one.shape != ref[:1].shape:
+        raise CLIError(f"the export gives shapes {tuple(got.shape)} and {tuple(one.shape)}, not {tuple(ref.shape)}")
+    diff = max(float((got - ref).abs().max()), float((one - ref[:1]).abs().max()))
+    return diff, int((got.argmax(1) == ref.argmax(1)).sum())
+
+
+def main(args):
+    if args.check_images <= 0:
+        raise CLIError("--check_images must be a positive number")
+    fmt, output = resolve_output(args)
+    if fmt == "pt2" and (args.opset is not None or args.exporter != "torchscript"):
+        raise CLIError("--opset and --exporter are for ONNX, not the pt2 format")
+    if output.resolve() == Path(args.model_fn).resolve():
+        raise CLIError(f"--output {str(output)!r} would overwrite the checkpoint")
+    ckpt = model_loader.load_checkpoint(args.model_fn)
+    model, _ = model_loader.model_from_checkpoint(ckpt, args.model_fn)
+    model = model.eval()
+    check_writable(output, "--output")
+    meta = model_loader.export_metadata(ckpt)
+    images, source = check_batch(ckpt, args)
+    example = images[:EXAMPLE_BATCH] if len(images) >= EXAMPLE_BATCH else images.expand(EXAMPLE_BATCH, -1, -1, -1)
+    start = time.perf_counter()
+    with atomic_path(output) as tmp:  # checked before it is renamed into place; removed when anything fails
+        if fmt == "onnx":
+            write_onnx(model, example, tmp, meta, args.opset, args.exporter)
+        else:
+            write_pt2(model, example, tmp, meta)
+        seconds = time.perf_counter() - start
+        written, exported = load_for_check(fmt, tmp)
+        if {k: written.get(k) for k in meta} != meta:
+            raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
+        diff, agree = compare(model, exported, images, float(meta["temperature"]))
+        print(f"check on {source}: max probability difference {diff:.2e}, top-1 agreement {agree}/{len(images)}")
+        if not diff <= TOLERANCE:  # also catches NaN
+            raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
+                           f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written")
+    size_mb = output.stat().st_size / 2 ** 20
+    print(f"exported {ckpt['model_name']} ({len(ckpt['class_names'])} classes, {ckpt['input_size']} px) as {fmt} "
+          f"in {seconds:.1f}s -> {output} ({size_mb:.1f} MB)")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))
