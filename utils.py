@@ -162,36 +162,16 @@ def file_mode(path):
 
 
 @contextmanager
-def atomic_open(path, mode="w", **kwargs):
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-    A crash at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(fd, file_mode(path))  # mkstemp makes 0600; the result gets what open() would give
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-@contextmanager
 def atomic_path(path):
-    """For writers that want a file name (onnx, torch.export.save): a temporary path in the same folder
-    (same extension), fsynced and renamed over `path` when the block succeeds, removed when it fails."""
+    """A temporary name in `path`'s folder to write to; fsynced and renamed over `path` when the block
+    succeeds, removed when it fails. A crash at any moment leaves the old file or the new one, never half
+    of one. The name keeps the extension (torch.export.save wants .pt2), and the file gets the permissions
+    open() would give it (mkstemp's are 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     try:
-        os.chmod(fd, file_mode(path))  # mkstemp makes 0600; an export is meant to be shared
+        os.chmod(fd, file_mode(path))
         os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -203,6 +183,13 @@ def atomic_path(path):
         except OSError:
             pass
         raise
+
+
+@contextmanager
+def atomic_open(path, mode="w", **kwargs):
+    """open() for writing, through atomic_path: the file appears whole under its name, or not at all."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 def atomic_torch_save(obj, path):

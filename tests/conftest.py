@@ -41,6 +41,17 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(module, argv, capsys):
+    """`python SCRIPT ARGV` in this process, expected to fail on its input: one 'error: ...' line, status 2."""
+    from cli import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: module.main(module.parse_args([str(a) for a in argv])))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
 def assert_clean_error(proc, *fragments):
     """A non-zero exit with one 'error: ...' line and no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

@@ -10,16 +10,7 @@ from PIL import Image
 import export
 import predict
 import train
-from conftest import ROOT, assert_clean_error, run_script
-from cli import run_cli
-
-
-def run_in_process(module, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: module.main(module.parse_args([str(a) for a in argv])))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
+from conftest import ROOT, assert_clean_error, run_in_process, run_script
 
 
 def base(tiny_data, tmp_path):

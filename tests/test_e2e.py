@@ -284,7 +284,8 @@ def check_what_the_readme_commands_wrote(work):
         test_files = {p.name for p in (work / "catdog" / "test" / animal).iterdir()}
         assert len(train_files) + len(test_files) == 14 and not train_files & test_files and test_files
     rows = csv_rows(work / "mine.csv")
-    assert [r["file_dir"] for r in rows] == sorted(str(p) for p in (work / "my_images" / "test").rglob("*.png"))
+    test_files = sorted(str(p.relative_to(work)) for p in (work / "my_images" / "test").rglob("*.png"))
+    assert [r["file_dir"] for r in rows] == test_files  # as given: --data_dir my_images/test
     assert all(r["predict"] in ("bag", "sneaker", "trouser") and r["label"] == Path(r["file_dir"]).parent.name
                for r in rows)
     rows = csv_rows(work / "result.csv")  # the last predict.py: model.onnx on the test/ of model.pth's data

@@ -221,7 +221,7 @@ def test_report_and_threshold_equal_a_hand_count_on_a_labelled_folder(trained, t
         assert float(report[c]["roc_auc"]) == pytest.approx(pairs, abs=1e-6)
     accepted = [r for r in rows if r["predict"] != "not sure"]
     right = sum(r["predict"] == r["label"] for r in accepted)
-    assert f"16/24 accepted (66.7%)" in printed
+    assert "16/24 accepted (66.7%)" in printed
     assert f"accuracy on accepted rows {right / 16:.4f} ({right}/16;" in printed
     assert "weighted avg" in printed and "roc_auc" in printed
     with Image.open(tmp_path / "cut_confusion.png") as img:

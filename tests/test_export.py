@@ -18,8 +18,8 @@ from PIL import Image
 import export
 import model_loader
 import predict
-from cli import CLIError, run_cli
-from conftest import ROOT
+from cli import CLIError
+from conftest import ROOT, run_in_process
 
 FAMILIES = ["resnet18", "mobilenet_v2", "densenet121", "squeezenet1_0"]
 SIZE = 32  # px: every family runs at this size, and exports in seconds
@@ -306,14 +306,6 @@ def test_readme_deployment_snippet_matches_predict(ckpts, exported, tiny_data, t
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-def run_in_process(module, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: module.main(module.parse_args([str(a) for a in argv])))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 def test_export_bad_input_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys):

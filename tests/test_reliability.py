@@ -217,7 +217,7 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints(tiny_data, tmp_path):
         wait_for(proc, "SAVING")
         os.killpg(proc.pid, signal.SIGKILL)  # in the middle of a checkpoint write (temp file half done)
         proc.wait()
-        (tmp,) = work.glob(".m*.tmp")  # the killed write went to a temp file in the same folder
+        (tmp,) = work.glob(".m*.tmp.pth")  # the killed write went to a temp file in the same folder
         target = work / (tmp.name[1:].split(".pth")[0] + ".pth")
         assert loads(target)["epoch"] < loads(tmp)["epoch"]  # the file under its real name is the earlier one
         assert loads(work / "m.pth")["epoch"] >= 1 and loads(work / "m_last.pth")["epoch"] >= 1
