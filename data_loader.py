@@ -139,6 +139,29 @@ class Batch:
         return self
 
 
+class SkipLog:
+    """Unreadable files: one warning each, and a count per class for the summary."""
+
+    def __init__(self, samples, class_names, warn):
+        self.samples, self.class_names, self.warn = samples, class_names, warn
+        self.seen = {}
+
+    def add(self, bad_items, samples=None):
+        samples = samples or self.samples
+        for item in bad_items:
+            path, label = samples[item.index]
+            if path not in self.seen:
+                self.seen[path] = label
+                self.warn(f"warning: skipping unreadable image {path} ({item.reason})")
+
+    def per_class(self):
+        counts = {}
+        for label in self.seen.values():
+            name = self.class_names[label] if label >= 0 else "?"
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
 def collate(items):
     good = [it for it in items if not isinstance(it, BadSample)]
     bad = [it for it in items if isinstance(it, BadSample)]

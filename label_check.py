@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 import data_loader
+import features
 import model_loader
-import trainer
 from utils import atomic_open, save_image_grid
 
 FOLDS = 5  # out-of-fold probabilities from 5-fold cross-validation (fewer when a class has fewer images)
@@ -226,11 +225,11 @@ def backbone_features(model, head, samples, views, meta, batch_size, num_workers
     pooled = data_loader.DataSplits([], list(samples), [], [], "")
     loaders = data_loader.build_loaders(pooled, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"],
                                         batch_size, num_workers, seed, pin_memory=compute.device.type == "cuda")
-    view_loaders = [loaders.train_eval] + [trainer.view_loader(loaders.train, v) for v in range(views)]
-    store, _ = trainer.feature_store(len(view_loaders), len(samples), trainer.feature_dim(model, head), budget_mb,
+    view_loaders = [loaders.train_eval] + [features.view_loader(loaders.train, v) for v in range(views)]
+    store, _ = features.feature_store(len(view_loaders), len(samples), features.feature_dim(model, head), budget_mb,
                                      spill_path)
     fast = model_loader.optimize_for_inference(model, compute.channels_last)
-    ok = trainer.extract_views(fast, head, view_loaders, store, compute, skips)
+    ok = features.extract_views(fast, head, view_loaders, store, compute, skips)
     return store, ok
 
 
@@ -242,7 +241,7 @@ def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_siz
     run_dir = Path(run_dir)
     samples = splits.train + splits.valid
     split = ["train"] * len(splits.train) + ["valid"] * len(splits.valid)
-    skips = trainer.SkipLog(samples, splits.class_names, out)
+    skips = data_loader.SkipLog(samples, splits.class_names, out)
     start = time.perf_counter()
     spill = run_dir / "label_features.bin"
     features, ok = backbone_features(model, head, samples, views, meta, batch_size, num_workers, seed, compute,

@@ -1,5 +1,5 @@
-"""The training loop: one epoch, evaluation, the frozen-backbone feature cache, the fit loop with
-early stopping, best/last checkpoints, TensorBoard and metrics.csv logging, and exact resume."""
+"""The training loop: one epoch, evaluation, head epochs on the feature cache (features.py), the fit loop
+with early stopping, best/last checkpoints, TensorBoard and metrics.csv logging, and exact resume."""
 import copy
 import csv
 import math
@@ -13,7 +13,8 @@ from torch import nn
 
 import evaluation
 import model_loader
-from data_loader import TrainSampler, build_transforms, display_transform, load_rgb, make_loader
+from data_loader import SkipLog, TrainSampler, build_transforms, display_transform, load_rgb
+from features import build_feature_cache, head_takes_features
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
@@ -45,29 +46,6 @@ class Meter:
             loss, correct, count = all_reduce_sum([loss, correct, count], dist, device)
         count = int(round(count))
         return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1), "count": count}
-
-
-class SkipLog:
-    """Unreadable files: one warning each, and a count per class for the summary."""
-
-    def __init__(self, samples, class_names, warn):
-        self.samples, self.class_names, self.warn = samples, class_names, warn
-        self.seen = {}
-
-    def add(self, bad_items, samples=None):
-        samples = samples or self.samples
-        for item in bad_items:
-            path, label = samples[item.index]
-            if path not in self.seen:
-                self.seen[path] = label
-                self.warn(f"warning: skipping unreadable image {path} ({item.reason})")
-
-    def per_class(self):
-        counts = {}
-        for label in self.seen.values():
-            name = self.class_names[label] if label >= 0 else "?"
-            counts[name] = counts.get(name, 0) + 1
-        return counts
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -119,143 +97,7 @@ def evaluate(model, loader, compute, skips=None, desc="valid"):
     return meter.result(compute.dist, compute.device)
 
 
-# ----------------------------------------------------------------------------- the feature cache
-
-
-def head_takes_features(model, head, input_size, device):
-    """True when the classifier layer is the model's last operation (its output is the logits), so
-    training it on cached inputs is the same as training it through the frozen backbone."""
-    seen = {}
-    hook = model.get_submodule(head).register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
-    try:
-        with torch.inference_mode():
-            was_training = model.training
-            model.eval()
-            logits = model(torch.randn(2, 3, input_size, input_size, device=device))
-            model.train(was_training)
-    finally:
-        hook.remove()
-    out = seen.get("out")
-    return (out is not None and seen["inp"].dim() == 2 and out.shape == logits.shape
-            and torch.allclose(out.float(), logits.float()))
-
-
-@dataclass
-class FeatureCache:
-    train: torch.Tensor  # (views, n_train, dim): backbone outputs, the classifier's inputs
-    train_ok: torch.Tensor  # (n_train,) bool: False for unreadable images
-    valid: torch.Tensor  # (1, n_valid, dim)
-    valid_ok: torch.Tensor
-    seconds: float
-    location: str  # "memory" or the spill file
-
-
-class ViewSampler(TrainSampler):
-    """Every index once, in order, each with the seed of its augmented view (for cache_views > 1)."""
-
-    def __init__(self, n, seed, view, rank=0, world_size=1):
-        super().__init__(n, seed, rank, world_size)
-        self.view = view
-
-    def __len__(self):
-        return len(range(self.rank, self.n, self.world_size))
-
-    def __iter__(self):
-        return iter((i, self.sample_seed(10_000 + self.view, i)) for i in range(self.rank, self.n, self.world_size))
-
-
-@torch.inference_mode()
-def extract_features(model, head, loader, store, view, compute, skips):
-    """Fill store[view, index] with the classifier's input for every image this rank's loader yields."""
-    model.eval()
-    captured = []
-    hook = model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: captured.append(inputs[0]))
-    ok = torch.zeros(store.shape[1], dtype=torch.bool)
-    try:
-        for batch in bar(loader, compute, f"features {view + 1}"):
-            skips.add(batch.bad, loader.dataset.samples)
-            if batch.labels.numel():
-                captured.clear()
-                with compute.autocast():
-                    model(compute.to_device(batch.images))
-                features = captured[0].float()
-                if features.dim() > 2:  # a 1x1-conv classifier (SqueezeNet) takes a feature map: its spatial mean
-                    features = features.flatten(2).mean(2)
-                store[view, batch.indices] = features.cpu()
-                ok[batch.indices] = True
-            # ranks hold different numbers of batches here, so no collective check under torchrun
-            if not compute.dist.enabled and compute.stop_requested():
-                return None
-    finally:
-        hook.remove()
-    return ok
-
-
-def view_loader(train_loader, view, rank=0, world_size=1):
-    """The training images through the training transform, each seeded by (image, view): augmented view
-    number `view`, the same on every run; every image once, in order (this rank's share)."""
-    sampler = ViewSampler(len(train_loader.dataset), train_loader.sampler.seed, view, rank, world_size)
-    return make_loader(train_loader.dataset, train_loader.batch_size, sampler, train_loader.num_workers)
-
-
-def extract_views(model, head, view_loaders, store, compute, skips):
-    """store[v, i] = the classifier's input for image i as view_loaders[v] yields it (all loaders walk the
-    same images). Returns the mask of images read in some view, or None when a stop signal arrived.
-    `model` is best an optimize_for_inference copy."""
-    ok = torch.zeros(store.shape[1], dtype=torch.bool)
-    for view, loader in enumerate(view_loaders):
-        got = extract_features(model, head, loader, store, view, compute, skips)
-        if got is None:
-            return None
-        ok |= got
-    return ok
-
-
-def feature_store(views, n, dim, budget_mb, spill_path):
-    """A zeroed (views, n, dim) float32 tensor in memory, or memory-mapped from a file past the budget."""
-    numel = views * n * dim
-    if numel * 4 <= budget_mb * 2**20:
-        return torch.zeros(views, n, dim), "memory"
-    spill_path = Path(spill_path)
-    spill_path.parent.mkdir(parents=True, exist_ok=True)
-    spill_path.unlink(missing_ok=True)
-    store = torch.from_file(str(spill_path), shared=True, size=numel, dtype=torch.float32).view(views, n, dim)
-    store.zero_()
-    return store, str(spill_path)
-
-
-def feature_dim(model, head):
-    module = model.get_submodule(head)
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
-
-
-def build_feature_cache(model, head, loaders, views, budget_mb, spill_path, compute, skips):
-    """One frozen-backbone pass over train (x views) and valid; under torchrun each rank does its shard
-    and an all-reduce assembles the whole (each row is written by exactly one rank)."""
-    start = time.perf_counter()
-    dim = feature_dim(model, head)
-    model = model_loader.optimize_for_inference(model, compute.channels_last)  # a faster eval-only copy
-    n_train, n_valid = len(loaders.train_eval.dataset), len(loaders.valid.dataset)
-    train, location = feature_store(views, n_train, dim, budget_mb, spill_path)
-    valid = torch.zeros(1, n_valid, dim)
-    # one view: the eval transform; several: augmented views (the training transform, seeded per image and view)
-    train_loaders = [loaders.train_eval] if views == 1 else [
-        view_loader(loaders.train, view, compute.dist.rank, compute.dist.world_size) for view in range(views)]
-    train_ok = extract_views(model, head, train_loaders, train, compute, skips)
-    if train_ok is None:
-        return None
-    valid_ok = extract_views(model, head, [loaders.valid], valid, compute, skips)
-    if valid_ok is None:
-        return None
-    if compute.dist.enabled:
-        for t in (train, valid):
-            gathered = t.to(compute.device)
-            torch.distributed.all_reduce(gathered)
-            t.copy_(gathered.cpu())
-        masks = torch.cat([train_ok, valid_ok]).to(compute.device, torch.float32)
-        torch.distributed.all_reduce(masks)
-        train_ok, valid_ok = (masks.cpu() > 0).split([n_train, n_valid])
-    return FeatureCache(train, train_ok, valid, valid_ok, time.perf_counter() - start, location)
+# ----------------------------------------------------------------------------- head epochs on cached features
 
 
 def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer, scheduler, scaler, criterion,

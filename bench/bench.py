@@ -139,7 +139,7 @@ def finetune_rates(model_name, data_dir, size, batch, n_images, device, rounds=2
         sync(device)
         start = time.perf_counter()
         metrics = trainer.train_one_epoch(model, loader, opt, sched, scaler, torch.nn.CrossEntropyLoss(), compute,
-                                          trainer.SkipLog(splits.train, splits.class_names, print))
+                                          dl.SkipLog(splits.train, splits.class_names, print))
         sync(device)
         return metrics["count"] / (time.perf_counter() - start)
 

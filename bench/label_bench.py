@@ -35,7 +35,6 @@ import torch  # noqa: E402
 import data_loader as dl  # noqa: E402
 import label_check as lc  # noqa: E402
 import model_loader as ml  # noqa: E402
-import trainer  # noqa: E402
 from cli import ArgumentParser, tune_allocator  # noqa: E402
 from utils import Compute, DistInfo  # noqa: E402
 
@@ -161,7 +160,7 @@ def main(args):
     meta = {"input_size": args.size, "resize_size": dl.default_resize(args.size), "mean": defaults["mean"],
             "std": defaults["std"]}
     compute = Compute(torch.device("cpu"), None, ml.is_convolutional(model), False, DistInfo())
-    skips = trainer.SkipLog(samples, class_names, print)
+    skips = dl.SkipLog(samples, class_names, print)
     lc.backbone_features(model, head, samples[:32], 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")  # warm-up
     start = time.perf_counter()
     plain, _ = lc.backbone_features(model, head, samples, 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")

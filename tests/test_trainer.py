@@ -12,6 +12,7 @@ from torch import nn
 import data_loader as dl
 import model_loader as ml
 import train
+import features
 import trainer
 import cli
 import utils
@@ -42,8 +43,8 @@ def test_head_takes_features_only_when_the_classifier_is_last():
     resnet, head = ml.build_model("resnet18", 3, log=print)
     squeeze, shead = ml.build_model("squeezenet1_0", 3, log=print)
     cpu = torch.device("cpu")
-    assert trainer.head_takes_features(resnet, head, 32, cpu)
-    assert not trainer.head_takes_features(squeeze, shead, 64, cpu)
+    assert features.head_takes_features(resnet, head, 32, cpu)
+    assert not features.head_takes_features(squeeze, shead, 64, cpu)
 
 
 def cache_setup(tiny_data, tmp_path, budget_mb=64):
@@ -52,8 +53,8 @@ def cache_setup(tiny_data, tmp_path, budget_mb=64):
     splits = dl.build_splits(tiny_data, 0.25, 0)
     loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
     compute = utils.Compute(torch.device("cpu"), dist=DistInfo())
-    skips = trainer.SkipLog(splits.train, splits.class_names, print)
-    cache = trainer.build_feature_cache(model, head, loaders, 1, budget_mb, tmp_path / "cache.bin", compute, skips)
+    skips = dl.SkipLog(splits.train, splits.class_names, print)
+    cache = features.build_feature_cache(model, head, loaders, 1, budget_mb, tmp_path / "cache.bin", compute, skips)
     return model, splits, loaders, cache
 
 
@@ -101,7 +102,7 @@ def test_head_epoch_on_cached_features_equals_the_loop_through_the_backbone(tiny
         else:
             eval_view = dl.make_loader(loaders.train_eval.dataset, 8, sampler, 0)
             ml.set_train_mode(model, head, backbone_frozen=True)
-            skips = trainer.SkipLog(splits.train, splits.class_names, print)
+            skips = dl.SkipLog(splits.train, splits.class_names, print)
             metrics = trainer.train_one_epoch(model, eval_view, opt, sched, scaler, nn.CrossEntropyLoss(), compute,
                                               skips)
         results.append((metrics, model.fc.weight.detach().clone()))
@@ -196,7 +197,7 @@ def test_amp_and_channels_last_paths_run_on_cpu(tiny_data, tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     metrics = trainer.train_one_epoch(model, loaders.train, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-                                      nn.CrossEntropyLoss(), compute, trainer.SkipLog(splits.train, [], print))
+                                      nn.CrossEntropyLoss(), compute, dl.SkipLog(splits.train, [], print))
     assert math.isfinite(metrics["loss"]) and metrics["count"] == len(splits.train)
     assert formats and all(formats)
 
@@ -223,9 +224,9 @@ def test_cache_views_hold_distinct_augmented_views(tiny_data, tmp_path):
     splits = dl.build_splits(tiny_data, 0.25, 0)
     loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
     compute = utils.Compute(torch.device("cpu"), dist=DistInfo())
-    skips = trainer.SkipLog(splits.train, splits.class_names, print)
-    first = trainer.build_feature_cache(model, head, loaders, 3, 64, tmp_path / "c.bin", compute, skips)
-    again = trainer.build_feature_cache(model, head, loaders, 3, 64, tmp_path / "c.bin", compute, skips)
+    skips = dl.SkipLog(splits.train, splits.class_names, print)
+    first = features.build_feature_cache(model, head, loaders, 3, 64, tmp_path / "c.bin", compute, skips)
+    again = features.build_feature_cache(model, head, loaders, 3, 64, tmp_path / "c.bin", compute, skips)
     assert first.train.shape == (3, len(splits.train), 512) and bool(first.train_ok.all())
     assert not torch.allclose(first.train[0], first.train[1])  # different augmentations
     assert torch.equal(first.train, again.train)  # seeded per image and view: reproducible
