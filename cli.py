@@ -65,7 +65,7 @@ def flag_adder(parser):
     """add(name, ...) for a parser: every --snake_case flag is also accepted as --dashed-case."""
 
     def add(name, *more, **kw):
-        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(more)
+        names = list(dict.fromkeys(v for n in (name, *more) for v in (n, n.replace("_", "-"))))
         return parser.add_argument(*names, **kw)
 
     return add

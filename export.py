@@ -12,6 +12,7 @@ if __name__ == "__main__":
     cli.exit_quietly_on_stop_signals()
 
 import io
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 import data_loader
 import model_loader
-from cli import ArgumentParser, CLIError, flag_adder, run_cli  # noqa: E402
+from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import atomic_path, check_writable
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}  # file extension -> format
@@ -189,20 +190,27 @@ def main(args):
     images, source = check_batch(ckpt, args)
     example = images[:EXAMPLE_BATCH] if len(images) >= EXAMPLE_BATCH else images.expand(EXAMPLE_BATCH, -1, -1, -1)
     start = time.perf_counter()
-    with atomic_path(output) as tmp:  # checked before it is renamed into place; removed when anything fails
-        if fmt == "onnx":
-            write_onnx(model, example, tmp, meta, args.opset, args.exporter)
-        else:
-            write_pt2(model, example, tmp, meta)
-        seconds = time.perf_counter() - start
-        written, exported = load_for_check(fmt, tmp)
-        if {k: written.get(k) for k in meta} != meta:
-            raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
-        diff, agree = compare(model, exported, images, float(meta["temperature"]))
-        print(f"check on {source}: max probability difference {diff:.2e}, top-1 agreement {agree}/{len(images)}")
-        if not diff <= TOLERANCE:  # also catches NaN
-            raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
-                           f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written")
+    stop = StopFlag().install()  # Ctrl-C during the export: finish it, then remove it instead of renaming it
+    try:
+        with atomic_path(output) as tmp:  # checked before it is renamed into place; removed when anything fails
+            if fmt == "onnx":
+                write_onnx(model, example, tmp, meta, args.opset, args.exporter)
+            else:
+                write_pt2(model, example, tmp, meta)
+            seconds = time.perf_counter() - start
+            written, exported = load_for_check(fmt, tmp)
+            if {k: written.get(k) for k in meta} != meta:
+                raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
+            diff, agree = compare(model, exported, images, float(meta["temperature"]))
+            print(f"check on {source}: max probability difference {diff:.2e}, top-1 agreement {agree}/{len(images)}")
+            if not diff <= TOLERANCE:  # also catches NaN
+                raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
+                               f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written")
+            if stop.requested:  # SystemExit still removes the temporary file
+                print(f"interrupted; {output} was not written", file=sys.stderr)
+                sys.exit(130 if stop.signum == 2 else 128 + stop.signum)
+    finally:
+        stop.restore()
     size_mb = output.stat().st_size / 2 ** 20
     print(f"exported {ckpt['model_name']} ({len(ckpt['class_names'])} classes, {ckpt['input_size']} px) as {fmt} "
           f"in {seconds:.1f}s -> {output} ({size_mb:.1f} MB)")

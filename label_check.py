@@ -243,25 +243,27 @@ def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_siz
     split = ["train"] * len(splits.train) + ["valid"] * len(splits.valid)
     skips = data_loader.SkipLog(samples, splits.class_names, out)
     start = time.perf_counter()
-    spill = run_dir / "label_features.bin"
-    features, ok = backbone_features(model, head, samples, views, meta, batch_size, num_workers, seed, compute,
-                                     skips, budget_mb, spill)
-    if ok is None:
-        return None
-    extracted = time.perf_counter()
-    keep = torch.nonzero(ok).flatten()
-    files = [samples[i][0] for i in keep.tolist()]
-    labels = torch.tensor([samples[i][1] for i in keep.tolist()], dtype=torch.long)
-    n_classes = len(splits.class_names)
-    if len(torch.unique(labels)) < 2:
-        out("label check: skipped; fewer than two classes have readable images")
-        return []
-    k, note = choose_folds(labels, splits.class_names)
-    if note:
-        out(f"label check: {note}")
-    probs, l2, _ = cross_validated_probs(features[:, keep], labels, n_classes, k, seed)
-    del features
-    spill.unlink(missing_ok=True)
+    spill = run_dir / "label_features.bin"  # only past budget_mb; removed whatever happens
+    try:
+        features, ok = backbone_features(model, head, samples, views, meta, batch_size, num_workers, seed, compute,
+                                         skips, budget_mb, spill)
+        if ok is None:
+            return None
+        extracted = time.perf_counter()
+        keep = torch.nonzero(ok).flatten()
+        files = [samples[i][0] for i in keep.tolist()]
+        labels = torch.tensor([samples[i][1] for i in keep.tolist()], dtype=torch.long)
+        n_classes = len(splits.class_names)
+        if len(torch.unique(labels)) < 2:
+            out("label check: skipped; fewer than two classes have readable images")
+            return []
+        k, note = choose_folds(labels, splits.class_names)
+        if note:
+            out(f"label check: {note}")
+        probs, l2, _ = cross_validated_probs(features[:, keep], labels, n_classes, k, seed)
+        del features
+    finally:
+        spill.unlink(missing_ok=True)
     issues = LabelIssues(files, labels, [split[i] for i in keep.tolist()], probs, splits.class_names)
     rows = issues.table()
     write_csv(rows, run_dir / "label_issues.csv")

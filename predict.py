@@ -197,6 +197,7 @@ def main(args):
     if args.threshold is not None:
         print(f"threshold {args.threshold:g}: {n_accepted}/{n_done} accepted ({n_accepted / n_done:.1%}), "
               f"the rest predicted as {args.unknown_label!r}")
+    labelled = labelled and len(tally) > 0  # every labelled image may have been unreadable
     if labelled:
         print_accuracy(tally, args.threshold)
         confidence = torch.stack(tally.probs).max(1).values

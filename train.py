@@ -155,8 +155,6 @@ def model_meta(args, model_name):
 def check_data(args, data_dir, model_name):
     """--check_data: the audit, then the label check when a pretrained backbone is given (label_check.py).
     Exits 1 on unreadable files or leaks; labels flagged as wrong alone do not fail it."""
-    if args.weights and args.use_pretrained:
-        raise CLIError("give --use_pretrained or --weights, not both")
     if args.check_views < 0:
         raise CLIError(f"--check_views must be 0 or more; got {args.check_views}")
     status = data_loader.audit_data(data_dir, print)
@@ -197,10 +195,10 @@ def main(args):
     check_args(args)
     model_name = model_loader.resolve_model_name(args.model_name)
     data_dir = data_loader.dataset_root(args.data_dir, args.dataset_name)
-    if args.check_data:
-        return check_data(args, data_dir, model_name)
     if args.weights and args.use_pretrained:
         raise CLIError("give --use_pretrained or --weights, not both")
+    if args.check_data:
+        return check_data(args, data_dir, model_name)
     device = resolve_device(args.gpu_id, dist.local_rank)
     if dist.is_main:
         check_writable(args.model_fn, "--model_fn")
@@ -292,12 +290,15 @@ def main(args):
     if state.best_epoch:
         say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
             else "calibration: no validation images could be read; temperature stays 1.0")
-    if result.test_metrics:
+    if result.test_metrics.get("count"):
         t = result.test_metrics
         say(f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")
     if result.test_report is not None:
         say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
     say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    if stop.requested:  # arrived after the last epoch, during calibration and the test pass: all was written
+        say(f"interrupted at the end of training; {args.model_fn} is complete")
+        sys.exit(130 if stop.signum == 2 else 128 + stop.signum)
     return result
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 import export
 import predict
 import train
+from cli import run_cli
 from conftest import ROOT, assert_clean_error, run_in_process, run_script
 
 
@@ -213,3 +214,25 @@ def test_closed_stdout_stops_quietly_and_keeps_the_results(tiny_data, tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     rows = (tmp_path / "result.csv").read_text(encoding="utf-8-sig").splitlines()
     assert len(rows) == 1 + 18 and rows[0].startswith("file_dir,predict,confidence")
+
+
+def test_every_alias_has_its_dashed_spelling():
+    assert train.parse_args(["--model-path", "x.pth"]).model_fn == "x.pth"
+    assert predict.parse_args(["--model-path", "y.pth"]).model_fn == "y.pth"
+
+
+def test_predict_when_every_labelled_image_is_unreadable(tiny_data, tmp_path, capsys):
+    """Labelled by their folder, all unreadable; one loose image predicted: no report, no crash."""
+    import shutil
+
+    train.main(train.parse_args([str(a) for a in base(tiny_data, tmp_path) + ["--freeze"]]))
+    folder = tmp_path / "new"
+    (folder / "bag").mkdir(parents=True)
+    (folder / "bag" / "broken.png").write_bytes(b"")
+    shutil.copy(sorted((tiny_data / "test" / "bag").glob("*.png"))[0], folder / "loose.png")
+    capsys.readouterr()
+    run_cli(lambda: predict.main(predict.parse_args([str(a) for a in [
+        "--model_fn", tmp_path / "m.pth", "--data_dir", folder, "--output", tmp_path / "r.csv",
+        "--plot", tmp_path / "p.png", "--num_workers", "0", "--verbose", "0"]])))
+    out = capsys.readouterr().out
+    assert "predicted 1 images" in out and "1 unreadable" in out and "accuracy" not in out

@@ -444,3 +444,23 @@ def test_prediction_grid_shows_every_class_and_the_truth_when_wrong(tiny_data):
     assert len(titles) == 6 and all(t.startswith("bag ") for t in titles)
     assert sum("true: sneaker" in t for t in titles) == 2 and sum("true: trouser" in t for t in titles) == 2
     assert sum("true:" in t for t in titles) == 4
+
+
+def test_a_stop_signal_during_the_final_evaluation_ends_with_its_status(tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGINT after the last epoch (calibration, test pass): the written files stand, and the exit says so."""
+    import signal
+
+    import evaluation
+
+    real = evaluation.collect_logits
+
+    def interrupted(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluation, "collect_logits", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "1"))
+    assert e.value.code == 130
+    assert "interrupted at the end of training" in capsys.readouterr().out
+    assert ml.load_checkpoint(tmp_path / "m.pth")["epoch"] == 1
