@@ -479,8 +479,12 @@ class Fitter:
         test_metrics, calibration, report = {}, None, None
         done = not interrupted and self.state.best_epoch
         if done:
-            if self.best_state is None and self.model_fn.exists():  # resumed after the best epoch
-                self.best_state = model_loader.safe_load(self.model_fn)["state_dict"]
+            if self.best_state is None:  # resumed after the best epoch: rank 0's file, to every rank
+                best = [model_loader.safe_load(self.model_fn)["state_dict"]
+                        if self.dist.is_main and self.model_fn.exists() else None]
+                if self.dist.enabled:  # other machines may not see rank 0's disk
+                    torch.distributed.broadcast_object_list(best, src=0)
+                self.best_state = best[0]
             if self.best_state is not None:
                 self.model.load_state_dict(self.best_state)
             calibration = self.calibrate()
