@@ -410,17 +410,22 @@ def test_freezing_a_random_backbone_is_said(tiny_data, tmp_path, capsys):
     assert len(warnings) == 1 and "random" in warnings[0] and "--use_pretrained" in warnings[0]
 
 
-def test_interrupt_before_the_first_epoch_ends_saves_nothing(tiny_data, tmp_path, monkeypatch, capsys):
-    """A real SIGINT (to this process) during the first training step: the run says nothing was trained."""
+def interrupt_when_called(monkeypatch, module, name):
+    """module.name sends a real SIGINT to this process each time it is called, then does its work."""
     import signal
 
-    real = trainer.train_step
+    real = getattr(module, name)
 
-    def interrupted_step(*a, **k):
+    def interrupted(*a, **k):
         os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(trainer, "train_step", interrupted_step)
+    monkeypatch.setattr(module, name, interrupted)
+
+
+def test_interrupt_before_the_first_epoch_ends_saves_nothing(tiny_data, tmp_path, monkeypatch, capsys):
+    """A real SIGINT during the first training step: the run says nothing was trained."""
+    interrupt_when_called(monkeypatch, trainer, "train_step")
     with pytest.raises(SystemExit) as e:
         run_train(*fast_args(tiny_data, tmp_path, "--n_epochs", "2"))
     assert e.value.code == 130
@@ -448,17 +453,9 @@ def test_prediction_grid_shows_every_class_and_the_truth_when_wrong(tiny_data):
 
 def test_a_stop_signal_during_the_final_evaluation_ends_with_its_status(tiny_data, tmp_path, monkeypatch, capsys):
     """SIGINT after the last epoch (calibration, test pass): the written files stand, and the exit says so."""
-    import signal
-
     import evaluation
 
-    real = evaluation.collect_logits
-
-    def interrupted(*a, **k):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(*a, **k)
-
-    monkeypatch.setattr(evaluation, "collect_logits", interrupted)
+    interrupt_when_called(monkeypatch, evaluation, "collect_logits")
     with pytest.raises(SystemExit) as e:
         run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "1"))
     assert e.value.code == 130
