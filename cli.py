@@ -61,6 +61,12 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def describe_error(e, limit=None):
+    """An exception as one line: its type and the first line of its message (cut at `limit` characters)."""
+    text = str(e).strip().splitlines()[0][:limit] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def flag_adder(parser):
     """add(name, ...) for a parser: every --snake_case flag is also accepted as --dashed-case."""
 
@@ -88,8 +94,7 @@ def run_cli(entry):
     except Exception as e:  # noqa: BLE001 - anything unexpected: one line, and nothing left hanging
         if os.environ.get("TRACEBACK"):
             traceback.print_exc()
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        message, status = f"error: {type(e).__name__}{': ' + text[:300] if text else ''}", 1
+        message, status = f"error: {describe_error(e, 300)}", 1
     end_child_processes()
     if message:
         print(message, file=sys.stderr)

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from cli import CLIError, ignore_stop_signals
+from cli import CLIError, describe_error, ignore_stop_signals
 from utils import atomic_open
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -97,11 +97,6 @@ def display_transform(input_size, resize_size):
 # ----------------------------------------------------------------------------- datasets
 
 BadSample = namedtuple("BadSample", "index reason")
-
-
-def describe_error(e):
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class ImageDataset(Dataset):

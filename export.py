@@ -21,7 +21,7 @@ import torch
 
 import data_loader
 import model_loader
-from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
+from cli import ArgumentParser, CLIError, StopFlag, describe_error, flag_adder, run_cli  # noqa: E402
 from utils import atomic_path, check_writable
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}  # file extension -> format
@@ -100,11 +100,6 @@ def check_batch(ckpt, args):
     return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors"
 
 
-def first_line(e):
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
-
-
 def write_onnx(model, example, path, meta, opset, exporter):
     """The model as ONNX at `path`: input 'input' (N, 3, H, W) float32, output 'logits', N dynamic, and
     `meta` as metadata_props."""
@@ -130,7 +125,7 @@ def write_onnx(model, example, path, meta, opset, exporter):
     except CLIError:
         raise
     except Exception as e:  # the exporter's many ways to refuse a model or an opset
-        raise CLIError(f"the {exporter} ONNX exporter failed at opset {opset} ({first_line(e)})") from None
+        raise CLIError(f"the {exporter} ONNX exporter failed at opset {opset} ({describe_error(e, 200)})") from None
     if proto.ByteSize() >= 2 ** 31:
         raise CLIError("the model is over ONNX's 2 GB single-file limit; export it with --format pt2")
     path.write_bytes(proto.SerializeToString())
@@ -144,7 +139,7 @@ def write_pt2(model, example, path, meta):
             program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
         torch.export.save(program, str(path), extra_files=meta)
     except Exception as e:
-        raise CLIError(f"torch.export failed ({first_line(e)})") from None
+        raise CLIError(f"torch.export failed ({describe_error(e, 200)})") from None
 
 
 def load_for_check(fmt, path):
@@ -166,7 +161,7 @@ def compare(model, exported, images, temperature):
             got = (exported(images).float() / temperature).softmax(1)
             one = (exported(images[:1]).float() / temperature).softmax(1)
         except Exception as e:  # onnxruntime or the loaded program refuses the batch
-            raise CLIError(f"the export does not run on batches of {len(images)} and 1 ({first_line(e)}); "
+            raise CLIError(f"the export does not run on batches of {len(images)} and 1 ({describe_error(e, 200)}); "
                            "nothing was written") from None
     if got.shape != ref.shape or one.shape != ref[:1].shape:
         raise CLIError(f"the export gives shapes {tuple(got.shape)} and {tuple(one.shape)}, not {tuple(ref.shape)}")
