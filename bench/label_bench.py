@@ -3,13 +3,15 @@ many of them `train.py --check_data` puts at the top of label_issues.csv, agains
 
   python bench/label_bench.py                     # 4 Fashion-MNIST classes x 100 at 96 px, 10% flipped
   python bench/label_bench.py --size 224          # the issue's time comparison at 224 px
+  python bench/label_bench.py --model_name efficientnet_lite0 --use_pretrained --size 224   # ImageNet features
 
 What it does:
   1. builds a train/ folder of --per_class images per class of --classes from Fashion-MNIST, and moves a
      seeded --flip share of them into another (random) class's folder: the planted wrong labels;
-  2. without --weights, fine-tunes a donor backbone on OTHER Fashion-MNIST classes (--donor_classes), so
-     that its frozen features mean something without ImageNet weights (as bench/bench.py does);
-  3. runs `train.py --check_data --weights donor.pth` as a whole process and reads its label_issues.csv:
+  2. with --use_pretrained, takes the backbone's ImageNet weights (efficientnet_lite0's come with pip);
+     without it or --weights, fine-tunes a donor backbone on OTHER Fashion-MNIST classes
+     (--donor_classes), so that its frozen features mean something without ImageNet weights;
+  3. runs `train.py --check_data --weights donor.pth` (or --use_pretrained) as a whole process and reads its label_issues.csv:
      precision among the first --top rows (share of them that are planted flips) and recall of the flips
      within the first 2 x --top rows, and the same for the `flagged` column;
   4. in this process, on the same backbone, for each of --seeds (other flips of the same images, so the
@@ -58,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--neighbours", type=int, default=20, help="k of the k-nearest-neighbour comparison row")
     p.add_argument("--seeds", default="0,1,2,3,4", help="flip seeds of the in-process comparison (same features)")
     p.add_argument("--weights", default=None, help="backbone weights; default: a donor fine-tuned here")
+    p.add_argument("--use_pretrained", action="store_true",
+                   help="the backbone's ImageNet weights instead of a donor (efficientnet_lite0's need no download)")
     p.add_argument("--donor_epochs", type=int, default=3)
     p.add_argument("--donor_per_class", type=int, default=100)
     return p.parse_args(argv)
@@ -149,7 +153,7 @@ def main(args):
     shutil.rmtree(flipped, ignore_errors=True)
     wrong = plant_flips(clean, flipped, args.flip, args.seed)
     weights = args.weights
-    if weights is None:
+    if weights is None and not args.use_pretrained:
         weights = work / "donor.pth"
         if not weights.is_file():
             fashion(work / "donor_data", args.size, args.donor_classes, args.donor_per_class)
@@ -162,11 +166,12 @@ def main(args):
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (a shared, noisy machine)")
     n = len(dl.list_images(flipped / "train"))
     print(f"data: {n} images of {args.classes} at {args.size} px, {len(wrong)} labels flipped (seed {args.seed}); "
-          f"backbone {args.model_name} with {weights}")
+          f"backbone {args.model_name} with {weights or 'its ImageNet weights'}")
 
     # the check, as a user runs it
+    backbone = ["--use_pretrained"] if weights is None else ["--weights", weights]
     cmd = [sys.executable, ROOT / "train.py", "--check_data", "--data_dir", flipped, "--model_name", args.model_name,
-           "--weights", weights, "--input_size", args.size, "--log_dir", work / "check", "--verbose", 1]
+           *backbone, "--input_size", args.size, "--log_dir", work / "check", "--verbose", 1]
     if args.check_views is not None:
         cmd += ["--check_views", args.check_views]
     check_s, out = run(cmd)
@@ -182,7 +187,7 @@ def main(args):
     class_names = sorted({f.parent.name for f in clean_files})
     samples = [(str(f), class_names.index(f.parent.name)) for f in clean_files]
     model, head = ml.build_model(ml.resolve_model_name(args.model_name), len(class_names),
-                                 weights_path=weights, log=lambda *a: None)
+                                 pretrained=weights is None, weights_path=weights, log=lambda *a: None)
     defaults = ml.model_defaults(ml.resolve_model_name(args.model_name))
     meta = {"input_size": args.size, "resize_size": dl.default_resize(args.size), "mean": defaults["mean"],
             "std": defaults["std"]}
