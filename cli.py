@@ -8,6 +8,7 @@ It imports nothing heavy (no torch), so a script can install its signal handling
 """
 import argparse
 import difflib
+import gc
 import multiprocessing
 import os
 import signal
@@ -78,14 +79,14 @@ def flag_adder(parser):
 
 
 def run_cli(entry):
-    """Run a CLI entry point (no arguments). A CLIError is one line and exit status 2. Any other error
+    """Run a CLI entry point (no arguments); its loader workers are ended on every way out. A CLIError is one line and exit status 2. Any other error
     (a bug, CUDA out of memory) is one line and status 1, and ends the loader workers too: they ignore
     SIGTERM, so otherwise the interpreter's exit would wait for them forever (TRACEBACK=1 prints the
     traceback as well). When stdout is closed early (`| head`), stop quietly with status 1, as other
     command-line tools do; files are written atomically, so none is left half-written."""
     tune_allocator()
     try:
-        return entry()
+        result = entry()
     except CLIError as e:
         message, status = f"error: {e}", 2
     except BrokenPipeError:
@@ -95,6 +96,13 @@ def run_cli(entry):
         if os.environ.get("TRACEBACK"):
             traceback.print_exc()
         message, status = f"error: {describe_error(e, 300)}", 1
+    else:
+        # A DataLoader with persistent workers shuts them down when its iterator is freed. If a reference
+        # cycle keeps it alive past this point, the interpreter's exit sends the workers SIGTERM, which
+        # they ignore, and waits for them forever: free it now, and end whatever is left.
+        gc.collect()
+        end_child_processes()
+        return result
     end_child_processes()
     if message:
         print(message, file=sys.stderr)

@@ -98,23 +98,38 @@ def fit_temperature(logits, labels):
 class Calibration:
     temperature: float  # 1.0 = none
     metrics: dict  # valid_nll_before/after, valid_ece_before/after, calibration_count
+    unfitted: str = ""  # why no temperature could be fitted (then it stays 1.0)
 
     def summary(self):
         m = self.metrics
+        if self.unfitted:
+            return (f"temperature stays 1.0: {self.unfitted} (NLL {m['valid_nll_before']:.4f}, ECE ({N_BINS} bins) "
+                    f"{m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)")
         return (f"temperature {self.temperature:.3f} fitted on {m['calibration_count']} validation images: "
                 f"NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
                 f"ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}")
 
 
 def calibrate(logits, labels):
-    """Temperature scaling on validation logits; None when there are none (the temperature stays 1.0)."""
+    """Temperature scaling on validation logits; None when there are none (the temperature stays 1.0).
+    When the NLL has no minimum inside the searched range the temperature stays 1.0, with the reason:
+    with every validation image predicted right, the NLL keeps falling as T -> 0, and the 'fitted' T
+    would make every prediction certain (a test image that is wrong then gets confidence 1.0)."""
     if not len(labels):
         return None
-    temperature = fit_temperature(logits, labels)
+    temperature, unfitted = fit_temperature(logits, labels), ""
+    lo, hi = (math.exp(x) for x in LOG_T_RANGE)
+    if temperature < lo * 1.01:
+        unfitted = ("every validation image is predicted right, so the validation NLL falls as T shrinks to 0 "
+                    "and no temperature can be fitted")
+    elif temperature > hi / 1.01:
+        unfitted = "the validation NLL falls as T grows without end (the model is no better than chance there)"
+    if unfitted:
+        temperature = 1.0
     metrics = {"valid_nll_before": nll(logits, labels), "valid_nll_after": nll(logits, labels, temperature),
                "valid_ece_before": logits_ece(logits, labels), "valid_ece_after": logits_ece(logits, labels, temperature),
                "calibration_count": int(len(labels))}
-    return Calibration(float(temperature), metrics)
+    return Calibration(float(temperature), metrics, unfitted)
 
 
 def save_reliability_diagram(logits, labels, temperature, path, n_bins=N_BINS):

@@ -178,6 +178,41 @@ def test_an_error_with_loader_workers_alive_ends_the_process(tiny_data, tmp_path
         os.killpg(proc.pid, 0)
 
 
+KEEP_LOADER_ALIVE = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import cli
+kept = []
+def main():  # a loader made as data_loader.make_loader makes them, with one worker
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, num_workers=1, persistent_workers=True,
+                                         worker_init_fn=cli.ignore_stop_signals)
+    print(sum(len(b) for b in loader))
+    kept.append(loader)  # still referenced when main returns, as predict.py's loader once was
+cli.run_cli(main)
+"""
+
+
+def test_a_run_that_ends_normally_with_loader_workers_alive_exits(tmp_path):
+    """Persistent loader workers ignore SIGTERM, and the interpreter's exit stops them with SIGTERM and
+    waits: predict.py --num_workers 1 hung there after writing its results, once an unrelated import moved
+    what was freed when. run_cli ends them on a normal return too."""
+    import signal
+
+    script = tmp_path / "keep.py"
+    script.write_text(KEEP_LOADER_ALIVE.format(root=str(ROOT)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the process hung at exit")
+    assert proc.returncode == 0 and out.strip() == "8", out + err
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+
+
 def test_every_flag_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for module in (train, predict, export):

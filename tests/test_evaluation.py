@@ -39,6 +39,30 @@ def test_temperature_fit_undoes_over_and_under_confidence(scale):
         assert evaluation.nll(logits, labels, nearby) > m["valid_nll_after"]
 
 
+def test_no_temperature_is_fitted_when_the_nll_has_no_minimum():
+    """Every validation image right: the NLL falls as T -> 0, and that T would make every prediction certain
+    (seen with a frozen ImageNet backbone on 80 easy validation images: T = 0.05, test ECE 0.038 -> 0.063).
+    Every one wrong: it falls as T -> infinity. Both keep T = 1.0 and say why; one wrong image among right
+    ones gives a minimum again."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (80,), generator=g)
+    logits = torch.randn(80, 3, generator=g)
+    logits[torch.arange(80), labels] += 4
+    assert (logits.argmax(1) == labels).all()
+    calibration = evaluation.calibrate(logits, labels)
+    assert calibration.temperature == 1.0 and "every validation image is predicted right" in calibration.unfitted
+    m = calibration.metrics
+    assert m["valid_nll_after"] == m["valid_nll_before"] and m["valid_ece_after"] == m["valid_ece_before"]
+    assert calibration.summary().startswith("temperature stays 1.0: every validation image")
+    wrong = evaluation.calibrate(-logits, labels)
+    assert wrong.temperature == 1.0 and "grows" in wrong.unfitted
+    logits[0] = torch.roll(logits[0], 1)  # one image now wrong
+    assert logits[0].argmax() != labels[0]
+    one_wrong = evaluation.calibrate(logits, labels)
+    assert one_wrong.unfitted == "" and 0.06 < one_wrong.temperature < 1.0
+    assert one_wrong.metrics["valid_nll_after"] < one_wrong.metrics["valid_nll_before"]
+
+
 def test_no_validation_logits_means_no_calibration():
     assert evaluation.calibrate(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) is None
 
