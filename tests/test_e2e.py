@@ -278,6 +278,11 @@ def check_what_the_readme_commands_wrote(work):
         assert ckpt(name)["class_names"] == ["cat", "dog"], name
     assert ckpt("resnet.pth")["model_name"] == "resnet34" and ckpt("resnet.pth")["args"]["use_pretrained"]
     assert ckpt("catdog_ft.pth")["args"]["unfreeze_after"] == 2
+    for name in ("lite.pth", "trust.pth"):  # ImageNet weights with no download: the pip package's file
+        lite = ckpt(name)
+        assert lite["model_name"] == "efficientnet_lite0" and lite["args"]["use_pretrained"], name
+        assert lite["class_names"] == sample_classes and lite["args"]["freeze"], name
+    assert all(r["predict"] in sample_classes for r in csv_rows(work / "lite.csv"))
     # the zip's 14 cats and 14 dogs, split once: every file in exactly one of train/ and test/
     for animal in ("cat", "dog"):
         train_files = {p.name for p in (work / "catdog" / "train" / animal).iterdir()}
