@@ -85,6 +85,7 @@ def run_cli(entry):
     traceback as well). When stdout is closed early (`| head`), stop quietly with status 1, as other
     command-line tools do; files are written atomically, so none is left half-written."""
     tune_allocator()
+    before = set(multiprocessing.active_children())  # a host process's own children (tests run us in-process)
     try:
         result = entry()
     except CLIError as e:
@@ -101,22 +102,30 @@ def run_cli(entry):
         # cycle keeps it alive past this point, the interpreter's exit sends the workers SIGTERM, which
         # they ignore, and waits for them forever: free it now, and end whatever is left.
         gc.collect()
-        end_child_processes()
+        end_child_processes(keep=before, restore=True)
         return result
-    end_child_processes()
+    end_child_processes(keep=before)
     if message:
         print(message, file=sys.stderr)
     sys.exit(status)
 
 
-def end_child_processes():
-    """Kill this process's multiprocessing children (DataLoader workers), which ignore SIGINT/SIGTERM."""
-    if hasattr(signal, "SIGCHLD"):
+def end_child_processes(keep=(), restore=False):
+    """Kill this process's multiprocessing children (DataLoader workers), which ignore SIGINT/SIGTERM,
+    except those in `keep`. `restore`: put the SIGCHLD handler back afterwards (the process goes on)."""
+    children = [c for c in multiprocessing.active_children() if c not in keep]
+    if not children:
+        return
+    has_sigchld = hasattr(signal, "SIGCHLD")
+    previous = signal.getsignal(signal.SIGCHLD) if has_sigchld else None
+    if has_sigchld:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the killed workers
-    for child in multiprocessing.active_children():
+    for child in children:
         child.kill()
-    for child in multiprocessing.active_children():
+    for child in children:
         child.join(timeout=5)
+    if restore and previous is not None:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 # ----------------------------------------------------------------------------- stop signals

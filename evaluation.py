@@ -120,8 +120,9 @@ def calibrate(logits, labels):
     temperature, unfitted = fit_temperature(logits, labels), ""
     lo, hi = (math.exp(x) for x in LOG_T_RANGE)
     if temperature < lo * 1.01:
-        unfitted = ("every validation image is predicted right, so the validation NLL falls as T shrinks to 0 "
-                    "and no temperature can be fitted")
+        every = bool((logits.argmax(1) == labels).all())
+        unfitted = (("every validation image is predicted right, so " if every else "")
+                    + f"the validation NLL still falls at T = {lo:g} and no temperature can be fitted")
     elif temperature > hi / 1.01:
         unfitted = "the validation NLL falls as T grows without end (the model is no better than chance there)"
     if unfitted:

@@ -204,10 +204,10 @@ def build_model(name, num_classes, pretrained=False, weights_path=None, log=prin
         n = load_backbone_state(model, state, head, log)
         log(f"weights: loaded {n} backbone tensors into {name}; new {num_classes}-class head '{head}'")
         new_head = model.get_submodule(head)
-        if isinstance(new_head, nn.Linear):
-            # PyTorch's default Linear init, scaled by the inputs (+-1/sqrt(features)). Some torchvision models
-            # size their own for 1000 classes (EfficientNet: +-1/sqrt(classes), +-0.7 for two), which on
-            # pretrained features starts a new head with logits in the tens and a loss of 4-5.
+        if isinstance(model, torchvision.models.EfficientNet) and isinstance(new_head, nn.Linear):
+            # torchvision's EfficientNet sizes its head's init for 1000 classes (+-1/sqrt(classes): +-0.7 for
+            # two), which on pretrained features starts with logits in the tens and a loss of 4-5: PyTorch's
+            # default Linear init instead (+-1/sqrt(features)). Other models' head inits are kept.
             new_head.reset_parameters()
     return model, head
 
@@ -241,10 +241,26 @@ def is_convolutional(model):
         model, torchvision.models.VisionTransformer)
 
 
+def fold_sequential_batchnorm(model):
+    """In place: each BatchNorm2d that directly follows a Conv2d inside an nn.Sequential (torchvision's
+    Conv2dNormActivation blocks) folded into that convolution and replaced by nn.Identity. For models
+    torch.fx cannot trace (efficientnet_lite0's padded convolutions)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(1, len(module)):
+                conv, bn = module[i - 1], module[i]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    folded = fuse_conv_bn_eval(conv, bn)  # a copy of conv, of the same class
+                    module[i - 1], module[i] = folded, nn.Identity()
+    return model
+
+
 def optimize_for_inference(model, channels_last):
     """An eval-only copy that computes the same outputs faster: BatchNorm folded into the convolution
-    before it (torch.fx), and channels_last memory for convolutional nets. Models that fx cannot trace
-    are only put in eval mode."""
+    before it (torch.fx; inside nn.Sequential blocks where fx cannot trace), and channels_last memory for
+    convolutional nets."""
     import copy
 
     from torch.fx.experimental.optimization import fuse
@@ -253,8 +269,8 @@ def optimize_for_inference(model, channels_last):
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         try:
             model = fuse(copy.deepcopy(model))
-        except Exception:  # dynamic control flow: keep the unfused model
-            pass
+        except Exception:  # dynamic control flow: fold what sits in nn.Sequential blocks
+            model = fold_sequential_batchnorm(copy.deepcopy(model))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.eval()

