@@ -156,26 +156,33 @@ cli.run_cli(lambda: train.main(train.parse_args()))
 """
 
 
-def test_an_error_with_loader_workers_alive_ends_the_process(tiny_data, tmp_path):
-    """Workers ignore SIGTERM; an exception mid-epoch must still end everything within seconds."""
+def run_alone(argv, timeout, hung, **kw):
+    """A script in a session of its own: (status, stdout, stderr), after checking that no process of its
+    group (no loader worker) is left. `hung` is the failure message when it outlives `timeout`."""
     import signal
 
-    script = tmp_path / "crash.py"
-    script.write_text(CRASH_MID_EPOCH.format(root=str(ROOT)))
-    proc = subprocess.Popen([sys.executable, str(script), "--data_dir", str(tiny_data), "--model_name", "resnet18",
-                             "--input_size", "32", "--batch_size", "8", "--num_workers", "1", "--n_epochs", "2",
-                             "--model_fn", str(tmp_path / "m.pth"), "--log_dir", str(tmp_path / "run"),
-                             "--verbose", "0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kw)
     try:
-        out, err = proc.communicate(timeout=90)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the process hung after the error")
-    assert proc.returncode == 1, out + err
-    assert err.strip().splitlines() == ["error: RuntimeError: CUDA out of memory (simulated)"], err
+        raise AssertionError(hung)
     with pytest.raises(ProcessLookupError):  # no worker left behind in the process group
         os.killpg(proc.pid, 0)
+    return proc.returncode, out, err
+
+
+def test_an_error_with_loader_workers_alive_ends_the_process(tiny_data, tmp_path):
+    """Workers ignore SIGTERM; an exception mid-epoch must still end everything within seconds."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_MID_EPOCH.format(root=str(ROOT)))
+    code, out, err = run_alone([sys.executable, str(script), "--data_dir", str(tiny_data), "--model_name", "resnet18",
+                                "--input_size", "32", "--batch_size", "8", "--num_workers", "1", "--n_epochs", "2",
+                                "--model_fn", str(tmp_path / "m.pth"), "--log_dir", str(tmp_path / "run"),
+                                "--verbose", "0"], 90, "the process hung after the error", cwd=tmp_path)
+    assert code == 1, out + err
+    assert err.strip().splitlines() == ["error: RuntimeError: CUDA out of memory (simulated)"], err
 
 
 KEEP_LOADER_ALIVE = """
@@ -197,20 +204,10 @@ def test_a_run_that_ends_normally_with_loader_workers_alive_exits(tmp_path):
     """Persistent loader workers ignore SIGTERM, and the interpreter's exit stops them with SIGTERM and
     waits: predict.py --num_workers 1 hung there after writing its results, once an unrelated import moved
     what was freed when. run_cli ends them on a normal return too."""
-    import signal
-
     script = tmp_path / "keep.py"
     script.write_text(KEEP_LOADER_ALIVE.format(root=str(ROOT)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the process hung at exit")
-    assert proc.returncode == 0 and out.strip() == "8", out + err
-    with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)
+    code, out, err = run_alone([sys.executable, str(script)], 60, "the process hung at exit")
+    assert code == 0 and out.strip() == "8", out + err
 
 
 def test_every_flag_is_in_the_readme():
