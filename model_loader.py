@@ -1,5 +1,6 @@
 """Backbones: the registry, head replacement, pretrained weights, freezing, checkpoint save and load, and
 exported models (metadata of export.py's files; an ONNX file run by onnxruntime for predict.py)."""
+import difflib
 import json
 import os
 import pickle
@@ -47,7 +48,9 @@ def resolve_model_name(name):
     """An alias or any torchvision classification model name -> the torchvision name."""
     resolved = ALIASES.get(name, name)
     if resolved not in classification_models():
-        raise CLIError(f"unknown --model_name {name!r}; valid names include {EXAMPLE_NAMES} "
+        close = difflib.get_close_matches(name, classification_models() + list(ALIASES), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise CLIError(f"unknown --model_name {name!r}; {hint}valid names include {EXAMPLE_NAMES} "
                        f"(any of torchvision's {len(classification_models()) - 1} classification models, or "
                        f"{efficientnet_lite.NAME})")
     return resolved

@@ -33,6 +33,8 @@ def test_every_older_name_and_some_torchvision_names_build_with_the_right_head(a
 def test_unknown_model_name_lists_valid_ones():
     with pytest.raises(CLIError, match="unknown --model_name 'resnet9000'.*resnet18"):
         ml.resolve_model_name("resnet9000")
+    with pytest.raises(CLIError, match="unknown --model_name 'efficientnet_lite'; did you mean efficientnet_lite0?"):
+        ml.resolve_model_name("efficientnet_lite")
 
 
 def test_model_defaults_come_from_the_backbone():
