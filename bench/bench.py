@@ -22,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from timed import run  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -53,15 +56,6 @@ def parse_args(argv=None):
                    "on a GPU, this tool's runs use --amp and channels_last")
     return p.parse_args(argv)
 
-
-def run(cmd, **kw):
-    """Wall time of a whole process; fails loudly if it fails."""
-    start = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return seconds, proc.stdout
 
 
 def peak_rss_mb(cmd):

@@ -11,8 +11,8 @@ What it does:
   2. with --use_pretrained, takes the backbone's ImageNet weights (efficientnet_lite0's come with pip);
      without it or --weights, fine-tunes a donor backbone on OTHER Fashion-MNIST classes
      (--donor_classes), so that its frozen features mean something without ImageNet weights;
-  3. runs `train.py --check_data --weights donor.pth` (or --use_pretrained) as a whole process and reads its label_issues.csv:
-     precision among the first --top rows (share of them that are planted flips) and recall of the flips
+  3. runs `train.py --check_data --weights donor.pth` (or --use_pretrained) as a whole process and reads
+     its label_issues.csv: precision among the first --top rows (share of them that are planted flips) and recall of the flips
      within the first 2 x --top rows, and the same for the `flagged` column;
   4. in this process, on the same backbone, for each of --seeds (other flips of the same images, so the
      features are taken once): the baseline (eval-view features, one 5-fold logistic regression with
@@ -25,7 +25,6 @@ What it does:
 import csv
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from timed import run  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -66,13 +68,6 @@ def parse_args(argv=None):
     p.add_argument("--donor_per_class", type=int, default=100)
     return p.parse_args(argv)
 
-
-def run(cmd):
-    start = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start, proc.stdout
 
 
 def fashion(out, size, classes, per_class):

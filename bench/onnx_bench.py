@@ -15,7 +15,6 @@ head (train.py --freeze), which is as fast as a pretrained one and enough for th
 """
 import csv
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from timed import run  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -43,13 +45,6 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="predict.py runs per format, in turns")
     return p.parse_args(argv)
 
-
-def run(cmd):
-    start = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - start, proc.stdout
 
 
 def rate(fn, x, repeats):
