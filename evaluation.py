@@ -160,36 +160,41 @@ def save_reliability_diagram(logits, labels, temperature, path, n_bins=N_BINS):
 # ----------------------------------------------------------------------------- collecting logits
 
 
-@torch.inference_mode()
 def collect_logits(model, loader, compute, desc="logits"):
-    """(logits, labels) of every readable image of the loader, in dataset order. Under torchrun each
-    rank runs its shard and a sum over ranks assembles the whole set (each row comes from one rank),
-    so every rank ends with the same tensors."""
+    """(logits, labels) of every readable image of the loader, in dataset order (see collect_rows)."""
     model.eval()
+    return collect_rows(model, loader, compute, desc)
+
+
+@torch.inference_mode()
+def collect_rows(forward, loader, compute, desc):
+    """(forward(images) rows, labels) of every readable image of the loader, in dataset order. Under
+    torchrun each rank runs its shard and a sum over ranks assembles the whole set (each row comes from
+    one rank), so every rank ends with the same tensors."""
     n = len(loader.dataset)
-    logits, seen = None, torch.zeros(n)
+    rows, seen = None, torch.zeros(n)
     for batch in bar(loader, compute, desc):
         if batch.labels.numel():
             with compute.autocast():
-                out = model(compute.to_device(batch.images)).float().cpu()
-            if logits is None:
-                logits = torch.zeros(n, out.shape[1])
-            logits[batch.indices] = out
+                out = forward(compute.to_device(batch.images)).float().cpu()
+            if rows is None:
+                rows = torch.zeros(n, out.shape[1])
+            rows[batch.indices] = out
             seen[batch.indices] = 1
     dist = compute.dist
     if dist is not None and dist.enabled:
-        width = torch.tensor([0 if logits is None else logits.shape[1]], device=compute.device)
+        width = torch.tensor([0 if rows is None else rows.shape[1]], device=compute.device)
         torch.distributed.all_reduce(width, torch.distributed.ReduceOp.MAX)
-        logits = torch.zeros(n, int(width)) if logits is None else logits
-        both = torch.cat([logits, seen[:, None]], 1).to(compute.device)
+        rows = torch.zeros(n, int(width)) if rows is None else rows
+        both = torch.cat([rows, seen[:, None]], 1).to(compute.device)
         torch.distributed.all_reduce(both)
-        logits, seen = both[:, :-1].cpu(), both[:, -1].cpu()
-        logits = logits / seen.clamp(min=1)[:, None]  # each row once; an unsharded loader would count it per rank
+        rows, seen = both[:, :-1].cpu(), both[:, -1].cpu()
+        rows = rows / seen.clamp(min=1)[:, None]  # each row once; an unsharded loader would count it per rank
     labels = torch.tensor([y for _, y in loader.dataset.samples], dtype=torch.long)
     keep = seen > 0
-    if logits is None:
+    if rows is None:
         return torch.zeros(0, 0), labels[:0]
-    return logits[keep], labels[keep]
+    return rows[keep], labels[keep]
 
 
 @torch.inference_mode()

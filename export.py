@@ -21,6 +21,7 @@ import torch
 
 import data_loader
 import model_loader
+import ood
 from cli import ArgumentParser, CLIError, StopFlag, describe_error, flag_adder, run_cli  # noqa: E402
 from utils import atomic_path, check_writable
 
@@ -101,23 +102,24 @@ def check_batch(ckpt, args):
 
 
 def write_onnx(model, example, path, meta, opset, exporter):
-    """The model as ONNX at `path`: input 'input' (N, 3, H, W) float32, output 'logits', N dynamic, and
-    `meta` as metadata_props."""
+    """The model as ONNX at `path`: input 'input' (N, 3, H, W) float32, output 'logits' (and 'ood_score'
+    for an ood.ScoredModel), N dynamic, and `meta` as metadata_props."""
     import onnx
 
     opset = opset or DEFAULT_OPSET[exporter]
+    outputs = ["logits", "ood_score"] if isinstance(model, ood.ScoredModel) else ["logits"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice, tracer notes
             if exporter == "dynamo":
-                program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["logits"],
+                program = torch.onnx.export(model, (example,), input_names=["input"], output_names=outputs,
                                             dynamic_shapes=({0: "batch"},), opset_version=opset, dynamo=True,
                                             verbose=False)
                 proto = program.model_proto
             else:
                 buffer = io.BytesIO()
-                torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=["logits"],
-                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=outputs,
+                                  dynamic_axes={name: {0: "batch"} for name in ["input"] + outputs},
                                   opset_version=opset, dynamo=False)
                 proto = onnx.load_from_string(buffer.getvalue())
         onnx.helper.set_model_props(proto, meta)
@@ -142,31 +144,45 @@ def write_pt2(model, example, path, meta):
         raise CLIError(f"torch.export failed ({describe_error(e, 200)})") from None
 
 
-def load_for_check(fmt, path):
-    """The written file, loaded the way a consumer loads it: (metadata strings, callable images -> logits)."""
+def load_for_check(fmt, path, keys):
+    """The written file, loaded the way a consumer loads it: (metadata strings, callable images -> logits,
+    or (logits, ood_score))."""
     if fmt == "onnx":
         model = model_loader.OnnxModel(path)
         return model.metadata(), model
-    meta = dict.fromkeys(model_loader.EXPORT_KEYS, "")
+    meta = dict.fromkeys(keys, "")
     program = torch.export.load(str(path), extra_files=meta)
     return meta, program.module()
 
 
+def outputs_of(model, images):
+    """(logits, ood_score or None) of a model with one output or two (ood.ScoredModel, its exports)."""
+    out = model(images)
+    return (out[0].float(), out[1].float()) if isinstance(out, (tuple, list)) else (out.float(), None)
+
+
 def compare(model, exported, images, temperature):
-    """(largest probability difference, top-1 agreements) of the export against the PyTorch model, over the
-    whole batch and over a batch of one."""
+    """(largest probability difference, top-1 agreements, largest relative ood_score difference or None) of
+    the export against the PyTorch model, over the whole batch and over a batch of one."""
     with torch.inference_mode():
-        ref = (model(images) / temperature).softmax(1)
+        logits, scores = outputs_of(model, images)
+        ref = (logits / temperature).softmax(1)
         try:
-            got = (exported(images).float() / temperature).softmax(1)
-            one = (exported(images[:1]).float() / temperature).softmax(1)
+            (got, got_scores), (one, one_scores) = outputs_of(exported, images), outputs_of(exported, images[:1])
         except Exception as e:  # onnxruntime or the loaded program refuses the batch
             raise CLIError(f"the export does not run on batches of {len(images)} and 1 ({describe_error(e, 200)}); "
                            "nothing was written") from None
-    if got.shape != ref.shape or one.shape != ref[:1].shape:
-        raise CLIError(f"the export gives shapes {tuple(got.shape)} and {tuple(one.shape)}, not {tuple(ref.shape)}")
+        got, one = (got / temperature).softmax(1), (one / temperature).softmax(1)
+    if got.shape != ref.shape or one.shape != ref[:1].shape or (got_scores is None) != (scores is None):
+        raise CLIError(f"the export gives shapes {tuple(got.shape)} and {tuple(one.shape)}, not {tuple(ref.shape)}"
+                       + ("" if (got_scores is None) == (scores is None) else ", or lacks the ood_score output"))
     diff = max(float((got - ref).abs().max()), float((one - ref[:1]).abs().max()))
-    return diff, int((got.argmax(1) == ref.argmax(1)).sum())
+    score_diff = None
+    if scores is not None:  # relative to the score's size: mahalanobis distances run into the hundreds
+        scale = scores.abs().clamp(min=1)
+        score_diff = max(float(((got_scores.reshape(-1) - scores) / scale).abs().max()),
+                         float(((one_scores.reshape(-1) - scores[:1]) / scale[:1]).abs().max()))
+    return diff, int((got.argmax(1) == ref.argmax(1)).sum()), score_diff
 
 
 def main(args):
@@ -178,7 +194,9 @@ def main(args):
     if output.resolve() == Path(args.model_fn).resolve():
         raise CLIError(f"--output {str(output)!r} would overwrite the checkpoint")
     ckpt = model_loader.load_checkpoint(args.model_fn)
-    model, _ = model_loader.model_from_checkpoint(ckpt, args.model_fn)
+    model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
+    if "ood" in ckpt:  # a second output, ood_score, computed in the graph (the reference as a constant)
+        model = ood.scored_model(model, head, ckpt, args.model_fn)
     model = model.eval()
     check_writable(output, "--output")
     meta = model_loader.export_metadata(ckpt)
@@ -193,14 +211,18 @@ def main(args):
             else:
                 write_pt2(model, example, tmp, meta)
             seconds = time.perf_counter() - start
-            written, exported = load_for_check(fmt, tmp)
+            written, exported = load_for_check(fmt, tmp, meta)
             if {k: written.get(k) for k in meta} != meta:
                 raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
-            diff, agree = compare(model, exported, images, float(meta["temperature"]))
-            print(f"check on {source}: max probability difference {diff:.2e}, top-1 agreement {agree}/{len(images)}")
+            diff, agree, score_diff = compare(model, exported, images, float(meta["temperature"]))
+            print(f"check on {source}: max probability difference {diff:.2e}, top-1 agreement {agree}/{len(images)}"
+                  + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
             if not diff <= TOLERANCE:  # also catches NaN
                 raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
                                f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written")
+            if score_diff is not None and not score_diff <= TOLERANCE:
+                raise CLIError(f"the {fmt} export's ood_score differs from the PyTorch model's by up to "
+                               f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written")
             if stop.requested:  # SystemExit still removes the temporary file
                 print(f"interrupted; {output} was not written", file=sys.stderr)
                 sys.exit(130 if stop.signum == 2 else 128 + stop.signum)

@@ -390,7 +390,17 @@ def export_metadata(ckpt):
         "torch_version": str(torch.__version__),  # of the export
         "torchvision_version": str(torchvision.__version__),
         "args": json.dumps(ckpt.get("args", {})),  # data_dir, dataset_name: predict.py's default inputs
+        **ood_metadata(ckpt.get("ood")),
     }
+
+
+def ood_metadata(reference):
+    """With an out-of-distribution reference (ood.py), the graph's second output ood_score is read with
+    ood_method and ood_threshold (in_distribution = ood_score <= threshold; empty: none was fitted)."""
+    if not reference:
+        return {}
+    threshold = reference.get("threshold")
+    return {"ood_method": str(reference["method"]), "ood_threshold": "" if threshold is None else repr(float(threshold))}
 
 
 def checkpoint_from_metadata(meta, path):
@@ -407,7 +417,9 @@ def checkpoint_from_metadata(meta, path):
                 "resize_size": int(meta["resize_size"]), "mean": json.loads(meta["mean"]),
                 "std": json.loads(meta["std"]), "temperature": float(meta["temperature"]),
                 "args": json.loads(meta["args"]), "torch_version": meta["torch_version"],
-                "torchvision_version": meta["torchvision_version"]}
+                "torchvision_version": meta["torchvision_version"],
+                **({"ood": {"method": meta["ood_method"], "threshold": float(meta["ood_threshold"])
+                            if meta.get("ood_threshold") else None}} if "ood_method" in meta else {})}
     except (ValueError, TypeError) as e:
         raise CLIError(f"{str(path)!r} has unreadable export metadata ({e})") from None
 
@@ -418,7 +430,8 @@ def is_exported(path):
 
 class OnnxModel:
     """An exported ONNX model behind the call predict.py makes: float32 image batch (N, 3, H, W) -> logits,
-    as torch tensors on the CPU. onnxruntime runs it on the CPU, or on CUDA's provider after .to(cuda)."""
+    or (logits, ood_score) when the graph has that second output, as torch tensors on the CPU. onnxruntime
+    runs it on the CPU, or on CUDA's provider after .to(cuda)."""
 
     def __init__(self, path, device=torch.device("cpu")):
         import onnxruntime as ort
@@ -447,7 +460,8 @@ class OnnxModel:
 
     def __call__(self, images):
         batch = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(["logits"], {"input": batch})[0])
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, {"input": batch})]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def load_exported(path):
@@ -456,7 +470,10 @@ def load_exported(path):
         raise CLIError(f"exported model {str(path)!r} does not exist")
     model = OnnxModel(path)
     names = ([i.name for i in model.session.get_inputs()], [o.name for o in model.session.get_outputs()])
-    if names != (["input"], ["logits"]):
+    if names not in ((["input"], ["logits"]), (["input"], ["logits", "ood_score"])):
         raise CLIError(f"{str(path)!r} was not written by export.py: its inputs and outputs are {names}, "
-                       "not ['input'] and ['logits']")
-    return checkpoint_from_metadata(model.metadata(), path), model
+                       "not ['input'] and ['logits'] (and 'ood_score')")
+    ckpt = checkpoint_from_metadata(model.metadata(), path)
+    if ("ood" in ckpt) != (len(names[1]) == 2):
+        raise CLIError(f"{str(path)!r}: its ood_score output and its ood_method metadata do not come together")
+    return ckpt, model

@@ -15,6 +15,7 @@ import torch
 import data_loader
 import evaluation
 import model_loader
+import ood
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, resolve_device, save_confusion_matrix,
                    save_image_grid)
@@ -52,6 +53,8 @@ def build_parser():
     add("--unknown_label", default="unknown", help="the prediction of rows below --threshold")
     add("--tta", action="store_true", help="test-time augmentation: average the probabilities of each image and "
         "its horizontal mirror image")
+    add("--reject_ood", action="store_true", help="predict rows unlike the training images (in_distribution 0) as "
+        "--unknown_label")
     return p
 
 
@@ -83,11 +86,12 @@ def find_inputs(path, class_names):
     return [(str(f), index.get(f.parent.name, -1)) for f in files]
 
 
-def csv_columns(class_names, topk, labelled):
+def csv_columns(class_names, topk, labelled, scored):
     columns = ["file_dir", "predict", "confidence"]
     if len(class_names) <= MAX_PROB_COLUMNS:
         columns += [f"prob_{c}" for c in class_names]
     columns += [f"top{i + 1}_{kind}" for i in range(topk) for kind in ("class", "prob")]
+    columns += ["ood_score", "in_distribution"] if scored else []
     return columns + (["label"] if labelled else []) + ["error"]
 
 
@@ -126,9 +130,15 @@ def main(args):
         ckpt, model = model_loader.load_exported(args.model_fn)
     else:
         ckpt = model_loader.load_checkpoint(args.model_fn)
-        model, _ = model_loader.model_from_checkpoint(ckpt, args.model_fn)
+        model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
     class_names = ckpt["class_names"]
-    if args.threshold is not None and args.unknown_label in class_names:
+    reference = ckpt.get("ood")  # the out-of-distribution reference (method, threshold; tensors in a .pth)
+    ood_threshold = reference.get("threshold") if reference else None
+    if args.reject_ood and reference is None:
+        raise CLIError(f"--reject_ood: {args.model_fn} has no out-of-distribution reference (train.py writes one "
+                       "unless --ood_method none)")
+    rejecting = args.threshold is not None or args.reject_ood  # rows may be predicted as --unknown_label
+    if rejecting and args.unknown_label in class_names:
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     temperature = float(ckpt.get("temperature", 1.0))  # older checkpoints have none: uncalibrated
     views = 2 if args.tta else 1  # the image, and its mirror image with --tta
@@ -142,6 +152,8 @@ def main(args):
     else:
         channels_last = model_loader.is_convolutional(model)
         model = model_loader.optimize_for_inference(model.to(device), channels_last)
+        if reference is not None:  # a second output: the ood_score, computed from the classifier's input
+            model = ood.scored_model(model, head, ckpt, args.model_fn).to(device)
     compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
 
     tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
@@ -150,11 +162,11 @@ def main(args):
     loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
     labelled = any(label >= 0 for _, label in inputs)
-    columns = csv_columns(class_names, topk, labelled)
+    columns = csv_columns(class_names, topk, labelled, reference is not None)
     tally, samples_for_plot = Tally(), []
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
-    n_done = n_bad = n_accepted = 0
+    n_done = n_bad = n_accepted = n_unlike = 0
     stop = StopFlag().install()
     start = time.perf_counter()
     try:
@@ -167,18 +179,28 @@ def main(args):
                     if batch.labels.numel():
                         images = compute.to_device(batch.images)
                         with compute.autocast():
-                            logits = model(evaluation.with_flips(images) if args.tta else images)
+                            out = model(evaluation.with_flips(images) if args.tta else images)
+                        logits, scores = out if isinstance(out, tuple) else (out, None)
                         probs = evaluation.probabilities(logits, temperature, views).cpu()
                         preds = evaluation.decide(probs, args.threshold)
+                        unlike = [None] * len(probs)  # per row: True = out of distribution, None = not known
+                        if scores is not None:
+                            scores = scores[:len(probs)].float().cpu()  # with --tta: the image's own view
+                            if ood_threshold is not None:
+                                unlike = (scores > ood_threshold).tolist()
+                                n_unlike += sum(unlike)
+                                if args.reject_ood:
+                                    preds[scores > ood_threshold] = evaluation.UNKNOWN
                         n_accepted += int((preds != evaluation.UNKNOWN).sum())
-                        for index, p, pred in zip(batch.indices.tolist(), probs, preds.tolist()):
+                        for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds.tolist())):
+                            score = None if scores is None else (float(scores[i]), unlike[i])
                             rows[index] = prediction_row(inputs[index], p, pred, class_names, topk, labelled,
-                                                         args.unknown_label)
+                                                         args.unknown_label, score)
                             label = inputs[index][1]
                             if label >= 0:
                                 tally.add(label, pred, p)
                             if index in plot_at:
-                                samples_for_plot.append((inputs[index], pred, p))
+                                samples_for_plot.append((inputs[index], pred, p, unlike[i]))
                     for bad in batch.bad:
                         rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled)
                     for index in sorted(rows):
@@ -194,12 +216,15 @@ def main(args):
     seconds = time.perf_counter() - start
     print(f"predicted {n_done} images in {seconds:.1f}s ({n_done / max(seconds, 1e-9):.1f} img/s)"
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
-    if args.threshold is not None:
-        print(f"threshold {args.threshold:g}: {n_accepted}/{n_done} accepted ({n_accepted / n_done:.1%}), "
+    print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
+    if rejecting:
+        rules = " and ".join(([f"threshold {args.threshold:g}"] if args.threshold is not None else [])
+                             + (["--reject_ood"] if args.reject_ood else []))
+        print(f"{rules}: {n_accepted}/{n_done} accepted ({n_accepted / n_done:.1%}), "
               f"the rest predicted as {args.unknown_label!r}")
     labelled = labelled and len(tally) > 0  # every labelled image may have been unreadable
     if labelled:
-        print_accuracy(tally, args.threshold)
+        print_accuracy(tally, rejecting)
         confidence = torch.stack(tally.probs).max(1).values
         correct = torch.tensor(tally.argmax) == torch.tensor(tally.labels)
         print(f"mean confidence {float(confidence.mean()):.4f}, ECE {evaluation.ece(confidence, correct):.4f} "
@@ -213,24 +238,41 @@ def main(args):
         print(f"figure -> {args.plot}")
         if labelled:
             confusion = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
-            save_confusion_matrix(tally.confusion(len(class_names), args.threshold is not None), class_names,
-                                  confusion, extra_column=args.unknown_label if args.threshold is not None else None)
+            save_confusion_matrix(tally.confusion(len(class_names), rejecting), class_names,
+                                  confusion, extra_column=args.unknown_label if rejecting else None)
             print(f"confusion matrix -> {confusion}")
 
 
-def print_accuracy(tally, threshold):
-    """Accuracy of the best class over the labelled rows and, under --threshold, over the accepted ones."""
+def print_ood_summary(reference, threshold, n_unlike, n_done, args):
+    """How many images the checkpoint's out-of-distribution reference calls unlike the training images."""
+    if reference is None:
+        print(f"out-of-distribution: {args.model_fn} has no reference (trained before train.py kept one, or with "
+              "--ood_method none): no ood_score column")
+    elif threshold is None:
+        print(f"out-of-distribution: ood_score written ({reference['method']}); the checkpoint has no threshold "
+              "(too few validation images), so in_distribution is empty"
+              + (" and --reject_ood rejects nothing" if args.reject_ood else ""))
+    else:
+        print(f"out-of-distribution: {n_unlike}/{n_done} images ({n_unlike / n_done:.1%}) unlike the training "
+              f"images (ood_score > {threshold:.4g}, {reference['method']})")
+
+
+def print_accuracy(tally, rejecting):
+    """Accuracy of the best class over the labelled rows and, when rows can be rejected (--threshold,
+    --reject_ood), over the accepted ones."""
     correct = sum(a == y for a, y in zip(tally.argmax, tally.labels))
     print(f"accuracy {correct / len(tally):.4f} ({correct}/{len(tally)} labelled images)")
-    if threshold is not None:
+    if rejecting:
         accepted = [(p, y) for p, y in zip(tally.preds, tally.labels) if p != evaluation.UNKNOWN]
         right = sum(p == y for p, y in accepted)
         print(f"accuracy on accepted rows {right / max(len(accepted), 1):.4f} ({right}/{len(accepted)}; "
               f"{len(accepted) / len(tally):.1%} of the labelled images accepted)")
 
 
-def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_label):
-    """pred: the class index, or evaluation.UNKNOWN (below --threshold); confidence is the best probability."""
+def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_label, score=None):
+    """pred: the class index, or evaluation.UNKNOWN (rejected); confidence is the best probability. score:
+    (ood_score, unlike the training images: True / False / None when there is no threshold), or None when the
+    checkpoint has no out-of-distribution reference."""
     path, label = sample
     row = [path, unknown_label if pred == evaluation.UNKNOWN else class_names[pred], f"{float(probs.max()):.6f}"]
     if len(class_names) <= MAX_PROB_COLUMNS:
@@ -239,6 +281,9 @@ def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_lab
         values, indices = probs.topk(topk)
         for v, i in zip(values.tolist(), indices.tolist()):
             row += [class_names[i], f"{v:.6f}"]
+    if score is not None:
+        value, unlike = score
+        row += [f"{value:.6f}", "" if unlike is None else str(int(not unlike))]
     if labelled:
         row.append(class_names[label] if label >= 0 else "")
     return row + [""]
@@ -256,20 +301,21 @@ def error_row(sample, reason, columns, class_names, labelled):
 
 def plot_predictions(samples, class_names, ckpt, path, show, unknown_label):
     """The images as the model saw them (resize + center crop), in real colours, titled with the
-    prediction and its confidence; red when the folder name says otherwise; orange for rows below
-    --threshold ('unknown', with the best class named)."""
+    prediction and its confidence; red when the folder name says otherwise; orange for rejected rows
+    ('unknown', with the best class named); 'unlike training' and purple for out-of-distribution rows."""
     show_tf = data_loader.display_transform(ckpt["input_size"], ckpt["resize_size"])
     images, titles, colors = [], [], []
-    for (file, label), pred, probs in samples:
+    for (file, label), pred, probs, unlike in samples:
         images.append(show_tf(data_loader.load_rgb(file)))
         best, confidence = int(probs.argmax()), float(probs.max())
         truth = f"\ntrue: {class_names[label]}" if label >= 0 and label != best else ""
+        ood_note = "\nunlike training" if unlike else ""
         if pred == evaluation.UNKNOWN:
-            titles.append(f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth)
-            colors.append("darkorange")
+            titles.append(f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note)
+            colors.append("purple" if unlike else "darkorange")
         else:
-            titles.append(f"{class_names[pred]} ({confidence:.2f})" + truth)
-            colors.append("red" if truth else "black")
+            titles.append(f"{class_names[pred]} ({confidence:.2f})" + truth + ood_note)
+            colors.append("purple" if unlike else "red" if truth else "black")
     if not save_image_grid(images, titles, colors, path, show=show):
         print(f"--show: no window can open here (no display), so the figure was only saved: {path}")
 

@@ -18,6 +18,7 @@ import data_loader
 import evaluation
 import label_check
 import model_loader
+import ood
 import trainer
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, resolve_device,
@@ -59,6 +60,10 @@ def build_parser():
     add("--freeze", action="store_true", help="mode 1: freeze the backbone, train only the new head")
     add("--unfreeze_after", type=int, default=0, help="mode 2: train the head alone for N epochs, then fine-tune all")
     add("--backbone_lr_scale", type=float, default=0.1, help="mode 2: backbone learning rate = lr * this")
+    add("--ood_method", choices=list(ood.METHODS) + ["none"], default=ood.DEFAULT_METHOD, help="how predict.py "
+        "scores an image's unlikeness to the training images (ood_score, in_distribution); none = keep no reference")
+    add("--ood_keep", type=float, default=0.95, help="share of the validation images the out-of-distribution "
+        "threshold keeps in distribution")
 
     add = flag_adder(p.add_argument_group("training"))
     add("--model_fn", "--model_path", default="model.pth", help="where the best checkpoint is written")
@@ -113,6 +118,8 @@ def check_args(args):
             raise CLIError(f"--{name} must be positive; got {getattr(args, name)}")
     if (args.num_workers or 0) < 0 or args.patience < 0 or args.unfreeze_after < 0 or args.save_interval < 0:
         raise CLIError("--num_workers, --patience, --unfreeze_after and --save_interval must be 0 or more")
+    if not 0 < args.ood_keep <= 1:
+        raise CLIError(f"--ood_keep must be in (0, 1]; got {args.ood_keep}")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.warmup < 1:
         raise CLIError("--label_smoothing and --warmup must be in [0, 1)")
     if args.input_size is not None and args.input_size < 8:
@@ -187,6 +194,27 @@ def check_data(args, data_dir, model_name):
     if status:
         sys.exit(status)
     return None
+
+
+def add_ood_reference(args, fitter, result, compute, n_classes):
+    """The best model's out-of-distribution reference (ood.py) into the best checkpoint, under the key "ood";
+    returns the line to print (None when there is nothing to say)."""
+    if args.ood_method == "none" or result.interrupted or not result.state.best_epoch:
+        return None
+    start = time.perf_counter()
+    temperature = result.calibration.temperature if result.calibration else 1.0
+    try:
+        reference = ood.reference_for_run(fitter.model, fitter.head, fitter.loaders, fitter.cache, compute,
+                                          args.ood_method, args.ood_keep, temperature, n_classes, args.seed)
+    except CLIError as e:  # the checkpoint is complete without it
+        return f"out-of-distribution reference: none kept ({e})"
+    if reference is None:
+        return "out-of-distribution reference: none kept (no training image could be read)"
+    if compute.dist.is_main:
+        ckpt = model_loader.safe_load(args.model_fn)
+        ckpt["ood"] = reference
+        model_loader.save_checkpoint(ckpt, args.model_fn)
+    return f"{ood.describe(reference)}; {time.perf_counter() - start:.1f}s"
 
 
 def main(args):
@@ -268,6 +296,7 @@ def main(args):
             f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / {len(splits.test)} test; "
             f"input {meta['input_size']}px; backbone weights: {source}; run folder {run_dir}")
         result = fitter.fit()
+        ood_line = add_ood_reference(args, fitter, result, compute, n_classes)
     finally:
         stop.restore()
         if dist.enabled and torch.distributed.is_initialized():
@@ -291,6 +320,8 @@ def main(args):
     if state.best_epoch:
         say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
             else "calibration: no validation images could be read; temperature stays 1.0")
+    if ood_line:
+        say(ood_line)
     if result.test_metrics.get("count"):
         t = result.test_metrics
         say(f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")

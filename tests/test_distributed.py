@@ -57,6 +57,9 @@ def test_two_processes_match_one(ddp_data, tmp_path):
     assert [r["valid_count"] for r in two] == [r["valid_count"] for r in one] == [15] * 3
     calibrated = torch.load(tmp_path / "two" / "m.pth", weights_only=True)
     assert calibrated["metrics"]["calibration_count"] == 15 and calibrated["temperature"] != 1.0  # all ranks' logits
+    reference = calibrated["ood"]  # fine-tuned: one eval pass, each process its share, gathered
+    assert reference["features"].shape == (57, 512) and reference["valid_count"] == 15
+    assert reference["features"].float().norm(dim=1).min() > 0.99  # every row filled, none left at zero
     print("valid accuracy per epoch, 1 process:", [r["valid_accuracy"] for r in one],
           "2 processes:", [r["valid_accuracy"] for r in two])
     assert abs(two[-1]["valid_accuracy"] - one[-1]["valid_accuracy"]) <= 0.2
@@ -86,6 +89,9 @@ def test_frozen_cache_under_torchrun_equals_one_process_and_resumes(ddp_data, tm
     for a, b in zip(one, two):  # the same features and the same head updates: equal within float noise
         assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-3, abs=1e-4)
         assert b["valid_accuracy"] == pytest.approx(a["valid_accuracy"])
+    ref_one, ref_two = (torch.load(tmp_path / run / "m.pth", weights_only=True)["ood"] for run in ("one", "two"))
+    assert torch.allclose(ref_one["features"].float(), ref_two["features"].float(), atol=2e-3)  # the same reference
+    assert ref_two["threshold"] == pytest.approx(ref_one["threshold"], rel=1e-3)
     resumed = torchrun("--resume", tmp_path / "two" / "m_last.pth", "--n_epochs", "5", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
