@@ -388,6 +388,13 @@ def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_wo
     return Loaders(train, eval_loader(splits.valid), eval_loader(splits.test), eval_loader(splits.train))
 
 
+def eval_subset(loader, indices, rank=0, world_size=1):
+    """An eval loader like `loader` over its samples at `indices` (each once over all processes)."""
+    samples = [loader.dataset.samples[i] for i in indices]
+    return make_loader(ImageDataset(samples, loader.dataset.transform), loader.batch_size,
+                       ShardSampler(len(samples), rank, world_size), loader.num_workers, loader.pin_memory)
+
+
 # ----------------------------------------------------------------------------- audit (--check_data)
 
 TINY_SIDE = 16  # images with a side below this many pixels are reported as tiny

@@ -167,12 +167,14 @@ def collect_logits(model, loader, compute, desc="logits"):
 
 
 @torch.inference_mode()
-def collect_rows(forward, loader, compute, desc):
+def collect_rows(forward, loader, compute, desc, stoppable=False):
     """(forward(images) rows, labels) of every readable image of the loader, in dataset order. Under
     torchrun each rank runs its shard and a sum over ranks assembles the whole set (each row comes from
-    one rank), so every rank ends with the same tensors."""
+    one rank), so every rank ends with the same tensors. `stoppable`: None when a stop signal arrives
+    (polled between batches in a single process; ranks hold different numbers of batches)."""
     n = len(loader.dataset)
     rows, seen = None, torch.zeros(n)
+    dist = compute.dist
     for batch in bar(loader, compute, desc):
         if batch.labels.numel():
             with compute.autocast():
@@ -181,7 +183,8 @@ def collect_rows(forward, loader, compute, desc):
                 rows = torch.zeros(n, out.shape[1])
             rows[batch.indices] = out
             seen[batch.indices] = 1
-    dist = compute.dist
+        if stoppable and not (dist is not None and dist.enabled) and compute.stop_requested():
+            return None
     if dist is not None and dist.enabled:
         width = torch.tensor([0 if rows is None else rows.shape[1]], device=compute.device)
         torch.distributed.all_reduce(width, torch.distributed.ReduceOp.MAX)

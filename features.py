@@ -32,6 +32,12 @@ def head_takes_features(model, head, input_size, device):
             and torch.allclose(out.float(), logits.float()))
 
 
+def pooled(features):
+    """The classifier's input as (N, dim): a 1x1-conv classifier (SqueezeNet) takes a feature map, whose
+    spatial mean is used."""
+    return features.flatten(2).mean(2) if features.dim() > 2 else features
+
+
 @dataclass
 class FeatureCache:
     train: torch.Tensor  # (views, n_train, dim): backbone outputs, the classifier's inputs
@@ -70,10 +76,7 @@ def extract_features(model, head, loader, store, view, compute, skips):
                 captured.clear()
                 with compute.autocast():
                     model(compute.to_device(batch.images))
-                features = captured[0].float()
-                if features.dim() > 2:  # a 1x1-conv classifier (SqueezeNet) takes a feature map: its spatial mean
-                    features = features.flatten(2).mean(2)
-                store[view, batch.indices] = features.cpu()
+                store[view, batch.indices] = pooled(captured[0].float()).cpu()
                 ok[batch.indices] = True
             # ranks hold different numbers of batches here, so no collective check under torchrun
             if not compute.dist.enabled and compute.stop_requested():

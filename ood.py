@@ -8,7 +8,7 @@ images) beside the logits with the same Scorer module.
 
 Methods (bench/ood_bench.py measures them on near and far out-of-distribution images):
   knn          1 - cosine similarity to the k-th nearest training feature (Sun et al. 2022); the default
-  mahalanobis  the smallest Mahalanobis distance to a class mean, covariance shared (Lee et al. 2018)
+  mahalanobis  the smallest squared Mahalanobis distance to a class mean, covariance shared (Lee et al. 2018)
   energy       -T logsumexp(logits / T) (Liu et al. 2020)
   msp          1 - the largest calibrated softmax probability (Hendrycks and Gimpel 2017)
 """
@@ -20,18 +20,15 @@ from torch import nn
 
 import evaluation
 from cli import CLIError
+from data_loader import eval_subset
+from features import feature_dim, pooled
 
 METHODS = ("knn", "mahalanobis", "energy", "msp")
 DEFAULT_METHOD = "knn"  # the best on every set of bench/ood_bench.py (see docs/ood.md)
-K = 3  # neighbours for knn: the score is the distance to the k-th (1-10 measured in bench/ood_bench.py; 3 was best)
+K = 3  # neighbours for knn: the score is the distance to the k-th (bench/ood_bench.py compares 1 to 20)
 MAX_REFERENCE_MB = 16  # the checkpoint grows by at most this; larger training sets keep a seeded sample of rows
 REFERENCE_FORMAT = 1
 SHRINKAGE = 1e-3  # mahalanobis: covariance + SHRINKAGE * mean variance * I, so few images still invert
-
-
-def pooled(features):
-    """The classifier's input as (N, dim): a 1x1-conv classifier (SqueezeNet) takes a feature map, pooled."""
-    return features.flatten(2).mean(2) if features.dim() > 2 else features
 
 
 @contextmanager
@@ -60,7 +57,10 @@ class Scorer(nn.Module):
             self.register_buffer("precision", reference["precision"].float())  # (dim, dim)
 
     def forward(self, features, logits):
-        features, logits = pooled(features).float(), logits.float() / self.temperature
+        with torch.autocast(features.device.type, enabled=False):  # float32 under --amp too, as when fitted
+            return self.score(pooled(features).float(), logits.float() / self.temperature)
+
+    def score(self, features, logits):
         if self.method == "knn":
             sims = nn.functional.normalize(features, dim=1) @ self.bank.float().T
             return 1 - sims.topk(min(self.k, self.bank.shape[0]), dim=1).values[:, -1]
@@ -93,12 +93,18 @@ class ScoredModel(nn.Module):
 # ----------------------------------------------------------------------------- building the reference
 
 
+def sample_rows(n, dim, max_mb, seed):
+    """Indices of the training images the knn reference keeps: all, or a seeded sample of as many float16
+    rows of `dim` as fit in max_mb."""
+    rows = max(1, int(max_mb * 2 ** 20 // (dim * 2)))
+    if n <= rows:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].sort().values
+
+
 def knn_bank(features, max_mb, seed):
     """Unit rows in float16; a seeded sample of them when the whole would exceed max_mb."""
-    rows = max(1, int(max_mb * 2 ** 20 // (features.shape[1] * 2)))
-    if len(features) > rows:
-        keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:rows].sort().values
-        features = features[keep]
+    features = features[sample_rows(len(features), features.shape[1], max_mb, seed)]
     return nn.functional.normalize(features.float(), dim=1).half()
 
 
@@ -122,12 +128,13 @@ def fit_threshold(scores, keep):
 
 
 def build_reference(method, train_features, train_labels, n_classes, valid_features, valid_logits, temperature,
-                    keep, max_mb=MAX_REFERENCE_MB, seed=0):
+                    keep, max_mb=MAX_REFERENCE_MB, seed=0, train_count=None):
     """The checkpoint's "ood" entry: the method's reference from the training images' features, and the
-    threshold that keeps `keep` of the validation images in distribution."""
+    threshold that keeps `keep` of the validation images in distribution. `train_count`: the readable
+    training images when train_features is already a sample of them."""
     dim = int(train_features.shape[1])
     reference = {"format": REFERENCE_FORMAT, "method": method, "dim": dim, "n_classes": int(n_classes), "k": K,
-                 "keep": float(keep), "train_count": int(len(train_features))}
+                 "keep": float(keep), "train_count": int(train_count or len(train_features))}
     if method == "knn":
         reference["features"] = knn_bank(train_features, max_mb, seed)
     elif method == "mahalanobis":
@@ -169,9 +176,9 @@ def describe(reference):
 
 
 @torch.inference_mode()
-def collect_features(model, head, loader, compute, desc):
+def collect_features(model, head, loader, compute, desc, stoppable=False):
     """(penultimate features, logits, labels) of every readable image of the loader (evaluation.collect_rows:
-    dataset order, assembled over torchrun's processes)."""
+    dataset order, assembled over torchrun's processes); None when stopped (see collect_rows)."""
     model.eval()
     with capture_head_input(model, head) as taken:
         def both(images):
@@ -179,27 +186,45 @@ def collect_features(model, head, loader, compute, desc):
             logits = model(images)
             return torch.cat([logits.float(), pooled(taken[-1]).float()], 1)
 
-        rows, labels = evaluation.collect_rows(both, loader, compute, desc)
+        collected = evaluation.collect_rows(both, loader, compute, desc, stoppable)
+    if collected is None:
+        return None
+    rows, labels = collected
     n_classes = model.get_submodule(head).weight.shape[0]
     return rows[:, n_classes:], rows[:, :n_classes], labels
 
 
 def reference_for_run(model, head, loaders, cache, compute, method, keep, temperature, n_classes, seed):
-    """The reference of a finished run's best model: features from the frozen-backbone cache when it holds
-    the eval view of every image (free), else one eval pass over the training and validation images."""
+    """The reference of a finished run's best model. knn keeps a seeded sample of the training images
+    within MAX_REFERENCE_MB, and only those are read. Their features come from the frozen-backbone cache
+    when it holds the eval view of every image (free), else from one eval pass of the model over them
+    and the validation images. None when a stop signal arrives; a CLIError when nothing can be kept."""
+    samples = loaders.train_eval.dataset.samples
+    rows = (sample_rows(len(samples), feature_dim(model, head), MAX_REFERENCE_MB, seed) if method == "knn"
+            else torch.arange(len(samples)))
     if cache is not None and cache.train.shape[0] == 1:
-        train_features = cache.train[0][cache.train_ok]
-        train_labels = torch.tensor([y for _, y in loaders.train_eval.dataset.samples])[cache.train_ok]
+        readable = rows[cache.train_ok[rows]]
+        train_features, train_count = cache.train[0][readable], int(cache.train_ok.sum())
+        train_labels = torch.tensor([samples[i][1] for i in readable.tolist()], dtype=torch.long)
         valid_features = cache.valid[0][cache.valid_ok]
         with torch.inference_mode():
-            valid_logits = model.get_submodule(head).eval()(valid_features.to(compute.device)).float().cpu()
+            layer = model.get_submodule(head).eval()
+            valid_logits = torch.cat([layer(valid_features[i:i + 1024].to(compute.device)).float().cpu()
+                                      for i in range(0, len(valid_features), 1024)] or [torch.zeros(0, n_classes)])
     else:
-        train_features, _, train_labels = collect_features(model, head, loaders.train_eval, compute, "ood train")
-        valid_features, valid_logits, _ = collect_features(model, head, loaders.valid, compute, "ood valid")
+        if compute.stop_requested():  # every rank at the same point: a collective is safe here
+            return None
+        subset = eval_subset(loaders.train_eval, rows.tolist(), compute.dist.rank, compute.dist.world_size)
+        train = collect_features(model, head, subset, compute, "ood train", stoppable=True)
+        valid = collect_features(model, head, loaders.valid, compute, "ood valid", stoppable=True)
+        if train is None or valid is None:
+            return None
+        (train_features, _, train_labels), (valid_features, valid_logits, _) = train, valid
+        train_count = len(train_features) if len(rows) == len(samples) else len(samples)
     if not len(train_features):
-        return None
+        raise CLIError("no training image could be read")
     return build_reference(method, train_features, train_labels, n_classes, valid_features, valid_logits,
-                           temperature, keep, seed=seed)
+                           temperature, keep, seed=seed, train_count=train_count)
 
 
 # ----------------------------------------------------------------------------- using it
@@ -208,11 +233,16 @@ def reference_for_run(model, head, loaders, cache, compute, method, keep, temper
 def check_reference(reference, dim, n_classes, path):
     """A CLIError naming what does not fit when the checkpoint's reference does not match its model."""
     where = f"{str(path)!r}: its out-of-distribution reference"
-    if not isinstance(reference, dict) or reference.get("method") not in METHODS:
-        method = reference.get("method") if isinstance(reference, dict) else type(reference).__name__
-        raise CLIError(f"{where} has an unknown method {method!r} (known: {', '.join(METHODS)})")
-    if reference.get("format", 0) > REFERENCE_FORMAT:
-        raise CLIError(f"{where} has format {reference.get('format')}; this version reads up to {REFERENCE_FORMAT}")
+    if not isinstance(reference, dict):
+        raise CLIError(f"{where} is a {type(reference).__name__}, not a dict")
+    if reference.get("method") not in METHODS:
+        raise CLIError(f"{where} has an unknown method {reference.get('method')!r} (known: {', '.join(METHODS)})")
+    version = reference.get("format", 0)
+    if not isinstance(version, int) or version > REFERENCE_FORMAT:
+        raise CLIError(f"{where} has format {version!r}; this version reads up to {REFERENCE_FORMAT}")
+    threshold, k = reference.get("threshold"), reference.get("k", K)
+    if not (threshold is None or isinstance(threshold, (int, float))) or not isinstance(k, int) or k < 1:
+        raise CLIError(f"{where} has an unreadable threshold {threshold!r} or k {k!r}")
     needs = {"knn": [("features", -1)], "mahalanobis": [("means", -1), ("precision", 0), ("precision", 1)]}
     shapes_ok = reference.get("dim") == dim
     for key, axis in needs.get(reference["method"], []):
@@ -227,7 +257,5 @@ def check_reference(reference, dim, n_classes, path):
 
 def scored_model(model, head, ckpt, path):
     """model -> ScoredModel with the checkpoint's reference, after checking that it fits."""
-    layer = model.get_submodule(head)
-    dim = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-    check_reference(ckpt["ood"], dim, len(ckpt["class_names"]), path)
+    check_reference(ckpt["ood"], feature_dim(model, head), len(ckpt["class_names"]), path)
     return ScoredModel(model, head, Scorer(ckpt["ood"], ckpt.get("temperature", 1.0)))

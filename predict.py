@@ -16,6 +16,7 @@ import data_loader
 import evaluation
 import model_loader
 import ood
+from features import feature_dim
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, resolve_device, save_confusion_matrix,
                    save_image_grid)
@@ -50,7 +51,8 @@ def build_parser():
     add("--verbose", type=int, default=1, help="0 = summary only, 1 = also a progress bar")
     add("--threshold", type=float, default=None, help="in (0, 1]: rows whose calibrated confidence is below it are "
         "predicted as --unknown_label (their probabilities stay in the row)")
-    add("--unknown_label", default="unknown", help="the prediction of rows below --threshold")
+    add("--unknown_label", default="unknown", help="the prediction of rows below --threshold, or unlike the "
+        "training images with --reject_ood")
     add("--tta", action="store_true", help="test-time augmentation: average the probabilities of each image and "
         "its horizontal mirror image")
     add("--reject_ood", action="store_true", help="predict rows unlike the training images (in_distribution 0) as "
@@ -131,6 +133,8 @@ def main(args):
     else:
         ckpt = model_loader.load_checkpoint(args.model_fn)
         model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
+        if "ood" in ckpt:
+            ood.check_reference(ckpt["ood"], feature_dim(model, head), len(ckpt["class_names"]), args.model_fn)
     class_names = ckpt["class_names"]
     reference = ckpt.get("ood")  # the out-of-distribution reference (method, threshold; tensors in a .pth)
     ood_threshold = reference.get("threshold") if reference else None

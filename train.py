@@ -209,7 +209,7 @@ def add_ood_reference(args, fitter, result, compute, n_classes):
     except CLIError as e:  # the checkpoint is complete without it
         return f"out-of-distribution reference: none kept ({e})"
     if reference is None:
-        return "out-of-distribution reference: none kept (no training image could be read)"
+        return "out-of-distribution reference: none kept (interrupted)"
     if compute.dist.is_main:
         ckpt = model_loader.safe_load(args.model_fn)
         ckpt["ood"] = reference

@@ -21,7 +21,7 @@ For each set and mode (frozen: --freeze; fine-tuned: all layers, default flags) 
      reference from the train split and the threshold from the valid split (--ood_keep 0.95, as train.py);
      prints AUROC (test images against each out-of-distribution set), the share of each set accepted at
      the cut that keeps 95% of the test images (FPR@95), and at the validation threshold with the share
-     of test images it keeps;
+     of test images it keeps; and knn's FPR@95 for k = 1 ... 20 neighbours;
   3. runs `predict.py` on the near and far folders and on the test folder, and reads in_distribution from
      result.csv: the product's figures, which must equal step 2's for the default method;
   4. (first set only) the steady prediction rate with and without the score (batches of 64 ready
@@ -51,6 +51,7 @@ from cli import ArgumentParser, CLIError, run_cli  # noqa: E402
 from utils import Compute, DistInfo  # noqa: E402
 
 SAMPLE = ["trouser", "sneaker", "bag", "ankle_boot"]
+K_SWEEP = (1, 3, 5, 10, 20)  # knn neighbour counts compared
 PHOTOS = ["astronaut", "camera", "cat", "coffee", "coins", "rocket", "stereo_motorcycle", "hubble_deep_field",
           "retina", "moon", "brick", "grass", "gravel", "clock", "horse", "immunohistochemistry"]
 
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--sets", default="fashion4,fashion6,solar", help="comma-separated: fashion4, fashion6, solar")
     p.add_argument("--modes", default="frozen,finetuned", help="comma-separated: frozen, finetuned")
     p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--finetune_epochs", type=int, default=3, help="epochs of the fine-tuned runs")
+    p.add_argument("--finetune_epochs", type=int, default=8, help="epochs of the fine-tuned runs")
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (best of)")
     return p.parse_args(argv)
 
@@ -202,6 +203,15 @@ def measure(ckpt_path, run_dir, data, ood_sets):
             r["fpr95"][name] = fpr_at(test_s, s)
             r["accepted"][name] = float((s <= ref["threshold"]).double().mean())
         results[method] = r
+    default_k = ood.K
+    try:  # knn's neighbour count: the FPR at 95% kept per ood set
+        for k in K_SWEEP:
+            ood.K = k
+            ref = ood.build_reference("knn", train_f, train_y, len(ckpt["class_names"]), valid_f, valid_l, t, 0.95)
+            test_s = ood.score(ref, t, test_f, test_l)
+            results[f"knn k={k}"] = {"fpr95": {name: fpr_at(test_s, ood.score(ref, t, f, l)) for name, (f, l) in outs.items()}}
+    finally:
+        ood.K = default_k
     return results, ckpt["ood"]
 
 
@@ -267,10 +277,13 @@ def main(args):
             print(f"{'method':12s} " + " ".join(f"{'AUROC ' + n:>16s}" for n in names) + " "
                   + " ".join(f"{'FPR95 ' + n:>16s}" for n in names) + " "
                   + " ".join(f"{'acc@val ' + n:>18s}" for n in names) + "  test kept")
-            for method, r in results.items():
+            for method in ood.METHODS:
+                r = results[method]
                 print(f"{method:12s} " + " ".join(f"{r['auroc'][n]:16.3f}" for n in names) + " "
                       + " ".join(f"{r['fpr95'][n]:16.1%}" for n in names) + " "
                       + " ".join(f"{r['accepted'][n]:18.1%}" for n in names) + f"  {r['test_kept']:.1%}")
+            print("knn FPR95 by k: " + "; ".join(f"k={k} " + ", ".join(f"{n} {results[f'knn k={k}']['fpr95'][n]:.1%}"
+                                                                       for n in names) for k in K_SWEEP))
             shares = product_figures(ckpt_path, data, ood_sets, work)
             print(f"predict.py ({reference['method']}, threshold {reference['threshold']:.4g}): in_distribution 1 on "
                   + ", ".join(f"{n} {v:.1%}" for n, v in shares.items()))

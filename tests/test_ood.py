@@ -12,8 +12,7 @@ import model_loader
 import ood
 import predict
 import train
-from conftest import copy_subset
-from test_cli import run_in_process
+from conftest import copy_subset, run_in_process
 
 # ----------------------------------------------------------------------------- the math
 
@@ -43,6 +42,20 @@ def test_mahalanobis_energy_and_msp_follow_their_formulas():
     assert torch.allclose(energy, -2.0 * torch.logsumexp(logits / 2.0, 1))
     msp = ood.Scorer({"method": "msp"}, temperature=0.5)(query, logits)
     assert torch.allclose(msp, 1 - (logits / 0.5).softmax(1).max(1).values)
+    _, few = ood.class_gaussians(features[:10, :2].repeat(1, 8), labels[:10], 3)  # rank 2 in 16 dims: shrunk
+    assert torch.isfinite(few).all() and few.abs().max() < 1e6
+
+
+def test_the_score_stays_float32_under_autocast():
+    """predict.py --amp runs the model under bf16/fp16 autocast; the threshold was fitted in float32."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(200, 64, generator=g), dim=1).half()
+    scorer = ood.Scorer({"method": "knn", "k": 3, "features": bank})
+    query = torch.randn(32, 64, generator=g)
+    exact = scorer(query, torch.zeros(32, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = scorer(query, torch.zeros(32, 2))
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, exact, atol=1e-6)
 
 
 def test_threshold_keeps_the_asked_share_of_validation_scores():
@@ -183,6 +196,12 @@ def test_predict_scores_every_row_and_rejects_far_images(frozen, tmp_path, capsy
     accepted = sum(r["predict"] != "unknown" for r in rejected)
     assert f"threshold 0.5 and --reject_ood: {accepted}/36 accepted" in out
 
+    run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", folder, "--output", tmp_path / "t.csv",
+                "--n_images", 0, "--tta")  # the score is the image's own view's, the mirror's dropped
+    mirrored = read_csv(tmp_path / "t.csv")
+    assert max(abs(float(a["ood_score"]) - float(b["ood_score"])) for a, b in zip(rows, mirrored)) < 1e-5
+    assert any(a["confidence"] != b["confidence"] for a, b in zip(rows, mirrored))  # the probabilities did average
+
 
 def test_report_counts_rejected_labelled_rows_wrong_for_recall(frozen, tmp_path, capsys):
     root, data = frozen
@@ -230,6 +249,38 @@ def test_onnx_export_computes_the_score_in_the_graph(frozen, tmp_path, capsys):
     assert [r["in_distribution"] for r in a] == [r["in_distribution"] for r in b]
     assert max(abs(float(x["ood_score"]) - float(y["ood_score"])) for x, y in zip(a, b)) < 1e-4
 
+    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.pt2"),
+                                   "--data_dir", str(folder), "--check_images", "4"]))
+    assert "max relative ood_score difference" in capsys.readouterr().out
+    logits, scores = torch.export.load(str(tmp_path / "m.pt2")).module()(torch.randn(3, 3, 64, 64))
+    assert logits.shape == (3, 3) and scores.shape == (3,)
+
+    del meta["ood_method"]  # an ood_score output without its metadata: not a file of export.py
+    proto.ClearField("metadata_props")
+    onnx.helper.set_model_props(proto, meta)
+    onnx.save(proto, str(tmp_path / "odd.onnx"))
+    err = run_in_process(predict, ["--model_fn", tmp_path / "odd.onnx", "--data_dir", folder], capsys)
+    assert "its ood_score output and its ood_method metadata do not come together" in err
+
+
+def test_the_export_check_catches_a_wrong_score_and_writes_nothing(frozen, tmp_path, capsys, monkeypatch):
+    import onnx
+
+    root, _ = frozen
+    real_write = export.write_onnx
+
+    def tampered(model, example, out, meta, opset, exporter):  # the reference's rows negated in the file
+        real_write(model, example, out, meta, opset, exporter)
+        proto = onnx.load(str(out))
+        bank = next(t for t in proto.graph.initializer if sorted(t.dims) == [72, 1280])  # folded, maybe transposed
+        bank.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(bank), bank.name))
+        onnx.save(proto, str(out))
+
+    monkeypatch.setattr(export, "write_onnx", tampered)
+    err = run_in_process(export, ["--model_fn", root / "m.pth", "--output", tmp_path / "m.onnx", "--data_dir",
+                                  far_and_test(frozen), "--check_images", "4"], capsys)
+    assert "ood_score differs from the PyTorch model's" in err and not (tmp_path / "m.onnx").exists()
+
 
 def test_a_reference_that_does_not_fit_the_model_is_one_error_line(frozen, tmp_path, capsys):
     root, _ = frozen
@@ -266,16 +317,25 @@ def test_without_a_reference_predict_works_as_before_and_says_so(frozen, tmp_pat
     assert "has no threshold" in out and all(r["in_distribution"] == "" and float(r["ood_score"]) >= 0 for r in rows)
 
 
-def test_fine_tuning_keeps_the_features_of_the_fine_tuned_model(tiny_data, tmp_path, capsys):
-    """No cache when the backbone trains: one eval pass of the final model over the training images."""
+def test_fine_tuning_keeps_the_features_of_the_best_fine_tuned_model(tiny_data, tmp_path, capsys):
+    """No cache when the backbone trains: one eval pass of the best epoch's model over the training images."""
+    import data_loader
+
     train.main(train.parse_args([str(a) for a in (
-        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--lr", "0.01",
-        "--num_workers", "0", "--model_fn", tmp_path / "ft.pth", "--log_dir", tmp_path / "run", "--verbose", "0",
-        "--ood_keep", "0.9")]))
+        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "2", "--lr", "0.003",
+        "--patience", "0", "--num_workers", "0", "--model_fn", tmp_path / "ft.pth", "--log_dir", tmp_path / "run",
+        "--verbose", "0", "--ood_keep", "0.9")]))
     assert "out-of-distribution reference: knn on 39 of 39 training features (dim 512" in capsys.readouterr().out
-    ckpt, features, _ = final_features(tmp_path / "ft.pth", split_files(tmp_path / "run", "train"))
+    ckpt = model_loader.load_checkpoint(tmp_path / "ft.pth")
+    assert ckpt["metrics"]["best_epoch"] == 1  # the last epoch was not the best: its weights must not be used
+    model = model_loader.model_from_checkpoint(ckpt)[0].eval()
+    body = torch.nn.Sequential(*list(model.children())[:-1])  # resnet18 without fc: the classifier's input
+    tf = data_loader.build_transforms(32, ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
+    with torch.no_grad():
+        images = torch.stack([tf(data_loader.load_rgb(f)) for f in split_files(tmp_path / "run", "train")])
+        expected = torch.nn.functional.normalize(body(images).flatten(1), dim=1)
     assert ckpt["ood"]["keep"] == 0.9
-    assert torch.allclose(ckpt["ood"]["features"].float(), torch.nn.functional.normalize(features, dim=1), atol=2e-3)
+    assert torch.allclose(ckpt["ood"]["features"].float(), expected, atol=2e-3)
 
 
 @pytest.mark.parametrize("flags, words", [(["--ood_keep", "0"], "--ood_keep must be in (0, 1]"),
@@ -292,3 +352,36 @@ def test_ood_method_none_keeps_no_reference(tiny_data, tmp_path, capsys):
         "--ood_method", "none")]))
     assert "out-of-distribution" not in capsys.readouterr().out
     assert "ood" not in torch.load(tmp_path / "m.pth", weights_only=True)
+
+
+def test_the_benchmark_measures_every_method_on_a_run(frozen):
+    """bench/ood_bench.py's measurement (the whole script needs extra data packages): every method's AUROC,
+    FPR at 95% kept and acceptance at the validation threshold, on the fixture's run and far pictures."""
+    from test_e2e import load_script
+
+    root, data = frozen
+    bench = load_script("bench/ood_bench.py")
+    results, reference = bench.measure(root / "m.pth", root / "run", data, {"far": far_and_test(frozen) / "far"})
+    assert set(results) == set(ood.METHODS) | {f"knn k={k}" for k in bench.K_SWEEP} and reference["method"] == "knn"
+    assert results[f"knn k={ood.K}"]["fpr95"] == results["knn"]["fpr95"] and ood.K == 3  # the sweep puts K back
+    for method in ood.METHODS:
+        r = results[method]
+        assert 0 <= r["auroc"]["far"] <= 1 and 0 <= r["fpr95"]["far"] <= 1 and 0.5 <= r["test_kept"] <= 1, method
+    assert results["knn"]["auroc"]["far"] > 0.95 and results["knn"]["accepted"]["far"] <= 1 / 12
+    assert bench.fpr_at(torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.05, 0.35, 0.5]), keep=0.75) == pytest.approx(1 / 3)  # cut 0.3
+
+
+def test_a_stop_signal_during_the_extra_pass_keeps_the_checkpoint_without_a_reference(tiny_data, tmp_path,
+                                                                                      monkeypatch, capsys):
+    from test_trainer import interrupt_when_called
+
+    interrupt_when_called(monkeypatch, ood, "collect_features")  # a real SIGINT as the pass starts
+    with pytest.raises(SystemExit) as e:
+        train.main(train.parse_args([str(a) for a in (
+            "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1",
+            "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "0")]))
+    out = capsys.readouterr().out
+    assert e.value.code == 130 and "out-of-distribution reference: none kept (interrupted)" in out
+    assert "interrupted at the end of training" in out
+    ckpt = model_loader.load_checkpoint(tmp_path / "m.pth")
+    assert "ood" not in ckpt and ckpt["epoch"] == 1 and ckpt["temperature"] > 0
