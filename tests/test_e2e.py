@@ -118,9 +118,16 @@ def test_predict_single_file_unlabelled_folder_and_topk(tiny_data, tmp_path):
 # ----------------------------------------------------------------------------- the README's commands
 
 
-def readme_commands():
-    """Every command line of the README's ```bash blocks, in order."""
+def readme_pages():
+    """README.md, then each docs/ page it links to, in the order of their first link."""
     text = (ROOT / "README.md").read_text()
+    pages = dict.fromkeys(re.findall(r"\]\((docs/[\w-]+\.md)\)", text))
+    return [text] + [(ROOT / page).read_text() for page in pages]
+
+
+def readme_commands():
+    """Every command line of the ```bash blocks of the README and its docs/ pages, in order."""
+    text = "\n".join(readme_pages())
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -228,7 +235,7 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
         tokens = shlex.split(command)
         if "--model_fn" in tokens and tokens[tokens.index("--model_fn") + 1] in by_torchrun:
             continue  # predicts from a torchrun checkpoint: tests/test_distributed.py runs the pair
-        if command.startswith("python3 -m venv") or command == "pytest":
+        if command.startswith("python3 -m venv") or command in ("pytest", "pip install -r requirements.txt"):
             ci = (ROOT / ".ci" / "run").read_text()
             assert "-m venv" in ci and "pip install" in ci and "-r requirements.txt" in ci and "pytest" in ci
             continue  # .ci/run itself runs these steps, in a fresh virtual environment
@@ -289,6 +296,9 @@ def check_what_the_readme_commands_wrote(work):
         train_files = {p.name for p in (work / "catdog" / "train" / animal).iterdir()}
         test_files = {p.name for p in (work / "catdog" / "test" / animal).iterdir()}
         assert len(train_files) + len(test_files) == 14 and not train_files & test_files and test_files
+    rows = csv_rows(work / "lite_ood.csv")  # --reject_ood: the rows unlike the training images are 'unknown'
+    assert len(rows) == 120 and all(r["in_distribution"] in ("0", "1") and float(r["ood_score"]) >= -1e-6 for r in rows)
+    assert all((r["predict"] == "unknown") == (r["in_distribution"] == "0") for r in rows)
     rows = csv_rows(work / "mine.csv")
     test_files = sorted(str(p.relative_to(work)) for p in (work / "my_images" / "test").rglob("*.png"))
     assert [r["file_dir"] for r in rows] == test_files  # as given: --data_dir my_images/test

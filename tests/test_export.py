@@ -248,14 +248,14 @@ def test_predict_on_onnx_equals_pth(ckpts, exported, tmp_path, capsys):
 
 
 def readme_deploy_snippet():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "export.md").read_text()
     found = re.search(r"<!-- deploy\.py: tests/test_export\.py runs this block -->\n```python\n(.*?)```", text, re.S)
-    assert found, "the README's deployment snippet (marker + python block) is missing"
+    assert found, "docs/export.md's deployment snippet (marker + python block) is missing"
     return found.group(1)
 
 
 def test_readme_deployment_snippet_matches_predict(ckpts, exported, tiny_data, tmp_path, capsys):
-    """The README's code, exactly, on images of several shapes (the resize and crop arithmetic): against
+    """docs/export.md's code, exactly, on images of several shapes (the resize and crop arithmetic): against
     predict.py's result.csv (a model without temperature), and against predict.py's preprocessing run by
     onnxruntime with the logits divided by the temperature (resnet18's checkpoint has T = 1.5). It runs
     without torch."""
