@@ -1,7 +1,7 @@
 """Out-of-distribution benchmark (a script, not a test): which ood_score tells images unlike the training
 images apart best, and what the product's default does end to end.
 
-  python bench/ood_bench.py                                   # 3 sets x frozen, fine-tuned; ~30 min on 2 CPUs
+  python bench/ood_bench.py                                   # 3 sets x frozen, fine-tuned; ~50 min on 2 CPUs
   python bench/ood_bench.py --sets fashion4 --modes frozen    # the set the method was chosen on, frozen
 
 Needs: the Debian package dataset-fashion-mnist, and `pip install elpv-dataset scikit-image` (solar-cell
@@ -14,7 +14,7 @@ Sets (images stored at their own size; the model sees them at --input_size):
   solar     in: monocrystalline solar cells, functional vs defective; near: polycrystalline cells;
             far: Fashion-MNIST (all ten classes), photos
 
-For each set and mode (frozen: --freeze; fine-tuned: all layers, default flags) it
+For each set and mode (frozen: --freeze; fine-tuned: all layers; otherwise default flags) it
   1. runs `train.py --model_name efficientnet_lite0 --use_pretrained` as a process, as a user would;
   2. in this process, with the checkpoint it wrote: penultimate features and logits of the run's own train
      and valid split, the test images and the out-of-distribution images; for every method of ood.py the
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--sets", default="fashion4,fashion6,solar", help="comma-separated: fashion4, fashion6, solar")
     p.add_argument("--modes", default="frozen,finetuned", help="comma-separated: frozen, finetuned")
     p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--finetune_epochs", type=int, default=8, help="epochs of the fine-tuned runs")
+    p.add_argument("--finetune_epochs", type=int, default=20, help="--n_epochs of the fine-tuned runs (train.py's "
+                   "default; early stopping may end them sooner)")
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (best of)")
     return p.parse_args(argv)
 
@@ -256,7 +257,22 @@ def speed(ckpt_path, data, repeats):
     return best, whole
 
 
+def check_sources():
+    """The data packages the sets are cut from, with one line saying how to get a missing one."""
+    import importlib.util
+
+    from prepare import FASHION_DIR
+
+    if not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        raise CLIError(f"Fashion-MNIST not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist")
+    missing = [pip for module, pip in (("elpv_dataset", "elpv-dataset"), ("skimage", "scikit-image"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise CLIError(f"the out-of-distribution images need: pip install {' '.join(missing)}")
+
+
 def main(args):
+    check_sources()
     work = Path(args.work or tempfile.mkdtemp(prefix="ood_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}; CPU threads {torch.get_num_threads()}")

@@ -1,7 +1,5 @@
 """'None of my classes' (ood.py): the scores against hand computations, the reference train.py keeps, and what
 predict.py and export.py do with it."""
-import csv
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ import ood
 import predict
 import train
 from conftest import copy_subset, run_in_process
+from test_evaluation import read_csv, run_predict
 
 # ----------------------------------------------------------------------------- the math
 
@@ -114,16 +113,6 @@ def frozen(tmp_path_factory):
         "--n_epochs", "3", "--freeze", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
         "--verbose", "0")]))
     return root, data
-
-
-def read_csv(path):
-    with open(path, encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
-
-
-def run_predict(capsys, *argv):
-    predict.main(predict.parse_args([str(a) for a in argv] + ["--num_workers", "0", "--verbose", "0"]))
-    return capsys.readouterr().out
 
 
 def split_files(run_dir, name):
