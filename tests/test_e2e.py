@@ -36,7 +36,8 @@ def test_train_then_predict_end_to_end(tiny_data, tmp_path):
     ckpt = torch.load(tmp_path / "out" / "model.pth", weights_only=True)
     assert set(ckpt) == {"format_version", "model_name", "state_dict", "class_names", "input_size", "resize_size",
                          "mean", "std", "epoch", "metrics", "temperature", "args", "torch_version",
-                         "torchvision_version"}
+                         "torchvision_version", "ood"}
+    assert ckpt["ood"]["method"] == "knn" and ckpt["ood"]["features"].shape[1] == 512
     assert ckpt["class_names"] == ["bag", "sneaker", "trouser"] and ckpt["input_size"] == 32
     assert ckpt["mean"] == pytest.approx([0.485, 0.456, 0.406])
     torchvision.models.get_model("resnet18", num_classes=3).load_state_dict(ckpt["state_dict"])
@@ -63,7 +64,9 @@ def test_train_then_predict_end_to_end(tiny_data, tmp_path):
     with open(tmp_path / "result.csv", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["file_dir", "predict", "confidence", "prob_bag", "prob_sneaker", "prob_trouser",
-                             "label", "error"]
+                             "ood_score", "in_distribution", "label", "error"]
+    threshold = ckpt["ood"]["threshold"]
+    assert all(r["in_distribution"] == str(int(float(r["ood_score"]) <= threshold)) for r in rows)
     expected = sorted(str(p) for p in (tiny_data / "test").rglob("*.png"))
     assert [r["file_dir"] for r in rows] == expected
     for r in rows:
