@@ -251,8 +251,10 @@ def check_reference(reference, dim, n_classes, path):
     if reference["method"] == "mahalanobis" and shapes_ok:
         shapes_ok = reference["means"].shape[0] == n_classes
     if not shapes_ok:
-        raise CLIError(f"{where} ({reference['method']}, dim {reference.get('dim')}) does not fit the model, whose "
-                       f"classifier takes {dim} features for {n_classes} classes")
+        widths = sorted({int(v.shape[-1]) for k, v in reference.items() if isinstance(v, torch.Tensor) and v.dim() == 2})
+        raise CLIError(f"{where} ({reference['method']}, dim {reference.get('dim')}, tensors of width "
+                       f"{', '.join(map(str, widths)) or 'none'}) does not fit the model, whose classifier takes "
+                       f"{dim} features for {n_classes} classes")
 
 
 def scored_model(model, head, ckpt, path):

@@ -128,6 +128,9 @@ def main(args):
         raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise CLIError(f"--threshold must be in (0, 1]; got {args.threshold}")
+    if Path(args.model_fn).suffix.lower() == ".pt2":
+        raise CLIError(f"{args.model_fn} is a torch.export program (load it with torch.export.load); predict.py "
+                       "runs the checkpoint it came from, or an .onnx export")
     if model_loader.is_exported(args.model_fn):  # an ONNX file of export.py: onnxruntime runs it
         ckpt, model = model_loader.load_exported(args.model_fn)
     else:

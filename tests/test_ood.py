@@ -250,6 +250,8 @@ def test_onnx_export_computes_the_score_in_the_graph(frozen, tmp_path, capsys):
     onnx.save(proto, str(tmp_path / "odd.onnx"))
     err = run_in_process(predict, ["--model_fn", tmp_path / "odd.onnx", "--data_dir", folder], capsys)
     assert "its ood_score output and its ood_method metadata do not come together" in err
+    err = run_in_process(predict, ["--model_fn", tmp_path / "m.pt2", "--data_dir", folder], capsys)
+    assert "is a torch.export program" in err
 
 
 def test_the_export_check_catches_a_wrong_score_and_writes_nothing(frozen, tmp_path, capsys, monkeypatch):
@@ -276,7 +278,8 @@ def test_a_reference_that_does_not_fit_the_model_is_one_error_line(frozen, tmp_p
     ckpt = torch.load(root / "m.pth", weights_only=True)
     wrong_dim = dict(ckpt, ood=dict(ckpt["ood"], features=ckpt["ood"]["features"][:, :100], dim=100))
     wrong_method = dict(ckpt, ood=dict(ckpt["ood"], method="vibes"))
-    for name, bad, words in (("dim", wrong_dim, "dim 100) does not fit the model, whose classifier takes 1280"),
+    for name, bad, words in (("dim", wrong_dim, "dim 100, tensors of width 100) does not fit the model, whose "
+                                                "classifier takes 1280"),
                              ("method", wrong_method, "unknown method 'vibes'")):
         path = tmp_path / f"{name}.pth"
         model_loader.save_checkpoint(bad, path)
