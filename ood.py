@@ -128,12 +128,12 @@ def fit_threshold(scores, keep):
 
 
 def build_reference(method, train_features, train_labels, n_classes, valid_features, valid_logits, temperature,
-                    keep, max_mb=MAX_REFERENCE_MB, seed=0, train_count=None):
+                    keep, max_mb=MAX_REFERENCE_MB, seed=0, train_count=None, k=K):
     """The checkpoint's "ood" entry: the method's reference from the training images' features, and the
     threshold that keeps `keep` of the validation images in distribution. `train_count`: the readable
     training images when train_features is already a sample of them."""
     dim = int(train_features.shape[1])
-    reference = {"format": REFERENCE_FORMAT, "method": method, "dim": dim, "n_classes": int(n_classes), "k": K,
+    reference = {"format": REFERENCE_FORMAT, "method": method, "dim": dim, "n_classes": int(n_classes), "k": int(k),
                  "keep": float(keep), "train_count": int(train_count or len(train_features))}
     if method == "knn":
         reference["features"] = knn_bank(train_features, max_mb, seed)
@@ -207,10 +207,9 @@ def reference_for_run(model, head, loaders, cache, compute, method, keep, temper
         train_features, train_count = cache.train[0][readable], int(cache.train_ok.sum())
         train_labels = torch.tensor([samples[i][1] for i in readable.tolist()], dtype=torch.long)
         valid_features = cache.valid[0][cache.valid_ok]
-        with torch.inference_mode():
-            layer = model.get_submodule(head).eval()
-            valid_logits = torch.cat([layer(valid_features[i:i + 1024].to(compute.device)).float().cpu()
-                                      for i in range(0, len(valid_features), 1024)] or [torch.zeros(0, n_classes)])
+        valid_labels = torch.tensor([y for _, y in loaders.valid.dataset.samples], dtype=torch.long)
+        valid_logits, _ = evaluation.head_logits(model.get_submodule(head), cache.valid[0], cache.valid_ok,
+                                                 valid_labels, loaders.valid.batch_size, compute)
     else:
         if compute.stop_requested():  # every rank at the same point: a collective is safe here
             return None

@@ -204,15 +204,10 @@ def measure(ckpt_path, run_dir, data, ood_sets):
             r["fpr95"][name] = fpr_at(test_s, s)
             r["accepted"][name] = float((s <= ref["threshold"]).double().mean())
         results[method] = r
-    default_k = ood.K
-    try:  # knn's neighbour count: the FPR at 95% kept per ood set
-        for k in K_SWEEP:
-            ood.K = k
-            ref = ood.build_reference("knn", train_f, train_y, len(ckpt["class_names"]), valid_f, valid_l, t, 0.95)
-            test_s = ood.score(ref, t, test_f, test_l)
-            results[f"knn k={k}"] = {"fpr95": {name: fpr_at(test_s, ood.score(ref, t, f, l)) for name, (f, l) in outs.items()}}
-    finally:
-        ood.K = default_k
+    for k in K_SWEEP:  # knn's neighbour count: the FPR at 95% kept per ood set
+        ref = ood.build_reference("knn", train_f, train_y, len(ckpt["class_names"]), valid_f, valid_l, t, 0.95, k=k)
+        test_s = ood.score(ref, t, test_f, test_l)
+        results[f"knn k={k}"] = {"fpr95": {name: fpr_at(test_s, ood.score(ref, t, f, l)) for name, (f, l) in outs.items()}}
     return results, ckpt["ood"]
 
 

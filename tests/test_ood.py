@@ -355,7 +355,7 @@ def test_the_benchmark_measures_every_method_on_a_run(frozen):
     bench = load_script("bench/ood_bench.py")
     results, reference = bench.measure(root / "m.pth", root / "run", data, {"far": far_and_test(frozen) / "far"})
     assert set(results) == set(ood.METHODS) | {f"knn k={k}" for k in bench.K_SWEEP} and reference["method"] == "knn"
-    assert results[f"knn k={ood.K}"]["fpr95"] == results["knn"]["fpr95"] and ood.K == 3  # the sweep puts K back
+    assert results[f"knn k={ood.K}"]["fpr95"] == results["knn"]["fpr95"] and ood.K == 3  # the sweep's k=3 row
     for method in ood.METHODS:
         r = results[method]
         assert 0 <= r["auroc"]["far"] <= 1 and 0 <= r["fpr95"]["far"] <= 1 and 0.5 <= r["test_kept"] <= 1, method
