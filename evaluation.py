@@ -160,15 +160,16 @@ def save_reliability_diagram(logits, labels, temperature, path, n_bins=N_BINS):
 # ----------------------------------------------------------------------------- collecting logits
 
 
-def collect_logits(model, loader, compute, desc="logits"):
+def collect_logits(model, loader, compute, desc="logits", with_index=False):
     """(logits, labels) of every readable image of the loader, in dataset order (see collect_rows)."""
     model.eval()
-    return collect_rows(model, loader, compute, desc)
+    return collect_rows(model, loader, compute, desc, with_index=with_index)
 
 
 @torch.inference_mode()
-def collect_rows(forward, loader, compute, desc, stoppable=False):
-    """(forward(images) rows, labels) of every readable image of the loader, in dataset order. Under
+def collect_rows(forward, loader, compute, desc, stoppable=False, with_index=False):
+    """(forward(images) rows, labels) of every readable image of the loader, in dataset order (with_index:
+    and their indices in the dataset, a third tensor). Under
     torchrun each rank runs its shard and a sum over ranks assembles the whole set (each row comes from
     one rank), so every rank ends with the same tensors. `stoppable`: None when a stop signal arrives
     (polled between batches in a single process; ranks hold different numbers of batches)."""
@@ -196,18 +197,21 @@ def collect_rows(forward, loader, compute, desc, stoppable=False):
     labels = torch.tensor([y for _, y in loader.dataset.samples], dtype=torch.long)
     keep = seen > 0
     if rows is None:
-        return torch.zeros(0, 0), labels[:0]
-    return rows[keep], labels[keep]
+        rows, keep = torch.zeros(0, 0), torch.zeros(n, dtype=torch.bool)
+    out = rows[keep] if len(rows) else rows, labels[keep]
+    return out + (torch.nonzero(keep).flatten(),) if with_index else out
 
 
 @torch.inference_mode()
-def head_logits(head_module, features, ok, labels, batch_size, compute):
-    """(logits, labels) of the classifier on cached features (rows where ok)."""
+def head_logits(head_module, features, ok, labels, batch_size, compute, with_index=False):
+    """(logits, labels) of the classifier on cached features (rows where ok; with_index: and those rows'
+    indices, a third tensor)."""
     head_module.eval()
     idx = torch.nonzero(ok).flatten()
     out = [head_module(features[idx[s:s + batch_size]].to(compute.device)).float().cpu()
            for s in range(0, len(idx), batch_size)]
-    return (torch.cat(out) if out else torch.zeros(0, 0)), labels[idx]
+    result = (torch.cat(out) if out else torch.zeros(0, 0)), labels[idx]
+    return result + (idx,) if with_index else result
 
 
 def loss_accuracy(logits, labels):

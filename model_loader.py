@@ -260,9 +260,10 @@ def fold_sequential_batchnorm(model):
     return model
 
 
-def optimize_for_inference(model, channels_last):
+def optimize_for_inference(model, channels_last, keep_modules=False):
     """An eval-only copy that computes the same outputs faster: BatchNorm folded into the convolution
-    before it (torch.fx; inside nn.Sequential blocks where fx cannot trace), and channels_last memory for
+    before it (torch.fx; inside nn.Sequential blocks where fx cannot trace, or where `keep_modules` asks
+    that every block stay a module that runs, as hooks on it need), and channels_last memory for
     convolutional nets."""
     import copy
 
@@ -271,6 +272,8 @@ def optimize_for_inference(model, channels_last):
     model = model.eval()
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         try:
+            if keep_modules:
+                raise ValueError("fx inlines the blocks")
             model = fuse(copy.deepcopy(model))
         except Exception:  # dynamic control flow: fold what sits in nn.Sequential blocks
             model = fold_sequential_batchnorm(copy.deepcopy(model))

@@ -8,12 +8,14 @@ if __name__ == "__main__":
 
 import csv
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 import data_loader
 import evaluation
+import explain
 import model_loader
 import ood
 from features import feature_dim
@@ -57,6 +59,9 @@ def build_parser():
         "its horizontal mirror image")
     add("--reject_ood", action="store_true", help="predict rows unlike the training images (in_distribution 0) as "
         "--unknown_label")
+    add("--explain", default=None, metavar="DIR", help="Grad-CAM heat map of the predicted class per image: "
+        "DIR/<image stem>.png (the map over the image) and DIR/heatmaps.npz (one float32 map in [0, 1] per "
+        "image, at its own size, keyed by its file_dir); needs the .pth checkpoint")
     return p
 
 
@@ -88,12 +93,13 @@ def find_inputs(path, class_names):
     return [(str(f), index.get(f.parent.name, -1)) for f in files]
 
 
-def csv_columns(class_names, topk, labelled, scored):
+def csv_columns(class_names, topk, labelled, scored, explained=False):
     columns = ["file_dir", "predict", "confidence"]
     if len(class_names) <= MAX_PROB_COLUMNS:
         columns += [f"prob_{c}" for c in class_names]
     columns += [f"top{i + 1}_{kind}" for i in range(topk) for kind in ("class", "prob")]
     columns += ["ood_score", "in_distribution"] if scored else []
+    columns += ["heatmap"] if explained else []
     return columns + (["label"] if labelled else []) + ["error"]
 
 
@@ -132,6 +138,9 @@ def main(args):
         raise CLIError(f"{args.model_fn} is a torch.export program (load it with torch.export.load); predict.py "
                        "runs the checkpoint it came from, or an .onnx export")
     if model_loader.is_exported(args.model_fn):  # an ONNX file of export.py: onnxruntime runs it
+        if args.explain:
+            raise CLIError(f"--explain needs the checkpoint (.pth) {args.model_fn} was exported from: heat maps "
+                           "take gradients, which an ONNX model does not give")
         ckpt, model = model_loader.load_exported(args.model_fn)
     else:
         ckpt = model_loader.load_checkpoint(args.model_fn)
@@ -153,12 +162,16 @@ def main(args):
     check_writable(args.output, "--output")
     if args.n_images:
         check_writable(args.plot, "--plot")
+    if args.explain:
+        explain.Explanations.check(args.explain)
     device = resolve_device(args.gpu_id)
     if isinstance(model, model_loader.OnnxModel):  # onnxruntime optimizes its graph itself; batches stay on the CPU
         model, device, channels_last = model.to(device), torch.device("cpu"), False
     else:
         channels_last = model_loader.is_convolutional(model)
-        model = model_loader.optimize_for_inference(model.to(device), channels_last)
+        model = model_loader.optimize_for_inference(model.to(device), channels_last, keep_modules=bool(args.explain))
+        if args.explain:  # gradients from the hooked layer up only: none for the weights
+            cam = explain.GradCAM(*explain.target_layer(model.requires_grad_(False), head, ckpt["input_size"], device))
         if reference is not None:  # a second output: the ood_score, computed from the classifier's input
             model = ood.scored_model(model, head, ckpt, args.model_fn).to(device)
     compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
@@ -169,30 +182,33 @@ def main(args):
     loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
     labelled = any(label >= 0 for _, label in inputs)
-    columns = csv_columns(class_names, topk, labelled, reference is not None)
+    columns = csv_columns(class_names, topk, labelled, reference is not None, bool(args.explain))
     tally, samples_for_plot = Tally(), []
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
     n_done = n_bad = n_accepted = n_unlike = 0
+    explained = explain.Explanations(args.explain) if args.explain else nullcontext()
     stop = StopFlag().install()
     start = time.perf_counter()
     try:
-        with atomic_open(args.output, "w", newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel-friendly
+        with atomic_open(args.output, "w", newline="", encoding="utf-8-sig") as f, explained:  # Excel-friendly
             writer = csv.writer(f)
             writer.writerow(columns)
-            with torch.inference_mode():
+            with torch.no_grad() if args.explain else torch.inference_mode():  # Grad-CAM takes gradients
                 for batch in bar(loader, compute, "predict"):
                     rows = {}
                     if batch.labels.numel():
                         images = compute.to_device(batch.images)
                         with compute.autocast():
-                            out = model(evaluation.with_flips(images) if args.tta else images)
+                            views_in = evaluation.with_flips(images) if args.tta else images
+                            out = cam.forward(model, views_in) if args.explain else model(views_in)
                         logits, scores = out if isinstance(out, tuple) else (out, None)
-                        probs = evaluation.probabilities(logits, temperature, views).cpu()
+                        probs = evaluation.probabilities(logits.detach(), temperature, views).cpu()
+                        maps = cam.maps(logits, probs.argmax(1)).cpu() if args.explain else None
                         preds = evaluation.decide(probs, args.threshold)
                         unlike = [None] * len(probs)  # per row: True = out of distribution, None = not known
                         if scores is not None:
-                            scores = scores[:len(probs)].float().cpu()  # with --tta: the image's own view
+                            scores = scores[:len(probs)].detach().float().cpu()  # with --tta: the image's own view
                             if ood_threshold is not None:
                                 unlike = (scores > ood_threshold).tolist()
                                 n_unlike += sum(unlike)
@@ -203,11 +219,15 @@ def main(args):
                             score = None if scores is None else (float(scores[i]), unlike[i])
                             rows[index] = prediction_row(inputs[index], p, pred, class_names, topk, labelled,
                                                          args.unknown_label, score)
+                            if maps is not None:
+                                rows[index].insert(columns.index("heatmap"), explain_row(
+                                    explained, inputs[index], maps[i], pred, p, unlike[i], class_names, ckpt, args))
                             label = inputs[index][1]
                             if label >= 0:
                                 tally.add(label, pred, p)
                             if index in plot_at:
-                                samples_for_plot.append((inputs[index], pred, p, unlike[i]))
+                                samples_for_plot.append((inputs[index], pred, p, unlike[i],
+                                                         None if maps is None else maps[i]))
                     for bad in batch.bad:
                         rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled)
                     for index in sorted(rows):
@@ -224,6 +244,9 @@ def main(args):
     print(f"predicted {n_done} images in {seconds:.1f}s ({n_done / max(seconds, 1e-9):.1f} img/s)"
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
+    if args.explain:
+        print(f"heat maps (Grad-CAM of the predicted class): {explained.count} overlays -> {args.explain}/, "
+              f"maps -> {Path(args.explain) / 'heatmaps.npz'}")
     if rejecting:
         rules = " and ".join(([f"threshold {args.threshold:g}"] if args.threshold is not None else [])
                              + (["--reject_ood"] if args.reject_ood else []))
@@ -306,23 +329,40 @@ def error_row(sample, reason, columns, class_names, labelled):
     return list(row.values())
 
 
+def describe_row(label, pred, probs, unlike, class_names, unknown_label):
+    """(title, colour) of a prediction in the figure and the --explain overlays: the prediction and its
+    confidence; red when the folder name says otherwise; orange for rejected rows ('unknown', with the best
+    class named); 'unlike training' and purple for out-of-distribution rows."""
+    best, confidence = int(probs.argmax()), float(probs.max())
+    truth = f"\ntrue: {class_names[label]}" if label >= 0 and label != best else ""
+    ood_note = "\nunlike training" if unlike else ""
+    if pred == evaluation.UNKNOWN:
+        return (f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note,
+                "purple" if unlike else "darkorange")
+    return f"{class_names[pred]} ({confidence:.2f})" + truth + ood_note, "purple" if unlike else "red" if truth else "black"
+
+
+def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, args):
+    """The image's heat map at its own size into heatmaps.npz and its overlay PNG; returns the PNG's path (the
+    heatmap column)."""
+    file, label = sample
+    image = data_loader.load_rgb(file)
+    heat = explain.full_size_map(cam, image.width, image.height, ckpt["input_size"], ckpt["resize_size"])
+    title, color = describe_row(label, pred, probs, unlike, class_names, args.unknown_label)
+    return str(explained.add(file, image, heat, title.replace("\n", "; "), color))
+
+
 def plot_predictions(samples, class_names, ckpt, path, show, unknown_label):
-    """The images as the model saw them (resize + center crop), in real colours, titled with the
-    prediction and its confidence; red when the folder name says otherwise; orange for rejected rows
-    ('unknown', with the best class named); 'unlike training' and purple for out-of-distribution rows."""
+    """The images as the model saw them (resize + center crop), in real colours (with --explain, the heat map
+    over them), titled as describe_row says."""
     show_tf = data_loader.display_transform(ckpt["input_size"], ckpt["resize_size"])
     images, titles, colors = [], [], []
-    for (file, label), pred, probs, unlike in samples:
-        images.append(show_tf(data_loader.load_rgb(file)))
-        best, confidence = int(probs.argmax()), float(probs.max())
-        truth = f"\ntrue: {class_names[label]}" if label >= 0 and label != best else ""
-        ood_note = "\nunlike training" if unlike else ""
-        if pred == evaluation.UNKNOWN:
-            titles.append(f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note)
-            colors.append("purple" if unlike else "darkorange")
-        else:
-            titles.append(f"{class_names[pred]} ({confidence:.2f})" + truth + ood_note)
-            colors.append("purple" if unlike else "red" if truth else "black")
+    for (file, label), pred, probs, unlike, heat in samples:
+        image = show_tf(data_loader.load_rgb(file))
+        images.append(image if heat is None else explain.blend(image, heat))  # the crop's map: --explain
+        title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label)
+        titles.append(title)
+        colors.append(color)
     if not save_image_grid(images, titles, colors, path, show=show):
         print(f"--show: no window can open here (no display), so the figure was only saved: {path}")
 

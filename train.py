@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 import data_loader
 import evaluation
+import explain
 import label_check
+import lr_finder
 import model_loader
 import ood
 import trainer
@@ -69,6 +71,8 @@ def build_parser():
     add("--model_fn", "--model_path", default="model.pth", help="where the best checkpoint is written")
     add("--n_epochs", type=int, default=20, help="epochs in all (a resumed run counts those already done)")
     add("--lr", type=float, default=1e-3, help="learning rate of the head (AdamW)")
+    add("--find_lr", action="store_true", help="run the learning-rate range test with these flags instead of "
+        "training: lr_find.png in the run folder and a suggested --lr; the model is not saved")
     add("--weight_decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     add("--lr_schedule", choices=["cosine", "constant"], default="cosine", help="after the warm-up")
     add("--warmup", type=float, default=0.05, help="share of each phase's steps spent warming up linearly")
@@ -217,6 +221,29 @@ def add_ood_reference(args, fitter, result, compute, n_classes):
     return f"{ood.describe(reference)}; {time.perf_counter() - start:.1f}s"
 
 
+def add_top_losses(fitter, result, compute, run_dir):
+    """top_losses.csv/.png of the best model's validation images (explain.py); returns the line to print."""
+    if result.interrupted or not result.state.best_epoch:
+        return None
+    valid = fitter.loaders.valid
+    labels = torch.tensor([y for _, y in valid.dataset.samples], dtype=torch.long)
+    if fitter.cache is not None:  # --freeze: the cached validation features, no pass over the images
+        logits, labels, index = evaluation.head_logits(fitter.model.get_submodule(fitter.head), fitter.cache.valid[0],
+                                                       fitter.cache.valid_ok, labels, valid.batch_size, compute,
+                                                       with_index=True)
+    else:
+        logits, labels, index = evaluation.collect_logits(fitter.model, valid, compute, "top losses", with_index=True)
+    if not len(labels):
+        return "top losses: no validation images could be read"
+    if not compute.dist.is_main:
+        return None
+    temperature = result.calibration.temperature if result.calibration else 1.0
+    files = [valid.dataset.samples[i][0] for i in index.tolist()]
+    path = explain.write_top_losses(files, logits, labels, temperature, fitter.splits.class_names, fitter.meta,
+                                    run_dir, step=result.state.epoch)
+    return f"top losses: {path} ({len(files)} validation images, highest loss first) and {path.with_suffix('.png')}"
+
+
 def main(args):
     dist = dist_info_from_env()
     log = tqdm.write if dist.is_main and args.verbose >= 1 else (lambda *a, **k: None)
@@ -228,6 +255,9 @@ def main(args):
         raise CLIError("give --use_pretrained or --weights, not both")
     if args.check_data:
         return check_data(args, data_dir, model_name)
+    if args.find_lr and (args.resume or dist.enabled):
+        raise CLIError("--find_lr starts from the initial weights in one process: run it with python, without "
+                       "--resume or torchrun")
     device = resolve_device(args.gpu_id, dist.local_rank)
     if dist.is_main:
         check_writable(args.model_fn, "--model_fn")
@@ -295,8 +325,15 @@ def main(args):
         log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
             f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / {len(splits.test)} test; "
             f"input {meta['input_size']}px; backbone weights: {source}; run folder {run_dir}")
+        if args.find_lr:
+            test = lr_finder.find_lr(fitter, run_dir, say)
+            if test is None and stop.requested:
+                say("--find_lr: interrupted; nothing suggested")
+                sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
+            return test
         result = fitter.fit()
         ood_line = add_ood_reference(args, fitter, result, compute, n_classes)
+        top_line = add_top_losses(fitter, result, compute, run_dir)
     finally:
         stop.restore()
         if dist.enabled and torch.distributed.is_initialized():
@@ -322,6 +359,8 @@ def main(args):
             else "calibration: no validation images could be read; temperature stays 1.0")
     if ood_line:
         say(ood_line)
+    if top_line:
+        say(top_line)
     if result.test_metrics.get("count"):
         t = result.test_metrics
         say(f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")

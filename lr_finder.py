@@ -1,0 +1,241 @@
+"""train.py --find_lr: the learning-rate range test (Smith 2017, "Cyclical Learning Rates"; fastai's lr_find).
+
+With the run's own model, freezing, optimizer, loss and data, the learning rate grows exponentially from
+START_LR to END_LR over at most MAX_STEPS mini-batches (one pass over the training images, repeated when
+it is shorter), the loss is smoothed, and the test stops when the smoothed loss exceeds DIVERGE times its
+lowest value. The initial weights and optimizer state are restored afterwards. With --freeze the steps
+run on the feature cache (seconds); otherwise through the whole model with augmentation.
+
+Three suggestions are computed from the smoothed curve (without its first tenth and its last 5 steps, as
+fastai): `valley` (fastai's default: the longest descending stretch, taken two thirds along it),
+`steepest` (the steepest descent per decade) and `minimum` (the lowest loss divided by 10). bench/lr_bench.py
+measures which one trains best; SUGGESTION is that one."""
+import copy
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import model_loader
+from data_loader import TrainSampler
+from features import build_feature_cache
+from trainer import Meter, train_step
+from utils import atomic_open, atomic_savefig, new_figure
+
+START_LR, END_LR = 1e-7, 10.0
+MAX_STEPS = 100  # mini-batches at most
+MIN_BATCHES = 10  # fewer distinct batches in a pass than this: too little data to suggest anything
+BETA = 0.98  # smoothing of the loss (exponential moving average, bias-corrected)
+DIVERGE = 4.0  # stop once the smoothed loss is this many times its lowest value
+SUGGESTION = "valley"  # the rule printed as the suggested --lr (see bench/lr_bench.py and docs/explain.md)
+
+
+@dataclass
+class RangeTest:
+    lrs: list = field(default_factory=list)  # the head's learning rate at each step
+    losses: list = field(default_factory=list)  # the mini-batch's training loss
+    smoothed: list = field(default_factory=list)
+    stopped: str = ""  # why the test ended before MAX_STEPS ("" = it ran them all)
+    suggestions: dict = field(default_factory=dict)  # rule -> learning rate
+    seconds: float = 0.0
+
+
+def lr_at(step, steps, start=START_LR, end=END_LR):
+    return start * (end / start) ** (step / max(1, steps - 1))
+
+
+def smooth(losses, beta=BETA):
+    """Exponential moving average with bias correction (the first value is the first loss)."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def valley(losses):
+    """fastai's rule: the longest run of steps along which the loss keeps falling (a longest decreasing
+    subsequence ending at each step); the index two thirds of the way along it."""
+    n = len(losses)
+    longest = [1] * n
+    start = end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+        if longest[i] > longest[end]:
+            end = i
+            start = end - longest[end]
+    third = (end - start) / 3
+    return max(0, start + int(third) + int(third / 2))
+
+
+def steepest(lrs, losses):
+    """The index where the loss falls fastest per unit of log learning rate."""
+    slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i])) for i in range(len(lrs) - 1)]
+    return min(range(len(slopes)), key=slopes.__getitem__)
+
+
+def suggest(lrs, smoothed):
+    """{rule: learning rate} from the curve without its first tenth and last 5 steps; {} when too short."""
+    lo, hi = len(lrs) // 10, len(lrs) - 5
+    lrs, losses = lrs[lo:hi], smoothed[lo:hi]
+    if len(lrs) < 3:
+        return {}
+    return {"valley": lrs[valley(losses)], "steepest": lrs[steepest(lrs, losses)],
+            "minimum": lrs[min(range(len(losses)), key=losses.__getitem__)] / 10}
+
+
+def cached_batches(cache, labels, n, seed, batch_size):
+    """Endless (features, labels) batches from the feature cache: one seeded order per pass, one cached view
+    per image drawn per pass, as trainer.train_head_epoch."""
+    sampler = TrainSampler(n, seed)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        order = torch.tensor([i for i, _ in sampler], dtype=torch.long)
+        order = order[cache.train_ok[order]]
+        view = torch.randint(cache.train.shape[0], (len(order),), generator=torch.Generator().manual_seed(seed + epoch))
+        for s in range(0, len(order), batch_size):
+            yield cache.train[view[s:s + batch_size], order[s:s + batch_size]], labels[order[s:s + batch_size]]
+        epoch += 1
+
+
+def image_batches(loader, compute):
+    """Endless (images, labels) training batches (augmented), a new seeded order per pass."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            if batch.labels.numel():
+                yield batch.images, batch.labels
+        epoch += 1
+
+
+def range_test(fitter, batch_size):
+    """Run the test with the Fitter's model, optimizer, loss and data (trainer.Fitter, before fit());
+    returns a RangeTest, or None when a stop signal arrived. Weights and optimizer state are restored."""
+    compute, model, head = fitter.compute, fitter.model, fitter.head
+    frozen = fitter.backbone_frozen(0)
+    start = time.perf_counter()
+    weights = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(fitter.optimizer.state_dict())
+    base_lr = fitter.optimizer.param_groups[0]["initial_lr"]
+    steps = MAX_STEPS
+    schedule = torch.optim.lr_scheduler.LambdaLR(fitter.optimizer, lambda step: lr_at(step, steps) / base_lr)
+    test = RangeTest()
+    try:
+        model_loader.set_backbone_trainable(model, head, not frozen)
+        if fitter.use_cache(0):
+            fitter.cache = fitter.cache or build_feature_cache(
+                model, head, fitter.loaders, fitter.args.cache_views, fitter.args.cache_memory_mb,
+                fitter.run_dir / "feature_cache.rank0.bin", compute, fitter.skips)
+            if fitter.cache is None:
+                return None
+            step_model = model.get_submodule(head).train()
+            batches = cached_batches(fitter.cache, fitter.train_labels, len(fitter.train_labels), fitter.args.seed,
+                                     batch_size)
+        else:
+            model_loader.set_train_mode(model, head, frozen)
+            step_model = model
+            batches = image_batches(fitter.loaders.train, compute)
+        for step in range(steps):
+            x, y = next(batches)
+            x, y = compute.to_device(x, y, train=True)
+            meter = Meter()
+            test.lrs.append(fitter.optimizer.param_groups[0]["lr"])
+            train_step(step_model, x, y, fitter.optimizer, schedule, fitter.scaler, fitter.criterion, compute, meter)
+            loss = meter.loss / meter.count
+            test.losses.append(loss)
+            test.smoothed = smooth(test.losses)
+            if compute.stop_requested():
+                return None
+            if not math.isfinite(loss):
+                test.stopped = "the loss is not a number"
+                break
+            if step > 0 and test.smoothed[-1] > DIVERGE * min(test.smoothed):
+                test.stopped = f"the loss passed {DIVERGE:g}x its lowest"
+                break
+    finally:
+        model.load_state_dict(weights)
+        fitter.optimizer.load_state_dict(optimizer_state)
+    test.suggestions = suggest(test.lrs, test.smoothed)
+    test.seconds = time.perf_counter() - start
+    return test
+
+
+def batches_per_pass(fitter):
+    n = int(fitter.cache.train_ok.sum()) if fitter.cache is not None else len(fitter.splits.train)
+    return math.ceil(n / fitter.args.batch_size)
+
+
+def save_plot(test, path):
+    """Loss against learning rate (log axis): the steps' losses faint, the smoothed curve, the suggestions."""
+    import matplotlib.pyplot as plt
+
+    fig = new_figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(test.lrs, test.losses, color="0.75", linewidth=0.8, label="mini-batch loss")
+    ax.plot(test.lrs, test.smoothed, color="tab:blue", label="smoothed")
+    markers = {"valley": ("tab:red", "o"), "steepest": ("tab:green", "v"), "minimum": ("tab:purple", "s")}
+    for rule, lr in test.suggestions.items():
+        i = min(range(len(test.lrs)), key=lambda k: abs(math.log(test.lrs[k]) - math.log(lr)))
+        color, marker = markers[rule]
+        ax.plot([lr], [test.smoothed[i]], marker=marker, color=color, markersize=9 if rule == SUGGESTION else 6,
+                linestyle="none", label=f"{rule} {lr:.1e}" + (" (suggested)" if rule == SUGGESTION else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (--lr)")
+    ax.set_ylabel("training loss")
+    low, high = min(test.smoothed), max(test.smoothed[:max(1, len(test.smoothed) // 2)])
+    ax.set_ylim(low - 0.1 * abs(low), max(high, low) * 1.3 + 1e-3)
+    ax.legend(fontsize=8)
+    ax.set_title("learning-rate range test")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+
+
+def write_csv(test, path):
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "lr", "loss", "smoothed"])
+        for i, (lr, loss, sm) in enumerate(zip(test.lrs, test.losses, test.smoothed)):
+            writer.writerow([i, f"{lr:.6g}", f"{loss:.6f}", f"{sm:.6f}"])
+
+
+def find_lr(fitter, run_dir, say):
+    """The whole --find_lr: the test, lr_find.png and lr_find.csv in the run folder, the printed suggestion.
+    Returns the RangeTest (None when stopped or when there is too little data)."""
+    args = fitter.args
+    if fitter.use_cache(0):  # the pass length counts readable images: the cache knows them
+        fitter.cache = build_feature_cache(fitter.model, fitter.head, fitter.loaders, args.cache_views,
+                                           args.cache_memory_mb, Path(run_dir) / "feature_cache.rank0.bin",
+                                           fitter.compute, fitter.skips)
+        if fitter.cache is None:
+            return None
+    if batches_per_pass(fitter) < MIN_BATCHES:
+        say(f"--find_lr: {len(fitter.splits.train)} training images make {batches_per_pass(fitter)} batches of "
+            f"{args.batch_size}; the range test needs {MIN_BATCHES} or more (more images, or a smaller "
+            "--batch_size), so no learning rate is suggested")
+        return None
+    test = range_test(fitter, args.batch_size)
+    if test is None:
+        return None
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_csv(test, Path(run_dir) / "lr_find.csv")
+    if not test.suggestions:
+        say(f"--find_lr: the loss diverged after {len(test.lrs)} steps ({test.stopped}), too soon to suggest a "
+            f"learning rate; see {Path(run_dir) / 'lr_find.csv'}")
+        return test
+    save_plot(test, Path(run_dir) / "lr_find.png")
+    mode = "head on cached features" if fitter.cache is not None else (
+        "head only, frozen backbone" if fitter.backbone_frozen(0) else "whole model")
+    others = ", ".join(f"{rule} {lr:.1e}" for rule, lr in test.suggestions.items() if rule != SUGGESTION)
+    say(f"learning-rate range test ({mode}): {len(test.lrs)} steps from {test.lrs[0]:.0e} to {test.lrs[-1]:.1e}"
+        + (f", stopped: {test.stopped}" if test.stopped else "") + f"; {test.seconds:.1f}s")
+    say(f"suggested --lr {test.suggestions[SUGGESTION]:.1e} ({SUGGESTION}; also {others}); "
+        f"figure {Path(run_dir) / 'lr_find.png'}; the model was not trained or saved")
+    return test
