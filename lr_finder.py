@@ -9,7 +9,8 @@ run on the feature cache (seconds); otherwise through the whole model with augme
 Three suggestions are computed from the smoothed curve (without its first tenth and its last 5 steps, as
 fastai): `valley` (fastai's default: the longest descending stretch, taken two thirds along it),
 `steepest` (the steepest descent per decade) and `minimum` (the lowest loss divided by 10). bench/lr_bench.py
-measures which one trains best; SUGGESTION is that one."""
+measures which one trains best; SUGGESTION is that one (steepest: within 1 point of the best of a 5-rate
+grid on 4 of 4 runs, valley on 2 of 4; docs/explain.md)."""
 import copy
 import csv
 import math
@@ -30,7 +31,7 @@ MAX_STEPS = 100  # mini-batches at most
 MIN_BATCHES = 10  # fewer distinct batches in a pass than this: too little data to suggest anything
 BETA = 0.98  # smoothing of the loss (exponential moving average, bias-corrected)
 DIVERGE = 4.0  # stop once the smoothed loss is this many times its lowest value
-SUGGESTION = "valley"  # the rule printed as the suggested --lr (see bench/lr_bench.py and docs/explain.md)
+SUGGESTION = "steepest"  # the rule printed as the suggested --lr: the best of the three in bench/lr_bench.py
 
 
 @dataclass

@@ -241,7 +241,7 @@ def add_top_losses(fitter, result, compute, run_dir):
     files = [valid.dataset.samples[i][0] for i in index.tolist()]
     path = explain.write_top_losses(files, logits, labels, temperature, fitter.splits.class_names, fitter.meta,
                                     run_dir, step=result.state.epoch)
-    return f"top losses: {path} ({len(files)} validation images, highest loss first) and {path.with_suffix('.png')}"
+    return f"top losses: {len(files)} validation images, highest loss first -> {path}, {path.with_suffix('.png').name}"
 
 
 def main(args):

@@ -1,0 +1,103 @@
+"""train.py --find_lr (lr_finder.py): the suggestion rules against hand computations, the range test with the
+run's own model (weights restored after it), and the command's files and messages."""
+import math
+
+import pytest
+import torch
+
+import data_loader
+import lr_finder
+import model_loader
+import train
+import trainer
+from test_evaluation import read_csv
+from utils import Compute, DistInfo
+
+
+def test_smoothing_is_a_bias_corrected_moving_average():
+    assert lr_finder.smooth([2.0, 4.0], beta=0.5) == pytest.approx([2.0, (0.5 * 0.5 * 2 + 0.5 * 4) / 0.75])
+    assert lr_finder.smooth([3.0] * 5) == pytest.approx([3.0] * 5)
+
+
+def test_the_rules_on_a_hand_made_curve():
+    lrs = [10 ** (-6 + i / 2) for i in range(13)]  # 1e-6 ... 1e0, half a decade apart
+    losses = [2.0, 2.0, 1.99, 1.9, 1.5, 0.8, 0.5, 0.4, 0.35, 0.6, 1.5, 4.0, 9.0]
+    # the longest falling stretch: indices 1..8 (2.0 > 1.99 > ... > 0.35), 8 steps; start = 8 - 8 = 0;
+    # a third of it is 8/3 -> index 0 + 2 + 1 = 3
+    assert lr_finder.valley(losses) == 3
+    # the steepest fall per decade: 1.5 -> 0.8 (-0.7 in half a decade), between indices 4 and 5
+    assert lr_finder.steepest(lrs, losses) == 4
+    assert lr_finder.lr_at(0, 100) == pytest.approx(1e-7) and lr_finder.lr_at(99, 100) == pytest.approx(10.0)
+    assert lr_finder.lr_at(1, 100) / lr_finder.lr_at(0, 100) == pytest.approx(1e8 ** (1 / 99))
+
+
+def test_suggestions_leave_out_the_first_tenth_and_the_last_five_steps():
+    lrs = [lr_finder.lr_at(i, 40) for i in range(40)]
+    losses = [1.0] * 40
+    losses[38] = -5.0  # a minimum among the last 5 steps: ignored
+    losses[2] = -5.0  # and in the first tenth: ignored
+    losses[20] = 0.5
+    assert lr_finder.suggest(lrs, losses)["minimum"] == pytest.approx(lrs[20] / 10)
+    assert lr_finder.suggest(lrs[:7], losses[:7]) == {}
+
+
+def build_fitter(data, tmp_path, *flags):
+    """A Fitter as train.main builds it, before fit()."""
+    args = train.parse_args([str(a) for a in ("--data_dir", data, "--model_name", "resnet18", "--input_size", "32",
+                                              "--batch_size", "4", "--num_workers", "0", "--model_fn",
+                                              tmp_path / "m.pth", "--log_dir", tmp_path / "run", *flags)])
+    args.feature_cache = args.freeze and not args.no_feature_cache
+    splits = data_loader.build_splits(data, args.valid_ratio, args.seed)
+    torch.manual_seed(0)
+    model, head = model_loader.build_model("resnet18", len(splits.class_names), log=lambda *a: None)
+    meta = train.model_meta(args, "resnet18")
+    loaders = data_loader.build_loaders(splits, 32, meta["resize_size"], meta["mean"], meta["std"], 4, 0, args.seed)
+    compute = Compute(torch.device("cpu"), dist=DistInfo())
+    return trainer.Fitter(model, head, splits, loaders, compute, args, meta, args.model_fn, tmp_path / "m_last.pth",
+                          tmp_path / "run", lambda *a: None)
+
+
+@pytest.mark.parametrize("mode", [[], ["--freeze"]])
+def test_the_range_test_trains_with_rising_rates_then_restores_the_model(tiny_data, tmp_path, mode):
+    fitter = build_fitter(tiny_data, tmp_path, *mode)
+    before = {k: v.clone() for k, v in fitter.model.state_dict().items()}
+    seen = []
+    fitter.model.get_submodule(fitter.head).register_forward_hook(
+        lambda m, i, o: seen.append(m.weight.detach().clone()))
+    test = lr_finder.range_test(fitter, 4)
+    assert 10 <= len(test.lrs) <= lr_finder.MAX_STEPS and len(test.losses) == len(test.lrs)
+    ratios = [b / a for a, b in zip(test.lrs, test.lrs[1:])]
+    assert test.lrs[0] == pytest.approx(lr_finder.START_LR) and max(ratios) == pytest.approx(min(ratios))
+    assert not torch.equal(seen[-1], before[f"{fitter.head}.weight"])  # it did train
+    after = fitter.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+    assert fitter.optimizer.state_dict()["state"] == {}
+    if mode:  # --freeze: the steps ran on the cache, the backbone untouched
+        assert fitter.cache is not None
+
+
+def test_find_lr_writes_the_curve_and_prints_a_suggestion_without_training(tiny_data, tmp_path, capsys):
+    result = train.main(train.parse_args([str(a) for a in (
+        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--batch_size", "4", "--freeze",
+        "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--find_lr",
+        "--verbose", "0")]))
+    out = capsys.readouterr().out
+    rows = read_csv(tmp_path / "run" / "lr_find.csv")
+    lrs, smoothed = [float(r["lr"]) for r in rows], [float(r["smoothed"]) for r in rows]
+    assert len(rows) == len(result.lrs) and lrs[0] == pytest.approx(1e-7, rel=1e-4)
+    assert smoothed == pytest.approx(lr_finder.smooth([float(r["loss"]) for r in rows]), rel=1e-4)
+    suggested = lr_finder.suggest(lrs, smoothed)[lr_finder.SUGGESTION]
+    assert f"suggested --lr {suggested:.1e} ({lr_finder.SUGGESTION}" in out
+    assert (tmp_path / "run" / "lr_find.png").stat().st_size > 10_000
+    assert not (tmp_path / "m.pth").exists() and not (tmp_path / "run" / "metrics.csv").exists()
+    assert math.isfinite(suggested)
+
+
+def test_find_lr_with_too_few_batches_suggests_nothing(tiny_data, tmp_path, capsys):
+    result = train.main(train.parse_args([str(a) for a in (
+        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--batch_size", "16",
+        "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--find_lr",
+        "--verbose", "0")]))
+    out = capsys.readouterr().out
+    assert result is None and "make 3 batches of 16" in out and "no learning rate is suggested" in out
+    assert not (tmp_path / "run" / "lr_find.png").exists() and not (tmp_path / "m.pth").exists()
