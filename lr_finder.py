@@ -211,6 +211,7 @@ def find_lr(fitter, run_dir, say):
     """The whole --find_lr: the test, lr_find.png and lr_find.csv in the run folder, the printed suggestion.
     Returns the RangeTest (None when stopped or when there is too little data)."""
     args = fitter.args
+    start = time.perf_counter()
     if fitter.use_cache(0):  # the pass length counts readable images: the cache knows them
         fitter.cache = build_feature_cache(fitter.model, fitter.head, fitter.loaders, args.cache_views,
                                            args.cache_memory_mb, Path(run_dir) / "feature_cache.rank0.bin",
@@ -225,6 +226,7 @@ def find_lr(fitter, run_dir, say):
     test = range_test(fitter, args.batch_size)
     if test is None:
         return None
+    test.seconds = time.perf_counter() - start  # with the feature cache's pass
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_csv(test, Path(run_dir) / "lr_find.csv")
     if not test.suggestions:

@@ -302,6 +302,17 @@ def check_what_the_readme_commands_wrote(work):
     rows = csv_rows(work / "lite_ood.csv")  # --reject_ood: the rows unlike the training images are 'unknown'
     assert len(rows) == 120 and all(r["in_distribution"] in ("0", "1") and float(r["ood_score"]) >= -1e-6 for r in rows)
     assert all((r["predict"] == "unknown") == (r["in_distribution"] == "0") for r in rows)
+    rows = csv_rows(work / "lite_explain.csv")  # --explain: a map per image at its size, keyed by file_dir
+    import numpy as np
+
+    maps = np.load(work / "lite_heatmaps" / "heatmaps.npz")
+    assert len(rows) == 120 and sorted(maps.files) == sorted(r["file_dir"] for r in rows)
+    assert all(maps[r["file_dir"]].shape == (28, 28) and Path(r["heatmap"]).is_file() for r in rows)
+    found = csv_rows(work / "runs" / "lr" / "lr_find.csv")  # --find_lr: the curve, and no training
+    assert float(found[0]["lr"]) == pytest.approx(1e-7) and (work / "runs" / "lr" / "lr_find.png").is_file()
+    assert not (work / "runs" / "lr" / "metrics.csv").exists()
+    tops = csv_rows(next((work / "runs").glob("*_efficientnet_lite0/top_losses.csv")))  # every run writes it
+    assert len(tops) == 80 and [float(r["loss"]) for r in tops] == sorted((float(r["loss"]) for r in tops), reverse=True)
     rows = csv_rows(work / "mine.csv")
     test_files = sorted(str(p.relative_to(work)) for p in (work / "my_images" / "test").rglob("*.png"))
     assert [r["file_dir"] for r in rows] == test_files  # as given: --data_dir my_images/test
