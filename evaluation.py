@@ -198,7 +198,7 @@ def collect_rows(forward, loader, compute, desc, stoppable=False, with_index=Fal
     keep = seen > 0
     if rows is None:
         rows, keep = torch.zeros(0, 0), torch.zeros(n, dtype=torch.bool)
-    out = rows[keep] if len(rows) else rows, labels[keep]
+    out = (rows[keep] if len(rows) else rows), labels[keep]
     return out + (torch.nonzero(keep).flatten(),) if with_index else out
 
 

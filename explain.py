@@ -114,13 +114,14 @@ def full_size_map(cam, width, height, input_size, resize_size):
     """The (h, w) map of the center crop at the image's own height x width: the crop's area gets the map
     (bilinear), the margins the model never saw get 0."""
     left, top, side = crop_box(width, height, input_size, resize_size)
-    x0, y0 = max(0, int(round(left))), max(0, int(round(top)))
-    x1, y1 = min(width, int(round(left + side))), min(height, int(round(top + side)))
+    x0, y0, x1, y1 = round(left), round(top), round(left + side), round(top + side)  # may reach past the image
     full = torch.zeros(height, width)
     if x1 > x0 and y1 > y0:
-        inside = F.interpolate(cam[None, None].float(), size=(int(round(side)),) * 2, mode="bilinear",
+        inside = F.interpolate(cam[None, None].float(), size=(y1 - y0, x1 - x0), mode="bilinear",
                                align_corners=False)[0, 0]
-        full[y0:y1, x0:x1] = inside[y0 - int(round(top)):y1 - int(round(top)), x0 - int(round(left)):x1 - int(round(left))]
+        cx0, cy0, cx1, cy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+        if cx1 > cx0 and cy1 > cy0:
+            full[cy0:cy1, cx0:cx1] = inside[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
     return full.clamp(0, 1).numpy().astype(np.float32)
 
 
@@ -148,7 +149,10 @@ def overlay(image, heat, title, color="black"):
     scale = OVERLAY_SIDE / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     blended = blend(image.convert("RGB").resize(size, Image.BILINEAR), heat)
-    font = ImageFont.load_default(size=16) if hasattr(ImageFont, "FreeTypeFont") else ImageFont.load_default()
+    try:
+        font = ImageFont.load_default(size=16)  # Pillow 10.1+ with FreeType
+    except (TypeError, ImportError, OSError):
+        font = ImageFont.load_default()
     lines = title.count("\n") + 1
     canvas = Image.new("RGB", (size[0], size[1] + 20 * lines + 6), "white")
     canvas.paste(Image.fromarray(blended), (0, 20 * lines + 6))
@@ -161,10 +165,12 @@ class Explanations:
     heatmaps.npz, written entry by entry into a temporary file that replaces heatmaps.npz when the block
     ends without an error (an interrupted run leaves the old one)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, inputs=()):
         self.folder = Path(folder)
         self.names = set()
         self.count = 0
+        # names of input images inside the folder: an overlay never replaces one (--explain . next to them)
+        self.taken = {Path(f).name for f in inputs if Path(f).resolve().parent == self.folder.resolve()}
 
     def __enter__(self):
         self._stack = ExitStack()
@@ -191,7 +197,7 @@ class Explanations:
     def png_name(self, file):
         stem, n = Path(file).stem, 1
         name = f"{stem}.png"
-        while name in self.names:
+        while name in self.names or name in self.taken:
             n += 1
             name = f"{stem}_{n}.png"
         self.names.add(name)
@@ -219,11 +225,10 @@ def top_losses(logits, labels, temperature=1.0):
     return torch.argsort(loss, descending=True, stable=True), loss, loss.neg().exp()
 
 
-def write_top_losses(files, logits, labels, temperature, class_names, meta, run_dir, step=0, n=16):
+def write_top_losses(files, logits, labels, temperature, class_names, meta, run_dir, writer=None, step=0, n=16):
     """top_losses.csv (every validation image, highest loss first), top_losses.png (the n highest, titled
-    'given → predicted (p of given)') and the same grid in TensorBoard; returns the CSV's path."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    'given → predicted (p of given)') and the same grid in TensorBoard through `writer` (a SummaryWriter; the
+    run's own, so the run keeps one event file); returns the CSV's path."""
     from data_loader import display_transform, load_rgb
     from utils import atomic_savefig, image_grid_figure
 
@@ -231,10 +236,10 @@ def write_top_losses(files, logits, labels, temperature, class_names, meta, run_
     preds = logits.argmax(1)
     run_dir = Path(run_dir)
     with atomic_open(run_dir / "top_losses.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "given", "predicted", "loss", "prob_given"])
+        table = csv.writer(f)
+        table.writerow(["file", "given", "predicted", "loss", "prob_given"])
         for i in order.tolist():
-            writer.writerow([files[i], class_names[labels[i]], class_names[preds[i]], f"{float(loss[i]):.6f}",
+            table.writerow([files[i], class_names[labels[i]], class_names[preds[i]], f"{float(loss[i]):.6f}",
                              f"{float(prob_given[i]):.6f}"])
     show = display_transform(meta["input_size"], meta["resize_size"])
     images, titles, colors = [], [], []
@@ -250,7 +255,8 @@ def write_top_losses(files, logits, labels, temperature, class_names, meta, run_
 
         fig = image_grid_figure(images, titles, colors, ncols=4, fontsize=11)
         atomic_savefig(fig, run_dir / "top_losses.png", dpi=100)
-        with SummaryWriter(str(run_dir)) as tb:
-            tb.add_figure("Validation/Top losses", fig, step)
+        if writer is not None:
+            writer.add_figure("Validation/Top losses", fig, step, close=False)
+            writer.flush()
         plt.close(fig)
     return run_dir / "top_losses.csv"

@@ -10,7 +10,7 @@ Three suggestions are computed from the smoothed curve (without its first tenth 
 fastai): `valley` (fastai's default: the longest descending stretch, taken two thirds along it),
 `steepest` (the steepest descent per decade) and `minimum` (the lowest loss divided by 10). bench/lr_bench.py
 measures which one trains best; SUGGESTION is that one (steepest: within 1 point of the best of a 5-rate
-grid on 4 of 4 runs, valley on 2 of 4; docs/explain.md)."""
+grid on 6 of 6 runs over three sets, valley on 3 of 6; docs/explain.md)."""
 import copy
 import csv
 import math
@@ -22,6 +22,7 @@ import torch
 
 import model_loader
 from data_loader import TrainSampler
+from cli import CLIError
 from features import build_feature_cache
 from trainer import Meter, train_step
 from utils import atomic_open, atomic_savefig, new_figure
@@ -90,10 +91,10 @@ def suggest(lrs, smoothed):
             "minimum": lrs[min(range(len(losses)), key=losses.__getitem__)] / 10}
 
 
-def cached_batches(cache, labels, n, seed, batch_size):
-    """Endless (features, labels) batches from the feature cache: one seeded order per pass, one cached view
-    per image drawn per pass, as trainer.train_head_epoch."""
-    sampler = TrainSampler(n, seed)
+def cached_batches(cache, labels, n, seed, batch_size, weights=None):
+    """Endless (features, labels) batches from the feature cache: one seeded order per pass (weighted with
+    --balanced_sampler), one cached view per image drawn per pass, as trainer.train_head_epoch."""
+    sampler = TrainSampler(n, seed, weights=weights)
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
@@ -105,20 +106,25 @@ def cached_batches(cache, labels, n, seed, batch_size):
         epoch += 1
 
 
-def image_batches(loader, compute):
+def image_batches(loader):
     """Endless (images, labels) training batches (augmented), a new seeded order per pass."""
     epoch = 0
     while True:
         loader.sampler.set_epoch(epoch)
+        readable = 0
         for batch in loader:
             if batch.labels.numel():
+                readable += 1
                 yield batch.images, batch.labels
+        if not readable:
+            raise CLIError("--find_lr: none of the training images could be read")
         epoch += 1
 
 
 def range_test(fitter, batch_size):
-    """Run the test with the Fitter's model, optimizer, loss and data (trainer.Fitter, before fit());
-    returns a RangeTest, or None when a stop signal arrived. Weights and optimizer state are restored."""
+    """Run the test with the Fitter's model, optimizer, loss and data (a trainer.Fitter as train.py builds
+    it); returns a RangeTest, or None when a stop signal arrived. Weights (BatchNorm statistics too) and the
+    optimizer's state are restored; its schedule is not, so the Fitter is not meant to train afterwards."""
     compute, model, head = fitter.compute, fitter.model, fitter.head
     frozen = fitter.backbone_frozen(0)
     start = time.perf_counter()
@@ -138,11 +144,11 @@ def range_test(fitter, batch_size):
                 return None
             step_model = model.get_submodule(head).train()
             batches = cached_batches(fitter.cache, fitter.train_labels, len(fitter.train_labels), fitter.args.seed,
-                                     batch_size)
+                                     batch_size, fitter.loaders.train.sampler.weights)
         else:
             model_loader.set_train_mode(model, head, frozen)
             step_model = model
-            batches = image_batches(fitter.loaders.train, compute)
+            batches = image_batches(fitter.loaders.train)
         for step in range(steps):
             x, y = next(batches)
             x, y = compute.to_device(x, y, train=True)

@@ -187,7 +187,7 @@ def main(args):
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
     n_done = n_bad = n_accepted = n_unlike = 0
-    explained = explain.Explanations(args.explain) if args.explain else nullcontext()
+    explained = explain.Explanations(args.explain, [f for f, _ in inputs]) if args.explain else nullcontext()
     stop = StopFlag().install()
     start = time.perf_counter()
     try:
@@ -346,7 +346,10 @@ def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, 
     """The image's heat map at its own size into heatmaps.npz and its overlay PNG; returns the PNG's path (the
     heatmap column)."""
     file, label = sample
-    image = data_loader.load_rgb(file)
+    try:
+        image = data_loader.load_rgb(file)  # read again: its own size, and the overlay's pixels
+    except Exception:  # changed or gone since the loader read it: the row stays, without a map
+        return ""
     heat = explain.full_size_map(cam, image.width, image.height, ckpt["input_size"], ckpt["resize_size"])
     title, color = describe_row(label, pred, probs, unlike, class_names, args.unknown_label)
     return str(explained.add(file, image, heat, title.replace("\n", "; "), color))

@@ -240,7 +240,7 @@ def add_top_losses(fitter, result, compute, run_dir):
     temperature = result.calibration.temperature if result.calibration else 1.0
     files = [valid.dataset.samples[i][0] for i in index.tolist()]
     path = explain.write_top_losses(files, logits, labels, temperature, fitter.splits.class_names, fitter.meta,
-                                    run_dir, step=result.state.epoch)
+                                    run_dir, writer=fitter.open_writer(), step=result.state.epoch)
     return f"top losses: {len(files)} validation images, highest loss first -> {path}, {path.with_suffix('.png').name}"
 
 
@@ -271,6 +271,7 @@ def main(args):
     run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))
     meta = model_meta(args, model_name)
 
+    fitter = None
     stop = StopFlag().install()
     init_distributed(dist, device)
     try:
@@ -336,6 +337,8 @@ def main(args):
         top_line = add_top_losses(fitter, result, compute, run_dir)
     finally:
         stop.restore()
+        if fitter is not None:
+            fitter.close_writer()
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -360,6 +360,11 @@ class Fitter:
 
     # -- TensorBoard
 
+    def close_writer(self):
+        """After fit() and what train.py adds to the run's event file (top losses)."""
+        if self.writer is not None:
+            self.writer.close()
+
     def open_writer(self):
         if self.writer is None and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -504,8 +509,6 @@ class Fitter:
             metrics["hparam/temperature"] = calibration.temperature if calibration else 1.0
             metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
             log_hparams(writer, {k: v for k, v in vars(self.args).items() if v is not None}, metrics, self.state.epoch)
-        if self.writer is not None:
-            self.writer.close()
         note = ""
         if self.cache is not None:
             note = f"feature cache {self.cache.seconds:.1f}s"

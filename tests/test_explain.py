@@ -98,6 +98,23 @@ def test_the_map_goes_back_onto_the_image_where_the_center_crop_took_it():
     assert full[:, :int(left) - 1].max() == 0 and full[:, int(left + side) + 1:].max() == 0
 
 
+def test_maps_fit_every_image_size_even_where_the_crop_box_rounds_unevenly():
+    """500 x 375 (Oxford Pets, VOC) at 224/256 puts the crop's edges at .5 pixels."""
+    cam = torch.rand(7, 7)
+    for width, height in [(500, 375), (375, 500), (333, 501), (1000, 999), (224, 224), (100, 1300)]:
+        for input_size, resize_size in [(224, 256), (224, 224), (64, 73), (224, 200)]:
+            full = explain.full_size_map(cam, width, height, input_size, resize_size)
+            assert full.shape == (height, width) and 0.5 < full.max() <= 1
+
+
+def test_an_overlay_never_replaces_an_input_image(tmp_path):
+    (tmp_path / "cat.png").write_bytes(b"")
+    exp = explain.Explanations(tmp_path, [tmp_path / "cat.png", tmp_path / "sub" / "dog.png"])
+    assert exp.png_name(tmp_path / "cat.png").name == "cat_2.png"
+    assert exp.png_name(tmp_path / "sub" / "dog.png").name == "dog.png"
+    assert exp.png_name(tmp_path / "other" / "dog.jpg").name == "dog_2.png"
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
