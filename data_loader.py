@@ -246,7 +246,10 @@ def resolve_data_dir(data_dir):
     return root
 
 
-def build_splits(data_dir, valid_ratio, seed):
+def build_splits(data_dir, valid_ratio, seed, labels_csv=None, image_root=None, warn=print):
+    """The train/valid/test samples of a class-folder data set, or of a CSV of labels (labels_csv.py)."""
+    if labels_csv:
+        return csv_splits(labels_csv, image_root, valid_ratio, seed, warn)
     root = resolve_data_dir(data_dir)
     train_dir = root / "train" if (root / "train").is_dir() else root
     class_names, train = scan_class_folders(train_dir, what="training folder")
@@ -268,6 +271,33 @@ def build_splits(data_dir, valid_ratio, seed):
     if train_dir != root and (root / "test").is_dir():
         _, test = scan_class_folders(root / "test", class_names, what="test folder")
     return DataSplits(class_names, train, valid, test, valid_source)
+
+
+def csv_splits(path, image_root, valid_ratio, seed, warn=print):
+    """DataSplits from a CSV of labels: its split column, else the seeded stratified split of its rows."""
+    import labels_csv
+
+    parts = labels_csv.read_labels(path, image_root, warn)
+    if None in parts:  # no split column: every row is a training row, split as train/ would be
+        parts = {"train": parts[None]}
+    if "train" not in parts:
+        raise CLIError(f"--labels_csv {path} has no train rows")
+    class_names = sorted({label for _, label in parts["train"]})
+    if len(class_names) < 2:
+        raise CLIError(f"--labels_csv {path}: the train rows have only one label ({class_names[0]}); a classifier "
+                       "needs at least two")
+    train = labels_csv.indexed(parts["train"], class_names, path, "train")
+    test = labels_csv.indexed(parts.get("test", []), class_names, path, "test")
+    if "valid" in parts:
+        valid = labels_csv.indexed(parts["valid"], class_names, path, "valid")
+        return DataSplits(class_names, train, valid, test, f"valid rows of {Path(path).name}")
+    if not 0 < valid_ratio < 1:
+        raise CLIError(f"--valid_ratio must be between 0 and 1 (exclusive) when the CSV has no valid rows; got {valid_ratio}")
+    train_idx, valid_idx = stratified_split([y for _, y in train], valid_ratio, seed)
+    if not valid_idx:
+        raise CLIError("too few images to hold out a validation set; add rows or valid rows")
+    return DataSplits(class_names, [train[i] for i in train_idx], [train[i] for i in valid_idx], test,
+                      f"seeded split of the train rows of {Path(path).name} (valid_ratio={valid_ratio}, seed={seed})")
 
 
 def write_split_lists(splits, run_dir):
@@ -410,10 +440,26 @@ def audit_data(data_dir, out=print):
     unreadable files or leaks, else 0."""
     root = resolve_data_dir(data_dir)
     parts = [(n, root / n) for n in ("train", "valid", "test") if (root / n).is_dir()] or [("train", root)]
-    class_names = None
-    unreadable, tiny, modes, owners = [], [], Counter(), defaultdict(set)
+    class_names, scanned = None, []
     for part, folder in parts:
         class_names, samples = scan_class_folders(folder, class_names if part != "train" else None, f"{part} folder")
+        scanned.append((part, samples))
+    return audit_samples(scanned, class_names, out)
+
+
+def csv_parts(splits):
+    """audit_samples' parts of a CSV of labels: its train (with the held-out valid rows), valid and test rows."""
+    if splits.valid_source.startswith("seeded split"):
+        return [("train", splits.train + splits.valid), ("test", splits.test)]
+    return [("train", splits.train), ("valid", splits.valid), ("test", splits.test)]
+
+
+def audit_samples(parts, class_names, out=print):
+    """audit_data's checks on [(part name, [(path, label)])]."""
+    unreadable, tiny, modes, owners = [], [], Counter(), defaultdict(set)
+    for part, samples in parts:
+        if not samples:
+            continue
         counts = class_counts(samples, len(class_names))
         shown = ", ".join(f"{c} {n}" for c, n in zip(class_names, counts))
         ratio = max(counts) / max(1, min(counts))

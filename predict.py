@@ -39,6 +39,10 @@ def build_parser():
         "written by export.py")
     add("--data_dir", default=None, help="an image file, or a folder searched recursively "
         "(default: test/ of the data set the checkpoint was trained on)")
+    add("--labels_csv", default=None, metavar="FILE", help="the images and their labels from a CSV (columns file, "
+        "label, optional split: then its test rows), instead of --data_dir")
+    add("--image_root", default=None, metavar="DIR", help="the folder --labels_csv's file column is relative to "
+        "(default: the CSV's folder)")
     add("--output", default="result.csv", help="CSV with one row per image")
     add("--plot", default="predictions.png", help="figure of sample predictions (confusion matrix beside it)")
     add("--n_images", type=int, default=6, help="images in the figure")
@@ -69,9 +73,22 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def csv_inputs(path, image_root, class_names):
+    """[(path, label)] of a CSV of labels: its test rows when it has a split column, else every row."""
+    import labels_csv
+
+    parts = labels_csv.read_labels(path, image_root)
+    rows = parts.get(None) or parts.get("test")
+    if not rows:
+        raise CLIError(f"--labels_csv {path} has a split column but no test rows to predict")
+    return labels_csv.indexed(rows, class_names, path, "test" if None not in parts else "")
+
+
 def default_inputs(ckpt):
-    """test/ of the data set the checkpoint was trained on."""
+    """test/ of the data set the checkpoint was trained on (a [(path, label)] list for a CSV of labels)."""
     saved = ckpt.get("args", {})
+    if saved.get("labels_csv"):
+        return csv_inputs(saved["labels_csv"], saved.get("image_root"), ckpt["class_names"])
     root = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name"))
     if not (root / "test").is_dir():
         raise CLIError(f"no --data_dir given and the training data's test folder {str(root / 'test')!r} does not exist")
@@ -158,7 +175,18 @@ def main(args):
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     temperature = float(ckpt.get("temperature", 1.0))  # older checkpoints have none: uncalibrated
     views = 2 if args.tta else 1  # the image, and its mirror image with --tta
-    inputs = find_inputs(args.data_dir or default_inputs(ckpt), class_names)
+    if args.image_root and not args.labels_csv:
+        raise CLIError("--image_root goes with --labels_csv")
+    if args.labels_csv and args.data_dir:
+        raise CLIError("give --labels_csv or --data_dir, not both")
+    if args.labels_csv:
+        inputs = csv_inputs(args.labels_csv, args.image_root, class_names)
+    elif args.data_dir:
+        inputs = find_inputs(args.data_dir, class_names)
+    else:
+        default = default_inputs(ckpt)
+        inputs = default if isinstance(default, list) else find_inputs(default, class_names)
+    inputs = [(str(f), y) for f, y in inputs]
     check_writable(args.output, "--output")
     if args.n_images:
         check_writable(args.plot, "--plot")

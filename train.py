@@ -39,6 +39,10 @@ def build_parser():
     add("--data_dir", default=None, help="ImageFolder root: DIR/train/<class>/*, optional DIR/valid/ and DIR/test/ "
         f"(default: data/{data_loader.DEFAULT_DATASET})")
     add("--dataset_name", default=None, help="shortcut for --data_dir data/NAME")
+    add("--labels_csv", default=None, metavar="FILE", help="labels from a CSV instead of class folders: columns "
+        "file, label and optionally split (train/valid/test)")
+    add("--image_root", default=None, metavar="DIR", help="the folder --labels_csv's file column is relative to "
+        "(default: the CSV's folder)")
     add("--valid_ratio", type=float, default=0.2, help="share of train/ held out for validation when there is no valid/")
     add("--input_size", type=int, default=None, help="crop size fed to the model (default: the backbone's, 224)")
     add("--resize_size", type=int, default=None, help="short side before the center crop (default: input_size*256/224)")
@@ -169,14 +173,18 @@ def check_data(args, data_dir, model_name):
     Exits 1 on unreadable files or leaks; labels flagged as wrong alone do not fail it."""
     if args.check_views < 0:
         raise CLIError(f"--check_views must be 0 or more; got {args.check_views}")
-    status = data_loader.audit_data(data_dir, print)
+    if args.labels_csv:
+        splits = data_loader.build_splits(None, args.valid_ratio, args.seed, args.labels_csv, args.image_root)
+        status = data_loader.audit_samples(data_loader.csv_parts(splits), splits.class_names, print)
+    else:
+        status = data_loader.audit_data(data_dir, print)
     if not (args.use_pretrained or args.weights):
         print("label check: skipped; it needs a pretrained backbone (--use_pretrained or --weights FILE)")
     else:
         device = resolve_device(args.gpu_id)
         run_dir = Path(args.log_dir) if args.log_dir else default_run_dir(f"{model_name}_labels")
         check_writable(run_dir / "label_issues.csv", "--log_dir")
-        splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed)
+        splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root)
         meta = model_meta(args, model_name)
         seed_everything(args.seed)
         model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
@@ -253,6 +261,10 @@ def main(args):
     data_dir = data_loader.dataset_root(args.data_dir, args.dataset_name)
     if args.weights and args.use_pretrained:
         raise CLIError("give --use_pretrained or --weights, not both")
+    if args.labels_csv and (args.data_dir or args.dataset_name):
+        raise CLIError("give --labels_csv or --data_dir/--dataset_name, not both")
+    if args.image_root and not args.labels_csv:
+        raise CLIError("--image_root goes with --labels_csv")
     if args.check_data:
         return check_data(args, data_dir, model_name)
     if args.find_lr and (args.resume or dist.enabled):
@@ -261,11 +273,12 @@ def main(args):
     device = resolve_device(args.gpu_id, dist.local_rank)
     if dist.is_main:
         check_writable(args.model_fn, "--model_fn")
-    splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed)
+    splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root, say)
     n_classes = len(splits.class_names)
     if args.n_classes is not None and args.n_classes != n_classes:
-        raise CLIError(f"--n_classes {args.n_classes} does not match the {n_classes} class folders in "
-                       f"{data_dir}: {', '.join(splits.class_names[:10])}")
+        where = f"labels of {args.labels_csv}" if args.labels_csv else f"class folders in {data_dir}"
+        raise CLIError(f"--n_classes {args.n_classes} does not match the {n_classes} {where}: "
+                       f"{', '.join(splits.class_names[:10])}")
 
     resume = model_loader.safe_load(args.resume, "--resume checkpoint") if args.resume else None
     run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))

@@ -224,6 +224,9 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
     work.mkdir()
     copy_subset(work / "my_images", ["bag", "sneaker", "trouser"], 12, 4)
     make_catdog_zip(work / "train.zip")
+    with open(work / "my_labels.csv", "w") as f:  # the README's CSV: my_images' files, train and test rows
+        f.write("file,label,split\n" + "".join(f"{p.relative_to(work / 'my_images')},{p.parent.name},{p.parts[-3]}\n"
+                                             for p in sorted((work / "my_images").rglob("*.png"))))
     torch_home = tmp_path / "torch_home"
     weights = torch_home / "hub" / "checkpoints" / "resnet34-b627a593.pth"
     weights.parent.mkdir(parents=True)
@@ -313,6 +316,10 @@ def check_what_the_readme_commands_wrote(work):
     assert not (work / "runs" / "lr" / "metrics.csv").exists()
     tops = csv_rows(next((work / "runs").glob("*_efficientnet_lite0/top_losses.csv")))  # every run writes it
     assert len(tops) == 80 and [float(r["loss"]) for r in tops] == sorted((float(r["loss"]) for r in tops), reverse=True)
+    assert ckpt("models/from_csv.pth")["class_names"] == ["bag", "sneaker", "trouser"]  # --labels_csv
+    assert ckpt("models/from_csv.pth")["args"]["labels_csv"] == "my_labels.csv"
+    rows = csv_rows(work / "from_csv.csv")  # predict.py's default input: the CSV's test rows, labelled
+    assert len(rows) == 12 and all(r["label"] == Path(r["file_dir"]).parent.name for r in rows)
     rows = csv_rows(work / "mine.csv")
     test_files = sorted(str(p.relative_to(work)) for p in (work / "my_images" / "test").rglob("*.png"))
     assert [r["file_dir"] for r in rows] == test_files  # as given: --data_dir my_images/test

@@ -1,0 +1,88 @@
+"""Labels from a table instead of class folders: train.py --labels_csv FILE [--image_root DIR].
+
+The CSV has a header row and the columns `file` (relative to --image_root, default the CSV's own folder;
+absolute paths are taken as they are) and `label`, and optionally `split` (train, valid or test; without it
+the seeded, stratified split of train.py's --valid_ratio, as for folders). Other columns are ignored.
+The samples are ordered by class, then path, as a folder scan orders them, so the same images and seed give
+the same split whichever way the rows are sorted, and the same as the class-folder layout of those images."""
+import csv
+import os
+from pathlib import Path
+
+from cli import CLIError
+
+SPLITS = ("train", "valid", "test")
+
+
+def read_rows(path):
+    """[(line number, {column: value})] of a CSV with `file` and `label` columns; one error line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--labels_csv {str(path)!r} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            if not columns:
+                raise CLIError(f"--labels_csv {str(path)!r} is empty; it needs a header row with the columns file "
+                               "and label")
+            missing = [c for c in ("file", "label") if c not in columns]
+            if missing:
+                raise CLIError(f"--labels_csv {str(path)!r} has no column {' or '.join(missing)} (its header: "
+                               f"{', '.join(columns[:8])})")
+            reader.fieldnames = columns
+            rows = [(reader.line_num, row) for row in reader]  # the file's line (blank lines are skipped)
+    except UnicodeDecodeError:
+        raise CLIError(f"--labels_csv {str(path)!r} is not a UTF-8 text file") from None
+    except csv.Error as e:
+        raise CLIError(f"--labels_csv {str(path)!r}: {e}") from None
+    if not rows:
+        raise CLIError(f"--labels_csv {str(path)!r} has a header but no rows")
+    return rows
+
+
+def read_labels(path, image_root=None, warn=print):
+    """{split or None: [(image path, class name)]} from the CSV; rows naming missing files are reported (the
+    first few by name) and left out. One error line, naming the row, for an empty file or label, an unknown
+    split, or a file listed twice."""
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    if image_root and not root.is_dir():
+        raise CLIError(f"--image_root {str(root)!r} does not exist or is not a folder")
+    rows = read_rows(path)
+    with_split = "split" in rows[0][1]
+    seen, out, missing = {}, {}, []
+    for line, row in rows:
+        name, label = (row.get("file") or "").strip(), (row.get("label") or "").strip()
+        if not name or not label:
+            raise CLIError(f"--labels_csv {path} line {line}: empty {'file' if not name else 'label'}")
+        split = (row.get("split") or "").strip().lower() if with_split else None
+        if with_split and split not in SPLITS:
+            raise CLIError(f"--labels_csv {path} line {line}: split {row.get('split')!r} is not one of "
+                           f"{', '.join(SPLITS)}")
+        file = os.path.join(root, name)
+        if file in seen:
+            raise CLIError(f"--labels_csv {path} line {line}: {name!r} is listed again (first on line {seen[file]})")
+        seen[file] = line
+        if not os.path.isfile(file):
+            missing.append(f"line {line}: {file}")
+            continue
+        out.setdefault(split, []).append((file, label))
+    if missing:
+        warn(f"--labels_csv: {len(missing)} of {len(rows)} rows name files that do not exist, left out: "
+             + "; ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+    if not out:
+        raise CLIError(f"--labels_csv {path}: none of its {len(rows)} files exist under {str(root)!r} (see "
+                       "--image_root)")
+    return out
+
+
+def indexed(pairs, class_names, path, split):
+    """[(image path, class index)] ordered by class, then path (as a folder scan)."""
+    index = {c: i for i, c in enumerate(class_names)}
+    unknown = sorted({label for _, label in pairs if label not in index})
+    if unknown:
+        rows = f"the {split} rows have" if split else "its rows have"
+        raise CLIError(f"--labels_csv {path}: {rows} labels that are not among the classes "
+                       f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}")
+    return sorted(((f, index[label]) for f, label in pairs), key=lambda s: (s[1], s[0]))

@@ -1,0 +1,104 @@
+"""Labels from a CSV (labels_csv.py, train.py/predict.py --labels_csv): parsing errors in one line naming the
+row, the split column, missing files skipped, and the same run as the class-folder layout."""
+import csv
+import random
+
+import pytest
+
+import predict
+import train
+from conftest import run_in_process
+from test_evaluation import read_csv
+
+
+def write_csv(path, rows, header=("file", "label")):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def folder_rows(data, splits=("train",), with_split=False):
+    """(file relative to data, label[, split]) of a class-folder data set."""
+    rows = []
+    for split in splits:
+        for f in sorted((data / split).rglob("*.png")):
+            rows.append((str(f.relative_to(data)), f.parent.name) + ((split,) if with_split else ()))
+    return rows
+
+
+def train_args(tmp_path, *flags):
+    return [str(a) for a in ("--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--num_workers",
+                             "0", "--verbose", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run",
+                             *flags)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("file,label\n", "has a header but no rows"),
+    ("path,class\na.png,bag\n", "has no column file or label"),
+    ("file,label\ntrain/bag/X,bag\n\ntrain/bag/X,bag\n", "line 4: 'train/bag/X' is listed again (first on line 2)"),
+    ("file,label,split\ntrain/bag/X,bag,training\n", "line 2: split 'training' is not one of train, valid, test"),
+    ("file,label\ntrain/bag/X,\n", "line 2: empty label"),
+])
+def test_a_bad_csv_is_one_error_line_naming_the_row(tiny_data, tmp_path, capsys, content, message):
+    first = sorted((tiny_data / "train" / "bag").iterdir())[0].name
+    labels = tmp_path / "labels.csv"
+    labels.write_text(content.replace("X", first))
+    err = run_in_process(train, train_args(tmp_path, "--labels_csv", labels, "--image_root", tiny_data), capsys)
+    assert message.replace("X", first) in err and not (tmp_path / "m.pth").exists()
+
+
+def test_the_split_column_is_kept_and_missing_files_are_reported(tiny_data, tmp_path, capsys):
+    rows = folder_rows(tiny_data, ("train", "test"), with_split=True)
+    valid = {r[0] for r in rows[::5] if r[2] == "train"}
+    rows = [(f, label, "valid" if f in valid else split) for f, label, split in rows]
+    rows.append(("train/bag/gone.png", "bag", "train"))
+    labels = write_csv(tmp_path / "labels.csv", rows, ("file", "label", "split"))
+    result = train.main(train.parse_args(train_args(tmp_path, "--labels_csv", labels, "--image_root", tiny_data)))
+    out = capsys.readouterr().out
+    assert "1 of 67 rows name files that do not exist" in out and "gone.png" in out
+    listed = {r["path"] for r in read_csv(tmp_path / "run" / "valid_files.csv")}
+    assert listed == {str(tiny_data / f) for f in valid}
+    assert result.test_metrics["count"] == 18
+
+
+def test_a_csv_of_the_folders_trains_the_same_model_whatever_the_row_order(tiny_data, tmp_path, capsys):
+    rows = folder_rows(tiny_data, ("train", "test"), with_split=True)
+    random.Random(0).shuffle(rows)
+    labels = write_csv(tmp_path / "labels.csv", [(str(tiny_data / f), label, split) for f, label, split in rows],
+                       ("file", "label", "split"))  # absolute paths: taken as they are
+    by_csv = train.main(train.parse_args(train_args(tmp_path / "csv", "--labels_csv", labels)))
+    by_folder = train.main(train.parse_args(train_args(tmp_path / "folder", "--data_dir", tiny_data)))
+    assert by_csv.test_metrics == pytest.approx(by_folder.test_metrics)
+    for name in ("train", "valid"):
+        assert read_csv(tmp_path / "csv" / "run" / f"{name}_files.csv") == \
+            read_csv(tmp_path / "folder" / "run" / f"{name}_files.csv")
+    capsys.readouterr()
+    out = tmp_path / "r.csv"  # predict.py on the CSV's test rows, with their labels
+    predict.main(predict.parse_args(["--model_fn", str(tmp_path / "csv" / "m.pth"), "--output", str(out),
+                                     "--n_images", "0", "--num_workers", "0", "--verbose", "0"]))
+    predicted = read_csv(out)
+    assert len(predicted) == 18 and all(r["label"] == r["file_dir"].split("/")[-2] for r in predicted)
+    assert f"accuracy {by_csv.test_metrics['accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_check_data_audits_the_csvs_rows(tiny_data, tmp_path, capsys):
+    import shutil
+
+    rows = folder_rows(tiny_data, ("train",), with_split=True)
+    leak = tmp_path / "copy.png"
+    shutil.copy(tiny_data / rows[0][0], leak)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    rows = [(str(tiny_data / f), label, split) for f, label, split in rows]
+    rows += [(str(leak), rows[0][1], "test"), (str(broken), "bag", "train")]
+    labels = write_csv(tmp_path / "labels.csv", rows, ("file", "label", "split"))
+    with pytest.raises(SystemExit) as e:
+        train.main(train.parse_args(train_args(tmp_path, "--labels_csv", labels, "--check_data")))
+    out = capsys.readouterr().out
+    assert e.value.code == 1
+    assert "train: 49 images" in out and "test: 1 images" in out
+    assert "unreadable: 1" in out and "broken.png" in out
+    assert "identical files in more than one of train/valid/test: 1" in out and str(leak) in out
