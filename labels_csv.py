@@ -18,7 +18,7 @@ def read_rows(path):
     """[(line number, {column: value})] of a CSV with `file` and `label` columns; one error line otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise CLIError(f"--labels_csv {str(path)!r} does not exist")
+        raise CLIError(f"--labels_csv {str(path)!r} " + ("is a folder, not a CSV file" if path.is_dir() else "does not exist"))
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -61,9 +61,10 @@ def read_labels(path, image_root=None, warn=print):
             raise CLIError(f"--labels_csv {path} line {line}: split {row.get('split')!r} is not one of "
                            f"{', '.join(SPLITS)}")
         file = os.path.join(root, name)
-        if file in seen:
-            raise CLIError(f"--labels_csv {path} line {line}: {name!r} is listed again (first on line {seen[file]})")
-        seen[file] = line
+        key = os.path.normcase(os.path.abspath(file))  # ./a.png and a.png are one file
+        if key in seen:
+            raise CLIError(f"--labels_csv {path} line {line}: {name!r} is listed again (first on line {seen[key]})")
+        seen[key] = line
         if not os.path.isfile(file):
             missing.append(f"line {line}: {file}")
             continue

@@ -196,8 +196,8 @@ def save_plot(test, path):
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (--lr)")
     ax.set_ylabel("training loss")
-    low, high = min(test.smoothed), max(test.smoothed[:max(1, len(test.smoothed) // 2)])
-    ax.set_ylim(low - 0.1 * abs(low), max(high, low) * 1.3 + 1e-3)
+    low, high = min(test.smoothed + test.losses), max(test.smoothed[:max(1, len(test.smoothed) // 2)])
+    ax.set_ylim(low - 0.1 * abs(low), max(high, low) * 1.3 + 1e-3)  # the raw losses' lows stay in view
     ax.legend(fontsize=8)
     ax.set_title("learning-rate range test")
     fig.tight_layout()

@@ -88,7 +88,16 @@ def default_inputs(ckpt):
     """test/ of the data set the checkpoint was trained on (a [(path, label)] list for a CSV of labels)."""
     saved = ckpt.get("args", {})
     if saved.get("labels_csv"):
-        return csv_inputs(saved["labels_csv"], saved.get("image_root"), ckpt["class_names"])
+        import labels_csv
+
+        try:
+            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"))
+        except CLIError as e:
+            raise CLIError(f"no --data_dir or --labels_csv given, and the CSV the model was trained with: {e}") from None
+        if "test" not in parts:
+            raise CLIError(f"no --data_dir or --labels_csv given, and the CSV the model was trained with "
+                           f"({saved['labels_csv']}) has no test rows")
+        return labels_csv.indexed(parts["test"], ckpt["class_names"], saved["labels_csv"], "test")
     root = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name"))
     if not (root / "test").is_dir():
         raise CLIError(f"no --data_dir given and the training data's test folder {str(root / 'test')!r} does not exist")

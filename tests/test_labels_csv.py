@@ -41,6 +41,7 @@ def train_args(tmp_path, *flags):
     ("file,label\ntrain/bag/X,bag\n\ntrain/bag/X,bag\n", "line 4: 'train/bag/X' is listed again (first on line 2)"),
     ("file,label,split\ntrain/bag/X,bag,training\n", "line 2: split 'training' is not one of train, valid, test"),
     ("file,label\ntrain/bag/X,\n", "line 2: empty label"),
+    ("file,label\ntrain/bag/X,bag\n./train/bag/X,bag\n", "line 3: './train/bag/X' is listed again (first on line 2)"),
 ])
 def test_a_bad_csv_is_one_error_line_naming_the_row(tiny_data, tmp_path, capsys, content, message):
     first = sorted((tiny_data / "train" / "bag").iterdir())[0].name
@@ -102,3 +103,14 @@ def test_check_data_audits_the_csvs_rows(tiny_data, tmp_path, capsys):
     assert "train: 49 images" in out and "test: 1 images" in out
     assert "unreadable: 1" in out and "broken.png" in out
     assert "identical files in more than one of train/valid/test: 1" in out and str(leak) in out
+
+
+def test_predict_without_inputs_needs_the_training_csvs_test_rows(tiny_data, tmp_path, capsys):
+    labels = write_csv(tmp_path / "labels.csv", [(str(tiny_data / f), label) for f, label in folder_rows(tiny_data)])
+    train.main(train.parse_args(train_args(tmp_path, "--labels_csv", labels)))
+    err = run_in_process(predict, ["--model_fn", tmp_path / "m.pth", "--output", tmp_path / "r.csv"], capsys)
+    assert "the CSV the model was trained with" in err and "has no test rows" in err
+    labels.unlink()
+    err = run_in_process(predict, ["--model_fn", tmp_path / "m.pth", "--output", tmp_path / "r.csv"], capsys)
+    assert "no --data_dir or --labels_csv given" in err and "does not exist" in err
+    assert not (tmp_path / "r.csv").exists()
