@@ -314,8 +314,9 @@ def check_what_the_readme_commands_wrote(work):
     found = csv_rows(work / "runs" / "lr" / "lr_find.csv")  # --find_lr: the curve, and no training
     assert float(found[0]["lr"]) == pytest.approx(1e-7) and (work / "runs" / "lr" / "lr_find.png").is_file()
     assert not (work / "runs" / "lr" / "metrics.csv").exists()
-    tops = csv_rows(next((work / "runs").glob("*_efficientnet_lite0/top_losses.csv")))  # every run writes it
-    assert len(tops) == 80 and [float(r["loss"]) for r in tops] == sorted((float(r["loss"]) for r in tops), reverse=True)
+    tops = [csv_rows(p) for p in (work / "runs").glob("*/top_losses.csv")]  # every training run writes one
+    assert len(tops) >= 3 and 80 in [len(t) for t in tops]  # the sample's lite.pth: its 80 validation images
+    assert all([float(r["loss"]) for r in t] == sorted((float(r["loss"]) for r in t), reverse=True) for t in tops)
     assert ckpt("models/from_csv.pth")["class_names"] == ["bag", "sneaker", "trouser"]  # --labels_csv
     assert ckpt("models/from_csv.pth")["args"]["labels_csv"] == "my_labels.csv"
     rows = csv_rows(work / "from_csv.csv")  # predict.py's default input: the CSV's test rows, labelled
