@@ -7,7 +7,6 @@ the layers after that block are differentiated: the hook below turns the block's
 of the autograd graph, and with the weights not requiring gradients nothing below it is recorded, so a
 batch costs one forward pass plus a backward pass through the head."""
 import csv
-import tempfile
 import zipfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from cli import CLIError
-from utils import atomic_open, atomic_path
+from utils import atomic_open, atomic_path, check_writable
 
 OVERLAY_SIDE = 384  # long side of the overlay PNGs, in pixels
 ALPHA = 0.45  # weight of the heat map's colours over the image
@@ -187,12 +186,7 @@ class Explanations:
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise CLIError(f"--explain {str(folder)!r} is a file; give a folder for the heat maps")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test."):
-                pass
-        except OSError as e:
-            raise CLIError(f"--explain: cannot write into {str(folder)!r}: {e.strerror or e}") from None
+        check_writable(folder / "heatmaps.npz", "--explain")
 
     def png_name(self, file):
         stem, n = Path(file).stem, 1

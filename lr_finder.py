@@ -121,6 +121,15 @@ def image_batches(loader):
         epoch += 1
 
 
+def ensure_cache(fitter):
+    """The Fitter's feature cache, built once (as its first frozen epoch would); False when stopped meanwhile."""
+    if fitter.cache is None:
+        fitter.cache = build_feature_cache(fitter.model, fitter.head, fitter.loaders, fitter.args.cache_views,
+                                           fitter.args.cache_memory_mb, fitter.run_dir / "feature_cache.rank0.bin",
+                                           fitter.compute, fitter.skips)
+    return fitter.cache is not None
+
+
 def range_test(fitter, batch_size):
     """Run the test with the Fitter's model, optimizer, loss and data (a trainer.Fitter as train.py builds
     it); returns a RangeTest, or None when a stop signal arrived. Weights (BatchNorm statistics too) and the
@@ -137,10 +146,7 @@ def range_test(fitter, batch_size):
     try:
         model_loader.set_backbone_trainable(model, head, not frozen)
         if fitter.use_cache(0):
-            fitter.cache = fitter.cache or build_feature_cache(
-                model, head, fitter.loaders, fitter.args.cache_views, fitter.args.cache_memory_mb,
-                fitter.run_dir / "feature_cache.rank0.bin", compute, fitter.skips)
-            if fitter.cache is None:
+            if not ensure_cache(fitter):
                 return None
             step_model = model.get_submodule(head).train()
             batches = cached_batches(fitter.cache, fitter.train_labels, len(fitter.train_labels), fitter.args.seed,
@@ -218,12 +224,8 @@ def find_lr(fitter, run_dir, say):
     Returns the RangeTest (None when stopped or when there is too little data)."""
     args = fitter.args
     start = time.perf_counter()
-    if fitter.use_cache(0):  # the pass length counts readable images: the cache knows them
-        fitter.cache = build_feature_cache(fitter.model, fitter.head, fitter.loaders, args.cache_views,
-                                           args.cache_memory_mb, Path(run_dir) / "feature_cache.rank0.bin",
-                                           fitter.compute, fitter.skips)
-        if fitter.cache is None:
-            return None
+    if fitter.use_cache(0) and not ensure_cache(fitter):  # the pass length counts readable images: the cache knows them
+        return None
     if batches_per_pass(fitter) < MIN_BATCHES:
         say(f"--find_lr: {len(fitter.splits.train)} training images make {batches_per_pass(fitter)} batches of "
             f"{args.batch_size}; the range test needs {MIN_BATCHES} or more (more images, or a smaller "
