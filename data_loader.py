@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from cli import CLIError, describe_error, ignore_stop_signals
+from multilabel import label_text, positive_counts
 from utils import atomic_open
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -152,9 +153,17 @@ class SkipLog:
     def per_class(self):
         counts = {}
         for label in self.seen.values():
-            name = self.class_names[label] if label >= 0 else "?"
+            name = label_text(label, self.class_names) or "?"
             counts[name] = counts.get(name, 0) + 1
         return counts
+
+
+def label_tensor(labels):
+    """Class indices as a long (N,) tensor; multi-hot tuples (multilabel.py) as a float (N, classes) matrix."""
+    labels = list(labels)
+    if labels and isinstance(labels[0], tuple):
+        return torch.tensor(labels, dtype=torch.float32)
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def collate(items):
@@ -163,7 +172,7 @@ def collate(items):
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad)
     images = torch.stack([g[0] for g in good])
-    labels = torch.tensor([g[1] for g in good], dtype=torch.long)
+    labels = label_tensor(g[1] for g in good)
     indices = torch.tensor([g[2] for g in good], dtype=torch.long)
     return Batch(images, labels, indices, bad)
 
@@ -246,10 +255,11 @@ def resolve_data_dir(data_dir):
     return root
 
 
-def build_splits(data_dir, valid_ratio, seed, labels_csv=None, image_root=None, warn=print):
-    """The train/valid/test samples of a class-folder data set, or of a CSV of labels (labels_csv.py)."""
+def build_splits(data_dir, valid_ratio, seed, labels_csv=None, image_root=None, warn=print, label_delim=None):
+    """The train/valid/test samples of a class-folder data set, or of a CSV of labels (labels_csv.py);
+    label_delim: the CSV's labels are sets of classes (multilabel.py)."""
     if labels_csv:
-        return csv_splits(labels_csv, image_root, valid_ratio, seed, warn)
+        return csv_splits(labels_csv, image_root, valid_ratio, seed, warn, label_delim)
     root = resolve_data_dir(data_dir)
     train_dir = root / "train" if (root / "train").is_dir() else root
     class_names, train = scan_class_folders(train_dir, what="training folder")
@@ -273,19 +283,20 @@ def build_splits(data_dir, valid_ratio, seed, labels_csv=None, image_root=None, 
     return DataSplits(class_names, train, valid, test, valid_source)
 
 
-def csv_splits(path, image_root, valid_ratio, seed, warn=print):
-    """DataSplits from a CSV of labels: its split column, else the seeded stratified split of its rows."""
+def csv_splits(path, image_root, valid_ratio, seed, warn=print, label_delim=None):
+    """DataSplits from a CSV of labels: its split column, else the seeded stratified split of its rows
+    (multi-label: stratified by the set of labels)."""
     import labels_csv
 
-    parts = labels_csv.read_labels(path, image_root, warn)
+    parts = labels_csv.read_labels(path, image_root, warn, label_delim)
     if None in parts:  # no split column: every row is a training row, split as train/ would be
         parts = {"train": parts[None]}
     if "train" not in parts:
         raise CLIError(f"--labels_csv {path} has no train rows")
-    class_names = sorted({label for _, label in parts["train"]})
+    class_names = labels_csv.class_names_of(parts["train"])
     if len(class_names) < 2:
-        raise CLIError(f"--labels_csv {path}: the train rows have only one label ({class_names[0]}); a classifier "
-                       "needs at least two")
+        raise CLIError(f"--labels_csv {path}: the train rows have only one label ({', '.join(class_names) or 'none'});"
+                       " a classifier needs at least two")
     train = labels_csv.indexed(parts["train"], class_names, path, "train")
     test = labels_csv.indexed(parts.get("test", []), class_names, path, "test")
     if "valid" in parts:
@@ -293,7 +304,11 @@ def csv_splits(path, image_root, valid_ratio, seed, warn=print):
         return DataSplits(class_names, train, valid, test, f"valid rows of {Path(path).name}")
     if not 0 < valid_ratio < 1:
         raise CLIError(f"--valid_ratio must be between 0 and 1 (exclusive) when the CSV has no valid rows; got {valid_ratio}")
-    train_idx, valid_idx = stratified_split([y for _, y in train], valid_ratio, seed)
+    keys = [y for _, y in train]
+    if keys and isinstance(keys[0], tuple):  # multi-label: by the set of labels; sets of one image pooled
+        sizes = Counter(keys)
+        keys = [y if sizes[y] > 1 else () for y in keys]
+    train_idx, valid_idx = stratified_split(keys, valid_ratio, seed)
     if not valid_idx:
         raise CLIError("too few images to hold out a validation set; add rows or valid rows")
     return DataSplits(class_names, [train[i] for i in train_idx], [train[i] for i in valid_idx], test,
@@ -306,10 +321,13 @@ def write_split_lists(splits, run_dir):
         with atomic_open(Path(run_dir) / f"{name}_files.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "class"])
-            writer.writerows((p, splits.class_names[y]) for p, y in samples)
+            writer.writerows((p, label_text(y, splits.class_names)) for p, y in samples)
 
 
 def class_counts(samples, n_classes):
+    """Images per class (multi-label: images showing each class)."""
+    if samples and isinstance(samples[0][1], tuple):
+        return positive_counts(samples, n_classes)
     counts = Counter(y for _, y in samples)
     return [counts.get(i, 0) for i in range(n_classes)]
 

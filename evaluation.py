@@ -43,7 +43,7 @@ def decide(probs, threshold=None):
 
 
 def nll(logits, labels, temperature=1.0):
-    return float(nn.functional.cross_entropy(logits.double() / temperature, labels))
+    return float(nn.functional.cross_entropy(logits.double() / temperature, labels.long()))
 
 
 def reliability_bins(confidence, correct, n_bins=N_BINS):
@@ -70,10 +70,11 @@ def logits_ece(logits, labels, temperature=1.0):
     return ece(confidence, pred == labels)
 
 
-def fit_temperature(logits, labels):
-    """The T minimising the NLL of softmax(logits / T): a grid over log T then golden-section search
-    between the grid neighbours of the best point. NLL is convex in 1/T, so unimodal in log T."""
-    logits, labels = logits.double(), labels.long()
+def fit_temperature(logits, labels, loss=nll):
+    """The T minimising loss(logits, labels, T), the NLL of softmax(logits / T) by default: a grid over log T
+    then golden-section search between the grid neighbours of the best point. NLL is convex in 1/T, so
+    unimodal in log T (so is the binary cross-entropy of multilabel.bce)."""
+    logits, nll = logits.double(), loss
     lo, hi = LOG_T_RANGE
     grid = torch.linspace(lo, hi, 61, dtype=torch.float64)
     values = [nll(logits, labels, math.exp(g)) for g in grid.tolist()]
@@ -100,6 +101,12 @@ class Calibration:
     metrics: dict  # valid_nll_before/after, valid_ece_before/after, calibration_count
     unfitted: str = ""  # why no temperature could be fitted (then it stays 1.0)
 
+    def probabilities(self, logits, views=1):
+        return probabilities(logits, self.temperature, views)
+
+    def checkpoint_entries(self):
+        return {"temperature": self.temperature}
+
     def summary(self):
         m = self.metrics
         if self.unfitted:
@@ -110,11 +117,16 @@ class Calibration:
                 f"ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}")
 
 
-def calibrate(logits, labels):
+def calibrate(logits, labels, class_names=None):
     """Temperature scaling on validation logits; None when there are none (the temperature stays 1.0).
+    Multi-label (a labels matrix): multilabel.calibrate, per-class temperatures and thresholds.
     When the NLL has no minimum inside the searched range the temperature stays 1.0, with the reason:
     with every validation image predicted right, the NLL keeps falling as T -> 0, and the 'fitted' T
     would make every prediction certain (a test image that is wrong then gets confidence 1.0)."""
+    if labels.dim() == 2:
+        import multilabel
+
+        return multilabel.calibrate(logits, labels, class_names or [str(c) for c in range(labels.shape[1])])
     if not len(labels):
         return None
     temperature, unfitted = fit_temperature(logits, labels), ""
@@ -133,16 +145,28 @@ def calibrate(logits, labels):
     return Calibration(float(temperature), metrics, unfitted)
 
 
-def save_reliability_diagram(logits, labels, temperature, path, n_bins=N_BINS):
-    """Accuracy against confidence per bin, before and after temperature scaling, with the diagonal."""
+def confidence_correct(logits, labels, calibration=None):
+    """(confidence, correct) pairs of the reliability diagram: the top class's calibrated probability and whether
+    it is right; multi-label (a labels matrix): every (image, class) probability and whether the class is there."""
+    if labels.dim() == 2:
+        probs = calibration.probabilities(logits) if calibration is not None else logits.float().sigmoid()
+        return probs.flatten(), labels.flatten().bool()
+    confidence, pred = (calibration.probabilities(logits) if calibration is not None else probabilities(logits)).max(1)
+    return confidence, pred == labels
+
+
+def save_reliability_diagram(logits, labels, calibration, path, n_bins=N_BINS):
+    """Accuracy against confidence per bin, before and after calibration, with the diagonal (multi-label: the
+    share of (image, class) pairs where the class is there, against its probability)."""
     import matplotlib.pyplot as plt
 
     fig = new_figure(figsize=(9, 4.2))
     width = 1 / n_bins
     centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * width
-    for i, (t, name) in enumerate(((1.0, "before (T = 1)"), (temperature, f"after (T = {temperature:.3f})"))):
-        confidence, pred = probabilities(logits, t).max(1)
-        count, accuracy, mean_confidence = reliability_bins(confidence, pred == labels, n_bins)
+    after = f"after (T = {calibration.temperature:.3f})" if hasattr(calibration, "temperature") else "after (T per class)"
+    for i, (cal, name) in enumerate(((None, "before (T = 1)"), (calibration, after))):
+        confidence, correct = confidence_correct(logits, labels, cal)
+        count, accuracy, mean_confidence = reliability_bins(confidence, correct, n_bins)
         filled = count > 0
         ax = fig.add_subplot(1, 2, i + 1)
         ax.bar(centers[filled].numpy(), accuracy[filled].numpy(), width=width, edgecolor="black", label="accuracy")
@@ -150,7 +174,7 @@ def save_reliability_diagram(logits, labels, temperature, path, n_bins=N_BINS):
                width=width, color="red", alpha=0.3, edgecolor="red", label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-               title=f"{name}: ECE {ece(confidence, pred == labels, n_bins):.3f}")
+               title=f"{name}: ECE {ece(confidence, correct, n_bins):.3f}")
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
@@ -215,11 +239,35 @@ def head_logits(head_module, features, ok, labels, batch_size, compute, with_ind
 
 
 def loss_accuracy(logits, labels):
-    """The metrics trainer.evaluate reports, from collected logits."""
+    """The metrics trainer.evaluate reports, from collected logits (multi-label: multilabel.loss_accuracy)."""
+    if labels.dim() == 2:
+        import multilabel
+
+        return multilabel.loss_accuracy(logits, labels)
     if not len(labels):
         return {"loss": 0.0, "accuracy": 0.0, "count": 0}
     return {"loss": nll(logits, labels), "accuracy": float((logits.argmax(1) == labels).double().mean()),
             "count": int(len(labels))}
+
+
+def test_results(logits, labels, calibration, class_names):
+    """(metrics, per-class report or None) of the test images' logits, with the calibration fitted on the
+    validation images (None: uncalibrated). Multi-label: accuracy is the exact match of the thresholded sets,
+    and the metrics add map, micro_f1 and macro_f1 (multilabel.report)."""
+    metrics = loss_accuracy(logits, labels)
+    if not len(labels):
+        return metrics, None
+    if labels.dim() == 2:
+        import multilabel
+
+        calibration = calibration or multilabel.from_checkpoint({"class_names": class_names})
+        probs = calibration.probabilities(logits)
+        table, summary = multilabel.report(labels, multilabel.decide(probs, calibration.thresholds), probs, class_names)
+        metrics.update(accuracy=summary["exact_match"], map=summary["mAP"], micro_f1=summary["micro_f1"],
+                       macro_f1=summary["macro_f1"])
+        return metrics, table
+    probs = calibration.probabilities(logits) if calibration is not None else probabilities(logits)
+    return metrics, classification_report(labels, probs.argmax(1), probs, class_names)
 
 
 # ----------------------------------------------------------------------------- the per-class report

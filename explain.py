@@ -211,30 +211,45 @@ class Explanations:
 # ----------------------------------------------------------------------------- top losses
 
 
-def top_losses(logits, labels, temperature=1.0):
+def top_losses(logits, labels, calibration=None):
     """(order, loss, prob_given): rows by decreasing loss -log p(given class), with p the calibrated
-    softmax(logits / temperature)."""
-    logp = (logits.float() / float(temperature)).log_softmax(1)
-    loss = -logp.gather(1, labels[:, None])[:, 0]
+    softmax(logits / temperature) (calibration None: T = 1). Multi-label (a labels matrix): p(given set), the
+    product over classes of the calibrated sigmoid of the present ones and 1 - it of the absent ones."""
+    if labels.dim() == 2:
+        scaled = logits.float() / torch.tensor(calibration.temperatures if calibration else [1.0] * labels.shape[1])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(scaled, labels.float(), reduction="none").sum(1)
+    else:
+        logp = (logits.float() / float(calibration.temperature if calibration else 1.0)).log_softmax(1)
+        loss = -logp.gather(1, labels[:, None])[:, 0]
     return torch.argsort(loss, descending=True, stable=True), loss, loss.neg().exp()
 
 
-def write_top_losses(files, logits, labels, temperature, class_names, meta, run_dir, writer=None, step=0, n=16):
+def predicted_names(logits, labels, calibration, class_names):
+    """Per row: (given, predicted) as text; multi-label: the sets above the calibration's thresholds, ', '-joined."""
+    from multilabel import decide, label_text
+
+    if labels.dim() == 2:
+        chosen = decide(calibration.probabilities(logits), calibration.thresholds) if calibration else logits > 0
+        return [(label_text(tuple(y.int().tolist()), class_names, ", ") or "none",
+                 label_text(tuple(p.int().tolist()), class_names, ", ") or "none") for y, p in zip(labels, chosen)]
+    return [(class_names[y], class_names[p]) for y, p in zip(labels.tolist(), logits.argmax(1).tolist())]
+
+
+def write_top_losses(files, logits, labels, calibration, class_names, meta, run_dir, writer=None, step=0, n=16):
     """top_losses.csv (every validation image, highest loss first), top_losses.png (the n highest, titled
     'given → predicted (p of given)') and the same grid in TensorBoard through `writer` (a SummaryWriter; the
     run's own, so the run keeps one event file); returns the CSV's path."""
     from data_loader import display_transform, load_rgb
     from utils import atomic_savefig, image_grid_figure
 
-    order, loss, prob_given = top_losses(logits, labels, temperature)
-    preds = logits.argmax(1)
+    order, loss, prob_given = top_losses(logits, labels, calibration)
+    names = predicted_names(logits, labels, calibration, class_names)
     run_dir = Path(run_dir)
     with atomic_open(run_dir / "top_losses.csv", "w", newline="") as f:
         table = csv.writer(f)
         table.writerow(["file", "given", "predicted", "loss", "prob_given"])
         for i in order.tolist():
-            table.writerow([files[i], class_names[labels[i]], class_names[preds[i]], f"{float(loss[i]):.6f}",
-                             f"{float(prob_given[i]):.6f}"])
+            table.writerow([files[i], *names[i], f"{float(loss[i]):.6f}", f"{float(prob_given[i]):.6f}"])
     show = display_transform(meta["input_size"], meta["resize_size"])
     images, titles, colors = [], [], []
     for i in order[:n].tolist():
@@ -242,8 +257,8 @@ def write_top_losses(files, logits, labels, temperature, class_names, meta, run_
             images.append(show(load_rgb(files[i])))
         except Exception:  # read once already; gone since
             continue
-        titles.append(f"{class_names[labels[i]]} → {class_names[preds[i]]}\n({float(prob_given[i]):.2f})")
-        colors.append("red" if preds[i] != labels[i] else "black")
+        titles.append(f"{names[i][0]} → {names[i][1]}\n({float(prob_given[i]):.2f})")
+        colors.append("red" if names[i][0] != names[i][1] else "black")
     if images:
         import matplotlib.pyplot as plt
 

@@ -21,6 +21,7 @@ import torch
 
 import data_loader
 import model_loader
+import multilabel
 import ood
 from cli import ArgumentParser, CLIError, StopFlag, describe_error, flag_adder, run_cli  # noqa: E402
 from utils import atomic_path, check_writable
@@ -73,13 +74,22 @@ def check_batch(ckpt, args):
     folder = Path(args.data_dir) if args.data_dir else None
     if folder is not None and not folder.is_dir():
         raise CLIError(f"--data_dir {str(folder)!r} does not exist or is not a folder")
-    if folder is None:
-        saved = ckpt.get("args", {})
+    saved, files = ckpt.get("args", {}), []
+    if folder is None and saved.get("labels_csv"):  # the table's test rows, else all of them
+        import labels_csv
+
+        try:
+            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None)
+            folder, files = Path(saved["labels_csv"]), sorted(f for f, _ in parts.get("test") or parts.get(None) or [])
+        except CLIError:
+            folder = None
+    elif folder is None:
         try:
             folder = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name")) / "test"
         except CLIError:
             folder = None
-    files = data_loader.list_images(folder) if folder is not None and folder.is_dir() else []
+    if not files:
+        files = data_loader.list_images(folder) if folder is not None and folder.is_dir() else []
     if files:
         tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"],
                                           train=False)
@@ -161,18 +171,26 @@ def outputs_of(model, images):
     return (out[0].float(), out[1].float()) if isinstance(out, (tuple, list)) else (out.float(), None)
 
 
-def compare(model, exported, images, temperature):
+def probabilities_of(ckpt):
+    """logits -> the probabilities predict.py reads: softmax(logits / T), or a multi-label model's sigmoid per
+    class with its per-class temperatures."""
+    if ckpt.get("multi_label"):
+        return multilabel.from_checkpoint(ckpt).probabilities
+    return lambda logits: (logits / float(ckpt.get("temperature", 1.0))).softmax(1)
+
+
+def compare(model, exported, images, probabilities):
     """(largest probability difference, top-1 agreements, largest relative ood_score difference or None) of
     the export against the PyTorch model, over the whole batch and over a batch of one."""
     with torch.inference_mode():
         logits, scores = outputs_of(model, images)
-        ref = (logits / temperature).softmax(1)
+        ref = probabilities(logits)
         try:
             (got, got_scores), (one, one_scores) = outputs_of(exported, images), outputs_of(exported, images[:1])
         except Exception as e:  # onnxruntime or the loaded program refuses the batch
             raise CLIError(f"the export does not run on batches of {len(images)} and 1 ({describe_error(e, 200)}); "
                            "nothing was written") from None
-        got, one = (got / temperature).softmax(1), (one / temperature).softmax(1)
+        got, one = probabilities(got), probabilities(one)
     if got.shape != ref.shape or one.shape != ref[:1].shape or (got_scores is None) != (scores is None):
         raise CLIError(f"the export gives shapes {tuple(got.shape)} and {tuple(one.shape)}, not {tuple(ref.shape)}"
                        + ("" if (got_scores is None) == (scores is None) else ", or lacks the ood_score output"))
@@ -214,7 +232,7 @@ def main(args):
             written, exported = load_for_check(fmt, tmp, meta)
             if {k: written.get(k) for k in meta} != meta:
                 raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
-            diff, agree, score_diff = compare(model, exported, images, float(meta["temperature"]))
+            diff, agree, score_diff = compare(model, exported, images, probabilities_of(ckpt))
             print(f"check on {source}: max probability difference {diff:.2e}, top-1 agreement {agree}/{len(images)}"
                   + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
             if not diff <= TOLERANCE:  # also catches NaN

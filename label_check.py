@@ -9,6 +9,10 @@ thresholds (Northcutt, Jiang and Chuang, "Confident Learning", JAIR 2021):
 a class's threshold is the mean probability of that class over the images labelled with it, and an
 image is flagged when another class's probability reaches that class's threshold and exceeds the
 probability of its given label (an off-diagonal entry of the confident joint).
+
+Multi-label (--multi_label): each class is its own two-class problem (present or absent), checked the same
+way; an image is flagged when any of its classes is (a label missing, or one too many), its suggested label
+set flips those classes, and its score is the lowest out-of-fold probability of a class's given state.
 """
 import csv
 import time
@@ -190,6 +194,41 @@ class LabelIssues:
                  "split": self.split[i]} for i in order]
 
 
+def per_label_check(features, labels, seed):
+    """Multi-label: (probability of each class being present, out-of-fold (n, classes); flags (n, classes):
+    the classes whose given state confident learning doubts; the folds used per class)."""
+    n, n_classes = labels.shape
+    present, flags, folds = torch.zeros(n, n_classes), torch.zeros(n, n_classes, dtype=torch.bool), []
+    for c in range(n_classes):
+        y = labels[:, c].long()
+        if len(torch.unique(y)) < 2:  # every image shows it, or none does: nothing to learn or doubt
+            present[:, c] = y.float()
+            folds.append(0)
+            continue
+        k, _ = choose_folds(y, ["absent", "present"])
+        probs, _, _ = cross_validated_probs(features, y, 2, k, seed)
+        present[:, c] = probs[:, 1]
+        flags[:, c] = confident_learning_flags(probs, y, 2)[0]
+        folds.append(k)
+    return present, flags, folds
+
+
+def multi_label_rows(files, labels, split, present, flags, class_names):
+    """label_issues.csv's rows of a multi-label check, most suspicious first."""
+    given_state = torch.where(labels.bool(), present, 1 - present)  # probability of each class's given state
+    suggested = labels.bool() ^ flags
+    suggested_state = torch.where(suggested, present, 1 - present)
+    score, other = given_state.min(1).values, suggested_state.min(1).values
+
+    def text(row):
+        return " ".join(c for c, on in zip(class_names, row) if on) or "(none)"
+
+    order = sorted(range(len(files)), key=lambda i: (float(score[i]), files[i]))
+    return [{"file": files[i], "given": text(labels[i].bool().tolist()), "suggested": text(suggested[i].tolist()),
+             "score": float(score[i]), "flagged": int(flags[i].any()), "suggested_score": float(other[i]),
+             "split": split[i]} for i in order]
+
+
 def write_csv(rows, path):
     with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -252,32 +291,47 @@ def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_siz
         extracted = time.perf_counter()
         keep = torch.nonzero(ok).flatten()
         files = [samples[i][0] for i in keep.tolist()]
-        labels = torch.tensor([samples[i][1] for i in keep.tolist()], dtype=torch.long)
+        labels = data_loader.label_tensor(samples[i][1] for i in keep.tolist())
         n_classes = len(splits.class_names)
-        if len(torch.unique(labels)) < 2:
-            out("label check: skipped; fewer than two classes have readable images")
-            return []
-        k, note = choose_folds(labels, splits.class_names)
-        if note:
-            out(f"label check: {note}")
-        probs, l2, _ = cross_validated_probs(features[:, keep], labels, n_classes, k, seed)
+        if labels.dim() == 2:  # multi-label: one two-class check per class
+            present, flags, folds = per_label_check(features[:, keep], labels, seed)
+        else:
+            if len(torch.unique(labels)) < 2:
+                out("label check: skipped; fewer than two classes have readable images")
+                return []
+            k, note = choose_folds(labels, splits.class_names)
+            if note:
+                out(f"label check: {note}")
+            probs, l2, _ = cross_validated_probs(features[:, keep], labels, n_classes, k, seed)
         del features
     finally:
         spill.unlink(missing_ok=True)
-    issues = LabelIssues(files, labels, [split[i] for i in keep.tolist()], probs, splits.class_names)
-    rows = issues.table()
+    kept_split = [split[i] for i in keep.tolist()]
+    if labels.dim() == 2:
+        rows = multi_label_rows(files, labels, kept_split, present, flags, splits.class_names)
+        exact = float(((present >= 0.5) == labels.bool()).all(1).float().mean()) if len(labels) else 0.0
+        fit = (flags.sum(0).tolist(), f"{max(folds)}-fold two-class logistic regression per class x{REPEATS}",
+               "exact match", exact)
+    else:
+        rows = LabelIssues(files, labels, kept_split, probs, splits.class_names).table()
+        per_class = {name: 0 for name in splits.class_names}
+        for r in rows:
+            per_class[r["given"]] += r["flagged"]
+        accuracy = float((probs.argmax(1) == labels).float().mean()) if len(labels) else 0.0
+        fit = (list(per_class.values()), f"{k}-fold logistic regression x{REPEATS} (L2 {l2:g})", "accuracy", accuracy)
+    return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips)
+
+
+def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips):
+    """Write label_issues.csv/.png and print the summary; fit = (flags per class, how it was fitted, the
+    out-of-fold measure's name, its value). Returns the rows."""
     write_csv(rows, run_dir / "label_issues.csv")
     shown = save_suspects(rows, run_dir / "label_issues.png", meta["input_size"], meta["resize_size"])
     fitted = time.perf_counter()
-
     flagged = [r for r in rows if r["flagged"]]
-    per_class = {name: 0 for name in splits.class_names}
-    for r in flagged:
-        per_class[r["given"]] += 1
-    accuracy = float((probs.argmax(1) == labels).float().mean()) if len(labels) else 0.0
-    out(f"label check: {len(rows)} images ({1 + views} view{'s' if views else ''} each), {k}-fold logistic "
-        f"regression x{REPEATS} (L2 {l2:g}), out-of-fold accuracy {accuracy:.3f}; features {extracted - start:.1f}s, "
-        f"fits {fitted - extracted:.1f}s")
+    per_class = dict(zip(class_names, fit[0]))
+    out(f"label check: {len(rows)} images ({1 + views} view{'s' if views else ''} each), {fit[1]}, out-of-fold "
+        f"{fit[2]} {fit[3]:.3f}; features {extracted - start:.1f}s, fits {fitted - extracted:.1f}s")
     if skips.seen:
         out(f"label check: skipped {len(skips.seen)} unreadable image(s) (named above)")
     out(f"flagged: {len(flagged)} of {len(rows)} labels look wrong; per class: "

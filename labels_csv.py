@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from cli import CLIError
+from multilabel import split_labels
 
 SPLITS = ("train", "valid", "test")
 
@@ -41,10 +42,11 @@ def read_rows(path):
     return rows
 
 
-def read_labels(path, image_root=None, warn=print):
+def read_labels(path, image_root=None, warn=print, delim=None):
     """{split or None: [(image path, class name)]} from the CSV; rows naming missing files are reported (the
     first few by name) and left out. One error line, naming the row, for an empty file or label, an unknown
-    split, or a file listed twice."""
+    split, or a file listed twice. `delim` (--multi_label): each label is the tuple of the class names the cell
+    lists, separated by delim (multilabel.split_labels); an empty cell is an image of none of the classes."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     if image_root and not root.is_dir():
@@ -54,7 +56,9 @@ def read_labels(path, image_root=None, warn=print):
     seen, out, missing = {}, {}, []
     for line, row in rows:
         name, label = (row.get("file") or "").strip(), (row.get("label") or "").strip()
-        if not name or not label:
+        if delim is not None and name:
+            label = tuple(split_labels(label, delim))
+        elif not name or not label:
             raise CLIError(f"--labels_csv {path} line {line}: empty {'file' if not name else 'label'}")
         split = (row.get("split") or "").strip().lower() if with_split else None
         if with_split and split not in SPLITS:
@@ -78,12 +82,21 @@ def read_labels(path, image_root=None, warn=print):
     return out
 
 
+def class_names_of(pairs):
+    """The sorted class names the labels of [(path, label)] use (multi-label: every name of every tuple)."""
+    return sorted({n for _, label in pairs for n in (label if isinstance(label, tuple) else (label,))})
+
+
 def indexed(pairs, class_names, path, split):
-    """[(image path, class index)] ordered by class, then path (as a folder scan)."""
+    """[(image path, class index)] ordered by class, then path (as a folder scan); multi-label (tuples of
+    names): [(image path, multi-hot tuple)] ordered the same way."""
     index = {c: i for i, c in enumerate(class_names)}
-    unknown = sorted({label for _, label in pairs if label not in index})
+    unknown = [n for n in class_names_of(pairs) if n not in index]
     if unknown:
         rows = f"the {split} rows have" if split else "its rows have"
         raise CLIError(f"--labels_csv {path}: {rows} labels that are not among the classes "
                        f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}")
+    if pairs and isinstance(pairs[0][1], tuple):
+        hot = [(f, tuple(int(c in set(label)) for c in class_names)) for f, label in pairs]
+        return sorted(hot, key=lambda s: (tuple(-v for v in s[1]), s[0]))
     return sorted(((f, index[label]) for f, label in pairs), key=lambda s: (s[1], s[0]))

@@ -299,7 +299,7 @@ def plain(value):
 
 
 def make_checkpoint(model, model_name, class_names, input_size, resize_size, mean, std, epoch, metrics, args,
-                    weights=None):
+                    weights=None, multi_label=False):
     """The self-describing checkpoint: tensors and plain types only (see STYLE.md). `weights`: a CPU copy
     of the model's state_dict already taken (see weights_copy), else one is taken here."""
     state = weights_copy(model) if weights is None else weights
@@ -315,6 +315,7 @@ def make_checkpoint(model, model_name, class_names, input_size, resize_size, mea
         "epoch": int(epoch),
         "metrics": plain(metrics),
         "temperature": 1.0,  # predict.py divides the logits by it; 1.0 = none (train.py fits it after training)
+        **({"multi_label": True} if multi_label else {}),  # sigmoid per class; temperatures, thresholds per class
         "args": plain(dict(args)),
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
@@ -394,7 +395,18 @@ def export_metadata(ckpt):
         "torchvision_version": str(torchvision.__version__),
         "args": json.dumps(ckpt.get("args", {})),  # data_dir, dataset_name: predict.py's default inputs
         **ood_metadata(ckpt.get("ood")),
+        **multi_label_metadata(ckpt),
     }
+
+
+def multi_label_metadata(ckpt):
+    """A multi-label model's outputs are read as sigmoid(logits / temperatures[c]) per class, and class c is
+    predicted where that reaches thresholds[c] (multi_label "1"; JSON lists, one number per class)."""
+    if not ckpt.get("multi_label"):
+        return {}
+    n = len(ckpt["class_names"])
+    return {"multi_label": "1", "temperatures": json.dumps([float(t) for t in ckpt.get("temperatures") or [1.0] * n]),
+            "thresholds": json.dumps([float(t) for t in ckpt.get("thresholds") or [0.5] * n])}
 
 
 def ood_metadata(reference):
@@ -422,7 +434,9 @@ def checkpoint_from_metadata(meta, path):
                 "args": json.loads(meta["args"]), "torch_version": meta["torch_version"],
                 "torchvision_version": meta["torchvision_version"],
                 **({"ood": {"method": meta["ood_method"], "threshold": float(meta["ood_threshold"])
-                            if meta.get("ood_threshold") else None}} if "ood_method" in meta else {})}
+                            if meta.get("ood_threshold") else None}} if "ood_method" in meta else {}),
+                **({"multi_label": True, "temperatures": json.loads(meta["temperatures"]),
+                    "thresholds": json.loads(meta["thresholds"])} if meta.get("multi_label") == "1" else {})}
     except (ValueError, TypeError) as e:
         raise CLIError(f"{str(path)!r} has unreadable export metadata ({e})") from None
 

@@ -17,6 +17,7 @@ import data_loader
 import evaluation
 import explain
 import model_loader
+import multilabel
 import ood
 from features import feature_dim
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
@@ -56,9 +57,11 @@ def build_parser():
     add("--amp", action="store_true", help="bf16/fp16 autocast")
     add("--verbose", type=int, default=1, help="0 = summary only, 1 = also a progress bar")
     add("--threshold", type=float, default=None, help="in (0, 1]: rows whose calibrated confidence is below it are "
-        "predicted as --unknown_label (their probabilities stay in the row)")
+        "predicted as --unknown_label (their probabilities stay in the row); a multi-label model: one threshold "
+        "for every class instead of the per-class ones fitted in training")
     add("--unknown_label", default="unknown", help="the prediction of rows below --threshold, or unlike the "
-        "training images with --reject_ood")
+        "training images with --reject_ood; a multi-label model: also of images where no class reaches its "
+        "threshold")
     add("--tta", action="store_true", help="test-time augmentation: average the probabilities of each image and "
         "its horizontal mirror image")
     add("--reject_ood", action="store_true", help="predict rows unlike the training images (in_distribution 0) as "
@@ -73,11 +76,12 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def csv_inputs(path, image_root, class_names):
-    """[(path, label)] of a CSV of labels: its test rows when it has a split column, else every row."""
+def csv_inputs(path, image_root, class_names, delim=None):
+    """[(path, label)] of a CSV of labels: its test rows when it has a split column, else every row (delim: a
+    multi-label model's, see labels_csv.read_labels)."""
     import labels_csv
 
-    parts = labels_csv.read_labels(path, image_root)
+    parts = labels_csv.read_labels(path, image_root, delim=delim)
     rows = parts.get(None) or parts.get("test")
     if not rows:
         raise CLIError(f"--labels_csv {path} has a split column but no test rows to predict")
@@ -91,7 +95,7 @@ def default_inputs(ckpt):
         import labels_csv
 
         try:
-            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"))
+            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), delim=label_delim(ckpt))
         except CLIError as e:
             raise CLIError(f"no --data_dir or --labels_csv given, and the CSV the model was trained with: {e}") from None
         if "test" not in parts:
@@ -104,8 +108,14 @@ def default_inputs(ckpt):
     return root / "test"
 
 
-def find_inputs(path, class_names):
-    """[(path, label)]: label is the class index when the file's folder is named after a class, else -1."""
+def label_delim(ckpt):
+    """A multi-label checkpoint's label delimiter (its training flag); None for one label per image."""
+    return ckpt.get("args", {}).get("label_delim") or multilabel.DEFAULT_DELIM if ckpt.get("multi_label") else None
+
+
+def find_inputs(path, class_names, multi_label=False):
+    """[(path, label)]: label is the class index when the file's folder is named after a class, else -1 (always
+    -1 for a multi-label model: a folder name does not say which other classes an image shows)."""
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -115,12 +125,12 @@ def find_inputs(path, class_names):
             raise CLIError(f"no image files ({', '.join(data_loader.IMG_EXTENSIONS)}) under {str(path)!r}")
     else:
         raise CLIError(f"--data_dir {str(path)!r} does not exist")
-    index = {c: i for i, c in enumerate(class_names)}
+    index = {} if multi_label else {c: i for i, c in enumerate(class_names)}
     return [(str(f), index.get(f.parent.name, -1)) for f in files]
 
 
-def csv_columns(class_names, topk, labelled, scored, explained=False):
-    columns = ["file_dir", "predict", "confidence"]
+def csv_columns(class_names, topk, labelled, scored, explained=False, multi_label=False):
+    columns = ["file_dir", "predict"] + ([] if multi_label else ["confidence"])
     if len(class_names) <= MAX_PROB_COLUMNS:
         columns += [f"prob_{c}" for c in class_names]
     columns += [f"top{i + 1}_{kind}" for i in range(topk) for kind in ("class", "prob")]
@@ -155,6 +165,27 @@ class Tally:
         return evaluation.classification_report(self.labels, self.preds, torch.stack(self.probs), class_names)
 
 
+class MultiTally(Tally):
+    """A multi-label model's labelled rows: multi-hot labels and decisions (a rejected row decides no class)."""
+
+    def add(self, label, pred, probs):
+        self.labels.append(label)
+        self.preds.append(tuple(0 for _ in label) if pred == evaluation.UNKNOWN else pred)
+        self.probs.append(probs)
+
+    def report(self, class_names):
+        return multilabel.report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
+                                 class_names)
+
+
+def decide_rows(probs, args, calibration):
+    """Per row: the class index or evaluation.UNKNOWN (below --threshold); a multi-label model (calibration
+    given): the multi-hot tuple of the classes reaching their threshold (--threshold: that one for all)."""
+    if calibration is None:
+        return evaluation.decide(probs, args.threshold).tolist()
+    thresholds = calibration.thresholds if args.threshold is None else [args.threshold] * probs.shape[1]
+    return [tuple(row) for row in multilabel.decide(probs, thresholds).int().tolist()]
+
 def main(args):
     if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0 or (args.topk is not None and args.topk <= 0):
         raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
@@ -183,18 +214,22 @@ def main(args):
     if rejecting and args.unknown_label in class_names:
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     temperature = float(ckpt.get("temperature", 1.0))  # older checkpoints have none: uncalibrated
+    multi = bool(ckpt.get("multi_label"))  # sigmoid per class, with the temperatures and thresholds fitted in training
+    calibration = multilabel.from_checkpoint(ckpt) if multi else None
+    if multi and args.unknown_label in class_names:
+        raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     views = 2 if args.tta else 1  # the image, and its mirror image with --tta
     if args.image_root and not args.labels_csv:
         raise CLIError("--image_root goes with --labels_csv")
     if args.labels_csv and args.data_dir:
         raise CLIError("give --labels_csv or --data_dir, not both")
     if args.labels_csv:
-        inputs = csv_inputs(args.labels_csv, args.image_root, class_names)
+        inputs = csv_inputs(args.labels_csv, args.image_root, class_names, label_delim(ckpt))
     elif args.data_dir:
-        inputs = find_inputs(args.data_dir, class_names)
+        inputs = find_inputs(args.data_dir, class_names, multi)
     else:
         default = default_inputs(ckpt)
-        inputs = default if isinstance(default, list) else find_inputs(default, class_names)
+        inputs = default if isinstance(default, list) else find_inputs(default, class_names, multi)
     inputs = [(str(f), y) for f, y in inputs]
     check_writable(args.output, "--output")
     if args.n_images:
@@ -214,13 +249,13 @@ def main(args):
     compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
 
     tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
-    dataset = data_loader.ImageDataset(inputs, tf)
+    dataset = data_loader.ImageDataset([(f, 0) for f, _ in inputs], tf)  # the labels stay in inputs
     workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
     loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
-    labelled = any(label >= 0 for _, label in inputs)
-    columns = csv_columns(class_names, topk, labelled, reference is not None, bool(args.explain))
-    tally, samples_for_plot = Tally(), []
+    labelled = any(label != -1 for _, label in inputs)
+    columns = csv_columns(class_names, topk, labelled, reference is not None, bool(args.explain), multi)
+    tally, samples_for_plot = MultiTally() if multi else Tally(), []
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
     n_done = n_bad = n_accepted = n_unlike = 0
@@ -240,9 +275,10 @@ def main(args):
                             views_in = evaluation.with_flips(images) if args.tta else images
                             out = cam.forward(model, views_in) if args.explain else model(views_in)
                         logits, scores = out if isinstance(out, tuple) else (out, None)
-                        probs = evaluation.probabilities(logits.detach(), temperature, views).cpu()
+                        probs = (calibration.probabilities(logits.detach(), views) if multi else
+                                 evaluation.probabilities(logits.detach(), temperature, views)).cpu()
                         maps = cam.maps(logits, probs.argmax(1)).cpu() if args.explain else None
-                        preds = evaluation.decide(probs, args.threshold)
+                        preds = decide_rows(probs, args, calibration)
                         unlike = [None] * len(probs)  # per row: True = out of distribution, None = not known
                         if scores is not None:
                             scores = scores[:len(probs)].detach().float().cpu()  # with --tta: the image's own view
@@ -250,26 +286,27 @@ def main(args):
                                 unlike = (scores > ood_threshold).tolist()
                                 n_unlike += sum(unlike)
                                 if args.reject_ood:
-                                    preds[scores > ood_threshold] = evaluation.UNKNOWN
-                        n_accepted += int((preds != evaluation.UNKNOWN).sum())
-                        for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds.tolist())):
+                                    preds = [evaluation.UNKNOWN if u else p for p, u in zip(preds, unlike)]
+                        n_accepted += sum(p != evaluation.UNKNOWN for p in preds)
+                        for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds)):
                             score = None if scores is None else (float(scores[i]), unlike[i])
                             rows[index] = prediction_row(inputs[index], p, pred, class_names, topk, labelled,
-                                                         args.unknown_label, score)
+                                                         args.unknown_label, score, label_delim(ckpt))
                             if maps is not None:
                                 rows[index].insert(columns.index("heatmap"), explain_row(
                                     explained, inputs[index], maps[i], pred, p, unlike[i], class_names, ckpt, args))
                             label = inputs[index][1]
-                            if label >= 0:
+                            if label != -1:
                                 tally.add(label, pred, p)
                             if index in plot_at:
                                 samples_for_plot.append((inputs[index], pred, p, unlike[i],
                                                          None if maps is None else maps[i]))
                     for bad in batch.bad:
-                        rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled)
+                        rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled,
+                                                    label_delim(ckpt))
                     for index in sorted(rows):
                         writer.writerow(rows[index])
-                    n_done += batch.labels.numel()
+                    n_done += len(batch.labels)
                     n_bad += len(batch.bad)
                     if stop.requested:
                         raise CLIError(f"interrupted after {n_done} images; {args.output} was not changed")
@@ -290,7 +327,16 @@ def main(args):
         print(f"{rules}: {n_accepted}/{n_done} accepted ({n_accepted / n_done:.1%}), "
               f"the rest predicted as {args.unknown_label!r}")
     labelled = labelled and len(tally) > 0  # every labelled image may have been unreadable
-    if labelled:
+    if labelled and multi:
+        report, summary = tally.report(class_names)
+        confidence, correct = torch.stack(tally.probs).flatten(), torch.tensor(tally.labels).flatten().bool()
+        print(f"{multilabel.describe_summary(summary)} (labelled; per-class thresholds "
+              + (f"replaced by --threshold {args.threshold:g}" if args.threshold is not None else "from the checkpoint")
+              + f"); ECE of the per-class probabilities {evaluation.ece(confidence, correct):.4f}")
+        report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
+        evaluation.write_report(report, report_path)
+        print(f"per-class report -> {report_path}\n{evaluation.format_report(report)}")
+    elif labelled:
         print_accuracy(tally, rejecting)
         confidence = torch.stack(tally.probs).max(1).values
         correct = torch.tensor(tally.argmax) == torch.tensor(tally.labels)
@@ -303,7 +349,7 @@ def main(args):
     if samples_for_plot:
         plot_predictions(samples_for_plot, class_names, ckpt, args.plot, args.show, args.unknown_label)
         print(f"figure -> {args.plot}")
-        if labelled:
+        if labelled and not multi:
             confusion = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
             save_confusion_matrix(tally.confusion(len(class_names), rejecting), class_names,
                                   confusion, extra_column=args.unknown_label if rejecting else None)
@@ -336,12 +382,17 @@ def print_accuracy(tally, rejecting):
               f"{len(accepted) / len(tally):.1%} of the labelled images accepted)")
 
 
-def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_label, score=None):
+def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_label, score=None, delim=None):
     """pred: the class index, or evaluation.UNKNOWN (rejected); confidence is the best probability. score:
     (ood_score, unlike the training images: True / False / None when there is no threshold), or None when the
-    checkpoint has no out-of-distribution reference."""
+    checkpoint has no out-of-distribution reference. A multi-label model (pred a multi-hot tuple): the classes
+    joined by delim (unknown_label for none), and no confidence column."""
     path, label = sample
-    row = [path, unknown_label if pred == evaluation.UNKNOWN else class_names[pred], f"{float(probs.max()):.6f}"]
+    if isinstance(pred, tuple):
+        row = [path, multilabel.label_text(pred, class_names, delim) or unknown_label]
+    else:
+        row = [path, unknown_label if pred == evaluation.UNKNOWN else class_names[pred]]
+        row += [] if delim is not None else [f"{float(probs.max()):.6f}"]
     if len(class_names) <= MAX_PROB_COLUMNS:
         row += [f"{float(p):.6f}" for p in probs]
     if topk:
@@ -352,17 +403,17 @@ def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_lab
         value, unlike = score
         row += [f"{value:.6f}", "" if unlike is None else str(int(not unlike))]
     if labelled:
-        row.append(class_names[label] if label >= 0 else "")
+        row.append(multilabel.label_text(label, class_names, delim or " "))
     return row + [""]
 
 
-def error_row(sample, reason, columns, class_names, labelled):
+def error_row(sample, reason, columns, class_names, labelled, delim=None):
     """An unreadable image: its path, its label when known, the reason; the prediction columns empty."""
     path, label = sample
     row = dict.fromkeys(columns, "")
     row.update(file_dir=path, error=reason)
     if labelled:
-        row["label"] = class_names[label] if label >= 0 else ""
+        row["label"] = multilabel.label_text(label, class_names, delim or " ")
     return list(row.values())
 
 
@@ -371,8 +422,17 @@ def describe_row(label, pred, probs, unlike, class_names, unknown_label):
     confidence; red when the folder name says otherwise; orange for rejected rows ('unknown', with the best
     class named); 'unlike training' and purple for out-of-distribution rows."""
     best, confidence = int(probs.argmax()), float(probs.max())
-    truth = f"\ntrue: {class_names[label]}" if label >= 0 and label != best else ""
     ood_note = "\nunlike training" if unlike else ""
+    if isinstance(pred, tuple) or isinstance(label, tuple):  # a multi-label model
+        chosen = ", ".join(f"{class_names[c]} ({probs[c]:.2f})" for c, on in enumerate(pred) if on) if isinstance(
+            pred, tuple) else ""
+        given = isinstance(label, tuple) and pred != label
+        truth = f"\ntrue: {multilabel.label_text(label, class_names, ', ') or 'none'}" if given else ""
+        if not chosen:
+            return (f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note,
+                    "purple" if unlike else "darkorange")
+        return chosen + truth + ood_note, "purple" if unlike else "red" if truth else "black"
+    truth = f"\ntrue: {class_names[label]}" if label >= 0 and label != best else ""
     if pred == evaluation.UNKNOWN:
         return (f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note,
                 "purple" if unlike else "darkorange")

@@ -20,6 +20,7 @@ import explain
 import label_check
 import lr_finder
 import model_loader
+import multilabel
 import ood
 import trainer
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
@@ -43,6 +44,10 @@ def build_parser():
         "file, label and optionally split (train/valid/test)")
     add("--image_root", default=None, metavar="DIR", help="the folder --labels_csv's file column is relative to "
         "(default: the CSV's folder)")
+    add("--multi_label", action="store_true", help="with --labels_csv: each label cell lists every class the image "
+        "shows (or none); one sigmoid per class, with per-class thresholds fitted on the validation images")
+    add("--label_delim", default=multilabel.DEFAULT_DELIM, help="--multi_label: what separates the classes in a "
+        "label cell (default: a space)")
     add("--valid_ratio", type=float, default=0.2, help="share of train/ held out for validation when there is no valid/")
     add("--input_size", type=int, default=None, help="crop size fed to the model (default: the backbone's, 224)")
     add("--resize_size", type=int, default=None, help="short side before the center crop (default: input_size*256/224)")
@@ -134,6 +139,17 @@ def check_args(args):
         raise CLIError(f"--input_size must be at least 8; got {args.input_size}")
     if args.freeze and args.unfreeze_after:
         raise CLIError("--freeze keeps the backbone frozen for the whole run; use --unfreeze_after N without --freeze")
+    if args.multi_label:
+        if not args.labels_csv:
+            raise CLIError("--multi_label reads several labels per image from a table: give --labels_csv FILE")
+        if not args.label_delim:
+            raise CLIError("--label_delim must not be empty")
+        refused = [f for f, on in (("--balanced_sampler", args.balanced_sampler), ("--label_smoothing",
+                                   args.label_smoothing), ("--ood_method " + args.ood_method,
+                                   args.ood_method not in ("knn", "none"))) if on]
+        if refused:
+            raise CLIError(f"{refused[0]} is for single-label classes, not --multi_label (its out-of-distribution "
+                           "method is knn or none; --class_weights auto weighs each class's positives)")
 
 
 def default_run_dir(model_name):
@@ -165,7 +181,12 @@ def model_meta(args, model_name):
     input_size = args.input_size or defaults["input_size"]
     return {"model_name": model_name, "input_size": input_size,
             "resize_size": args.resize_size or data_loader.default_resize(input_size),
-            "mean": defaults["mean"], "std": defaults["std"]}
+            "mean": defaults["mean"], "std": defaults["std"], "multi_label": bool(args.multi_label)}
+
+
+def label_delim(args):
+    """The label delimiter of a --multi_label CSV; None for one label per image."""
+    return args.label_delim if args.multi_label else None
 
 
 def check_data(args, data_dir, model_name):
@@ -174,7 +195,8 @@ def check_data(args, data_dir, model_name):
     if args.check_views < 0:
         raise CLIError(f"--check_views must be 0 or more; got {args.check_views}")
     if args.labels_csv:
-        splits = data_loader.build_splits(None, args.valid_ratio, args.seed, args.labels_csv, args.image_root)
+        splits = data_loader.build_splits(None, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
+                                          label_delim=label_delim(args))
         status = data_loader.audit_samples(data_loader.csv_parts(splits), splits.class_names, print)
     else:
         status = data_loader.audit_data(data_dir, print)
@@ -184,7 +206,8 @@ def check_data(args, data_dir, model_name):
         device = resolve_device(args.gpu_id)
         run_dir = Path(args.log_dir) if args.log_dir else default_run_dir(f"{model_name}_labels")
         check_writable(run_dir / "label_issues.csv", "--log_dir")
-        splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root)
+        splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
+                                          label_delim=label_delim(args))
         meta = model_meta(args, model_name)
         seed_everything(args.seed)
         model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
@@ -214,7 +237,7 @@ def add_ood_reference(args, fitter, result, compute, n_classes):
     if args.ood_method == "none" or result.interrupted or not result.state.best_epoch:
         return None
     start = time.perf_counter()
-    temperature = result.calibration.temperature if result.calibration else 1.0
+    temperature = result.calibration.temperature if isinstance(result.calibration, evaluation.Calibration) else 1.0
     try:
         reference = ood.reference_for_run(fitter.model, fitter.head, fitter.loaders, fitter.cache, compute,
                                           args.ood_method, args.ood_keep, temperature, n_classes, args.seed)
@@ -234,7 +257,7 @@ def add_top_losses(fitter, result, compute, run_dir):
     if result.interrupted or not result.state.best_epoch:
         return None
     valid = fitter.loaders.valid
-    labels = torch.tensor([y for _, y in valid.dataset.samples], dtype=torch.long)
+    labels = data_loader.label_tensor(y for _, y in valid.dataset.samples)
     if fitter.cache is not None:  # --freeze: the cached validation features, no pass over the images
         logits, labels, index = evaluation.head_logits(fitter.model.get_submodule(fitter.head), fitter.cache.valid[0],
                                                        fitter.cache.valid_ok, labels, valid.batch_size, compute,
@@ -245,9 +268,8 @@ def add_top_losses(fitter, result, compute, run_dir):
         return "top losses: no validation images could be read"
     if not compute.dist.is_main:
         return None
-    temperature = result.calibration.temperature if result.calibration else 1.0
     files = [valid.dataset.samples[i][0] for i in index.tolist()]
-    path = explain.write_top_losses(files, logits, labels, temperature, fitter.splits.class_names, fitter.meta,
+    path = explain.write_top_losses(files, logits, labels, result.calibration, fitter.splits.class_names, fitter.meta,
                                     run_dir, writer=fitter.open_writer(), step=result.state.epoch)
     return f"top losses: {len(files)} validation images, highest loss first -> {path}, {path.with_suffix('.png').name}"
 
@@ -273,7 +295,8 @@ def main(args):
     device = resolve_device(args.gpu_id, dist.local_rank)
     if dist.is_main:
         check_writable(args.model_fn, "--model_fn")
-    splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root, say)
+    splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root, say,
+                                      label_delim(args))
     n_classes = len(splits.class_names)
     if args.n_classes is not None and args.n_classes != n_classes:
         where = f"labels of {args.labels_csv}" if args.labels_csv else f"class folders in {data_dir}"
@@ -313,7 +336,8 @@ def main(args):
         lr = args.lr * (dist.world_size if args.scale_lr else 1)
         # the smaller rate is for pretrained weights; a backbone from random init learns at the full rate
         lr_scale = args.backbone_lr_scale if (args.use_pretrained or args.weights) else 1.0
-        balance = inverse_frequency(data_loader.class_counts(splits.train, n_classes))
+        balance = (multilabel.positive_weights(splits.train, n_classes) if args.multi_label
+                   else inverse_frequency(data_loader.class_counts(splits.train, n_classes)))
         workers = args.num_workers
         if workers is None:
             workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -368,8 +392,9 @@ def main(args):
         sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
     if state.best_epoch:
         m = state.best_metrics
-        say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid accuracy {m['valid_accuracy']:.4f}"
-            f" -> {args.model_fn}")
+        say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid "
+            + (f"mAP {m['valid_map']:.4f}, exact match (at 0.5) {m['valid_accuracy']:.4f}" if "valid_map" in m else
+               f"accuracy {m['valid_accuracy']:.4f}") + f" -> {args.model_fn}")
     if state.best_epoch:
         say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
             else "calibration: no validation images could be read; temperature stays 1.0")
@@ -379,7 +404,9 @@ def main(args):
         say(top_line)
     if result.test_metrics.get("count"):
         t = result.test_metrics
-        say(f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")
+        say(f"test mAP {t['map']:.4f}, exact match {t['accuracy']:.4f}, micro F1 {t['micro_f1']:.4f} on {t['count']} "
+            f"images (loss {t['loss']:.4f})" if "map" in t else
+            f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")
     if result.test_report is not None:
         say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
     say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")

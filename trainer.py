@@ -13,8 +13,9 @@ from torch import nn
 
 import evaluation
 import model_loader
-from data_loader import SkipLog, TrainSampler, build_transforms, display_transform, load_rgb
+from data_loader import SkipLog, TrainSampler, build_transforms, display_transform, label_tensor, load_rgb
 from features import build_feature_cache, head_takes_features
+from multilabel import decide, label_text, mean_average_precision
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
@@ -29,23 +30,37 @@ def train_channels_last(device, channels_last):
 
 
 class Meter:
-    """Loss and accuracy sums, summed over processes once at the end."""
+    """Loss and accuracy sums, summed over processes once at the end. Multi-label (a labels matrix): accuracy
+    is the exact match at probability 0.5, and the logits are kept for the mean average precision ("map")."""
 
     def __init__(self):
         self.loss = self.correct = self.count = 0.0
+        self.kept = []  # multi-label: (logits, labels) per batch
 
     def update(self, loss, logits, labels):
-        n = labels.numel()
+        n = len(labels)
         self.loss += float(loss) * n
-        self.correct += float((logits.argmax(1) == labels).sum())
+        if labels.dim() == 2:
+            self.correct += float(((logits > 0) == labels.bool()).all(1).sum())
+            self.kept.append((logits.float().cpu(), labels.cpu()))
+        else:
+            self.correct += float((logits.argmax(1) == labels).sum())
         self.count += n
 
     def result(self, dist=None, device=None):
-        loss, correct, count = (self.loss, self.correct, self.count)
+        loss, correct, count, multi = (self.loss, self.correct, self.count, float(bool(self.kept)))
+        kept = [self.kept]
         if dist is not None and dist.enabled:
-            loss, correct, count = all_reduce_sum([loss, correct, count], dist, device)
+            loss, correct, count, multi = all_reduce_sum([loss, correct, count, multi], dist, device)
+            if multi:  # every rank takes part: the flag is summed over all of them
+                kept = [None] * dist.world_size
+                torch.distributed.all_gather_object(kept, self.kept)
         count = int(round(count))
-        return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1), "count": count}
+        out = {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1), "count": count}
+        if multi:
+            pairs = [pair for part in kept for pair in part]
+            out["map"] = mean_average_precision(torch.cat([p[0] for p in pairs]).sigmoid(), torch.cat([p[1] for p in pairs]))
+        return out
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -78,10 +93,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, comp
 
 
 def eval_step(model, inputs, labels, compute, meter):
-    """Plain cross-entropy (no class weights or smoothing), so validation losses compare across runs."""
+    """Plain cross-entropy (no class weights or smoothing; multi-label: binary cross-entropy), so validation
+    losses compare across runs."""
     with compute.autocast():
         logits = model(inputs).float()
-    meter.update(nn.functional.cross_entropy(logits, labels), logits, labels)
+    loss = (nn.functional.binary_cross_entropy_with_logits if labels.dim() == 2 else nn.functional.cross_entropy)
+    meter.update(loss(logits, labels), logits, labels)
 
 
 @torch.inference_mode()
@@ -129,6 +146,15 @@ def evaluate_head(head_module, features, ok, labels, batch_size, compute):
     return evaluation.loss_accuracy(*evaluation.head_logits(head_module, features[0], ok, labels, batch_size, compute))
 
 
+def make_criterion(class_weights=None, label_smoothing=0.0, multi_label=False):
+    """The training loss: cross-entropy with optional class weights and label smoothing, or (multi-label)
+    BCEWithLogitsLoss with optional per-class positive weights."""
+    weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+    if multi_label:
+        return nn.BCEWithLogitsLoss(pos_weight=weights)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+
+
 # ----------------------------------------------------------------------------- schedule
 
 
@@ -150,9 +176,21 @@ def lr_factor(step, phases, warmup_fraction, schedule):
 # ----------------------------------------------------------------------------- logging
 
 
+def epoch_row(epoch, train, valid, lr, seconds):
+    """One epoch's line of the history (metrics.csv, TensorBoard); multi-label adds the validation mAP."""
+    row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+           "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"], "lr": lr, "seconds": round(seconds, 3),
+           "valid_count": valid["count"]}
+    if "map" in valid:
+        row["valid_map"] = valid["map"]
+    return row
+
+
 def write_metrics_csv(history, path):
     """metrics.csv rewritten whole each epoch from the history (a resumed run never duplicates a row)."""
     columns = ["epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr", "seconds"]
+    if history and "valid_map" in history[0]:
+        columns.insert(5, "valid_map")
     with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -165,6 +203,8 @@ def log_epoch(writer, row):
     writer.add_scalar("Train/Accuracy", row["train_accuracy"], step)
     writer.add_scalar("Validation/Loss", row["valid_loss"], step)
     writer.add_scalar("Validation/Accuracy", row["valid_accuracy"], step)
+    if "valid_map" in row:
+        writer.add_scalar("Validation/mAP", row["valid_map"], step)
     writer.add_scalar("Train/LR", row["lr"], step)
     writer.flush()
 
@@ -196,9 +236,9 @@ def spread_over_classes(samples, n):
 
 
 @torch.inference_mode()
-def prediction_grid(model, samples, class_names, meta, compute, n=16, temperature=1.0):
+def prediction_grid(model, samples, class_names, meta, compute, n=16, calibration=None):
     """A figure of n validation images spread over the classes, titled with the prediction and its calibrated
-    probability; wrong ones in red with the true class."""
+    probability; wrong ones in red with the true class (multi-label: the predicted set, and the true one)."""
     show = display_transform(meta["input_size"], meta["resize_size"])
     tf = build_transforms(meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], train=False)
     images, titles, colors = [], [], []
@@ -209,11 +249,19 @@ def prediction_grid(model, samples, class_names, meta, compute, n=16, temperatur
         except Exception:
             continue
         with compute.autocast():
-            prob = evaluation.probabilities(model(compute.to_device(tf(img)[None])), temperature)[0]
-        p = int(prob.argmax())
+            logits = model(compute.to_device(tf(img)[None])).float().cpu()
+        if isinstance(label, tuple):
+            prob = calibration.probabilities(logits)[0]
+            chosen = tuple(int(v) for v in decide(prob, calibration.thresholds))
+            title, right = ", ".join(f"{class_names[c]} {prob[c]:.2f}" for c in range(len(prob)) if chosen[c]), chosen == label
+            title = (title or "none") + ("" if right else f"\ntrue: {label_text(label, class_names, ', ') or 'none'}")
+        else:
+            prob = (calibration.probabilities(logits) if calibration else evaluation.probabilities(logits))[0]
+            p = int(prob.argmax())
+            title, right = f"{class_names[p]} {prob[p]:.2f}" + ("" if p == label else f"\ntrue: {class_names[label]}"), p == label
         images.append(show(img))
-        titles.append(f"{class_names[p]} {prob[p]:.2f}" + ("" if p == label else f"\ntrue: {class_names[label]}"))
-        colors.append("black" if p == label else "red")
+        titles.append(title)
+        colors.append("black" if right else "red")
     return image_grid_figure(images, titles, colors, ncols=4, fontsize=12) if images else None
 
 
@@ -280,10 +328,9 @@ class Fitter:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, phases=phases, warmup_fraction=args.warmup, schedule=args.lr_schedule))
         self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.amp_dtype == torch.float16)
-        weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
-        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing).to(compute.device)
-        self.train_labels = torch.tensor([y for _, y in splits.train], dtype=torch.long)
-        self.valid_labels = torch.tensor([y for _, y in splits.valid], dtype=torch.long)
+        self.criterion = make_criterion(class_weights, args.label_smoothing, meta.get("multi_label")).to(compute.device)
+        self.train_labels = label_tensor(y for _, y in splits.train)
+        self.valid_labels = label_tensor(y for _, y in splits.valid)
         self.cache = None
         self.skips = SkipLog(splits.train, splits.class_names, log)
         self.state = TrainState()
@@ -300,7 +347,7 @@ class Fitter:
         return model_loader.make_checkpoint(
             self.model, self.meta["model_name"], self.splits.class_names, self.meta["input_size"],
             self.meta["resize_size"], self.meta["mean"], self.meta["std"], self.state.epoch, metrics, vars(self.args),
-            weights)
+            weights, multi_label=self.meta.get("multi_label", False))
 
     def last_checkpoint(self, weights=None):
         ckpt = self.best_checkpoint(self.state.best_metrics, weights)
@@ -444,17 +491,14 @@ class Fitter:
                 break
             train, valid = result
             state.epoch = epoch + 1
-            row = {"epoch": state.epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-                   "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
-                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3),
-                   "valid_count": valid["count"]}
+            row = epoch_row(state.epoch, train, valid, self.optimizer.param_groups[0]["lr"], time.perf_counter() - start)
             state.history.append(row)
             improved = valid["loss"] < state.best_loss
             if improved:
                 state.best_epoch, state.bad_epochs = state.epoch, 0
                 state.best_metrics = {"valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
                                       "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-                                      "best_epoch": state.epoch}
+                                      "best_epoch": state.epoch, **({"valid_map": valid["map"]} if "map" in valid else {})}
                 self.best_state = model_loader.weights_copy(self.model)
             else:
                 state.bad_epochs += 1
@@ -488,25 +532,21 @@ class Fitter:
                 self.model.load_state_dict(self.best_state)
             calibration = self.calibrate()
             if self.loaders.test is not None:
-                t = calibration.temperature if calibration else 1.0
                 logits, labels = evaluation.collect_logits(self.model, self.loaders.test, self.compute, "test")
-                test_metrics = evaluation.loss_accuracy(logits, labels)
-                if len(labels):
-                    probs = evaluation.probabilities(logits, t)
-                    report = evaluation.classification_report(labels, probs.argmax(1), probs, self.splits.class_names)
+                test_metrics, report = evaluation.test_results(logits, labels, calibration, self.splits.class_names)
         skipped = self.skips.per_class()
         if self.dist.is_main and done:
             if report is not None:
                 evaluation.write_report(report, self.run_dir / "test_report.csv")
             writer = self.open_writer()
             figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute,
-                                     temperature=calibration.temperature if calibration else 1.0)
+                                     calibration=calibration)
             if figure is not None:
                 writer.add_figure("Validation/Predictions", figure, self.state.epoch)
             metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
-            if test_metrics:
-                metrics["hparam/test_accuracy"] = float(test_metrics["accuracy"])
-            metrics["hparam/temperature"] = calibration.temperature if calibration else 1.0
+            metrics.update({f"hparam/test_{k}": float(test_metrics[k]) for k in ("accuracy", "map") if k in test_metrics})
+            if not self.meta.get("multi_label"):
+                metrics["hparam/temperature"] = calibration.temperature if calibration else 1.0
             metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
             log_hparams(writer, {k: v for k, v in vars(self.args).items() if v is not None}, metrics, self.state.epoch)
         note = ""
@@ -523,12 +563,11 @@ class Fitter:
                                                     self.loaders.valid.batch_size, self.compute)
         else:
             logits, labels = evaluation.collect_logits(self.model, self.loaders.valid, self.compute, "calibrate")
-        calibration = evaluation.calibrate(logits, labels)
+        calibration = evaluation.calibrate(logits, labels, self.splits.class_names)
         if self.dist.is_main and calibration is not None:
             ckpt = model_loader.safe_load(self.model_fn)
-            ckpt["temperature"] = calibration.temperature
+            ckpt.update(calibration.checkpoint_entries())
             ckpt["metrics"].update(calibration.metrics)
             atomic_torch_save(ckpt, self.model_fn)
-            evaluation.save_reliability_diagram(logits, labels, calibration.temperature,
-                                                self.run_dir / "reliability.png")
+            evaluation.save_reliability_diagram(logits, labels, calibration, self.run_dir / "reliability.png")
         return calibration

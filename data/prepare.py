@@ -4,6 +4,7 @@
   python data/prepare.py fashion --out data/fashion_bench --size 224 --train_per_class 100 --test_per_class 30
   python data/prepare.py catdog --zip ~/Downloads/train.zip    # Kaggle dogs-vs-cats -> data/catdog
   python data/prepare.py hymenoptera           # ants/bees from the PyTorch tutorial (needs internet)
+  python data/prepare.py pairs                 # two objects per image from the sample -> data/fashion_pairs
 
 Fashion-MNIST comes from the Debian package dataset-fashion-mnist (MIT licence; apt-get install
 dataset-fashion-mnist), read from /usr/share/datasets/fashion-mnist/*.gz in IDX format.
@@ -143,6 +144,53 @@ def hymenoptera(args):
     print(f"done: python train.py --data_dir {out} --use_pretrained --freeze")
 
 
+def pairs(args):
+    """Multi-label images from an ImageFolder of single objects (the shipped sample by default): two objects
+    side by side on a black square canvas, labelled with both classes (one class when both are of the same
+    class), and labels.csv (file, label, split) for train.py --labels_csv --multi_label. The train and valid
+    images use disjoint halves of train/'s objects (--valid_share of them for valid), the test images test/'s."""
+    from PIL import Image
+
+    source, out = Path(args.source), Path(args.out)
+    if not (source / "train").is_dir() or not (source / "test").is_dir():
+        fail(f"{source} needs train/<class>/ and test/<class>/ folders of single objects")
+    classes = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
+    fresh_folders([out / "images"], args.overwrite)
+    rng = random.Random(args.seed)
+    pools = {"train": {}, "valid": {}, "test": {}}
+    for c in classes:
+        files = sorted((source / "train" / c).glob("*.png"))
+        rng.shuffle(files)
+        n_valid = max(1, round(len(files) * args.valid_share))
+        pools["valid"][c], pools["train"][c] = files[:n_valid], files[n_valid:]
+        pools["test"][c] = sorted((source / "test" / c).glob("*.png"))
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    side, rows = args.size, []
+    for split, count in (("train", args.train), ("valid", args.valid), ("test", args.test)):
+        for i in range(count):
+            canvas = Image.new("L", (side, side))
+            picked = [rng.choice(classes), rng.choice(classes)]
+            for slot, c in enumerate(picked):
+                obj = Image.open(rng.choice(pools[split][c])).convert("L")
+                half = side // 2  # objects stay inside the center crop train.py takes of the canvas
+                obj = obj.resize((half - side // 8, half - side // 8), Image.BICUBIC) if obj.width > half - side // 8 else obj
+                x = slot * half + side // 16 + rng.randint(0, max(0, half - side // 16 - obj.width - side // 16))
+                y = side // 16 + rng.randint(0, max(0, side - 2 * (side // 16) - obj.height))
+                canvas.paste(obj, (x, y))
+            name = f"images/{split}_{i:04d}.png"
+            canvas.save(out / name, optimize=True)
+            rows.append((name, " ".join(sorted(set(picked))), split))
+    with open(out / "labels.csv", "w", newline="") as f:
+        import csv
+
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", "split"])
+        writer.writerows(rows)
+    print(f"{out}: {args.train} train, {args.valid} valid, {args.test} test images of two objects ({', '.join(classes)})"
+          f"; labels in {out / 'labels.csv'}")
+    print(f"done: python train.py --labels_csv {out / 'labels.csv'} --multi_label --use_pretrained --freeze")
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,11 +212,22 @@ def parse_args(argv=None):
     h = sub.add_parser("hymenoptera", help="ants/bees, downloaded")
     h.add_argument("--out", default=str(HERE / "hymenoptera"))
     h.add_argument("--overwrite", action="store_true", help="replace the folders of an earlier run")
+    m = sub.add_parser("pairs", help="two objects per image, labelled with both classes (multi-label)")
+    m.add_argument("--source", default=str(HERE / "fashion_sample"), help="ImageFolder of single objects with "
+                   "train/ and test/")
+    m.add_argument("--out", default=str(HERE / "fashion_pairs"))
+    m.add_argument("--train", type=int, default=480, help="training images")
+    m.add_argument("--valid", type=int, default=120, help="validation images")
+    m.add_argument("--test", type=int, default=200, help="test images")
+    m.add_argument("--valid_share", type=float, default=0.2, help="share of train/'s objects kept for valid")
+    m.add_argument("--size", type=int, default=64, help="canvas side in pixels")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run")
     return p.parse_args(argv)
 
 
 def main(args):
-    {"fashion": fashion, "catdog": catdog, "hymenoptera": hymenoptera}[args.command](args)
+    {"fashion": fashion, "catdog": catdog, "hymenoptera": hymenoptera, "pairs": pairs}[args.command](args)
 
 
 if __name__ == "__main__":

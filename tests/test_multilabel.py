@@ -1,0 +1,239 @@
+"""Several labels per image (multilabel.py; train.py --labels_csv FILE --multi_label): the loss, thresholds and
+report against hand-computed numbers, the CSV's label sets, and one tiny run end to end (train, predict,
+export, resume, the label check) on two-object images built by data/prepare.py pairs from the shipped sample."""
+import csv
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data_loader
+import evaluation
+import export
+import labels_csv
+import model_loader
+import multilabel
+import predict
+import train
+import trainer
+from conftest import ROOT, run_in_process
+from test_evaluation import read_csv
+from test_labels_csv import write_csv
+
+sys.path.insert(0, str(ROOT / "data"))
+import prepare  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- hand-computed numbers
+
+
+def test_a_label_cell_is_a_sorted_set_of_classes():
+    assert multilabel.split_labels("dog  cat dog") == ["cat", "dog"]
+    assert multilabel.split_labels("a|b| a", "|") == ["a", "b"]
+    assert multilabel.split_labels("") == [] and multilabel.split_labels(" ", "|") == []
+    assert multilabel.label_text((1, 0, 1), ["a", "b", "c"], "|") == "a|c" and multilabel.label_text(2, ["a", "b", "c"]) == "c"
+
+
+def test_the_loss_weighs_each_classs_positives_by_negatives_over_positives():
+    samples = [("a", (1, 0)), ("b", (1, 1)), ("c", (0, 0)), ("d", (0, 0))]
+    assert multilabel.positive_weights(samples, 2) == [1.0, 3.0]
+    criterion = trainer.make_criterion([2.0, 1.0], multi_label=True)
+    loss = criterion(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0]]))
+    # class 0 present: 2 x log(1 + e^0); class 1 absent: log(1 + e^2); mean over the two
+    assert float(loss) == pytest.approx((2 * math.log(2) + math.log(1 + math.e ** 2)) / 2, abs=1e-6)
+
+
+def test_the_threshold_maximises_f1_halfway_to_the_next_probability():
+    probs = torch.tensor([0.9, 0.8, 0.6, 0.4, 0.2])
+    positive = torch.tensor([1, 0, 1, 1, 0])
+    # top-k positive: F1 = 2TP / (k + 3) = 0.5, 0.4, 0.667, 0.857, 0.75 -> k = 4, halfway between 0.4 and 0.2
+    assert multilabel.best_f1_threshold(probs, positive) == pytest.approx(0.3)
+    # tied probabilities are cut together: 0.9 and 0.9 both in (F1 2/3) or both out (F1 0)
+    assert multilabel.best_f1_threshold(torch.tensor([0.9, 0.9, 0.1]), torch.tensor([1, 0, 0])) == pytest.approx(0.5)
+    assert multilabel.best_f1_threshold(torch.tensor([0.3, 0.2]), torch.tensor([0, 0])) == multilabel.DEFAULT_THRESHOLD
+
+
+def test_each_class_gets_the_temperature_that_minimises_its_own_loss():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 2, generator=g) * 2
+    labels = (torch.rand(4000, 2, generator=g) < z.sigmoid()).float()
+    logits = z * torch.tensor([3.0, 0.5])  # over- and under-confident by known factors
+    cal = multilabel.calibrate(logits, labels, ["a", "b"])
+    assert cal.temperatures[0] == pytest.approx(3.0, rel=0.1) and cal.temperatures[1] == pytest.approx(0.5, rel=0.1)
+    for c, t in enumerate(cal.temperatures):
+        best = multilabel.bce(logits[:, c], labels[:, c], t)
+        assert best <= min(multilabel.bce(logits[:, c], labels[:, c], t * f) for f in (0.97, 1.03))
+    assert cal.metrics["valid_bce_after"] < cal.metrics["valid_bce_before"]
+
+
+def test_the_report_matches_hand_computed_precision_recall_ap_and_exact_match():
+    labels = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]])
+    preds = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1]])
+    probs = torch.tensor([[0.9, 0.2], [0.4, 0.7], [0.6, 0.8], [0.1, 0.5]])
+    table, summary = multilabel.report(labels, preds, probs, ["a", "b"])
+    rows = {r["class"]: r for r in table.to_dict("records")}
+    # a: predicted on images 0 and 2, present on 0 and 1 -> TP 1 of 2 predicted, 1 of 2 present
+    assert (rows["a"]["precision"], rows["a"]["recall"], rows["a"]["f1"], rows["a"]["support"]) == (0.5, 0.5, 0.5, 2)
+    # b: predicted on 1, 2, 3, present on 1 and 2 -> precision 2/3, recall 1, F1 0.8
+    assert rows["b"]["precision"] == pytest.approx(2 / 3) and rows["b"]["recall"] == 1.0
+    assert rows["b"]["f1"] == pytest.approx(0.8)
+    # a ranked 0.9 (+), 0.6 (-), 0.4 (+), 0.1 (-): AP = 1/2 x 1 + 1/2 x 2/3; b: both positives first: 1
+    assert rows["a"]["average_precision"] == pytest.approx(5 / 6)
+    assert rows["b"]["average_precision"] == pytest.approx(1.0)
+    # micro: TP 3 of 5 predicted and 4 present
+    assert rows["micro avg"]["precision"] == pytest.approx(0.6) and rows["micro avg"]["recall"] == pytest.approx(0.75)
+    assert rows["micro avg"]["f1"] == pytest.approx(2 / 3)
+    assert rows["macro avg"]["f1"] == pytest.approx(0.65) and rows["macro avg"]["support"] == 4
+    assert summary["mAP"] == pytest.approx((5 / 6 + 1) / 2)
+    assert summary["exact_match"] == pytest.approx(1 / 4) and summary["count"] == 4
+
+
+def test_a_multi_label_csv_gives_multi_hot_labels_and_allows_an_empty_cell(tmp_path, capsys):
+    for name in ("x.png", "y.png", "z.png"):
+        (tmp_path / name).write_bytes(b"")
+    path = write_csv(tmp_path / "l.csv", [("x.png", "dog cat"), ("y.png", ""), ("z.png", "cat")])
+    splits = data_loader.build_splits(None, 0.5, 0, path, label_delim=" ")
+    assert splits.class_names == ["cat", "dog"]
+    samples = sorted(splits.train + splits.valid)
+    assert [s[1] for s in samples] == [(1, 1), (0, 0), (1, 0)]
+    assert data_loader.label_tensor(s[1] for s in samples).shape == (3, 2)
+    err = run_in_process(train, ["--labels_csv", path], capsys)  # one label per image: an empty cell is refused
+    assert "line 3: empty label" in err
+
+
+def test_the_label_check_flags_a_missing_and_a_spurious_label_per_class():
+    import label_check
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[i % 2, (i // 2) % 2] for i in range(60)], dtype=torch.float32)
+    features = (labels * 4 + torch.randn(60, 2, generator=g) * 0.5)[None]  # (views, images, dim)
+    given = labels.clone()
+    given[0, 1] = 1  # image 0 shows neither class: class 1 given too many
+    given[3, 0] = 0  # image 3 shows both: class 0 missing
+    present, flags, folds = label_check.per_label_check(features, given, seed=0)
+    assert flags[0].tolist() == [False, True] and flags[3].tolist() == [True, False]
+    assert int(flags.sum()) == 2 and folds == [5, 5]
+    files = [f"f{i}" for i in range(60)]
+    rows = label_check.multi_label_rows(files, given, ["train"] * 60, present, flags, ["cat", "dog"])
+    by_file = {r["file"]: r for r in rows}
+    assert by_file["f0"]["given"] == "dog" and by_file["f0"]["suggested"] == "(none)" and by_file["f0"]["flagged"]
+    assert by_file["f3"]["given"] == "dog" and by_file["f3"]["suggested"] == "cat dog"
+    assert {rows[0]["file"], rows[1]["file"]} == {"f0", "f3"}  # the lowest scores first
+
+
+# ----------------------------------------------------------------------------- a tiny run, end to end
+
+
+def tiny_pairs(out):
+    prepare.pairs(SimpleNamespace(source=str(ROOT / "data" / "fashion_sample"), out=str(out), train=48, valid=24,
+                                  test=16, valid_share=0.3, size=48, seed=0, overwrite=False))
+    return out / "labels.csv"
+
+
+def run_args(root, csv_path, *flags):
+    return [str(a) for a in ("--labels_csv", csv_path, "--multi_label", "--model_name", "resnet18", "--input_size",
+                             "32", "--num_workers", "0", "--verbose", "0", "--batch_size", "16",
+                             "--model_fn", root / "m.pth", "--log_dir", root / "run", *flags)]
+
+
+@pytest.fixture(scope="module")
+def pairs_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    csv_path = tiny_pairs(root / "data")
+    result = train.main(train.parse_args(run_args(root, csv_path, "--freeze", "--n_epochs", "3", "--lr", "0.01")))
+    return root, csv_path, result
+
+
+def test_training_stores_per_class_temperatures_and_thresholds_and_reports_map(pairs_run):
+    root, csv_path, result = pairs_run
+    ckpt = model_loader.load_checkpoint(root / "m.pth")
+    assert ckpt["multi_label"] is True and ckpt["class_names"] == ["ankle_boot", "bag", "sneaker", "trouser"]
+    assert len(ckpt["temperatures"]) == 4 and len(ckpt["thresholds"]) == 4
+    assert all(0 < t < 1 for t in ckpt["thresholds"])
+    history = read_csv(root / "run" / "metrics.csv")
+    assert len(history) == 3 and all(0 <= float(r["valid_map"]) <= 1 for r in history)
+    report = {r["class"]: r for r in read_csv(root / "run" / "test_report.csv")}
+    assert set(report) == set(ckpt["class_names"]) | {"micro avg", "macro avg"}
+    assert float(report["macro avg"]["average_precision"]) == pytest.approx(result.test_metrics["map"], abs=1e-6)
+    from test_e2e import scalar_tags
+
+    assert "Validation/mAP" in scalar_tags(root / "run").Tags()["scalars"]
+
+
+def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_run, tmp_path, capsys):
+    root, csv_path, result = pairs_run
+    ckpt = model_loader.load_checkpoint(root / "m.pth")
+    names = ckpt["class_names"]
+    out = tmp_path / "r.csv"
+    predict.main(predict.parse_args([str(a) for a in ("--model_fn", root / "m.pth", "--output", out, "--plot",
+                                                       tmp_path / "p.png", "--unknown_label", "nothing")]))
+    printed = capsys.readouterr().out
+    rows = read_csv(out)
+    assert len(rows) == 16 and "confidence" not in rows[0]
+    labels, preds, probs = [], [], []
+    for r in rows:
+        p = [float(r[f"prob_{c}"]) for c in names]
+        chosen = [c for c, v, t in zip(names, p, ckpt["thresholds"]) if v >= t]
+        assert r["predict"] == (" ".join(chosen) or "nothing")
+        labels.append([int(c in r["label"].split()) for c in names])
+        preds.append([int(c in chosen) for c in names])
+        probs.append(p)
+    _, summary = multilabel.report(torch.tensor(labels), torch.tensor(preds), torch.tensor(probs), names)
+    assert f"mAP {summary['mAP']:.4f}, exact match {summary['exact_match']:.4f}" in printed
+    # the same images and decisions as train.py's own test pass
+    assert summary["exact_match"] == pytest.approx(result.test_metrics["accuracy"], abs=1e-6)
+    assert read_csv(tmp_path / "r_report.csv")[-1]["class"] == "macro avg"
+
+
+def test_the_onnx_export_carries_the_thresholds_and_predicts_the_same_rows(pairs_run, tmp_path, capsys):
+    root, _, _ = pairs_run
+    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.onnx")]))
+    assert "max probability difference" in capsys.readouterr().out
+    ckpt = model_loader.load_checkpoint(root / "m.pth")
+    meta = model_loader.OnnxModel(tmp_path / "m.onnx").metadata()
+    assert meta["multi_label"] == "1" and [float(t) for t in __import__("json").loads(meta["thresholds"])] == ckpt["thresholds"]
+    rows = {}
+    for model in (root / "m.pth", tmp_path / "m.onnx"):
+        out = tmp_path / f"{model.suffix[1:]}.csv"
+        predict.main(predict.parse_args([str(a) for a in ("--model_fn", model, "--output", out, "--n_images", "0")]))
+        rows[model.suffix] = read_csv(out)
+    assert [r["predict"] for r in rows[".pth"]] == [r["predict"] for r in rows[".onnx"]]
+    for a, b in zip(rows[".pth"], rows[".onnx"]):
+        assert max(abs(float(a[k]) - float(b[k])) for k in a if k.startswith("prob_")) < 1e-4
+
+
+def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp_path):
+    _, csv_path, _ = pairs_run
+    train.main(train.parse_args(run_args(tmp_path, csv_path, "--n_epochs", "1", "--class_weights", "auto")))
+    resumed = train.main(train.parse_args(["--resume", str(tmp_path / "m_last.pth"), "--n_epochs", "2"]))
+    assert resumed.state.epoch == 2 and "map" in resumed.test_metrics
+    ckpt = model_loader.load_checkpoint(tmp_path / "m.pth")
+    assert ckpt["multi_label"] is True and ckpt["args"]["class_weights"] == "auto"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--multi_label"], "give --labels_csv"),
+    (["--balanced_sampler"], "--balanced_sampler is for single-label"),
+    (["--label_smoothing", "0.1"], "--label_smoothing is for single-label"),
+    (["--ood_method", "msp"], "--ood_method msp is for single-label"),
+])
+def test_what_multi_label_cannot_do_is_one_error_line(pairs_run, tmp_path, capsys, flags, message):
+    _, csv_path, _ = pairs_run
+    argv = ["--multi_label"] if flags == ["--multi_label"] else ["--labels_csv", str(csv_path), "--multi_label", *flags]
+    assert message in run_in_process(train, argv + ["--model_fn", str(tmp_path / "m.pth")], capsys)
+
+
+def test_check_data_checks_each_label_of_a_multi_label_csv(pairs_run, tmp_path, capsys):
+    root, csv_path, _ = pairs_run
+    train.main(train.parse_args([str(a) for a in (
+        "--labels_csv", csv_path, "--multi_label", "--check_data", "--weights", root / "m.pth", "--model_name",
+        "resnet18", "--input_size", "32", "--num_workers", "0", "--verbose", "0", "--log_dir", tmp_path)]))
+    out = capsys.readouterr().out
+    assert "two-class logistic regression per class" in out and "train: 48 images; ankle_boot" in out
+    given = {str(csv_path.parent / r["file"]): set(r["label"].split()) for r in read_csv(csv_path)}
+    rows = read_csv(tmp_path / "label_issues.csv")
+    assert len(rows) == 48 + 24
+    for r in rows:
+        assert set(r["given"].split()) - {"(none)"} == given[r["file"]]
