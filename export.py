@@ -1,7 +1,7 @@
 """Export a checkpoint of train.py for deployment: ONNX (for onnxruntime, in any language) or PyTorch's
 own torch.export format (.pt2). The class names and the preprocessing travel inside the file. Before the
 file is put in place it is checked against the PyTorch model on real images (the training data's test
-folder, else random tensors); a difference of a probability above 1e-4 fails and writes nothing.
+folder or the CSV's test rows, else random tensors); a difference of a probability above 1e-4 fails and writes nothing.
 
   python export.py --model_fn model.pth                       # -> model.onnx
   python export.py --model_fn model.pth --output model.pt2    # torch.export.load()-able
@@ -44,7 +44,7 @@ def build_parser():
         help="ONNX exporter: torch.onnx's TorchScript tracer (seconds), or its torch.export-based one "
              "(needs onnxscript; up to a minute on a CPU)")
     add("--data_dir", default=None, help="images for the check: an image folder (searched recursively) "
-        "(default: test/ of the training data when it exists, else random tensors)")
+        "(default: test/ of the training data when it exists, or the test rows of its CSV, else random tensors)")
     add("--check_images", type=int, default=16, help="images the export is checked on")
     return p
 

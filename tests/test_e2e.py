@@ -321,6 +321,13 @@ def check_what_the_readme_commands_wrote(work):
     assert ckpt("models/from_csv.pth")["args"]["labels_csv"] == "my_labels.csv"
     rows = csv_rows(work / "from_csv.csv")  # predict.py's default input: the CSV's test rows, labelled
     assert len(rows) == 12 and all(r["label"] == Path(r["file_dir"]).parent.name for r in rows)
+    pairs = ckpt("models/pairs.pth")  # --multi_label on data/prepare.py pairs
+    assert pairs["multi_label"] and len(pairs["thresholds"]) == 4 and pairs["class_names"] == sample_classes
+    rows = csv_rows(work / "pairs.csv")  # its 200 test images, labelled with both objects' classes
+    assert len(rows) == 200 and sum(len(r["label"].split()) == 2 for r in rows) > 100
+    for r in rows:
+        chosen = [c for c, t in zip(sample_classes, pairs["thresholds"]) if float(r[f"prob_{c}"]) >= t]
+        assert r["predict"] == (" ".join(chosen) or "unknown")
     rows = csv_rows(work / "mine.csv")
     test_files = sorted(str(p.relative_to(work)) for p in (work / "my_images" / "test").rglob("*.png"))
     assert [r["file_dir"] for r in rows] == test_files  # as given: --data_dir my_images/test
