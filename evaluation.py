@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from data_loader import label_tensor
 from utils import atomic_open, atomic_savefig, bar, new_figure
 
 N_BINS = 15  # equal-width confidence bins for ECE and the reliability diagram (Guo et al. 2017)
@@ -218,7 +219,7 @@ def collect_rows(forward, loader, compute, desc, stoppable=False, with_index=Fal
         torch.distributed.all_reduce(both)
         rows, seen = both[:, :-1].cpu(), both[:, -1].cpu()
         rows = rows / seen.clamp(min=1)[:, None]  # each row once; an unsharded loader would count it per rank
-    labels = torch.tensor([y for _, y in loader.dataset.samples], dtype=torch.long)
+    labels = label_tensor(y for _, y in loader.dataset.samples)
     keep = seen > 0
     if rows is None:
         rows, keep = torch.zeros(0, 0), torch.zeros(n, dtype=torch.bool)

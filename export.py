@@ -79,7 +79,8 @@ def check_batch(ckpt, args):
         import labels_csv
 
         try:
-            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None)
+            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None,
+                                           delim=saved.get("label_delim") if ckpt.get("multi_label") else None)
             folder, files = Path(saved["labels_csv"]), sorted(f for f, _ in parts.get("test") or parts.get(None) or [])
         except CLIError:
             folder = None

@@ -310,7 +310,7 @@ def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_siz
     if labels.dim() == 2:
         rows = multi_label_rows(files, labels, kept_split, present, flags, splits.class_names)
         exact = float(((present >= 0.5) == labels.bool()).all(1).float().mean()) if len(labels) else 0.0
-        fit = (flags.sum(0).tolist(), f"{max(folds)}-fold two-class logistic regression per class x{REPEATS}",
+        fit = (flags.sum(0).tolist(), f"{max(folds) or 'no'}-fold two-class logistic regression per class x{REPEATS}",
                "exact match", exact)
     else:
         rows = LabelIssues(files, labels, kept_split, probs, splits.class_names).table()
@@ -336,7 +336,8 @@ def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, 
         out(f"label check: skipped {len(skips.seen)} unreadable image(s) (named above)")
     out(f"flagged: {len(flagged)} of {len(rows)} labels look wrong; per class: "
         + ", ".join(f"{name} {n}" for name, n in per_class.items()))
-    out("most suspicious (given -> suggested, score = out-of-fold probability of the given label):")
+    out("most suspicious (given -> suggested, score = out-of-fold probability of the given label; several labels: "
+        "of its least likely class):")
     for r in rows[:10]:
         out(f"  {r['file']}  {r['given']} -> {r['suggested']}  {r['score']:.3f}{'  flagged' if r['flagged'] else ''}")
     out(f"label check: {run_dir / 'label_issues.csv'}" + (f", {run_dir / 'label_issues.png'}" if shown else ""))

@@ -28,7 +28,7 @@ def split_labels(text, delim=DEFAULT_DELIM):
 
 
 def is_multi_hot(label):
-    return isinstance(label, tuple)
+    return isinstance(label, (tuple, list))  # a list after a checkpoint's round trip (model_loader.plain)
 
 
 def label_text(label, class_names, delim=DEFAULT_DELIM):
@@ -70,8 +70,9 @@ def probabilities(logits, temperatures=None, views=1):
 
 
 def decide(probs, thresholds):
-    """Boolean (N, classes): the classes whose probability reaches their threshold."""
-    return probs >= torch.as_tensor(thresholds, dtype=probs.dtype, device=probs.device)
+    """Boolean (N, classes): the classes whose probability reaches their threshold (compared in float64: a
+    threshold halfway between two float32 probabilities stays between them)."""
+    return probs.double() >= torch.as_tensor(thresholds, dtype=torch.float64, device=probs.device)
 
 
 def bce(logits, labels, temperature=1.0):

@@ -131,7 +131,7 @@ def find_inputs(path, class_names, multi_label=False):
 
 def csv_columns(class_names, topk, labelled, scored, explained=False, multi_label=False):
     columns = ["file_dir", "predict"] + ([] if multi_label else ["confidence"])
-    if len(class_names) <= MAX_PROB_COLUMNS:
+    if len(class_names) <= MAX_PROB_COLUMNS or multi_label:  # a multi-label row's answer is every probability
         columns += [f"prob_{c}" for c in class_names]
     columns += [f"top{i + 1}_{kind}" for i in range(topk) for kind in ("class", "prob")]
     columns += ["ood_score", "in_distribution"] if scored else []
@@ -287,7 +287,7 @@ def main(args):
                                 n_unlike += sum(unlike)
                                 if args.reject_ood:
                                     preds = [evaluation.UNKNOWN if u else p for p, u in zip(preds, unlike)]
-                        n_accepted += sum(p != evaluation.UNKNOWN for p in preds)
+                        n_accepted += sum(p != evaluation.UNKNOWN and (not multi or any(p)) for p in preds)
                         for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds)):
                             score = None if scores is None else (float(scores[i]), unlike[i])
                             rows[index] = prediction_row(inputs[index], p, pred, class_names, topk, labelled,
@@ -393,7 +393,7 @@ def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_lab
     else:
         row = [path, unknown_label if pred == evaluation.UNKNOWN else class_names[pred]]
         row += [] if delim is not None else [f"{float(probs.max()):.6f}"]
-    if len(class_names) <= MAX_PROB_COLUMNS:
+    if len(class_names) <= MAX_PROB_COLUMNS or delim is not None:
         row += [f"{float(p):.6f}" for p in probs]
     if topk:
         values, indices = probs.topk(topk)

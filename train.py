@@ -144,12 +144,16 @@ def check_args(args):
             raise CLIError("--multi_label reads several labels per image from a table: give --labels_csv FILE")
         if not args.label_delim:
             raise CLIError("--label_delim must not be empty")
-        refused = [f for f, on in (("--balanced_sampler", args.balanced_sampler), ("--label_smoothing",
-                                   args.label_smoothing), ("--ood_method " + args.ood_method,
-                                   args.ood_method not in ("knn", "none"))) if on]
+        refused = [why for why, on in (
+            ("--balanced_sampler is for single-label classes, not --multi_label (--class_weights auto weighs each "
+             "class's positive images instead)", args.balanced_sampler),
+            ("--label_smoothing is for single-label classes, not --multi_label", args.label_smoothing),
+            (f"--ood_method {args.ood_method} is for single-label classes, not --multi_label (use knn or none)",
+             args.ood_method not in ("knn", "none"))) if on]
         if refused:
-            raise CLIError(f"{refused[0]} is for single-label classes, not --multi_label (its out-of-distribution "
-                           "method is knn or none; --class_weights auto weighs each class's positives)")
+            raise CLIError(refused[0])
+    elif args.label_delim != multilabel.DEFAULT_DELIM:
+        raise CLIError("--label_delim goes with --multi_label (several labels per image)")
 
 
 def default_run_dir(model_name):
@@ -325,6 +329,9 @@ def main(args):
             if args.freeze and not (args.use_pretrained or args.weights) and dist.is_main:
                 print("warning: --freeze without --use_pretrained or --weights freezes a randomly initialised "
                       "backbone: only the head trains, on random features", file=sys.stderr)
+        if resume is not None and bool(resume.get("multi_label")) != bool(args.multi_label):
+            raise CLIError(f"--resume {args.resume!r} was trained with{'' if resume.get('multi_label') else 'out'} "
+                           f"--multi_label; resume it the same way")
         if resume is not None and (resume.get("model_name") != model_name or resume.get("class_names") != splits.class_names):
             raise CLIError(f"--resume {args.resume!r} was trained as {resume.get('model_name')} on classes "
                            f"{resume.get('class_names')}, not {model_name} on this data")

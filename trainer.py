@@ -15,7 +15,7 @@ import evaluation
 import model_loader
 from data_loader import SkipLog, TrainSampler, build_transforms, display_transform, label_tensor, load_rgb
 from features import build_feature_cache, head_takes_features
-from multilabel import decide, label_text, mean_average_precision
+from multilabel import decide, from_checkpoint, label_text, mean_average_precision
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
@@ -33,16 +33,18 @@ class Meter:
     """Loss and accuracy sums, summed over processes once at the end. Multi-label (a labels matrix): accuracy
     is the exact match at probability 0.5, and the logits are kept for the mean average precision ("map")."""
 
-    def __init__(self):
+    def __init__(self, keep_logits=False):
         self.loss = self.correct = self.count = 0.0
-        self.kept = []  # multi-label: (logits, labels) per batch
+        self.keep_logits = keep_logits  # multi-label evaluation: for the mAP
+        self.kept = []  # (logits, labels) per batch
 
     def update(self, loss, logits, labels):
         n = len(labels)
         self.loss += float(loss) * n
         if labels.dim() == 2:
             self.correct += float(((logits > 0) == labels.bool()).all(1).sum())
-            self.kept.append((logits.float().cpu(), labels.cpu()))
+            if self.keep_logits:
+                self.kept.append((logits.float().cpu(), labels.cpu()))
         else:
             self.correct += float((logits.argmax(1) == labels).sum())
         self.count += n
@@ -105,7 +107,7 @@ def eval_step(model, inputs, labels, compute, meter):
 def evaluate(model, loader, compute, skips=None, desc="valid"):
     """Loss and accuracy over the whole loader, each image once over all processes."""
     model.eval()
-    meter = Meter()
+    meter = Meter(keep_logits=True)
     for batch in bar(loader, compute, desc):
         if skips is not None:
             skips.add(batch.bad, loader.dataset.samples)
@@ -251,6 +253,7 @@ def prediction_grid(model, samples, class_names, meta, compute, n=16, calibratio
         with compute.autocast():
             logits = model(compute.to_device(tf(img)[None])).float().cpu()
         if isinstance(label, tuple):
+            calibration = calibration or from_checkpoint({"class_names": class_names})  # none fitted: T 1, 0.5
             prob = calibration.probabilities(logits)[0]
             chosen = tuple(int(v) for v in decide(prob, calibration.thresholds))
             title, right = ", ".join(f"{class_names[c]} {prob[c]:.2f}" for c in range(len(prob)) if chosen[c]), chosen == label

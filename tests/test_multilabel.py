@@ -127,8 +127,17 @@ def test_the_label_check_flags_a_missing_and_a_spurious_label_per_class():
 
 
 def tiny_pairs(out):
+    """48 train, 24 valid, 16 test two-object images, and one blank image per split (an empty label cell)."""
+    from PIL import Image
+
     prepare.pairs(SimpleNamespace(source=str(ROOT / "data" / "fashion_sample"), out=str(out), train=48, valid=24,
                                   test=16, valid_share=0.3, size=48, seed=0, overwrite=False))
+    with open(out / "labels.csv", "a", newline="") as f:
+        for i, split in enumerate(("train", "valid", "test")):
+            blank = Image.new("L", (48, 48))
+            blank.putpixel((i, 0), 9)  # three different files: the audit reports identical ones as leaks
+            blank.save(out / "images" / f"blank_{split}.png")
+            csv.writer(f).writerow([f"images/blank_{split}.png", "", split])
     return out / "labels.csv"
 
 
@@ -171,12 +180,14 @@ def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_
                                                        tmp_path / "p.png", "--unknown_label", "nothing")]))
     printed = capsys.readouterr().out
     rows = read_csv(out)
-    assert len(rows) == 16 and "confidence" not in rows[0]
+    assert len(rows) == 17 and "confidence" not in rows[0]
+    assert [r["label"] for r in rows if "blank" in r["file_dir"]] == [""]  # shows none of the classes
     labels, preds, probs = [], [], []
     for r in rows:
         p = [float(r[f"prob_{c}"]) for c in names]
         chosen = [c for c, v, t in zip(names, p, ckpt["thresholds"]) if v >= t]
-        assert r["predict"] == (" ".join(chosen) or "nothing")
+        if min(abs(v - t) for v, t in zip(p, ckpt["thresholds"])) > 1e-5:  # written to 6 decimals
+            assert r["predict"] == (" ".join(chosen) or "nothing")
         labels.append([int(c in r["label"].split()) for c in names])
         preds.append([int(c in chosen) for c in names])
         probs.append(p)
@@ -190,7 +201,7 @@ def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_
 def test_the_onnx_export_carries_the_thresholds_and_predicts_the_same_rows(pairs_run, tmp_path, capsys):
     root, _, _ = pairs_run
     export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.onnx")]))
-    assert "max probability difference" in capsys.readouterr().out
+    assert f"of {pairs_run[1]}: max probability difference" in capsys.readouterr().out
     ckpt = model_loader.load_checkpoint(root / "m.pth")
     meta = model_loader.OnnxModel(tmp_path / "m.onnx").metadata()
     assert meta["multi_label"] == "1" and [float(t) for t in __import__("json").loads(meta["thresholds"])] == ckpt["thresholds"]
@@ -204,13 +215,29 @@ def test_the_onnx_export_carries_the_thresholds_and_predicts_the_same_rows(pairs
         assert max(abs(float(a[k]) - float(b[k])) for k in a if k.startswith("prob_")) < 1e-4
 
 
-def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp_path):
+def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp_path, capsys):
     _, csv_path, _ = pairs_run
-    train.main(train.parse_args(run_args(tmp_path, csv_path, "--n_epochs", "1", "--class_weights", "auto")))
+    broken = csv_path.parent / "images" / "broken.png"
+    broken.write_bytes(b"not a png")
+    table = tmp_path / "with_broken.csv"
+    table.write_text(csv_path.read_text() + "images/broken.png,bag sneaker,train\n")
+    flags = ("--n_epochs", "1", "--class_weights", "auto", "--image_root", csv_path.parent)
+    train.main(train.parse_args(run_args(tmp_path, table, *flags)))
     resumed = train.main(train.parse_args(["--resume", str(tmp_path / "m_last.pth"), "--n_epochs", "2"]))
     assert resumed.state.epoch == 2 and "map" in resumed.test_metrics
+    assert resumed.skipped_per_class == {"bag sneaker": 1}  # the unreadable image, remembered across the resume
     ckpt = model_loader.load_checkpoint(tmp_path / "m.pth")
     assert ckpt["multi_label"] is True and ckpt["args"]["class_weights"] == "auto"
+    last = model_loader.safe_load(tmp_path / "m_last.pth")
+    del last["multi_label"]  # as a single-label run's would be
+    torch.save(last, tmp_path / "single_last.pth")
+    assert "trained without --multi_label" in run_in_process(train, ["--resume", tmp_path / "single_last.pth"], capsys)
+
+
+def test_a_multi_label_result_has_every_probability_even_past_twenty_classes():
+    names = [f"c{i}" for i in range(25)]
+    assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False, multi_label=True)) == 25
+    assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False)) == 0
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -218,10 +245,12 @@ def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp
     (["--balanced_sampler"], "--balanced_sampler is for single-label"),
     (["--label_smoothing", "0.1"], "--label_smoothing is for single-label"),
     (["--ood_method", "msp"], "--ood_method msp is for single-label"),
+    (["--label_delim", "|"], "--label_delim goes with --multi_label"),
 ])
 def test_what_multi_label_cannot_do_is_one_error_line(pairs_run, tmp_path, capsys, flags, message):
     _, csv_path, _ = pairs_run
-    argv = ["--multi_label"] if flags == ["--multi_label"] else ["--labels_csv", str(csv_path), "--multi_label", *flags]
+    argv = (["--multi_label"] if flags == ["--multi_label"] else ["--labels_csv", str(csv_path), *flags] if
+            "--label_delim" in flags else ["--labels_csv", str(csv_path), "--multi_label", *flags])
     assert message in run_in_process(train, argv + ["--model_fn", str(tmp_path / "m.pth")], capsys)
 
 
@@ -231,9 +260,9 @@ def test_check_data_checks_each_label_of_a_multi_label_csv(pairs_run, tmp_path, 
         "--labels_csv", csv_path, "--multi_label", "--check_data", "--weights", root / "m.pth", "--model_name",
         "resnet18", "--input_size", "32", "--num_workers", "0", "--verbose", "0", "--log_dir", tmp_path)]))
     out = capsys.readouterr().out
-    assert "two-class logistic regression per class" in out and "train: 48 images; ankle_boot" in out
+    assert "two-class logistic regression per class" in out and "train: 49 images; ankle_boot" in out
     given = {str(csv_path.parent / r["file"]): set(r["label"].split()) for r in read_csv(csv_path)}
     rows = read_csv(tmp_path / "label_issues.csv")
-    assert len(rows) == 48 + 24
+    assert len(rows) == 49 + 25
     for r in rows:
         assert set(r["given"].split()) - {"(none)"} == given[r["file"]]
