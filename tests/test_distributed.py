@@ -127,3 +127,31 @@ def test_readme_torchrun_commands(tmp_path):
     assert sum("best epoch" in out for out, _ in outs) == 1  # one global rank 0 over both machines
     ckpt = torch.load(tmp_path / "multi.pth", weights_only=True)
     assert ckpt["class_names"] == ["bag", "trouser"] and ckpt["args"]["model_name"] == "resnet18"
+
+
+def test_multi_label_under_torchrun_gathers_every_validation_image_for_the_map(tmp_path):
+    """Fine-tuned, each process evaluates its share: the validation mAP of the best epoch is the one of all
+    validation images, computed here again in one process. SqueezeNet has no BatchNorm, whose running
+    statistics would differ slightly between the processes (each updates its own after DDP's broadcast)."""
+    import data_loader
+    import model_loader
+    import multilabel
+    from test_multilabel import tiny_pairs
+
+    labels_csv = tiny_pairs(tmp_path / "pairs")
+    proc = torchrun("--labels_csv", labels_csv, "--multi_label", *FAST, "--model_name", "squeezenet1_1", "--input_size",
+                    "64", "--n_epochs", "2", "--batch_size", "8", "--ood_method", "none",
+                    "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test mAP" in proc.stdout and proc.stdout.count("best epoch") == 1
+    ckpt = model_loader.load_checkpoint(tmp_path / "m.pth")
+    assert ckpt["multi_label"] and [r["valid_count"] for r in history(tmp_path / "m_last.pth")] == [25, 25]
+    model, _ = model_loader.model_from_checkpoint(ckpt, tmp_path / "m.pth")
+    tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "valid_files.csv")))
+    images = torch.stack([tf(data_loader.load_rgb(r["path"])) for r in rows])
+    labels = torch.tensor([[float(c in r["class"].split()) for c in ckpt["class_names"]] for r in rows])
+    with torch.no_grad():
+        probs = model.eval()(images).sigmoid()
+    best = history(tmp_path / "m_last.pth")[ckpt["metrics"]["best_epoch"] - 1]  # the epoch's own evaluation
+    assert best["valid_map"] == pytest.approx(multilabel.mean_average_precision(probs, labels), abs=1e-6)
