@@ -298,6 +298,7 @@ def csv_splits(path, image_root, valid_ratio, seed, warn=print, label_delim=None
         raise CLIError(f"--labels_csv {path}: the train rows have only one label ({', '.join(class_names) or 'none'});"
                        " a classifier needs at least two")
     train = labels_csv.indexed(parts["train"], class_names, path, "train")
+    labels_csv.check_label_format(class_names, train if label_delim is not None else [], path, label_delim, warn)
     test = labels_csv.indexed(parts.get("test", []), class_names, path, "test")
     if "valid" in parts:
         valid = labels_csv.indexed(parts["valid"], class_names, path, "valid")

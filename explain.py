@@ -225,13 +225,14 @@ def top_losses(logits, labels, calibration=None):
 
 
 def predicted_names(logits, labels, calibration, class_names):
-    """Per row: (given, predicted) as text; multi-label: the sets above the calibration's thresholds, ', '-joined."""
+    """Per row: (given, predicted) as text; multi-label: the sets above the calibration's thresholds, space-joined
+    ('(none)' for no class), as label_issues.csv writes them."""
     from multilabel import decide, label_text
 
     if labels.dim() == 2:
         chosen = decide(calibration.probabilities(logits), calibration.thresholds) if calibration else logits > 0
-        return [(label_text(tuple(y.int().tolist()), class_names, ", ") or "none",
-                 label_text(tuple(p.int().tolist()), class_names, ", ") or "none") for y, p in zip(labels, chosen)]
+        return [(label_text(tuple(y.int().tolist()), class_names) or "(none)",
+                 label_text(tuple(p.int().tolist()), class_names) or "(none)") for y, p in zip(labels, chosen)]
     return [(class_names[y], class_names[p]) for y, p in zip(labels.tolist(), logits.argmax(1).tolist())]
 
 
@@ -257,7 +258,8 @@ def write_top_losses(files, logits, labels, calibration, class_names, meta, run_
             images.append(show(load_rgb(files[i])))
         except Exception:  # read once already; gone since
             continue
-        titles.append(f"{names[i][0]} → {names[i][1]}\n({float(prob_given[i]):.2f})")
+        arrow = "\n→ " if len(names[i][0]) + len(names[i][1]) > 24 else " → "  # long label sets: two lines
+        titles.append(f"{names[i][0]}{arrow}{names[i][1]}\n({float(prob_given[i]):.2f})")
         colors.append("red" if names[i][0] != names[i][1] else "black")
     if images:
         import matplotlib.pyplot as plt

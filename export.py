@@ -172,17 +172,20 @@ def outputs_of(model, images):
     return (out[0].float(), out[1].float()) if isinstance(out, (tuple, list)) else (out.float(), None)
 
 
-def probabilities_of(ckpt):
-    """logits -> the probabilities predict.py reads: softmax(logits / T), or a multi-label model's sigmoid per
-    class with its per-class temperatures."""
+def reading_of(ckpt):
+    """(logits -> the probabilities predict.py reads, probabilities -> its decision per row): softmax(logits / T)
+    and the top class, or a multi-label model's sigmoid per class with its per-class temperatures and the set
+    of classes reaching their thresholds."""
     if ckpt.get("multi_label"):
-        return multilabel.from_checkpoint(ckpt).probabilities
-    return lambda logits: (logits / float(ckpt.get("temperature", 1.0))).softmax(1)
+        calibration = multilabel.from_checkpoint(ckpt)
+        return calibration.probabilities, lambda probs: multilabel.decide(probs, calibration.thresholds)
+    return (lambda logits: (logits / float(ckpt.get("temperature", 1.0))).softmax(1)), lambda probs: probs.argmax(1)
 
 
-def compare(model, exported, images, probabilities):
-    """(largest probability difference, top-1 agreements, largest relative ood_score difference or None) of
-    the export against the PyTorch model, over the whole batch and over a batch of one."""
+def compare(model, exported, images, probabilities, decide=lambda probs: probs.argmax(1)):
+    """(largest probability difference, agreements of the decisions (top-1, or a multi-label model's sets),
+    largest relative ood_score difference or None) of the export against the PyTorch model, over the whole
+    batch and over a batch of one."""
     with torch.inference_mode():
         logits, scores = outputs_of(model, images)
         ref = probabilities(logits)
@@ -201,7 +204,8 @@ def compare(model, exported, images, probabilities):
         scale = scores.abs().clamp(min=1)
         score_diff = max(float(((got_scores.reshape(-1) - scores) / scale).abs().max()),
                          float(((one_scores.reshape(-1) - scores[:1]) / scale[:1]).abs().max()))
-    return diff, int((got.argmax(1) == ref.argmax(1)).sum()), score_diff
+    agree = (decide(got) == decide(ref)).reshape(len(ref), -1).all(1)
+    return diff, int(agree.sum()), score_diff
 
 
 def main(args):
@@ -233,8 +237,9 @@ def main(args):
             written, exported = load_for_check(fmt, tmp, meta)
             if {k: written.get(k) for k in meta} != meta:
                 raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
-            diff, agree, score_diff = compare(model, exported, images, probabilities_of(ckpt))
-            print(f"check on {source}: max probability difference {diff:.2e}, top-1 agreement {agree}/{len(images)}"
+            diff, agree, score_diff = compare(model, exported, images, *reading_of(ckpt))
+            print(f"check on {source}: max probability difference {diff:.2e}, "
+                  f"{'label-set' if ckpt.get('multi_label') else 'top-1'} agreement {agree}/{len(images)}"
                   + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
             if not diff <= TOLERANCE:  # also catches NaN
                 raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "

@@ -247,7 +247,8 @@ def save_suspects(rows, path, input_size, resize_size, n=GRID_IMAGES):
             images.append(show(data_loader.load_rgb(row["file"])))
         except Exception:  # changed since it was read: leave it out of the picture
             continue
-        titles.append(f"{row['given']} → {row['suggested']} ({row['score']:.2f})")
+        arrow = "\n→ " if len(row["given"]) + len(row["suggested"]) > 24 else " → "  # long label sets: two lines
+        titles.append(f"{row['given']}{arrow}{row['suggested']} ({row['score']:.2f})")
         colors.append("red" if row["flagged"] else "black")
     if images:
         save_image_grid(images, titles, colors, path)

@@ -87,6 +87,32 @@ def class_names_of(pairs):
     return sorted({n for _, label in pairs for n in (label if isinstance(label, tuple) else (label,))})
 
 
+def looks_multi(names, known):
+    """True when some label of `names` splits (on spaces, |, commas or semicolons) into several names of `known`:
+    a cell listing several classes, read as one."""
+    known = set(known)
+    for name in names:
+        for sep in (None, "|", ",", ";"):
+            parts = [p.strip() for p in name.split(sep) if p.strip()]
+            if len(parts) > 1 and sum(p in known for p in parts) >= 2:
+                return True
+    return False
+
+
+def check_label_format(class_names, multi_hot_rows, path, delim, warn):
+    """One warning when the labels look read the wrong way: single-label names made of several class names
+    ('bag sneaker' beside 'bag'), or, with --multi_label, no row with two classes (another separator?)."""
+    if delim is None and looks_multi(class_names, class_names):
+        warn(f"warning: --labels_csv {path}: labels such as "
+             f"{next(n for n in class_names if looks_multi([n], class_names))!r} look like several classes in one "
+             "cell; for several labels per image add --multi_label (and --label_delim if they are not separated by "
+             "spaces)")
+    elif delim is not None and multi_hot_rows and max(sum(y) for _, y in multi_hot_rows) < 2:
+        shown = next((n for n in class_names if looks_multi([n], class_names) or any(s in n for s in " |,;")), None)
+        warn(f"warning: --labels_csv {path}: no train row lists more than one class with --label_delim {delim!r}"
+             + (f" (a class is named {shown!r}: another separator?)" if shown else ""))
+
+
 def indexed(pairs, class_names, path, split):
     """[(image path, class index)] ordered by class, then path (as a folder scan); multi-label (tuples of
     names): [(image path, multi-hot tuple)] ordered the same way."""
@@ -94,8 +120,10 @@ def indexed(pairs, class_names, path, split):
     unknown = [n for n in class_names_of(pairs) if n not in index]
     if unknown:
         rows = f"the {split} rows have" if split else "its rows have"
+        hint = " (several classes per cell? this model has one label per image)" if looks_multi(unknown, class_names) else ""
         raise CLIError(f"--labels_csv {path}: {rows} labels that are not among the classes "
-                       f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}")
+                       f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}"
+                       + hint)
     if pairs and isinstance(pairs[0][1], tuple):
         hot = [(f, tuple(int(c in set(label)) for c in class_names)) for f, label in pairs]
         return sorted(hot, key=lambda s: (tuple(-v for v in s[1]), s[0]))

@@ -224,12 +224,12 @@ def main(args):
     if args.labels_csv and args.data_dir:
         raise CLIError("give --labels_csv or --data_dir, not both")
     if args.labels_csv:
-        inputs = csv_inputs(args.labels_csv, args.image_root, class_names, label_delim(ckpt))
+        inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, label_delim(ckpt)))  # by path
     elif args.data_dir:
         inputs = find_inputs(args.data_dir, class_names, multi)
     else:
         default = default_inputs(ckpt)
-        inputs = default if isinstance(default, list) else find_inputs(default, class_names, multi)
+        inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, multi)
     inputs = [(str(f), y) for f, y in inputs]
     check_writable(args.output, "--output")
     if args.n_images:

@@ -145,7 +145,7 @@ def check_args(args):
         if not args.label_delim:
             raise CLIError("--label_delim must not be empty")
         refused = [why for why, on in (
-            ("--balanced_sampler is for single-label classes, not --multi_label (--class_weights auto weighs each "
+            ("--balanced_sampler is for single-label classes, not --multi_label (--class_weights auto weights each "
              "class's positive images instead)", args.balanced_sampler),
             ("--label_smoothing is for single-label classes, not --multi_label", args.label_smoothing),
             (f"--ood_method {args.ood_method} is for single-label classes, not --multi_label (use knn or none)",
@@ -365,6 +365,10 @@ def main(args):
         if resume is not None:
             fitter.restore(resume)
             log(f"resumed from {args.resume} after epoch {fitter.state.epoch}")
+            if args.patience and fitter.state.bad_epochs >= args.patience:  # asked for more epochs after an early stop
+                fitter.state.bad_epochs = 0
+                say(f"the resumed run had stopped early (no better validation loss for {args.patience} epochs); its "
+                    f"patience starts again, up to --n_epochs {args.n_epochs}")
         mode = "frozen backbone, head only" if args.freeze else (
             f"head only for {args.unfreeze_after} epochs, then fine-tune" if args.unfreeze_after else "fine-tune all")
         log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "

@@ -188,7 +188,8 @@ def pairs(args):
         writer.writerows(rows)
     print(f"{out}: {args.train} train, {args.valid} valid, {args.test} test images of two objects ({', '.join(classes)})"
           f"; labels in {out / 'labels.csv'}")
-    print(f"done: python train.py --labels_csv {out / 'labels.csv'} --multi_label --use_pretrained --freeze")
+    print(f"done: python train.py --labels_csv {out / 'labels.csv'} --multi_label --model_name efficientnet_lite0 "
+          "--use_pretrained --freeze --input_size 128 --n_epochs 20 --lr 0.01")
 
 
 def parse_args(argv=None):

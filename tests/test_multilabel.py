@@ -123,6 +123,22 @@ def test_the_label_check_flags_a_missing_and_a_spurious_label_per_class():
     assert {rows[0]["file"], rows[1]["file"]} == {"f0", "f3"}  # the lowest scores first
 
 
+def test_labels_read_the_wrong_way_are_warned_about(tmp_path):
+    rows = [(f"{i}.png", label) for i, label in enumerate(["bag", "sneaker", "bag sneaker", "bag", "sneaker", "bag"])]
+    for name, _ in rows:
+        (tmp_path / name).write_bytes(b"")
+    path = write_csv(tmp_path / "l.csv", rows)
+    said = []
+    data_loader.build_splits(None, 0.5, 0, path, warn=said.append)  # one label per image: 'bag sneaker' is a class
+    assert len(said) == 1 and "'bag sneaker' look like several classes in one cell" in said[0]
+    said.clear()
+    data_loader.build_splits(None, 0.5, 0, path, warn=said.append, label_delim="|")  # the wrong separator
+    assert len(said) == 1 and "no train row lists more than one class with --label_delim '|'" in said[0]
+    said.clear()
+    data_loader.build_splits(None, 0.5, 0, path, warn=said.append, label_delim=" ")
+    assert said == []
+
+
 # ----------------------------------------------------------------------------- a tiny run, end to end
 
 
@@ -213,6 +229,16 @@ def test_the_onnx_export_carries_the_thresholds_and_predicts_the_same_rows(pairs
     assert [r["predict"] for r in rows[".pth"]] == [r["predict"] for r in rows[".onnx"]]
     for a, b in zip(rows[".pth"], rows[".onnx"]):
         assert max(abs(float(a[k]) - float(b[k])) for k in a if k.startswith("prob_")) < 1e-4
+
+
+def test_the_export_check_compares_the_decided_label_sets_not_only_the_top_class():
+    ckpt = {"multi_label": True, "class_names": ["a", "b"], "temperatures": [1.0, 1.0], "thresholds": [0.5, 0.5]}
+    images = torch.zeros(1, 3, 8, 8)
+    same_top = export.compare(lambda x: torch.tensor([[3.0, 0.1]]), lambda x: torch.tensor([[3.0, -0.1]]), images,
+                              *export.reading_of(ckpt))
+    assert same_top[1] == 0  # {a, b} against {a}: the top class agrees, the answer does not
+    assert export.compare(lambda x: torch.tensor([[3.0, 0.1]]), lambda x: torch.tensor([[3.0, 0.2]]), images,
+                          *export.reading_of(ckpt))[1] == 1
 
 
 def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp_path, capsys):

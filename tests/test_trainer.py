@@ -402,6 +402,17 @@ def test_resume_needs_no_imagenet_weights_and_the_start_line_names_the_weights(t
     assert f"backbone weights: the resumed checkpoint {tmp_path / 'm_last.pth'}" in capsys.readouterr().out
 
 
+def test_resuming_an_early_stopped_run_with_more_epochs_trains_them(tiny_data, tmp_path, capsys):
+    run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "1"))
+    last = torch.load(tmp_path / "m_last.pth", weights_only=True)
+    last["train_state"]["bad_epochs"] = 5  # as after an early stop at the default --patience 5
+    last["train_state"]["best_metrics"]["valid_loss"] = -1.0  # and no epoch will do better
+    torch.save(last, tmp_path / "m_last.pth")
+    result = run_train("--resume", tmp_path / "m_last.pth", "--n_epochs", "3")
+    assert result.state.epoch == 3 and not result.stopped_early
+    assert "its patience starts again, up to --n_epochs 3" in capsys.readouterr().out
+
+
 def test_freezing_a_random_backbone_is_said(tiny_data, tmp_path, capsys):
     run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "1", "--verbose", "1"))
     out = capsys.readouterr()
