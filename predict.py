@@ -319,7 +319,8 @@ def main(args):
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if args.explain:
-        print(f"heat maps (Grad-CAM of the {'most probable' if multi else 'predicted'} class): {explained.count} overlays -> {args.explain}/, "
+        which = "most probable" if multi else "predicted"
+        print(f"heat maps (Grad-CAM of the {which} class): {explained.count} overlays -> {args.explain}/, "
               f"maps -> {Path(args.explain) / 'heatmaps.npz'}")
     if rejecting:
         rules = " and ".join(([f"threshold {args.threshold:g}"] if args.threshold is not None else [])
