@@ -241,6 +241,32 @@ def test_the_export_check_compares_the_decided_label_sets_not_only_the_top_class
                           *export.reading_of(ckpt))[1] == 1
 
 
+def test_a_plain_onnxruntime_consumer_from_the_docs_decides_the_same_label_sets(pairs_run, tmp_path):
+    """docs/export.md's preprocessing, then docs/labels.md's multi-label lines, exactly, without torch: the
+    same sets as predict.py on the checkpoint."""
+    import re
+    import subprocess
+
+    from test_export import readme_deploy_snippet
+
+    root, csv_path, _ = pairs_run
+    head = readme_deploy_snippet().split("logits = session.run")[0]
+    found = re.search(r"<!-- deploy_multi\.py: tests/test_multilabel\.py runs this block[^>]*-->\n```python\n(.*?)```",
+                      (ROOT / "docs" / "labels.md").read_text(), re.S)
+    (tmp_path / "deploy_multi.py").write_text(head + found.group(1))
+    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.onnx")]))
+    out = tmp_path / "r.csv"
+    predict.main(predict.parse_args([str(a) for a in ("--model_fn", root / "m.pth", "--output", out, "--n_images", "0",
+                                                       "--unknown_label", "")]))
+    rows = read_csv(out)
+    runner = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('deploy_multi.py'); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", runner, "deploy_multi.py", str(tmp_path / "m.onnx"),
+                           *[r["file_dir"] for r in rows]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    *lines, used_torch = proc.stdout.strip().splitlines()
+    assert used_torch == "False" and [line.split(",") for line in lines] == [[r["file_dir"], r["predict"]] for r in rows]
+
+
 def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp_path, capsys):
     _, csv_path, _ = pairs_run
     broken = csv_path.parent / "images" / "broken.png"
