@@ -8,7 +8,8 @@ run on the feature cache (seconds); otherwise through the whole model with augme
 
 Three suggestions are computed from the smoothed curve (without its first tenth and its last 5 steps, as
 fastai): `valley` (fastai's default: the longest descending stretch, taken two thirds along it),
-`steepest` (the steepest descent per decade) and `minimum` (the lowest loss divided by 10). bench/lr_bench.py
+`steepest` (the steepest descent per decade, before the curve diverges) and `minimum` (the lowest loss
+divided by 10). bench/lr_bench.py
 measures which one trains best; SUGGESTION is that one (steepest: within 1 point of the best of a 5-rate
 grid on 6 of 6 runs over three sets, valley on 3 of 6; docs/explain.md)."""
 import copy
@@ -81,13 +82,29 @@ def steepest(lrs, losses):
     return min(range(len(slopes)), key=slopes.__getitem__)
 
 
+RISE = 1.2  # steepest looks only before the smoothed loss first rises this far above its lowest so far
+
+
+def diverging_from(losses, rise=RISE):
+    """The first index where the loss is `rise` times its lowest so far (len(losses) when it never is): past it
+    the test diverges, and a single low mini-batch loss among the exploding ones makes a steep, false fall."""
+    lowest = math.inf
+    for i, loss in enumerate(losses):
+        lowest = min(lowest, loss)
+        if loss > rise * lowest > 0:
+            return i
+    return len(losses)
+
+
 def suggest(lrs, smoothed):
-    """{rule: learning rate} from the curve without its first tenth and last 5 steps; {} when too short."""
+    """{rule: learning rate} from the curve without its first tenth and last 5 steps (steepest: and without
+    what follows the divergence); {} when too short."""
     lo, hi = len(lrs) // 10, len(lrs) - 5
     lrs, losses = lrs[lo:hi], smoothed[lo:hi]
     if len(lrs) < 3:
         return {}
-    return {"valley": lrs[valley(losses)], "steepest": lrs[steepest(lrs, losses)],
+    end = max(2, diverging_from(losses))
+    return {"valley": lrs[valley(losses)], "steepest": lrs[steepest(lrs[:end], losses[:end])],
             "minimum": lrs[min(range(len(losses)), key=losses.__getitem__)] / 10}
 
 
