@@ -106,11 +106,12 @@ def check_label_format(class_names, multi_hot_rows, path, delim, warn):
         warn(f"warning: --labels_csv {path}: labels such as "
              f"{next(n for n in class_names if looks_multi([n], class_names))!r} look like several classes in one "
              "cell; for several labels per image add --multi_label (and --label_delim if they are not separated by "
-             "spaces)")
+             "spaces); if it is one class, ignore this")
     elif delim is not None and multi_hot_rows and max(sum(y) for _, y in multi_hot_rows) < 2:
         shown = next((n for n in class_names if looks_multi([n], class_names) or any(s in n for s in " |,;")), None)
         warn(f"warning: --labels_csv {path}: no train row lists more than one class with --label_delim {delim!r}"
-             + (f" (a class is named {shown!r}: another separator?)" if shown else ""))
+             + (f" (a class is named {shown!r}: another separator?)" if shown else "")
+             + "; if each image shows at most one class, ignore this")
 
 
 def indexed(pairs, class_names, path, split):
@@ -120,7 +121,10 @@ def indexed(pairs, class_names, path, split):
     unknown = [n for n in class_names_of(pairs) if n not in index]
     if unknown:
         rows = f"the {split} rows have" if split else "its rows have"
-        hint = " (several classes per cell? this model has one label per image)" if looks_multi(unknown, class_names) else ""
+        sets = bool(pairs) and isinstance(pairs[0][1], tuple)
+        hint = ((" (classes separated by another character than the training's?)" if sets else
+                 " (several classes per cell? this model has one label per image)")
+                if looks_multi(unknown, class_names) else "")
         raise CLIError(f"--labels_csv {path}: {rows} labels that are not among the classes "
                        f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}"
                        + hint)

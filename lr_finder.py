@@ -86,12 +86,13 @@ RISE = 1.2  # steepest looks only before the smoothed loss first rises this far 
 
 
 def diverging_from(losses, rise=RISE):
-    """The first index where the loss is `rise` times its lowest so far (len(losses) when it never is): past it
-    the test diverges, and a single low mini-batch loss among the exploding ones makes a steep, false fall."""
+    """The first index where the loss is `rise` times its lowest so far, once it has fallen below where it started
+    (len(losses) when it never is): past it the test diverges, and a single low mini-batch loss among the
+    exploding ones makes a steep, false fall. (Cross-entropy losses are positive: a lowest of 0 never diverges.)"""
     lowest = math.inf
     for i, loss in enumerate(losses):
         lowest = min(lowest, loss)
-        if loss > rise * lowest > 0:
+        if loss > rise * lowest > 0 and lowest < losses[0]:
             return i
     return len(losses)
 

@@ -365,9 +365,10 @@ def main(args):
         if resume is not None:
             fitter.restore(resume)
             log(f"resumed from {args.resume} after epoch {fitter.state.epoch}")
-            if args.patience and fitter.state.bad_epochs >= args.patience:  # asked for more epochs after an early stop
-                fitter.state.bad_epochs = 0
-                say(f"the resumed run had stopped early (no better validation loss for {args.patience} epochs); its "
+            patience = resume["args"].get("patience")  # the run's own: did it stop early?
+            if patience and fitter.state.bad_epochs >= patience and fitter.state.epoch < args.n_epochs:
+                fitter.state.bad_epochs = 0  # asked for more epochs after an early stop: count again
+                say(f"the resumed run had stopped early (no better validation loss for {patience} epochs); its "
                     f"patience starts again, up to --n_epochs {args.n_epochs}")
         mode = "frozen backbone, head only" if args.freeze else (
             f"head only for {args.unfreeze_after} epochs, then fine-tune" if args.unfreeze_after else "fine-tune all")

@@ -50,6 +50,8 @@ def test_steepest_ignores_a_false_fall_after_the_loss_diverges():
     assert lr_finder.diverging_from(losses) == 41  # 0.56 > 1.2 x 0.46
     suggested = lr_finder.suggest(lrs, losses)["steepest"]
     assert suggested == lrs[32]  # 0.64 -> 0.59, the steepest fall before it diverges (not 0.66 -> 0.58 at 44)
+    bump = [0.5] * 10 + [0.62, 0.5] + [0.5 - 0.01 * i for i in range(40)] + [0.2 * 1.5 ** i for i in range(8)]
+    assert lr_finder.diverging_from(bump) > 12  # a rise before any fall below the start is not a divergence
 
 
 def build_fitter(data, tmp_path, *flags):

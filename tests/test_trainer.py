@@ -411,6 +411,11 @@ def test_resuming_an_early_stopped_run_with_more_epochs_trains_them(tiny_data, t
     result = run_train("--resume", tmp_path / "m_last.pth", "--n_epochs", "3")
     assert result.state.epoch == 3 and not result.stopped_early
     assert "its patience starts again, up to --n_epochs 3" in capsys.readouterr().out
+    last = torch.load(tmp_path / "m_last.pth", weights_only=True)
+    last["train_state"]["bad_epochs"] = 2  # not stopped at its --patience 5; resumed with a lower one to stop sooner
+    torch.save(last, tmp_path / "m_last.pth")
+    result = run_train("--resume", tmp_path / "m_last.pth", "--n_epochs", "6", "--patience", "2")
+    assert result.state.epoch == 4 and result.stopped_early and "starts again" not in capsys.readouterr().out
 
 
 def test_freezing_a_random_backbone_is_said(tiny_data, tmp_path, capsys):
