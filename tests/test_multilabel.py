@@ -10,9 +10,7 @@ import pytest
 import torch
 
 import data_loader
-import evaluation
 import export
-import labels_csv
 import model_loader
 import multilabel
 import predict
