@@ -150,6 +150,10 @@ class SkipLog:
                 self.seen[path] = label
                 self.warn(f"warning: skipping unreadable image {path} ({item.reason})")
 
+    def restore(self, seen):
+        """The unreadable files of a resumed run (a checkpoint stores multi-hot labels as lists)."""
+        self.seen.update({path: tuple(y) if isinstance(y, list) else y for path, y in seen.items()})
+
     def per_class(self):
         counts = {}
         for label in self.seen.values():

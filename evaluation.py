@@ -304,6 +304,16 @@ def average_precision(scores, positive):
 REPORT_COLUMNS = ["class", "precision", "recall", "f1", "support", "roc_auc", "average_precision"]
 
 
+def report_row(name, hit, predicted, support, scores, positive):
+    """One row of a report: precision, recall and F1 from the counts (0 when undefined, as scikit-learn's
+    zero_division=0), support, and the ROC AUC and average precision of `scores` against `positive`."""
+    precision = hit / predicted if predicted else 0.0
+    recall = hit / support if support else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support,
+            "roc_auc": roc_auc(scores, positive), "average_precision": average_precision(scores, positive)}
+
+
 def classification_report(labels, preds, probs, class_names):
     """A pandas DataFrame in scikit-learn's layout: one row per class, then 'macro avg' (plain mean) and
     'weighted avg' (by support). preds may hold UNKNOWN (below --threshold): such rows count as wrong for
@@ -314,16 +324,8 @@ def classification_report(labels, preds, probs, class_names):
 
     labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64).reshape(len(labels), len(class_names))
-    rows = []
-    for c, name in enumerate(class_names):
-        hit = int(((preds == c) & (labels == c)).sum())
-        predicted, support = int((preds == c).sum()), int((labels == c).sum())
-        precision = hit / predicted if predicted else 0.0
-        recall = hit / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support,
-                     "roc_auc": roc_auc(probs[:, c], labels == c),
-                     "average_precision": average_precision(probs[:, c], labels == c)})
+    rows = [report_row(name, int(((preds == c) & (labels == c)).sum()), int((preds == c).sum()),
+                       int((labels == c).sum()), probs[:, c], labels == c) for c, name in enumerate(class_names)]
     table = pd.DataFrame(rows, columns=REPORT_COLUMNS)
     metrics = REPORT_COLUMNS[1:4] + REPORT_COLUMNS[5:]
     total = int(table.support.sum())

@@ -81,7 +81,7 @@ def check_batch(ckpt, args):
         try:
             parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None,
                                            delim=saved.get("label_delim") if ckpt.get("multi_label") else None)
-            folder, files = Path(saved["labels_csv"]), sorted(f for f, _ in parts.get("test") or parts.get(None) or [])
+            folder, files = Path(saved["labels_csv"]), sorted(f for f, _ in labels_csv.test_rows(parts) or [])
         except CLIError:
             folder = None
     elif folder is None:

@@ -24,6 +24,7 @@ import torch
 import data_loader
 import features
 import model_loader
+from multilabel import label_text
 from utils import atomic_open, save_image_grid
 
 FOLDS = 5  # out-of-fold probabilities from 5-fold cross-validation (fewer when a class has fewer images)
@@ -221,7 +222,7 @@ def multi_label_rows(files, labels, split, present, flags, class_names):
     score, other = given_state.min(1).values, suggested_state.min(1).values
 
     def text(row):
-        return " ".join(c for c, on in zip(class_names, row) if on) or "(none)"
+        return label_text(tuple(row), class_names) or "(none)"
 
     order = sorted(range(len(files)), key=lambda i: (float(score[i]), files[i]))
     return [{"file": files[i], "given": text(labels[i].bool().tolist()), "suggested": text(suggested[i].tolist()),

@@ -82,6 +82,12 @@ def read_labels(path, image_root=None, warn=print, delim=None):
     return out
 
 
+def test_rows(parts):
+    """The rows predict.py and export.py take from read_labels' parts: the test rows of a CSV with a split
+    column (None when it has none), else every row."""
+    return parts.get("test") if None not in parts else parts[None]
+
+
 def class_names_of(pairs):
     """The sorted class names the labels of [(path, label)] use (multi-label: every name of every tuple)."""
     return sorted({n for _, label in pairs for n in (label if isinstance(label, tuple) else (label,))})

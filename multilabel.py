@@ -28,7 +28,7 @@ def split_labels(text, delim=DEFAULT_DELIM):
 
 
 def is_multi_hot(label):
-    return isinstance(label, (tuple, list))  # a list after a checkpoint's round trip (model_loader.plain)
+    return isinstance(label, tuple)
 
 
 def label_text(label, class_names, delim=DEFAULT_DELIM):
@@ -185,9 +185,6 @@ def from_checkpoint(ckpt):
 # ----------------------------------------------------------------------------- the report
 
 
-REPORT_COLUMNS = ["class", "precision", "recall", "f1", "support", "roc_auc", "average_precision"]
-
-
 def report(labels, preds, probs, class_names):
     """(table, summary): the per-class table (precision, recall, F1 of the decided sets, support = images
     showing the class, ROC AUC and average precision of the probabilities), then 'micro avg' (pooled over every
@@ -195,27 +192,17 @@ def report(labels, preds, probs, class_names):
     holds mAP, exact-match accuracy, the micro and macro F1 and the image count."""
     import pandas as pd
 
-    import evaluation
+    from evaluation import REPORT_COLUMNS, report_row
 
     labels, preds, probs = labels.bool(), preds.bool(), probs.double()
-    rows = []
 
-    def scores(hit, predicted, support):
-        precision = hit / predicted if predicted else 0.0
-        recall = hit / support if support else 0.0
-        return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    def row(name, y, p, scores):  # y, p: present, predicted (any shape); scores: the probabilities
+        return report_row(name, int((y & p).sum()), int(p.sum()), int(y.sum()), scores.flatten().tolist(),
+                          y.flatten().tolist())
 
-    for c, name in enumerate(class_names):
-        y, p = labels[:, c], preds[:, c]
-        precision, recall, f1 = scores(int((y & p).sum()), int(p.sum()), int(y.sum()))
-        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": int(y.sum()),
-                     "roc_auc": evaluation.roc_auc(probs[:, c].tolist(), y.tolist()),
-                     "average_precision": evaluation.average_precision(probs[:, c].tolist(), y.tolist())})
-    table = pd.DataFrame(rows, columns=REPORT_COLUMNS)
-    precision, recall, f1 = scores(int((labels & preds).sum()), int(preds.sum()), int(labels.sum()))
-    micro = {"class": "micro avg", "precision": precision, "recall": recall, "f1": f1, "support": int(labels.sum()),
-             "roc_auc": evaluation.roc_auc(probs.flatten().tolist(), labels.flatten().tolist()),
-             "average_precision": evaluation.average_precision(probs.flatten().tolist(), labels.flatten().tolist())}
+    table = pd.DataFrame([row(name, labels[:, c], preds[:, c], probs[:, c]) for c, name in enumerate(class_names)],
+                         columns=REPORT_COLUMNS)
+    micro = row("micro avg", labels, preds, probs)
     metrics = REPORT_COLUMNS[1:4] + REPORT_COLUMNS[5:]
     macro = {"class": "macro avg", **table[metrics].mean().to_dict(), "support": int(labels.sum())}
     table = pd.concat([table, pd.DataFrame([micro, macro], columns=REPORT_COLUMNS)], ignore_index=True)

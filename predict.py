@@ -82,7 +82,7 @@ def csv_inputs(path, image_root, class_names, delim=None):
     import labels_csv
 
     parts = labels_csv.read_labels(path, image_root, delim=delim)
-    rows = parts.get(None) or parts.get("test")
+    rows = labels_csv.test_rows(parts)
     if not rows:
         raise CLIError(f"--labels_csv {path} has a split column but no test rows to predict")
     return labels_csv.indexed(rows, class_names, path, "test" if None not in parts else "")
@@ -215,6 +215,7 @@ def main(args):
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     temperature = float(ckpt.get("temperature", 1.0))  # older checkpoints have none: uncalibrated
     multi = bool(ckpt.get("multi_label"))  # sigmoid per class, with the temperatures and thresholds fitted in training
+    delim = label_delim(ckpt)  # how a multi-label model's classes are joined in a cell; None for one label
     calibration = multilabel.from_checkpoint(ckpt) if multi else None
     if multi and args.unknown_label in class_names:
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
@@ -224,7 +225,7 @@ def main(args):
     if args.labels_csv and args.data_dir:
         raise CLIError("give --labels_csv or --data_dir, not both")
     if args.labels_csv:
-        inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, label_delim(ckpt)))  # by path
+        inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, delim))  # by path
     elif args.data_dir:
         inputs = find_inputs(args.data_dir, class_names, multi)
     else:
@@ -291,7 +292,7 @@ def main(args):
                         for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds)):
                             score = None if scores is None else (float(scores[i]), unlike[i])
                             rows[index] = prediction_row(inputs[index], p, pred, class_names, topk, labelled,
-                                                         args.unknown_label, score, label_delim(ckpt))
+                                                         args.unknown_label, score, delim)
                             if maps is not None:
                                 rows[index].insert(columns.index("heatmap"), explain_row(
                                     explained, inputs[index], maps[i], pred, p, unlike[i], class_names, ckpt, args))
@@ -303,7 +304,7 @@ def main(args):
                                                          None if maps is None else maps[i]))
                     for bad in batch.bad:
                         rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled,
-                                                    label_delim(ckpt))
+                                                    delim)
                     for index in sorted(rows):
                         writer.writerow(rows[index])
                     n_done += len(batch.labels)

@@ -378,7 +378,7 @@ class Fitter:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
-        self.skips.seen.update(self.state.skipped)
+        self.skips.restore(self.state.skipped)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.cache_possible and ckpt.get("feature_cache") != self.cache_identity():
             self.log("feature cache: data or settings differ from the interrupted run's")

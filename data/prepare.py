@@ -9,6 +9,7 @@
 Fashion-MNIST comes from the Debian package dataset-fashion-mnist (MIT licence; apt-get install
 dataset-fashion-mnist), read from /usr/share/datasets/fashion-mnist/*.gz in IDX format.
 """
+import csv
 import gzip
 import random
 import shutil
@@ -181,8 +182,6 @@ def pairs(args):
             canvas.save(out / name, optimize=True)
             rows.append((name, " ".join(sorted(set(picked))), split))
     with open(out / "labels.csv", "w", newline="") as f:
-        import csv
-
         writer = csv.writer(f)
         writer.writerow(["file", "label", "split"])
         writer.writerows(rows)

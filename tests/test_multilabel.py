@@ -215,6 +215,15 @@ def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_
     assert read_csv(tmp_path / "r_report.csv")[-1]["class"] == "macro avg"
 
 
+def test_predict_on_a_csv_with_a_split_column_takes_its_test_rows(pairs_run, tmp_path):
+    root, csv_path, _ = pairs_run
+    out = tmp_path / "r.csv"
+    predict.main(predict.parse_args([str(a) for a in ("--model_fn", root / "m.pth", "--labels_csv", csv_path, "--output",
+                                                       out, "--n_images", "0")]))
+    test = sorted(str(csv_path.parent / r["file"]) for r in read_csv(csv_path) if r["split"] == "test")
+    assert [r["file_dir"] for r in read_csv(out)] == test and len(test) == 17
+
+
 def test_the_onnx_export_carries_the_thresholds_and_predicts_the_same_rows(pairs_run, tmp_path, capsys):
     root, _, _ = pairs_run
     export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.onnx")]))
