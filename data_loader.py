@@ -7,6 +7,7 @@ import os
 import warnings
 from collections import Counter, defaultdict, namedtuple
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from cli import CLIError, describe_error, ignore_stop_signals
-from multilabel import label_text, positive_counts
+import labels_csv
+from tasks import SingleLabel
 from utils import atomic_open
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -102,11 +104,13 @@ BadSample = namedtuple("BadSample", "index reason")
 
 class ImageDataset(Dataset):
     """(path, label) pairs -> (tensor, label, index). An unreadable file yields a BadSample instead of
-    raising, so one bad image never stops an epoch; the collate function sorts them out."""
+    raising, so one bad image never stops an epoch; the collate function sorts them out. The task (tasks.py)
+    turns the labels into a tensor."""
 
-    def __init__(self, samples, transform):
+    def __init__(self, samples, transform, task=None):
         self.samples = list(samples)
         self.transform = transform
+        self.task = task or SingleLabel()
 
     def __len__(self):
         return len(self.samples)
@@ -138,8 +142,9 @@ class Batch:
 class SkipLog:
     """Unreadable files: one warning each, and a count per class for the summary."""
 
-    def __init__(self, samples, class_names, warn):
+    def __init__(self, samples, class_names, warn, task=None):
         self.samples, self.class_names, self.warn = samples, class_names, warn
+        self.task = task or SingleLabel()
         self.seen = {}
 
     def add(self, bad_items, samples=None):
@@ -152,31 +157,23 @@ class SkipLog:
 
     def restore(self, seen):
         """The unreadable files of a resumed run (a checkpoint stores multi-hot labels as lists)."""
-        self.seen.update({path: tuple(y) if isinstance(y, list) else y for path, y in seen.items()})
+        self.seen.update({path: self.task.restore(y) for path, y in seen.items()})
 
     def per_class(self):
         counts = {}
         for label in self.seen.values():
-            name = label_text(label, self.class_names) or "?"
+            name = self.task.text(label, self.class_names, " ") or "?"
             counts[name] = counts.get(name, 0) + 1
         return counts
 
 
-def label_tensor(labels):
-    """Class indices as a long (N,) tensor; multi-hot tuples (multilabel.py) as a float (N, classes) matrix."""
-    labels = list(labels)
-    if labels and isinstance(labels[0], tuple):
-        return torch.tensor(labels, dtype=torch.float32)
-    return torch.tensor(labels, dtype=torch.long)
-
-
-def collate(items):
+def collate(items, task=SingleLabel()):
     good = [it for it in items if not isinstance(it, BadSample)]
     bad = [it for it in items if isinstance(it, BadSample)]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad)
     images = torch.stack([g[0] for g in good])
-    labels = label_tensor(g[1] for g in good)
+    labels = task.tensor(g[1] for g in good)
     indices = torch.tensor([g[2] for g in good], dtype=torch.long)
     return Batch(images, labels, indices, bad)
 
@@ -259,11 +256,11 @@ def resolve_data_dir(data_dir):
     return root
 
 
-def build_splits(data_dir, valid_ratio, seed, labels_csv=None, image_root=None, warn=print, label_delim=None):
-    """The train/valid/test samples of a class-folder data set, or of a CSV of labels (labels_csv.py);
-    label_delim: the CSV's labels are sets of classes (multilabel.py)."""
-    if labels_csv:
-        return csv_splits(labels_csv, image_root, valid_ratio, seed, warn, label_delim)
+def build_splits(data_dir, valid_ratio, seed, csv_path=None, image_root=None, warn=print, task=None):
+    """The train/valid/test samples of a class-folder data set, or of a CSV of labels (labels_csv.py), read
+    as the task (tasks.py) says: one class per row, or a set of classes."""
+    if csv_path:
+        return csv_splits(csv_path, image_root, valid_ratio, seed, warn, task or SingleLabel())
     root = resolve_data_dir(data_dir)
     train_dir = root / "train" if (root / "train").is_dir() else root
     class_names, train = scan_class_folders(train_dir, what="training folder")
@@ -287,54 +284,41 @@ def build_splits(data_dir, valid_ratio, seed, labels_csv=None, image_root=None, 
     return DataSplits(class_names, train, valid, test, valid_source)
 
 
-def csv_splits(path, image_root, valid_ratio, seed, warn=print, label_delim=None):
+def csv_splits(path, image_root, valid_ratio, seed, warn=print, task=None):
     """DataSplits from a CSV of labels: its split column, else the seeded stratified split of its rows
-    (multi-label: stratified by the set of labels)."""
-    import labels_csv
-
-    parts = labels_csv.read_labels(path, image_root, warn, label_delim)
+    (stratified as the task says: by class, or by the set of labels)."""
+    task = task or SingleLabel()
+    parts = labels_csv.read_labels(path, image_root, warn, task)
     if None in parts:  # no split column: every row is a training row, split as train/ would be
         parts = {"train": parts[None]}
     if "train" not in parts:
         raise CLIError(f"--labels_csv {path} has no train rows")
-    class_names = labels_csv.class_names_of(parts["train"])
+    class_names = labels_csv.class_names_of(parts["train"], task)
     if len(class_names) < 2:
         raise CLIError(f"--labels_csv {path}: the train rows have only one label ({', '.join(class_names) or 'none'});"
                        " a classifier needs at least two")
-    train = labels_csv.indexed(parts["train"], class_names, path, "train")
-    labels_csv.check_label_format(class_names, train if label_delim is not None else [], path, label_delim, warn)
-    test = labels_csv.indexed(parts.get("test", []), class_names, path, "test")
+    train = labels_csv.indexed(parts["train"], class_names, path, "train", task)
+    task.check_format(class_names, train, f"--labels_csv {path}", warn)
+    test = labels_csv.indexed(parts.get("test", []), class_names, path, "test", task)
     if "valid" in parts:
-        valid = labels_csv.indexed(parts["valid"], class_names, path, "valid")
+        valid = labels_csv.indexed(parts["valid"], class_names, path, "valid", task)
         return DataSplits(class_names, train, valid, test, f"valid rows of {Path(path).name}")
     if not 0 < valid_ratio < 1:
         raise CLIError(f"--valid_ratio must be between 0 and 1 (exclusive) when the CSV has no valid rows; got {valid_ratio}")
-    keys = [y for _, y in train]
-    if keys and isinstance(keys[0], tuple):  # multi-label: by the set of labels; sets of one image pooled
-        sizes = Counter(keys)
-        keys = [y if sizes[y] > 1 else () for y in keys]
-    train_idx, valid_idx = stratified_split(keys, valid_ratio, seed)
+    train_idx, valid_idx = stratified_split(task.strata(y for _, y in train), valid_ratio, seed)
     if not valid_idx:
         raise CLIError("too few images to hold out a validation set; add rows or valid rows")
     return DataSplits(class_names, [train[i] for i in train_idx], [train[i] for i in valid_idx], test,
                       f"seeded split of the train rows of {Path(path).name} (valid_ratio={valid_ratio}, seed={seed})")
 
 
-def write_split_lists(splits, run_dir):
+def write_split_lists(splits, run_dir, task=None):
     """train_files.csv and valid_files.csv in the run folder: path,class per line."""
     for name, samples in (("train", splits.train), ("valid", splits.valid)):
         with atomic_open(Path(run_dir) / f"{name}_files.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "class"])
-            writer.writerows((p, label_text(y, splits.class_names)) for p, y in samples)
-
-
-def class_counts(samples, n_classes):
-    """Images per class (multi-label: images showing each class)."""
-    if samples and isinstance(samples[0][1], tuple):
-        return positive_counts(samples, n_classes)
-    counts = Counter(y for _, y in samples)
-    return [counts.get(i, 0) for i in range(n_classes)]
+            writer.writerows((p, (task or SingleLabel()).text(y, splits.class_names, " ")) for p, y in samples)
 
 
 # ----------------------------------------------------------------------------- samplers and loaders
@@ -400,7 +384,7 @@ def make_loader(dataset, batch_size, sampler, num_workers, pin_memory=False, dro
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=partial(collate, task=dataset.task),  # the task turns labels into a tensor
         pin_memory=pin_memory,
         drop_last=drop_last,
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
@@ -418,9 +402,10 @@ class Loaders:
 
 
 def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_workers, seed,
-                  rank=0, world_size=1, pin_memory=False, class_weights=None):
+                  rank=0, world_size=1, pin_memory=False, class_weights=None, task=None):
     """Train loader with augmentation and a seeded, sharded sampler; the others with eval transforms,
-    each image seen exactly once over all processes. `class_weights` turns on the balanced sampler."""
+    each image seen exactly once over all processes. `class_weights` turns on the balanced sampler; the task
+    (tasks.py) turns the labels into tensors."""
     train_tf = build_transforms(input_size, resize_size, mean, std, train=True)
     eval_tf = build_transforms(input_size, resize_size, mean, std, train=False)
     sample_weights = None
@@ -429,13 +414,13 @@ def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_wo
     train_sampler = TrainSampler(len(splits.train), seed, rank, world_size, sample_weights)
     per_rank = len(train_sampler)
     drop_last = per_rank > batch_size and per_rank % batch_size == 1  # a lone last sample breaks BatchNorm
-    train = make_loader(ImageDataset(splits.train, train_tf), batch_size, train_sampler, num_workers,
+    train = make_loader(ImageDataset(splits.train, train_tf, task), batch_size, train_sampler, num_workers,
                         pin_memory, drop_last)
 
     def eval_loader(samples):
         if not samples:
             return None
-        return make_loader(ImageDataset(samples, eval_tf), batch_size, ShardSampler(len(samples), rank, world_size),
+        return make_loader(ImageDataset(samples, eval_tf, task), batch_size, ShardSampler(len(samples), rank, world_size),
                            num_workers, pin_memory)
 
     return Loaders(train, eval_loader(splits.valid), eval_loader(splits.test), eval_loader(splits.train))
@@ -444,7 +429,7 @@ def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_wo
 def eval_subset(loader, indices, rank=0, world_size=1):
     """An eval loader like `loader` over its samples at `indices` (each once over all processes)."""
     samples = [loader.dataset.samples[i] for i in indices]
-    return make_loader(ImageDataset(samples, loader.dataset.transform), loader.batch_size,
+    return make_loader(ImageDataset(samples, loader.dataset.transform, loader.dataset.task), loader.batch_size,
                        ShardSampler(len(samples), rank, world_size), loader.num_workers, loader.pin_memory)
 
 
@@ -477,13 +462,13 @@ def csv_parts(splits):
     return [("train", splits.train), ("valid", splits.valid), ("test", splits.test)]
 
 
-def audit_samples(parts, class_names, out=print):
-    """audit_data's checks on [(part name, [(path, label)])]."""
+def audit_samples(parts, class_names, out=print, task=None):
+    """audit_data's checks on [(part name, [(path, label)])] (multi-label: images showing each class)."""
     unreadable, tiny, modes, owners = [], [], Counter(), defaultdict(set)
     for part, samples in parts:
         if not samples:
             continue
-        counts = class_counts(samples, len(class_names))
+        counts = (task or SingleLabel()).counts(samples, len(class_names))
         shown = ", ".join(f"{c} {n}" for c, n in zip(class_names, counts))
         ratio = max(counts) / max(1, min(counts))
         out(f"{part}: {len(samples)} images; {shown}; imbalance {ratio:.1f}x")

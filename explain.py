@@ -16,7 +16,8 @@ import torch
 from torch.nn import functional as F
 
 from cli import CLIError
-from utils import atomic_open, atomic_path, check_writable
+from data_loader import display_transform, load_rgb
+from utils import atomic_open, atomic_path, atomic_savefig, check_writable, image_grid_figure
 
 OVERLAY_SIDE = 384  # long side of the overlay PNGs, in pixels
 ALPHA = 0.45  # weight of the heat map's colours over the image
@@ -211,40 +212,27 @@ class Explanations:
 # ----------------------------------------------------------------------------- top losses
 
 
-def top_losses(logits, labels, calibration=None):
-    """(order, loss, prob_given): rows by decreasing loss -log p(given class), with p the calibrated
-    softmax(logits / temperature) (calibration None: T = 1). Multi-label (a labels matrix): p(given set), the
-    product over classes of the calibrated sigmoid of the present ones and 1 - it of the absent ones."""
-    if labels.dim() == 2:
-        scaled = logits.float() / torch.tensor(calibration.temperatures if calibration else [1.0] * labels.shape[1])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(scaled, labels.float(), reduction="none").sum(1)
-    else:
-        logp = (logits.float() / float(calibration.temperature if calibration else 1.0)).log_softmax(1)
-        loss = -logp.gather(1, labels[:, None])[:, 0]
+def top_losses(logits, labels, task, calibration=None):
+    """(order, loss, prob_given): rows by decreasing loss -log p(given label), with p calibrated (calibration
+    None: T = 1): softmax(logits / temperature) for one label; for several, p(given set), the product over
+    classes of the calibrated sigmoid of the present ones and 1 - it of the absent ones."""
+    loss = (calibration or task.uncalibrated(logits.shape[1])).row_loss(logits, labels)
     return torch.argsort(loss, descending=True, stable=True), loss, loss.neg().exp()
 
 
-def predicted_names(logits, labels, calibration, class_names):
+def predicted_names(logits, labels, calibration, class_names, task):
     """Per row: (given, predicted) as text; multi-label: the sets above the calibration's thresholds, space-joined
     ('(none)' for no class), as label_issues.csv writes them."""
-    from multilabel import decide, label_text
-
-    if labels.dim() == 2:
-        chosen = decide(calibration.probabilities(logits), calibration.thresholds) if calibration else logits > 0
-        return [(label_text(tuple(y.int().tolist()), class_names) or "(none)",
-                 label_text(tuple(p.int().tolist()), class_names) or "(none)") for y, p in zip(labels, chosen)]
-    return [(class_names[y], class_names[p]) for y, p in zip(labels.tolist(), logits.argmax(1).tolist())]
+    return task.names_of_rows(labels, task.chosen(logits, calibration), class_names)
 
 
-def write_top_losses(files, logits, labels, calibration, class_names, meta, run_dir, writer=None, step=0, n=16):
+def write_top_losses(files, logits, labels, calibration, class_names, meta, run_dir, task, writer=None, step=0,
+                     n=16):
     """top_losses.csv (every validation image, highest loss first), top_losses.png (the n highest, titled
     'given → predicted (p of given)') and the same grid in TensorBoard through `writer` (a SummaryWriter; the
     run's own, so the run keeps one event file); returns the CSV's path."""
-    from data_loader import display_transform, load_rgb
-    from utils import atomic_savefig, image_grid_figure
-
-    order, loss, prob_given = top_losses(logits, labels, calibration)
-    names = predicted_names(logits, labels, calibration, class_names)
+    order, loss, prob_given = top_losses(logits, labels, task, calibration)
+    names = predicted_names(logits, labels, calibration, class_names, task)
     run_dir = Path(run_dir)
     with atomic_open(run_dir / "top_losses.csv", "w", newline="") as f:
         table = csv.writer(f)

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 import data_loader
+import labels_csv
 import model_loader
-import multilabel
 import ood
+import tasks
 from cli import ArgumentParser, CLIError, StopFlag, describe_error, flag_adder, run_cli  # noqa: E402
 from utils import atomic_path, check_writable
 
@@ -76,11 +77,9 @@ def check_batch(ckpt, args):
         raise CLIError(f"--data_dir {str(folder)!r} does not exist or is not a folder")
     saved, files = ckpt.get("args", {}), []
     if folder is None and saved.get("labels_csv"):  # the table's test rows, else all of them
-        import labels_csv
-
         try:
             parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None,
-                                           delim=saved.get("label_delim") if ckpt.get("multi_label") else None)
+                                           task=tasks.for_checkpoint(ckpt))
             folder, files = Path(saved["labels_csv"]), sorted(f for f, _ in labels_csv.test_rows(parts) or [])
         except CLIError:
             folder = None
@@ -172,14 +171,12 @@ def outputs_of(model, images):
     return (out[0].float(), out[1].float()) if isinstance(out, (tuple, list)) else (out.float(), None)
 
 
-def reading_of(ckpt):
-    """(logits -> the probabilities predict.py reads, probabilities -> its decision per row): softmax(logits / T)
-    and the top class, or a multi-label model's sigmoid per class with its per-class temperatures and the set
-    of classes reaching their thresholds."""
-    if ckpt.get("multi_label"):
-        calibration = multilabel.from_checkpoint(ckpt)
-        return calibration.probabilities, lambda probs: multilabel.decide(probs, calibration.thresholds)
-    return (lambda logits: (logits / float(ckpt.get("temperature", 1.0))).softmax(1)), lambda probs: probs.argmax(1)
+def reading_of(ckpt, task=None):
+    """(logits -> the probabilities predict.py reads, probabilities -> its decision per row) of the checkpoint's
+    calibration: softmax(logits / T) and the top class, or a multi-label model's sigmoid per class with its
+    per-class temperatures and the set of classes reaching their thresholds."""
+    calibration = (task or tasks.for_checkpoint(ckpt)).calibration_of(ckpt)
+    return calibration.probabilities, calibration.decide
 
 
 def compare(model, exported, images, probabilities, decide=lambda probs: probs.argmax(1)):
@@ -217,6 +214,7 @@ def main(args):
     if output.resolve() == Path(args.model_fn).resolve():
         raise CLIError(f"--output {str(output)!r} would overwrite the checkpoint")
     ckpt = model_loader.load_checkpoint(args.model_fn)
+    task = tasks.for_checkpoint(ckpt)  # one label per image, or several: how the outputs are read
     model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
     if "ood" in ckpt:  # a second output, ood_score, computed in the graph (the reference as a constant)
         model = ood.scored_model(model, head, ckpt, args.model_fn)
@@ -237,9 +235,9 @@ def main(args):
             written, exported = load_for_check(fmt, tmp, meta)
             if {k: written.get(k) for k in meta} != meta:
                 raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
-            diff, agree, score_diff = compare(model, exported, images, *reading_of(ckpt))
+            diff, agree, score_diff = compare(model, exported, images, *reading_of(ckpt, task))
             print(f"check on {source}: max probability difference {diff:.2e}, "
-                  f"{'label-set' if ckpt.get('multi_label') else 'top-1'} agreement {agree}/{len(images)}"
+                  f"{task.decision_name} agreement {agree}/{len(images)}"
                   + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
             if not diff <= TOLERANCE:  # also catches NaN
                 raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "

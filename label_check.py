@@ -24,7 +24,6 @@ import torch
 import data_loader
 import features
 import model_loader
-from multilabel import label_text
 from utils import atomic_open, save_image_grid
 
 FOLDS = 5  # out-of-fold probabilities from 5-fold cross-validation (fewer when a class has fewer images)
@@ -214,7 +213,7 @@ def per_label_check(features, labels, seed):
     return present, flags, folds
 
 
-def multi_label_rows(files, labels, split, present, flags, class_names):
+def multi_label_rows(files, labels, split, present, flags, class_names, task):
     """label_issues.csv's rows of a multi-label check, most suspicious first."""
     given_state = torch.where(labels.bool(), present, 1 - present)  # probability of each class's given state
     suggested = labels.bool() ^ flags
@@ -222,7 +221,7 @@ def multi_label_rows(files, labels, split, present, flags, class_names):
     score, other = given_state.min(1).values, suggested_state.min(1).values
 
     def text(row):
-        return label_text(tuple(row), class_names) or "(none)"
+        return task.text(tuple(row), class_names, " ") or "(none)"
 
     order = sorted(range(len(files)), key=lambda i: (float(score[i]), files[i]))
     return [{"file": files[i], "given": text(labels[i].bool().tolist()), "suggested": text(suggested[i].tolist()),
@@ -260,12 +259,13 @@ def save_suspects(rows, path, input_size, resize_size, n=GRID_IMAGES):
 
 
 def backbone_features(model, head, samples, views, meta, batch_size, num_workers, seed, compute, skips,
-                      budget_mb, spill_path):
+                      budget_mb, spill_path, task=None):
     """(1 + views, n, dim) frozen-backbone features: the eval view, then `views` augmented ones (the
     training transform, seeded per image and view), with the mask of readable images."""
     pooled = data_loader.DataSplits([], list(samples), [], [], "")
     loaders = data_loader.build_loaders(pooled, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"],
-                                        batch_size, num_workers, seed, pin_memory=compute.device.type == "cuda")
+                                        batch_size, num_workers, seed, pin_memory=compute.device.type == "cuda",
+                                        task=task)
     view_loaders = [loaders.train_eval] + [features.view_loader(loaders.train, v) for v in range(views)]
     store, _ = features.feature_store(len(view_loaders), len(samples), features.feature_dim(model, head), budget_mb,
                                      spill_path)
@@ -274,7 +274,7 @@ def backbone_features(model, head, samples, views, meta, batch_size, num_workers
     return store, ok
 
 
-def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_size=32, num_workers=0, seed=42,
+def check_labels(model, head, splits, meta, compute, run_dir, task, views=0, batch_size=32, num_workers=0, seed=42,
                  budget_mb=2048, out=print):
     """Rank every readable train/valid image by how unlikely its label is; write label_issues.csv and
     label_issues.png to run_dir and print a summary. Returns the rows (most suspicious first), or None
@@ -282,46 +282,54 @@ def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_siz
     run_dir = Path(run_dir)
     samples = splits.train + splits.valid
     split = ["train"] * len(splits.train) + ["valid"] * len(splits.valid)
-    skips = data_loader.SkipLog(samples, splits.class_names, out)
+    skips = data_loader.SkipLog(samples, splits.class_names, out, task)
     start = time.perf_counter()
     spill = run_dir / "label_features.bin"  # only past budget_mb; removed whatever happens
     try:
         features, ok = backbone_features(model, head, samples, views, meta, batch_size, num_workers, seed, compute,
-                                         skips, budget_mb, spill)
+                                         skips, budget_mb, spill, task)
         if ok is None:
             return None
         extracted = time.perf_counter()
         keep = torch.nonzero(ok).flatten()
         files = [samples[i][0] for i in keep.tolist()]
-        labels = data_loader.label_tensor(samples[i][1] for i in keep.tolist())
-        n_classes = len(splits.class_names)
-        if labels.dim() == 2:  # multi-label: one two-class check per class
-            present, flags, folds = per_label_check(features[:, keep], labels, seed)
-        else:
-            if len(torch.unique(labels)) < 2:
-                out("label check: skipped; fewer than two classes have readable images")
-                return []
-            k, note = choose_folds(labels, splits.class_names)
-            if note:
-                out(f"label check: {note}")
-            probs, l2, _ = cross_validated_probs(features[:, keep], labels, n_classes, k, seed)
+        labels = task.tensor(samples[i][1] for i in keep.tolist())
+        kept_split = [split[i] for i in keep.tolist()]
+        check = per_class_check if task.multi_label else class_check  # several labels: one check per class
+        found = check(features[:, keep], labels, files, kept_split, splits.class_names, seed, out, task)
         del features
     finally:
         spill.unlink(missing_ok=True)
-    kept_split = [split[i] for i in keep.tolist()]
-    if labels.dim() == 2:
-        rows = multi_label_rows(files, labels, kept_split, present, flags, splits.class_names)
-        exact = float(((present >= 0.5) == labels.bool()).all(1).float().mean()) if len(labels) else 0.0
-        fit = (flags.sum(0).tolist(), f"{max(folds) or 'no'}-fold two-class logistic regression per class x{REPEATS}",
-               "exact match", exact)
-    else:
-        rows = LabelIssues(files, labels, kept_split, probs, splits.class_names).table()
-        per_class = {name: 0 for name in splits.class_names}
-        for r in rows:
-            per_class[r["given"]] += r["flagged"]
-        accuracy = float((probs.argmax(1) == labels).float().mean()) if len(labels) else 0.0
-        fit = (list(per_class.values()), f"{k}-fold logistic regression x{REPEATS} (L2 {l2:g})", "accuracy", accuracy)
+    if found is None:
+        return []
+    rows, fit = found
     return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips)
+
+
+def class_check(features, labels, files, split, class_names, seed, out, task):
+    """(rows, fit) of a check of one label per image (see report); None when fewer than two classes are left."""
+    if len(torch.unique(labels)) < 2:
+        out("label check: skipped; fewer than two classes have readable images")
+        return None
+    k, note = choose_folds(labels, class_names)
+    if note:
+        out(f"label check: {note}")
+    probs, l2, _ = cross_validated_probs(features, labels, len(class_names), k, seed)
+    rows = LabelIssues(files, labels, split, probs, class_names).table()
+    per_class = {name: 0 for name in class_names}
+    for r in rows:
+        per_class[r["given"]] += r["flagged"]
+    accuracy = float((probs.argmax(1) == labels).float().mean()) if len(labels) else 0.0
+    return rows, (list(per_class.values()), f"{k}-fold logistic regression x{REPEATS} (L2 {l2:g})", "accuracy", accuracy)
+
+
+def per_class_check(features, labels, files, split, class_names, seed, out, task):
+    """(rows, fit) of a multi-label check: each class its own two-class problem."""
+    present, flags, folds = per_label_check(features, labels, seed)
+    rows = multi_label_rows(files, labels, split, present, flags, class_names, task)
+    exact = float(((present >= 0.5) == labels.bool()).all(1).float().mean()) if len(labels) else 0.0
+    return rows, (flags.sum(0).tolist(), f"{max(folds) or 'no'}-fold two-class logistic regression per class "
+                  f"x{REPEATS}", "exact match", exact)
 
 
 def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips):

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from cli import CLIError
-from multilabel import split_labels
+from tasks import SingleLabel, looks_multi
 
 SPLITS = ("train", "valid", "test")
 
@@ -42,11 +42,12 @@ def read_rows(path):
     return rows
 
 
-def read_labels(path, image_root=None, warn=print, delim=None):
-    """{split or None: [(image path, class name)]} from the CSV; rows naming missing files are reported (the
-    first few by name) and left out. One error line, naming the row, for an empty file or label, an unknown
-    split, or a file listed twice. `delim` (--multi_label): each label is the tuple of the class names the cell
-    lists, separated by delim (multilabel.split_labels); an empty cell is an image of none of the classes."""
+def read_labels(path, image_root=None, warn=print, task=None):
+    """{split or None: [(image path, label)]} from the CSV, each label cell read by the task (tasks.py): a class
+    name, or (multi-label) the tuple of the class names the cell lists, where an empty cell is an image of none
+    of the classes. Rows naming missing files are reported (the first few by name) and left out. One error
+    line, naming the row, for an empty file or label, an unknown split, or a file listed twice."""
+    task = task or SingleLabel()
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     if image_root and not root.is_dir():
@@ -56,10 +57,9 @@ def read_labels(path, image_root=None, warn=print, delim=None):
     seen, out, missing = {}, {}, []
     for line, row in rows:
         name, label = (row.get("file") or "").strip(), (row.get("label") or "").strip()
-        if delim is not None and name:
-            label = tuple(split_labels(label, delim))
-        elif not name or not label:
+        if not name or not (label or task.empty_label_allowed):
             raise CLIError(f"--labels_csv {path} line {line}: empty {'file' if not name else 'label'}")
+        label = task.parse(label)
         split = (row.get("split") or "").strip().lower() if with_split else None
         if with_split and split not in SPLITS:
             raise CLIError(f"--labels_csv {path} line {line}: split {row.get('split')!r} is not one of "
@@ -88,53 +88,21 @@ def test_rows(parts):
     return parts.get("test") if None not in parts else parts[None]
 
 
-def class_names_of(pairs):
+def class_names_of(pairs, task=None):
     """The sorted class names the labels of [(path, label)] use (multi-label: every name of every tuple)."""
-    return sorted({n for _, label in pairs for n in (label if isinstance(label, tuple) else (label,))})
+    task = task or SingleLabel()
+    return sorted({n for _, label in pairs for n in task.names(label)})
 
 
-def looks_multi(names, known):
-    """True when some label of `names` splits (on spaces, |, commas or semicolons) into several names of `known`:
-    a cell listing several classes, read as one."""
-    known = set(known)
-    for name in names:
-        for sep in (None, "|", ",", ";"):
-            parts = [p.strip() for p in name.split(sep) if p.strip()]
-            if len(parts) > 1 and sum(p in known for p in parts) >= 2:
-                return True
-    return False
-
-
-def check_label_format(class_names, multi_hot_rows, path, delim, warn):
-    """One warning when the labels look read the wrong way: single-label names made of several class names
-    ('bag sneaker' beside 'bag'), or, with --multi_label, no row with two classes (another separator?)."""
-    if delim is None and looks_multi(class_names, class_names):
-        warn(f"warning: --labels_csv {path}: labels such as "
-             f"{next(n for n in class_names if looks_multi([n], class_names))!r} look like several classes in one "
-             "cell; for several labels per image add --multi_label (and --label_delim if they are not separated by "
-             "spaces); if it is one class, ignore this")
-    elif delim is not None and multi_hot_rows and max(sum(y) for _, y in multi_hot_rows) < 2:
-        shown = next((n for n in class_names if looks_multi([n], class_names) or any(s in n for s in " |,;")), None)
-        warn(f"warning: --labels_csv {path}: no train row lists more than one class with --label_delim {delim!r}"
-             + (f" (a class is named {shown!r}: another separator?)" if shown else "")
-             + "; if each image shows at most one class, ignore this")
-
-
-def indexed(pairs, class_names, path, split):
-    """[(image path, class index)] ordered by class, then path (as a folder scan); multi-label (tuples of
-    names): [(image path, multi-hot tuple)] ordered the same way."""
-    index = {c: i for i, c in enumerate(class_names)}
-    unknown = [n for n in class_names_of(pairs) if n not in index]
+def indexed(pairs, class_names, path, split, task=None):
+    """The task's samples (tasks.py encode): [(image path, class index)] ordered by class, then path (as a folder
+    scan); multi-label: [(image path, multi-hot tuple)] ordered the same way."""
+    task = task or SingleLabel()
+    unknown = [n for n in class_names_of(pairs, task) if n not in set(class_names)]
     if unknown:
         rows = f"the {split} rows have" if split else "its rows have"
-        sets = bool(pairs) and isinstance(pairs[0][1], tuple)
-        hint = ((" (classes separated by another character than the training's?)" if sets else
-                 " (several classes per cell? this model has one label per image)")
-                if looks_multi(unknown, class_names) else "")
+        hint = task.unknown_hint if looks_multi(unknown, class_names) else ""
         raise CLIError(f"--labels_csv {path}: {rows} labels that are not among the classes "
                        f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}"
                        + hint)
-    if pairs and isinstance(pairs[0][1], tuple):
-        hot = [(f, tuple(int(c in set(label)) for c in class_names)) for f, label in pairs]
-        return sorted(hot, key=lambda s: (tuple(-v for v in s[1]), s[0]))
-    return sorted(((f, index[label]) for f, label in pairs), key=lambda s: (s[1], s[0]))
+    return task.encode(pairs, class_names)

@@ -176,7 +176,7 @@ def range_test(fitter, batch_size):
         for step in range(steps):
             x, y = next(batches)
             x, y = compute.to_device(x, y, train=True)
-            meter = Meter()
+            meter = Meter(fitter.task)
             test.lrs.append(fitter.optimizer.param_groups[0]["lr"])
             train_step(step_model, x, y, fitter.optimizer, schedule, fitter.scaler, fitter.criterion, compute, meter)
             loss = meter.loss / meter.count

@@ -299,9 +299,11 @@ def plain(value):
 
 
 def make_checkpoint(model, model_name, class_names, input_size, resize_size, mean, std, epoch, metrics, args,
-                    weights=None, multi_label=False):
-    """The self-describing checkpoint: tensors and plain types only (see STYLE.md). `weights`: a CPU copy
-    of the model's state_dict already taken (see weights_copy), else one is taken here."""
+                    weights=None, task_entries=None):
+    """The self-describing checkpoint: tensors and plain types only, so torch.load(weights_only=True) reads it
+    (docs/checkpoint.md lists the keys). `weights`: a CPU copy of the model's state_dict already taken (see
+    weights_copy), else one is taken here. `task_entries`: the task's keys (tasks.py; multi-label:
+    {"multi_label": True})."""
     state = weights_copy(model) if weights is None else weights
     return {
         "format_version": FORMAT_VERSION,
@@ -315,7 +317,7 @@ def make_checkpoint(model, model_name, class_names, input_size, resize_size, mea
         "epoch": int(epoch),
         "metrics": plain(metrics),
         "temperature": 1.0,  # predict.py divides the logits by it; 1.0 = none (train.py fits it after training)
-        **({"multi_label": True} if multi_label else {}),  # sigmoid per class; temperatures, thresholds per class
+        **(task_entries or {}),
         "args": plain(dict(args)),
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),

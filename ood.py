@@ -20,7 +20,7 @@ from torch import nn
 
 import evaluation
 from cli import CLIError
-from data_loader import eval_subset, label_tensor
+from data_loader import eval_subset
 from features import feature_dim, pooled
 
 METHODS = ("knn", "mahalanobis", "energy", "msp")
@@ -205,9 +205,10 @@ def reference_for_run(model, head, loaders, cache, compute, method, keep, temper
     if cache is not None and cache.train.shape[0] == 1:
         readable = rows[cache.train_ok[rows]]
         train_features, train_count = cache.train[0][readable], int(cache.train_ok.sum())
-        train_labels = label_tensor(samples[i][1] for i in readable.tolist())
+        task = loaders.train_eval.dataset.task
+        train_labels = task.tensor(samples[i][1] for i in readable.tolist())
         valid_features = cache.valid[0][cache.valid_ok]
-        valid_labels = label_tensor(y for _, y in loaders.valid.dataset.samples)
+        valid_labels = task.tensor(y for _, y in loaders.valid.dataset.samples)
         valid_logits, _ = evaluation.head_logits(model.get_submodule(head), cache.valid[0], cache.valid_ok,
                                                  valid_labels, loaders.valid.batch_size, compute)
     else:

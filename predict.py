@@ -16,10 +16,12 @@ import torch
 import data_loader
 import evaluation
 import explain
+import labels_csv
 import model_loader
-import multilabel
 import ood
+import tasks
 from features import feature_dim
+from tasks import UNKNOWN
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, resolve_device, save_confusion_matrix,
                    save_image_grid)
@@ -76,44 +78,35 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def csv_inputs(path, image_root, class_names, delim=None):
-    """[(path, label)] of a CSV of labels: its test rows when it has a split column, else every row (delim: a
-    multi-label model's, see labels_csv.read_labels)."""
-    import labels_csv
-
-    parts = labels_csv.read_labels(path, image_root, delim=delim)
+def csv_inputs(path, image_root, class_names, task):
+    """[(path, label)] of a CSV of labels, read as the model's task: its test rows when it has a split column,
+    else every row."""
+    parts = labels_csv.read_labels(path, image_root, task=task)
     rows = labels_csv.test_rows(parts)
     if not rows:
         raise CLIError(f"--labels_csv {path} has a split column but no test rows to predict")
-    return labels_csv.indexed(rows, class_names, path, "test" if None not in parts else "")
+    return labels_csv.indexed(rows, class_names, path, "test" if None not in parts else "", task)
 
 
-def default_inputs(ckpt):
+def default_inputs(ckpt, task):
     """test/ of the data set the checkpoint was trained on (a [(path, label)] list for a CSV of labels)."""
     saved = ckpt.get("args", {})
     if saved.get("labels_csv"):
-        import labels_csv
-
         try:
-            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), delim=label_delim(ckpt))
+            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), task=task)
         except CLIError as e:
             raise CLIError(f"no --data_dir or --labels_csv given, and the CSV the model was trained with: {e}") from None
         if "test" not in parts:
             raise CLIError(f"no --data_dir or --labels_csv given, and the CSV the model was trained with "
                            f"({saved['labels_csv']}) has no test rows")
-        return labels_csv.indexed(parts["test"], ckpt["class_names"], saved["labels_csv"], "test")
+        return labels_csv.indexed(parts["test"], ckpt["class_names"], saved["labels_csv"], "test", task)
     root = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name"))
     if not (root / "test").is_dir():
         raise CLIError(f"no --data_dir given and the training data's test folder {str(root / 'test')!r} does not exist")
     return root / "test"
 
 
-def label_delim(ckpt):
-    """A multi-label checkpoint's label delimiter (its training flag); None for one label per image."""
-    return ckpt.get("args", {}).get("label_delim") or multilabel.DEFAULT_DELIM if ckpt.get("multi_label") else None
-
-
-def find_inputs(path, class_names, multi_label=False):
+def find_inputs(path, class_names, task):
     """[(path, label)]: label is the class index when the file's folder is named after a class, else -1 (always
     -1 for a multi-label model: a folder name does not say which other classes an image shows)."""
     path = Path(path)
@@ -125,66 +118,19 @@ def find_inputs(path, class_names, multi_label=False):
             raise CLIError(f"no image files ({', '.join(data_loader.IMG_EXTENSIONS)}) under {str(path)!r}")
     else:
         raise CLIError(f"--data_dir {str(path)!r} does not exist")
-    index = {} if multi_label else {c: i for i, c in enumerate(class_names)}
+    index = task.folder_labels(class_names)
     return [(str(f), index.get(f.parent.name, -1)) for f in files]
 
 
-def csv_columns(class_names, topk, labelled, scored, explained=False, multi_label=False):
-    columns = ["file_dir", "predict"] + ([] if multi_label else ["confidence"])
-    if len(class_names) <= MAX_PROB_COLUMNS or multi_label:  # a multi-label row's answer is every probability
+def csv_columns(class_names, topk, labelled, scored, task, explained=False):
+    columns = ["file_dir"] + task.answer_columns()
+    if len(class_names) <= MAX_PROB_COLUMNS or task.all_probabilities():
         columns += [f"prob_{c}" for c in class_names]
     columns += [f"top{i + 1}_{kind}" for i in range(topk) for kind in ("class", "prob")]
     columns += ["ood_score", "in_distribution"] if scored else []
     columns += ["heatmap"] if explained else []
     return columns + (["label"] if labelled else []) + ["error"]
 
-
-class Tally:
-    """Labels, decisions and probabilities of the labelled rows: accuracy, the confusion matrix (with an
-    'unknown' column under --threshold) and the per-class report."""
-
-    def __init__(self):
-        self.labels, self.preds, self.argmax, self.probs = [], [], [], []
-
-    def add(self, label, pred, probs):
-        self.labels.append(label)
-        self.preds.append(pred)
-        self.argmax.append(int(probs.argmax()))
-        self.probs.append(probs)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def confusion(self, n, unknown_column):
-        matrix = [[0] * (n + unknown_column) for _ in range(n)]
-        for label, pred in zip(self.labels, self.preds):
-            matrix[label][pred if pred != evaluation.UNKNOWN else n] += 1
-        return matrix
-
-    def report(self, class_names):
-        return evaluation.classification_report(self.labels, self.preds, torch.stack(self.probs), class_names)
-
-
-class MultiTally(Tally):
-    """A multi-label model's labelled rows: multi-hot labels and decisions (a rejected row decides no class)."""
-
-    def add(self, label, pred, probs):
-        self.labels.append(label)
-        self.preds.append(tuple(0 for _ in label) if pred == evaluation.UNKNOWN else pred)
-        self.probs.append(probs)
-
-    def report(self, class_names):
-        return multilabel.report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
-                                 class_names)
-
-
-def decide_rows(probs, args, calibration):
-    """Per row: the class index or evaluation.UNKNOWN (below --threshold); a multi-label model (calibration
-    given): the multi-hot tuple of the classes reaching their threshold (--threshold: that one for all)."""
-    if calibration is None:
-        return evaluation.decide(probs, args.threshold).tolist()
-    thresholds = calibration.thresholds if args.threshold is None else [args.threshold] * probs.shape[1]
-    return [tuple(row) for row in multilabel.decide(probs, thresholds).int().tolist()]
 
 def main(args):
     if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0 or (args.topk is not None and args.topk <= 0):
@@ -213,11 +159,9 @@ def main(args):
     rejecting = args.threshold is not None or args.reject_ood  # rows may be predicted as --unknown_label
     if rejecting and args.unknown_label in class_names:
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
-    temperature = float(ckpt.get("temperature", 1.0))  # older checkpoints have none: uncalibrated
-    multi = bool(ckpt.get("multi_label"))  # sigmoid per class, with the temperatures and thresholds fitted in training
-    delim = label_delim(ckpt)  # how a multi-label model's classes are joined in a cell; None for one label
-    calibration = multilabel.from_checkpoint(ckpt) if multi else None
-    if multi and args.unknown_label in class_names:
+    task = tasks.for_checkpoint(ckpt)  # one label per image, or a set (its delimiter joins a cell's classes)
+    calibration = task.calibration_of(ckpt)  # the temperature(s) and thresholds fitted in training
+    if task.empty_label_allowed and args.unknown_label in class_names:  # a row deciding no class says it
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     views = 2 if args.tta else 1  # the image, and its mirror image with --tta
     if args.image_root and not args.labels_csv:
@@ -225,12 +169,12 @@ def main(args):
     if args.labels_csv and args.data_dir:
         raise CLIError("give --labels_csv or --data_dir, not both")
     if args.labels_csv:
-        inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, delim))  # by path
+        inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, task))  # by path
     elif args.data_dir:
-        inputs = find_inputs(args.data_dir, class_names, multi)
+        inputs = find_inputs(args.data_dir, class_names, task)
     else:
-        default = default_inputs(ckpt)
-        inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, multi)
+        default = default_inputs(ckpt, task)
+        inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, task)
     inputs = [(str(f), y) for f, y in inputs]
     check_writable(args.output, "--output")
     if args.n_images:
@@ -255,8 +199,8 @@ def main(args):
     loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
     labelled = any(label != -1 for _, label in inputs)
-    columns = csv_columns(class_names, topk, labelled, reference is not None, bool(args.explain), multi)
-    tally, samples_for_plot = MultiTally() if multi else Tally(), []
+    columns = csv_columns(class_names, topk, labelled, reference is not None, task, bool(args.explain))
+    tally, samples_for_plot = task.tally(), []
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
     n_done = n_bad = n_accepted = n_unlike = 0
@@ -273,13 +217,12 @@ def main(args):
                     if batch.labels.numel():
                         images = compute.to_device(batch.images)
                         with compute.autocast():
-                            views_in = evaluation.with_flips(images) if args.tta else images
+                            views_in = tasks.with_flips(images) if args.tta else images
                             out = cam.forward(model, views_in) if args.explain else model(views_in)
                         logits, scores = out if isinstance(out, tuple) else (out, None)
-                        probs = (calibration.probabilities(logits.detach(), views) if multi else
-                                 evaluation.probabilities(logits.detach(), temperature, views)).cpu()
+                        probs = calibration.probabilities(logits.detach(), views).cpu()
                         maps = cam.maps(logits, probs.argmax(1)).cpu() if args.explain else None
-                        preds = decide_rows(probs, args, calibration)
+                        preds = task.decisions(calibration.decide(probs, args.threshold))
                         unlike = [None] * len(probs)  # per row: True = out of distribution, None = not known
                         if scores is not None:
                             scores = scores[:len(probs)].detach().float().cpu()  # with --tta: the image's own view
@@ -287,15 +230,16 @@ def main(args):
                                 unlike = (scores > ood_threshold).tolist()
                                 n_unlike += sum(unlike)
                                 if args.reject_ood:
-                                    preds = [evaluation.UNKNOWN if u else p for p, u in zip(preds, unlike)]
-                        n_accepted += sum(p != evaluation.UNKNOWN and (not multi or any(p)) for p in preds)
+                                    preds = [UNKNOWN if u else p for p, u in zip(preds, unlike)]
+                        n_accepted += sum(task.accepted(p) for p in preds)
                         for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds)):
                             score = None if scores is None else (float(scores[i]), unlike[i])
                             rows[index] = prediction_row(inputs[index], p, pred, class_names, topk, labelled,
-                                                         args.unknown_label, score, delim)
+                                                         args.unknown_label, task, score)
                             if maps is not None:
                                 rows[index].insert(columns.index("heatmap"), explain_row(
-                                    explained, inputs[index], maps[i], pred, p, unlike[i], class_names, ckpt, args))
+                                    explained, inputs[index], maps[i], pred, p, unlike[i], class_names, ckpt, args,
+                                    task))
                             label = inputs[index][1]
                             if label != -1:
                                 tally.add(label, pred, p)
@@ -304,7 +248,7 @@ def main(args):
                                                          None if maps is None else maps[i]))
                     for bad in batch.bad:
                         rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled,
-                                                    delim)
+                                                    task)
                     for index in sorted(rows):
                         writer.writerow(rows[index])
                     n_done += len(batch.labels)
@@ -320,8 +264,7 @@ def main(args):
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if args.explain:
-        which = "most probable" if multi else "predicted"
-        print(f"heat maps (Grad-CAM of the {which} class): {explained.count} overlays -> {args.explain}/, "
+        print(f"heat maps (Grad-CAM of the {task.explained_class} class): {explained.count} overlays -> {args.explain}/, "
               f"maps -> {Path(args.explain) / 'heatmaps.npz'}")
     if rejecting:
         rules = " and ".join(([f"threshold {args.threshold:g}"] if args.threshold is not None else [])
@@ -329,32 +272,19 @@ def main(args):
         print(f"{rules}: {n_accepted}/{n_done} accepted ({n_accepted / n_done:.1%}), "
               f"the rest predicted as {args.unknown_label!r}")
     labelled = labelled and len(tally) > 0  # every labelled image may have been unreadable
-    if labelled and multi:
-        report, summary = tally.report(class_names)
-        confidence, correct = torch.stack(tally.probs).flatten(), torch.tensor(tally.labels).flatten().bool()
-        print(f"{multilabel.describe_summary(summary)} (labelled; per-class thresholds "
-              + (f"replaced by --threshold {args.threshold:g}" if args.threshold is not None else "from the checkpoint")
-              + f"); ECE of the per-class probabilities {evaluation.ece(confidence, correct):.4f}")
-        report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
-        evaluation.write_report(report, report_path)
-        print(f"per-class report -> {report_path}\n{evaluation.format_report(report)}")
-    elif labelled:
-        print_accuracy(tally, rejecting)
-        confidence = torch.stack(tally.probs).max(1).values
-        correct = torch.tensor(tally.argmax) == torch.tensor(tally.labels)
-        print(f"mean confidence {float(confidence.mean()):.4f}, ECE {evaluation.ece(confidence, correct):.4f} "
-              f"({evaluation.N_BINS} bins; temperature {temperature:.3f} from the checkpoint)")
-        report = tally.report(class_names)
+    if labelled:
+        lines, report = tally.summary(class_names, args.threshold, rejecting, calibration)
+        print("\n".join(lines))
         report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
         evaluation.write_report(report, report_path)
         print(f"per-class report -> {report_path}\n{evaluation.format_report(report)}")
     if samples_for_plot:
-        plot_predictions(samples_for_plot, class_names, ckpt, args.plot, args.show, args.unknown_label)
+        plot_predictions(samples_for_plot, class_names, ckpt, args.plot, args.show, args.unknown_label, task)
         print(f"figure -> {args.plot}")
-        if labelled and not multi:
+        matrix = tally.confusion(len(class_names), rejecting) if labelled else None  # none for sets of classes
+        if matrix is not None:
             confusion = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
-            save_confusion_matrix(tally.confusion(len(class_names), rejecting), class_names,
-                                  confusion, extra_column=args.unknown_label if rejecting else None)
+            save_confusion_matrix(matrix, class_names, confusion, extra_column=args.unknown_label if rejecting else None)
             print(f"confusion matrix -> {confusion}")
 
 
@@ -372,30 +302,14 @@ def print_ood_summary(reference, threshold, n_unlike, n_done, args):
               f"images (ood_score > {threshold:.4g}, {reference['method']})")
 
 
-def print_accuracy(tally, rejecting):
-    """Accuracy of the best class over the labelled rows and, when rows can be rejected (--threshold,
-    --reject_ood), over the accepted ones."""
-    correct = sum(a == y for a, y in zip(tally.argmax, tally.labels))
-    print(f"accuracy {correct / len(tally):.4f} ({correct}/{len(tally)} labelled images)")
-    if rejecting:
-        accepted = [(p, y) for p, y in zip(tally.preds, tally.labels) if p != evaluation.UNKNOWN]
-        right = sum(p == y for p, y in accepted)
-        print(f"accuracy on accepted rows {right / max(len(accepted), 1):.4f} ({right}/{len(accepted)}; "
-              f"{len(accepted) / len(tally):.1%} of the labelled images accepted)")
-
-
-def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_label, score=None, delim=None):
-    """pred: the class index, or evaluation.UNKNOWN (rejected); confidence is the best probability. score:
-    (ood_score, unlike the training images: True / False / None when there is no threshold), or None when the
-    checkpoint has no out-of-distribution reference. A multi-label model (pred a multi-hot tuple): the classes
-    joined by delim (unknown_label for none), and no confidence column."""
+def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_label, task, score=None):
+    """pred: the task's decision (a class index or UNKNOWN; a multi-label model's multi-hot tuple), written as the
+    task says (a class and its confidence; the classes joined by the training's delimiter, unknown_label for
+    none). score: (ood_score, unlike the training images: True / False / None when there is no threshold), or
+    None when the checkpoint has no out-of-distribution reference."""
     path, label = sample
-    if isinstance(pred, tuple):
-        row = [path, multilabel.label_text(pred, class_names, delim) or unknown_label]
-    else:
-        row = [path, unknown_label if pred == evaluation.UNKNOWN else class_names[pred]]
-        row += [] if delim is not None else [f"{float(probs.max()):.6f}"]
-    if len(class_names) <= MAX_PROB_COLUMNS or delim is not None:
+    row = [path] + task.answer(pred, probs, class_names, unknown_label)
+    if len(class_names) <= MAX_PROB_COLUMNS or task.all_probabilities():
         row += [f"{float(p):.6f}" for p in probs]
     if topk:
         values, indices = probs.topk(topk)
@@ -405,43 +319,30 @@ def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_lab
         value, unlike = score
         row += [f"{value:.6f}", "" if unlike is None else str(int(not unlike))]
     if labelled:
-        row.append(multilabel.label_text(label, class_names, delim or " "))
+        row.append(task.text(label, class_names))
     return row + [""]
 
 
-def error_row(sample, reason, columns, class_names, labelled, delim=None):
+def error_row(sample, reason, columns, class_names, labelled, task):
     """An unreadable image: its path, its label when known, the reason; the prediction columns empty."""
     path, label = sample
     row = dict.fromkeys(columns, "")
     row.update(file_dir=path, error=reason)
     if labelled:
-        row["label"] = multilabel.label_text(label, class_names, delim or " ")
+        row["label"] = task.text(label, class_names)
     return list(row.values())
 
 
-def describe_row(label, pred, probs, unlike, class_names, unknown_label):
-    """(title, colour) of a prediction in the figure and the --explain overlays: the prediction and its
-    confidence; red when the folder name says otherwise; orange for rejected rows ('unknown', with the best
-    class named); 'unlike training' and purple for out-of-distribution rows."""
-    best, confidence = int(probs.argmax()), float(probs.max())
-    ood_note = "\nunlike training" if unlike else ""
-    if isinstance(pred, tuple) or isinstance(label, tuple):  # a multi-label model
-        chosen = ", ".join(f"{class_names[c]} ({probs[c]:.2f})" for c, on in enumerate(pred) if on) if isinstance(
-            pred, tuple) else ""
-        given = isinstance(label, tuple) and pred != label
-        truth = f"\ntrue: {multilabel.label_text(label, class_names, ', ') or 'none'}" if given else ""
-        if not chosen:
-            return (f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note,
-                    "purple" if unlike else "darkorange")
-        return chosen + truth + ood_note, "purple" if unlike else "red" if truth else "black"
-    truth = f"\ntrue: {class_names[label]}" if label >= 0 and label != best else ""
-    if pred == evaluation.UNKNOWN:
-        return (f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note,
-                "purple" if unlike else "darkorange")
-    return f"{class_names[pred]} ({confidence:.2f})" + truth + ood_note, "purple" if unlike else "red" if truth else "black"
+def describe_row(label, pred, probs, unlike, class_names, unknown_label, task):
+    """(title, colour) of a prediction in the figure and the --explain overlays: the task's title (the prediction
+    and its confidence, the truth when the label says otherwise); red when wrong; orange for rows deciding no
+    class ('unknown', with the best class named); 'unlike training' and purple for out-of-distribution rows."""
+    title, wrong = task.title(label, pred, probs, class_names, unknown_label)
+    color = "purple" if unlike else "darkorange" if wrong is None else "red" if wrong else "black"
+    return title + ("\nunlike training" if unlike else ""), color
 
 
-def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, args):
+def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, args, task):
     """The image's heat map at its own size into heatmaps.npz and its overlay PNG; returns the PNG's path (the
     heatmap column)."""
     file, label = sample
@@ -450,11 +351,11 @@ def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, 
     except Exception:  # changed or gone since the loader read it: the row stays, without a map
         return ""
     heat = explain.full_size_map(cam, image.width, image.height, ckpt["input_size"], ckpt["resize_size"])
-    title, color = describe_row(label, pred, probs, unlike, class_names, args.unknown_label)
+    title, color = describe_row(label, pred, probs, unlike, class_names, args.unknown_label, task)
     return str(explained.add(file, image, heat, title.replace("\n", "; "), color))
 
 
-def plot_predictions(samples, class_names, ckpt, path, show, unknown_label):
+def plot_predictions(samples, class_names, ckpt, path, show, unknown_label, task):
     """The images as the model saw them (resize + center crop), in real colours (with --explain, the heat map
     over them), titled as describe_row says."""
     show_tf = data_loader.display_transform(ckpt["input_size"], ckpt["resize_size"])
@@ -462,7 +363,7 @@ def plot_predictions(samples, class_names, ckpt, path, show, unknown_label):
     for (file, label), pred, probs, unlike, heat in samples:
         image = show_tf(data_loader.load_rgb(file))
         images.append(image if heat is None else explain.blend(image, heat))  # the crop's map: --explain
-        title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label)
+        title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label, task)
         titles.append(title)
         colors.append(color)
     if not save_image_grid(images, titles, colors, path, show=show):

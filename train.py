@@ -20,8 +20,8 @@ import explain
 import label_check
 import lr_finder
 import model_loader
-import multilabel
 import ood
+import tasks
 import trainer
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, resolve_device,
@@ -46,7 +46,7 @@ def build_parser():
         "(default: the CSV's folder)")
     add("--multi_label", action="store_true", help="with --labels_csv: each label cell lists every class the image "
         "shows (or none); one sigmoid per class, with per-class thresholds fitted on the validation images")
-    add("--label_delim", default=multilabel.DEFAULT_DELIM, help="--multi_label: what separates the classes in a "
+    add("--label_delim", default=tasks.DEFAULT_DELIM, help="--multi_label: what separates the classes in a "
         "label cell (default: a space)")
     add("--valid_ratio", type=float, default=0.2, help="share of train/ held out for validation when there is no valid/")
     add("--input_size", type=int, default=None, help="crop size fed to the model (default: the backbone's, 224)")
@@ -152,7 +152,7 @@ def check_args(args):
              args.ood_method not in ("knn", "none"))) if on]
         if refused:
             raise CLIError(refused[0])
-    elif args.label_delim != multilabel.DEFAULT_DELIM:
+    elif args.label_delim != tasks.DEFAULT_DELIM:
         raise CLIError("--label_delim goes with --multi_label (several labels per image)")
 
 
@@ -163,11 +163,6 @@ def default_run_dir(model_name):
 def last_path(model_fn):
     model_fn = Path(model_fn)
     return model_fn.with_name(f"{model_fn.stem}_last.pth")
-
-
-def inverse_frequency(counts):
-    total, n = sum(counts), len(counts)
-    return [total / (n * c) if c else 0.0 for c in counts]
 
 
 def init_distributed(dist, device):
@@ -185,23 +180,18 @@ def model_meta(args, model_name):
     input_size = args.input_size or defaults["input_size"]
     return {"model_name": model_name, "input_size": input_size,
             "resize_size": args.resize_size or data_loader.default_resize(input_size),
-            "mean": defaults["mean"], "std": defaults["std"], "multi_label": bool(args.multi_label)}
+            "mean": defaults["mean"], "std": defaults["std"]}
 
 
-def label_delim(args):
-    """The label delimiter of a --multi_label CSV; None for one label per image."""
-    return args.label_delim if args.multi_label else None
-
-
-def check_data(args, data_dir, model_name):
+def check_data(args, data_dir, model_name, task):
     """--check_data: the audit, then the label check when a pretrained backbone is given (label_check.py).
     Exits 1 on unreadable files or leaks; labels flagged as wrong alone do not fail it."""
     if args.check_views < 0:
         raise CLIError(f"--check_views must be 0 or more; got {args.check_views}")
     if args.labels_csv:
         splits = data_loader.build_splits(None, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
-                                          label_delim=label_delim(args))
-        status = data_loader.audit_samples(data_loader.csv_parts(splits), splits.class_names, print)
+                                          task=task)
+        status = data_loader.audit_samples(data_loader.csv_parts(splits), splits.class_names, print, task)
     else:
         status = data_loader.audit_data(data_dir, print)
     if not (args.use_pretrained or args.weights):
@@ -211,7 +201,7 @@ def check_data(args, data_dir, model_name):
         run_dir = Path(args.log_dir) if args.log_dir else default_run_dir(f"{model_name}_labels")
         check_writable(run_dir / "label_issues.csv", "--log_dir")
         splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
-                                          label_delim=label_delim(args))
+                                          task=task)
         meta = model_meta(args, model_name)
         seed_everything(args.seed)
         model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
@@ -222,7 +212,7 @@ def check_data(args, data_dir, model_name):
         try:
             compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, False, DistInfo(), stop,
                               progress=args.verbose >= 2)
-            rows = label_check.check_labels(model.to(device), head, splits, meta, compute, run_dir,
+            rows = label_check.check_labels(model.to(device), head, splits, meta, compute, run_dir, task,
                                             views=args.check_views, batch_size=args.batch_size, num_workers=workers,
                                             seed=args.seed, budget_mb=args.cache_memory_mb)
         finally:
@@ -241,7 +231,7 @@ def add_ood_reference(args, fitter, result, compute, n_classes):
     if args.ood_method == "none" or result.interrupted or not result.state.best_epoch:
         return None
     start = time.perf_counter()
-    temperature = result.calibration.temperature if isinstance(result.calibration, evaluation.Calibration) else 1.0
+    temperature = result.calibration.scalar_temperature() if result.calibration else 1.0
     try:
         reference = ood.reference_for_run(fitter.model, fitter.head, fitter.loaders, fitter.cache, compute,
                                           args.ood_method, args.ood_keep, temperature, n_classes, args.seed)
@@ -261,7 +251,7 @@ def add_top_losses(fitter, result, compute, run_dir):
     if result.interrupted or not result.state.best_epoch:
         return None
     valid = fitter.loaders.valid
-    labels = data_loader.label_tensor(y for _, y in valid.dataset.samples)
+    labels = valid.dataset.task.tensor(y for _, y in valid.dataset.samples)
     if fitter.cache is not None:  # --freeze: the cached validation features, no pass over the images
         logits, labels, index = evaluation.head_logits(fitter.model.get_submodule(fitter.head), fitter.cache.valid[0],
                                                        fitter.cache.valid_ok, labels, valid.batch_size, compute,
@@ -274,7 +264,7 @@ def add_top_losses(fitter, result, compute, run_dir):
         return None
     files = [valid.dataset.samples[i][0] for i in index.tolist()]
     path = explain.write_top_losses(files, logits, labels, result.calibration, fitter.splits.class_names, fitter.meta,
-                                    run_dir, writer=fitter.open_writer(), step=result.state.epoch)
+                                    run_dir, fitter.task, writer=fitter.open_writer(), step=result.state.epoch)
     return f"top losses: {len(files)} validation images, highest loss first -> {path}, {path.with_suffix('.png').name}"
 
 
@@ -291,8 +281,9 @@ def main(args):
         raise CLIError("give --labels_csv or --data_dir/--dataset_name, not both")
     if args.image_root and not args.labels_csv:
         raise CLIError("--image_root goes with --labels_csv")
+    task = tasks.for_run(args.multi_label, args.label_delim)  # one label per image, or a set of classes
     if args.check_data:
-        return check_data(args, data_dir, model_name)
+        return check_data(args, data_dir, model_name, task)
     if args.find_lr and (args.resume or dist.enabled):
         raise CLIError("--find_lr starts from the initial weights in one process: run it with python, without "
                        "--resume or torchrun")
@@ -300,7 +291,7 @@ def main(args):
     if dist.is_main:
         check_writable(args.model_fn, "--model_fn")
     splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root, say,
-                                      label_delim(args))
+                                      task)
     n_classes = len(splits.class_names)
     if args.n_classes is not None and args.n_classes != n_classes:
         where = f"labels of {args.labels_csv}" if args.labels_csv else f"class folders in {data_dir}"
@@ -343,18 +334,17 @@ def main(args):
         lr = args.lr * (dist.world_size if args.scale_lr else 1)
         # the smaller rate is for pretrained weights; a backbone from random init learns at the full rate
         lr_scale = args.backbone_lr_scale if (args.use_pretrained or args.weights) else 1.0
-        balance = (multilabel.positive_weights(splits.train, n_classes) if args.multi_label
-                   else inverse_frequency(data_loader.class_counts(splits.train, n_classes)))
+        balance = task.loss_weights(splits.train, n_classes)
         workers = args.num_workers
         if workers is None:
             workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         loaders = data_loader.build_loaders(
             splits, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], args.batch_size,
             workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
-            class_weights=balance if args.balanced_sampler else None)
+            class_weights=balance if args.balanced_sampler else None, task=task)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            data_loader.write_split_lists(splits, run_dir)
+            data_loader.write_split_lists(splits, run_dir, task)
         compute = Compute(device, amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist, stop,
                           progress=dist.is_main and args.verbose >= 2)
         args.feature_cache = (args.freeze or args.unfreeze_after > 0) and not args.no_feature_cache
@@ -404,9 +394,8 @@ def main(args):
         sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
     if state.best_epoch:
         m = state.best_metrics
-        say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid "
-            + (f"mAP {m['valid_map']:.4f}, exact match (at 0.5) {m['valid_accuracy']:.4f}" if "valid_map" in m else
-               f"accuracy {m['valid_accuracy']:.4f}") + f" -> {args.model_fn}")
+        say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> "
+            f"{args.model_fn}")
     if state.best_epoch:
         say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
             else "calibration: no validation images could be read; temperature stays 1.0")
@@ -415,10 +404,7 @@ def main(args):
     if top_line:
         say(top_line)
     if result.test_metrics.get("count"):
-        t = result.test_metrics
-        say(f"test mAP {t['map']:.4f}, exact match {t['accuracy']:.4f}, micro F1 {t['micro_f1']:.4f} on {t['count']} "
-            f"images (loss {t['loss']:.4f})" if "map" in t else
-            f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")
+        say(task.describe_test(result.test_metrics))
     if result.test_report is not None:
         say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
     say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")

@@ -13,9 +13,8 @@ from torch import nn
 
 import evaluation
 import model_loader
-from data_loader import SkipLog, TrainSampler, build_transforms, display_transform, label_tensor, load_rgb
+from data_loader import SkipLog, TrainSampler, build_transforms, display_transform, load_rgb
 from features import build_feature_cache, head_takes_features
-from multilabel import decide, from_checkpoint, label_text, mean_average_precision
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
@@ -30,38 +29,37 @@ def train_channels_last(device, channels_last):
 
 
 class Meter:
-    """Loss and accuracy sums, summed over processes once at the end. Multi-label (a labels matrix): accuracy
-    is the exact match at probability 0.5, and the logits are kept for the mean average precision ("map")."""
+    """Loss and accuracy sums, summed over processes once at the end. The task says what is correct (the top
+    class, or the exact set at probability 0.5) and whether an evaluation keeps the logits for a ranking
+    metric (multi-label: the mean average precision, "map")."""
 
-    def __init__(self, keep_logits=False):
+    def __init__(self, task, keep_logits=False):
+        self.task = task
         self.loss = self.correct = self.count = 0.0
-        self.keep_logits = keep_logits  # multi-label evaluation: for the mAP
+        self.keep_logits = keep_logits and task.keeps_logits()
         self.kept = []  # (logits, labels) per batch
 
     def update(self, loss, logits, labels):
         n = len(labels)
         self.loss += float(loss) * n
-        if labels.dim() == 2:
-            self.correct += float(((logits > 0) == labels.bool()).all(1).sum())
-            if self.keep_logits:
-                self.kept.append((logits.float().cpu(), labels.cpu()))
-        else:
-            self.correct += float((logits.argmax(1) == labels).sum())
+        self.correct += self.task.correct(logits, labels)
+        if self.keep_logits:
+            self.kept.append((logits.float().cpu(), labels.cpu()))
         self.count += n
 
     def result(self, dist=None, device=None):
-        loss, correct, count, multi = (self.loss, self.correct, self.count, float(bool(self.kept)))
+        loss, correct, count = self.loss, self.correct, self.count
         kept = [self.kept]
         if dist is not None and dist.enabled:
-            loss, correct, count, multi = all_reduce_sum([loss, correct, count, multi], dist, device)
-            if multi:  # every rank takes part: the flag is summed over all of them
+            loss, correct, count = all_reduce_sum([loss, correct, count], dist, device)
+            if self.keep_logits:  # every rank has the same task, so every rank takes part
                 kept = [None] * dist.world_size
                 torch.distributed.all_gather_object(kept, self.kept)
         count = int(round(count))
         out = {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1), "count": count}
-        if multi:
-            pairs = [pair for part in kept for pair in part]
-            out["map"] = mean_average_precision(torch.cat([p[0] for p in pairs]).sigmoid(), torch.cat([p[1] for p in pairs]))
+        pairs = [pair for part in kept for pair in part]
+        if pairs:
+            out.update(self.task.epoch_extras(pairs))
         return out
 
 
@@ -83,7 +81,7 @@ def train_step(model, images, labels, optimizer, scheduler, scaler, criterion, c
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, compute, skips, desc="train"):
     """One pass over the loader. Returns metrics, or None when a stop signal arrived (epoch abandoned)."""
-    meter = Meter()
+    meter = Meter(loader.dataset.task)
     for batch in bar(loader, compute, desc):
         skips.add(batch.bad)
         if batch.labels.numel():
@@ -95,19 +93,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, comp
 
 
 def eval_step(model, inputs, labels, compute, meter):
-    """Plain cross-entropy (no class weights or smoothing; multi-label: binary cross-entropy), so validation
-    losses compare across runs."""
+    """The task's plain loss (no class weights or smoothing), so validation losses compare across runs."""
     with compute.autocast():
         logits = model(inputs).float()
-    loss = (nn.functional.binary_cross_entropy_with_logits if labels.dim() == 2 else nn.functional.cross_entropy)
-    meter.update(loss(logits, labels), logits, labels)
+    meter.update(meter.task.eval_loss(logits, labels), logits, labels)
 
 
 @torch.inference_mode()
 def evaluate(model, loader, compute, skips=None, desc="valid"):
     """Loss and accuracy over the whole loader, each image once over all processes."""
     model.eval()
-    meter = Meter(keep_logits=True)
+    meter = Meter(loader.dataset.task, keep_logits=True)
     for batch in bar(loader, compute, desc):
         if skips is not None:
             skips.add(batch.bad, loader.dataset.samples)
@@ -120,11 +116,11 @@ def evaluate(model, loader, compute, skips=None, desc="valid"):
 
 
 def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer, scheduler, scaler, criterion,
-                     compute, epoch):
+                     compute, epoch, task):
     """One epoch of the classifier on cached features; same sampler order and batch size as the image loop.
     Each image uses one of its cached views, drawn per epoch."""
     head_module.train()
-    meter = Meter()
+    meter = Meter(task)
     order = torch.tensor([i for i, _ in sampler], dtype=torch.long)
     views = cache.train.shape[0]
     g = torch.Generator().manual_seed(sampler.seed * 7919 + epoch)
@@ -143,18 +139,9 @@ def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer,
     return meter.result()
 
 
-def evaluate_head(head_module, features, ok, labels, batch_size, compute):
+def evaluate_head(head_module, features, ok, labels, batch_size, compute, task):
     """Loss and accuracy of the classifier on the cached eval-view features."""
-    return evaluation.loss_accuracy(*evaluation.head_logits(head_module, features[0], ok, labels, batch_size, compute))
-
-
-def make_criterion(class_weights=None, label_smoothing=0.0, multi_label=False):
-    """The training loss: cross-entropy with optional class weights and label smoothing, or (multi-label)
-    BCEWithLogitsLoss with optional per-class positive weights."""
-    weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
-    if multi_label:
-        return nn.BCEWithLogitsLoss(pos_weight=weights)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+    return task.metrics(*evaluation.head_logits(head_module, features[0], ok, labels, batch_size, compute))
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -238,9 +225,10 @@ def spread_over_classes(samples, n):
 
 
 @torch.inference_mode()
-def prediction_grid(model, samples, class_names, meta, compute, n=16, calibration=None):
+def prediction_grid(model, samples, class_names, meta, compute, task, n=16, calibration=None):
     """A figure of n validation images spread over the classes, titled with the prediction and its calibrated
     probability; wrong ones in red with the true class (multi-label: the predicted set, and the true one)."""
+    calibration = calibration or task.uncalibrated(len(class_names))  # none fitted: T 1 (and 0.5 per class)
     show = display_transform(meta["input_size"], meta["resize_size"])
     tf = build_transforms(meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], train=False)
     images, titles, colors = [], [], []
@@ -252,16 +240,7 @@ def prediction_grid(model, samples, class_names, meta, compute, n=16, calibratio
             continue
         with compute.autocast():
             logits = model(compute.to_device(tf(img)[None])).float().cpu()
-        if isinstance(label, tuple):
-            calibration = calibration or from_checkpoint({"class_names": class_names})  # none fitted: T 1, 0.5
-            prob = calibration.probabilities(logits)[0]
-            chosen = tuple(int(v) for v in decide(prob, calibration.thresholds))
-            title, right = ", ".join(f"{class_names[c]} {prob[c]:.2f}" for c in range(len(prob)) if chosen[c]), chosen == label
-            title = (title or "none") + ("" if right else f"\ntrue: {label_text(label, class_names, ', ') or 'none'}")
-        else:
-            prob = (calibration.probabilities(logits) if calibration else evaluation.probabilities(logits))[0]
-            p = int(prob.argmax())
-            title, right = f"{class_names[p]} {prob[p]:.2f}" + ("" if p == label else f"\ntrue: {class_names[label]}"), p == label
+        title, right = task.grid_title(calibration.probabilities(logits)[0], label, class_names, calibration)
         images.append(show(img))
         titles.append(title)
         colors.append("black" if right else "red")
@@ -294,17 +273,18 @@ class FitResult:
     test_metrics: dict
     skipped_per_class: dict
     cache_note: str
-    calibration: object = None  # evaluation.Calibration, None when there were no validation logits
-    test_report: object = None  # pandas DataFrame (evaluation.classification_report) of the test split
+    calibration: object = None  # the task's calibration (tasks.py), None when there were no validation logits
+    test_report: object = None  # pandas DataFrame (the task's per-class report) of the test split
 
 
 class Fitter:
     """Runs the epochs. Owns the optimizer, schedule, DDP wrapper and the two checkpoint files."""
 
     def __init__(self, model, head, splits, loaders, compute, args, meta, model_fn, last_fn, run_dir, log,
-                 class_weights=None, lr=None, backbone_lr_scale=None):
+                 class_weights=None, lr=None, backbone_lr_scale=None, task=None):
         self.model, self.head, self.splits, self.loaders = model, head, splits, loaders
         self.compute, self.args, self.meta, self.log = compute, args, meta, log
+        self.task = task or loaders.train.dataset.task
         self.model_fn, self.last_fn, self.run_dir = Path(model_fn), Path(last_fn), Path(run_dir)
         self.dist = compute.dist
         self.frozen_epochs = args.n_epochs if args.freeze else min(args.unfreeze_after, args.n_epochs)
@@ -331,11 +311,11 @@ class Fitter:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, phases=phases, warmup_fraction=args.warmup, schedule=args.lr_schedule))
         self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.amp_dtype == torch.float16)
-        self.criterion = make_criterion(class_weights, args.label_smoothing, meta.get("multi_label")).to(compute.device)
-        self.train_labels = label_tensor(y for _, y in splits.train)
-        self.valid_labels = label_tensor(y for _, y in splits.valid)
+        self.criterion = self.task.criterion(class_weights, args.label_smoothing).to(compute.device)
+        self.train_labels = self.task.tensor(y for _, y in splits.train)
+        self.valid_labels = self.task.tensor(y for _, y in splits.valid)
         self.cache = None
-        self.skips = SkipLog(splits.train, splits.class_names, log)
+        self.skips = SkipLog(splits.train, splits.class_names, log, self.task)
         self.state = TrainState()
         self.best_state = None  # weights of the best epoch, kept on every rank for the final test
         self._pending = {}  # checkpoints not written yet (epochs shorter than --save_interval): path -> dict
@@ -350,7 +330,7 @@ class Fitter:
         return model_loader.make_checkpoint(
             self.model, self.meta["model_name"], self.splits.class_names, self.meta["input_size"],
             self.meta["resize_size"], self.meta["mean"], self.meta["std"], self.state.epoch, metrics, vars(self.args),
-            weights, multi_label=self.meta.get("multi_label", False))
+            weights, self.task.checkpoint_entries())
 
     def last_checkpoint(self, weights=None):
         ckpt = self.best_checkpoint(self.state.best_metrics, weights)
@@ -466,11 +446,12 @@ class Fitter:
             whole = TrainSampler(sampler.n, sampler.seed, 0, 1, sampler.weights)  # every rank: all features
             whole.set_epoch(epoch)
             train = train_head_epoch(head_module, self.cache, self.train_labels, whole, self.global_batch,
-                                     self.optimizer, self.scheduler, self.scaler, self.criterion, compute, epoch)
+                                     self.optimizer, self.scheduler, self.scaler, self.criterion, compute, epoch,
+                                     self.task)
             if train is None:
                 return None
             valid = evaluate_head(head_module, self.cache.valid, self.cache.valid_ok, self.valid_labels,
-                                  self.loaders.valid.batch_size, compute)
+                                  self.loaders.valid.batch_size, compute, self.task)
             return train, valid
         if not frozen:
             self.cache = None  # fine-tuning changes the backbone: cached features are stale
@@ -536,20 +517,20 @@ class Fitter:
             calibration = self.calibrate()
             if self.loaders.test is not None:
                 logits, labels = evaluation.collect_logits(self.model, self.loaders.test, self.compute, "test")
-                test_metrics, report = evaluation.test_results(logits, labels, calibration, self.splits.class_names)
+                test_metrics, report = self.task.test_results(logits, labels, calibration, self.splits.class_names)
         skipped = self.skips.per_class()
         if self.dist.is_main and done:
             if report is not None:
                 evaluation.write_report(report, self.run_dir / "test_report.csv")
             writer = self.open_writer()
             figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute,
-                                     calibration=calibration)
+                                     self.task, calibration=calibration)
             if figure is not None:
                 writer.add_figure("Validation/Predictions", figure, self.state.epoch)
             metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
             metrics.update({f"hparam/test_{k}": float(test_metrics[k]) for k in ("accuracy", "map") if k in test_metrics})
-            if not self.meta.get("multi_label"):
-                metrics["hparam/temperature"] = calibration.temperature if calibration else 1.0
+            fitted = calibration or self.task.uncalibrated(len(self.splits.class_names))
+            metrics.update({f"hparam/{k}": float(v) for k, v in fitted.hparams().items()})
             metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
             log_hparams(writer, {k: v for k, v in vars(self.args).items() if v is not None}, metrics, self.state.epoch)
         note = ""
@@ -566,11 +547,12 @@ class Fitter:
                                                     self.loaders.valid.batch_size, self.compute)
         else:
             logits, labels = evaluation.collect_logits(self.model, self.loaders.valid, self.compute, "calibrate")
-        calibration = evaluation.calibrate(logits, labels, self.splits.class_names)
+        calibration = self.task.calibrate(logits, labels, self.splits.class_names)
         if self.dist.is_main and calibration is not None:
             ckpt = model_loader.safe_load(self.model_fn)
             ckpt.update(calibration.checkpoint_entries())
             ckpt["metrics"].update(calibration.metrics)
             atomic_torch_save(ckpt, self.model_fn)
-            evaluation.save_reliability_diagram(logits, labels, calibration, self.run_dir / "reliability.png")
+            evaluation.save_reliability_diagram(logits, labels, calibration, self.run_dir / "reliability.png",
+                                                self.task)
         return calibration

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data_loader  # noqa: E402
+import tasks  # noqa: E402
 from cli import ArgumentParser, run_cli  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def main(args):
         best = float("inf")
         for _ in range(args.repeats):
             start = time.perf_counter()
-            splits = data_loader.build_splits(None, 0.2, 42, path, None, label_delim=" " if args.multi_label else None)
+            splits = data_loader.build_splits(None, 0.2, 42, path, None, task=tasks.for_run(args.multi_label))
             best = min(best, time.perf_counter() - start)
         print(f"{args.rows} rows{' of two labels' if args.multi_label else ''}, {'with' if with_split else 'without'} "
               f"a split column: {best:.2f}s (best of "

@@ -44,7 +44,7 @@ from timed import run  # noqa: E402
 import torch  # noqa: E402
 
 import data_loader as dl  # noqa: E402
-import evaluation  # noqa: E402
+import metrics  # noqa: E402
 import model_loader as ml  # noqa: E402
 import ood  # noqa: E402
 from cli import ArgumentParser, CLIError, run_cli  # noqa: E402
@@ -200,7 +200,7 @@ def measure(ckpt_path, run_dir, data, ood_sets):
         for name, (f, l) in outs.items():
             s = ood.score(ref, t, f, l)
             # AUROC of 'out' against 'in' by the score (higher = out): the chance an out image scores above an in one
-            r["auroc"][name] = evaluation.roc_auc(torch.cat([test_s, s]).tolist(), [False] * len(test_s) + [True] * len(s))
+            r["auroc"][name] = metrics.roc_auc(torch.cat([test_s, s]).tolist(), [False] * len(test_s) + [True] * len(s))
             r["fpr95"][name] = fpr_at(test_s, s)
             r["accepted"][name] = float((s <= ref["threshold"]).double().mean())
         results[method] = r

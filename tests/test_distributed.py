@@ -135,7 +135,7 @@ def test_multi_label_under_torchrun_gathers_every_validation_image_for_the_map(t
     statistics would differ slightly between the processes (each updates its own after DDP's broadcast)."""
     import data_loader
     import model_loader
-    import multilabel
+    import metrics
     from test_multilabel import tiny_pairs
 
     labels_csv = tiny_pairs(tmp_path / "pairs")
@@ -154,4 +154,4 @@ def test_multi_label_under_torchrun_gathers_every_validation_image_for_the_map(t
     with torch.no_grad():
         probs = model.eval()(images).sigmoid()
     best = history(tmp_path / "m_last.pth")[ckpt["metrics"]["best_epoch"] - 1]  # the epoch's own evaluation
-    assert best["valid_map"] == pytest.approx(multilabel.mean_average_precision(probs, labels), abs=1e-6)
+    assert best["valid_map"] == pytest.approx(metrics.mean_average_precision(probs, labels), abs=1e-6)

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 import evaluation
+import metrics
 import predict
+import tasks
 import train
 from conftest import SAMPLE
 from test_cli import run_in_process
@@ -30,13 +32,13 @@ def synthetic_logits(scale, n=4000, classes=4, seed=0):
 @pytest.mark.parametrize("scale", [3.0, 1 / 3])
 def test_temperature_fit_undoes_over_and_under_confidence(scale):
     logits, labels = synthetic_logits(scale)
-    calibration = evaluation.calibrate(logits, labels)
+    calibration = tasks.SingleLabel().calibrate(logits, labels)
     t, m = calibration.temperature, calibration.metrics
     assert t == pytest.approx(scale, rel=0.1)  # T > 1 for the over-confident model, T < 1 for the other
     assert m["valid_nll_after"] < m["valid_nll_before"] - 0.05
     assert m["valid_ece_after"] < m["valid_ece_before"] and m["valid_ece_after"] < 0.03
     for nearby in (t / 1.01, t * 1.01):  # the minimum, not just an improvement
-        assert evaluation.nll(logits, labels, nearby) > m["valid_nll_after"]
+        assert metrics.nll(logits, labels, nearby) > m["valid_nll_after"]
 
 
 def test_no_temperature_is_fitted_when_the_nll_has_no_minimum():
@@ -49,22 +51,22 @@ def test_no_temperature_is_fitted_when_the_nll_has_no_minimum():
     logits = torch.randn(80, 3, generator=g)
     logits[torch.arange(80), labels] += 4
     assert (logits.argmax(1) == labels).all()
-    calibration = evaluation.calibrate(logits, labels)
+    calibration = tasks.SingleLabel().calibrate(logits, labels)
     assert calibration.temperature == 1.0 and "every validation image is predicted right" in calibration.unfitted
     m = calibration.metrics
     assert m["valid_nll_after"] == m["valid_nll_before"] and m["valid_ece_after"] == m["valid_ece_before"]
     assert calibration.summary().startswith("temperature stays 1.0: every validation image")
-    wrong = evaluation.calibrate(-logits, labels)
+    wrong = tasks.SingleLabel().calibrate(-logits, labels)
     assert wrong.temperature == 1.0 and "grows" in wrong.unfitted
     logits[0] = torch.roll(logits[0], 1)  # one image now wrong
     assert logits[0].argmax() != labels[0]
-    one_wrong = evaluation.calibrate(logits, labels)
+    one_wrong = tasks.SingleLabel().calibrate(logits, labels)
     assert one_wrong.unfitted == "" and 0.06 < one_wrong.temperature < 1.0
     assert one_wrong.metrics["valid_nll_after"] < one_wrong.metrics["valid_nll_before"]
 
 
 def test_no_validation_logits_means_no_calibration():
-    assert evaluation.calibrate(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) is None
+    assert tasks.SingleLabel().calibrate(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) is None
 
 
 def test_ece_equals_a_hand_computation():
@@ -73,51 +75,51 @@ def test_ece_equals_a_hand_computation():
     # bins of width 1/15: (14/15, 1] holds 0.95, 0.97 (accuracy 0.5, confidence 0.96); (7/15, 8/15] holds 0.50,
     # 0.52 (accuracy 1, confidence 0.51); (1/15, 2/15] holds 0.10 (accuracy 0, confidence 0.10)
     hand = 2 / 5 * abs(0.5 - 0.96) + 2 / 5 * abs(1 - 0.51) + 1 / 5 * abs(0 - 0.10)
-    assert evaluation.ece(confidence, correct) == pytest.approx(hand, abs=1e-9)
-    count, _, _ = evaluation.reliability_bins(torch.tensor([2 / 15, 1.0, 1 / 15 + 1e-6], dtype=torch.float64), torch.ones(3, dtype=torch.bool))
+    assert metrics.ece(confidence, correct) == pytest.approx(hand, abs=1e-9)
+    count, _, _ = metrics.reliability_bins(torch.tensor([2 / 15, 1.0, 1 / 15 + 1e-6], dtype=torch.float64), torch.ones(3, dtype=torch.bool))
     assert count.tolist() == [0, 2] + [0] * 12 + [1]  # bins are (lo, hi]: 2/15 is in the second bin, 1.0 in the last
 
 
 def test_temperature_one_leaves_probabilities_unchanged_and_others_follow_the_formula():
     logits = torch.randn(7, 5)
-    assert torch.equal(evaluation.probabilities(logits, 1.0), logits.softmax(1))
-    assert torch.allclose(evaluation.probabilities(logits, 2.5), (logits / 2.5).softmax(1))
+    assert torch.equal(tasks.Calibration(1.0).probabilities(logits), logits.softmax(1))
+    assert torch.allclose(tasks.Calibration(2.5).probabilities(logits), (logits / 2.5).softmax(1))
 
 
 def test_flips_average_the_two_views():
     images = torch.randn(3, 3, 8, 8)
-    both = evaluation.with_flips(images)
+    both = tasks.with_flips(images)
     assert torch.equal(both[3:], images.flip(-1))
     logits = torch.randn(6, 4)
     expected = (logits[:3].softmax(1) + logits[3:].softmax(1)) / 2
-    assert torch.allclose(evaluation.probabilities(logits, 1.0, views=2), expected)
+    assert torch.allclose(tasks.Calibration(1.0).probabilities(logits, views=2), expected)
 
 
 def test_threshold_marks_rows_below_it_unknown():
     probs = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7], [0.5, 0.5]])
-    assert evaluation.decide(probs).tolist() == [0, 0, 1, 0]
-    assert evaluation.decide(probs, 0.6).tolist() == [0, evaluation.UNKNOWN, 1, evaluation.UNKNOWN]
-    assert evaluation.decide(probs, 0.7).tolist() == [0, -1, 1, -1]  # exactly at the threshold is accepted
-    assert evaluation.decide(probs, 1.0).tolist() == [-1] * 4
+    assert tasks.Calibration().decide(probs).tolist() == [0, 0, 1, 0]
+    assert tasks.Calibration().decide(probs, 0.6).tolist() == [0, tasks.UNKNOWN, 1, tasks.UNKNOWN]
+    assert tasks.Calibration().decide(probs, 0.7).tolist() == [0, -1, 1, -1]  # exactly at the threshold is accepted
+    assert tasks.Calibration().decide(probs, 1.0).tolist() == [-1] * 4
 
 
 def test_roc_auc_and_average_precision_equal_hand_computations():
     scores, positive = [0.9, 0.8, 0.7, 0.6], [True, False, True, False]
-    assert evaluation.roc_auc(scores, positive) == pytest.approx(3 / 4)  # 3 of the 4 (pos, neg) pairs ordered
-    assert evaluation.average_precision(scores, positive) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert metrics.roc_auc(scores, positive) == pytest.approx(3 / 4)  # 3 of the 4 (pos, neg) pairs ordered
+    assert metrics.average_precision(scores, positive) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     tied, positive = [0.8, 0.8, 0.3], [True, False, True]
-    assert evaluation.roc_auc(tied, positive) == pytest.approx((0.5 + 0) / 2)  # a tie counts half
+    assert metrics.roc_auc(tied, positive) == pytest.approx((0.5 + 0) / 2)  # a tie counts half
     # one threshold at 0.8 (precision 1/2, recall 1/2), then 0.3 (precision 2/3, recall 1)
-    assert evaluation.average_precision(tied, positive) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
-    assert math.isnan(evaluation.roc_auc([0.1, 0.2], [True, True]))
-    assert math.isnan(evaluation.average_precision([0.1, 0.2], [False, False]))
+    assert metrics.average_precision(tied, positive) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+    assert math.isnan(metrics.roc_auc([0.1, 0.2], [True, True]))
+    assert math.isnan(metrics.average_precision([0.1, 0.2], [False, False]))
 
 
 def test_report_counts_unknown_rows_wrong_for_recall_and_leaves_them_out_of_precision():
     labels = [0, 0, 0, 1, 1, 2]
-    preds = [0, 1, evaluation.UNKNOWN, 1, evaluation.UNKNOWN, 0]
+    preds = [0, 1, tasks.UNKNOWN, 1, tasks.UNKNOWN, 0]
     probs = torch.tensor([[.8, .1, .1], [.2, .7, .1], [.4, .3, .3], [.1, .8, .1], [.3, .4, .3], [.6, .1, .3]])
-    table = evaluation.classification_report(labels, preds, probs, ["a", "b", "c"]).set_index("class")
+    table = tasks.SingleLabel().report(labels, preds, probs, ["a", "b", "c"]).set_index("class")
     assert list(table.index) == ["a", "b", "c", "macro avg", "weighted avg"]
     assert table.loc["a", "precision"] == pytest.approx(1 / 2)  # predicted a twice (rows 0 and 5), right once
     assert table.loc["a", "recall"] == pytest.approx(1 / 3)  # 3 a's: one right, one wrong, one unknown

@@ -1,4 +1,4 @@
-"""Several labels per image (multilabel.py; train.py --labels_csv FILE --multi_label): the loss, thresholds and
+"""Several labels per image (tasks.py MultiLabel; train.py --labels_csv FILE --multi_label): the loss, thresholds and
 report against hand-computed numbers, the CSV's label sets, and one tiny run end to end (train, predict,
 export, resume, the label check) on two-object images built by data/prepare.py pairs from the shipped sample."""
 import csv
@@ -12,8 +12,9 @@ import torch
 import data_loader
 import export
 import model_loader
-import multilabel
+import metrics
 import predict
+import tasks
 import train
 import trainer
 from conftest import ROOT, run_in_process
@@ -28,16 +29,16 @@ import prepare  # noqa: E402
 
 
 def test_a_label_cell_is_a_sorted_set_of_classes():
-    assert multilabel.split_labels("dog  cat dog") == ["cat", "dog"]
-    assert multilabel.split_labels("a|b| a", "|") == ["a", "b"]
-    assert multilabel.split_labels("") == [] and multilabel.split_labels(" ", "|") == []
-    assert multilabel.label_text((1, 0, 1), ["a", "b", "c"], "|") == "a|c" and multilabel.label_text(2, ["a", "b", "c"]) == "c"
+    assert tasks.split_labels("dog  cat dog") == ["cat", "dog"]
+    assert tasks.split_labels("a|b| a", "|") == ["a", "b"]
+    assert tasks.split_labels("") == [] and tasks.split_labels(" ", "|") == []
+    assert tasks.MultiLabel("|").text((1, 0, 1), ["a", "b", "c"]) == "a|c" and tasks.SingleLabel().text(2, ["a", "b", "c"]) == "c"
 
 
 def test_the_loss_weighs_each_classs_positives_by_negatives_over_positives():
     samples = [("a", (1, 0)), ("b", (1, 1)), ("c", (0, 0)), ("d", (0, 0))]
-    assert multilabel.positive_weights(samples, 2) == [1.0, 3.0]
-    criterion = trainer.make_criterion([2.0, 1.0], multi_label=True)
+    assert tasks.MultiLabel().loss_weights(samples, 2) == [1.0, 3.0]
+    criterion = tasks.MultiLabel().criterion([2.0, 1.0])
     loss = criterion(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0]]))
     # class 0 present: 2 x log(1 + e^0); class 1 absent: log(1 + e^2); mean over the two
     assert float(loss) == pytest.approx((2 * math.log(2) + math.log(1 + math.e ** 2)) / 2, abs=1e-6)
@@ -47,10 +48,10 @@ def test_the_threshold_maximises_f1_halfway_to_the_next_probability():
     probs = torch.tensor([0.9, 0.8, 0.6, 0.4, 0.2])
     positive = torch.tensor([1, 0, 1, 1, 0])
     # top-k positive: F1 = 2TP / (k + 3) = 0.5, 0.4, 0.667, 0.857, 0.75 -> k = 4, halfway between 0.4 and 0.2
-    assert multilabel.best_f1_threshold(probs, positive) == pytest.approx(0.3)
+    assert metrics.best_f1_threshold(probs, positive) == pytest.approx(0.3)
     # tied probabilities are cut together: 0.9 and 0.9 both in (F1 2/3) or both out (F1 0)
-    assert multilabel.best_f1_threshold(torch.tensor([0.9, 0.9, 0.1]), torch.tensor([1, 0, 0])) == pytest.approx(0.5)
-    assert multilabel.best_f1_threshold(torch.tensor([0.3, 0.2]), torch.tensor([0, 0])) == multilabel.DEFAULT_THRESHOLD
+    assert metrics.best_f1_threshold(torch.tensor([0.9, 0.9, 0.1]), torch.tensor([1, 0, 0])) == pytest.approx(0.5)
+    assert metrics.best_f1_threshold(torch.tensor([0.3, 0.2]), torch.tensor([0, 0])) == metrics.DEFAULT_THRESHOLD
 
 
 def test_each_class_gets_the_temperature_that_minimises_its_own_loss():
@@ -58,11 +59,11 @@ def test_each_class_gets_the_temperature_that_minimises_its_own_loss():
     z = torch.randn(4000, 2, generator=g) * 2
     labels = (torch.rand(4000, 2, generator=g) < z.sigmoid()).float()
     logits = z * torch.tensor([3.0, 0.5])  # over- and under-confident by known factors
-    cal = multilabel.calibrate(logits, labels, ["a", "b"])
+    cal = tasks.MultiLabel().calibrate(logits, labels, ["a", "b"])
     assert cal.temperatures[0] == pytest.approx(3.0, rel=0.1) and cal.temperatures[1] == pytest.approx(0.5, rel=0.1)
     for c, t in enumerate(cal.temperatures):
-        best = multilabel.bce(logits[:, c], labels[:, c], t)
-        assert best <= min(multilabel.bce(logits[:, c], labels[:, c], t * f) for f in (0.97, 1.03))
+        best = metrics.bce(logits[:, c], labels[:, c], t)
+        assert best <= min(metrics.bce(logits[:, c], labels[:, c], t * f) for f in (0.97, 1.03))
     assert cal.metrics["valid_bce_after"] < cal.metrics["valid_bce_before"]
 
 
@@ -70,7 +71,7 @@ def test_the_report_matches_hand_computed_precision_recall_ap_and_exact_match():
     labels = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]])
     preds = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1]])
     probs = torch.tensor([[0.9, 0.2], [0.4, 0.7], [0.6, 0.8], [0.1, 0.5]])
-    table, summary = multilabel.report(labels, preds, probs, ["a", "b"])
+    table, summary = tasks.MultiLabel().set_report(labels, preds, probs, ["a", "b"])
     rows = {r["class"]: r for r in table.to_dict("records")}
     # a: predicted on images 0 and 2, present on 0 and 1 -> TP 1 of 2 predicted, 1 of 2 present
     assert (rows["a"]["precision"], rows["a"]["recall"], rows["a"]["f1"], rows["a"]["support"]) == (0.5, 0.5, 0.5, 2)
@@ -92,11 +93,11 @@ def test_a_multi_label_csv_gives_multi_hot_labels_and_allows_an_empty_cell(tmp_p
     for name in ("x.png", "y.png", "z.png"):
         (tmp_path / name).write_bytes(b"")
     path = write_csv(tmp_path / "l.csv", [("x.png", "dog cat"), ("y.png", ""), ("z.png", "cat")])
-    splits = data_loader.build_splits(None, 0.5, 0, path, label_delim=" ")
+    splits = data_loader.build_splits(None, 0.5, 0, path, task=tasks.MultiLabel(" "))
     assert splits.class_names == ["cat", "dog"]
     samples = sorted(splits.train + splits.valid)
     assert [s[1] for s in samples] == [(1, 1), (0, 0), (1, 0)]
-    assert data_loader.label_tensor(s[1] for s in samples).shape == (3, 2)
+    assert tasks.MultiLabel().tensor(s[1] for s in samples).shape == (3, 2)
     err = run_in_process(train, ["--labels_csv", path], capsys)  # one label per image: an empty cell is refused
     assert "line 3: empty label" in err
 
@@ -114,7 +115,8 @@ def test_the_label_check_flags_a_missing_and_a_spurious_label_per_class():
     assert flags[0].tolist() == [False, True] and flags[3].tolist() == [True, False]
     assert int(flags.sum()) == 2 and folds == [5, 5]
     files = [f"f{i}" for i in range(60)]
-    rows = label_check.multi_label_rows(files, given, ["train"] * 60, present, flags, ["cat", "dog"])
+    rows = label_check.multi_label_rows(files, given, ["train"] * 60, present, flags, ["cat", "dog"],
+                                         tasks.MultiLabel())
     by_file = {r["file"]: r for r in rows}
     assert by_file["f0"]["given"] == "dog" and by_file["f0"]["suggested"] == "(none)" and by_file["f0"]["flagged"]
     assert by_file["f3"]["given"] == "dog" and by_file["f3"]["suggested"] == "cat dog"
@@ -130,10 +132,10 @@ def test_labels_read_the_wrong_way_are_warned_about(tmp_path):
     data_loader.build_splits(None, 0.5, 0, path, warn=said.append)  # one label per image: 'bag sneaker' is a class
     assert len(said) == 1 and "'bag sneaker' look like several classes in one cell" in said[0]
     said.clear()
-    data_loader.build_splits(None, 0.5, 0, path, warn=said.append, label_delim="|")  # the wrong separator
+    data_loader.build_splits(None, 0.5, 0, path, warn=said.append, task=tasks.MultiLabel("|"))  # the wrong separator
     assert len(said) == 1 and "no train row lists more than one class with --label_delim '|'" in said[0]
     said.clear()
-    data_loader.build_splits(None, 0.5, 0, path, warn=said.append, label_delim=" ")
+    data_loader.build_splits(None, 0.5, 0, path, warn=said.append, task=tasks.MultiLabel(" "))
     assert said == []
     plain = write_csv(tmp_path / "plain.csv", [(n, "bag" if i % 2 else "ankle boot") for i, (n, _) in enumerate(rows)])
     data_loader.build_splits(None, 0.5, 0, plain, warn=said.append)  # a class name with a space: no alarm
@@ -208,7 +210,7 @@ def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_
         labels.append([int(c in r["label"].split()) for c in names])
         preds.append([int(c in chosen) for c in names])
         probs.append(p)
-    _, summary = multilabel.report(torch.tensor(labels), torch.tensor(preds), torch.tensor(probs), names)
+    _, summary = tasks.MultiLabel().set_report(torch.tensor(labels), torch.tensor(preds), torch.tensor(probs), names)
     assert f"mAP {summary['mAP']:.4f}, exact match {summary['exact_match']:.4f}" in printed
     # the same images and decisions as train.py's own test pass
     assert summary["exact_match"] == pytest.approx(result.test_metrics["accuracy"], abs=1e-6)
@@ -298,8 +300,8 @@ def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp
 
 def test_a_multi_label_result_has_every_probability_even_past_twenty_classes():
     names = [f"c{i}" for i in range(25)]
-    assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False, multi_label=True)) == 25
-    assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False)) == 0
+    assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False, tasks.MultiLabel())) == 25
+    assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False, tasks.SingleLabel())) == 0
 
 
 @pytest.mark.parametrize("flags, message", [

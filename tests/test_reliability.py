@@ -133,6 +133,7 @@ def test_class_weights_and_balanced_sampler_train(tmp_path, monkeypatch):
     copy_subset(data, ["trouser"], 4, 2)
     import train
     import trainer
+    import tasks
 
     seen, weights, real = [], [], trainer.train_step
 
@@ -149,8 +150,8 @@ def test_class_weights_and_balanced_sampler_train(tmp_path, monkeypatch):
     assert result.state.epoch == 4
     # 16 bags + 3 trousers train (valid split 0.2): plain shuffling would give trousers 16% of the draws
     assert 0.35 <= sum(seen) / len(seen) <= 0.65 and len(seen) == 4 * 19
-    assert weights[0].tolist() == pytest.approx(train.inverse_frequency([16, 3]))
-    assert train.inverse_frequency([16, 4]) == pytest.approx([0.625, 2.5])
+    assert weights[0].tolist() == pytest.approx(tasks.inverse_frequency([16, 3]))
+    assert tasks.inverse_frequency([16, 4]) == pytest.approx([0.625, 2.5])
 
 
 # ----------------------------------------------------------------------------- killed and interrupted runs

@@ -13,6 +13,7 @@ import data_loader as dl
 import model_loader as ml
 import train
 import features
+import tasks
 import trainer
 import cli
 import utils
@@ -98,7 +99,7 @@ def test_head_epoch_on_cached_features_equals_the_loop_through_the_backbone(tiny
         sampler.set_epoch(0)
         if cached:
             metrics = trainer.train_head_epoch(model.fc, cache, labels, sampler, 8, opt, sched, scaler,
-                                               nn.CrossEntropyLoss(), compute, 0)
+                                               nn.CrossEntropyLoss(), compute, 0, tasks.SingleLabel())
         else:
             eval_view = dl.make_loader(loaders.train_eval.dataset, 8, sampler, 0)
             ml.set_train_mode(model, head, backbone_frozen=True)
@@ -460,7 +461,7 @@ def test_prediction_grid_shows_every_class_and_the_truth_when_wrong(tiny_data):
 
     meta = {"input_size": 32, "resize_size": 36, "mean": dl.IMAGENET_MEAN, "std": dl.IMAGENET_STD}
     fig = trainer.prediction_grid(AlwaysBag(), splits.valid, splits.class_names, meta,
-                                  utils.Compute(torch.device("cpu"), dist=DistInfo()), n=6)
+                                  utils.Compute(torch.device("cpu"), dist=DistInfo()), tasks.SingleLabel(), n=6)
     titles = [ax.get_title() for ax in fig.axes]
     assert len(titles) == 6 and all(t.startswith("bag ") for t in titles)
     assert sum("true: sneaker" in t for t in titles) == 2 and sum("true: trouser" in t for t in titles) == 2

@@ -1,0 +1,705 @@
+"""The label mode, decided once: one class per image (SingleLabel: softmax, cross-entropy, one temperature,
+the top class) or any set of classes per image (MultiLabel: train.py --labels_csv FILE --multi_label).
+
+Multi-label: the CSV's label column holds every class an image shows, separated by --label_delim (default a
+space); an empty label is an image showing none of them. A sample's label is then a multi-hot tuple (1 where
+the class is present), and a batch's labels a float (N, classes) matrix. The model gives one logit per class,
+read as an independent sigmoid probability and trained with BCEWithLogitsLoss. After training each class gets
+its own temperature (the BCE-minimising T of its column on the validation images) and its own decision
+threshold (the one maximising that class's F1 on the validation images, on the calibrated probabilities); both
+go into the checkpoint. A prediction is every class whose calibrated probability reaches its threshold.
+
+train.py, predict.py and export.py choose the task (for_run, for_checkpoint); every other module receives it
+and asks it, instead of telling the modes apart by a flag, a checkpoint key or a tensor's shape."""
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import metrics
+from metrics import N_BINS
+
+UNKNOWN = -1  # the predicted index of a row below --threshold (or rejected by --reject_ood)
+DEFAULT_DELIM = " "
+
+
+def split_labels(text, delim=DEFAULT_DELIM):
+    """The distinct class names of one label cell, sorted ('dog cat' -> ['cat', 'dog']); '' -> []."""
+    parts = text.split() if not delim.strip() else text.split(delim)
+    return sorted({p.strip() for p in parts if p.strip()})
+
+
+def looks_multi(names, known):
+    """True when some label of `names` splits (on spaces, |, commas or semicolons) into several names of `known`:
+    a cell listing several classes, read as one."""
+    known = set(known)
+    for name in names:
+        for sep in (None, "|", ",", ";"):
+            parts = [p.strip() for p in name.split(sep) if p.strip()]
+            if len(parts) > 1 and sum(p in known for p in parts) >= 2:
+                return True
+    return False
+
+
+def inverse_frequency(counts):
+    """total / (classes x count) per class; 0.0 for a class without images."""
+    total, n = sum(counts), len(counts)
+    return [total / (n * c) if c else 0.0 for c in counts]
+
+
+def fmt(values):
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+def with_flips(images):
+    """The batch followed by its horizontal mirror images, for one model call (test-time augmentation)."""
+    return torch.cat([images, images.flip(-1)])
+
+
+def averaged(probs, views):
+    """With views > 1 the batch holds `views` stacked copies of the same images (with_flips): their mean."""
+    return probs.view(views, -1, probs.shape[1]).mean(0) if views > 1 else probs
+
+
+# ----------------------------------------------------------------------------- calibrations
+
+
+@dataclass
+class Calibration:
+    """One temperature for the softmax, fitted on the validation images (1.0 = none)."""
+    temperature: float = 1.0
+    metrics: dict = None  # valid_nll_before/after, valid_ece_before/after, calibration_count
+    unfitted: str = ""  # why no temperature could be fitted (then it stays 1.0)
+
+    def probabilities(self, logits, views=1):
+        """softmax(logits / T) in float32, averaged over the views (see with_flips)."""
+        return averaged((logits.float() / float(self.temperature)).softmax(1), views)
+
+    def decide(self, probs, threshold=None):
+        """Predicted class per row; UNKNOWN where the best probability is below `threshold` (None = never)."""
+        confidence, pred = probs.max(1)
+        if threshold is not None:
+            pred = torch.where(confidence < threshold, torch.full_like(pred, UNKNOWN), pred)
+        return pred
+
+    def row_loss(self, logits, labels):
+        """-log p(given class) per row."""
+        logp = (logits.float() / float(self.temperature)).log_softmax(1)
+        return -logp.gather(1, labels[:, None])[:, 0]
+
+    def confidence_correct(self, logits, labels):
+        """The reliability diagram's pairs: the top class's probability, and whether it is right."""
+        confidence, pred = self.probabilities(logits).max(1)
+        return confidence, pred == labels
+
+    def checkpoint_entries(self):
+        return {"temperature": self.temperature}
+
+    def hparams(self):
+        return {"temperature": self.temperature}
+
+    def scalar_temperature(self):
+        """The one temperature the out-of-distribution scores divide the logits by."""
+        return self.temperature
+
+    def name(self):
+        return f"T = {self.temperature:.3f}"
+
+    def summary(self):
+        m = self.metrics
+        if self.unfitted:
+            return (f"temperature stays 1.0: {self.unfitted} (NLL {m['valid_nll_before']:.4f}, ECE ({N_BINS} bins) "
+                    f"{m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)")
+        return (f"temperature {self.temperature:.3f} fitted on {m['calibration_count']} validation images: "
+                f"NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
+                f"ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}")
+
+
+@dataclass
+class SetCalibration:
+    """Per-class temperatures and decision thresholds fitted on the validation images."""
+    temperatures: list
+    thresholds: list
+    metrics: dict = None  # valid_bce_before/after, valid_map, valid_exact_match(_at_half), calibration_count
+    unfitted: list = ()  # names of the classes whose temperature stays 1.0
+
+    def probabilities(self, logits, views=1):
+        """sigmoid(logits / T_class) in float32, averaged over the views (see with_flips)."""
+        logits = logits.float() / torch.as_tensor(self.temperatures, dtype=torch.float32, device=logits.device)
+        return averaged(logits.sigmoid(), views)
+
+    def decide(self, probs, threshold=None):
+        """Boolean (N, classes): the classes whose probability reaches their threshold (`threshold`: that one
+        for every class), compared in float64: a threshold halfway between two float32 probabilities stays
+        between them."""
+        thresholds = self.thresholds if threshold is None else [threshold] * probs.shape[1]
+        return decide_sets(probs, thresholds)
+
+    def row_loss(self, logits, labels):
+        """-log p(given set): the BCE of every class of the row, summed."""
+        scaled = logits.float() / torch.tensor(self.temperatures, dtype=torch.float32)
+        return nn.functional.binary_cross_entropy_with_logits(scaled, labels.float(), reduction="none").sum(1)
+
+    def confidence_correct(self, logits, labels):
+        """The reliability diagram's pairs: every (image, class) probability, and whether the class is there."""
+        return self.probabilities(logits).flatten(), labels.flatten().bool()
+
+    def checkpoint_entries(self):
+        return {"temperatures": list(self.temperatures), "thresholds": list(self.thresholds)}
+
+    def hparams(self):
+        return {}
+
+    def scalar_temperature(self):
+        return 1.0  # per-class temperatures: the out-of-distribution scores read the logits as they are
+
+    def name(self):
+        return "T per class"
+
+    def summary(self):
+        m = self.metrics
+        kept = f"; temperature stays 1.0 for {', '.join(self.unfitted)}" if self.unfitted else ""
+        return (f"per-class temperatures {fmt(self.temperatures)} and F1 thresholds {fmt(self.thresholds)} fitted "
+                f"on {m['calibration_count']} validation images: BCE {m['valid_bce_before']:.4f} -> "
+                f"{m['valid_bce_after']:.4f}, exact match {m['valid_exact_match_at_half']:.4f} (all at 0.5) -> "
+                f"{m['valid_exact_match']:.4f}, mAP {m['valid_map']:.4f}{kept}")
+
+
+def decide_sets(probs, thresholds):
+    """Boolean (N, classes): the classes whose probability reaches their threshold (in float64)."""
+    return probs.double() >= torch.as_tensor(thresholds, dtype=torch.float64, device=probs.device)
+
+
+# ----------------------------------------------------------------------------- what predict.py tallies
+
+
+class Tally:
+    """Labels, decisions and probabilities of the labelled rows: accuracy, the confusion matrix (with an
+    'unknown' column under --threshold) and the per-class report."""
+
+    def __init__(self, task):
+        self.task = task
+        self.labels, self.preds, self.argmax, self.probs = [], [], [], []
+
+    def add(self, label, pred, probs):
+        self.labels.append(label)
+        self.preds.append(pred)
+        self.argmax.append(int(probs.argmax()))
+        self.probs.append(probs)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def confusion(self, n, unknown_column):
+        matrix = [[0] * (n + unknown_column) for _ in range(n)]
+        for label, pred in zip(self.labels, self.preds):
+            matrix[label][pred if pred != UNKNOWN else n] += 1
+        return matrix
+
+    def report(self, class_names):
+        """(table, None): the per-class report."""
+        return self.task.report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
+                                class_names), None
+
+    def confidence_correct(self):
+        """The best class's probability and whether it is the label, per row."""
+        return torch.stack(self.probs).max(1).values, torch.tensor(self.argmax) == torch.tensor(self.labels)
+
+    def summary(self, class_names, threshold, rejecting, calibration):
+        """(lines to print, per-class report): accuracy of the best class over the labelled rows and, when rows
+        can be rejected (--threshold, --reject_ood), over the accepted ones; the mean confidence and ECE."""
+        correct = sum(a == y for a, y in zip(self.argmax, self.labels))
+        lines = [f"accuracy {correct / len(self):.4f} ({correct}/{len(self)} labelled images)"]
+        if rejecting:
+            accepted = [(p, y) for p, y in zip(self.preds, self.labels) if p != UNKNOWN]
+            right = sum(p == y for p, y in accepted)
+            lines.append(f"accuracy on accepted rows {right / max(len(accepted), 1):.4f} ({right}/{len(accepted)}; "
+                         f"{len(accepted) / len(self):.1%} of the labelled images accepted)")
+        confidence, correct = self.confidence_correct()
+        lines.append(f"mean confidence {float(confidence.mean()):.4f}, ECE {metrics.ece(confidence, correct):.4f} "
+                     f"({N_BINS} bins; temperature {calibration.temperature:.3f} from the checkpoint)")
+        return lines, self.report(class_names)[0]
+
+
+class SetTally(Tally):
+    """A multi-label model's labelled rows: multi-hot labels and decisions (a rejected row decides no class)."""
+
+    def add(self, label, pred, probs):
+        self.labels.append(label)
+        self.preds.append(tuple(0 for _ in label) if pred == UNKNOWN else pred)
+        self.probs.append(probs)
+
+    def confusion(self, n, unknown_column):
+        return None  # no confusion matrix for sets of classes
+
+    def report(self, class_names):
+        """(table, summary): the per-class report, and mAP, exact match and micro/macro F1."""
+        return self.task.set_report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
+                                    class_names)
+
+    def confidence_correct(self):
+        return torch.stack(self.probs).flatten(), torch.tensor(self.labels).flatten().bool()
+
+    def summary(self, class_names, threshold, rejecting, calibration):
+        """(lines to print, per-class report): mAP, exact match, micro/macro F1, and the ECE of the per-class
+        probabilities."""
+        report, summary = self.report(class_names)
+        confidence, correct = self.confidence_correct()
+        return [f"{MultiLabel.describe_summary(summary)} (labelled; per-class thresholds "
+                + (f"replaced by --threshold {threshold:g}" if threshold is not None else "from the checkpoint")
+                + f"); ECE of the per-class probabilities {metrics.ece(confidence, correct):.4f}"], report
+
+
+# ----------------------------------------------------------------------------- the two tasks
+
+
+class SingleLabel:
+    """One class per image: an index label, softmax over the classes, cross-entropy."""
+    multi_label = False
+    delim = None
+    decision_name = "top-1"  # what export.py's check counts as agreeing
+    explained_class = "predicted"  # the class predict.py --explain maps
+    empty_label_allowed = False  # an empty label cell is an error
+    unknown_hint = " (several classes per cell? this model has one label per image)"
+
+    # -- labels
+    def check_format(self, class_names, samples, where, warn):
+        """One warning when the labels look read the wrong way: names made of several class names ('bag
+        sneaker' beside 'bag')."""
+        if looks_multi(class_names, class_names):
+            warn(f"warning: {where}: labels such as "
+                 f"{next(n for n in class_names if looks_multi([n], class_names))!r} look like several classes in "
+                 "one cell; for several labels per image add --multi_label (and --label_delim if they are not "
+                 "separated by spaces); if it is one class, ignore this")
+
+    def parse(self, cell):
+        """A label cell's class name (the CSV reader refuses an empty one)."""
+        return cell
+
+    def names(self, label):
+        """The class names a parsed label uses."""
+        return (label,)
+
+    def encode(self, pairs, class_names):
+        """[(path, class index)] ordered by class, then path (as a folder scan orders them)."""
+        index = {c: i for i, c in enumerate(class_names)}
+        return sorted(((f, index[label]) for f, label in pairs), key=lambda s: (s[1], s[0]))
+
+    def folder_labels(self, class_names):
+        """{folder name: label} of input images in folders named after a class (others: -1, unknown)."""
+        return {c: i for i, c in enumerate(class_names)}
+
+    def text(self, label, class_names, delim=None):
+        """A sample's label as text ('' for an unknown label)."""
+        return class_names[label] if label >= 0 else ""
+
+    def restore(self, label):
+        """A label as a checkpoint stored it."""
+        return label
+
+    def tensor(self, labels):
+        """Class indices as a long (N,) tensor."""
+        return torch.tensor(list(labels), dtype=torch.long)
+
+    def counts(self, samples, n_classes):
+        """Images per class."""
+        counts = Counter(y for _, y in samples)
+        return [counts.get(i, 0) for i in range(n_classes)]
+
+    def loss_weights(self, samples, n_classes):
+        """--class_weights auto (and --balanced_sampler's draw): inverse class frequency."""
+        return inverse_frequency(self.counts(samples, n_classes))
+
+    def strata(self, labels):
+        """What the seeded validation split keeps in proportion: the classes."""
+        return list(labels)
+
+    def checkpoint_entries(self):
+        return {}
+
+    # -- training
+    def criterion(self, weights=None, label_smoothing=0.0):
+        """Cross-entropy with optional class weights and label smoothing."""
+        weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+
+    def eval_loss(self, logits, labels):
+        """Plain cross-entropy (no weights or smoothing), so validation losses compare across runs."""
+        return nn.functional.cross_entropy(logits, labels)
+
+    def correct(self, logits, labels):
+        return float((logits.argmax(1) == labels).sum())
+
+    def keeps_logits(self):
+        """Whether an evaluation keeps its logits for a ranking metric (the mAP)."""
+        return False
+
+    def epoch_extras(self, kept):
+        return {}
+
+    def metrics(self, logits, labels):
+        """Loss, accuracy and count from collected logits."""
+        if not len(labels):
+            return {"loss": 0.0, "accuracy": 0.0, "count": 0}
+        return {"loss": metrics.nll(logits, labels), "accuracy": float((logits.argmax(1) == labels).double().mean()),
+                "count": int(len(labels))}
+
+    # -- calibration
+    def calibrate(self, logits, labels, class_names=None):
+        """Temperature scaling on validation logits; None when there are none (the temperature stays 1.0).
+        When the NLL has no minimum inside the searched range the temperature stays 1.0, with the reason:
+        with every validation image predicted right, the NLL keeps falling as T -> 0, and the 'fitted' T
+        would make every prediction certain (a test image that is wrong then gets confidence 1.0)."""
+        if not len(labels):
+            return None
+        temperature, unfitted = metrics.fit_temperature(logits, labels), ""
+        lo, hi = (math.exp(x) for x in metrics.LOG_T_RANGE)
+        if temperature < lo * 1.01:
+            every = bool((logits.argmax(1) == labels).all())
+            unfitted = (("every validation image is predicted right, so " if every else "")
+                        + f"the validation NLL still falls at T = {lo:g} and no temperature can be fitted")
+        elif temperature > hi / 1.01:
+            unfitted = "the validation NLL falls as T grows without end (the model is no better than chance there)"
+        if unfitted:
+            temperature = 1.0
+        before, after = Calibration(), Calibration(float(temperature))
+        found = {"valid_nll_before": metrics.nll(logits, labels), "valid_nll_after": metrics.nll(logits, labels, temperature),
+                 "valid_ece_before": metrics.ece(*before.confidence_correct(logits, labels)),
+                 "valid_ece_after": metrics.ece(*after.confidence_correct(logits, labels)),
+                 "calibration_count": int(len(labels))}
+        return Calibration(float(temperature), found, unfitted)
+
+    def uncalibrated(self, n_classes):
+        return Calibration()
+
+    def calibration_of(self, ckpt):
+        """The calibration a checkpoint (or an export's metadata) stores; older ones have none: T = 1."""
+        return Calibration(float(ckpt.get("temperature", 1.0)))
+
+    # -- reports
+    def report(self, labels, preds, probs, class_names):
+        """A pandas DataFrame in scikit-learn's layout: one row per class, then 'macro avg' (plain mean) and
+        'weighted avg' (by support). preds may hold UNKNOWN (below --threshold): such rows count as wrong for
+        recall and are left out of precision. roc_auc and average_precision are one-vs-rest from probs.
+        A class never predicted has precision 0 (as scikit-learn's zero_division=0)."""
+        import numpy as np
+        import pandas as pd
+
+        columns = metrics.REPORT_COLUMNS
+        labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+        probs = np.asarray(probs, dtype=np.float64).reshape(len(labels), len(class_names))
+        rows = [metrics.report_row(name, int(((preds == c) & (labels == c)).sum()), int((preds == c).sum()),
+                                   int((labels == c).sum()), probs[:, c], labels == c)
+                for c, name in enumerate(class_names)]
+        table = pd.DataFrame(rows, columns=columns)
+        scores = columns[1:4] + columns[5:]
+        total = int(table.support.sum())
+        macro = {"class": "macro avg", **table[scores].mean().to_dict(), "support": total}  # NaN (one-class) skipped
+        weighted = {"class": "weighted avg", **{m: metrics.weighted_mean(table[m], table.support) for m in scores},
+                    "support": total}
+        return pd.concat([table, pd.DataFrame([macro, weighted], columns=columns)], ignore_index=True)
+
+    def test_results(self, logits, labels, calibration, class_names):
+        """(metrics, per-class report or None) of the test images' logits, with the calibration fitted on the
+        validation images (None: uncalibrated)."""
+        found = self.metrics(logits, labels)
+        if not len(labels):
+            return found, None
+        probs = (calibration or self.uncalibrated(len(class_names))).probabilities(logits)
+        return found, self.report(labels, probs.argmax(1), probs, class_names)
+
+    def describe_test(self, t):
+        return f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})"
+
+    def describe_best(self, m):
+        return f"accuracy {m['valid_accuracy']:.4f}"
+
+    def tally(self):
+        return Tally(self)
+
+    # -- predictions as text
+    def decisions(self, pred_tensor):
+        """Per row: the class index (or UNKNOWN)."""
+        return pred_tensor.tolist()
+
+    def accepted(self, pred):
+        return pred != UNKNOWN
+
+    def answer_columns(self):
+        return ["predict", "confidence"]
+
+    def answer(self, pred, probs, class_names, unknown_label):
+        """The predict and confidence cells of a row."""
+        return [unknown_label if pred == UNKNOWN else class_names[pred], f"{float(probs.max()):.6f}"]
+
+    def all_probabilities(self):
+        """Whether every prob_ column is written, however many classes (a set's answer is every probability)."""
+        return False
+
+    def title(self, label, pred, probs, class_names, unknown_label):
+        """(title, wrong) of a prediction in a figure: the class and its probability; the true class when the
+        label says otherwise; 'unknown' (with the best class named) for a rejected row (wrong None)."""
+        best, confidence = int(probs.argmax()), float(probs.max())
+        truth = f"\ntrue: {class_names[label]}" if label >= 0 and label != best else ""
+        if pred == UNKNOWN:
+            return f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth, None
+        return f"{class_names[pred]} ({confidence:.2f})" + truth, bool(truth)
+
+    def grid_title(self, prob, label, class_names, calibration):
+        """(title, right) of a validation image in TensorBoard's grid: the top class and its probability, and the
+        true class when it is another."""
+        p = int(prob.argmax())
+        return f"{class_names[p]} {prob[p]:.2f}" + ("" if p == label else f"\ntrue: {class_names[label]}"), p == label
+
+    def names_of_rows(self, labels, chosen, class_names):
+        """Per row: (given, predicted) as text."""
+        return [(class_names[y], class_names[p]) for y, p in zip(labels.tolist(), chosen.tolist())]
+
+    def chosen(self, logits, calibration):
+        """The decision of each row of logits (top class)."""
+        return logits.argmax(1)
+
+
+class MultiLabel(SingleLabel):
+    """Any set of classes per image: a multi-hot tuple, one sigmoid per class, binary cross-entropy."""
+    multi_label = True
+    decision_name = "label-set"
+    explained_class = "most probable"
+    empty_label_allowed = True  # an image showing none of the classes
+    unknown_hint = " (classes separated by another character than the training's?)"
+
+    def __init__(self, delim=DEFAULT_DELIM):
+        self.delim = delim
+
+    # -- labels
+    def check_format(self, class_names, samples, where, warn):
+        """One warning when no train row has two classes: another separator?"""
+        if samples and max(sum(y) for _, y in samples) < 2:
+            shown = next((n for n in class_names if looks_multi([n], class_names) or any(s in n for s in " |,;")),
+                         None)
+            warn(f"warning: {where}: no train row lists more than one class with --label_delim {self.delim!r}"
+                 + (f" (a class is named {shown!r}: another separator?)" if shown else "")
+                 + "; if each image shows at most one class, ignore this")
+
+    def parse(self, cell):
+        return tuple(split_labels(cell, self.delim))
+
+    def names(self, label):
+        return label
+
+    def encode(self, pairs, class_names):
+        """[(path, multi-hot tuple)] ordered by the set (first classes first), then path."""
+        hot = [(f, tuple(int(c in set(label)) for c in class_names)) for f, label in pairs]
+        return sorted(hot, key=lambda s: (tuple(-v for v in s[1]), s[0]))
+
+    def folder_labels(self, class_names):
+        return {}  # a folder's name does not say which other classes an image shows
+
+    def text(self, label, class_names, delim=None):
+        if label == -1 or label == UNKNOWN:
+            return ""
+        return (delim or self.delim).join(name for name, on in zip(class_names, label) if on)
+
+    def restore(self, label):
+        return tuple(label) if isinstance(label, list) else label
+
+    def tensor(self, labels):
+        """Multi-hot tuples as a float (N, classes) matrix."""
+        return torch.tensor(list(labels), dtype=torch.float32)
+
+    def counts(self, samples, n_classes):
+        """Images showing each class."""
+        counts = [0] * n_classes
+        for _, label in samples:
+            for c, on in enumerate(label):
+                counts[c] += on
+        return counts
+
+    def loss_weights(self, samples, n_classes):
+        """--class_weights auto: BCEWithLogitsLoss's pos_weight per class, negatives / positives (1.0 when a class
+        has no positive or no negative image)."""
+        positives = self.counts(samples, n_classes)
+        return [(len(samples) - p) / p if 0 < p < len(samples) else 1.0 for p in positives]
+
+    def strata(self, labels):
+        """The set of labels; sets of one image pooled."""
+        labels = list(labels)
+        sizes = Counter(labels)
+        return [y if sizes[y] > 1 else () for y in labels]
+
+    def checkpoint_entries(self):
+        return {"multi_label": True}  # sigmoid per class; temperatures, thresholds per class
+
+    # -- training
+    def criterion(self, weights=None, label_smoothing=0.0):
+        """BCEWithLogitsLoss with optional per-class positive weights."""
+        weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        return nn.BCEWithLogitsLoss(pos_weight=weights)
+
+    def eval_loss(self, logits, labels):
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+    def correct(self, logits, labels):
+        """Exact matches at probability 0.5."""
+        return float(((logits > 0) == labels.bool()).all(1).sum())
+
+    def keeps_logits(self):
+        return True
+
+    def epoch_extras(self, kept):
+        """The mAP of the kept (logits, labels) pairs."""
+        return {"map": metrics.mean_average_precision(torch.cat([p[0] for p in kept]).sigmoid(),
+                                                      torch.cat([p[1] for p in kept]))}
+
+    def metrics(self, logits, labels):
+        """BCE, the exact match at probability 0.5, and the mAP."""
+        if not len(labels):
+            return {"loss": 0.0, "accuracy": 0.0, "count": 0}
+        return {"loss": metrics.bce(logits, labels), "accuracy": metrics.exact_match(logits > 0, labels),
+                "count": int(len(labels)), "map": metrics.mean_average_precision(logits.float().sigmoid(), labels)}
+
+    # -- calibration
+    def calibrate(self, logits, labels, class_names=None):
+        """Per-class temperatures and F1 thresholds of the best model from its validation logits; None when
+        there are none."""
+        if not len(labels):
+            return None
+        class_names = class_names or [str(c) for c in range(labels.shape[1])]
+        temperatures, unfitted = [], []
+        for c, name in enumerate(class_names):
+            t = metrics.fit_temperature(logits[:, c], labels[:, c], loss=metrics.bce)
+            if not metrics.temperature_in_range(t):  # no minimum inside the range (a perfectly separated column)
+                t = 1.0
+                unfitted.append(name)
+            temperatures.append(float(t))
+        fitted = SetCalibration(temperatures, [])
+        probs = fitted.probabilities(logits)
+        thresholds = [metrics.best_f1_threshold(probs[:, c], labels[:, c]) for c in range(labels.shape[1])]
+        found = {"valid_bce_before": metrics.bce(logits, labels),
+                 "valid_bce_after": metrics.bce(logits / torch.tensor(temperatures), labels),
+                 "valid_map": metrics.mean_average_precision(probs, labels),
+                 "valid_exact_match_at_half": metrics.exact_match(logits > 0, labels),
+                 "valid_exact_match": metrics.exact_match(decide_sets(probs, thresholds), labels),
+                 "calibration_count": int(len(labels))}
+        return SetCalibration(temperatures, thresholds, found, unfitted)
+
+    def uncalibrated(self, n_classes):
+        return SetCalibration([1.0] * n_classes, [metrics.DEFAULT_THRESHOLD] * n_classes)
+
+    def calibration_of(self, ckpt):
+        n = len(ckpt["class_names"])
+        return SetCalibration(list(ckpt.get("temperatures") or [1.0] * n),
+                              list(ckpt.get("thresholds") or [metrics.DEFAULT_THRESHOLD] * n))
+
+    # -- reports
+    def set_report(self, labels, preds, probs, class_names):
+        """(table, summary): the per-class table (precision, recall, F1 of the decided sets, support = images
+        showing the class, ROC AUC and average precision of the probabilities), then 'micro avg' (pooled over
+        every (image, class) pair) and 'macro avg' (plain mean over classes; its average_precision is the mAP);
+        summary holds mAP, exact-match accuracy, the micro and macro F1 and the image count."""
+        import pandas as pd
+
+        columns = metrics.REPORT_COLUMNS
+        labels, preds, probs = labels.bool(), preds.bool(), probs.double()
+
+        def row(name, y, p, scores):  # y, p: present, predicted (any shape); scores: the probabilities
+            return metrics.report_row(name, int((y & p).sum()), int(p.sum()), int(y.sum()), scores.flatten().tolist(),
+                                      y.flatten().tolist())
+
+        table = pd.DataFrame([row(name, labels[:, c], preds[:, c], probs[:, c]) for c, name in enumerate(class_names)],
+                             columns=columns)
+        micro = row("micro avg", labels, preds, probs)
+        scores = columns[1:4] + columns[5:]
+        macro = {"class": "macro avg", **table[scores].mean().to_dict(), "support": int(labels.sum())}
+        table = pd.concat([table, pd.DataFrame([micro, macro], columns=columns)], ignore_index=True)
+        summary = {"mAP": float(macro["average_precision"]), "exact_match": metrics.exact_match(preds, labels),
+                   "micro_f1": float(micro["f1"]), "macro_f1": float(macro["f1"]), "count": int(len(labels))}
+        return table, summary
+
+    def report(self, labels, preds, probs, class_names):
+        return self.set_report(labels, preds, probs, class_names)[0]
+
+    def test_results(self, logits, labels, calibration, class_names):
+        """Accuracy is the exact match of the thresholded sets, and the metrics add map, micro_f1, macro_f1."""
+        found = self.metrics(logits, labels)
+        if not len(labels):
+            return found, None
+        calibration = calibration or self.uncalibrated(len(class_names))
+        probs = calibration.probabilities(logits)
+        table, summary = self.set_report(labels, calibration.decide(probs), probs, class_names)
+        found.update(accuracy=summary["exact_match"], map=summary["mAP"], micro_f1=summary["micro_f1"],
+                     macro_f1=summary["macro_f1"])
+        return found, table
+
+    def describe_test(self, t):
+        return (f"test mAP {t['map']:.4f}, exact match {t['accuracy']:.4f}, micro F1 {t['micro_f1']:.4f} on "
+                f"{t['count']} images (loss {t['loss']:.4f})")
+
+    def describe_best(self, m):
+        return f"mAP {m['valid_map']:.4f}, exact match (at 0.5) {m['valid_accuracy']:.4f}"
+
+    @staticmethod
+    def describe_summary(summary):
+        return (f"mAP {summary['mAP']:.4f}, exact match {summary['exact_match']:.4f}, micro F1 "
+                f"{summary['micro_f1']:.4f}, macro F1 {summary['macro_f1']:.4f} on {summary['count']} images")
+
+    def tally(self):
+        return SetTally(self)
+
+    # -- predictions as text
+    def decisions(self, pred_tensor):
+        """Per row: the multi-hot tuple of the classes decided."""
+        return [tuple(row) for row in pred_tensor.int().tolist()]
+
+    def accepted(self, pred):
+        return pred != UNKNOWN and any(pred)
+
+    def answer_columns(self):
+        return ["predict"]
+
+    def answer(self, pred, probs, class_names, unknown_label):
+        """The classes joined by the training's delimiter (unknown_label for none); no confidence column."""
+        return [(self.text(pred, class_names) if pred != UNKNOWN else "") or unknown_label]
+
+    def all_probabilities(self):
+        return True
+
+    def title(self, label, pred, probs, class_names, unknown_label):
+        best, confidence = int(probs.argmax()), float(probs.max())
+        chosen = ", ".join(f"{class_names[c]} ({probs[c]:.2f})" for c, on in enumerate(pred) if on) if isinstance(
+            pred, tuple) else ""
+        given = isinstance(label, tuple) and pred != label
+        truth = f"\ntrue: {self.text(label, class_names, ', ') or 'none'}" if given else ""
+        if not chosen:
+            return f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth, None
+        return chosen + truth, bool(truth)
+
+    def grid_title(self, prob, label, class_names, calibration):
+        """The predicted set with each class's probability ('none' for no class), and the true set when it is
+        another."""
+        chosen = tuple(int(v) for v in calibration.decide(prob))
+        title, right = ", ".join(f"{class_names[c]} {prob[c]:.2f}" for c in range(len(prob)) if chosen[c]), chosen == label
+        return (title or "none") + ("" if right else f"\ntrue: {self.text(label, class_names, ', ') or 'none'}"), right
+
+    def names_of_rows(self, labels, chosen, class_names):
+        """Per row: (given, predicted) sets, space-joined ('(none)' for no class), as label_issues.csv writes."""
+        return [(self.text(tuple(y.int().tolist()), class_names, " ") or "(none)",
+                 self.text(tuple(p.int().tolist()), class_names, " ") or "(none)") for y, p in zip(labels, chosen)]
+
+    def chosen(self, logits, calibration):
+        return calibration.decide(calibration.probabilities(logits)) if calibration else logits > 0
+
+
+def for_run(multi_label, delim=DEFAULT_DELIM):
+    """The task train.py's flags ask for."""
+    return MultiLabel(delim or DEFAULT_DELIM) if multi_label else SingleLabel()
+
+
+def for_checkpoint(ckpt):
+    """The task a checkpoint (or an export's metadata, read back as one) was trained for; its `multi_label`
+    key, and its training flag --label_delim."""
+    if not ckpt.get("multi_label"):
+        return SingleLabel()
+    return MultiLabel(ckpt.get("args", {}).get("label_delim") or DEFAULT_DELIM)
