@@ -151,15 +151,16 @@ def test_paths_that_leave_the_image_root_are_named_in_a_warning_and_still_used(t
     data = copy_subset(tmp_path / "data", ["bag", "sneaker"], 3, 1)
     rows = folder_rows(data)  # train/<class>/<file>
     root = data / "test"
-    inside = next(root.rglob("*.png"))  # given as ./<class>/../<class>/<file>: inside the root
+    inside, back = sorted(root.rglob("*.png"))  # given as ./<class>/../<class>/<file>, ../test/<class>/<file>
     csv_rows = ([("../" + f, label) for f, label in rows[1:]] + [(rows[0][0].replace("train/", "../train/./"), rows[0][1])]
-                + [(f"./{inside.parent.name}/../{inside.parent.name}/{inside.name}", inside.parent.name)])
+                + [(f"./{inside.parent.name}/../{inside.parent.name}/{inside.name}", inside.parent.name),
+                   (f"../test/{back.parent.name}/{back.name}", back.parent.name)])  # out and back in: inside
     warnings = []
     parts = labels_csv.read_labels(write_csv(tmp_path / "labels.csv", csv_rows), root, warn=warnings.append)
-    assert len(parts[None]) == len(rows) + 1  # they still work
-    assert warnings == [f"warning: --labels_csv: {len(rows)} of {len(rows) + 1} rows name files outside "
+    assert len(parts[None]) == len(rows) + 2  # they still work
+    assert warnings == [f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} rows name files outside "
                         f"--image_root {str(root)!r} (../ in the path; they are used): line 2: ../{rows[1][0]}; "
                         f"line 3: ../{rows[2][0]}; line 4: ../{rows[3][0]} ..."]
     labels_csv.read_labels(write_csv(root / "labels.csv", csv_rows), warn=warnings.append)  # the CSV's folder
-    assert len(warnings) == 2 and warnings[1].startswith(f"warning: --labels_csv: {len(rows)} of {len(rows) + 1} "
+    assert len(warnings) == 2 and warnings[1].startswith(f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} "
                                                          f"rows name files outside the CSV's folder {str(root)!r}")
