@@ -35,6 +35,7 @@ L2_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # L2 strengths tried, per image, on 
 SMALL_FIT = 2**28
 MAX_ITER = 100  # L-BFGS iterations per batched fit at most (the problem is convex; a cap, not a schedule)
 GRID_IMAGES = 24  # suspects shown in label_issues.png
+CLEAN_DRAWS = 20  # simulated clean label sets behind the expected number of flags (their mean is printed)
 COLUMNS = ["file", "given", "suggested", "score", "flagged", "suggested_score", "split"]
 
 
@@ -169,6 +170,24 @@ def confident_learning_flags(probs, labels, n_classes):
     other = (probs >= thresholds) & (probs > given[:, None])
     other[torch.arange(len(labels)), labels] = False
     return other.any(1), thresholds
+
+
+def expected_flags(problems, seed, draws=CLEAN_DRAWS):
+    """How many images confident learning flags, on average, in a set labelled as right as the model can tell:
+    each image's label drawn from its own out-of-fold probabilities (seeded, `draws` times) and the flags
+    recomputed from the same probabilities. If those probabilities are calibrated, a correctly labelled set's
+    labels are distributed like these draws, so its flags are false alarms at about this rate. problems:
+    [(n, classes) probabilities]: one for a single-label set, one two-class problem per class for a multi-label
+    one (an image counts once when any of them flags it)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = 0
+    for _ in range(draws):
+        flagged = torch.zeros(len(problems[0]), dtype=torch.bool)
+        for probs in problems:
+            labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            flagged |= confident_learning_flags(probs, labels, probs.shape[1])[0]
+        total += int(flagged.sum())
+    return total / draws
 
 
 @dataclass
@@ -309,6 +328,12 @@ def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_siz
     finally:
         spill.unlink(missing_ok=True)
     kept_split = [split[i] for i in keep.tolist()]
+    if not len(labels):
+        expected = 0.0
+    elif labels.dim() == 2:  # each class's two-class problem (absent, present)
+        expected = expected_flags([torch.stack([1 - p, p], 1) for p in present.T], seed)
+    else:
+        expected = expected_flags([probs], seed)
     if labels.dim() == 2:
         rows = multi_label_rows(files, labels, kept_split, present, flags, splits.class_names)
         exact = float(((present >= 0.5) == labels.bool()).all(1).float().mean()) if len(labels) else 0.0
@@ -321,12 +346,13 @@ def check_labels(model, head, splits, meta, compute, run_dir, views=0, batch_siz
             per_class[r["given"]] += r["flagged"]
         accuracy = float((probs.argmax(1) == labels).float().mean()) if len(labels) else 0.0
         fit = (list(per_class.values()), f"{k}-fold logistic regression x{REPEATS} (L2 {l2:g})", "accuracy", accuracy)
-    return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips)
+    return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips, expected)
 
 
-def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips):
+def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips, expected):
     """Write label_issues.csv/.png and print the summary; fit = (flags per class, how it was fitted, the
-    out-of-fold measure's name, its value). Returns the rows."""
+    out-of-fold measure's name, its value); expected: the flags a clean set of this size would get
+    (expected_flags). The printed list holds the flagged rows first. Returns the rows."""
     write_csv(rows, run_dir / "label_issues.csv")
     shown = save_suspects(rows, run_dir / "label_issues.png", meta["input_size"], meta["resize_size"])
     fitted = time.perf_counter()
@@ -338,9 +364,12 @@ def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, 
         out(f"label check: skipped {len(skips.seen)} unreadable image(s) (named above)")
     out(f"flagged: {len(flagged)} of {len(rows)} labels look wrong; per class: "
         + ", ".join(f"{name} {n}" for name, n in per_class.items()))
-    out("most suspicious (given -> suggested, score = out-of-fold probability of the given label; several labels: "
-        "of its least likely class):")
-    for r in rows[:10]:
+    out(f"a clean set of {len(rows)} images would get about {expected:.0f} flags ({expected / max(len(rows), 1):.1%}; "
+        f"each label drawn from its out-of-fold probabilities, mean of {CLEAN_DRAWS} draws): far more suggests "
+        "wrong labels, about as many are mostly false alarms")
+    out("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given label; "
+        "several labels: of its least likely class):")
+    for r in sorted(rows, key=lambda r: not r["flagged"])[:10]:  # stable: by score within each
         out(f"  {r['file']}  {r['given']} -> {r['suggested']}  {r['score']:.3f}{'  flagged' if r['flagged'] else ''}")
     out(f"label check: {run_dir / 'label_issues.csv'}" + (f", {run_dir / 'label_issues.png'}" if shown else ""))
     return rows

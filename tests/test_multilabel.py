@@ -323,6 +323,13 @@ def test_check_data_checks_each_label_of_a_multi_label_csv(pairs_run, tmp_path, 
         "resnet18", "--input_size", "32", "--num_workers", "0", "--verbose", "0", "--log_dir", tmp_path)]))
     out = capsys.readouterr().out
     assert "two-class logistic regression per class" in out and "train: 49 images; ankle_boot" in out
+    # a clean set (every label right) and a weak backbone: many flags, about as many as the printed estimate
+    flagged = int(out.split("flagged: ")[1].split()[0])
+    expected = float(out.split("a clean set of 74 images would get about ")[1].split()[0])
+    assert flagged > 10 and flagged / 2 <= expected <= flagged * 2, (flagged, expected)
+    listed = out.split("most suspicious, flagged first")[1].splitlines()[1:11]
+    assert [line.endswith("flagged") for line in listed] == sorted((line.endswith("flagged") for line in listed),
+                                                                   reverse=True)
     given = {str(csv_path.parent / r["file"]): set(r["label"].split()) for r in read_csv(csv_path)}
     rows = read_csv(tmp_path / "label_issues.csv")
     assert len(rows) == 49 + 25
