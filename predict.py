@@ -25,6 +25,8 @@ from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, res
                    save_image_grid)
 
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
+TITLE_CLASSES = 3  # a multi-label title names this many classes at most (the most probable first), then "+N more"
+TITLE_WIDTH = 32  # characters per line of a title in the figure (a 2.4-inch cell at 9 pt); longer lines wrap
 
 
 EXAMPLES = """examples:
@@ -426,10 +428,11 @@ def describe_row(label, pred, probs, unlike, class_names, unknown_label):
     best, confidence = int(probs.argmax()), float(probs.max())
     ood_note = "\nunlike training" if unlike else ""
     if isinstance(pred, tuple) or isinstance(label, tuple):  # a multi-label model
-        chosen = ", ".join(f"{class_names[c]} ({probs[c]:.2f})" for c, on in enumerate(pred) if on) if isinstance(
-            pred, tuple) else ""
+        on = sorted((c for c, yes in enumerate(pred) if yes), key=lambda c: -float(probs[c])) if isinstance(
+            pred, tuple) else []
+        chosen = first_few([f"{class_names[c]} ({probs[c]:.2f})" for c in on])
         given = isinstance(label, tuple) and pred != label
-        truth = f"\ntrue: {multilabel.label_text(label, class_names, ', ') or 'none'}" if given else ""
+        truth = f"\ntrue: {first_few([n for n, yes in zip(class_names, label) if yes]) or 'none'}" if given else ""
         if not chosen:
             return (f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note,
                     "purple" if unlike else "darkorange")
@@ -439,6 +442,33 @@ def describe_row(label, pred, probs, unlike, class_names, unknown_label):
         return (f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth + ood_note,
                 "purple" if unlike else "darkorange")
     return f"{class_names[pred]} ({confidence:.2f})" + truth + ood_note, "purple" if unlike else "red" if truth else "black"
+
+
+def first_few(names, n=TITLE_CLASSES):
+    """The first n of names joined by ', ', then '+k more' for the rest."""
+    return ", ".join(names[:n] + ([f"+{len(names) - n} more"] if len(names) > n else []))
+
+
+def wrap_title(title, width=TITLE_WIDTH):
+    """Each line of a title broken after its commas so that no line is longer than width characters (a single
+    longer item keeps a line of its own)."""
+    lines = []
+    for line in title.split("\n"):
+        current = ""
+        for item in line.split(", "):
+            if current and len(current) + len(item) + 3 > width:  # ", " and the comma that may end the line
+                lines.append(current + ",")
+                current = item
+            else:
+                current = f"{current}, {item}" if current else item
+        lines.append(current)
+    return "\n".join(lines)
+
+
+def figure_title(label, pred, probs, unlike, class_names, unknown_label):
+    """(title, colour) of an image in the --plot figure: describe_row's, wrapped to the cell's width."""
+    title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label)
+    return wrap_title(title), color
 
 
 def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, args):
@@ -456,13 +486,13 @@ def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, 
 
 def plot_predictions(samples, class_names, ckpt, path, show, unknown_label):
     """The images as the model saw them (resize + center crop), in real colours (with --explain, the heat map
-    over them), titled as describe_row says."""
+    over them), titled as figure_title says."""
     show_tf = data_loader.display_transform(ckpt["input_size"], ckpt["resize_size"])
     images, titles, colors = [], [], []
     for (file, label), pred, probs, unlike, heat in samples:
         image = show_tf(data_loader.load_rgb(file))
         images.append(image if heat is None else explain.blend(image, heat))  # the crop's map: --explain
-        title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label)
+        title, color = figure_title(label, pred, probs, unlike, class_names, unknown_label)
         titles.append(title)
         colors.append(color)
     if not save_image_grid(images, titles, colors, path, show=show):
