@@ -323,7 +323,8 @@ def main(args):
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if args.explain:
         which = "most probable" if multi else "predicted"
-        print(f"heat maps (Grad-CAM of the {which} class): {explained.count} overlays -> {args.explain}/, "
+        empty = f" ({explained.empty} with an empty map: no evidence for the class)" if explained.empty else ""
+        print(f"heat maps (Grad-CAM of the {which} class): {explained.count} overlays{empty} -> {args.explain}/, "
               f"maps -> {Path(args.explain) / 'heatmaps.npz'}")
     if rejecting:
         rules = " and ".join(([f"threshold {args.threshold:g}"] if args.threshold is not None else [])
@@ -465,10 +466,11 @@ def wrap_title(title, width=TITLE_WIDTH):
     return "\n".join(lines)
 
 
-def figure_title(label, pred, probs, unlike, class_names, unknown_label):
-    """(title, colour) of an image in the --plot figure: describe_row's, wrapped to the cell's width."""
+def figure_title(label, pred, probs, unlike, class_names, unknown_label, heat=None):
+    """(title, colour) of an image in the --plot figure: describe_row's, wrapped to the cell's width; with its
+    --explain map `heat`, a last line when the map is empty (explain.evidence_title)."""
     title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label)
-    return wrap_title(title), color
+    return wrap_title(title if heat is None else explain.evidence_title(title, heat)), color
 
 
 def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, args):
@@ -492,7 +494,7 @@ def plot_predictions(samples, class_names, ckpt, path, show, unknown_label):
     for (file, label), pred, probs, unlike, heat in samples:
         image = show_tf(data_loader.load_rgb(file))
         images.append(image if heat is None else explain.blend(image, heat))  # the crop's map: --explain
-        title, color = figure_title(label, pred, probs, unlike, class_names, unknown_label)
+        title, color = figure_title(label, pred, probs, unlike, class_names, unknown_label, heat)
         titles.append(title)
         colors.append(color)
     if not save_image_grid(images, titles, colors, path, show=show):
