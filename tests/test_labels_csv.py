@@ -152,7 +152,8 @@ def test_paths_that_leave_the_image_root_are_named_in_a_warning_and_still_used(t
     rows = folder_rows(data)  # train/<class>/<file>
     root = data / "test"
     inside, back = sorted(root.rglob("*.png"))  # given as ./<class>/../<class>/<file>, ../test/<class>/<file>
-    csv_rows = ([("../" + f, label) for f, label in rows[1:]] + [(rows[0][0].replace("train/", "../train/./"), rows[0][1])]
+    csv_rows = ([("../" + f, label) for f, label in rows[1:]]
+                + [(rows[0][0].replace("train/", "../train/./"), rows[0][1])]
                 + [(f"./{inside.parent.name}/../{inside.parent.name}/{inside.name}", inside.parent.name),
                    (f"../test/{back.parent.name}/{back.name}", back.parent.name)])  # out and back in: inside
     warnings = []

@@ -321,10 +321,11 @@ def test_a_multi_label_figure_title_names_the_likeliest_classes_and_fits_its_cel
     assert titles[0] == "unknown (shirt 0.97)\ntrue: ankle_boot, coat,\npullover, +2 more"
     fig = utils.image_grid_figure(images, titles, colors)
     fig.canvas.draw()
-    renderer, cell = fig.canvas.get_renderer(), fig.get_window_extent().width / len(images)
+    renderer, (width, height) = fig.canvas.get_renderer(), fig.get_window_extent().size
+    cell = width / len(images)
     for i, ax in enumerate(fig.axes):
         box = ax.title.get_window_extent(renderer)
-        assert cell * i <= box.x0 and box.x1 <= cell * (i + 1) and box.y1 <= fig.get_window_extent().height + 2, titles[i]
+        assert cell * i <= box.x0 and box.x1 <= cell * (i + 1) and box.y1 <= height + 2, titles[i]  # not cut off
 
 
 def test_a_multi_label_result_has_every_probability_even_past_twenty_classes():
