@@ -364,9 +364,9 @@ def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, 
         out(f"label check: skipped {len(skips.seen)} unreadable image(s) (named above)")
     out(f"flagged: {len(flagged)} of {len(rows)} labels look wrong; per class: "
         + ", ".join(f"{name} {n}" for name, n in per_class.items()))
-    out(f"a clean set of {len(rows)} images would get about {expected:.0f} flags ({expected / max(len(rows), 1):.1%}; "
-        f"each label drawn from its out-of-fold probabilities, mean of {CLEAN_DRAWS} draws): far more suggests "
-        "wrong labels, about as many are mostly false alarms")
+    out(f"a clean set of {len(rows)} images would get about {expected:.0f} flag{'' if round(expected) == 1 else 's'} "
+        f"({expected / max(len(rows), 1):.1%}; each label drawn from its out-of-fold probabilities, mean of "
+        f"{CLEAN_DRAWS} draws): a count near that is mostly false alarms, one far above it points to wrong labels")
     out("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given label; "
         "several labels: of its least likely class):")
     for r in sorted(rows, key=lambda r: not r["flagged"])[:10]:  # stable: by score within each
