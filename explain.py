@@ -21,6 +21,7 @@ from utils import atomic_open, atomic_path, atomic_savefig, check_writable, imag
 
 OVERLAY_SIDE = 384  # long side of the overlay PNGs, in pixels
 ALPHA = 0.45  # weight of the heat map's colours over the image
+NO_EVIDENCE = "(no evidence: empty map)"  # the title's last line over an all-zero map
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -125,6 +126,17 @@ def full_size_map(cam, width, height, input_size, resize_size):
     return full.clamp(0, 1).numpy().astype(np.float32)
 
 
+def is_empty(heat):
+    """True for an all-zero map: no position of the feature map raised the class's logit (the relu left
+    nothing), so its overlay is a flat tint that shows no evidence, not evidence everywhere."""
+    return not bool((torch.as_tensor(heat) > 0).any())
+
+
+def evidence_title(title, heat):
+    """The title of an image drawn with its map: NO_EVIDENCE on a line of its own when the map is empty."""
+    return f"{title}\n{NO_EVIDENCE}" if is_empty(heat) else title
+
+
 def colorize(heat):
     """(h, w) in [0, 1] -> (h, w, 3) uint8 in matplotlib's 'jet' colours."""
     from matplotlib import colormaps
@@ -169,6 +181,7 @@ class Explanations:
         self.folder = Path(folder)
         self.names = set()
         self.count = 0
+        self.empty = 0  # of them all-zero maps (is_empty), titled NO_EVIDENCE
         # names of input images inside the folder: an overlay never replaces one (--explain . next to them)
         self.taken = {Path(f).name for f in inputs if Path(f).resolve().parent == self.folder.resolve()}
 
@@ -199,13 +212,15 @@ class Explanations:
         return self.folder / name
 
     def add(self, file, image, heat, title, color):
-        """Writes the overlay and the map (key: `file`); returns the overlay's path."""
+        """Writes the overlay (titled NO_EVIDENCE too when the map is empty) and the map (key: `file`); returns
+        the overlay's path."""
         with self._zip.open(f"{file}.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array(f, heat, allow_pickle=False)
         path = self.png_name(file)
         with atomic_open(path, "wb") as f:
-            overlay(image, heat, title, color).save(f, format="PNG", compress_level=1)
+            overlay(image, heat, evidence_title(title, heat), color).save(f, format="PNG", compress_level=1)
         self.count += 1
+        self.empty += is_empty(heat)
         return path
 
 

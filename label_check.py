@@ -34,6 +34,7 @@ L2_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # L2 strengths tried, per image, on 
 SMALL_FIT = 2**28
 MAX_ITER = 100  # L-BFGS iterations per batched fit at most (the problem is convex; a cap, not a schedule)
 GRID_IMAGES = 24  # suspects shown in label_issues.png
+CLEAN_DRAWS = 20  # simulated clean label sets behind the expected number of flags (their mean is printed)
 COLUMNS = ["file", "given", "suggested", "score", "flagged", "suggested_score", "split"]
 
 
@@ -170,6 +171,24 @@ def confident_learning_flags(probs, labels, n_classes):
     return other.any(1), thresholds
 
 
+def expected_flags(problems, seed, draws=CLEAN_DRAWS):
+    """How many images confident learning flags, on average, in a set labelled as right as the model can tell:
+    each image's label drawn from its own out-of-fold probabilities (seeded, `draws` times) and the flags
+    recomputed from the same probabilities. If those probabilities are calibrated, a correctly labelled set's
+    labels are distributed like these draws, so its flags are false alarms at about this rate. problems:
+    [(n, classes) probabilities]: one for a single-label set, one two-class problem per class for a multi-label
+    one (an image counts once when any of them flags it)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = 0
+    for _ in range(draws):
+        flagged = torch.zeros(len(problems[0]), dtype=torch.bool)
+        for probs in problems:
+            labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            flagged |= confident_learning_flags(probs, labels, probs.shape[1])[0]
+        total += int(flagged.sum())
+    return total / draws
+
+
 @dataclass
 class LabelIssues:
     files: list
@@ -302,12 +321,13 @@ def check_labels(model, head, splits, meta, compute, run_dir, task, views=0, bat
         spill.unlink(missing_ok=True)
     if found is None:
         return []
-    rows, fit = found
-    return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips)
+    rows, fit, expected = found
+    return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips, expected)
 
 
 def class_check(features, labels, files, split, class_names, seed, out, task):
-    """(rows, fit) of a check of one label per image (see report); None when fewer than two classes are left."""
+    """(rows, fit, expected flags on a clean set) of a check of one label per image (see report); None when fewer
+    than two classes are left."""
     if len(torch.unique(labels)) < 2:
         out("label check: skipped; fewer than two classes have readable images")
         return None
@@ -320,21 +340,26 @@ def class_check(features, labels, files, split, class_names, seed, out, task):
     for r in rows:
         per_class[r["given"]] += r["flagged"]
     accuracy = float((probs.argmax(1) == labels).float().mean()) if len(labels) else 0.0
-    return rows, (list(per_class.values()), f"{k}-fold logistic regression x{REPEATS} (L2 {l2:g})", "accuracy", accuracy)
+    fit = (list(per_class.values()), f"{k}-fold logistic regression x{REPEATS} (L2 {l2:g})", "accuracy", accuracy)
+    return rows, fit, expected_flags([probs], seed)
 
 
 def per_class_check(features, labels, files, split, class_names, seed, out, task):
-    """(rows, fit) of a multi-label check: each class its own two-class problem."""
+    """(rows, fit, expected flags on a clean set) of a multi-label check: each class its own two-class problem
+    (absent, present)."""
     present, flags, folds = per_label_check(features, labels, seed)
     rows = multi_label_rows(files, labels, split, present, flags, class_names, task)
     exact = float(((present >= 0.5) == labels.bool()).all(1).float().mean()) if len(labels) else 0.0
-    return rows, (flags.sum(0).tolist(), f"{max(folds) or 'no'}-fold two-class logistic regression per class "
-                  f"x{REPEATS}", "exact match", exact)
+    fit = (flags.sum(0).tolist(), f"{max(folds) or 'no'}-fold two-class logistic regression per class x{REPEATS}",
+           "exact match", exact)
+    expected = expected_flags([torch.stack([1 - p, p], 1) for p in present.T], seed) if len(labels) else 0.0
+    return rows, fit, expected
 
 
-def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips):
+def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips, expected):
     """Write label_issues.csv/.png and print the summary; fit = (flags per class, how it was fitted, the
-    out-of-fold measure's name, its value). Returns the rows."""
+    out-of-fold measure's name, its value); expected: the flags a clean set of this size would get
+    (expected_flags). The printed list holds the flagged rows first. Returns the rows."""
     write_csv(rows, run_dir / "label_issues.csv")
     shown = save_suspects(rows, run_dir / "label_issues.png", meta["input_size"], meta["resize_size"])
     fitted = time.perf_counter()
@@ -346,9 +371,12 @@ def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, 
         out(f"label check: skipped {len(skips.seen)} unreadable image(s) (named above)")
     out(f"flagged: {len(flagged)} of {len(rows)} labels look wrong; per class: "
         + ", ".join(f"{name} {n}" for name, n in per_class.items()))
-    out("most suspicious (given -> suggested, score = out-of-fold probability of the given label; several labels: "
-        "of its least likely class):")
-    for r in rows[:10]:
+    out(f"a clean set of {len(rows)} images would get about {expected:.0f} flag{'' if round(expected) == 1 else 's'} "
+        f"({expected / max(len(rows), 1):.1%}; each label drawn from its out-of-fold probabilities, mean of "
+        f"{CLEAN_DRAWS} draws): a count near that is mostly false alarms, one far above it points to wrong labels")
+    out("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given label; "
+        "several labels: of its least likely class):")
+    for r in sorted(rows, key=lambda r: not r["flagged"])[:10]:  # stable: by score within each
         out(f"  {r['file']}  {r['given']} -> {r['suggested']}  {r['score']:.3f}{'  flagged' if r['flagged'] else ''}")
     out(f"label check: {run_dir / 'label_issues.csv'}" + (f", {run_dir / 'label_issues.png'}" if shown else ""))
     return rows

@@ -13,30 +13,38 @@ from cli import CLIError
 from tasks import SingleLabel, looks_multi
 
 SPLITS = ("train", "valid", "test")
+SAVE_AS = "save it as CSV UTF-8 (comma-separated)"  # the hint for a file in another encoding or separator
 
 
 def read_rows(path):
-    """[(line number, {column: value})] of a CSV with `file` and `label` columns; one error line otherwise."""
+    """[(line number, {column: value})] of a CSV with `file` and `label` columns (the header's names matched
+    without case or surrounding spaces); one error line otherwise, with a hint for a file in another encoding
+    (Latin-1, UTF-16) or separated by semicolons or tabs."""
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"--labels_csv {str(path)!r} " + ("is a folder, not a CSV file" if path.is_dir() else "does not exist"))
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
+            header = [c.strip() for c in (reader.fieldnames or [])]
+            columns = [c.lower() for c in header]  # File, Label and Split as well
             if not columns:
                 raise CLIError(f"--labels_csv {str(path)!r} is empty; it needs a header row with the columns file "
                                "and label")
             missing = [c for c in ("file", "label") if c not in columns]
             if missing:
+                other = next((s for s in (";", "\t") if any(s in c for c in header)), None)
+                hint = (f"; it looks like UTF-16 text: {SAVE_AS}" if any("\x00" in c for c in header) else
+                        f"; it looks separated by {other!r}: {SAVE_AS}" if other else "")
                 raise CLIError(f"--labels_csv {str(path)!r} has no column {' or '.join(missing)} (its header: "
-                               f"{', '.join(columns[:8])})")
+                               f"{', '.join(header[:8])}){hint}")
             reader.fieldnames = columns
             rows = [(reader.line_num, row) for row in reader]  # the file's line (blank lines are skipped)
     except UnicodeDecodeError:
-        raise CLIError(f"--labels_csv {str(path)!r} is not a UTF-8 text file") from None
+        raise CLIError(f"--labels_csv {str(path)!r} is not a UTF-8 text file (Latin-1 or UTF-16?): {SAVE_AS}") from None
     except csv.Error as e:
-        raise CLIError(f"--labels_csv {str(path)!r}: {e}") from None
+        hint = f" (UTF-16?): {SAVE_AS}" if "NUL" in str(e) else ""
+        raise CLIError(f"--labels_csv {str(path)!r}: {e}{hint}") from None
     if not rows:
         raise CLIError(f"--labels_csv {str(path)!r} has a header but no rows")
     return rows
@@ -54,7 +62,7 @@ def read_labels(path, image_root=None, warn=print, task=None):
         raise CLIError(f"--image_root {str(root)!r} does not exist or is not a folder")
     rows = read_rows(path)
     with_split = "split" in rows[0][1]
-    seen, out, missing = {}, {}, []
+    seen, out, missing, outside = {}, {}, [], []
     for line, row in rows:
         name, label = (row.get("file") or "").strip(), (row.get("label") or "").strip()
         if not name or not (label or task.empty_label_allowed):
@@ -69,6 +77,8 @@ def read_labels(path, image_root=None, warn=print, task=None):
         if key in seen:
             raise CLIError(f"--labels_csv {path} line {line}: {name!r} is listed again (first on line {seen[key]})")
         seen[key] = line
+        if not os.path.isabs(name) and os.path.relpath(file, root).split(os.sep)[0] == os.pardir:
+            outside.append(f"line {line}: {name}")  # ../ out of the root: used, but likely a slip
         if not os.path.isfile(file):
             missing.append(f"line {line}: {file}")
             continue
@@ -76,6 +86,10 @@ def read_labels(path, image_root=None, warn=print, task=None):
     if missing:
         warn(f"--labels_csv: {len(missing)} of {len(rows)} rows name files that do not exist, left out: "
              + "; ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+    if outside:
+        where = f"--image_root {str(root)!r}" if image_root else f"the CSV's folder {str(root)!r}"
+        warn(f"warning: --labels_csv: {len(outside)} of {len(rows)} rows name files outside {where} (../ in the "
+             "path; they are used): " + "; ".join(outside[:3]) + (" ..." if len(outside) > 3 else ""))
     if not out:
         raise CLIError(f"--labels_csv {path}: none of its {len(rows)} files exist under {str(root)!r} (see "
                        "--image_root)")

@@ -27,6 +27,7 @@ from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, res
                    save_image_grid)
 
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
+TITLE_WIDTH = 32  # characters per line of a title in the figure (a 2.4-inch cell at 9 pt); longer lines wrap
 
 
 EXAMPLES = """examples:
@@ -264,7 +265,9 @@ def main(args):
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if args.explain:
-        print(f"heat maps (Grad-CAM of the {task.explained_class} class): {explained.count} overlays -> {args.explain}/, "
+        empty = f" ({explained.empty} with an empty map: no evidence for the class)" if explained.empty else ""
+        print(f"heat maps (Grad-CAM of the {task.explained_class} class): {explained.count} overlays{empty} -> "
+              f"{args.explain}/, "
               f"maps -> {Path(args.explain) / 'heatmaps.npz'}")
     if rejecting:
         rules = " and ".join(([f"threshold {args.threshold:g}"] if args.threshold is not None else [])
@@ -342,6 +345,29 @@ def describe_row(label, pred, probs, unlike, class_names, unknown_label, task):
     return title + ("\nunlike training" if unlike else ""), color
 
 
+def wrap_title(title, width=TITLE_WIDTH):
+    """Each line of a title broken after its commas so that no line is longer than width characters (a single
+    longer item keeps a line of its own)."""
+    lines = []
+    for line in title.split("\n"):
+        current = ""
+        for item in line.split(", "):
+            if current and len(current) + len(item) + 3 > width:  # ", " and the comma that may end the line
+                lines.append(current + ",")
+                current = item
+            else:
+                current = f"{current}, {item}" if current else item
+        lines.append(current)
+    return "\n".join(lines)
+
+
+def figure_title(label, pred, probs, unlike, class_names, unknown_label, task, heat=None):
+    """(title, colour) of an image in the --plot figure: describe_row's, wrapped to the cell's width; with its
+    --explain map `heat`, a last line when the map is empty (explain.evidence_title)."""
+    title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label, task)
+    return wrap_title(title if heat is None else explain.evidence_title(title, heat)), color
+
+
 def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, args, task):
     """The image's heat map at its own size into heatmaps.npz and its overlay PNG; returns the PNG's path (the
     heatmap column)."""
@@ -357,13 +383,13 @@ def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, 
 
 def plot_predictions(samples, class_names, ckpt, path, show, unknown_label, task):
     """The images as the model saw them (resize + center crop), in real colours (with --explain, the heat map
-    over them), titled as describe_row says."""
+    over them), titled as figure_title says."""
     show_tf = data_loader.display_transform(ckpt["input_size"], ckpt["resize_size"])
     images, titles, colors = [], [], []
     for (file, label), pred, probs, unlike, heat in samples:
         image = show_tf(data_loader.load_rgb(file))
         images.append(image if heat is None else explain.blend(image, heat))  # the crop's map: --explain
-        title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label, task)
+        title, color = figure_title(label, pred, probs, unlike, class_names, unknown_label, task, heat)
         titles.append(title)
         colors.append(color)
     if not save_image_grid(images, titles, colors, path, show=show):

@@ -23,6 +23,7 @@ from metrics import N_BINS
 
 UNKNOWN = -1  # the predicted index of a row below --threshold (or rejected by --reject_ood)
 DEFAULT_DELIM = " "
+TITLE_CLASSES = 3  # a multi-label title names this many classes at most (the most probable first), then "+N more"
 
 
 def split_labels(text, delim=DEFAULT_DELIM):
@@ -47,6 +48,11 @@ def inverse_frequency(counts):
     """total / (classes x count) per class; 0.0 for a class without images."""
     total, n = sum(counts), len(counts)
     return [total / (n * c) if c else 0.0 for c in counts]
+
+
+def first_few(names, n=TITLE_CLASSES):
+    """The first n of names joined by ', ', then '+k more' for the rest."""
+    return ", ".join(names[:n] + ([f"+{len(names) - n} more"] if len(names) > n else []))
 
 
 def fmt(values):
@@ -667,11 +673,14 @@ class MultiLabel(SingleLabel):
         return True
 
     def title(self, label, pred, probs, class_names, unknown_label):
+        """The decided classes, most probable first, the first TITLE_CLASSES of them and '+N more' (and so the
+        true set), so a title fits its cell."""
         best, confidence = int(probs.argmax()), float(probs.max())
-        chosen = ", ".join(f"{class_names[c]} ({probs[c]:.2f})" for c, on in enumerate(pred) if on) if isinstance(
-            pred, tuple) else ""
+        on = sorted((c for c, yes in enumerate(pred) if yes), key=lambda c: -float(probs[c])) if isinstance(
+            pred, tuple) else []
+        chosen = first_few([f"{class_names[c]} ({probs[c]:.2f})" for c in on])
         given = isinstance(label, tuple) and pred != label
-        truth = f"\ntrue: {self.text(label, class_names, ', ') or 'none'}" if given else ""
+        truth = f"\ntrue: {first_few([n for n, yes in zip(class_names, label) if yes]) or 'none'}" if given else ""
         if not chosen:
             return f"{unknown_label} ({class_names[best]} {confidence:.2f})" + truth, None
         return chosen + truth, bool(truth)

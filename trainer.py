@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import evaluation
 import model_loader

@@ -230,7 +230,8 @@ def image_grid_figure(images, titles, colors, ncols=None, fontsize=9):
         ax.imshow(img)
         ax.set_title(title, color=color, fontsize=fontsize)
         ax.axis("off")
-    fig.tight_layout()
+    for _ in range(2):  # the second pass makes room for the titles where the first one moved the images to
+        fig.tight_layout()
     return fig
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluation
 import metrics
 import predict
 import tasks

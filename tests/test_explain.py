@@ -115,6 +115,21 @@ def test_an_overlay_never_replaces_an_input_image(tmp_path):
     assert exp.png_name(tmp_path / "other" / "dog.jpg").name == "dog_2.png"
 
 
+def test_an_empty_map_is_titled_no_evidence_and_counted(tmp_path):
+    assert explain.is_empty(np.zeros((5, 7), np.float32)) and not explain.is_empty(np.eye(5, dtype=np.float32))
+    assert explain.evidence_title("bag (0.91)", torch.zeros(3, 3)) == "bag (0.91)\n(no evidence: empty map)"
+    assert explain.evidence_title("bag (0.91)", torch.eye(3)) == "bag (0.91)"
+    image = Image.new("RGB", (40, 30), "white")
+    with explain.Explanations(tmp_path) as exp:
+        some = exp.add("a.png", image, np.eye(30, 40, dtype=np.float32), "bag (0.91)", "black")
+        none = exp.add("b.png", image, np.zeros((30, 40), np.float32), "bag (0.91)", "black")
+    assert (exp.count, exp.empty) == (2, 1)
+    with Image.open(some) as a, Image.open(none) as b:
+        assert b.height == a.height + 20  # one more title line over the flat tint
+        title_strip = np.asarray(b.convert("RGB"))[20:46]  # the second line: the note, drawn in black
+        assert (title_strip.sum(-1) < 200).sum() > 100
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -231,3 +246,30 @@ def test_train_writes_the_validation_images_by_loss_with_the_calibrated_probabil
         assert float(r["loss"]) == pytest.approx(-float(p[given].log()), abs=5e-3)
     assert (run / "top_losses.png").stat().st_size > 10_000
     assert "Validation/Top losses" in scalar_tags(run).Tags()["images"]
+
+
+def test_predict_counts_and_titles_the_empty_maps(tiny_data, tmp_path, capsys, monkeypatch):
+    """A resnet18 with its classifier's weights zeroed: every logit is a constant, so every map is empty."""
+    import utils
+
+    train.main(train.parse_args([str(a) for a in (
+        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1",
+        "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "0")]))
+    ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
+    ckpt["state_dict"]["fc.weight"].zero_()
+    torch.save(ckpt, tmp_path / "flat.pth")
+    drawn = []
+    monkeypatch.setattr(predict, "save_image_grid", lambda images, titles, colors, path, show: drawn.append(
+        titles) or utils.save_image_grid(images, titles, colors, path, show))
+    for name in ("m", "flat"):
+        capsys.readouterr()
+        printed = run_predict(capsys, "--model_fn", tmp_path / f"{name}.pth", "--data_dir", tiny_data / "test",
+                              "--output", tmp_path / f"{name}.csv", "--plot", tmp_path / f"{name}.png", "--explain",
+                              tmp_path / name)
+        maps = np.load(tmp_path / name / "heatmaps.npz")
+        empty = sum(not maps[k].any() for k in maps.files)
+        assert len(maps.files) == 18 and (empty == 18 if name == "flat" else empty < 18)
+        assert (f"18 overlays ({empty} with an empty map: no evidence for the class) -> " in printed if empty else
+                "18 overlays -> " in printed), printed
+        noted = sum(t.endswith("\n(no evidence: empty map)") for t in drawn[-1])  # the --plot figure's titles
+        assert len(drawn[-1]) == 6 and (noted == 6 if name == "flat" else noted <= empty), drawn[-1]

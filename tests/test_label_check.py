@@ -73,6 +73,9 @@ def test_planted_wrong_labels_rank_first_and_are_flagged(checked):
         assert row["given"] == folder and row["suggested"] == rel.split("/")[0] and row["flagged"] == "1"
     assert sum(r[4] == "1" for r in body) == 3, [r for r in body if r[4] == "1"]
     assert "flagged: 3 of 36 labels look wrong; per class: blue 1, green 1, red 1" in proc.stdout
+    # out-of-fold probabilities of about 0.8 for the true colours: labels drawn from them disagree 1 in 5 times
+    expected = proc.stdout.split("a clean set of 36 images would get about ")[1]
+    assert 1 <= int(expected.split()[0]) <= 8 and "each label drawn from its out-of-fold probabilities" in expected
     top = proc.stdout.split("most suspicious")[1].splitlines()[1:11]
     assert len(top) == 10 and all(r[0] in line for r, line in zip(body[:10], top))
 
@@ -205,3 +208,36 @@ def test_with_imagenet_features_flipped_sample_images_rank_first(tmp_path):
     # it (high on these easy classes): here 2 of the 3, and nothing else
     assert len(flagged) >= 2 and set(flagged) <= set(wrong), flagged
     assert f"flagged: {len(flagged)} of 90 labels look wrong" in proc.stdout
+
+
+def test_the_flags_a_clean_set_would_get_are_those_of_labels_drawn_from_the_probabilities():
+    import label_check as lc
+
+    # half the images 0.9 class a, half 0.9 class b: drawn labels disagree with the likelier class 10% of the
+    # time, and confident learning flags exactly those (0.9 clears each class's mean of about 0.82)
+    probs = torch.tensor([[0.9, 0.1]] * 100 + [[0.1, 0.9]] * 100)
+    assert 17 < lc.expected_flags([probs], seed=0) < 23
+    assert lc.expected_flags([probs], seed=0) == lc.expected_flags([probs], seed=0)  # seeded
+    assert lc.expected_flags([torch.tensor([[0.999, 0.001]] * 100 + [[0.001, 0.999]] * 100)], seed=0) < 1
+    # multi-label: two such classes, an image counted once when either flags it: 1 - 0.9^2 = 19%
+    other = torch.cat([probs[::2], probs[1::2]])  # the second class independent of the first
+    assert 33 < lc.expected_flags([probs, other], seed=0) < 43
+
+
+def test_the_printed_list_holds_the_flagged_rows_first_and_the_expected_false_alarms(tmp_path):
+    import data_loader
+    import label_check as lc
+
+    rows = [{"file": str(tmp_path / f"f{i}.png"), "given": "a", "suggested": "b", "score": 0.1 * i,
+             "flagged": int(i % 2 == 0), "suggested_score": 1 - 0.1 * i, "split": "train"} for i in range(5)]
+    said = []
+    lc.report(rows, tmp_path, {"input_size": 32, "resize_size": 32}, ["a", "b"], said.append, 0.0, 0.0, 0,
+              ([3, 0], "a fit", "accuracy", 0.9), data_loader.SkipLog([], ["a", "b"], said.append), 2.4)
+    assert said[1] == "flagged: 3 of 5 labels look wrong; per class: a 3, b 0"
+    assert said[2].startswith("a clean set of 5 images would get about 2 flags (48.0%; each label drawn from its "
+                              "out-of-fold probabilities, mean of 20 draws)")
+    listed = [line.split()[0] for line in said[4:9]]
+    assert listed == [str(tmp_path / f"f{i}.png") for i in (0, 2, 4, 1, 3)]  # flagged, then the rest; by score
+    assert [line.endswith("flagged") for line in said[4:9]] == [True] * 3 + [False] * 2
+    with open(tmp_path / "label_issues.csv", newline="", encoding="utf-8") as f:
+        assert [r["file"] for r in csv.DictReader(f)] == [r["file"] for r in rows]  # the CSV keeps the score order

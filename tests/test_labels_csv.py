@@ -7,7 +7,7 @@ import pytest
 
 import predict
 import train
-from conftest import run_in_process
+from conftest import copy_subset, run_in_process
 from test_evaluation import read_csv
 
 
@@ -114,3 +114,54 @@ def test_predict_without_inputs_needs_the_training_csvs_test_rows(tiny_data, tmp
     err = run_in_process(predict, ["--model_fn", tmp_path / "m.pth", "--output", tmp_path / "r.csv"], capsys)
     assert "no --data_dir or --labels_csv given" in err and "does not exist" in err
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_the_header_is_matched_without_case_or_surrounding_spaces(tiny_data, tmp_path):
+    import labels_csv
+
+    rows = folder_rows(tiny_data, ("train", "test"), with_split=True)
+    labels = write_csv(tmp_path / "labels.csv", [(str(tiny_data / f), label, split) for f, label, split in rows],
+                       (" File", "Label ", "SPLIT"))
+    parts = labels_csv.read_labels(labels)
+    assert sorted(parts) == ["test", "train"] and len(parts["train"]) == 48 and len(parts["test"]) == 18
+    assert sorted(parts["test"]) == sorted((str(tiny_data / f), label) for f, label, s in rows if s == "test")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("file,label\ncafé.png,bag\n".encode("latin-1"), "is not a UTF-8 text file (Latin-1 or UTF-16?): save it as "
+                                                       "CSV UTF-8 (comma-separated)"),
+    ("file,label\na.png,bag\n".encode("utf-16"), "is not a UTF-8 text file (Latin-1 or UTF-16?): save it as "
+                                                 "CSV UTF-8 (comma-separated)"),
+    ("file,label\na.png,bag\n".encode("utf-16-le"), "it looks like UTF-16 text: save it as CSV UTF-8 "
+                                                    "(comma-separated)"),
+    (b"file;label\na.png;bag\n", "has no column file or label (its header: file;label); it looks separated by ';': "
+                                 "save it as CSV UTF-8 (comma-separated)"),
+    (b"File\tLabel\na.png\tbag\n", "it looks separated by '\\t': save it as CSV UTF-8 (comma-separated)"),
+])
+def test_another_encoding_or_separator_is_one_error_line_with_a_hint(tiny_data, tmp_path, capsys, content, message):
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(content)
+    err = run_in_process(train, train_args(tmp_path, "--labels_csv", labels, "--image_root", tiny_data), capsys)
+    assert message in err and not (tmp_path / "m.pth").exists()
+
+
+def test_paths_that_leave_the_image_root_are_named_in_a_warning_and_still_used(tmp_path):
+    import labels_csv
+
+    data = copy_subset(tmp_path / "data", ["bag", "sneaker"], 3, 1)
+    rows = folder_rows(data)  # train/<class>/<file>
+    root = data / "test"
+    inside, back = sorted(root.rglob("*.png"))  # given as ./<class>/../<class>/<file>, ../test/<class>/<file>
+    csv_rows = ([("../" + f, label) for f, label in rows[1:]]
+                + [(rows[0][0].replace("train/", "../train/./"), rows[0][1])]
+                + [(f"./{inside.parent.name}/../{inside.parent.name}/{inside.name}", inside.parent.name),
+                   (f"../test/{back.parent.name}/{back.name}", back.parent.name)])  # out and back in: inside
+    warnings = []
+    parts = labels_csv.read_labels(write_csv(tmp_path / "labels.csv", csv_rows), root, warn=warnings.append)
+    assert len(parts[None]) == len(rows) + 2  # they still work
+    assert warnings == [f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} rows name files outside "
+                        f"--image_root {str(root)!r} (../ in the path; they are used): line 2: ../{rows[1][0]}; "
+                        f"line 3: ../{rows[2][0]}; line 4: ../{rows[3][0]} ..."]
+    labels_csv.read_labels(write_csv(root / "labels.csv", csv_rows), warn=warnings.append)  # the CSV's folder
+    assert len(warnings) == 2 and warnings[1].startswith(f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} "
+                                                         f"rows name files outside the CSV's folder {str(root)!r}")

@@ -16,7 +16,6 @@ import metrics
 import predict
 import tasks
 import train
-import trainer
 from conftest import ROOT, run_in_process
 from test_evaluation import read_csv
 from test_labels_csv import write_csv
@@ -298,6 +297,38 @@ def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp
     assert "trained without --multi_label" in run_in_process(train, ["--resume", tmp_path / "single_last.pth"], capsys)
 
 
+def test_a_multi_label_figure_title_names_the_likeliest_classes_and_fits_its_cell(tmp_path, monkeypatch):
+    import utils
+
+    names = ["ankle_boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker"]
+    probs = torch.tensor([0.55, 0.91, 0.62, 0.88, 0.70, 0.05, 0.97, 0.10])
+    pred = tuple(int(p > 0.5) for p in probs)  # six classes
+    label = (1, 0, 1, 0, 1, 1, 0, 1)  # five others
+    title, color = predict.figure_title(label, pred, probs, False, names, "unknown", tasks.MultiLabel())
+    assert title == "shirt (0.97), bag (0.91),\ndress (0.88), +3 more\ntrue: ankle_boot, coat,\npullover, +2 more"
+    assert color == "red"
+    assert predict.figure_title(pred, pred, probs, True, names, "unknown", tasks.MultiLabel())[0] == \
+        "shirt (0.97), bag (0.91),\ndress (0.88), +3 more\nunlike training"
+    # what --plot draws: every title inside its own cell of the saved figure, none wider than it
+    files = sorted((ROOT / "data" / "fashion_sample" / "test" / "bag").glob("*.png"))[:6]
+    samples = [((str(f), label), pred if i % 2 else (0,) * 8, probs, i == 3, None) for i, f in enumerate(files)]
+    drawn = []
+    monkeypatch.setattr(predict, "save_image_grid", lambda images, titles, colors, path, show: drawn.append(
+        (images, titles, colors)) or utils.save_image_grid(images, titles, colors, path, show))
+    predict.plot_predictions(samples, names, {"input_size": 28, "resize_size": 28}, tmp_path / "multi.png", False,
+                             "unknown", tasks.MultiLabel())
+    images, titles, colors = drawn[0]
+    assert (tmp_path / "multi.png").stat().st_size > 5000 and titles[1] == title
+    assert titles[0] == "unknown (shirt 0.97)\ntrue: ankle_boot, coat,\npullover, +2 more"
+    fig = utils.image_grid_figure(images, titles, colors)
+    fig.canvas.draw()
+    renderer, (width, height) = fig.canvas.get_renderer(), fig.get_window_extent().size
+    cell = width / len(images)
+    for i, ax in enumerate(fig.axes):
+        box = ax.title.get_window_extent(renderer)
+        assert cell * i <= box.x0 and box.x1 <= cell * (i + 1) and box.y1 <= height + 2, titles[i]  # not cut off
+
+
 def test_a_multi_label_result_has_every_probability_even_past_twenty_classes():
     names = [f"c{i}" for i in range(25)]
     assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False, tasks.MultiLabel())) == 25
@@ -325,6 +356,13 @@ def test_check_data_checks_each_label_of_a_multi_label_csv(pairs_run, tmp_path, 
         "resnet18", "--input_size", "32", "--num_workers", "0", "--verbose", "0", "--log_dir", tmp_path)]))
     out = capsys.readouterr().out
     assert "two-class logistic regression per class" in out and "train: 49 images; ankle_boot" in out
+    # a clean set (every label right) and a weak backbone: many flags, about as many as the printed estimate
+    flagged = int(out.split("flagged: ")[1].split()[0])
+    expected = float(out.split("a clean set of 74 images would get about ")[1].split()[0])
+    assert flagged > 10 and flagged / 2 <= expected <= flagged * 2, (flagged, expected)
+    listed = out.split("most suspicious, flagged first")[1].splitlines()[1:11]
+    assert [line.endswith("flagged") for line in listed] == sorted((line.endswith("flagged") for line in listed),
+                                                                   reverse=True)
     given = {str(csv_path.parent / r["file"]): set(r["label"].split()) for r in read_csv(csv_path)}
     rows = read_csv(tmp_path / "label_issues.csv")
     assert len(rows) == 49 + 25
