@@ -74,9 +74,11 @@ def build_fitter(data, tmp_path, *flags):
 def test_the_range_test_trains_with_rising_rates_then_restores_the_model(tiny_data, tmp_path, mode):
     fitter = build_fitter(tiny_data, tmp_path, *mode)
     before = {k: v.clone() for k, v in fitter.model.state_dict().items()}
-    seen = []
+    seen, backbone = [], []
     fitter.model.get_submodule(fitter.head).register_forward_hook(
         lambda m, i, o: seen.append(m.weight.detach().clone()))
+    fitter.model.conv1.register_forward_hook(  # the backbone's first layer, as each step finds it
+        lambda m, i, o: backbone.append((m.weight.detach().clone(), m.weight.requires_grad)))
     test = lr_finder.range_test(fitter, 4)
     assert 10 <= len(test.lrs) <= lr_finder.MAX_STEPS and len(test.losses) == len(test.lrs)
     ratios = [b / a for a, b in zip(test.lrs, test.lrs[1:])]
@@ -87,6 +89,10 @@ def test_the_range_test_trains_with_rising_rates_then_restores_the_model(tiny_da
     assert fitter.optimizer.state_dict()["state"] == {}
     if mode:  # --freeze: the steps ran on the cache, the backbone untouched
         assert fitter.cache is not None
+        assert not any(grad for _, grad in backbone)  # (the cache's pass runs a folded copy of it)
+    else:  # the whole model: the backbone trains too
+        assert len(backbone) == len(test.lrs) and all(grad for _, grad in backbone)
+        assert not torch.equal(backbone[-1][0], before["conv1.weight"])
 
 
 def test_find_lr_writes_the_curve_and_prints_a_suggestion_without_training(tiny_data, tmp_path, capsys):
@@ -114,3 +120,23 @@ def test_find_lr_with_too_few_batches_suggests_nothing(tiny_data, tmp_path, caps
     out = capsys.readouterr().out
     assert result is None and "make 3 batches of 16" in out and "no learning rate is suggested" in out
     assert not (tmp_path / "run" / "lr_find.png").exists() and not (tmp_path / "m.pth").exists()
+
+
+def test_the_range_test_stops_once_the_smoothed_loss_passes_four_times_its_lowest(tiny_data, tmp_path, monkeypatch):
+    """A scripted curve (each step's loss stands in for the mini-batch's): it falls to 0.1, then grows tenfold a
+    step; the test ends at the first step whose smoothed loss exceeds DIVERGE x the lowest smoothed one."""
+    fitter = build_fitter(tiny_data, tmp_path, "--freeze")
+    curve = [1.0 - 0.03 * i for i in range(30)] + [0.1 * 10 ** i for i in range(1, 40)]
+
+    def scripted_step(model, x, y, optimizer, schedule, scaler, criterion, compute, meter):
+        schedule.step()
+        meter.loss, meter.count = curve[len(seen)], 1
+        seen.append(1)
+
+    seen = []
+    monkeypatch.setattr(lr_finder, "train_step", scripted_step)
+    test = lr_finder.range_test(fitter, 4)
+    smoothed = lr_finder.smooth(curve)
+    first = next(i for i in range(1, len(curve)) if smoothed[i] > lr_finder.DIVERGE * min(smoothed[:i + 1]))
+    assert test.stopped == f"the loss passed {lr_finder.DIVERGE:g}x its lowest" and len(test.losses) == first + 1
+    assert test.losses == pytest.approx(curve[:first + 1]) and first < len(curve) - 1
