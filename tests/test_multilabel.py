@@ -53,6 +53,11 @@ def test_the_threshold_maximises_f1_halfway_to_the_next_probability():
     assert multilabel.best_f1_threshold(torch.tensor([0.3, 0.2]), torch.tensor([0, 0])) == multilabel.DEFAULT_THRESHOLD
 
 
+def test_a_probability_equal_to_its_threshold_is_taken():
+    probs = torch.tensor([[0.5, 0.25, 0.75], [0.5 - 1e-7, 0.25, 0.7]])
+    assert multilabel.decide(probs, [0.5, 0.25, 0.75]).tolist() == [[True, True, True], [False, True, False]]
+
+
 def test_each_class_gets_the_temperature_that_minimises_its_own_loss():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4000, 2, generator=g) * 2
