@@ -111,16 +111,17 @@ class Calibration:
     def summary(self):
         m = self.metrics
         if self.unfitted:
-            return (f"temperature stays 1.0: {self.unfitted} (NLL {m['valid_nll_before']:.4f}, ECE ({N_BINS} bins) "
-                    f"{m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)")
+            return (f"temperature stays 1.0: {self.unfitted} (validation NLL {m['valid_nll_before']:.4f}, ECE "
+                    f"({N_BINS} bins) {m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)")
         return (f"temperature {self.temperature:.3f} fitted on {m['calibration_count']} validation images: "
-                f"NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
-                f"ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}")
+                f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
+                f"validation ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}")
 
 
 def calibrate(logits, labels, class_names=None):
     """Temperature scaling on validation logits; None when there are none (the temperature stays 1.0).
     Multi-label (a labels matrix): multilabel.calibrate, per-class temperatures and thresholds.
+    A temperature is kept only when it lowers the validation NLL; else it stays 1.0, with the reason.
     When the NLL has no minimum inside the searched range the temperature stays 1.0, with the reason:
     with every validation image predicted right, the NLL keeps falling as T -> 0, and the 'fitted' T
     would make every prediction certain (a test image that is wrong then gets confidence 1.0)."""
@@ -138,6 +139,9 @@ def calibrate(logits, labels, class_names=None):
                     + f"the validation NLL still falls at T = {lo:g} and no temperature can be fitted")
     elif temperature > hi / 1.01:
         unfitted = "the validation NLL falls as T grows without end (the model is no better than chance there)"
+    elif not nll(logits, labels, temperature) < nll(logits, labels):  # calibration must not make it worse
+        unfitted = (f"T = {temperature:.3f} would not lower the validation NLL (it gives "
+                    f"{nll(logits, labels, temperature):.4f})")
     if unfitted:
         temperature = 1.0
     metrics = {"valid_nll_before": nll(logits, labels), "valid_nll_after": nll(logits, labels, temperature),
@@ -254,10 +258,12 @@ def loss_accuracy(logits, labels):
 def test_results(logits, labels, calibration, class_names):
     """(metrics, per-class report or None) of the test images' logits, with the calibration fitted on the
     validation images (None: uncalibrated). Multi-label: accuracy is the exact match of the thresholded sets,
-    and the metrics add map, micro_f1 and macro_f1 (multilabel.report)."""
+    and the metrics add map, micro_f1 and macro_f1 (multilabel.report). The loss (NLL; multi-label: BCE) and
+    ece are those of the raw logits, loss_calibrated and ece_calibrated those under the calibration."""
     metrics = loss_accuracy(logits, labels)
     if not len(labels):
         return metrics, None
+    metrics["ece"] = ece(*confidence_correct(logits, labels))
     if labels.dim() == 2:
         import multilabel
 
@@ -265,9 +271,12 @@ def test_results(logits, labels, calibration, class_names):
         probs = calibration.probabilities(logits)
         table, summary = multilabel.report(labels, multilabel.decide(probs, calibration.thresholds), probs, class_names)
         metrics.update(accuracy=summary["exact_match"], map=summary["mAP"], micro_f1=summary["micro_f1"],
-                       macro_f1=summary["macro_f1"])
+                       macro_f1=summary["macro_f1"], ece_calibrated=ece(*confidence_correct(logits, labels, calibration)),
+                       loss_calibrated=multilabel.bce(logits / torch.tensor(calibration.temperatures), labels))
         return metrics, table
     probs = calibration.probabilities(logits) if calibration is not None else probabilities(logits)
+    metrics.update(ece_calibrated=ece(*confidence_correct(logits, labels, calibration)),
+                   loss_calibrated=nll(logits, labels, calibration.temperature if calibration is not None else 1.0))
     return metrics, classification_report(labels, probs.argmax(1), probs, class_names)
 
 

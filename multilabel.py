@@ -9,7 +9,7 @@ the validation images) and its own decision threshold (the one maximising that c
 images, on the calibrated probabilities); both go into the checkpoint. A prediction is every class whose
 calibrated probability reaches its threshold."""
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -131,7 +131,8 @@ class Calibration:
     temperatures: list
     thresholds: list
     metrics: dict  # valid_bce_before/after, valid_map, valid_exact_match(_at_half), calibration_count
-    unfitted: list  # names of the classes whose temperature stays 1.0
+    unfitted: list  # names of the classes whose temperature stays 1.0: their BCE has no minimum in the range
+    no_better: list = field(default_factory=list)  # and those whose fitted temperature would not lower their BCE
 
     def probabilities(self, logits, views=1):
         return probabilities(logits, self.temperatures, views)
@@ -142,8 +143,11 @@ class Calibration:
     def summary(self):
         m = self.metrics
         kept = f"; temperature stays 1.0 for {', '.join(self.unfitted)}" if self.unfitted else ""
+        if self.no_better:
+            kept += (f"; temperature stays 1.0 for {', '.join(self.no_better)}: a fitted one would not lower "
+                     f"{'its' if len(self.no_better) == 1 else 'their'} validation BCE")
         return (f"per-class temperatures {fmt(self.temperatures)} and F1 thresholds {fmt(self.thresholds)} fitted "
-                f"on {m['calibration_count']} validation images: BCE {m['valid_bce_before']:.4f} -> "
+                f"on {m['calibration_count']} validation images: validation BCE {m['valid_bce_before']:.4f} -> "
                 f"{m['valid_bce_after']:.4f}, exact match {m['valid_exact_match_at_half']:.4f} (all at 0.5) -> "
                 f"{m['valid_exact_match']:.4f}, mAP {m['valid_map']:.4f}{kept}")
 
@@ -159,12 +163,15 @@ def calibrate(logits, labels, class_names):
     if not len(labels):
         return None
     lo, hi = (math.exp(x) for x in LOG_T_RANGE)
-    temperatures, unfitted = [], []
+    temperatures, unfitted, no_better = [], [], []
     for c, name in enumerate(class_names):
         t = fit_temperature(logits[:, c], labels[:, c], loss=bce)
         if not lo * 1.01 < t < hi / 1.01:  # no minimum inside the range (a perfectly separated column)
             t = 1.0
             unfitted.append(name)
+        elif not bce(logits[:, c], labels[:, c], t) < bce(logits[:, c], labels[:, c]):  # it must not make it worse
+            t = 1.0
+            no_better.append(name)
         temperatures.append(float(t))
     probs = probabilities(logits, temperatures)
     thresholds = [best_f1_threshold(probs[:, c], labels[:, c]) for c in range(labels.shape[1])]
@@ -172,7 +179,7 @@ def calibrate(logits, labels, class_names):
                "valid_map": mean_average_precision(probs, labels),
                "valid_exact_match_at_half": exact_match(logits > 0, labels),
                "valid_exact_match": exact_match(decide(probs, thresholds), labels), "calibration_count": int(len(labels))}
-    return Calibration(temperatures, thresholds, metrics, unfitted)
+    return Calibration(temperatures, thresholds, metrics, unfitted, no_better)
 
 
 def from_checkpoint(ckpt):

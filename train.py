@@ -419,6 +419,9 @@ def main(args):
         say(f"test mAP {t['map']:.4f}, exact match {t['accuracy']:.4f}, micro F1 {t['micro_f1']:.4f} on {t['count']} "
             f"images (loss {t['loss']:.4f})" if "map" in t else
             f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})")
+        if result.calibration is not None and t["loss_calibrated"] != t["loss"]:
+            say(f"calibration on the test images: {'BCE' if 'map' in t else 'NLL'} {t['loss']:.4f} -> "
+                f"{t['loss_calibrated']:.4f}, ECE ({evaluation.N_BINS} bins) {t['ece']:.4f} -> {t['ece_calibrated']:.4f}")
     if result.test_report is not None:
         say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
     say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")

@@ -63,6 +63,29 @@ def test_no_temperature_is_fitted_when_the_nll_has_no_minimum():
     assert one_wrong.metrics["valid_nll_after"] < one_wrong.metrics["valid_nll_before"]
 
 
+def test_a_temperature_that_would_not_lower_the_validation_nll_is_not_kept(monkeypatch):
+    """The search finds the minimum, so it only happens where the NLL is flat; a search that answers T = 2.5 on a
+    calibrated model (whose best T is 1) stands in for it: T stays 1.0, and the summary says why."""
+    logits, labels = synthetic_logits(1.0)
+    monkeypatch.setattr(evaluation, "fit_temperature", lambda logits, labels, loss=None: 2.5)
+    calibration = evaluation.calibrate(logits, labels)
+    assert calibration.temperature == 1.0 and calibration.metrics["valid_nll_after"] == evaluation.nll(logits, labels)
+    assert calibration.summary().startswith(f"temperature stays 1.0: T = 2.500 would not lower the validation NLL "
+                                            f"(it gives {evaluation.nll(logits, labels, 2.5):.4f}) (validation NLL")
+    monkeypatch.setattr(evaluation, "fit_temperature", lambda logits, labels, loss=None: 1.1)  # a better T: kept
+    assert evaluation.calibrate(*synthetic_logits(1.2)).temperature == 1.1
+
+
+def test_the_test_figures_are_those_of_the_raw_and_the_calibrated_logits():
+    logits, labels = synthetic_logits(3.0, n=300)
+    calibration = evaluation.Calibration(2.0, {})
+    metrics, _ = evaluation.test_results(logits, labels, calibration, ["a", "b", "c", "d"])
+    assert metrics["loss"] == pytest.approx(evaluation.nll(logits, labels))
+    assert metrics["loss_calibrated"] == pytest.approx(evaluation.nll(logits, labels, 2.0))
+    assert metrics["ece"] == pytest.approx(evaluation.logits_ece(logits, labels))
+    assert metrics["ece_calibrated"] == pytest.approx(evaluation.logits_ece(logits, labels, 2.0))
+
+
 def test_no_validation_logits_means_no_calibration():
     assert evaluation.calibrate(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) is None
 
@@ -139,12 +162,17 @@ def trained(tmp_path_factory):
     """One frozen run on 3 classes (shared by the tests below): the calibrated checkpoint and its run folder."""
     from conftest import copy_subset
 
+    import contextlib
+    import io
+
     root = tmp_path_factory.mktemp("evaluation")
     data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 20, 8)
-    result = train.main(train.parse_args([str(a) for a in (
-        "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "4", "--freeze",
-        "--lr", "3e-3", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
-        "--verbose", "0")]))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = train.main(train.parse_args([str(a) for a in (
+            "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "4", "--freeze",
+            "--lr", "3e-3", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
+            "--verbose", "0")]))
+    (root / "train_output.txt").write_text(out.getvalue())  # what train.py printed
     return root, data, result
 
 
@@ -179,6 +207,18 @@ def test_train_stores_the_temperature_metrics_diagram_and_test_report(trained):
     acc.Reload()
     assert acc.Scalars("hparam/temperature")[0].value == pytest.approx(t, rel=1e-6)
     assert acc.Scalars("hparam/valid_ece_after")[0].value == pytest.approx(m["valid_ece_after"], rel=1e-5)
+
+
+def test_train_prints_the_calibration_on_the_validation_and_on_the_test_images(trained):
+    root, _, result = trained
+    out = (root / "train_output.txt").read_text().splitlines()
+    m, t = result.calibration.metrics, result.test_metrics
+    valid = [line for line in out if line.startswith("calibration: ")]
+    assert len(valid) == 1 and (f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, validation "
+                                f"ECE (15 bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}") in valid[0]
+    assert f"calibration on the test images: NLL {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, ECE (15 bins) " \
+           f"{t['ece']:.4f} -> {t['ece_calibrated']:.4f}" in out
+    assert t["loss_calibrated"] != t["loss"] and t["ece_calibrated"] != t["ece"]
 
 
 def with_temperature(src, dst, temperature):

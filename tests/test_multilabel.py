@@ -71,6 +71,24 @@ def test_each_class_gets_the_temperature_that_minimises_its_own_loss():
     assert cal.metrics["valid_bce_after"] < cal.metrics["valid_bce_before"]
 
 
+def test_a_class_temperature_that_would_not_lower_its_bce_is_not_kept(monkeypatch):
+    """The search finds each column's minimum; a search answering 3 (right for the over-confident class a) and 0.3
+    (wrong for the calibrated class b) stands in for one that does not: b keeps 1.0, and the summary says so."""
+    import evaluation
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2000, 2, generator=g) * 2
+    labels = (torch.rand(2000, 2, generator=g) < z.sigmoid()).float()
+    logits = z * torch.tensor([3.0, 1.0])
+    monkeypatch.setattr(evaluation, "fit_temperature",
+                        lambda column, y, loss=None: 3.0 if torch.equal(column, logits[:, 0]) else 0.3)
+    cal = multilabel.calibrate(logits, labels, ["a", "b"])
+    assert cal.temperatures == [3.0, 1.0] and cal.no_better == ["b"] and cal.unfitted == []
+    assert "; temperature stays 1.0 for b: a fitted one would not lower its validation BCE" in cal.summary()
+    assert cal.metrics["valid_bce_after"] == pytest.approx(
+        (multilabel.bce(logits[:, 0], labels[:, 0], 3.0) + multilabel.bce(logits[:, 1], labels[:, 1])) / 2)
+
+
 def test_the_report_matches_hand_computed_precision_recall_ap_and_exact_match():
     labels = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]])
     preds = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1]])
