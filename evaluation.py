@@ -108,6 +108,9 @@ class Calibration:
     def checkpoint_entries(self):
         return {"temperature": self.temperature}
 
+    def warnings(self):
+        return []  # (multi-label's: thresholds that could not be fitted)
+
     def summary(self):
         m = self.metrics
         if self.unfitted:

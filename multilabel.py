@@ -109,7 +109,9 @@ def mean_average_precision(probs, labels):
 def best_f1_threshold(probs, positive):
     """The decision threshold of one class that maximises F1 on (probs, positive): halfway between the lowest
     probability taken as positive and the next lower one (the highest such cut when several tie). A class
-    without positives keeps DEFAULT_THRESHOLD."""
+    without positives keeps DEFAULT_THRESHOLD. When the best cut takes every image (a class present in every
+    one), nothing lower bounds it: the lowest probability, or DEFAULT_THRESHOLD if lower (a class never seen
+    absent is predicted whenever it is plausible)."""
     probs, positive = probs.double(), positive.bool()
     n_pos = int(positive.sum())
     if not n_pos:
@@ -122,7 +124,7 @@ def best_f1_threshold(probs, positive):
     cut[:-1] = p[:-1] > p[1:]
     f1 = torch.where(cut, f1, torch.full_like(f1, -1.0))
     i = int(f1.argmax())  # the first maximum: the highest threshold among ties
-    return float((p[i] + p[i + 1]) / 2) if i + 1 < len(p) else float(p[i])
+    return float((p[i] + p[i + 1]) / 2) if i + 1 < len(p) else min(float(p[i]), DEFAULT_THRESHOLD)
 
 
 @dataclass
@@ -133,12 +135,27 @@ class Calibration:
     metrics: dict  # valid_bce_before/after, valid_map, valid_exact_match(_at_half), calibration_count
     unfitted: list  # names of the classes whose temperature stays 1.0: their BCE has no minimum in the range
     no_better: list = field(default_factory=list)  # and those whose fitted temperature would not lower their BCE
+    always: dict = field(default_factory=dict)  # class present in every validation image -> its threshold
+    absent: list = field(default_factory=list)  # and of those present in none (their threshold is not fitted)
 
     def probabilities(self, logits, views=1):
         return probabilities(logits, self.temperatures, views)
 
     def checkpoint_entries(self):
         return {"temperatures": list(self.temperatures), "thresholds": list(self.thresholds)}
+
+    def warnings(self):
+        """Lines about thresholds the validation images could not fit: a class in every image, or in none."""
+        out = []
+        if self.always:
+            out.append(f"warning: {', '.join(self.always)} {'is' if len(self.always) == 1 else 'are'} in every "
+                       "validation image, so no threshold can be fitted against images without "
+                       f"{'it' if len(self.always) == 1 else 'them'}: the lowest validation probability, or 0.5 if "
+                       f"lower, is used ({fmt(self.always.values())})")
+        if self.absent:
+            out.append(f"warning: no validation image shows {', '.join(self.absent)}: threshold "
+                       f"{DEFAULT_THRESHOLD:g}, not fitted (give the validation images some, e.g. with a split column)")
+        return out
 
     def summary(self):
         m = self.metrics
@@ -179,7 +196,10 @@ def calibrate(logits, labels, class_names):
                "valid_map": mean_average_precision(probs, labels),
                "valid_exact_match_at_half": exact_match(logits > 0, labels),
                "valid_exact_match": exact_match(decide(probs, thresholds), labels), "calibration_count": int(len(labels))}
-    return Calibration(temperatures, thresholds, metrics, unfitted, no_better)
+    positives = labels.bool().sum(0).tolist()
+    always = {name: thresholds[c] for c, name in enumerate(class_names) if positives[c] == len(labels)}
+    absent = [name for c, name in enumerate(class_names) if not positives[c]]
+    return Calibration(temperatures, thresholds, metrics, unfitted, no_better, always, absent)
 
 
 def from_checkpoint(ckpt):

@@ -410,6 +410,8 @@ def main(args):
     if state.best_epoch:
         say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
             else "calibration: no validation images could be read; temperature stays 1.0")
+        for line in result.calibration.warnings() if result.calibration else []:
+            say(line)
     if ood_line:
         say(ood_line)
     if top_line:

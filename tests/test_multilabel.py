@@ -53,6 +53,26 @@ def test_the_threshold_maximises_f1_halfway_to_the_next_probability():
     assert multilabel.best_f1_threshold(torch.tensor([0.3, 0.2]), torch.tensor([0, 0])) == multilabel.DEFAULT_THRESHOLD
 
 
+def test_a_class_in_every_validation_image_is_predicted_whenever_plausible():
+    """No image without it bounds the threshold from below: the lowest probability (0.867 here, which missed 2 of
+    40 test images), or 0.5 when lower."""
+    assert multilabel.best_f1_threshold(torch.tensor([0.95, 0.9, 0.867]), torch.tensor([1, 1, 1])) == 0.5
+    assert multilabel.best_f1_threshold(torch.tensor([0.9, 0.4, 0.3]), torch.tensor([1, 1, 1])) == pytest.approx(0.3)
+
+
+def test_the_summary_warns_of_a_class_in_every_validation_image_and_of_one_in_none():
+    labels = torch.tensor([[1, 0, 1], [1, 0, 0], [1, 0, 1], [1, 0, 0]], dtype=torch.float32)
+    logits = torch.tensor([[3.0, -2.0, 1.0], [2.5, -1.0, -1.0], [4.0, -3.0, 2.0], [2.0, -2.0, 0.5]])
+    cal = multilabel.calibrate(logits, labels, ["always", "never", "some"])
+    assert cal.thresholds[:2] == [0.5, 0.5] and cal.always == {"always": 0.5} and cal.absent == ["never"]
+    assert cal.warnings() == [
+        "warning: always is in every validation image, so no threshold can be fitted against images without it: "
+        "the lowest validation probability, or 0.5 if lower, is used ([0.500])",
+        "warning: no validation image shows never: threshold 0.5, not fitted (give the validation images some, e.g. "
+        "with a split column)"]
+    assert multilabel.calibrate(logits[:, 2:], labels[:, 2:], ["some"]).warnings() == []
+
+
 def test_a_probability_equal_to_its_threshold_is_taken():
     probs = torch.tensor([[0.5, 0.25, 0.75], [0.5 - 1e-7, 0.25, 0.7]])
     assert multilabel.decide(probs, [0.5, 0.25, 0.75]).tolist() == [[True, True, True], [False, True, False]]
@@ -209,6 +229,23 @@ def test_training_stores_per_class_temperatures_and_thresholds_and_reports_map(p
     from test_e2e import scalar_tags
 
     assert "Validation/mAP" in scalar_tags(root / "run").Tags()["scalars"]
+
+
+def test_training_warns_of_thresholds_the_validation_images_cannot_fit(tiny_data, tmp_path, capsys):
+    """Every image shows x; rare is only on two training images: both said in the summary."""
+    rows = []
+    for i, f in enumerate(sorted((tiny_data / "train").rglob("*.png"))):
+        rows.append((str(f), f"{f.parent.name} x" + (" rare" if i in (1, 2) else ""), "valid" if i % 4 == 0 else "train"))
+    csv_path = write_csv(tmp_path / "labels.csv", rows, ("file", "label", "split"))
+    train.main(train.parse_args(run_args(tmp_path, csv_path, "--freeze", "--n_epochs", "1")))
+    out = capsys.readouterr().out.splitlines()
+    ckpt = model_loader.load_checkpoint(tmp_path / "m.pth")
+    x, rare = ckpt["class_names"].index("x"), ckpt["class_names"].index("rare")
+    assert ckpt["thresholds"][x] <= 0.5 and ckpt["thresholds"][rare] == 0.5
+    assert f"warning: x is in every validation image, so no threshold can be fitted against images without it: the " \
+           f"lowest validation probability, or 0.5 if lower, is used ([{ckpt['thresholds'][x]:.3f}])" in out
+    assert "warning: no validation image shows rare: threshold 0.5, not fitted (give the validation images some, " \
+           "e.g. with a split column)" in out
 
 
 def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_run, tmp_path, capsys):
