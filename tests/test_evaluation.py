@@ -101,6 +101,29 @@ def test_ece_equals_a_hand_computation():
     assert count.tolist() == [0, 2] + [0] * 12 + [1]  # bins are (lo, hi]: 2/15 is in the second bin, 1.0 in the last
 
 
+def test_the_reliability_panel_shows_the_accuracy_whole_and_the_gap_between_it_and_the_confidence():
+    """An under-confident bin (confidence 0.55, accuracy 1) and an over-confident one (0.95, 0.5): the gap is an
+    unfilled, hatched red outline from the lower to the higher of the two, never a fill over the accuracy bar."""
+    from matplotlib.colors import to_rgba
+
+    from utils import new_figure
+
+    confidence = torch.tensor([0.54, 0.56, 0.94, 0.96], dtype=torch.float64)
+    correct = torch.tensor([True, True, True, False])
+    ax = new_figure().add_subplot(1, 1, 1)
+    evaluation.draw_reliability(ax, confidence, correct, "before")
+    accuracy, gap = ax.containers
+    assert [round(r.get_height(), 6) for r in accuracy] == [1.0, 0.5] and all(r.get_fill() for r in accuracy)
+    assert [(round(r.get_y(), 6), round(r.get_height(), 6)) for r in gap] == [(0.55, 0.45), (0.5, 0.45)]
+    assert [round(r.get_x() + r.get_width() / 2, 6) for r in gap] == [round(r.get_x() + r.get_width() / 2, 6)
+                                                                         for r in accuracy]
+    assert all(not r.get_fill() and r.get_hatch() and r.get_edgecolor() == to_rgba("red") for r in gap)
+    legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    assert legend["gap to confidence"].get_edgecolor() == to_rgba("red") and not legend["gap to confidence"].get_fill()
+    assert legend["accuracy"].get_facecolor() == accuracy[0].get_facecolor()
+    assert ax.get_title() == f"before: ECE {evaluation.ece(confidence, correct):.3f}"
+
+
 def test_temperature_one_leaves_probabilities_unchanged_and_others_follow_the_formula():
     logits = torch.randn(7, 5)
     assert torch.equal(evaluation.probabilities(logits, 1.0), logits.softmax(1))
