@@ -8,27 +8,33 @@ from metrics import N_BINS, ece, reliability_bins
 from utils import atomic_open, atomic_savefig, bar, new_figure
 
 
+def draw_reliability(ax, confidence, correct, name, n_bins=N_BINS):
+    """One panel: per filled bin, the accuracy as a solid bar and the gap to the mean confidence as a hatched
+    outline between the two (above the accuracy when over-confident, over its top when under-confident, where
+    the accuracy bar still shows through), with the diagonal."""
+    width = 1 / n_bins
+    centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * width
+    count, accuracy, mean_confidence = reliability_bins(confidence, correct, n_bins)
+    filled = count > 0
+    x, acc, conf = centers[filled].numpy(), accuracy[filled].numpy(), mean_confidence[filled].numpy()
+    ax.bar(x, acc, width=width, color="tab:blue", edgecolor="black", label="accuracy")
+    ax.bar(x, abs(conf - acc), bottom=torch.minimum(accuracy, mean_confidence)[filled].numpy(), width=width,
+           fill=False, hatch="///", edgecolor="red", linewidth=1.2, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"{name}: ECE {ece(confidence, correct, n_bins):.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+
+
 def save_reliability_diagram(logits, labels, calibration, path, task, n_bins=N_BINS):
     """Accuracy against confidence per bin, before and after calibration, with the diagonal (multi-label: the
     share of (image, class) pairs where the class is there, against its probability)."""
     import matplotlib.pyplot as plt
 
     fig = new_figure(figsize=(9, 4.2))
-    width = 1 / n_bins
-    centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * width
     before = task.uncalibrated(logits.shape[1])
     for i, (cal, name) in enumerate(((before, "before (T = 1)"), (calibration, f"after ({calibration.name()})"))):
-        confidence, correct = cal.confidence_correct(logits, labels)
-        count, accuracy, mean_confidence = reliability_bins(confidence, correct, n_bins)
-        filled = count > 0
-        ax = fig.add_subplot(1, 2, i + 1)
-        ax.bar(centers[filled].numpy(), accuracy[filled].numpy(), width=width, edgecolor="black", label="accuracy")
-        ax.bar(centers[filled].numpy(), (mean_confidence - accuracy)[filled].numpy(), bottom=accuracy[filled].numpy(),
-               width=width, color="red", alpha=0.3, edgecolor="red", label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-               title=f"{name}: ECE {ece(confidence, correct, n_bins):.3f}")
-        ax.legend(loc="upper left", fontsize=8)
+        draw_reliability(fig.add_subplot(1, 2, i + 1), *cal.confidence_correct(logits, labels), name, n_bins)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
     plt.close(fig)

@@ -8,8 +8,8 @@ run on the feature cache (seconds); otherwise through the whole model with augme
 
 Three suggestions are computed from the smoothed curve (without its first tenth and its last 5 steps, as
 fastai): `valley` (fastai's default: the longest descending stretch, taken two thirds along it),
-`steepest` (the steepest descent per decade, before the curve diverges) and `minimum` (the lowest loss
-divided by 10). bench/lr_bench.py
+`steepest` (the steepest descent per decade, along the clear descent before the curve diverges) and `minimum`
+(the lowest loss divided by 10); none when the curve has no clear descent (a flat or noisy curve). bench/lr_bench.py
 measures which one trains best; SUGGESTION is that one (steepest: within 1 point of the best of a 5-rate
 grid on 6 of 6 runs over three sets, valley on 3 of 6; docs/explain.md)."""
 import copy
@@ -97,16 +97,53 @@ def diverging_from(losses, rise=RISE):
     return len(losses)
 
 
-def suggest(lrs, smoothed):
-    """{rule: learning rate} from the curve without its first tenth and last 5 steps (steepest: and without
-    what follows the divergence); {} when too short."""
+MIN_FALL = 0.1  # a clear descent: the smoothed loss falls at least this share below its start before diverging
+
+
+def descent(losses, min_fall=MIN_FALL):
+    """(first, last): the stretch where the loss clearly falls, from the last point still within a tenth of the
+    fall below the start (before it, ups and downs of a noisy start are no descent) to the lowest point before
+    the divergence; None when that lowest point is not `min_fall` below the start (a flat or noisy curve)."""
+    last = min(range(max(1, diverging_from(losses))), key=losses.__getitem__)
+    fall = losses[0] - losses[last]
+    if not (fall > 0 and fall >= min_fall * abs(losses[0])):  # (NaN: no descent either)
+        return None
+    first = max(i for i in range(last + 1) if losses[i] >= losses[0] - fall / 10)
+    return first, last
+
+
+def trimmed(lrs, smoothed):
+    """The curve the rules read: without its first tenth and its last 5 steps (as fastai)."""
     lo, hi = len(lrs) // 10, len(lrs) - 5
-    lrs, losses = lrs[lo:hi], smoothed[lo:hi]
-    if len(lrs) < 3:
+    return lrs[lo:hi], smoothed[lo:hi]
+
+
+def suggest(lrs, smoothed):
+    """{rule: learning rate} from the curve without its first tenth and last 5 steps (steepest: only along its
+    clear descent); {} when too short, or when it has no clear descent (see descent)."""
+    lrs, losses = trimmed(lrs, smoothed)
+    if len(lrs) < 3 or descent(losses) is None:
         return {}
-    end = max(2, diverging_from(losses))
-    return {"valley": lrs[valley(losses)], "steepest": lrs[steepest(lrs[:end], losses[:end])],
+    first, last = descent(losses)
+    return {"valley": lrs[valley(losses)],
+            "steepest": lrs[first + steepest(lrs[first:last + 1], losses[first:last + 1])],
             "minimum": lrs[min(range(len(losses)), key=losses.__getitem__)] / 10}
+
+
+def no_suggestion(test):
+    """Why the curve gives no suggestion, in a line ("" when it gives one)."""
+    lrs, losses = trimmed(test.lrs, test.smoothed)
+    if len(lrs) < 3:
+        return (f"the loss diverged after {len(test.lrs)} steps ({test.stopped}), too soon to suggest a learning "
+                "rate")
+    if descent(losses) is None:
+        end = max(1, diverging_from(losses))
+        low = min(losses[:end])
+        return (f"the smoothed loss shows no clear descent: from {losses[0]:.3g} its lowest is {low:.3g} (at --lr "
+                f"{lrs[losses.index(low)]:.1e}), less than {MIN_FALL:.0%} lower, before it "
+                + ("diverges" if end < len(losses) or test.stopped else "ends")
+                + "; the curve is flat or too noisy to read (more images, or a larger --batch_size, may help)")
+    return ""
 
 
 def cached_batches(cache, labels, n, seed, batch_size, weights=None):
@@ -255,11 +292,14 @@ def find_lr(fitter, run_dir, say):
     test.seconds = time.perf_counter() - start  # with the feature cache's pass
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_csv(test, Path(run_dir) / "lr_find.csv")
-    if not test.suggestions:
-        say(f"--find_lr: the loss diverged after {len(test.lrs)} steps ({test.stopped}), too soon to suggest a "
-            f"learning rate; see {Path(run_dir) / 'lr_find.csv'}")
+    why = no_suggestion(test)
+    if why and why.startswith("the loss diverged"):
+        say(f"--find_lr: {why}; see {Path(run_dir) / 'lr_find.csv'}")
         return test
     save_plot(test, Path(run_dir) / "lr_find.png")
+    if why:
+        say(f"warning: --find_lr: no learning rate is suggested: {why}; see {Path(run_dir) / 'lr_find.png'}")
+        return test
     mode = "head on cached features" if fitter.cache is not None else (
         "head only, frozen backbone" if fitter.backbone_frozen(0) else "whole model")
     others = ", ".join(f"{rule} {lr:.1e}" for rule, lr in test.suggestions.items() if rule != SUGGESTION)

@@ -143,7 +143,9 @@ def mean_average_precision(probs, labels):
 def best_f1_threshold(probs, positive):
     """The decision threshold of one class that maximises F1 on (probs, positive): halfway between the lowest
     probability taken as positive and the next lower one (the highest such cut when several tie). A class
-    without positives keeps DEFAULT_THRESHOLD."""
+    without positives keeps DEFAULT_THRESHOLD. When the best cut takes every image (a class present in every
+    one), nothing lower bounds it: the lowest probability, or DEFAULT_THRESHOLD if lower (a class never seen
+    absent is predicted whenever it is plausible)."""
     probs, positive = probs.double(), positive.bool()
     n_pos = int(positive.sum())
     if not n_pos:
@@ -156,4 +158,4 @@ def best_f1_threshold(probs, positive):
     cut[:-1] = p[:-1] > p[1:]
     f1 = torch.where(cut, f1, torch.full_like(f1, -1.0))
     i = int(f1.argmax())  # the first maximum: the highest threshold among ties
-    return float((p[i] + p[i + 1]) / 2) if i + 1 < len(p) else float(p[i])
+    return float((p[i] + p[i + 1]) / 2) if i + 1 < len(p) else min(float(p[i]), DEFAULT_THRESHOLD)

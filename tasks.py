@@ -116,11 +116,14 @@ class Calibration:
     def summary(self):
         m = self.metrics
         if self.unfitted:
-            return (f"temperature stays 1.0: {self.unfitted} (NLL {m['valid_nll_before']:.4f}, ECE ({N_BINS} bins) "
-                    f"{m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)")
+            return (f"temperature stays 1.0: {self.unfitted} (validation NLL {m['valid_nll_before']:.4f}, ECE "
+                    f"({N_BINS} bins) {m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)")
         return (f"temperature {self.temperature:.3f} fitted on {m['calibration_count']} validation images: "
-                f"NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
-                f"ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}")
+                f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
+                f"validation ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}")
+
+    def warnings(self):
+        return []  # (a set calibration's: thresholds that could not be fitted)
 
 
 @dataclass
@@ -129,7 +132,10 @@ class SetCalibration:
     temperatures: list
     thresholds: list
     metrics: dict = None  # valid_bce_before/after, valid_map, valid_exact_match(_at_half), calibration_count
-    unfitted: list = ()  # names of the classes whose temperature stays 1.0
+    unfitted: list = ()  # names of the classes whose temperature stays 1.0: their BCE has no minimum in the range
+    no_better: list = ()  # and those whose fitted temperature would not lower their BCE
+    always: dict = None  # class present in every validation image -> its threshold
+    absent: list = ()  # and those present in none (their threshold is not fitted)
 
     def probabilities(self, logits, views=1):
         """sigmoid(logits / T_class) in float32, averaged over the views (see with_flips)."""
@@ -164,11 +170,28 @@ class SetCalibration:
     def name(self):
         return "T per class"
 
+    def warnings(self):
+        """Lines about thresholds the validation images could not fit: a class in every image, or in none."""
+        out, always = [], self.always or {}
+        if always:
+            out.append(f"warning: {', '.join(always)} {'is' if len(always) == 1 else 'are'} in every "
+                       "validation image, so no threshold can be fitted against images without "
+                       f"{'it' if len(always) == 1 else 'them'}: the lowest validation probability, or 0.5 if "
+                       f"lower, is used ({fmt(always.values())})")
+        if self.absent:
+            out.append(f"warning: no validation image shows {', '.join(self.absent)}: threshold "
+                       f"{metrics.DEFAULT_THRESHOLD:g}, not fitted (give the validation images some, e.g. with a split "
+                       "column)")
+        return out
+
     def summary(self):
         m = self.metrics
         kept = f"; temperature stays 1.0 for {', '.join(self.unfitted)}" if self.unfitted else ""
+        if self.no_better:
+            kept += (f"; temperature stays 1.0 for {', '.join(self.no_better)}: a fitted one would not lower "
+                     f"{'its' if len(self.no_better) == 1 else 'their'} validation BCE")
         return (f"per-class temperatures {fmt(self.temperatures)} and F1 thresholds {fmt(self.thresholds)} fitted "
-                f"on {m['calibration_count']} validation images: BCE {m['valid_bce_before']:.4f} -> "
+                f"on {m['calibration_count']} validation images: validation BCE {m['valid_bce_before']:.4f} -> "
                 f"{m['valid_bce_after']:.4f}, exact match {m['valid_exact_match_at_half']:.4f} (all at 0.5) -> "
                 f"{m['valid_exact_match']:.4f}, mAP {m['valid_map']:.4f}{kept}")
 
@@ -266,6 +289,7 @@ class SingleLabel:
     multi_label = False
     delim = None
     decision_name = "top-1"  # what export.py's check counts as agreeing
+    loss_name = "NLL"
     explained_class = "predicted"  # the class predict.py --explain maps
     empty_label_allowed = False  # an empty label cell is an error
     unknown_hint = " (several classes per cell? this model has one label per image)"
@@ -355,6 +379,7 @@ class SingleLabel:
     # -- calibration
     def calibrate(self, logits, labels, class_names=None):
         """Temperature scaling on validation logits; None when there are none (the temperature stays 1.0).
+        A temperature is kept only when it lowers the validation NLL; else it stays 1.0, with the reason.
         When the NLL has no minimum inside the searched range the temperature stays 1.0, with the reason:
         with every validation image predicted right, the NLL keeps falling as T -> 0, and the 'fitted' T
         would make every prediction certain (a test image that is wrong then gets confidence 1.0)."""
@@ -368,6 +393,9 @@ class SingleLabel:
                         + f"the validation NLL still falls at T = {lo:g} and no temperature can be fitted")
         elif temperature > hi / 1.01:
             unfitted = "the validation NLL falls as T grows without end (the model is no better than chance there)"
+        elif not metrics.nll(logits, labels, temperature) < metrics.nll(logits, labels):  # must not make it worse
+            unfitted = (f"T = {temperature:.3f} would not lower the validation NLL (it gives "
+                        f"{metrics.nll(logits, labels, temperature):.4f})")
         if unfitted:
             temperature = 1.0
         before, after = Calibration(), Calibration(float(temperature))
@@ -413,8 +441,20 @@ class SingleLabel:
         found = self.metrics(logits, labels)
         if not len(labels):
             return found, None
-        probs = (calibration or self.uncalibrated(len(class_names))).probabilities(logits)
+        calibration = calibration or self.uncalibrated(len(class_names))
+        found.update(self.calibrated_figures(logits, labels, calibration))
+        probs = calibration.probabilities(logits)
         return found, self.report(labels, probs.argmax(1), probs, class_names)
+
+    def calibrated_figures(self, logits, labels, calibration):
+        """ece of the raw logits, and loss_calibrated and ece_calibrated under the calibration."""
+        raw = self.uncalibrated(logits.shape[1])
+        return {"ece": metrics.ece(*raw.confidence_correct(logits, labels)),
+                "ece_calibrated": metrics.ece(*calibration.confidence_correct(logits, labels)),
+                "loss_calibrated": self.loss_under(logits, labels, calibration)}
+
+    def loss_under(self, logits, labels, calibration):
+        return metrics.nll(logits, labels, calibration.temperature)
 
     def describe_test(self, t):
         return f"test accuracy {t['accuracy']:.4f} on {t['count']} images (loss {t['loss']:.4f})"
@@ -472,6 +512,7 @@ class MultiLabel(SingleLabel):
     """Any set of classes per image: a multi-hot tuple, one sigmoid per class, binary cross-entropy."""
     multi_label = True
     decision_name = "label-set"
+    loss_name = "BCE"
     explained_class = "most probable"
     empty_label_allowed = True  # an image showing none of the classes
     unknown_hint = " (classes separated by another character than the training's?)"
@@ -573,12 +614,15 @@ class MultiLabel(SingleLabel):
         if not len(labels):
             return None
         class_names = class_names or [str(c) for c in range(labels.shape[1])]
-        temperatures, unfitted = [], []
+        temperatures, unfitted, no_better = [], [], []
         for c, name in enumerate(class_names):
             t = metrics.fit_temperature(logits[:, c], labels[:, c], loss=metrics.bce)
             if not metrics.temperature_in_range(t):  # no minimum inside the range (a perfectly separated column)
                 t = 1.0
                 unfitted.append(name)
+            elif not metrics.bce(logits[:, c], labels[:, c], t) < metrics.bce(logits[:, c], labels[:, c]):
+                t = 1.0  # it must not make it worse
+                no_better.append(name)
             temperatures.append(float(t))
         fitted = SetCalibration(temperatures, [])
         probs = fitted.probabilities(logits)
@@ -589,7 +633,10 @@ class MultiLabel(SingleLabel):
                  "valid_exact_match_at_half": metrics.exact_match(logits > 0, labels),
                  "valid_exact_match": metrics.exact_match(decide_sets(probs, thresholds), labels),
                  "calibration_count": int(len(labels))}
-        return SetCalibration(temperatures, thresholds, found, unfitted)
+        positives = labels.bool().sum(0).tolist()
+        always = {name: thresholds[c] for c, name in enumerate(class_names) if positives[c] == len(labels)}
+        absent = [name for c, name in enumerate(class_names) if not positives[c]]
+        return SetCalibration(temperatures, thresholds, found, unfitted, no_better, always, absent)
 
     def uncalibrated(self, n_classes):
         return SetCalibration([1.0] * n_classes, [metrics.DEFAULT_THRESHOLD] * n_classes)
@@ -633,11 +680,15 @@ class MultiLabel(SingleLabel):
         if not len(labels):
             return found, None
         calibration = calibration or self.uncalibrated(len(class_names))
+        found.update(self.calibrated_figures(logits, labels, calibration))
         probs = calibration.probabilities(logits)
         table, summary = self.set_report(labels, calibration.decide(probs), probs, class_names)
         found.update(accuracy=summary["exact_match"], map=summary["mAP"], micro_f1=summary["micro_f1"],
                      macro_f1=summary["macro_f1"])
         return found, table
+
+    def loss_under(self, logits, labels, calibration):
+        return metrics.bce(logits / torch.tensor(calibration.temperatures), labels)
 
     def describe_test(self, t):
         return (f"test mAP {t['map']:.4f}, exact match {t['accuracy']:.4f}, micro F1 {t['micro_f1']:.4f} on "

@@ -23,6 +23,7 @@ import model_loader
 import ood
 import tasks
 import trainer
+from metrics import N_BINS
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, resolve_device,
                    seed_everything)
@@ -399,12 +400,18 @@ def main(args):
     if state.best_epoch:
         say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
             else "calibration: no validation images could be read; temperature stays 1.0")
+        for line in result.calibration.warnings() if result.calibration else []:
+            say(line)
     if ood_line:
         say(ood_line)
     if top_line:
         say(top_line)
     if result.test_metrics.get("count"):
-        say(task.describe_test(result.test_metrics))
+        t = result.test_metrics
+        say(task.describe_test(t))
+        if result.calibration is not None and t["loss_calibrated"] != t["loss"]:
+            say(f"calibration on the test images: {task.loss_name} {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, "
+                f"ECE ({N_BINS} bins) {t['ece']:.4f} -> {t['ece_calibrated']:.4f}")
     if result.test_report is not None:
         say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
     say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluation
 import metrics
 import predict
 import tasks
@@ -64,6 +65,29 @@ def test_no_temperature_is_fitted_when_the_nll_has_no_minimum():
     assert one_wrong.metrics["valid_nll_after"] < one_wrong.metrics["valid_nll_before"]
 
 
+def test_a_temperature_that_would_not_lower_the_validation_nll_is_not_kept(monkeypatch):
+    """The search finds the minimum, so it only happens where the NLL is flat; a search that answers T = 2.5 on a
+    calibrated model (whose best T is 1) stands in for it: T stays 1.0, and the summary says why."""
+    logits, labels = synthetic_logits(1.0)
+    monkeypatch.setattr(metrics, "fit_temperature", lambda logits, labels, loss=None: 2.5)
+    calibration = tasks.SingleLabel().calibrate(logits, labels)
+    assert calibration.temperature == 1.0 and calibration.metrics["valid_nll_after"] == metrics.nll(logits, labels)
+    assert calibration.summary().startswith(f"temperature stays 1.0: T = 2.500 would not lower the validation NLL "
+                                            f"(it gives {metrics.nll(logits, labels, 2.5):.4f}) (validation NLL")
+    monkeypatch.setattr(metrics, "fit_temperature", lambda logits, labels, loss=None: 1.1)  # a better T: kept
+    assert tasks.SingleLabel().calibrate(*synthetic_logits(1.2)).temperature == 1.1
+
+
+def test_the_test_figures_are_those_of_the_raw_and_the_calibrated_logits():
+    logits, labels = synthetic_logits(3.0, n=300)
+    calibration = tasks.Calibration(2.0, {})
+    found, _ = tasks.SingleLabel().test_results(logits, labels, calibration, ["a", "b", "c", "d"])
+    assert found["loss"] == pytest.approx(metrics.nll(logits, labels))
+    assert found["loss_calibrated"] == pytest.approx(metrics.nll(logits, labels, 2.0))
+    assert found["ece"] == pytest.approx(metrics.ece(*tasks.Calibration().confidence_correct(logits, labels)))
+    assert found["ece_calibrated"] == pytest.approx(metrics.ece(*tasks.Calibration(2.0).confidence_correct(logits, labels)))
+
+
 def test_no_validation_logits_means_no_calibration():
     assert tasks.SingleLabel().calibrate(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) is None
 
@@ -77,6 +101,29 @@ def test_ece_equals_a_hand_computation():
     assert metrics.ece(confidence, correct) == pytest.approx(hand, abs=1e-9)
     count, _, _ = metrics.reliability_bins(torch.tensor([2 / 15, 1.0, 1 / 15 + 1e-6], dtype=torch.float64), torch.ones(3, dtype=torch.bool))
     assert count.tolist() == [0, 2] + [0] * 12 + [1]  # bins are (lo, hi]: 2/15 is in the second bin, 1.0 in the last
+
+
+def test_the_reliability_panel_shows_the_accuracy_whole_and_the_gap_between_it_and_the_confidence():
+    """An under-confident bin (confidence 0.55, accuracy 1) and an over-confident one (0.95, 0.5): the gap is an
+    unfilled, hatched red outline from the lower to the higher of the two, never a fill over the accuracy bar."""
+    from matplotlib.colors import to_rgba
+
+    from utils import new_figure
+
+    confidence = torch.tensor([0.54, 0.56, 0.94, 0.96], dtype=torch.float64)
+    correct = torch.tensor([True, True, True, False])
+    ax = new_figure().add_subplot(1, 1, 1)
+    evaluation.draw_reliability(ax, confidence, correct, "before")
+    accuracy, gap = ax.containers
+    assert [round(r.get_height(), 6) for r in accuracy] == [1.0, 0.5] and all(r.get_fill() for r in accuracy)
+    assert [(round(r.get_y(), 6), round(r.get_height(), 6)) for r in gap] == [(0.55, 0.45), (0.5, 0.45)]
+    assert [round(r.get_x() + r.get_width() / 2, 6) for r in gap] == [round(r.get_x() + r.get_width() / 2, 6)
+                                                                         for r in accuracy]
+    assert all(not r.get_fill() and r.get_hatch() and r.get_edgecolor() == to_rgba("red") for r in gap)
+    legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    assert legend["gap to confidence"].get_edgecolor() == to_rgba("red") and not legend["gap to confidence"].get_fill()
+    assert legend["accuracy"].get_facecolor() == accuracy[0].get_facecolor()
+    assert ax.get_title() == f"before: ECE {metrics.ece(confidence, correct):.3f}"
 
 
 def test_temperature_one_leaves_probabilities_unchanged_and_others_follow_the_formula():
@@ -140,12 +187,17 @@ def trained(tmp_path_factory):
     """One frozen run on 3 classes (shared by the tests below): the calibrated checkpoint and its run folder."""
     from conftest import copy_subset
 
+    import contextlib
+    import io
+
     root = tmp_path_factory.mktemp("evaluation")
     data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 20, 8)
-    result = train.main(train.parse_args([str(a) for a in (
-        "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "4", "--freeze",
-        "--lr", "3e-3", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
-        "--verbose", "0")]))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = train.main(train.parse_args([str(a) for a in (
+            "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "4", "--freeze",
+            "--lr", "3e-3", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
+            "--verbose", "0")]))
+    (root / "train_output.txt").write_text(out.getvalue())  # what train.py printed
     return root, data, result
 
 
@@ -180,6 +232,18 @@ def test_train_stores_the_temperature_metrics_diagram_and_test_report(trained):
     acc.Reload()
     assert acc.Scalars("hparam/temperature")[0].value == pytest.approx(t, rel=1e-6)
     assert acc.Scalars("hparam/valid_ece_after")[0].value == pytest.approx(m["valid_ece_after"], rel=1e-5)
+
+
+def test_train_prints_the_calibration_on_the_validation_and_on_the_test_images(trained):
+    root, _, result = trained
+    out = (root / "train_output.txt").read_text().splitlines()
+    m, t = result.calibration.metrics, result.test_metrics
+    valid = [line for line in out if line.startswith("calibration: ")]
+    assert len(valid) == 1 and (f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, validation "
+                                f"ECE (15 bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}") in valid[0]
+    assert f"calibration on the test images: NLL {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, ECE (15 bins) " \
+           f"{t['ece']:.4f} -> {t['ece_calibrated']:.4f}" in out
+    assert t["loss_calibrated"] != t["loss"] and t["ece_calibrated"] != t["ece"]
 
 
 def with_temperature(src, dst, temperature):

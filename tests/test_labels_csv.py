@@ -105,6 +105,15 @@ def test_check_data_audits_the_csvs_rows(tiny_data, tmp_path, capsys):
     assert "identical files in more than one of train/valid/test: 1" in out and str(leak) in out
 
 
+def test_the_rows_to_predict_are_the_test_rows_or_every_row_without_a_split_column():
+    import labels_csv
+
+    rows = [("a.png", "bag")]
+    assert labels_csv.test_rows({None: rows}) is rows  # no split column: every row
+    assert labels_csv.test_rows({"train": [("b.png", "bag")], "test": rows, "valid": []}) is rows
+    assert labels_csv.test_rows({"train": rows, "valid": rows}) is None  # a split column without test rows
+
+
 def test_predict_without_inputs_needs_the_training_csvs_test_rows(tiny_data, tmp_path, capsys):
     labels = write_csv(tmp_path / "labels.csv", [(str(tiny_data / f), label) for f, label in folder_rows(tiny_data)])
     train.main(train.parse_args(train_args(tmp_path, "--labels_csv", labels)))

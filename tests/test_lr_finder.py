@@ -54,6 +54,45 @@ def test_steepest_ignores_a_false_fall_after_the_loss_diverges():
     assert lr_finder.diverging_from(bump) > 12  # a rise before any fall below the start is not a divergence
 
 
+def noisy_start_then_descent():
+    """A frozen range test's smoothed curve on 20 images in batches of 2 (lr_find.csv, efficientnet_lite0, 64 px):
+    the first steps' averages of a few mini-batch losses swing by 0.05 a step, as much as the real descent from
+    1e-3 on; steepest said 7.7e-07 there."""
+    lrs = [lr_finder.lr_at(i, 100) for i in range(100)]
+    losses = [2.399, 1.699, 1.794, 1.527, 1.542, 1.464, 1.484, 1.481, 1.497, 1.515, 1.601, 1.573, 1.52, 1.496, 1.478,
+              1.445, 1.393, 1.417, 1.465, 1.52, 1.491, 1.472, 1.481, 1.529, 1.546, 1.539, 1.537, 1.545, 1.538, 1.511,
+              1.501, 1.511, 1.49, 1.479, 1.474, 1.475, 1.476, 1.491, 1.465, 1.471, 1.472, 1.442, 1.44, 1.432, 1.416,
+              1.404, 1.393, 1.367, 1.338, 1.311, 1.288, 1.252, 1.219, 1.183, 1.157, 1.135, 1.113, 1.088, 1.06, 1.03,
+              1.001, 0.973, 0.946, 0.92, 0.895, 0.87, 0.847, 0.824, 0.802, 0.781, 0.761, 0.741, 0.721, 0.703, 0.685,
+              0.667, 0.65, 0.634, 0.618, 0.603, 0.588, 0.573, 0.559, 0.545, 0.532, 0.519, 0.507, 0.495, 0.483, 0.471,
+              0.46, 0.449, 0.438, 0.428, 0.418, 0.408, 0.399, 0.39, 0.381, 0.372]
+    return lrs, losses
+
+
+def test_steepest_is_taken_along_the_clear_descent_not_in_a_noisy_start():
+    lrs, losses = noisy_start_then_descent()
+    assert lr_finder.steepest(lrs[10:95], losses[10:95]) == 1  # 1.573 -> 1.52, at 7.7e-07: noise
+    # the descent: from 1.491 (the last point within a tenth of the fall 1.601 -> 0.408 of the start) to the lowest
+    assert lr_finder.descent(losses[10:95]) == (27, 84)
+    assert lr_finder.suggest(lrs, losses)["steepest"] == lrs[10 + 27 + 13]  # 1.288 -> 1.252, at 1.1e-03
+
+
+def test_a_flat_or_noisy_curve_without_a_clear_descent_gets_no_suggestion():
+    """A fine-tuned range test's curve (20 images, batches of 2): flat within noise, then diverging; steepest
+    said 9.5e-02, at the edge of the explosion."""
+    lrs = [lr_finder.lr_at(i, 87) for i in range(87)]
+    flat = [1.45 + 0.02 * math.sin(i) for i in range(70)]
+    flat[66:69] = [1.394, 1.405, 1.393]  # a dip of 4% just before the explosion
+    losses = flat + [1.42, 1.44, 1.57, 1.7, 1.69, 1.79, 1.87, 2.0, 2.25, 2.29, 2.94, 3.39, 3.83, 4.2, 4.36, 5.8, 6.0]
+    assert lr_finder.suggest(lrs, losses) == {} and lr_finder.descent(lr_finder.trimmed(lrs, losses)[1]) is None
+    why = lr_finder.no_suggestion(lr_finder.RangeTest(lrs=lrs, losses=losses, smoothed=losses, stopped="x"))
+    assert why.startswith(f"the smoothed loss shows no clear descent: from 1.47 its lowest is 1.39 (at --lr {lrs[68]:.1e})")
+    assert "less than 10% lower, before it diverges" in why
+    falling = losses[:40] + [1.45 - 0.2 * math.log10(1 + i) for i in range(1, 30)]  # 1.45 -> 1.16 (20%)
+    assert lr_finder.suggest(lrs[:69], falling) and lr_finder.no_suggestion(
+        lr_finder.RangeTest(lrs=lrs[:69], smoothed=falling)) == ""
+
+
 def build_fitter(data, tmp_path, *flags):
     """A Fitter as train.main builds it, before fit()."""
     args = train.parse_args([str(a) for a in ("--data_dir", data, "--model_name", "resnet18", "--input_size", "32",
@@ -74,9 +113,11 @@ def build_fitter(data, tmp_path, *flags):
 def test_the_range_test_trains_with_rising_rates_then_restores_the_model(tiny_data, tmp_path, mode):
     fitter = build_fitter(tiny_data, tmp_path, *mode)
     before = {k: v.clone() for k, v in fitter.model.state_dict().items()}
-    seen = []
+    seen, backbone = [], []
     fitter.model.get_submodule(fitter.head).register_forward_hook(
         lambda m, i, o: seen.append(m.weight.detach().clone()))
+    fitter.model.conv1.register_forward_hook(  # the backbone's first layer, as each step finds it
+        lambda m, i, o: backbone.append((m.weight.detach().clone(), m.weight.requires_grad)))
     test = lr_finder.range_test(fitter, 4)
     assert 10 <= len(test.lrs) <= lr_finder.MAX_STEPS and len(test.losses) == len(test.lrs)
     ratios = [b / a for a, b in zip(test.lrs, test.lrs[1:])]
@@ -87,6 +128,10 @@ def test_the_range_test_trains_with_rising_rates_then_restores_the_model(tiny_da
     assert fitter.optimizer.state_dict()["state"] == {}
     if mode:  # --freeze: the steps ran on the cache, the backbone untouched
         assert fitter.cache is not None
+        assert not any(grad for _, grad in backbone)  # (the cache's pass runs a folded copy of it)
+    else:  # the whole model: the backbone trains too
+        assert len(backbone) == len(test.lrs) and all(grad for _, grad in backbone)
+        assert not torch.equal(backbone[-1][0], before["conv1.weight"])
 
 
 def test_find_lr_writes_the_curve_and_prints_a_suggestion_without_training(tiny_data, tmp_path, capsys):
@@ -114,3 +159,44 @@ def test_find_lr_with_too_few_batches_suggests_nothing(tiny_data, tmp_path, caps
     out = capsys.readouterr().out
     assert result is None and "make 3 batches of 16" in out and "no learning rate is suggested" in out
     assert not (tmp_path / "run" / "lr_find.png").exists() and not (tmp_path / "m.pth").exists()
+
+
+def test_the_range_test_stops_once_the_smoothed_loss_passes_four_times_its_lowest(tiny_data, tmp_path, monkeypatch):
+    """A scripted curve (each step's loss stands in for the mini-batch's): it falls to 0.1, then grows tenfold a
+    step; the test ends at the first step whose smoothed loss exceeds DIVERGE x the lowest smoothed one."""
+    fitter = build_fitter(tiny_data, tmp_path, "--freeze")
+    curve = [1.0 - 0.03 * i for i in range(30)] + [0.1 * 10 ** i for i in range(1, 40)]
+
+    def scripted_step(model, x, y, optimizer, schedule, scaler, criterion, compute, meter):
+        optimizer.step()  # (no gradients: nothing moves; the schedule expects it first)
+        schedule.step()
+        meter.loss, meter.count = curve[len(seen)], 1
+        seen.append(1)
+
+    seen = []
+    monkeypatch.setattr(lr_finder, "train_step", scripted_step)
+    test = lr_finder.range_test(fitter, 4)
+    smoothed = lr_finder.smooth(curve)
+    first = next(i for i in range(1, len(curve)) if smoothed[i] > lr_finder.DIVERGE * min(smoothed[:i + 1]))
+    assert test.stopped == f"the loss passed {lr_finder.DIVERGE:g}x its lowest" and len(test.losses) == first + 1
+    assert test.losses == pytest.approx(curve[:first + 1]) and first < len(curve) - 1
+
+
+def test_find_lr_without_a_clear_descent_warns_why_and_suggests_nothing(tiny_data, tmp_path, monkeypatch):
+    fitter = build_fitter(tiny_data, tmp_path, "--freeze")
+    curve = [1.1 + 0.05 * (-1) ** i for i in range(100)]  # flat: noise around the start
+
+    def scripted_step(model, x, y, optimizer, schedule, scaler, criterion, compute, meter):
+        optimizer.step()  # (no gradients: nothing moves; the schedule expects it first)
+        schedule.step()
+        meter.loss, meter.count = curve[len(said)], 1
+        said.append("")
+
+    said = []
+    monkeypatch.setattr(lr_finder, "train_step", scripted_step)
+    test = lr_finder.find_lr(fitter, tmp_path / "run", said.append)
+    lines = [s for s in said if s]
+    assert test.suggestions == {} and len(test.losses) == 100
+    assert lines[0].startswith("warning: --find_lr: no learning rate is suggested: the smoothed loss shows no clear "
+                               "descent") and len(lines) == 1 and "suggested --lr" not in lines[0]
+    assert (tmp_path / "run" / "lr_find.png").is_file() and len(read_csv(tmp_path / "run" / "lr_find.csv")) == 100

@@ -53,6 +53,31 @@ def test_the_threshold_maximises_f1_halfway_to_the_next_probability():
     assert metrics.best_f1_threshold(torch.tensor([0.3, 0.2]), torch.tensor([0, 0])) == metrics.DEFAULT_THRESHOLD
 
 
+def test_a_class_in_every_validation_image_is_predicted_whenever_plausible():
+    """No image without it bounds the threshold from below: the lowest probability (0.867 here, which missed 2 of
+    40 test images), or 0.5 when lower."""
+    assert metrics.best_f1_threshold(torch.tensor([0.95, 0.9, 0.867]), torch.tensor([1, 1, 1])) == 0.5
+    assert metrics.best_f1_threshold(torch.tensor([0.9, 0.4, 0.3]), torch.tensor([1, 1, 1])) == pytest.approx(0.3)
+
+
+def test_the_summary_warns_of_a_class_in_every_validation_image_and_of_one_in_none():
+    labels = torch.tensor([[1, 0, 1], [1, 0, 0], [1, 0, 1], [1, 0, 0]], dtype=torch.float32)
+    logits = torch.tensor([[3.0, -2.0, 1.0], [2.5, -1.0, -1.0], [4.0, -3.0, 2.0], [2.0, -2.0, 0.5]])
+    cal = tasks.MultiLabel().calibrate(logits, labels, ["always", "never", "some"])
+    assert cal.thresholds[:2] == [0.5, 0.5] and cal.always == {"always": 0.5} and cal.absent == ["never"]
+    assert cal.warnings() == [
+        "warning: always is in every validation image, so no threshold can be fitted against images without it: "
+        "the lowest validation probability, or 0.5 if lower, is used ([0.500])",
+        "warning: no validation image shows never: threshold 0.5, not fitted (give the validation images some, e.g. "
+        "with a split column)"]
+    assert tasks.MultiLabel().calibrate(logits[:, 2:], labels[:, 2:], ["some"]).warnings() == []
+
+
+def test_a_probability_equal_to_its_threshold_is_taken():
+    probs = torch.tensor([[0.5, 0.25, 0.75], [0.5 - 1e-7, 0.25, 0.7]])
+    assert tasks.decide_sets(probs, [0.5, 0.25, 0.75]).tolist() == [[True, True, True], [False, True, False]]
+
+
 def test_each_class_gets_the_temperature_that_minimises_its_own_loss():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4000, 2, generator=g) * 2
@@ -64,6 +89,22 @@ def test_each_class_gets_the_temperature_that_minimises_its_own_loss():
         best = metrics.bce(logits[:, c], labels[:, c], t)
         assert best <= min(metrics.bce(logits[:, c], labels[:, c], t * f) for f in (0.97, 1.03))
     assert cal.metrics["valid_bce_after"] < cal.metrics["valid_bce_before"]
+
+
+def test_a_class_temperature_that_would_not_lower_its_bce_is_not_kept(monkeypatch):
+    """The search finds each column's minimum; a search answering 3 (right for the over-confident class a) and 0.3
+    (wrong for the calibrated class b) stands in for one that does not: b keeps 1.0, and the summary says so."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2000, 2, generator=g) * 2
+    labels = (torch.rand(2000, 2, generator=g) < z.sigmoid()).float()
+    logits = z * torch.tensor([3.0, 1.0])
+    monkeypatch.setattr(metrics, "fit_temperature",
+                        lambda column, y, loss=None: 3.0 if torch.equal(column, logits[:, 0]) else 0.3)
+    cal = tasks.MultiLabel().calibrate(logits, labels, ["a", "b"])
+    assert cal.temperatures == [3.0, 1.0] and cal.no_better == ["b"] and cal.unfitted == []
+    assert "; temperature stays 1.0 for b: a fitted one would not lower its validation BCE" in cal.summary()
+    assert cal.metrics["valid_bce_after"] == pytest.approx(
+        (metrics.bce(logits[:, 0], labels[:, 0], 3.0) + metrics.bce(logits[:, 1], labels[:, 1])) / 2)
 
 
 def test_the_report_matches_hand_computed_precision_recall_ap_and_exact_match():
@@ -187,6 +228,23 @@ def test_training_stores_per_class_temperatures_and_thresholds_and_reports_map(p
     from test_e2e import scalar_tags
 
     assert "Validation/mAP" in scalar_tags(root / "run").Tags()["scalars"]
+
+
+def test_training_warns_of_thresholds_the_validation_images_cannot_fit(tiny_data, tmp_path, capsys):
+    """Every image shows x; rare is only on two training images: both said in the summary."""
+    rows = []
+    for i, f in enumerate(sorted((tiny_data / "train").rglob("*.png"))):
+        rows.append((str(f), f"{f.parent.name} x" + (" rare" if i in (1, 2) else ""), "valid" if i % 4 == 0 else "train"))
+    csv_path = write_csv(tmp_path / "labels.csv", rows, ("file", "label", "split"))
+    train.main(train.parse_args(run_args(tmp_path, csv_path, "--freeze", "--n_epochs", "1")))
+    out = capsys.readouterr().out.splitlines()
+    ckpt = model_loader.load_checkpoint(tmp_path / "m.pth")
+    x, rare = ckpt["class_names"].index("x"), ckpt["class_names"].index("rare")
+    assert ckpt["thresholds"][x] <= 0.5 and ckpt["thresholds"][rare] == 0.5
+    assert f"warning: x is in every validation image, so no threshold can be fitted against images without it: the " \
+           f"lowest validation probability, or 0.5 if lower, is used ([{ckpt['thresholds'][x]:.3f}])" in out
+    assert "warning: no validation image shows rare: threshold 0.5, not fitted (give the validation images some, " \
+           "e.g. with a split column)" in out
 
 
 def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_run, tmp_path, capsys):

@@ -288,6 +288,16 @@ def test_a_reference_that_does_not_fit_the_model_is_one_error_line(frozen, tmp_p
         assert words in run_in_process(export, ["--model_fn", path, "--output", tmp_path / "x.onnx"], capsys)
 
 
+def test_a_mahalanobis_reference_for_another_number_of_classes_is_refused():
+    """Its class means must be one per class of the model: a reference of 3 classes does not score a 4-class model."""
+    from cli import CLIError
+
+    reference = {"method": "mahalanobis", "dim": 8, "means": torch.zeros(3, 8), "precision": torch.eye(8)}
+    ood.check_reference(reference, 8, 3, "m.pth")  # fits
+    with pytest.raises(CLIError, match="does not fit the model, whose classifier takes 8 features for 4 classes"):
+        ood.check_reference(reference, 8, 4, "m.pth")
+
+
 def test_without_a_reference_predict_works_as_before_and_says_so(frozen, tmp_path, capsys):
     root, data = frozen
     ckpt = torch.load(root / "m.pth", weights_only=True)
