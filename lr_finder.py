@@ -21,11 +21,6 @@ from pathlib import Path
 
 import torch
 
-import model_loader
-from data_loader import TrainSampler
-from cli import CLIError
-from features import build_feature_cache
-from trainer import Meter, train_step
 from utils import atomic_open, atomic_savefig, new_figure
 
 START_LR, END_LR = 1e-7, 10.0
@@ -146,51 +141,11 @@ def no_suggestion(test):
     return ""
 
 
-def cached_batches(cache, labels, n, seed, batch_size, weights=None):
-    """Endless (features, labels) batches from the feature cache: one seeded order per pass (weighted with
-    --balanced_sampler), one cached view per image drawn per pass, as trainer.train_head_epoch."""
-    sampler = TrainSampler(n, seed, weights=weights)
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        order = torch.tensor([i for i, _ in sampler], dtype=torch.long)
-        order = order[cache.train_ok[order]]
-        view = torch.randint(cache.train.shape[0], (len(order),), generator=torch.Generator().manual_seed(seed + epoch))
-        for s in range(0, len(order), batch_size):
-            yield cache.train[view[s:s + batch_size], order[s:s + batch_size]], labels[order[s:s + batch_size]]
-        epoch += 1
-
-
-def image_batches(loader):
-    """Endless (images, labels) training batches (augmented), a new seeded order per pass."""
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        readable = 0
-        for batch in loader:
-            if batch.labels.numel():
-                readable += 1
-                yield batch.images, batch.labels
-        if not readable:
-            raise CLIError("--find_lr: none of the training images could be read")
-        epoch += 1
-
-
-def ensure_cache(fitter):
-    """The Fitter's feature cache, built once (as its first frozen epoch would); False when stopped meanwhile."""
-    if fitter.cache is None:
-        fitter.cache = build_feature_cache(fitter.model, fitter.head, fitter.loaders, fitter.args.cache_views,
-                                           fitter.args.cache_memory_mb, fitter.run_dir / "feature_cache.rank0.bin",
-                                           fitter.compute, fitter.skips)
-    return fitter.cache is not None
-
-
 def range_test(fitter, batch_size):
     """Run the test with the Fitter's model, optimizer, loss and data (a trainer.Fitter as train.py builds
     it); returns a RangeTest, or None when a stop signal arrived. Weights (BatchNorm statistics too) and the
     optimizer's state are restored; its schedule is not, so the Fitter is not meant to train afterwards."""
-    compute, model, head = fitter.compute, fitter.model, fitter.head
-    frozen = fitter.backbone_frozen(0)
+    compute, model = fitter.compute, fitter.model
     start = time.perf_counter()
     weights = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(fitter.optimizer.state_dict())
@@ -199,24 +154,14 @@ def range_test(fitter, batch_size):
     schedule = torch.optim.lr_scheduler.LambdaLR(fitter.optimizer, lambda step: lr_at(step, steps) / base_lr)
     test = RangeTest()
     try:
-        model_loader.set_backbone_trainable(model, head, not frozen)
-        if fitter.use_cache(0):
-            if not ensure_cache(fitter):
-                return None
-            step_model = model.get_submodule(head).train()
-            batches = cached_batches(fitter.cache, fitter.train_labels, len(fitter.train_labels), fitter.args.seed,
-                                     batch_size, fitter.loaders.train.sampler.weights)
-        else:
-            model_loader.set_train_mode(model, head, frozen)
-            step_model = model
-            batches = image_batches(fitter.loaders.train)
+        first = fitter.first_steps(batch_size)
+        if first is None:
+            return None
+        step_model, batches = first
         for step in range(steps):
             x, y = next(batches)
-            x, y = compute.to_device(x, y, train=True)
-            meter = Meter(fitter.task)
             test.lrs.append(fitter.optimizer.param_groups[0]["lr"])
-            train_step(step_model, x, y, fitter.optimizer, schedule, fitter.scaler, fitter.criterion, compute, meter)
-            loss = meter.loss / meter.count
+            loss = fitter.step(step_model, x, y, schedule)
             test.losses.append(loss)
             test.smoothed = smooth(test.losses)
             if compute.stop_requested():
@@ -233,11 +178,6 @@ def range_test(fitter, batch_size):
     test.suggestions = suggest(test.lrs, test.smoothed)
     test.seconds = time.perf_counter() - start
     return test
-
-
-def batches_per_pass(fitter):
-    n = int(fitter.cache.train_ok.sum()) if fitter.cache is not None else len(fitter.splits.train)
-    return math.ceil(n / fitter.args.batch_size)
 
 
 def save_plot(test, path):
@@ -277,16 +217,16 @@ def write_csv(test, path):
 def find_lr(fitter, run_dir, say):
     """The whole --find_lr: the test, lr_find.png and lr_find.csv in the run folder, the printed suggestion.
     Returns the RangeTest (None when stopped or when there is too little data)."""
-    args = fitter.args
+    batch_size = fitter.loaders.train.batch_size
     start = time.perf_counter()
-    if fitter.use_cache(0) and not ensure_cache(fitter):  # the pass length counts readable images: the cache knows them
+    if fitter.use_cache(0) and not fitter.ensure_cache():  # the pass length counts readable images: the cache knows them
         return None
-    if batches_per_pass(fitter) < MIN_BATCHES:
-        say(f"--find_lr: {len(fitter.splits.train)} training images make {batches_per_pass(fitter)} batches of "
-            f"{args.batch_size}; the range test needs {MIN_BATCHES} or more (more images, or a smaller "
+    if fitter.batches_per_pass() < MIN_BATCHES:
+        say(f"--find_lr: {len(fitter.splits.train)} training images make {fitter.batches_per_pass()} batches of "
+            f"{batch_size}; the range test needs {MIN_BATCHES} or more (more images, or a smaller "
             "--batch_size), so no learning rate is suggested")
         return None
-    test = range_test(fitter, args.batch_size)
+    test = range_test(fitter, batch_size)
     if test is None:
         return None
     test.seconds = time.perf_counter() - start  # with the feature cache's pass
@@ -300,8 +240,7 @@ def find_lr(fitter, run_dir, say):
     if why:
         say(f"warning: --find_lr: no learning rate is suggested: {why}; see {Path(run_dir) / 'lr_find.png'}")
         return test
-    mode = "head on cached features" if fitter.cache is not None else (
-        "head only, frozen backbone" if fitter.backbone_frozen(0) else "whole model")
+    mode = fitter.first_phase()
     others = ", ".join(f"{rule} {lr:.1e}" for rule, lr in test.suggestions.items() if rule != SUGGESTION)
     say(f"learning-rate range test ({mode}): {len(test.lrs)} steps from {test.lrs[0]:.0e} to {test.lrs[-1]:.1e}"
         + (f", stopped: {test.stopped}" if test.stopped else "") + f"; {test.seconds:.1f}s")

@@ -184,6 +184,20 @@ def model_meta(args, model_name):
             "mean": defaults["mean"], "std": defaults["std"]}
 
 
+def fit_config(args, lr=None, backbone_lr_scale=None, class_weights=None):
+    """The Fitter's settings (trainer.FitConfig) from the flags: lr and backbone_lr_scale as train.py adjusts
+    them (--scale_lr; a backbone from random init learns at the full rate), else the flags'."""
+    return trainer.FitConfig(
+        n_epochs=args.n_epochs, frozen_epochs=args.n_epochs if args.freeze else args.unfreeze_after,
+        lr=args.lr if lr is None else lr,
+        backbone_lr_scale=args.backbone_lr_scale if backbone_lr_scale is None else backbone_lr_scale,
+        weight_decay=args.weight_decay, warmup=args.warmup, lr_schedule=args.lr_schedule,
+        label_smoothing=args.label_smoothing, patience=args.patience, seed=args.seed,
+        feature_cache=(args.freeze or args.unfreeze_after > 0) and not args.no_feature_cache,
+        cache_views=args.cache_views, cache_memory_mb=args.cache_memory_mb, save_interval=args.save_interval,
+        class_weights=None if class_weights is None else tuple(class_weights), flags=dict(vars(args)))
+
+
 def check_data(args, data_dir, model_name, task):
     """--check_data: the audit, then the label check when a pretrained backbone is given (label_check.py).
     Exits 1 on unreadable files or leaks; labels flagged as wrong alone do not fail it."""
@@ -348,11 +362,9 @@ def main(args):
             data_loader.write_split_lists(splits, run_dir, task)
         compute = Compute(device, amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist, stop,
                           progress=dist.is_main and args.verbose >= 2)
-        args.feature_cache = (args.freeze or args.unfreeze_after > 0) and not args.no_feature_cache
-        fitter = trainer.Fitter(model, head, splits, loaders, compute, args, meta, args.model_fn,
-                                last_path(args.model_fn), run_dir, log,
-                                class_weights=balance if args.class_weights == "auto" else None,
-                                lr=lr, backbone_lr_scale=lr_scale)
+        config = fit_config(args, lr, lr_scale, balance if args.class_weights == "auto" else None)
+        fitter = trainer.Fitter(model, head, splits, loaders, compute, config, meta, args.model_fn,
+                                last_path(args.model_fn), run_dir, log, task)
         if resume is not None:
             fitter.restore(resume)
             log(f"resumed from {args.resume} after epoch {fitter.state.epoch}")

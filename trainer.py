@@ -12,6 +12,7 @@ import torch
 
 import evaluation
 import model_loader
+from cli import CLIError
 from data_loader import SkipLog, TrainSampler, build_transforms, display_transform, load_rgb
 from features import build_feature_cache, head_takes_features
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
@@ -141,6 +142,36 @@ def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer,
 def evaluate_head(head_module, features, ok, labels, batch_size, compute, task):
     """Loss and accuracy of the classifier on the cached eval-view features."""
     return task.metrics(*evaluation.head_logits(head_module, features[0], ok, labels, batch_size, compute))
+
+
+def cached_batches(cache, labels, seed, batch_size, weights=None):
+    """Endless (features, labels) batches from the feature cache: one seeded order per pass (weighted with
+    --balanced_sampler), one cached view per image drawn per pass, as train_head_epoch."""
+    sampler = TrainSampler(len(labels), seed, weights=weights)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        order = torch.tensor([i for i, _ in sampler], dtype=torch.long)
+        order = order[cache.train_ok[order]]
+        view = torch.randint(cache.train.shape[0], (len(order),), generator=torch.Generator().manual_seed(seed + epoch))
+        for s in range(0, len(order), batch_size):
+            yield cache.train[view[s:s + batch_size], order[s:s + batch_size]], labels[order[s:s + batch_size]]
+        epoch += 1
+
+
+def image_batches(loader):
+    """Endless (images, labels) training batches (augmented), a new seeded order per pass."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        readable = 0
+        for batch in loader:
+            if batch.labels.numel():
+                readable += 1
+                yield batch.images, batch.labels
+        if not readable:
+            raise CLIError("--find_lr: none of the training images could be read")
+        epoch += 1
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -276,20 +307,41 @@ class FitResult:
     test_report: object = None  # pandas DataFrame (the task's per-class report) of the test split
 
 
+@dataclass(frozen=True)
+class FitConfig:
+    """What the fit loop needs, built by train.py from its flags (nothing below the scripts reads them)."""
+    n_epochs: int  # epochs in all (a resumed run counts those already done)
+    frozen_epochs: int  # the first epochs train the head alone: all of them with --freeze, else --unfreeze_after
+    lr: float  # the head's learning rate (--lr, times the processes with --scale_lr)
+    backbone_lr_scale: float  # backbone rate = lr * this (1.0 for a backbone from random init)
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # share of each phase's steps spent warming up
+    lr_schedule: str = "cosine"  # or "constant", after the warm-up
+    label_smoothing: float = 0.0
+    patience: int = 5  # epochs without a better validation loss before stopping; 0 = never
+    seed: int = 42
+    feature_cache: bool = True  # frozen epochs train the head on cached backbone features when they can
+    cache_views: int = 1
+    cache_memory_mb: int = 2048
+    save_interval: float = 30  # seconds between checkpoint writes when epochs are shorter
+    class_weights: tuple = None  # the loss's per-class weights (--class_weights auto), None = plain
+    flags: dict = field(default_factory=dict)  # the run's flags, as the checkpoint and TensorBoard record them
+
+
 class Fitter:
     """Runs the epochs. Owns the optimizer, schedule, DDP wrapper and the two checkpoint files."""
 
-    def __init__(self, model, head, splits, loaders, compute, args, meta, model_fn, last_fn, run_dir, log,
-                 class_weights=None, lr=None, backbone_lr_scale=None, task=None):
+    def __init__(self, model, head, splits, loaders, compute, config, meta, model_fn, last_fn, run_dir, log,
+                 task=None):
         self.model, self.head, self.splits, self.loaders = model, head, splits, loaders
-        self.compute, self.args, self.meta, self.log = compute, args, meta, log
+        self.compute, self.config, self.meta, self.log = compute, config, meta, log
         self.task = task or loaders.train.dataset.task
         self.model_fn, self.last_fn, self.run_dir = Path(model_fn), Path(last_fn), Path(run_dir)
         self.dist = compute.dist
-        self.frozen_epochs = args.n_epochs if args.freeze else min(args.unfreeze_after, args.n_epochs)
-        self.cache_possible = args.feature_cache and self.frozen_epochs > 0 and head_takes_features(
+        self.frozen_epochs = min(config.frozen_epochs, config.n_epochs)
+        self.cache_possible = config.feature_cache and self.frozen_epochs > 0 and head_takes_features(
             model, head, meta["input_size"], compute.device)
-        if args.feature_cache and self.frozen_epochs and not self.cache_possible:
+        if config.feature_cache and self.frozen_epochs and not self.cache_possible:
             log(f"feature cache: not available for {meta['model_name']} (its classifier is not the last layer); "
                 "training through the frozen backbone")
         # the head on cached features walks all images in every process, one global batch per step
@@ -297,20 +349,19 @@ class Fitter:
         cached_steps = math.ceil(len(splits.train) / self.global_batch)
         frozen_steps = max(1, cached_steps if self.cache_possible else len(loaders.train))
         steps = max(1, len(loaders.train))
-        groups = model_loader.param_groups(model, head, lr or args.lr, backbone_lr_scale if backbone_lr_scale
-                                           is not None else args.backbone_lr_scale, args.weight_decay)
-        if self.frozen_epochs >= args.n_epochs:  # --freeze: the optimizer gets the head's parameters only
+        groups = model_loader.param_groups(model, head, config.lr, config.backbone_lr_scale, config.weight_decay)
+        if self.frozen_epochs >= config.n_epochs:  # --freeze: the optimizer gets the head's parameters only
             groups = groups[:1]
-        self.optimizer = torch.optim.AdamW(groups, lr=lr or args.lr, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         phases = [(0, self.frozen_epochs * frozen_steps)]
-        if self.frozen_epochs < args.n_epochs:
+        if self.frozen_epochs < config.n_epochs:
             start = self.frozen_epochs * frozen_steps
             phases = ([phases[0]] if self.frozen_epochs else []) + [
-                (start, (args.n_epochs - self.frozen_epochs) * steps)]
+                (start, (config.n_epochs - self.frozen_epochs) * steps)]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(lr_factor, phases=phases, warmup_fraction=args.warmup, schedule=args.lr_schedule))
+            self.optimizer, partial(lr_factor, phases=phases, warmup_fraction=config.warmup, schedule=config.lr_schedule))
         self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.amp_dtype == torch.float16)
-        self.criterion = self.task.criterion(class_weights, args.label_smoothing).to(compute.device)
+        self.criterion = self.task.criterion(config.class_weights, config.label_smoothing).to(compute.device)
         self.train_labels = self.task.tensor(y for _, y in splits.train)
         self.valid_labels = self.task.tensor(y for _, y in splits.valid)
         self.cache = None
@@ -328,7 +379,7 @@ class Fitter:
     def best_checkpoint(self, metrics, weights=None):
         return model_loader.make_checkpoint(
             self.model, self.meta["model_name"], self.splits.class_names, self.meta["input_size"],
-            self.meta["resize_size"], self.meta["mean"], self.meta["std"], self.state.epoch, metrics, vars(self.args),
+            self.meta["resize_size"], self.meta["mean"], self.meta["std"], self.state.epoch, metrics, self.config.flags,
             weights, self.task.checkpoint_entries())
 
     def last_checkpoint(self, weights=None):
@@ -339,7 +390,7 @@ class Fitter:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "train_state": model_loader.plain(asdict(self.state)),
-            "rng": {"torch": torch.get_rng_state(), "seed": int(self.args.seed)},
+            "rng": {"torch": torch.get_rng_state(), "seed": int(self.config.seed)},
             "feature_cache": self.cache_identity(),
             "run_dir": str(self.run_dir),
         })
@@ -348,7 +399,7 @@ class Fitter:
     def cache_identity(self):
         return {"model_name": self.meta["model_name"], "input_size": self.meta["input_size"],
                 "n_train": len(self.splits.train), "n_valid": len(self.splits.valid),
-                "views": int(self.args.cache_views), "seed": int(self.args.seed)}
+                "views": int(self.config.cache_views), "seed": int(self.config.seed)}
 
     def restore(self, ckpt):
         """Continue from a resumable checkpoint (see last_checkpoint)."""
@@ -375,7 +426,7 @@ class Fitter:
             self._pending[self.model_fn] = self.best_checkpoint(self.state.best_metrics, weights)
         self.state.skipped = dict(self.skips.seen)
         self._pending[self.last_fn] = self.last_checkpoint(weights)
-        if force or time.perf_counter() - self._saved_at >= self.args.save_interval:
+        if force or time.perf_counter() - self._saved_at >= self.config.save_interval:
             self.write_pending()
 
     def write_pending(self):
@@ -422,22 +473,62 @@ class Fitter:
     def use_cache(self, epoch):
         return self.cache_possible and self.backbone_frozen(epoch)
 
+    def ensure_cache(self):
+        """The feature cache of the frozen epochs, built once; False when stopped meanwhile."""
+        if self.cache is None:
+            self.cache = build_feature_cache(self.model, self.head, self.loaders, self.config.cache_views,
+                                             self.config.cache_memory_mb,
+                                             self.run_dir / f"feature_cache.rank{self.dist.rank}.bin",
+                                             self.compute, self.skips)
+        return self.cache is not None
+
+    # -- the first epoch's steps, one at a time: what the learning-rate range test (lr_finder.py) runs
+
+    def first_steps(self, batch_size):
+        """(module, endless (inputs, labels) batches) as the first epoch trains: the head on cached features when
+        it uses the cache (built here), else the model on augmented images, with the first epoch's parameters
+        trainable; None when a stop signal arrived while the cache was built."""
+        frozen = self.backbone_frozen(0)
+        model_loader.set_backbone_trainable(self.model, self.head, not frozen)
+        if self.use_cache(0):
+            if not self.ensure_cache():
+                return None
+            return self.model.get_submodule(self.head).train(), cached_batches(
+                self.cache, self.train_labels, self.config.seed, batch_size, self.loaders.train.sampler.weights)
+        model_loader.set_train_mode(self.model, self.head, frozen)
+        return self.model, image_batches(self.loaders.train)
+
+    def step(self, module, inputs, labels, schedule):
+        """One training step of `module` with the Fitter's optimizer, loss and scaler under `schedule`; its loss."""
+        meter = Meter(self.task)
+        inputs, labels = self.compute.to_device(inputs, labels, train=True)
+        train_step(module, inputs, labels, self.optimizer, schedule, self.scaler, self.criterion, self.compute, meter)
+        return meter.loss / meter.count
+
+    def batches_per_pass(self):
+        """Training batches in one pass over the readable images (the feature cache knows which are readable)."""
+        n = int(self.cache.train_ok.sum()) if self.cache is not None else len(self.splits.train)
+        return math.ceil(n / self.loaders.train.batch_size)
+
+    def first_phase(self):
+        """What the first epoch trains, in words."""
+        if self.cache is not None:
+            return "head on cached features"
+        return "head only, frozen backbone" if self.backbone_frozen(0) else "whole model"
+
     def run_epoch(self, epoch):
         """Train one epoch and validate; returns (train_metrics, valid_metrics) or None when stopped."""
-        args, compute = self.args, self.compute
-        seed_everything(args.seed + epoch)  # dropout etc.; augmentation is seeded per image by the sampler
+        config, compute = self.config, self.compute
+        seed_everything(config.seed + epoch)  # dropout etc.; augmentation is seeded per image by the sampler
         sampler = self.loaders.train.sampler
         sampler.set_epoch(epoch)
         frozen = self.backbone_frozen(epoch)
         model_loader.set_backbone_trainable(self.model, self.head, not frozen)
         if self.use_cache(epoch):
-            if self.cache is None:
-                self.cache = build_feature_cache(self.model, self.head, self.loaders, args.cache_views,
-                                                 args.cache_memory_mb,
-                                                 self.run_dir / f"feature_cache.rank{self.dist.rank}.bin",
-                                                 compute, self.skips)
-                if self.cache is None:
-                    return None
+            new = self.cache is None
+            if not self.ensure_cache():
+                return None
+            if new:
                 self.log(f"feature cache: {self.cache.train.shape[0]} view(s) x {len(self.train_labels)} train + "
                          f"{len(self.valid_labels)} valid images, dim {self.cache.train.shape[2]}, in "
                          f"{self.cache.seconds:.1f}s ({self.cache.location})")
@@ -457,15 +548,15 @@ class Fitter:
         model_loader.set_train_mode(self.model, self.head, frozen)
         train = train_one_epoch(self.forward_model(frozen), self.loaders.train, self.optimizer, self.scheduler,
                                 self.scaler, self.criterion, compute, self.skips,
-                                desc=f"epoch {epoch + 1}/{args.n_epochs}")
+                                desc=f"epoch {epoch + 1}/{config.n_epochs}")
         if train is None:
             return None
         return train, evaluate(self.model, self.loaders.valid, compute, self.skips)
 
     def fit(self):
-        args, state = self.args, self.state
+        config, state = self.config, self.state
         interrupted = stopped_early = False
-        for epoch in bar(range(state.epoch, args.n_epochs), self.compute, "epochs"):
+        for epoch in bar(range(state.epoch, config.n_epochs), self.compute, "epochs"):
             start = time.perf_counter()
             result = self.run_epoch(epoch)
             if result is None:  # stopped mid-epoch: the end of the last finished epoch is what counts
@@ -488,14 +579,14 @@ class Fitter:
             if self.dist.is_main:
                 log_epoch(self.open_writer(), row)
                 write_metrics_csv(state.history, self.run_dir / "metrics.csv")
-                self.log(f"epoch {state.epoch}/{args.n_epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}"
+                self.log(f"epoch {state.epoch}/{config.n_epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}"
                          f"  valid loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}  lr {row['lr']:.2e}"
                          f"  {row['seconds']:.1f}s{'  *best' if improved else ''}")
-            stopped_early = bool(args.patience and state.bad_epochs >= args.patience)
+            stopped_early = bool(config.patience and state.bad_epochs >= config.patience)
             interrupted = not stopped_early and self.compute.stop_requested()
-            self.save_checkpoints(improved, force=stopped_early or interrupted or state.epoch == args.n_epochs)
+            self.save_checkpoints(improved, force=stopped_early or interrupted or state.epoch == config.n_epochs)
             if stopped_early:
-                self.log(f"early stop: no better validation loss for {args.patience} epochs (best epoch {state.best_epoch})")
+                self.log(f"early stop: no better validation loss for {config.patience} epochs (best epoch {state.best_epoch})")
                 break
             if interrupted:
                 break
@@ -531,7 +622,7 @@ class Fitter:
             fitted = calibration or self.task.uncalibrated(len(self.splits.class_names))
             metrics.update({f"hparam/{k}": float(v) for k, v in fitted.hparams().items()})
             metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
-            log_hparams(writer, {k: v for k, v in vars(self.args).items() if v is not None}, metrics, self.state.epoch)
+            log_hparams(writer, {k: v for k, v in self.config.flags.items() if v is not None}, metrics, self.state.epoch)
         note = ""
         if self.cache is not None:
             note = f"feature cache {self.cache.seconds:.1f}s"

@@ -98,15 +98,14 @@ def build_fitter(data, tmp_path, *flags):
     args = train.parse_args([str(a) for a in ("--data_dir", data, "--model_name", "resnet18", "--input_size", "32",
                                               "--batch_size", "4", "--num_workers", "0", "--model_fn",
                                               tmp_path / "m.pth", "--log_dir", tmp_path / "run", *flags)])
-    args.feature_cache = args.freeze and not args.no_feature_cache
     splits = data_loader.build_splits(data, args.valid_ratio, args.seed)
     torch.manual_seed(0)
     model, head = model_loader.build_model("resnet18", len(splits.class_names), log=lambda *a: None)
     meta = train.model_meta(args, "resnet18")
     loaders = data_loader.build_loaders(splits, 32, meta["resize_size"], meta["mean"], meta["std"], 4, 0, args.seed)
     compute = Compute(torch.device("cpu"), dist=DistInfo())
-    return trainer.Fitter(model, head, splits, loaders, compute, args, meta, args.model_fn, tmp_path / "m_last.pth",
-                          tmp_path / "run", lambda *a: None)
+    return trainer.Fitter(model, head, splits, loaders, compute, train.fit_config(args), meta, args.model_fn,
+                          tmp_path / "m_last.pth", tmp_path / "run", lambda *a: None)
 
 
 @pytest.mark.parametrize("mode", [[], ["--freeze"]])
@@ -174,7 +173,7 @@ def test_the_range_test_stops_once_the_smoothed_loss_passes_four_times_its_lowes
         seen.append(1)
 
     seen = []
-    monkeypatch.setattr(lr_finder, "train_step", scripted_step)
+    monkeypatch.setattr(trainer, "train_step", scripted_step)
     test = lr_finder.range_test(fitter, 4)
     smoothed = lr_finder.smooth(curve)
     first = next(i for i in range(1, len(curve)) if smoothed[i] > lr_finder.DIVERGE * min(smoothed[:i + 1]))
@@ -193,7 +192,7 @@ def test_find_lr_without_a_clear_descent_warns_why_and_suggests_nothing(tiny_dat
         said.append("")
 
     said = []
-    monkeypatch.setattr(lr_finder, "train_step", scripted_step)
+    monkeypatch.setattr(trainer, "train_step", scripted_step)
     test = lr_finder.find_lr(fitter, tmp_path / "run", said.append)
     lines = [s for s in said if s]
     assert test.suggestions == {} and len(test.losses) == 100
