@@ -208,6 +208,14 @@ def compare(model, exported, images, probabilities, decide=lambda probs: probs.a
     return diff, int(agree.sum()), score_diff
 
 
+def other_ways(fmt, args):
+    """What to try when the export disagrees with the PyTorch model: the other exporter, the other format."""
+    if fmt == "pt2":
+        return "try --format onnx"
+    other = "dynamo" if args.exporter == "torchscript" else "torchscript"
+    return f"try --exporter {other}, or --format pt2"
+
+
 def main(args):
     if args.check_images <= 0:
         raise CLIError("--check_images must be a positive number")
@@ -243,10 +251,11 @@ def main(args):
                   + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
             if not diff <= TOLERANCE:  # also catches NaN
                 raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
-                               f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written")
+                               f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written; {other_ways(fmt, args)}")
             if score_diff is not None and not score_diff <= TOLERANCE:
                 raise CLIError(f"the {fmt} export's ood_score differs from the PyTorch model's by up to "
-                               f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written")
+                               f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written; "
+                               f"{other_ways(fmt, args)}")
             if stop.requested:  # SystemExit still removes the temporary file
                 print(f"interrupted; {output} was not written", file=sys.stderr)
                 sys.exit(130 if stop.signum == 2 else 128 + stop.signum)

@@ -172,9 +172,13 @@ def test_self_check_catches_a_wrong_export_and_writes_nothing(ckpts, tmp_path, c
         onnx.save(proto, str(out))
 
     monkeypatch.setattr(export, "write_onnx", tampered)
-    with pytest.raises(CLIError, match=r"disagrees with the PyTorch model: probabilities differ by up to .*nothing was written"):
+    with pytest.raises(CLIError, match=r"disagrees with the PyTorch model: probabilities differ by up to .*nothing "
+                       r"was written; try --exporter dynamo, or --format pt2$"):  # the other exporter may agree
         run_export(capsys, "--model_fn", path, "--output", target, "--check_images", "4")
     assert target.read_bytes() == b"an earlier export" and leftovers(tmp_path) == []
+    dynamo = export.parse_args(["--exporter", "dynamo"])
+    assert export.other_ways("onnx", dynamo) == "try --exporter torchscript, or --format pt2"
+    assert export.other_ways("pt2", dynamo) == "try --format onnx"
 
 
 def test_pt2_loads_without_this_project_and_agrees(ckpts, tiny_data, tmp_path, capsys):
