@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from cli import CLIError
-from utils import atomic_open, atomic_path, check_writable
+from utils import atomic_open, atomic_path, check_writable, input_names_in
 
 OVERLAY_SIDE = 384  # long side of the overlay PNGs, in pixels
 ALPHA = 0.45  # weight of the heat map's colours over the image
@@ -169,7 +169,7 @@ class Explanations:
         self.names = set()
         self.count = 0
         # names of input images inside the folder: an overlay never replaces one (--explain . next to them)
-        self.taken = {Path(f).name for f in inputs if Path(f).resolve().parent == self.folder.resolve()}
+        self.taken = input_names_in(self.folder, inputs)
 
     def __enter__(self):
         self._stack = ExitStack()

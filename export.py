@@ -69,8 +69,9 @@ def resolve_output(args):
 
 
 def check_batch(ckpt, args):
-    """(images, where they came from): up to --check_images preprocessed images spread over the sorted
-    files of --data_dir or of the training data's test folder; random tensors when there is no folder."""
+    """(images, where they came from, the image files they were chosen from): up to --check_images
+    preprocessed images spread over the sorted files of --data_dir or of the training data's test folder;
+    random tensors when there is no folder."""
     folder = Path(args.data_dir) if args.data_dir else None
     if folder is not None and not folder.is_dir():
         raise CLIError(f"--data_dir {str(folder)!r} does not exist or is not a folder")
@@ -104,12 +105,12 @@ def check_batch(ckpt, args):
             if len(images) == args.check_images:
                 break
         if images:
-            return torch.stack(images), f"{len(images)} images of {folder}"
+            return torch.stack(images), f"{len(images)} images of {folder}", files
     if args.data_dir:
         raise CLIError(f"--data_dir {args.data_dir!r} holds no readable images ({', '.join(data_loader.IMG_EXTENSIONS)})")
     size = ckpt["input_size"]
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors"
+    return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors", []
 
 
 def write_onnx(model, example, path, meta, opset, exporter):
@@ -229,9 +230,9 @@ def main(args):
     if "ood" in ckpt:  # a second output, ood_score, computed in the graph (the reference as a constant)
         model = ood.scored_model(model, head, ckpt, args.model_fn)
     model = model.eval()
-    check_writable(output, "--output")
     meta = model_loader.export_metadata(ckpt)
-    images, source = check_batch(ckpt, args)
+    images, source, files = check_batch(ckpt, args)
+    check_writable(output, "--output", files)
     example = images[:EXAMPLE_BATCH] if len(images) >= EXAMPLE_BATCH else images.expand(EXAMPLE_BATCH, -1, -1, -1)
     start = time.perf_counter()
     stop = StopFlag().install()  # Ctrl-C during the export: finish it, then remove it instead of renaming it

@@ -232,9 +232,17 @@ def main(args):
         default = default_inputs(ckpt)
         inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, multi)
     inputs = [(str(f), y) for f, y in inputs]
-    check_writable(args.output, "--output")
+    labelled = any(label != -1 for _, label in inputs)
+    report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
+    confusion_path = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
+    read = [f for f, _ in inputs] + ([args.labels_csv] if args.labels_csv else [])  # no output may replace them
+    check_writable(args.output, "--output", read)
+    if labelled:
+        check_writable(report_path, "--output's report", read)
     if args.n_images:
-        check_writable(args.plot, "--plot")
+        check_writable(args.plot, "--plot", read)
+        if labelled and not multi:
+            check_writable(confusion_path, "--plot's confusion matrix", read)
     if args.explain:
         explain.Explanations.check(args.explain)
     device = resolve_device(args.gpu_id)
@@ -254,7 +262,6 @@ def main(args):
     workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
     loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
-    labelled = any(label != -1 for _, label in inputs)
     columns = csv_columns(class_names, topk, labelled, reference is not None, bool(args.explain), multi)
     tally, samples_for_plot = MultiTally() if multi else Tally(), []
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
@@ -335,7 +342,6 @@ def main(args):
         print(f"{multilabel.describe_summary(summary)} (labelled; per-class thresholds "
               + (f"replaced by --threshold {args.threshold:g}" if args.threshold is not None else "from the checkpoint")
               + f"); ECE of the per-class probabilities {evaluation.ece(confidence, correct):.4f}")
-        report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
         evaluation.write_report(report, report_path)
         print(f"per-class report -> {report_path}\n{evaluation.format_report(report)}")
     elif labelled:
@@ -345,17 +351,15 @@ def main(args):
         print(f"mean confidence {float(confidence.mean()):.4f}, ECE {evaluation.ece(confidence, correct):.4f} "
               f"({evaluation.N_BINS} bins; temperature {temperature:.3f} from the checkpoint)")
         report = tally.report(class_names)
-        report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
         evaluation.write_report(report, report_path)
         print(f"per-class report -> {report_path}\n{evaluation.format_report(report)}")
     if samples_for_plot:
         plot_predictions(samples_for_plot, class_names, ckpt, args.plot, args.show, args.unknown_label)
         print(f"figure -> {args.plot}")
         if labelled and not multi:
-            confusion = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
             save_confusion_matrix(tally.confusion(len(class_names), rejecting), class_names,
-                                  confusion, extra_column=args.unknown_label if rejecting else None)
-            print(f"confusion matrix -> {confusion}")
+                                  confusion_path, extra_column=args.unknown_label if rejecting else None)
+            print(f"confusion matrix -> {confusion_path}")
 
 
 def print_ood_summary(reference, threshold, n_unlike, n_done, args):

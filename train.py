@@ -24,8 +24,8 @@ import multilabel
 import ood
 import trainer
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
-from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, resolve_device,
-                   seed_everything)
+from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, input_names_in,
+                   resolve_device, seed_everything)
 
 
 EXAMPLES = """examples:
@@ -193,6 +193,17 @@ def label_delim(args):
     return args.label_delim if args.multi_label else None
 
 
+def check_outputs(run_dir, splits, labels_csv, model_fn=None):
+    """One error line before any work when a file of the run would replace an input: model_fn or its _last.pth,
+    or what the run folder gets (figures, tables) in a folder holding input images."""
+    read = [f for part in (splits.train, splits.valid, splits.test) for f, _ in part] + ([labels_csv] if labels_csv else [])
+    for path in (model_fn, last_path(model_fn)) if model_fn else ():
+        check_writable(path, "--model_fn", read)
+    if input_names_in(run_dir, read):
+        raise CLIError(f"--log_dir {str(run_dir)!r} holds input images: the run's figures and tables would be mixed "
+                       "with them; give another folder")
+
+
 def check_data(args, data_dir, model_name):
     """--check_data: the audit, then the label check when a pretrained backbone is given (label_check.py).
     Exits 1 on unreadable files or leaks; labels flagged as wrong alone do not fail it."""
@@ -212,6 +223,7 @@ def check_data(args, data_dir, model_name):
         check_writable(run_dir / "label_issues.csv", "--log_dir")
         splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
                                           label_delim=label_delim(args))
+        check_outputs(run_dir, splits, args.labels_csv)
         meta = model_meta(args, model_name)
         seed_everything(args.seed)
         model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
@@ -309,6 +321,8 @@ def main(args):
 
     resume = model_loader.safe_load(args.resume, "--resume checkpoint") if args.resume else None
     run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))
+    if dist.is_main:
+        check_outputs(run_dir, splits, args.labels_csv, args.model_fn)
     meta = model_meta(args, model_name)
 
     fitter = None
