@@ -224,13 +224,16 @@ def main(args):
         raise CLIError("--image_root goes with --labels_csv")
     if args.labels_csv and args.data_dir:
         raise CLIError("give --labels_csv or --data_dir, not both")
+    searched = None  # the folder searched for images, when one was
     if args.labels_csv:
         inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, delim))  # by path
     elif args.data_dir:
         inputs = find_inputs(args.data_dir, class_names, multi)
+        searched = args.data_dir if Path(args.data_dir).is_dir() else None
     else:
         default = default_inputs(ckpt)
         inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, multi)
+        searched = None if isinstance(default, list) else default
     inputs = [(str(f), y) for f, y in inputs]
     labelled = any(label != -1 for _, label in inputs)
     report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
@@ -244,7 +247,7 @@ def main(args):
         if labelled and not multi:
             check_writable(confusion_path, "--plot's confusion matrix", read)
     if args.explain:
-        explain.Explanations.check(args.explain)
+        explain.Explanations.check(args.explain, read, searched)
     device = resolve_device(args.gpu_id)
     if isinstance(model, model_loader.OnnxModel):  # onnxruntime optimizes its graph itself; batches stay on the CPU
         model, device, channels_last = model.to(device), torch.device("cpu"), False

@@ -209,6 +209,30 @@ def test_explain_refuses_a_file_and_an_onnx_model_in_one_line(trained, tmp_path,
     assert "needs the checkpoint" in err and not (tmp_path / "cams").exists()
 
 
+def test_explain_refuses_a_folder_among_the_input_images(trained, tmp_path, capsys):
+    """Overlays beside the images would be predicted as images by the next run: --explain into the folder read
+    (or any folder under it), or into a folder holding input images, is one error line before any work."""
+    root, data = trained
+    images = tmp_path / "images"
+    shutil.copytree(data / "test" / "bag", images / "bag")
+    photo = sorted((images / "bag").iterdir())[0]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"file,label\n{photo},bag\n")
+    before = sorted(tmp_path.rglob("*"))
+    out = ["--model_fn", root / "m.pth", "--output", tmp_path / "r.csv", "--plot", tmp_path / "p.png"]
+    for argv, message in (
+            (["--data_dir", images, "--explain", images], f"is inside {str(images)!r}, where the images are read"),
+            (["--data_dir", images, "--explain", images / "bag" / "cams"], "where the images are read from"),
+            (["--data_dir", photo, "--explain", images / "bag"], "holds input images"),  # one image: its folder
+            (["--labels_csv", labels, "--explain", photo.parent], "holds input images"),
+            (["--explain", data / "test" / "cams"], "where the images are read from")):  # the training test/
+        err = run_in_process(predict, out + argv, capsys)
+        assert err.startswith(f"error: --explain {str(argv[-1])!r}") and message in err, err
+    assert sorted(tmp_path.rglob("*")) == before and not (data / "test" / "cams").exists()  # nothing made
+    run_predict(capsys, *out, "--data_dir", images, "--explain", tmp_path / "cams")  # beside it is fine
+    assert len(list((tmp_path / "cams").glob("*.png"))) == 6
+
+
 def test_train_writes_the_validation_images_by_loss_with_the_calibrated_probability(trained):
     root, _ = trained
     run = root / "run"
