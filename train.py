@@ -295,6 +295,9 @@ def main(args):
     log = tqdm.write if dist.is_main and args.verbose >= 1 else (lambda *a, **k: None)
     say = print if dist.is_main else (lambda *a, **k: None)  # the summary, even at --verbose 0
     check_args(args)
+    for name in ("labels_csv", "image_root"):  # absolute in the checkpoint: predict.py finds them from any folder
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     model_name = model_loader.resolve_model_name(args.model_name)
     data_dir = data_loader.dataset_root(args.data_dir, args.dataset_name)
     if args.weights and args.use_pretrained:
