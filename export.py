@@ -75,7 +75,7 @@ def check_batch(ckpt, args):
     folder = Path(args.data_dir) if args.data_dir else None
     if folder is not None and not folder.is_dir():
         raise CLIError(f"--data_dir {str(folder)!r} does not exist or is not a folder")
-    saved, files = ckpt.get("args", {}), []
+    saved, files, why = ckpt.get("args", {}), [], None  # why: the training data cannot be used
     if folder is None and saved.get("labels_csv"):  # the table's test rows, else all of them
         import labels_csv
 
@@ -83,13 +83,16 @@ def check_batch(ckpt, args):
             parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None,
                                            delim=saved.get("label_delim") if ckpt.get("multi_label") else None)
             folder, files = Path(saved["labels_csv"]), sorted(f for f, _ in labels_csv.test_rows(parts) or [])
-        except CLIError:
-            folder = None
+            why = None if files else f"the CSV the model was trained with ({folder}) has no test rows"
+        except CLIError as e:
+            folder, why = None, f"the CSV the model was trained with: {e}"
     elif folder is None:
         try:
             folder = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name")) / "test"
-        except CLIError:
-            folder = None
+        except CLIError as e:
+            folder, why = None, str(e)
+        if folder is not None and not folder.is_dir():
+            why = f"the training data's test folder {str(folder)!r} does not exist"
     if not files:
         files = data_loader.list_images(folder) if folder is not None and folder.is_dir() else []
     if files:
@@ -108,6 +111,8 @@ def check_batch(ckpt, args):
             return torch.stack(images), f"{len(images)} images of {folder}", files
     if args.data_dir:
         raise CLIError(f"--data_dir {args.data_dir!r} holds no readable images ({', '.join(data_loader.IMG_EXTENSIONS)})")
+    print(f"warning: the check runs on random tensors, not on images: {why or f'no readable images in {folder}'} "
+          "(--data_dir DIR checks on yours)", file=sys.stderr)
     size = ckpt["input_size"]
     generator = torch.Generator().manual_seed(0)
     return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors", []

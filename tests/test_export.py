@@ -221,11 +221,22 @@ def test_dynamo_exporter_and_opset(ckpts, tmp_path, capsys):
 
 
 def test_random_tensors_when_the_training_data_is_gone(ckpts, tmp_path, capsys):
+    """The check falls back to random tensors, and says why in one line."""
     ckpt = dict(ckpts["squeezenet1_0"][1], args={"data_dir": str(tmp_path / "gone"), "dataset_name": None})
     model_loader.save_checkpoint(ckpt, tmp_path / "m.pth")
-    out = run_export(capsys, "--model_fn", tmp_path / "m.pth", "--check_images", "3")  # default output: m.onnx
+    export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--check_images", "3"]))  # -> m.onnx
+    out, err = capsys.readouterr()
     assert "check on 3 random tensors" in out and check_line(out)[0] <= 1e-4
+    assert err == (f"warning: the check runs on random tensors, not on images: the training data's test folder "
+                   f"{str(tmp_path / 'gone' / 'test')!r} does not exist (--data_dir DIR checks on yours)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pth"]
+    ckpt["args"] = {"labels_csv": str(tmp_path / "labels.csv")}  # trained on a CSV that is not there
+    model_loader.save_checkpoint(ckpt, tmp_path / "m.pth")
+    export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--check_images", "3"]))
+    out, err = capsys.readouterr()
+    assert "check on 3 random tensors" in out and err.count("\n") == 1
+    assert err.startswith("warning: the check runs on random tensors, not on images: the CSV the model was trained "
+                          f"with: --labels_csv {str(tmp_path / 'labels.csv')!r}"), err
 
 
 def read_csv(path):
