@@ -7,6 +7,7 @@ if __name__ == "__main__":
     cli.exit_quietly_on_stop_signals()
 
 import csv
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -271,6 +272,7 @@ def main(args):
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
     n_done = n_bad = n_accepted = n_unlike = 0
     explained = explain.Explanations(args.explain, [f for f, _ in inputs]) if args.explain else nullcontext()
+    unchanged = f"{args.output} was not " + ("changed" if Path(args.output).exists() else "written")  # if we stop
     stop = StopFlag().install()
     start = time.perf_counter()
     try:
@@ -320,9 +322,12 @@ def main(args):
                     n_done += len(batch.labels)
                     n_bad += len(batch.bad)
                     if stop.requested:
-                        raise CLIError(f"interrupted after {n_done} images; {args.output} was not changed")
+                        break  # out of the loop: its loader workers shut down
+            if stop.requested:  # like train.py: status 130 (143 for SIGTERM); the temporary files are removed
+                print(f"interrupted after {n_done} images; {unchanged}", file=sys.stderr)
+                sys.exit(130 if stop.signum == 2 else 128 + stop.signum)
             if n_done == 0:
-                raise CLIError(f"none of the {len(inputs)} images could be read; {args.output} was not changed")
+                raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
     finally:
         stop.restore()
     seconds = time.perf_counter() - start
