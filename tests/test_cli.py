@@ -267,7 +267,7 @@ def test_predict_when_every_labelled_image_is_unreadable(tiny_data, tmp_path, ca
         "--model_fn", tmp_path / "m.pth", "--data_dir", folder, "--output", tmp_path / "r.csv",
         "--plot", tmp_path / "p.png", "--num_workers", "0", "--verbose", "0"]])))
     out = capsys.readouterr().out
-    assert "predicted 1 images" in out and "1 unreadable" in out and "accuracy" not in out
+    assert "predicted 1 image in" in out and "1 unreadable" in out and "accuracy" not in out
 
 
 # ----------------------------------------------------------------------------- outputs never replace inputs
