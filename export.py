@@ -46,6 +46,7 @@ def build_parser():
     add("--data_dir", default=None, help="images for the check: an image folder (searched recursively) "
         "(default: test/ of the training data when it exists, or the test rows of its CSV, else random tensors)")
     add("--check_images", type=int, default=16, help="images the export is checked on")
+    add("--verbose", type=int, default=1, help="0 = the result line only, 1 = also the check's figures")
     return p
 
 
@@ -252,9 +253,10 @@ def main(args):
             if {k: written.get(k) for k in meta} != meta:
                 raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
             diff, agree, score_diff = compare(model, exported, images, *reading_of(ckpt))
-            print(f"check on {source}: max probability difference {diff:.2e}, "
-                  f"{'label-set' if ckpt.get('multi_label') else 'top-1'} agreement {agree}/{len(images)}"
-                  + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
+            if args.verbose >= 1:
+                print(f"check on {source}: max probability difference {diff:.2e}, "
+                      f"{'label-set' if ckpt.get('multi_label') else 'top-1'} agreement {agree}/{len(images)}"
+                      + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
             if not diff <= TOLERANCE:  # also catches NaN
                 raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
                                f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written; {other_ways(fmt, args)}")

@@ -239,6 +239,15 @@ def test_random_tensors_when_the_training_data_is_gone(ckpts, tmp_path, capsys):
                           f"with: --labels_csv {str(tmp_path / 'labels.csv')!r}"), err
 
 
+def test_verbose_as_train_and_predict_take_it(ckpts, tmp_path, capsys):
+    """export.py accepts --verbose like train.py and predict.py; 0 prints the result line only."""
+    path = ckpts["resnet18"][0]
+    out = run_export(capsys, "--model_fn", path, "--output", tmp_path / "m.onnx", "--check_images", "2",
+                     "--verbose", "0")
+    assert len(out.splitlines()) == 1 and out.startswith("exported resnet18 (3 classes, 32 px) as onnx"), out
+    assert (tmp_path / "m.onnx").stat().st_size > 1000
+
+
 def read_csv(path):
     with open(path, encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
