@@ -139,10 +139,16 @@ def all_reduce_sum(values, dist_info, device):
 
 
 def input_names_in(folder, inputs):
-    """Names of the files of `inputs` (the images a run reads) that lie directly in `folder`, links and '..'
-    resolved: what a file written into that folder must not be called."""
-    folder = Path(folder).resolve()
-    return {Path(f).name for f in inputs if Path(f).resolve().parent == folder}
+    """Names of the files of `inputs` (the images a run reads) that lie directly in `folder` (the folders'
+    links and '..' resolved): what a file written into that folder must not be called."""
+    folder, resolved = Path(folder).resolve(), {}  # each input folder resolved once, not each of its files
+    names = set()
+    for f in map(Path, inputs):
+        if f.parent not in resolved:
+            resolved[f.parent] = f.parent.resolve()
+        if resolved[f.parent] == folder:
+            names.add(f.name)
+    return names
 
 
 def check_writable(path, what="output", inputs=()):
