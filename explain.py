@@ -168,7 +168,7 @@ class Explanations:
         self.folder = Path(folder)
         self.names = set()
         self.count = 0
-        # names of input images inside the folder: an overlay never replaces one (--explain . next to them)
+        # names of input images inside the folder: an overlay never replaces one
         self.taken = input_names_in(self.folder, inputs)
 
     def __enter__(self):

@@ -331,7 +331,8 @@ def main(args):
     finally:
         stop.restore()
     seconds = time.perf_counter() - start
-    print(f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s ({n_done / max(seconds, 1e-9):.1f} img/s)"
+    print(f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s "
+          f"({n_done / max(seconds, 1e-9):.1f} img/s)"
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if args.explain:
