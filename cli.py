@@ -87,6 +87,9 @@ def run_cli(entry):
     before = set(multiprocessing.active_children())  # a host process's own children (tests run us in-process)
     try:
         result = entry()
+    except SystemExit:  # the script's own status (130 after Ctrl-C): its workers must not hold up the exit
+        end_child_processes(keep=before)
+        raise
     except CLIError as e:
         message, status = f"error: {e}", 2
     except BrokenPipeError:

@@ -476,16 +476,17 @@ def audit_samples(parts, class_names, out=print, task=None):
             with open(path, "rb") as f:
                 content = f.read()  # read once: hashed for leaks, then decoded
             owners[hashlib.sha1(content).hexdigest()].add((part, path))
+            buffer = io.BytesIO(content)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    with Image.open(io.BytesIO(content)) as img:
+                    with Image.open(buffer) as img:
                         img.load()
                         modes[img.mode] += 1
                         if min(img.size) < TINY_SIDE:
                             tiny.append(f"{path} ({img.size[0]}x{img.size[1]})")
-            except Exception as e:
-                unreadable.append(f"{path}: {describe_error(e)}")
+            except Exception as e:  # Pillow names the buffer it read (<_io.BytesIO ...>): name the file
+                unreadable.append(f"{path}: {describe_error(e).replace(repr(buffer), repr(str(path)))}")
     leaks = [sorted(p for _, p in group) for group in owners.values() if len({part for part, _ in group}) > 1]
     shown = ", ".join(f"{n} {MODE_NAMES.get(m, m)}" for m, n in modes.most_common())
     out(f"image modes: {shown or 'none'}" + ("" if set(modes) <= {"RGB", "L"} else "; all are converted to RGB when loaded"))

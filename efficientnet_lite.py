@@ -37,7 +37,8 @@ class SamePadConv2d(nn.Conv2d):
     def forward(self, x):
         pads = []
         for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
-            total = max((-(-size // s) - 1) * s + k - size, 0)
+            out = (size + s - 1) // s  # ceil(size / s) from positive operands: ONNX's integer division truncates
+            total = max((out - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 

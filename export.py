@@ -47,6 +47,7 @@ def build_parser():
     add("--data_dir", default=None, help="images for the check: an image folder (searched recursively) "
         "(default: test/ of the training data when it exists, or the test rows of its CSV, else random tensors)")
     add("--check_images", type=int, default=16, help="images the export is checked on")
+    add("--verbose", type=int, default=1, help="0 = the result line only, 1 = also the check's figures")
     return p
 
 
@@ -70,24 +71,28 @@ def resolve_output(args):
 
 
 def check_batch(ckpt, args):
-    """(images, where they came from): up to --check_images preprocessed images spread over the sorted
-    files of --data_dir or of the training data's test folder; random tensors when there is no folder."""
+    """(images, where they came from, the image files they were chosen from): up to --check_images
+    preprocessed images spread over the sorted files of --data_dir or of the training data's test folder;
+    random tensors when there is no folder."""
     folder = Path(args.data_dir) if args.data_dir else None
     if folder is not None and not folder.is_dir():
         raise CLIError(f"--data_dir {str(folder)!r} does not exist or is not a folder")
-    saved, files = ckpt.get("args", {}), []
+    saved, files, why = ckpt.get("args", {}), [], None  # why: the training data cannot be used
     if folder is None and saved.get("labels_csv"):  # the table's test rows, else all of them
         try:
             parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None,
                                            task=tasks.for_checkpoint(ckpt))
             folder, files = Path(saved["labels_csv"]), sorted(f for f, _ in labels_csv.test_rows(parts) or [])
-        except CLIError:
-            folder = None
+            why = None if files else f"the CSV the model was trained with ({folder}) has no test rows"
+        except CLIError as e:
+            folder, why = None, f"the CSV the model was trained with: {e}"
     elif folder is None:
         try:
             folder = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name")) / "test"
-        except CLIError:
-            folder = None
+        except CLIError as e:
+            folder, why = None, str(e)
+        if folder is not None and not folder.is_dir():
+            why = f"the training data's test folder {str(folder)!r} does not exist"
     if not files:
         files = data_loader.list_images(folder) if folder is not None and folder.is_dir() else []
     if files:
@@ -103,12 +108,14 @@ def check_batch(ckpt, args):
             if len(images) == args.check_images:
                 break
         if images:
-            return torch.stack(images), f"{len(images)} images of {folder}"
+            return torch.stack(images), f"{len(images)} images of {folder}", files
     if args.data_dir:
         raise CLIError(f"--data_dir {args.data_dir!r} holds no readable images ({', '.join(data_loader.IMG_EXTENSIONS)})")
+    print(f"warning: the check runs on random tensors, not on images: {why or f'no readable images in {folder}'} "
+          "(--data_dir DIR checks on yours)", file=sys.stderr)
     size = ckpt["input_size"]
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors"
+    return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors", []
 
 
 def write_onnx(model, example, path, meta, opset, exporter):
@@ -205,6 +212,14 @@ def compare(model, exported, images, probabilities, decide=lambda probs: probs.a
     return diff, int(agree.sum()), score_diff
 
 
+def other_ways(fmt, args):
+    """What to try when the export disagrees with the PyTorch model: the other exporter, the other format."""
+    if fmt == "pt2":
+        return "try --format onnx"
+    other = "dynamo" if args.exporter == "torchscript" else "torchscript"
+    return f"try --exporter {other}, or --format pt2"
+
+
 def main(args):
     if args.check_images <= 0:
         raise CLIError("--check_images must be a positive number")
@@ -219,9 +234,9 @@ def main(args):
     if "ood" in ckpt:  # a second output, ood_score, computed in the graph (the reference as a constant)
         model = ood.scored_model(model, head, ckpt, args.model_fn)
     model = model.eval()
-    check_writable(output, "--output")
     meta = model_loader.export_metadata(ckpt)
-    images, source = check_batch(ckpt, args)
+    images, source, files = check_batch(ckpt, args)
+    check_writable(output, "--output", files)
     example = images[:EXAMPLE_BATCH] if len(images) >= EXAMPLE_BATCH else images.expand(EXAMPLE_BATCH, -1, -1, -1)
     start = time.perf_counter()
     stop = StopFlag().install()  # Ctrl-C during the export: finish it, then remove it instead of renaming it
@@ -236,15 +251,17 @@ def main(args):
             if {k: written.get(k) for k in meta} != meta:
                 raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
             diff, agree, score_diff = compare(model, exported, images, *reading_of(ckpt, task))
-            print(f"check on {source}: max probability difference {diff:.2e}, "
-                  f"{task.decision_name} agreement {agree}/{len(images)}"
-                  + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
+            if args.verbose >= 1:
+                print(f"check on {source}: max probability difference {diff:.2e}, "
+                      f"{task.decision_name} agreement {agree}/{len(images)}"
+                      + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
             if not diff <= TOLERANCE:  # also catches NaN
                 raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
-                               f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written")
+                               f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written; {other_ways(fmt, args)}")
             if score_diff is not None and not score_diff <= TOLERANCE:
                 raise CLIError(f"the {fmt} export's ood_score differs from the PyTorch model's by up to "
-                               f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written")
+                               f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written; "
+                               f"{other_ways(fmt, args)}")
             if stop.requested:  # SystemExit still removes the temporary file
                 print(f"interrupted; {output} was not written", file=sys.stderr)
                 sys.exit(130 if stop.signum == 2 else 128 + stop.signum)

@@ -7,6 +7,7 @@ if __name__ == "__main__":
     cli.exit_quietly_on_stop_signals()
 
 import csv
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -169,19 +170,30 @@ def main(args):
         raise CLIError("--image_root goes with --labels_csv")
     if args.labels_csv and args.data_dir:
         raise CLIError("give --labels_csv or --data_dir, not both")
+    searched = None  # the folder searched for images, when one was
     if args.labels_csv:
         inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, task))  # by path
     elif args.data_dir:
         inputs = find_inputs(args.data_dir, class_names, task)
+        searched = args.data_dir if Path(args.data_dir).is_dir() else None
     else:
         default = default_inputs(ckpt, task)
         inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, task)
+        searched = None if isinstance(default, list) else default
     inputs = [(str(f), y) for f, y in inputs]
-    check_writable(args.output, "--output")
+    labelled = any(label != -1 for _, label in inputs)
+    report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
+    confusion_path = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
+    read = [f for f, _ in inputs] + ([args.labels_csv] if args.labels_csv else [])  # no output may replace them
+    check_writable(args.output, "--output", read)
+    if labelled:
+        check_writable(report_path, "--output's report", read)
     if args.n_images:
-        check_writable(args.plot, "--plot")
+        check_writable(args.plot, "--plot", read)
+        if labelled and task.confusion_matrix:
+            check_writable(confusion_path, "--plot's confusion matrix", read)
     if args.explain:
-        explain.Explanations.check(args.explain)
+        explain.Explanations.check(args.explain, read, searched)
     device = resolve_device(args.gpu_id)
     if isinstance(model, model_loader.OnnxModel):  # onnxruntime optimizes its graph itself; batches stay on the CPU
         model, device, channels_last = model.to(device), torch.device("cpu"), False
@@ -199,13 +211,13 @@ def main(args):
     workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
     loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
-    labelled = any(label != -1 for _, label in inputs)
     columns = csv_columns(class_names, topk, labelled, reference is not None, task, bool(args.explain))
     tally, samples_for_plot = task.tally(), []
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
     n_done = n_bad = n_accepted = n_unlike = 0
     explained = explain.Explanations(args.explain, [f for f, _ in inputs]) if args.explain else nullcontext()
+    unchanged = f"{args.output} was not " + ("changed" if Path(args.output).exists() else "written")  # if we stop
     stop = StopFlag().install()
     start = time.perf_counter()
     try:
@@ -255,13 +267,17 @@ def main(args):
                     n_done += len(batch.labels)
                     n_bad += len(batch.bad)
                     if stop.requested:
-                        raise CLIError(f"interrupted after {n_done} images; {args.output} was not changed")
+                        break  # out of the loop: its loader workers shut down
+            if stop.requested:  # like train.py: status 130 (143 for SIGTERM); the temporary files are removed
+                print(f"interrupted after {n_done} images; {unchanged}", file=sys.stderr)
+                sys.exit(130 if stop.signum == 2 else 128 + stop.signum)
             if n_done == 0:
-                raise CLIError(f"none of the {len(inputs)} images could be read; {args.output} was not changed")
+                raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
     finally:
         stop.restore()
     seconds = time.perf_counter() - start
-    print(f"predicted {n_done} images in {seconds:.1f}s ({n_done / max(seconds, 1e-9):.1f} img/s)"
+    print(f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s "
+          f"({n_done / max(seconds, 1e-9):.1f} img/s)"
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if args.explain:
@@ -278,17 +294,15 @@ def main(args):
     if labelled:
         lines, report = tally.summary(class_names, args.threshold, rejecting, calibration)
         print("\n".join(lines))
-        report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
         evaluation.write_report(report, report_path)
         print(f"per-class report -> {report_path}\n{evaluation.format_report(report)}")
     if samples_for_plot:
         plot_predictions(samples_for_plot, class_names, ckpt, args.plot, args.show, args.unknown_label, task)
         print(f"figure -> {args.plot}")
-        matrix = tally.confusion(len(class_names), rejecting) if labelled else None  # none for sets of classes
-        if matrix is not None:
-            confusion = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
-            save_confusion_matrix(matrix, class_names, confusion, extra_column=args.unknown_label if rejecting else None)
-            print(f"confusion matrix -> {confusion}")
+        if labelled and task.confusion_matrix:
+            save_confusion_matrix(tally.confusion(len(class_names), rejecting), class_names,
+                                  confusion_path, extra_column=args.unknown_label if rejecting else None)
+            print(f"confusion matrix -> {confusion_path}")
 
 
 def print_ood_summary(reference, threshold, n_unlike, n_done, args):

@@ -260,9 +260,6 @@ class SetTally(Tally):
         self.preds.append(tuple(0 for _ in label) if pred == UNKNOWN else pred)
         self.probs.append(probs)
 
-    def confusion(self, n, unknown_column):
-        return None  # no confusion matrix for sets of classes
-
     def report(self, class_names):
         """(table, summary): the per-class report, and mAP, exact match and micro/macro F1."""
         return self.task.set_report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
@@ -290,6 +287,7 @@ class SingleLabel:
     delim = None
     decision_name = "top-1"  # what export.py's check counts as agreeing
     loss_name = "NLL"
+    confusion_matrix = True  # predict.py draws one beside its figure
     explained_class = "predicted"  # the class predict.py --explain maps
     empty_label_allowed = False  # an empty label cell is an error
     unknown_hint = " (several classes per cell? this model has one label per image)"
@@ -513,6 +511,7 @@ class MultiLabel(SingleLabel):
     multi_label = True
     decision_name = "label-set"
     loss_name = "BCE"
+    confusion_matrix = False  # sets of classes: the per-class report instead
     explained_class = "most probable"
     empty_label_allowed = True  # an image showing none of the classes
     unknown_hint = " (classes separated by another character than the training's?)"

@@ -25,8 +25,8 @@ import tasks
 import trainer
 from metrics import N_BINS
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
-from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, resolve_device,
-                   seed_everything)
+from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, input_names_in,
+                   resolve_device, seed_everything)
 
 
 EXAMPLES = """examples:
@@ -198,6 +198,17 @@ def fit_config(args, lr=None, backbone_lr_scale=None, class_weights=None):
         class_weights=None if class_weights is None else tuple(class_weights), flags=dict(vars(args)))
 
 
+def check_outputs(run_dir, splits, labels_csv, model_fn=None):
+    """One error line before any work when a file of the run would replace an input: model_fn or its _last.pth,
+    or what the run folder gets (figures, tables) in a folder holding input images."""
+    read = [f for part in (splits.train, splits.valid, splits.test) for f, _ in part] + ([labels_csv] if labels_csv else [])
+    for path in (model_fn, last_path(model_fn)) if model_fn else ():
+        check_writable(path, "--model_fn", read)
+    if input_names_in(run_dir, read):
+        raise CLIError(f"--log_dir {str(run_dir)!r} holds input images: the run's figures and tables would be mixed "
+                       "with them; give another folder")
+
+
 def check_data(args, data_dir, model_name, task):
     """--check_data: the audit, then the label check when a pretrained backbone is given (label_check.py).
     Exits 1 on unreadable files or leaks; labels flagged as wrong alone do not fail it."""
@@ -217,6 +228,7 @@ def check_data(args, data_dir, model_name, task):
         check_writable(run_dir / "label_issues.csv", "--log_dir")
         splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
                                           task=task)
+        check_outputs(run_dir, splits, args.labels_csv)
         meta = model_meta(args, model_name)
         seed_everything(args.seed)
         model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
@@ -288,6 +300,9 @@ def main(args):
     log = tqdm.write if dist.is_main and args.verbose >= 1 else (lambda *a, **k: None)
     say = print if dist.is_main else (lambda *a, **k: None)  # the summary, even at --verbose 0
     check_args(args)
+    for name in ("labels_csv", "image_root"):  # absolute in the checkpoint: predict.py finds them from any folder
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     model_name = model_loader.resolve_model_name(args.model_name)
     data_dir = data_loader.dataset_root(args.data_dir, args.dataset_name)
     if args.weights and args.use_pretrained:
@@ -315,6 +330,8 @@ def main(args):
 
     resume = model_loader.safe_load(args.resume, "--resume checkpoint") if args.resume else None
     run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))
+    if dist.is_main:
+        check_outputs(run_dir, splits, args.labels_csv, args.model_fn)
     meta = model_meta(args, model_name)
 
     fitter = None

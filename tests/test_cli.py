@@ -11,7 +11,7 @@ import export
 import predict
 import train
 from cli import run_cli
-from conftest import ROOT, assert_clean_error, run_in_process, run_script
+from conftest import ROOT, assert_clean_error, copy_subset, run_in_process, run_script
 
 
 def base(tiny_data, tmp_path):
@@ -267,4 +267,44 @@ def test_predict_when_every_labelled_image_is_unreadable(tiny_data, tmp_path, ca
         "--model_fn", tmp_path / "m.pth", "--data_dir", folder, "--output", tmp_path / "r.csv",
         "--plot", tmp_path / "p.png", "--num_workers", "0", "--verbose", "0"]])))
     out = capsys.readouterr().out
-    assert "predicted 1 images" in out and "1 unreadable" in out and "accuracy" not in out
+    assert "predicted 1 image in" in out and "1 unreadable" in out and "accuracy" not in out
+
+
+# ----------------------------------------------------------------------------- outputs never replace inputs
+
+
+@pytest.fixture(scope="module")
+def frozen(tiny_data, tmp_path_factory):
+    """A checkpoint of one frozen epoch, for the tests below that need some model."""
+    folder = tmp_path_factory.mktemp("frozen")
+    train.main(train.parse_args([str(a) for a in base(tiny_data, folder) + ["--freeze"]]))
+    return folder / "m.pth"
+
+
+def test_no_output_replaces_an_input_image(frozen, tmp_path, capsys):
+    """--output and --plot (and the report and confusion matrix named after them) of predict.py, --model_fn
+    and --log_dir of train.py, --output of export.py: one error line before any work; the images unchanged."""
+    capsys.readouterr()
+    data = copy_subset(tmp_path / "data", ["bag", "sneaker"], 6, 2)
+    photo = sorted((data / "test" / "bag").iterdir())[0]
+    (data / "test" / "bag" / "p_confusion.png").write_bytes(photo.read_bytes())  # an image with that name
+    (tmp_path / "r_report.csv").write_text("file,label\n" + "".join(
+        f"{f},{f.parent.name}\n" for f in sorted((data / "test").rglob("*.png"))))  # a CSV of labels
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    predict_argv = ["--model_fn", frozen, "--data_dir", data / "test", "--num_workers", "0"]
+    cases = [
+        (predict, predict_argv + ["--output", photo, "--plot", tmp_path / "p.png"], f"--output {str(photo)!r}"),
+        (predict, predict_argv + ["--output", tmp_path / "r.csv", "--plot", photo], f"--plot {str(photo)!r}"),
+        (predict, predict_argv + ["--output", tmp_path / "r.csv", "--plot", data / "test" / "bag" / "p.png"],
+         "--plot's confusion matrix"),
+        (predict, ["--model_fn", frozen, "--labels_csv", tmp_path / "r_report.csv", "--output", tmp_path / "r.csv",
+                   "--plot", tmp_path / "p.png", "--num_workers", "0"], "--output's report"),
+        (train, base(data, tmp_path) + ["--model_fn", photo], f"--model_fn {str(photo)!r}"),
+        (train, base(data, tmp_path) + ["--log_dir", photo.parent], "holds input images"),
+        (export, ["--model_fn", frozen, "--data_dir", data / "test", "--format", "onnx", "--output", photo],
+         f"--output {str(photo)!r}"),
+    ]
+    for module, argv, message in cases:
+        err = run_in_process(module, argv, capsys)
+        assert message in err and ("is one of the input files" in err or "holds input images" in err), err
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before  # nothing written or replaced

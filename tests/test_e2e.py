@@ -318,7 +318,7 @@ def check_what_the_readme_commands_wrote(work):
     assert len(tops) >= 3 and 80 in [len(t) for t in tops]  # the sample's lite.pth: its 80 validation images
     assert all([float(r["loss"]) for r in t] == sorted((float(r["loss"]) for r in t), reverse=True) for t in tops)
     assert ckpt("models/from_csv.pth")["class_names"] == ["bag", "sneaker", "trouser"]  # --labels_csv
-    assert ckpt("models/from_csv.pth")["args"]["labels_csv"] == "my_labels.csv"
+    assert ckpt("models/from_csv.pth")["args"]["labels_csv"] == str(work / "my_labels.csv")  # absolute
     rows = csv_rows(work / "from_csv.csv")  # predict.py's default input: the CSV's test rows, labelled
     assert len(rows) == 12 and all(r["label"] == Path(r["file_dir"]).parent.name for r in rows)
     pairs = ckpt("models/pairs.pth")  # --multi_label on data/prepare.py pairs

@@ -50,6 +50,37 @@ def test_strided_convolutions_pad_as_tensorflow_does():
     assert torch.allclose(conv3(x), F.conv2d(F.pad(x, [0, 1, 0, 1]), conv3.weight, stride=2), atol=1e-6)
 
 
+
+def onnx_feature_maps(module, x, path):
+    """module(x) as export.py's default (TorchScript) ONNX exporter writes it, run by onnxruntime."""
+    import onnxruntime as ort
+
+    import export
+
+    export.write_onnx(module.eval(), x, path, {}, None, "torchscript")
+    return torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0])
+
+
+def test_the_onnx_export_pads_as_pytorch_does_at_every_size(tmp_path):
+    """The padding's ceil(size / stride) must survive the TorchScript exporter, whose integer division
+    truncates: written as -(-size // stride), a 7x7 map (input 112) came out 3x3 in ONNX and 4x4 in PyTorch.
+    Random weights suffice: the maps' sizes and values show it."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(el.SamePadConv2d(2, 2, 3, stride=2), el.SamePadConv2d(2, 2, 5, stride=2))
+    for size in (7, 9, 13, 33, 80):  # odd inputs of a 3x3 conv, then of a 5x5 one
+        x = torch.randn(2, 2, size, size + 1)
+        with torch.no_grad():
+            expected = conv.eval()(x)
+        got = onnx_feature_maps(conv, x, tmp_path / f"conv{size}.onnx")
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5), size
+    features = el.build(3).features  # the whole network at the size of the report (strided convs on 7x7)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        expected = features.eval()(x)
+    got = onnx_feature_maps(features, x, tmp_path / "lite0.onnx")
+    assert got.shape == expected.shape == (2, 1280, 4, 4)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
 # EfficientNet-Lite0 as Google's paper and TensorFlow code define it: (expand ratio, stride, repeats) per stage
 LITE0_STAGES = ((1, 1, 1), (6, 2, 2), (6, 2, 2), (6, 2, 3), (6, 1, 3), (6, 2, 4), (6, 1, 1))
 

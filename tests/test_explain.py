@@ -224,6 +224,59 @@ def test_explain_refuses_a_file_and_an_onnx_model_in_one_line(trained, tmp_path,
     assert "needs the checkpoint" in err and not (tmp_path / "cams").exists()
 
 
+def test_explain_refuses_a_folder_among_the_input_images(trained, tmp_path, capsys):
+    """Overlays beside the images would be predicted as images by the next run: --explain into the folder read
+    (or any folder under it), or into a folder holding input images, is one error line before any work."""
+    root, data = trained
+    images = tmp_path / "images"
+    shutil.copytree(data / "test" / "bag", images / "bag")
+    photo = sorted((images / "bag").iterdir())[0]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"file,label\n{photo},bag\n")
+    before = sorted(tmp_path.rglob("*"))
+    out = ["--model_fn", root / "m.pth", "--output", tmp_path / "r.csv", "--plot", tmp_path / "p.png"]
+    for argv, message in (
+            (["--data_dir", images, "--explain", images], f"is inside {str(images)!r}, where the images are read"),
+            (["--data_dir", images, "--explain", images / "bag" / "cams"], "where the images are read from"),
+            (["--data_dir", photo, "--explain", images / "bag"], "holds input images"),  # one image: its folder
+            (["--labels_csv", labels, "--explain", photo.parent], "holds input images"),
+            (["--explain", data / "test" / "cams"], "where the images are read from")):  # the training test/
+        err = run_in_process(predict, out + argv, capsys)
+        assert err.startswith(f"error: --explain {str(argv[-1])!r}") and message in err, err
+    assert sorted(tmp_path.rglob("*")) == before and not (data / "test" / "cams").exists()  # nothing made
+    run_predict(capsys, *out, "--data_dir", images, "--explain", tmp_path / "cams")  # beside it is fine
+    assert len(list((tmp_path / "cams").glob("*.png"))) == 6
+
+
+def test_ctrl_c_during_explain_exits_130_and_says_what_was_kept(trained, tmp_path, capsys, monkeypatch):
+    """A real SIGINT in the first batch: status 130 as train.py's, no result.csv or heatmaps.npz written, an
+    earlier result.csv kept as it was (said only when there was one), and no loader worker left running (they
+    ignore SIGTERM: one left behind would hold up the interpreter's exit forever)."""
+    import multiprocessing
+
+    from cli import end_child_processes, run_cli
+    from test_trainer import interrupt_when_called
+
+    root, data = trained
+    interrupt_when_called(monkeypatch, predict, "explain_row")
+    out = tmp_path / "r.csv"
+    argv = ["--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", out, "--plot", tmp_path / "p.png",
+            "--explain", tmp_path / "cams", "--batch_size", "4", "--num_workers", "1", "--verbose", "0"]
+    for earlier in (None, "earlier results\n"):
+        if earlier:
+            out.write_text(earlier)
+        with pytest.raises(SystemExit) as e:
+            run_cli(lambda: predict.main(predict.parse_args([str(a) for a in argv])))
+        err = capsys.readouterr().err
+        assert e.value.code == 130, err
+        assert err == f"interrupted after 4 images; {out} was not {'changed' if earlier else 'written'}\n"
+        assert (out.read_text() if earlier else out.exists()) == (earlier or False)
+        assert not (tmp_path / "cams" / "heatmaps.npz").exists() and not (tmp_path / "p.png").exists()
+        left = multiprocessing.active_children()
+        end_child_processes(restore=True)  # ended here, so that a failure does not hang the test run too
+        assert left == []
+
+
 def test_train_writes_the_validation_images_by_loss_with_the_calibrated_probability(trained):
     root, _ = trained
     run = root / "run"

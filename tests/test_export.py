@@ -172,9 +172,13 @@ def test_self_check_catches_a_wrong_export_and_writes_nothing(ckpts, tmp_path, c
         onnx.save(proto, str(out))
 
     monkeypatch.setattr(export, "write_onnx", tampered)
-    with pytest.raises(CLIError, match=r"disagrees with the PyTorch model: probabilities differ by up to .*nothing was written"):
+    with pytest.raises(CLIError, match=r"disagrees with the PyTorch model: probabilities differ by up to .*nothing "
+                       r"was written; try --exporter dynamo, or --format pt2$"):  # the other exporter may agree
         run_export(capsys, "--model_fn", path, "--output", target, "--check_images", "4")
     assert target.read_bytes() == b"an earlier export" and leftovers(tmp_path) == []
+    dynamo = export.parse_args(["--exporter", "dynamo"])
+    assert export.other_ways("onnx", dynamo) == "try --exporter torchscript, or --format pt2"
+    assert export.other_ways("pt2", dynamo) == "try --format onnx"
 
 
 def test_pt2_loads_without_this_project_and_agrees(ckpts, tiny_data, tmp_path, capsys):
@@ -217,11 +221,31 @@ def test_dynamo_exporter_and_opset(ckpts, tmp_path, capsys):
 
 
 def test_random_tensors_when_the_training_data_is_gone(ckpts, tmp_path, capsys):
+    """The check falls back to random tensors, and says why in one line."""
     ckpt = dict(ckpts["squeezenet1_0"][1], args={"data_dir": str(tmp_path / "gone"), "dataset_name": None})
     model_loader.save_checkpoint(ckpt, tmp_path / "m.pth")
-    out = run_export(capsys, "--model_fn", tmp_path / "m.pth", "--check_images", "3")  # default output: m.onnx
+    export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--check_images", "3"]))  # -> m.onnx
+    out, err = capsys.readouterr()
     assert "check on 3 random tensors" in out and check_line(out)[0] <= 1e-4
+    assert err == (f"warning: the check runs on random tensors, not on images: the training data's test folder "
+                   f"{str(tmp_path / 'gone' / 'test')!r} does not exist (--data_dir DIR checks on yours)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pth"]
+    ckpt["args"] = {"labels_csv": str(tmp_path / "labels.csv")}  # trained on a CSV that is not there
+    model_loader.save_checkpoint(ckpt, tmp_path / "m.pth")
+    export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--check_images", "3"]))
+    out, err = capsys.readouterr()
+    assert "check on 3 random tensors" in out and err.count("\n") == 1
+    assert err.startswith("warning: the check runs on random tensors, not on images: the CSV the model was trained "
+                          f"with: --labels_csv {str(tmp_path / 'labels.csv')!r}"), err
+
+
+def test_verbose_as_train_and_predict_take_it(ckpts, tmp_path, capsys):
+    """export.py accepts --verbose like train.py and predict.py; 0 prints the result line only."""
+    path = ckpts["resnet18"][0]
+    out = run_export(capsys, "--model_fn", path, "--output", tmp_path / "m.onnx", "--check_images", "2",
+                     "--verbose", "0")
+    assert len(out.splitlines()) == 1 and out.startswith("exported resnet18 (3 classes, 32 px) as onnx"), out
+    assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
 def read_csv(path):

@@ -1,10 +1,13 @@
 """Labels from a CSV (labels_csv.py, train.py/predict.py --labels_csv): parsing errors in one line naming the
 row, the split column, missing files skipped, and the same run as the class-folder layout."""
 import csv
+import os
 import random
 
 import pytest
 
+import export
+import model_loader
 import predict
 import train
 from conftest import copy_subset, run_in_process
@@ -174,3 +177,26 @@ def test_paths_that_leave_the_image_root_are_named_in_a_warning_and_still_used(t
     labels_csv.read_labels(write_csv(root / "labels.csv", csv_rows), warn=warnings.append)  # the CSV's folder
     assert len(warnings) == 2 and warnings[1].startswith(f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} "
                                                          f"rows name files outside the CSV's folder {str(root)!r}")
+
+
+def test_relative_csv_paths_are_stored_absolute(tiny_data, tmp_path, capsys, monkeypatch):
+    """Trained with --labels_csv and --image_root relative to one folder: predict.py and export.py run from
+    another still take the CSV's test rows."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    write_csv(work / "labels.csv", folder_rows(tiny_data, ("train", "test"), with_split=True), ("file", "label", "split"))
+    monkeypatch.chdir(work)
+    train.main(train.parse_args(train_args(tmp_path, "--labels_csv", "labels.csv", "--image_root",
+                                           os.path.relpath(tiny_data, work))))
+    saved = model_loader.load_checkpoint(tmp_path / "m.pth")["args"]
+    assert (saved["labels_csv"], saved["image_root"]) == (str(work / "labels.csv"), str(tiny_data))
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    predict.main(predict.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--output", "r.csv", "--n_images", "0",
+                                     "--num_workers", "0", "--verbose", "0"]))
+    rows = read_csv(elsewhere / "r.csv")
+    assert len(rows) == 18 and all(r["label"] == r["file_dir"].split("/")[-2] for r in rows)
+    export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--output", "m.onnx"]))
+    out, err = capsys.readouterr()
+    assert f"check on 16 images of {work / 'labels.csv'}" in out and "warning" not in err

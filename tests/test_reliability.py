@@ -109,6 +109,9 @@ def test_check_data_reports_problems_and_leaks(corpus, tmp_path):
     root, _ = corpus
     proc = run_script("train.py", "--data_dir", root, "--check_data")
     assert proc.returncode == 1 and "unreadable: 4" in proc.stdout and "tiny: 1" in proc.stdout
+    text = root / "train" / "trouser" / "not_an_image.jpg"  # named by its path, not by the buffer it was read into
+    assert f"  {text}: UnidentifiedImageError: cannot identify image file {str(text)!r}" in proc.stdout.splitlines()
+    assert "BytesIO" not in proc.stdout
     (modes,) = [line for line in proc.stdout.splitlines() if line.startswith("image modes: ")]
     assert "{" not in modes and "CMYK" in modes and "grayscale with transparency (LA)" in modes, modes
     assert "converted to RGB" in modes
