@@ -297,6 +297,9 @@ def check_what_the_readme_commands_wrote(work):
     lite = ckpt("model.pth")  # the quick start: ImageNet weights with no download, the pip package's file
     assert lite["model_name"] == "efficientnet_lite0" and lite["args"]["use_pretrained"]
     assert lite["class_names"] == sample_classes and lite["args"]["freeze"]
+    scratch = ckpt("scratch.pth")  # the quick start's footnote: random initial weights
+    assert scratch["model_name"] == "resnet18"
+    assert not scratch["args"]["use_pretrained"] and not scratch["args"]["weights"]
     rows = csv_rows(work / "onnx.csv")  # one epoch at 32 px here: well above chance (0.25), 0.59 when written
     assert len(rows) == 120 and sum(r["predict"] == r["label"] for r in rows) / len(rows) >= 0.4
     # the zip's 14 cats and 14 dogs, split once: every file in exactly one of train/ and test/
