@@ -122,14 +122,14 @@ def test_predict_single_file_unlabelled_folder_and_topk(tiny_data, tmp_path):
 
 
 def readme_pages():
-    """README.md, then each docs/ page it links to, in the order of their first link."""
+    """README.md, then each docs/ page (and bench/README.md) it links to, in the order of their first link."""
     text = (ROOT / "README.md").read_text()
-    pages = dict.fromkeys(re.findall(r"\]\((docs/[\w-]+\.md)\)", text))
+    pages = dict.fromkeys(re.findall(r"\]\(((?:docs/[\w-]+|bench/README)\.md)\)", text))
     return [text] + [(ROOT / page).read_text() for page in pages]
 
 
 def readme_commands():
-    """Every command line of the ```bash blocks of the README and its docs/ pages, in order."""
+    """Every command line of the ```bash blocks of the README and the pages it links, in order."""
     text = "\n".join(readme_pages())
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
@@ -241,7 +241,8 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
         tokens = shlex.split(command)
         if "--model_fn" in tokens and tokens[tokens.index("--model_fn") + 1] in by_torchrun:
             continue  # predicts from a torchrun checkpoint: tests/test_distributed.py runs the pair
-        if command.startswith("python3 -m venv") or command in ("pytest", "pip install -r requirements.txt"):
+        if command.startswith("python3 -m venv") or command in ("pytest", "python -m pytest -q",
+                                                                 "pip install -r requirements.txt"):
             ci = (ROOT / ".ci" / "run").read_text()
             assert "-m venv" in ci and "pip install" in ci and "-r requirements.txt" in ci and "pytest" in ci
             continue  # .ci/run itself runs these steps, in a fresh virtual environment
@@ -291,31 +292,35 @@ def check_what_the_readme_commands_wrote(work):
         assert ckpt(name)["class_names"] == ["cat", "dog"], name
     assert ckpt("resnet.pth")["model_name"] == "resnet34" and ckpt("resnet.pth")["args"]["use_pretrained"]
     assert ckpt("catdog_ft.pth")["args"]["unfreeze_after"] == 2
-    for name in ("lite.pth", "trust.pth"):  # ImageNet weights with no download: the pip package's file
-        lite = ckpt(name)
-        assert lite["model_name"] == "efficientnet_lite0" and lite["args"]["use_pretrained"], name
-        assert lite["class_names"] == sample_classes and lite["args"]["freeze"], name
-    rows = csv_rows(work / "lite.csv")  # one epoch at 32 px here: well above chance (0.25), 0.59 when written
+    fine_tuned = ckpt("models/mine_ft.pth")  # the README's mode 2 on my_images
+    assert fine_tuned["args"]["unfreeze_after"] == 2 and fine_tuned["class_names"] == ["bag", "sneaker", "trouser"]
+    lite = ckpt("model.pth")  # the quick start: ImageNet weights with no download, the pip package's file
+    assert lite["model_name"] == "efficientnet_lite0" and lite["args"]["use_pretrained"]
+    assert lite["class_names"] == sample_classes and lite["args"]["freeze"]
+    scratch = ckpt("scratch.pth")  # the quick start's footnote: random initial weights
+    assert scratch["model_name"] == "resnet18"
+    assert not scratch["args"]["use_pretrained"] and not scratch["args"]["weights"]
+    rows = csv_rows(work / "onnx.csv")  # one epoch at 32 px here: well above chance (0.25), 0.59 when written
     assert len(rows) == 120 and sum(r["predict"] == r["label"] for r in rows) / len(rows) >= 0.4
     # the zip's 14 cats and 14 dogs, split once: every file in exactly one of train/ and test/
     for animal in ("cat", "dog"):
         train_files = {p.name for p in (work / "catdog" / "train" / animal).iterdir()}
         test_files = {p.name for p in (work / "catdog" / "test" / animal).iterdir()}
         assert len(train_files) + len(test_files) == 14 and not train_files & test_files and test_files
-    rows = csv_rows(work / "lite_ood.csv")  # --reject_ood: the rows unlike the training images are 'unknown'
+    rows = csv_rows(work / "ood.csv")  # --reject_ood: the rows unlike the training images are 'unknown'
     assert len(rows) == 120 and all(r["in_distribution"] in ("0", "1") and float(r["ood_score"]) >= -1e-6 for r in rows)
     assert all((r["predict"] == "unknown") == (r["in_distribution"] == "0") for r in rows)
-    rows = csv_rows(work / "lite_explain.csv")  # --explain: a map per image at its size, keyed by file_dir
+    rows = csv_rows(work / "explain.csv")  # --explain: a map per image at its size, keyed by file_dir
     import numpy as np
 
-    maps = np.load(work / "lite_heatmaps" / "heatmaps.npz")
+    maps = np.load(work / "heatmaps" / "heatmaps.npz")
     assert len(rows) == 120 and sorted(maps.files) == sorted(r["file_dir"] for r in rows)
     assert all(maps[r["file_dir"]].shape == (28, 28) and Path(r["heatmap"]).is_file() for r in rows)
     found = csv_rows(work / "runs" / "lr" / "lr_find.csv")  # --find_lr: the curve, and no training
     assert float(found[0]["lr"]) == pytest.approx(1e-7) and (work / "runs" / "lr" / "lr_find.png").is_file()
     assert not (work / "runs" / "lr" / "metrics.csv").exists()
     tops = [csv_rows(p) for p in (work / "runs").glob("*/top_losses.csv")]  # every training run writes one
-    assert len(tops) >= 3 and 80 in [len(t) for t in tops]  # the sample's lite.pth: its 80 validation images
+    assert len(tops) >= 3 and 80 in [len(t) for t in tops]  # the sample's model.pth: its 80 validation images
     assert all([float(r["loss"]) for r in t] == sorted((float(r["loss"]) for r in t), reverse=True) for t in tops)
     assert ckpt("models/from_csv.pth")["class_names"] == ["bag", "sneaker", "trouser"]  # --labels_csv
     assert ckpt("models/from_csv.pth")["args"]["labels_csv"] == str(work / "my_labels.csv")  # absolute
@@ -335,7 +340,7 @@ def check_what_the_readme_commands_wrote(work):
     assert [r["file_dir"] for r in rows] == test_files  # as given: --data_dir my_images/test
     assert all(r["predict"] in ("bag", "sneaker", "trouser") and r["label"] == Path(r["file_dir"]).parent.name
                for r in rows)
-    rows = csv_rows(work / "result.csv")  # the last predict.py: model.onnx on the test/ of model.pth's data
+    rows = csv_rows(work / "onnx.csv")  # predict.py on model.onnx: the test/ of model.pth's data
     assert [r["file_dir"] for r in rows] == sorted(str(p) for p in (SAMPLE / "test").rglob("*.png"))
     assert all(r["predict"] in sample_classes for r in rows)
     import json
