@@ -160,6 +160,11 @@ class StopFlag:
     def _handler(self, signum, frame):
         self.signum = signum
 
+    def exit_status(self):
+        """The status a stopped script exits with: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); 130 when
+        the stop came some other way (a stop found by a lower layer, no signal recorded)."""
+        return 128 + (self.signum or signal.SIGINT)
+
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handler)

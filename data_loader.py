@@ -97,6 +97,29 @@ def display_transform(input_size, resize_size):
     return T.Compose([T.Resize(resize_size, antialias=True), T.CenterCrop(input_size)])
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input: resize the short side to resize_size and center crop input_size
+    (training: a random resized crop and flip instead), then normalize with mean and std. A checkpoint, an
+    export's metadata and train.py's model meta all hold these four keys."""
+    input_size: int
+    resize_size: int
+    mean: tuple
+    std: tuple
+
+    @classmethod
+    def of(cls, record):
+        """From a dict with the keys input_size, resize_size, mean and std (a checkpoint, a model's meta)."""
+        return cls(int(record["input_size"]), int(record["resize_size"]), tuple(record["mean"]), tuple(record["std"]))
+
+    def transform(self, train=False):
+        return build_transforms(self.input_size, self.resize_size, self.mean, self.std, train)
+
+    def display(self):
+        """What the model saw, in real colours (no normalization)."""
+        return display_transform(self.input_size, self.resize_size)
+
+
 # ----------------------------------------------------------------------------- datasets
 
 BadSample = namedtuple("BadSample", "index reason")
@@ -249,7 +272,8 @@ def dataset_root(data_dir=None, dataset_name=None):
 
 
 def resolve_data_dir(data_dir):
-    """The folder holding train/ (and valid/, test/); a bare ImageFolder (root/<class>/) also works as train/."""
+    """The data folder, checked to exist and be a folder (build_splits then reads its train/, valid/ and test/, or
+    takes a bare ImageFolder root/<class>/ as the training folder)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise CLIError(f"data folder {str(root)!r} does not exist or is not a folder")

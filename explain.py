@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from cli import CLIError
-from data_loader import display_transform, load_rgb
+from data_loader import Preprocess, load_rgb
 from utils import atomic_open, atomic_path, atomic_savefig, check_writable, image_grid_figure, input_names_in
 
 OVERLAY_SIDE = 384  # long side of the overlay PNGs, in pixels
@@ -262,7 +262,7 @@ def write_top_losses(files, logits, labels, calibration, class_names, meta, run_
         table.writerow(["file", "given", "predicted", "loss", "prob_given"])
         for i in order.tolist():
             table.writerow([files[i], *names[i], f"{float(loss[i]):.6f}", f"{float(prob_given[i]):.6f}"])
-    show = display_transform(meta["input_size"], meta["resize_size"])
+    show = Preprocess.of(meta).display()
     images, titles, colors = [], [], []
     for i in order[:n].tolist():
         try:

@@ -96,8 +96,7 @@ def check_batch(ckpt, args):
     if not files:
         files = data_loader.list_images(folder) if folder is not None and folder.is_dir() else []
     if files:
-        tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"],
-                                          train=False)
+        tf = data_loader.Preprocess.of(ckpt).transform()
         step = max(1, len(files) // args.check_images)  # evenly spread: several classes show
         images = []
         for f in files[::step]:
@@ -264,7 +263,7 @@ def main(args):
                                f"{other_ways(fmt, args)}")
             if stop.requested:  # SystemExit still removes the temporary file
                 print(f"interrupted; {output} was not written", file=sys.stderr)
-                sys.exit(130 if stop.signum == 2 else 128 + stop.signum)
+                sys.exit(stop.exit_status())
     finally:
         stop.restore()
     size_mb = output.stat().st_size / 2 ** 20

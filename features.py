@@ -3,6 +3,7 @@
 head trains on with --freeze (build_feature_cache). The label check (label_check.py) uses the same
 extraction."""
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,23 @@ from torch import nn
 import model_loader
 from data_loader import TrainSampler, make_loader
 from utils import bar
+
+
+def hook_head_input(model, head, taken):
+    """At every forward pass, append the input of the classifier layer `head` to the list `taken`; returns the
+    hook's handle (its remove() ends it). The one place the classifier's input is caught."""
+    return model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: taken.append(inputs[0]))
+
+
+@contextmanager
+def capture_head_input(model, head):
+    """Inside: the list holds the input of the classifier layer `head` of every forward pass."""
+    taken = []
+    handle = hook_head_input(model, head, taken)
+    try:
+        yield taken
+    finally:
+        handle.remove()
 
 
 def head_takes_features(model, head, input_size, device):
@@ -66,10 +84,8 @@ class ViewSampler(TrainSampler):
 def extract_features(model, head, loader, store, view, compute, skips):
     """Fill store[view, index] with the classifier's input for every image this rank's loader yields."""
     model.eval()
-    captured = []
-    hook = model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: captured.append(inputs[0]))
     ok = torch.zeros(store.shape[1], dtype=torch.bool)
-    try:
+    with capture_head_input(model, head) as captured:
         for batch in bar(loader, compute, f"features {view + 1}"):
             skips.add(batch.bad, loader.dataset.samples)
             if batch.labels.numel():
@@ -81,8 +97,6 @@ def extract_features(model, head, loader, store, view, compute, skips):
             # ranks hold different numbers of batches here, so no collective check under torchrun
             if not compute.dist.enabled and compute.stop_requested():
                 return None
-    finally:
-        hook.remove()
     return ok
 
 

@@ -13,7 +13,6 @@ Methods (bench/ood_bench.py measures them on near and far out-of-distribution im
   msp          1 - the largest calibrated softmax probability (Hendrycks and Gimpel 2017)
 """
 import math
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from torch import nn
 import evaluation
 from cli import CLIError
 from data_loader import eval_subset
-from features import feature_dim, pooled
+from features import capture_head_input, feature_dim, hook_head_input, pooled
 
 METHODS = ("knn", "mahalanobis", "energy", "msp")
 DEFAULT_METHOD = "knn"  # the best of the four on the set it was chosen on, and on most others (docs/ood.md)
@@ -29,17 +28,6 @@ K = 3  # neighbours for knn: the score is the distance to the k-th (bench/ood_be
 MAX_REFERENCE_MB = 16  # the checkpoint grows by at most this; larger training sets keep a seeded sample of rows
 REFERENCE_FORMAT = 1
 SHRINKAGE = 1e-3  # mahalanobis: covariance + SHRINKAGE * mean variance * I, so few images still invert
-
-
-@contextmanager
-def capture_head_input(model, head):
-    """Inside: the list holds the input of the classifier layer `head` of every forward pass."""
-    taken = []
-    hook = model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: taken.append(inputs[0]))
-    try:
-        yield taken
-    finally:
-        hook.remove()
 
 
 class Scorer(nn.Module):
@@ -82,7 +70,7 @@ class ScoredModel(nn.Module):
         super().__init__()
         self.model, self.scorer = model, scorer
         self._taken = []
-        model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: self._taken.append(inputs[0]))
+        hook_head_input(model, head, self._taken)
 
     def forward(self, images):
         self._taken.clear()

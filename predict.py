@@ -206,7 +206,7 @@ def main(args):
             model = ood.scored_model(model, head, ckpt, args.model_fn).to(device)
     compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
 
-    tf = data_loader.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
+    tf = data_loader.Preprocess.of(ckpt).transform()
     dataset = data_loader.ImageDataset([(f, 0) for f, _ in inputs], tf)  # the labels stay in inputs
     workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
     loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
@@ -270,7 +270,7 @@ def main(args):
                         break  # out of the loop: its loader workers shut down
             if stop.requested:  # like train.py: status 130 (143 for SIGTERM); the temporary files are removed
                 print(f"interrupted after {n_done} images; {unchanged}", file=sys.stderr)
-                sys.exit(130 if stop.signum == 2 else 128 + stop.signum)
+                sys.exit(stop.exit_status())
             if n_done == 0:
                 raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
     finally:
@@ -398,7 +398,7 @@ def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, 
 def plot_predictions(samples, class_names, ckpt, path, show, unknown_label, task):
     """The images as the model saw them (resize + center crop), in real colours (with --explain, the heat map
     over them), titled as figure_title says."""
-    show_tf = data_loader.display_transform(ckpt["input_size"], ckpt["resize_size"])
+    show_tf = data_loader.Preprocess.of(ckpt).display()
     images, titles, colors = [], [], []
     for (file, label), pred, probs, unlike, heat in samples:
         image = show_tf(data_loader.load_rgb(file))

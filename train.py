@@ -246,7 +246,7 @@ def check_data(args, data_dir, model_name, task):
             stop.restore()
         if rows is None:
             print("label check: interrupted; nothing written")
-            sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
+            sys.exit(stop.exit_status())
     if status:
         sys.exit(status)
     return None
@@ -399,7 +399,7 @@ def main(args):
             test = lr_finder.find_lr(fitter, run_dir, say)
             if test is None and stop.requested:
                 say("--find_lr: interrupted; nothing suggested")
-                sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
+                sys.exit(stop.exit_status())
             return test
         result = fitter.fit()
         ood_line = add_ood_reference(args, fitter, result, compute, n_classes)
@@ -421,7 +421,7 @@ def main(args):
         else:
             say(f"interrupted after epoch {state.epoch}; continue with: python train.py --resume "
                 f"{last_path(args.model_fn)}")
-        sys.exit(130 if stop.signum in (None, 2) else 128 + stop.signum)
+        sys.exit(stop.exit_status())
     if state.best_epoch:
         m = state.best_metrics
         say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> "
@@ -446,7 +446,7 @@ def main(args):
     say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     if stop.requested:  # arrived after the last epoch, during calibration and the test pass: all was written
         say(f"interrupted at the end of training; {args.model_fn} is complete")
-        sys.exit(130 if stop.signum == 2 else 128 + stop.signum)
+        sys.exit(stop.exit_status())
     return result
 
 

@@ -13,7 +13,7 @@ import torch
 import evaluation
 import model_loader
 from cli import CLIError
-from data_loader import SkipLog, TrainSampler, build_transforms, display_transform, load_rgb
+from data_loader import Preprocess, SkipLog, TrainSampler, load_rgb
 from features import build_feature_cache, head_takes_features
 from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
 
@@ -259,8 +259,8 @@ def prediction_grid(model, samples, class_names, meta, compute, task, n=16, cali
     """A figure of n validation images spread over the classes, titled with the prediction and its calibrated
     probability; wrong ones in red with the true class (multi-label: the predicted set, and the true one)."""
     calibration = calibration or task.uncalibrated(len(class_names))  # none fitted: T 1 (and 0.5 per class)
-    show = display_transform(meta["input_size"], meta["resize_size"])
-    tf = build_transforms(meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], train=False)
+    preprocess = Preprocess.of(meta)
+    show, tf = preprocess.display(), preprocess.transform()
     images, titles, colors = [], [], []
     model.eval()
     for path, label in spread_over_classes(samples, n):
@@ -329,7 +329,8 @@ class FitConfig:
 
 
 class Fitter:
-    """Runs the epochs. Owns the optimizer, schedule, DDP wrapper and the two checkpoint files."""
+    """Runs the epochs (head-only on the feature cache, then fine-tuning), then calibrates and tests the best model
+    (finish). Owns the optimizer, schedule, DDP wrapper and the two checkpoint files."""
 
     def __init__(self, model, head, splits, loaders, compute, config, meta, model_fn, last_fn, run_dir, log,
                  task=None):

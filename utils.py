@@ -50,7 +50,7 @@ class Compute:
     channels_last: bool = False  # inputs of forward-only passes (evaluation, caching, prediction)
     train_channels_last: bool = False  # inputs of training steps (see trainer.train_channels_last)
     dist: object = None  # utils.DistInfo
-    stop: object = None  # utils.StopFlag
+    stop: object = None  # cli.StopFlag
     progress: bool = False  # tqdm bars
 
     def autocast(self):

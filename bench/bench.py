@@ -152,7 +152,7 @@ def plain_predict_rate(ckpt_path, files, device):
     ckpt = ml.load_checkpoint(ckpt_path)
     model, _ = ml.model_from_checkpoint(ckpt)
     model = model.to(device).eval()
-    tf = dl.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
+    tf = dl.Preprocess.of(ckpt).transform()
     start = time.perf_counter()
     for i in range(0, len(files), 32):
         x = torch.stack([tf(dl.load_rgb(f)) for f in files[i:i + 32]])

@@ -166,7 +166,7 @@ def read_rows(path):
 
 def features_of(model, head, files, ckpt, compute):
     """(features, logits) of the readable files, through the checkpoint's eval transform."""
-    tf = dl.build_transforms(ckpt["input_size"], ckpt["resize_size"], ckpt["mean"], ckpt["std"], train=False)
+    tf = dl.Preprocess.of(ckpt).transform()
     loader = dl.make_loader(dl.ImageDataset([(str(f), 0) for f in files], tf), 64, None, 0)
     features, logits, _ = ood.collect_features(model, head, loader, compute, "features")
     return features, logits
