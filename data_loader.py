@@ -109,8 +109,10 @@ class Preprocess:
 
     @classmethod
     def of(cls, record):
-        """From a dict with the keys input_size, resize_size, mean and std (a checkpoint, a model's meta)."""
-        return cls(int(record["input_size"]), int(record["resize_size"]), tuple(record["mean"]), tuple(record["std"]))
+        """From a dict with the keys input_size, resize_size, mean and std (a checkpoint, a model's meta; without
+        mean and std, ImageNet's)."""
+        return cls(int(record["input_size"]), int(record["resize_size"]), tuple(record.get("mean", IMAGENET_MEAN)),
+                   tuple(record.get("std", IMAGENET_STD)))
 
     def transform(self, train=False):
         return build_transforms(self.input_size, self.resize_size, self.mean, self.std, train)

@@ -20,7 +20,7 @@ from torch import nn
 import evaluation
 from cli import CLIError
 from data_loader import eval_subset
-from features import capture_head_input, feature_dim, hook_head_input, pooled
+from features import capture_head_input, feature_dim, pooled
 
 METHODS = ("knn", "mahalanobis", "energy", "msp")
 DEFAULT_METHOD = "knn"  # the best of the four on the set it was chosen on, and on most others (docs/ood.md)
@@ -70,7 +70,9 @@ class ScoredModel(nn.Module):
         super().__init__()
         self.model, self.scorer = model, scorer
         self._taken = []
-        hook_head_input(model, head, self._taken)
+        # the hook appends to an attribute (not features.hook_head_input's closed-over list): the ONNX and
+        # torch.export tracers replay a module attribute's mutation, not a closure's
+        model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: self._taken.append(inputs[0]))
 
     def forward(self, images):
         self._taken.clear()
