@@ -134,11 +134,10 @@ def csv_columns(class_names, topk, labelled, scored, task, explained=False):
     return columns + (["label"] if labelled else []) + ["error"]
 
 
-def main(args):
-    if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0 or (args.topk is not None and args.topk <= 0):
-        raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
-    if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise CLIError(f"--threshold must be in (0, 1]; got {args.threshold}")
+def load_model(args):
+    """(checkpoint or an export's metadata read as one, model, classifier layer's name or None for ONNX): a .pth
+    checkpoint of train.py, or an .onnx export that onnxruntime runs; one error line for anything else."""
+    head = None
     if Path(args.model_fn).suffix.lower() == ".pt2":
         raise CLIError(f"{args.model_fn} is a torch.export program (load it with torch.export.load); predict.py "
                        "runs the checkpoint it came from, or an .onnx export")
@@ -152,6 +151,73 @@ def main(args):
         model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
         if "ood" in ckpt:
             ood.check_reference(ckpt["ood"], feature_dim(model, head), len(ckpt["class_names"]), args.model_fn)
+    return ckpt, model, head
+
+
+def gather_inputs(args, ckpt, task):
+    """([(path, label)], the folder searched for images or None): --labels_csv's rows, --data_dir's images, or
+    the training data's test images."""
+    if args.image_root and not args.labels_csv:
+        raise CLIError("--image_root goes with --labels_csv")
+    if args.labels_csv and args.data_dir:
+        raise CLIError("give --labels_csv or --data_dir, not both")
+    class_names = ckpt["class_names"]
+    searched = None  # the folder searched for images, when one was
+    if args.labels_csv:
+        inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, task))  # by path
+    elif args.data_dir:
+        inputs = find_inputs(args.data_dir, class_names, task)
+        searched = args.data_dir if Path(args.data_dir).is_dir() else None
+    else:
+        default = default_inputs(ckpt, task)
+        inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, task)
+        searched = None if isinstance(default, list) else default
+    inputs = [(str(f), y) for f, y in inputs]
+    return inputs, searched
+
+
+def check_outputs(args, inputs, labelled, task, searched):
+    """(the report's path, the confusion matrix's path): one error line, before any work, when an output would
+    replace an input image (or the CSV), or --explain would write among them."""
+    report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
+    confusion_path = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
+    read = [f for f, _ in inputs] + ([args.labels_csv] if args.labels_csv else [])  # no output may replace them
+    check_writable(args.output, "--output", read)
+    if labelled:
+        check_writable(report_path, "--output's report", read)
+    if args.n_images:
+        check_writable(args.plot, "--plot", read)
+        if labelled and task.confusion_matrix:
+            check_writable(confusion_path, "--plot's confusion matrix", read)
+    if args.explain:
+        explain.Explanations.check(args.explain, read, searched)
+    return report_path, confusion_path
+
+
+def prepare_model(args, ckpt, model, head, reference):
+    """(the model ready to run, its Compute, the Grad-CAM of --explain or None): on its device, optimized for
+    inference, with the ood_score output when the checkpoint has a reference."""
+    cam = None
+    device = resolve_device(args.gpu_id)
+    if isinstance(model, model_loader.OnnxModel):  # onnxruntime optimizes its graph itself; batches stay on the CPU
+        model, device, channels_last = model.to(device), torch.device("cpu"), False
+    else:
+        channels_last = model_loader.is_convolutional(model)
+        model = model_loader.optimize_for_inference(model.to(device), channels_last, keep_modules=bool(args.explain))
+        if args.explain:  # gradients from the hooked layer up only: none for the weights
+            cam = explain.GradCAM(*explain.target_layer(model.requires_grad_(False), head, ckpt["input_size"], device))
+        if reference is not None:  # a second output: the ood_score, computed from the classifier's input
+            model = ood.scored_model(model, head, ckpt, args.model_fn).to(device)
+    compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
+    return model, compute, cam
+
+
+def main(args):
+    if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0 or (args.topk is not None and args.topk <= 0):
+        raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise CLIError(f"--threshold must be in (0, 1]; got {args.threshold}")
+    ckpt, model, head = load_model(args)
     class_names = ckpt["class_names"]
     reference = ckpt.get("ood")  # the out-of-distribution reference (method, threshold; tensors in a .pth)
     ood_threshold = reference.get("threshold") if reference else None
@@ -166,45 +232,11 @@ def main(args):
     if task.empty_label_allowed and args.unknown_label in class_names:  # a row deciding no class says it
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     views = 2 if args.tta else 1  # the image, and its mirror image with --tta
-    if args.image_root and not args.labels_csv:
-        raise CLIError("--image_root goes with --labels_csv")
-    if args.labels_csv and args.data_dir:
-        raise CLIError("give --labels_csv or --data_dir, not both")
-    searched = None  # the folder searched for images, when one was
-    if args.labels_csv:
-        inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, task))  # by path
-    elif args.data_dir:
-        inputs = find_inputs(args.data_dir, class_names, task)
-        searched = args.data_dir if Path(args.data_dir).is_dir() else None
-    else:
-        default = default_inputs(ckpt, task)
-        inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, task)
-        searched = None if isinstance(default, list) else default
-    inputs = [(str(f), y) for f, y in inputs]
+    inputs, searched = gather_inputs(args, ckpt, task)
     labelled = any(label != -1 for _, label in inputs)
-    report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
-    confusion_path = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
-    read = [f for f, _ in inputs] + ([args.labels_csv] if args.labels_csv else [])  # no output may replace them
-    check_writable(args.output, "--output", read)
-    if labelled:
-        check_writable(report_path, "--output's report", read)
-    if args.n_images:
-        check_writable(args.plot, "--plot", read)
-        if labelled and task.confusion_matrix:
-            check_writable(confusion_path, "--plot's confusion matrix", read)
-    if args.explain:
-        explain.Explanations.check(args.explain, read, searched)
-    device = resolve_device(args.gpu_id)
-    if isinstance(model, model_loader.OnnxModel):  # onnxruntime optimizes its graph itself; batches stay on the CPU
-        model, device, channels_last = model.to(device), torch.device("cpu"), False
-    else:
-        channels_last = model_loader.is_convolutional(model)
-        model = model_loader.optimize_for_inference(model.to(device), channels_last, keep_modules=bool(args.explain))
-        if args.explain:  # gradients from the hooked layer up only: none for the weights
-            cam = explain.GradCAM(*explain.target_layer(model.requires_grad_(False), head, ckpt["input_size"], device))
-        if reference is not None:  # a second output: the ood_score, computed from the classifier's input
-            model = ood.scored_model(model, head, ckpt, args.model_fn).to(device)
-    compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
+    report_path, confusion_path = check_outputs(args, inputs, labelled, task, searched)
+    model, compute, cam = prepare_model(args, ckpt, model, head, reference)
+    device = compute.device
 
     tf = data_loader.Preprocess.of(ckpt).transform()
     dataset = data_loader.ImageDataset([(f, 0) for f, _ in inputs], tf)  # the labels stay in inputs
@@ -276,6 +308,17 @@ def main(args):
     finally:
         stop.restore()
     seconds = time.perf_counter() - start
+    print_results(args, ckpt, task, calibration, (n_done, n_bad, n_accepted, n_unlike, seconds), explained, tally,
+                  samples_for_plot, (labelled, rejecting, report_path, confusion_path))
+
+
+def print_results(args, ckpt, task, calibration, counts, explained, tally, samples_for_plot, outputs):
+    """The summary lines, the labelled rows' report and the figure. counts: (done, unreadable, accepted, unlike
+    the training images, seconds); outputs: (labelled, rejecting, report path, confusion matrix path)."""
+    n_done, n_bad, n_accepted, n_unlike, seconds = counts
+    labelled, rejecting, report_path, confusion_path = outputs
+    class_names, reference = ckpt["class_names"], ckpt.get("ood")
+    ood_threshold = reference.get("threshold") if reference else None
     print(f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s "
           f"({n_done / max(seconds, 1e-9):.1f} img/s)"
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")

@@ -252,47 +252,144 @@ def check_data(args, data_dir, model_name, task):
     return None
 
 
-def add_ood_reference(args, fitter, result, compute, n_classes):
-    """The best model's out-of-distribution reference (ood.py) into the best checkpoint, under the key "ood";
-    returns the line to print (None when there is nothing to say)."""
-    if args.ood_method == "none" or result.interrupted or not result.state.best_epoch:
-        return None
+def ood_reference(args, fitter, calibration, compute):
+    """(the best model's out-of-distribution reference (ood.py) or None, the line to print or None)."""
+    if args.ood_method == "none":
+        return None, None
     start = time.perf_counter()
-    temperature = result.calibration.scalar_temperature() if result.calibration else 1.0
+    temperature = calibration.scalar_temperature() if calibration else 1.0
     try:
         reference = ood.reference_for_run(fitter.model, fitter.head, fitter.loaders, fitter.cache, compute,
-                                          args.ood_method, args.ood_keep, temperature, n_classes, args.seed)
+                                          args.ood_method, args.ood_keep, temperature,
+                                          len(fitter.splits.class_names), args.seed)
     except CLIError as e:  # the checkpoint is complete without it
-        return f"out-of-distribution reference: none kept ({e})"
+        return None, f"out-of-distribution reference: none kept ({e})"
     if reference is None:
-        return "out-of-distribution reference: none kept (interrupted)"
-    if compute.dist.is_main:
-        ckpt = model_loader.safe_load(args.model_fn)
-        ckpt["ood"] = reference
-        model_loader.save_checkpoint(ckpt, args.model_fn)
-    return f"{ood.describe(reference)}; {time.perf_counter() - start:.1f}s"
+        return None, "out-of-distribution reference: none kept (interrupted)"
+    return reference, f"{ood.describe(reference)}; {time.perf_counter() - start:.1f}s"
 
 
-def add_top_losses(fitter, result, compute, run_dir):
-    """top_losses.csv/.png of the best model's validation images (explain.py); returns the line to print."""
-    if result.interrupted or not result.state.best_epoch:
-        return None
-    valid = fitter.loaders.valid
-    labels = valid.dataset.task.tensor(y for _, y in valid.dataset.samples)
-    if fitter.cache is not None:  # --freeze: the cached validation features, no pass over the images
-        logits, labels, index = evaluation.head_logits(fitter.model.get_submodule(fitter.head), fitter.cache.valid[0],
-                                                       fitter.cache.valid_ok, labels, valid.batch_size, compute,
-                                                       with_index=True)
-    else:
-        logits, labels, index = evaluation.collect_logits(fitter.model, valid, compute, "top losses", with_index=True)
+def top_losses(fitter, calibration, logits, labels, index, run_dir):
+    """top_losses.csv/.png of the best model's validation logits (explain.py); the line to print or None."""
     if not len(labels):
         return "top losses: no validation images could be read"
-    if not compute.dist.is_main:
+    if not fitter.dist.is_main:
         return None
-    files = [valid.dataset.samples[i][0] for i in index.tolist()]
-    path = explain.write_top_losses(files, logits, labels, result.calibration, fitter.splits.class_names, fitter.meta,
-                                    run_dir, fitter.task, writer=fitter.open_writer(), step=result.state.epoch)
+    files = [fitter.loaders.valid.dataset.samples[i][0] for i in index.tolist()]
+    path = explain.write_top_losses(files, logits, labels, calibration, fitter.splits.class_names, fitter.meta,
+                                    run_dir, fitter.task, writer=fitter.open_writer(), step=fitter.state.epoch)
     return f"top losses: {len(files)} validation images, highest loss first -> {path}, {path.with_suffix('.png').name}"
+
+
+def finish_run(args, fitter, result, run_dir):
+    """After the epochs, one sequence on the best model: calibrate it on the validation images, test it, fit the
+    out-of-distribution reference, rank the top losses, then write the best checkpoint once with what was
+    fitted. Fills result's calibration, test metrics and report; returns the lines to print."""
+    if result.interrupted or not result.state.best_epoch:
+        return []
+    task, compute, names = fitter.task, fitter.compute, fitter.splits.class_names
+    fitter.load_best()
+    logits, labels, index = fitter.validation_logits()  # one pass (none on the feature cache) for both uses
+    result.calibration = calibration = task.calibrate(logits, labels, names)
+    if compute.dist.is_main and calibration is not None:
+        evaluation.save_reliability_diagram(logits, labels, calibration, run_dir / "reliability.png", task)
+    if fitter.loaders.test is not None:
+        test_logits, test_labels = evaluation.collect_logits(fitter.model, fitter.loaders.test, compute, "test")
+        result.test_metrics, result.test_report = task.test_results(test_logits, test_labels, calibration, names)
+        if compute.dist.is_main and result.test_report is not None:
+            evaluation.write_report(result.test_report, run_dir / "test_report.csv")
+    fitter.log_summary(calibration, result.test_metrics)
+    reference, ood_line = ood_reference(args, fitter, calibration, compute)
+    top_line = top_losses(fitter, calibration, logits, labels, index, run_dir)
+    fitter.write_best({**(calibration.checkpoint_entries() if calibration else {}),
+                       **({"ood": reference} if reference is not None else {})},
+                      calibration.metrics if calibration else {})
+    return [line for line in (ood_line, top_line) if line]
+
+
+def build_fitter(args, model_name, splits, meta, resume, run_dir, task, compute_parts, log, say):
+    """The model (pretrained, or the resumed run's), the loaders and the Fitter, restored when resuming; returns
+    (fitter, where the backbone's weights came from). compute_parts: (device, dist, stop)."""
+    device, dist, stop = compute_parts
+    n_classes = len(splits.class_names)
+    if resume is not None:  # its trained weights replace the backbone's: no ImageNet file is needed again
+        source = f"the resumed checkpoint {args.resume}"
+        model, head = model_loader.build_model(model_name, n_classes, log=log)
+    else:
+        source = model_loader.weights_source(model_name, args.use_pretrained, args.weights)
+        model, head = model_loader.build_model(model_name, n_classes, args.use_pretrained, args.weights, log)
+        if args.freeze and not (args.use_pretrained or args.weights) and dist.is_main:
+            print("warning: --freeze without --use_pretrained or --weights freezes a randomly initialised "
+                  "backbone: only the head trains, on random features", file=sys.stderr)
+    if resume is not None:
+        check_resumable(args, resume, model_name, splits, task)
+    channels_last = model_loader.is_convolutional(model) and not args.no_channels_last
+    train_cl = trainer.train_channels_last(device, channels_last)
+    model = model.to(device, memory_format=torch.channels_last if train_cl else torch.preserve_format)
+    if args.sync_bn and dist.enabled and device.type == "cuda" and not args.freeze:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    lr = args.lr * (dist.world_size if args.scale_lr else 1)
+    # the smaller rate is for pretrained weights; a backbone from random init learns at the full rate
+    lr_scale = args.backbone_lr_scale if (args.use_pretrained or args.weights) else 1.0
+    balance = task.loss_weights(splits.train, n_classes)
+    workers = args.num_workers
+    if workers is None:
+        workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    loaders = data_loader.build_loaders(
+        splits, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], args.batch_size,
+        workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
+        class_weights=balance if args.balanced_sampler else None, task=task)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data_loader.write_split_lists(splits, run_dir, task)
+    compute = Compute(device, amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist, stop,
+                      progress=dist.is_main and args.verbose >= 2)
+    config = fit_config(args, lr, lr_scale, balance if args.class_weights == "auto" else None)
+    fitter = trainer.Fitter(model, head, splits, loaders, compute, config, meta, args.model_fn,
+                            last_path(args.model_fn), run_dir, log, task)
+    if resume is not None:
+        fitter.restore(resume)
+        log(f"resumed from {args.resume} after epoch {fitter.state.epoch}")
+        patience = resume["args"].get("patience")  # the run's own: did it stop early?
+        if patience and fitter.state.bad_epochs >= patience and fitter.state.epoch < args.n_epochs:
+            fitter.state.bad_epochs = 0  # asked for more epochs after an early stop: count again
+            say(f"the resumed run had stopped early (no better validation loss for {patience} epochs); its "
+                f"patience starts again, up to --n_epochs {args.n_epochs}")
+    return fitter, source
+
+
+def check_resumable(args, resume, model_name, splits, task):
+    """One error line when --resume's checkpoint was trained another way than this run asks for."""
+    if tasks.for_checkpoint(resume).multi_label != task.multi_label:
+        raise CLIError(f"--resume {args.resume!r} was trained with{'' if resume.get('multi_label') else 'out'} "
+                       f"--multi_label; resume it the same way")
+    if resume.get("model_name") != model_name or resume.get("class_names") != splits.class_names:
+        raise CLIError(f"--resume {args.resume!r} was trained as {resume.get('model_name')} on classes "
+                       f"{resume.get('class_names')}, not {model_name} on this data")
+
+
+def print_summary(args, result, run_dir, task, lines, say):
+    """What a finished run prints: the best epoch, the calibration, the reference and top losses, the test."""
+    state = result.state
+    if state.best_epoch:
+        m = state.best_metrics
+        say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> "
+            f"{args.model_fn}")
+        say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
+            else "calibration: no validation images could be read; temperature stays 1.0")
+        for line in result.calibration.warnings() if result.calibration else []:
+            say(line)
+    for line in lines:
+        say(line)
+    if result.test_metrics.get("count"):
+        t = result.test_metrics
+        say(task.describe_test(t))
+        if result.calibration is not None and t["loss_calibrated"] != t["loss"]:
+            say(f"calibration on the test images: {task.loss_name} {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, "
+                f"ECE ({N_BINS} bins) {t['ece']:.4f} -> {t['ece_calibrated']:.4f}")
+    if result.test_report is not None:
+        say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
+    say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")
 
 
 def main(args):
@@ -343,53 +440,8 @@ def main(args):
             torch.distributed.broadcast_object_list(shared, src=0)
             run_dir = Path(shared[0])
         seed_everything(args.seed)
-        if resume is not None:  # its trained weights replace the backbone's: no ImageNet file is needed again
-            source = f"the resumed checkpoint {args.resume}"
-            model, head = model_loader.build_model(model_name, n_classes, log=log)
-        else:
-            source = model_loader.weights_source(model_name, args.use_pretrained, args.weights)
-            model, head = model_loader.build_model(model_name, n_classes, args.use_pretrained, args.weights, log)
-            if args.freeze and not (args.use_pretrained or args.weights) and dist.is_main:
-                print("warning: --freeze without --use_pretrained or --weights freezes a randomly initialised "
-                      "backbone: only the head trains, on random features", file=sys.stderr)
-        if resume is not None and bool(resume.get("multi_label")) != bool(args.multi_label):
-            raise CLIError(f"--resume {args.resume!r} was trained with{'' if resume.get('multi_label') else 'out'} "
-                           f"--multi_label; resume it the same way")
-        if resume is not None and (resume.get("model_name") != model_name or resume.get("class_names") != splits.class_names):
-            raise CLIError(f"--resume {args.resume!r} was trained as {resume.get('model_name')} on classes "
-                           f"{resume.get('class_names')}, not {model_name} on this data")
-        channels_last = model_loader.is_convolutional(model) and not args.no_channels_last
-        train_cl = trainer.train_channels_last(device, channels_last)
-        model = model.to(device, memory_format=torch.channels_last if train_cl else torch.preserve_format)
-        if args.sync_bn and dist.enabled and device.type == "cuda" and not args.freeze:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        lr = args.lr * (dist.world_size if args.scale_lr else 1)
-        # the smaller rate is for pretrained weights; a backbone from random init learns at the full rate
-        lr_scale = args.backbone_lr_scale if (args.use_pretrained or args.weights) else 1.0
-        balance = task.loss_weights(splits.train, n_classes)
-        workers = args.num_workers
-        if workers is None:
-            workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        loaders = data_loader.build_loaders(
-            splits, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], args.batch_size,
-            workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
-            class_weights=balance if args.balanced_sampler else None, task=task)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            data_loader.write_split_lists(splits, run_dir, task)
-        compute = Compute(device, amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist, stop,
-                          progress=dist.is_main and args.verbose >= 2)
-        config = fit_config(args, lr, lr_scale, balance if args.class_weights == "auto" else None)
-        fitter = trainer.Fitter(model, head, splits, loaders, compute, config, meta, args.model_fn,
-                                last_path(args.model_fn), run_dir, log, task)
-        if resume is not None:
-            fitter.restore(resume)
-            log(f"resumed from {args.resume} after epoch {fitter.state.epoch}")
-            patience = resume["args"].get("patience")  # the run's own: did it stop early?
-            if patience and fitter.state.bad_epochs >= patience and fitter.state.epoch < args.n_epochs:
-                fitter.state.bad_epochs = 0  # asked for more epochs after an early stop: count again
-                say(f"the resumed run had stopped early (no better validation loss for {patience} epochs); its "
-                    f"patience starts again, up to --n_epochs {args.n_epochs}")
+        fitter, source = build_fitter(args, model_name, splits, meta, resume, run_dir, task, (device, dist, stop),
+                                      log, say)
         mode = "frozen backbone, head only" if args.freeze else (
             f"head only for {args.unfreeze_after} epochs, then fine-tune" if args.unfreeze_after else "fine-tune all")
         log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
@@ -402,8 +454,7 @@ def main(args):
                 sys.exit(stop.exit_status())
             return test
         result = fitter.fit()
-        ood_line = add_ood_reference(args, fitter, result, compute, n_classes)
-        top_line = add_top_losses(fitter, result, compute, run_dir)
+        lines = finish_run(args, fitter, result, run_dir)
     finally:
         stop.restore()
         if fitter is not None:
@@ -411,39 +462,17 @@ def main(args):
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-    state = result.state
     if result.skipped_per_class:
         say(f"skipped unreadable images per class: {result.skipped_per_class}")
     if result.interrupted:
-        if state.epoch == 0:  # resuming from nothing would be a fresh start
+        if result.state.epoch == 0:  # resuming from nothing would be a fresh start
             say("interrupted before the first epoch finished: nothing was trained yet and nothing was saved; "
                 "run the same command again to start")
         else:
-            say(f"interrupted after epoch {state.epoch}; continue with: python train.py --resume "
+            say(f"interrupted after epoch {result.state.epoch}; continue with: python train.py --resume "
                 f"{last_path(args.model_fn)}")
         sys.exit(stop.exit_status())
-    if state.best_epoch:
-        m = state.best_metrics
-        say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> "
-            f"{args.model_fn}")
-    if state.best_epoch:
-        say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
-            else "calibration: no validation images could be read; temperature stays 1.0")
-        for line in result.calibration.warnings() if result.calibration else []:
-            say(line)
-    if ood_line:
-        say(ood_line)
-    if top_line:
-        say(top_line)
-    if result.test_metrics.get("count"):
-        t = result.test_metrics
-        say(task.describe_test(t))
-        if result.calibration is not None and t["loss_calibrated"] != t["loss"]:
-            say(f"calibration on the test images: {task.loss_name} {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, "
-                f"ECE ({N_BINS} bins) {t['ece']:.4f} -> {t['ece_calibrated']:.4f}")
-    if result.test_report is not None:
-        say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
-    say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    print_summary(args, result, run_dir, task, lines, say)
     if stop.requested:  # arrived after the last epoch, during calibration and the test pass: all was written
         say(f"interrupted at the end of training; {args.model_fn} is complete")
         sys.exit(stop.exit_status())

@@ -594,56 +594,54 @@ class Fitter:
         return self.finish(interrupted, stopped_early)
 
     def finish(self, interrupted, stopped_early):
-        test_metrics, calibration, report = {}, None, None
-        done = not interrupted and self.state.best_epoch
-        if done:
-            if self.best_state is None:  # resumed after the best epoch: rank 0's file, to every rank
-                best = [model_loader.safe_load(self.model_fn)["state_dict"]
-                        if self.dist.is_main and self.model_fn.exists() else None]
-                if self.dist.enabled:  # other machines may not see rank 0's disk
-                    torch.distributed.broadcast_object_list(best, src=0)
-                self.best_state = best[0]
-            if self.best_state is not None:
-                self.model.load_state_dict(self.best_state)
-            calibration = self.calibrate()
-            if self.loaders.test is not None:
-                logits, labels = evaluation.collect_logits(self.model, self.loaders.test, self.compute, "test")
-                test_metrics, report = self.task.test_results(logits, labels, calibration, self.splits.class_names)
-        skipped = self.skips.per_class()
-        if self.dist.is_main and done:
-            if report is not None:
-                evaluation.write_report(report, self.run_dir / "test_report.csv")
-            writer = self.open_writer()
-            figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute,
-                                     self.task, calibration=calibration)
-            if figure is not None:
-                writer.add_figure("Validation/Predictions", figure, self.state.epoch)
-            metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
-            metrics.update({f"hparam/test_{k}": float(test_metrics[k]) for k in ("accuracy", "map") if k in test_metrics})
-            fitted = calibration or self.task.uncalibrated(len(self.splits.class_names))
-            metrics.update({f"hparam/{k}": float(v) for k, v in fitted.hparams().items()})
-            metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
-            log_hparams(writer, {k: v for k, v in self.config.flags.items() if v is not None}, metrics, self.state.epoch)
-        note = ""
-        if self.cache is not None:
-            note = f"feature cache {self.cache.seconds:.1f}s"
-        return FitResult(self.state, interrupted, stopped_early, test_metrics, skipped, note, calibration, report)
+        """The fit's result; what the best model gets after training is train.py's (finish_run)."""
+        note = f"feature cache {self.cache.seconds:.1f}s" if self.cache is not None else ""
+        return FitResult(self.state, interrupted, stopped_early, {}, self.skips.per_class(), note)
 
-    def calibrate(self):
-        """Temperature scaling of the best model on the whole validation set (cached features when the
-        cache still holds them), stored in the best checkpoint with a reliability diagram beside the run."""
+    # -- the best model, after the epochs
+
+    def load_best(self):
+        """The best epoch's weights into the model (rank 0's file, to every rank, when resumed after it)."""
+        if self.best_state is None:
+            best = [model_loader.safe_load(self.model_fn)["state_dict"]
+                    if self.dist.is_main and self.model_fn.exists() else None]
+            if self.dist.enabled:  # other machines may not see rank 0's disk
+                torch.distributed.broadcast_object_list(best, src=0)
+            self.best_state = best[0]
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def validation_logits(self):
+        """(logits, labels, dataset indices) of the model on the validation images: on the cached features when
+        the cache still holds them, else one pass over the images."""
         if self.cache is not None:
-            logits, labels = evaluation.head_logits(self.model.get_submodule(self.head), self.cache.valid[0],
-                                                    self.cache.valid_ok, self.valid_labels,
-                                                    self.loaders.valid.batch_size, self.compute)
-        else:
-            logits, labels = evaluation.collect_logits(self.model, self.loaders.valid, self.compute, "calibrate")
-        calibration = self.task.calibrate(logits, labels, self.splits.class_names)
-        if self.dist.is_main and calibration is not None:
-            ckpt = model_loader.safe_load(self.model_fn)
-            ckpt.update(calibration.checkpoint_entries())
-            ckpt["metrics"].update(calibration.metrics)
-            atomic_torch_save(ckpt, self.model_fn)
-            evaluation.save_reliability_diagram(logits, labels, calibration, self.run_dir / "reliability.png",
-                                                self.task)
-        return calibration
+            return evaluation.head_logits(self.model.get_submodule(self.head), self.cache.valid[0],
+                                          self.cache.valid_ok, self.valid_labels, self.loaders.valid.batch_size,
+                                          self.compute, with_index=True)
+        return evaluation.collect_logits(self.model, self.loaders.valid, self.compute, "calibrate", with_index=True)
+
+    def log_summary(self, calibration, test_metrics):
+        """TensorBoard: the validation predictions' grid, and the run's flags with its best and test figures."""
+        if not self.dist.is_main:
+            return
+        writer = self.open_writer()
+        figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute,
+                                 self.task, calibration=calibration)
+        if figure is not None:
+            writer.add_figure("Validation/Predictions", figure, self.state.epoch)
+        metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
+        metrics.update({f"hparam/test_{k}": float(test_metrics[k]) for k in ("accuracy", "map") if k in test_metrics})
+        fitted = calibration or self.task.uncalibrated(len(self.splits.class_names))
+        metrics.update({f"hparam/{k}": float(v) for k, v in fitted.hparams().items()})
+        metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
+        log_hparams(writer, {k: v for k, v in self.config.flags.items() if v is not None}, metrics, self.state.epoch)
+
+    def write_best(self, entries, metrics):
+        """The best checkpoint once more, with what was fitted after training (the calibration's entries and
+        metrics, the out-of-distribution reference)."""
+        if not self.dist.is_main or not (entries or metrics):
+            return
+        ckpt = model_loader.safe_load(self.model_fn)
+        ckpt.update(entries)
+        ckpt["metrics"].update(metrics)
+        atomic_torch_save(ckpt, self.model_fn)

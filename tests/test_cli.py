@@ -99,7 +99,7 @@ def test_help_runs_for_both_scripts_and_ends_with_examples(capsys):
 
 
 def every_parser():
-    from test_e2e import load_script
+    from helpers import load_script
 
     return {"train.py": (train.parse_args, ["--n_epoch", "3"], "--n_epochs"),
             "predict.py": (predict.parse_args, ["--batch", "3"], "--batch_size"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, copy_subset, run_script
-from test_e2e import readme_commands
+from helpers import readme_commands
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 FAST = ["--model_name", "resnet18", "--input_size", "32", "--patience", "0", "--verbose", "1", "--num_workers", "0"]
@@ -136,7 +136,7 @@ def test_multi_label_under_torchrun_gathers_every_validation_image_for_the_map(t
     import data_loader
     import model_loader
     import metrics
-    from test_multilabel import tiny_pairs
+    from helpers import tiny_pairs
 
     labels_csv = tiny_pairs(tmp_path / "pairs")
     proc = torchrun("--labels_csv", labels_csv, "--multi_label", *FAST, "--model_name", "squeezenet1_1", "--input_size",

@@ -1,6 +1,5 @@
 """End to end: the real commands as subprocesses, and every command the README shows."""
 import csv
-import re
 import shlex
 import shutil
 import subprocess
@@ -13,17 +12,10 @@ import torch
 import torchvision
 from PIL import Image
 
+from helpers import load_script, readme_commands, scalar_tags
 from conftest import ROOT, SAMPLE, assert_clean_error, copy_subset, run_script
 
 TB_TAGS = {"Train/Loss", "Train/Accuracy", "Validation/Loss", "Validation/Accuracy"}
-
-
-def scalar_tags(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return acc
 
 
 def test_train_then_predict_end_to_end(tiny_data, tmp_path):
@@ -121,24 +113,6 @@ def test_predict_single_file_unlabelled_folder_and_topk(tiny_data, tmp_path):
 # ----------------------------------------------------------------------------- the README's commands
 
 
-def readme_pages():
-    """README.md, then each docs/ page (and bench/README.md) it links to, in the order of their first link."""
-    text = (ROOT / "README.md").read_text()
-    pages = dict.fromkeys(re.findall(r"\]\(((?:docs/[\w-]+|bench/README)\.md)\)", text))
-    return [text] + [(ROOT / page).read_text() for page in pages]
-
-
-def readme_commands():
-    """Every command line of the ```bash blocks of the README and the pages it links, in order."""
-    text = "\n".join(readme_pages())
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            if line.strip() and not line.strip().startswith("#"):
-                commands.append(line.strip())
-    return commands
-
-
 def make_catdog_zip(path):
     with zipfile.ZipFile(path, "w") as z:
         for animal, source in (("cat", "bag"), ("dog", "trouser")):
@@ -192,16 +166,6 @@ def adapt(command, work, weights):
     if "--gpu_id" in tokens and not torch.cuda.is_available():
         tokens = replace_flag(tokens, "--gpu_id", "-1")
     return tokens
-
-
-def load_script(relative):
-    """A script of this repository as a module (data/prepare.py, bench/bench.py are not packages)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(Path(relative).stem + "_script", ROOT / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_python_command(argv, capsys):

@@ -1,5 +1,4 @@
 """Calibration, ECE, the per-class report, and how both scripts use them (temperature, --threshold, --tta)."""
-import csv
 import math
 import shutil
 
@@ -13,8 +12,9 @@ import metrics
 import predict
 import tasks
 import train
+from helpers import read_csv, run_predict
 from conftest import SAMPLE
-from test_cli import run_in_process
+from conftest import run_in_process
 
 
 # ----------------------------------------------------------------------------- the math
@@ -199,16 +199,6 @@ def trained(tmp_path_factory):
             "--verbose", "0")]))
     (root / "train_output.txt").write_text(out.getvalue())  # what train.py printed
     return root, data, result
-
-
-def read_csv(path):
-    with open(path, encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
-
-
-def run_predict(capsys, *argv):
-    predict.main(predict.parse_args([str(a) for a in argv] + ["--num_workers", "0", "--verbose", "0"]))
-    return capsys.readouterr().out
 
 
 def test_train_stores_the_temperature_metrics_diagram_and_test_report(trained):

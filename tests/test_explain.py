@@ -14,8 +14,8 @@ import model_loader
 import predict
 import train
 from conftest import copy_subset, run_in_process
-from test_e2e import scalar_tags
-from test_evaluation import read_csv, run_predict
+from helpers import scalar_tags
+from helpers import read_csv, run_predict
 
 # ----------------------------------------------------------------------------- the math
 
@@ -255,7 +255,7 @@ def test_ctrl_c_during_explain_exits_130_and_says_what_was_kept(trained, tmp_pat
     import multiprocessing
 
     from cli import end_child_processes, run_cli
-    from test_trainer import interrupt_when_called
+    from helpers import interrupt_when_called
 
     root, data = trained
     interrupt_when_called(monkeypatch, predict, "explain_row")

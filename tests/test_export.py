@@ -1,6 +1,5 @@
 """export.py: ONNX and .pt2 files that agree with the PyTorch model, carry the checkpoint's metadata, refuse
 to be written when they disagree; predict.py on an .onnx file; the README's onnxruntime-only deployment."""
-import csv
 import json
 import os
 import re
@@ -19,7 +18,8 @@ import export
 import model_loader
 import predict
 from cli import CLIError
-from conftest import ROOT, run_in_process
+from helpers import read_csv, readme_deploy_snippet
+from conftest import run_in_process
 
 FAMILIES = ["resnet18", "mobilenet_v2", "densenet121", "squeezenet1_0"]
 SIZE = 32  # px: every family runs at this size, and exports in seconds
@@ -248,11 +248,6 @@ def test_verbose_as_train_and_predict_take_it(ckpts, tmp_path, capsys):
     assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
-def read_csv(path):
-    with open(path, encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
-
-
 def test_predict_on_onnx_equals_pth(ckpts, exported, tmp_path, capsys):
     path = ckpts["resnet18"][0]
     for model_fn, name in ((path, "pth"), (exported["resnet18"][0], "onnx")):  # default inputs: the training test folder
@@ -269,13 +264,6 @@ def test_predict_on_onnx_equals_pth(ckpts, exported, tmp_path, capsys):
     for a, b in zip(pth, onnx_rows):
         for key in ("confidence", "prob_bag", "prob_sneaker", "prob_trouser"):
             assert abs(float(a[key]) - float(b[key])) <= 1e-4, (key, a, b)
-
-
-def readme_deploy_snippet():
-    text = (ROOT / "docs" / "export.md").read_text()
-    found = re.search(r"<!-- deploy\.py: tests/test_export\.py runs this block -->\n```python\n(.*?)```", text, re.S)
-    assert found, "docs/export.md's deployment snippet (marker + python block) is missing"
-    return found.group(1)
 
 
 def test_readme_deployment_snippet_matches_predict(ckpts, exported, tiny_data, tmp_path, capsys):

@@ -3,7 +3,7 @@ the normalized margin and the cosine k-nearest-neighbour vote, on numbers worked
 import pytest
 import torch
 
-from test_e2e import load_script
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Labels from a CSV (labels_csv.py, train.py/predict.py --labels_csv): parsing errors in one line naming the
 row, the split column, missing files skipped, and the same run as the class-folder layout."""
-import csv
 import os
 import random
 
@@ -10,16 +9,9 @@ import export
 import model_loader
 import predict
 import train
+from helpers import write_csv
 from conftest import copy_subset, run_in_process
-from test_evaluation import read_csv
-
-
-def write_csv(path, rows, header=("file", "label")):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from helpers import read_csv
 
 
 def folder_rows(data, splits=("train",), with_split=False):

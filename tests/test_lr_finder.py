@@ -10,7 +10,7 @@ import lr_finder
 import model_loader
 import train
 import trainer
-from test_evaluation import read_csv
+from helpers import read_csv
 from utils import Compute, DistInfo
 
 

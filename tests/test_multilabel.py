@@ -1,10 +1,8 @@
 """Several labels per image (tasks.py MultiLabel; train.py --labels_csv FILE --multi_label): the loss, thresholds and
 report against hand-computed numbers, the CSV's label sets, and one tiny run end to end (train, predict,
 export, resume, the label check) on two-object images built by data/prepare.py pairs from the shipped sample."""
-import csv
 import math
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,11 +15,7 @@ import predict
 import tasks
 import train
 from conftest import ROOT, run_in_process
-from test_evaluation import read_csv
-from test_labels_csv import write_csv
-
-sys.path.insert(0, str(ROOT / "data"))
-import prepare  # noqa: E402
+from helpers import read_csv, tiny_pairs, write_csv
 
 
 # ----------------------------------------------------------------------------- hand-computed numbers
@@ -185,21 +179,6 @@ def test_labels_read_the_wrong_way_are_warned_about(tmp_path):
 # ----------------------------------------------------------------------------- a tiny run, end to end
 
 
-def tiny_pairs(out):
-    """48 train, 24 valid, 16 test two-object images, and one blank image per split (an empty label cell)."""
-    from PIL import Image
-
-    prepare.pairs(SimpleNamespace(source=str(ROOT / "data" / "fashion_sample"), out=str(out), train=48, valid=24,
-                                  test=16, valid_share=0.3, size=48, seed=0, overwrite=False))
-    with open(out / "labels.csv", "a", newline="") as f:
-        for i, split in enumerate(("train", "valid", "test")):
-            blank = Image.new("L", (48, 48))
-            blank.putpixel((i, 0), 9)  # three different files: the audit reports identical ones as leaks
-            blank.save(out / "images" / f"blank_{split}.png")
-            csv.writer(f).writerow([f"images/blank_{split}.png", "", split])
-    return out / "labels.csv"
-
-
 def run_args(root, csv_path, *flags):
     return [str(a) for a in ("--labels_csv", csv_path, "--multi_label", "--model_name", "resnet18", "--input_size",
                              "32", "--num_workers", "0", "--verbose", "0", "--batch_size", "16",
@@ -225,7 +204,7 @@ def test_training_stores_per_class_temperatures_and_thresholds_and_reports_map(p
     report = {r["class"]: r for r in read_csv(root / "run" / "test_report.csv")}
     assert set(report) == set(ckpt["class_names"]) | {"micro avg", "macro avg"}
     assert float(report["macro avg"]["average_precision"]) == pytest.approx(result.test_metrics["map"], abs=1e-6)
-    from test_e2e import scalar_tags
+    from helpers import scalar_tags
 
     assert "Validation/mAP" in scalar_tags(root / "run").Tags()["scalars"]
 
@@ -316,7 +295,7 @@ def test_a_plain_onnxruntime_consumer_from_the_docs_decides_the_same_label_sets(
     import re
     import subprocess
 
-    from test_export import readme_deploy_snippet
+    from helpers import readme_deploy_snippet
 
     root, csv_path, _ = pairs_run
     head = readme_deploy_snippet().split("logits = session.run")[0]

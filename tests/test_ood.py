@@ -11,7 +11,7 @@ import ood
 import predict
 import train
 from conftest import copy_subset, run_in_process
-from test_evaluation import read_csv, run_predict
+from helpers import read_csv, run_predict
 
 # ----------------------------------------------------------------------------- the math
 
@@ -359,7 +359,7 @@ def test_ood_method_none_keeps_no_reference(tiny_data, tmp_path, capsys):
 def test_the_benchmark_measures_every_method_on_a_run(frozen):
     """bench/ood_bench.py's measurement (the whole script needs extra data packages): every method's AUROC,
     FPR at 95% kept and acceptance at the validation threshold, on the fixture's run and far pictures."""
-    from test_e2e import load_script
+    from helpers import load_script
 
     root, data = frozen
     bench = load_script("bench/ood_bench.py")
@@ -375,7 +375,7 @@ def test_the_benchmark_measures_every_method_on_a_run(frozen):
 
 def test_a_stop_signal_during_the_extra_pass_keeps_the_checkpoint_without_a_reference(tiny_data, tmp_path,
                                                                                       monkeypatch, capsys):
-    from test_trainer import interrupt_when_called
+    from helpers import interrupt_when_called
 
     interrupt_when_called(monkeypatch, ood, "collect_features")  # a real SIGINT as the pass starts
     with pytest.raises(SystemExit) as e:

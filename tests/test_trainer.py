@@ -17,6 +17,7 @@ import tasks
 import trainer
 import cli
 import utils
+from helpers import interrupt_when_called
 from conftest import ROOT
 from utils import DistInfo
 
@@ -425,19 +426,6 @@ def test_freezing_a_random_backbone_is_said(tiny_data, tmp_path, capsys):
     assert "backbone weights: random initialisation" in out.out
     warnings = [line for line in out.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "random" in warnings[0] and "--use_pretrained" in warnings[0]
-
-
-def interrupt_when_called(monkeypatch, module, name):
-    """module.name sends a real SIGINT to this process each time it is called, then does its work."""
-    import signal
-
-    real = getattr(module, name)
-
-    def interrupted(*a, **k):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(*a, **k)
-
-    monkeypatch.setattr(module, name, interrupted)
 
 
 def test_interrupt_before_the_first_epoch_ends_saves_nothing(tiny_data, tmp_path, monkeypatch, capsys):
