@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 import efficientnet_lite
+import tasks
 from cli import CLIError
 from utils import atomic_torch_save
 
@@ -397,18 +398,8 @@ def export_metadata(ckpt):
         "torchvision_version": str(torchvision.__version__),
         "args": json.dumps(ckpt.get("args", {})),  # data_dir, dataset_name: predict.py's default inputs
         **ood_metadata(ckpt.get("ood")),
-        **multi_label_metadata(ckpt),
+        **tasks.for_checkpoint(ckpt).export_metadata(ckpt),
     }
-
-
-def multi_label_metadata(ckpt):
-    """A multi-label model's outputs are read as sigmoid(logits / temperatures[c]) per class, and class c is
-    predicted where that reaches thresholds[c] (multi_label "1"; JSON lists, one number per class)."""
-    if not ckpt.get("multi_label"):
-        return {}
-    n = len(ckpt["class_names"])
-    return {"multi_label": "1", "temperatures": json.dumps([float(t) for t in ckpt.get("temperatures") or [1.0] * n]),
-            "thresholds": json.dumps([float(t) for t in ckpt.get("thresholds") or [0.5] * n])}
 
 
 def ood_metadata(reference):
@@ -437,8 +428,7 @@ def checkpoint_from_metadata(meta, path):
                 "torchvision_version": meta["torchvision_version"],
                 **({"ood": {"method": meta["ood_method"], "threshold": float(meta["ood_threshold"])
                             if meta.get("ood_threshold") else None}} if "ood_method" in meta else {}),
-                **({"multi_label": True, "temperatures": json.loads(meta["temperatures"]),
-                    "thresholds": json.loads(meta["thresholds"])} if meta.get("multi_label") == "1" else {})}
+                **tasks.for_metadata(meta).entries_from_metadata(meta)}
     except (ValueError, TypeError) as e:
         raise CLIError(f"{str(path)!r} has unreadable export metadata ({e})") from None
 

@@ -11,6 +11,7 @@ go into the checkpoint. A prediction is every class whose calibrated probability
 
 train.py, predict.py and export.py choose the task (for_run, for_checkpoint); every other module receives it
 and asks it, instead of telling the modes apart by a flag, a checkpoint key or a tensor's shape."""
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -347,6 +348,14 @@ class SingleLabel:
     def checkpoint_entries(self):
         return {}
 
+    def export_metadata(self, ckpt):
+        """What an export carries besides the temperature (strings): nothing for one label per image."""
+        return {}
+
+    def entries_from_metadata(self, meta):
+        """The checkpoint keys an export's metadata gives back (model_loader.checkpoint_from_metadata)."""
+        return {}
+
     # -- training
     def criterion(self, weights=None, label_smoothing=0.0):
         """Cross-entropy with optional class weights and label smoothing."""
@@ -578,6 +587,17 @@ class MultiLabel(SingleLabel):
     def checkpoint_entries(self):
         return {"multi_label": True}  # sigmoid per class; temperatures, thresholds per class
 
+    def export_metadata(self, ckpt):
+        """The outputs are read as sigmoid(logits / temperatures[c]) per class, and class c is predicted where that
+        reaches thresholds[c] (multi_label "1"; JSON lists, one number per class)."""
+        calibration = self.calibration_of(ckpt)
+        return {"multi_label": "1", "temperatures": json.dumps([float(t) for t in calibration.temperatures]),
+                "thresholds": json.dumps([float(t) for t in calibration.thresholds])}
+
+    def entries_from_metadata(self, meta):
+        return {"multi_label": True, "temperatures": json.loads(meta["temperatures"]),
+                "thresholds": json.loads(meta["thresholds"])}
+
     # -- training
     def criterion(self, weights=None, label_smoothing=0.0):
         """BCEWithLogitsLoss with optional per-class positive weights."""
@@ -754,6 +774,11 @@ class MultiLabel(SingleLabel):
 def for_run(multi_label, delim=DEFAULT_DELIM):
     """The task train.py's flags ask for."""
     return MultiLabel(delim or DEFAULT_DELIM) if multi_label else SingleLabel()
+
+
+def for_metadata(meta):
+    """The task of an export's metadata (strings; see MultiLabel.export_metadata)."""
+    return MultiLabel() if meta.get("multi_label") == "1" else SingleLabel()
 
 
 def for_checkpoint(ckpt):

@@ -195,21 +195,31 @@ def lr_factor(step, phases, warmup_fraction, schedule):
 # ----------------------------------------------------------------------------- logging
 
 
+BASE_METRICS = ("loss", "accuracy", "count")  # every evaluation's; a task may add more (multi-label: map)
+TAGS = {"valid_map": "Validation/mAP"}  # TensorBoard's name of an added validation metric, else Validation/<name>
+
+
+def added_metrics(valid):
+    """The validation metrics the task adds to loss and accuracy (tasks.py epoch_extras), as valid_<name>."""
+    return {f"valid_{k}": v for k, v in valid.items() if k not in BASE_METRICS}
+
+
+def added_columns(row):
+    return [k for k in row if k.startswith("valid_") and k[6:] not in BASE_METRICS]
+
+
 def epoch_row(epoch, train, valid, lr, seconds):
-    """One epoch's line of the history (metrics.csv, TensorBoard); multi-label adds the validation mAP."""
+    """One epoch's line of the history (metrics.csv, TensorBoard), with the validation metrics the task adds."""
     row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
            "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"], "lr": lr, "seconds": round(seconds, 3),
            "valid_count": valid["count"]}
-    if "map" in valid:
-        row["valid_map"] = valid["map"]
-    return row
+    return {**row, **added_metrics(valid)}
 
 
 def write_metrics_csv(history, path):
     """metrics.csv rewritten whole each epoch from the history (a resumed run never duplicates a row)."""
     columns = ["epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr", "seconds"]
-    if history and "valid_map" in history[0]:
-        columns.insert(5, "valid_map")
+    columns[5:5] = added_columns(history[0]) if history else []
     with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -222,8 +232,8 @@ def log_epoch(writer, row):
     writer.add_scalar("Train/Accuracy", row["train_accuracy"], step)
     writer.add_scalar("Validation/Loss", row["valid_loss"], step)
     writer.add_scalar("Validation/Accuracy", row["valid_accuracy"], step)
-    if "valid_map" in row:
-        writer.add_scalar("Validation/mAP", row["valid_map"], step)
+    for k in added_columns(row):
+        writer.add_scalar(TAGS.get(k, f"Validation/{k[6:]}"), row[k], step)
     writer.add_scalar("Train/LR", row["lr"], step)
     writer.flush()
 
@@ -573,7 +583,7 @@ class Fitter:
                 state.best_epoch, state.bad_epochs = state.epoch, 0
                 state.best_metrics = {"valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
                                       "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-                                      "best_epoch": state.epoch, **({"valid_map": valid["map"]} if "map" in valid else {})}
+                                      "best_epoch": state.epoch, **added_metrics(valid)}
                 self.best_state = model_loader.weights_copy(self.model)
             else:
                 state.bad_epochs += 1
