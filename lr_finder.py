@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import trainer
 from utils import atomic_open, atomic_savefig, new_figure
 
 START_LR, END_LR = 1e-7, 10.0
@@ -154,14 +155,14 @@ def range_test(fitter, batch_size):
     schedule = torch.optim.lr_scheduler.LambdaLR(fitter.optimizer, lambda step: lr_at(step, steps) / base_lr)
     test = RangeTest()
     try:
-        first = fitter.first_steps(batch_size)
+        first = trainer.first_steps(fitter, batch_size)
         if first is None:
             return None
         step_model, batches = first
         for step in range(steps):
             x, y = next(batches)
             test.lrs.append(fitter.optimizer.param_groups[0]["lr"])
-            loss = fitter.step(step_model, x, y, schedule)
+            loss = trainer.step(fitter, step_model, x, y, schedule)
             test.losses.append(loss)
             test.smoothed = smooth(test.losses)
             if compute.stop_requested():
@@ -221,8 +222,8 @@ def find_lr(fitter, run_dir, say):
     start = time.perf_counter()
     if fitter.use_cache(0) and not fitter.ensure_cache():  # the pass length counts readable images: the cache knows them
         return None
-    if fitter.batches_per_pass() < MIN_BATCHES:
-        say(f"--find_lr: {len(fitter.splits.train)} training images make {fitter.batches_per_pass()} batches of "
+    if trainer.batches_per_pass(fitter) < MIN_BATCHES:
+        say(f"--find_lr: {len(fitter.splits.train)} training images make {trainer.batches_per_pass(fitter)} batches of "
             f"{batch_size}; the range test needs {MIN_BATCHES} or more (more images, or a smaller "
             "--batch_size), so no learning rate is suggested")
         return None
@@ -240,7 +241,7 @@ def find_lr(fitter, run_dir, say):
     if why:
         say(f"warning: --find_lr: no learning rate is suggested: {why}; see {Path(run_dir) / 'lr_find.png'}")
         return test
-    mode = fitter.first_phase()
+    mode = trainer.first_phase(fitter)
     others = ", ".join(f"{rule} {lr:.1e}" for rule, lr in test.suggestions.items() if rule != SUGGESTION)
     say(f"learning-rate range test ({mode}): {len(test.lrs)} steps from {test.lrs[0]:.0e} to {test.lrs[-1]:.1e}"
         + (f", stopped: {test.stopped}" if test.stopped else "") + f"; {test.seconds:.1f}s")

@@ -277,7 +277,8 @@ def top_losses(fitter, calibration, logits, labels, index, run_dir):
         return None
     files = [fitter.loaders.valid.dataset.samples[i][0] for i in index.tolist()]
     path = explain.write_top_losses(files, logits, labels, calibration, fitter.splits.class_names, fitter.meta,
-                                    run_dir, fitter.task, writer=fitter.open_writer(), step=fitter.state.epoch)
+                                    run_dir, fitter.task, writer=fitter.files.open_writer(fitter.state.epoch),
+                                    step=fitter.state.epoch)
     return f"top losses: {len(files)} validation images, highest loss first -> {path}, {path.with_suffix('.png').name}"
 
 
@@ -298,10 +299,10 @@ def finish_run(args, fitter, result, run_dir):
         result.test_metrics, result.test_report = task.test_results(test_logits, test_labels, calibration, names)
         if compute.dist.is_main and result.test_report is not None:
             evaluation.write_report(result.test_report, run_dir / "test_report.csv")
-    fitter.log_summary(calibration, result.test_metrics)
+    trainer.log_summary(fitter, calibration, result.test_metrics)
     reference, ood_line = ood_reference(args, fitter, calibration, compute)
     top_line = top_losses(fitter, calibration, logits, labels, index, run_dir)
-    fitter.write_best({**(calibration.checkpoint_entries() if calibration else {}),
+    fitter.files.add_to_best({**(calibration.checkpoint_entries() if calibration else {}),
                        **({"ood": reference} if reference is not None else {})},
                       calibration.metrics if calibration else {})
     return [line for line in (ood_line, top_line) if line]
@@ -458,7 +459,7 @@ def main(args):
     finally:
         stop.restore()
         if fitter is not None:
-            fitter.close_writer()
+            fitter.files.close_writer()
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -338,16 +338,82 @@ class FitConfig:
     flags: dict = field(default_factory=dict)  # the run's flags, as the checkpoint and TensorBoard record them
 
 
+class RunFiles:
+    """What a run writes as it goes, on rank 0 only: the best checkpoint (model_fn), the resumable last one
+    (last_fn) and the TensorBoard event file. An epoch's checkpoints are kept in memory until the last write is
+    --save_interval seconds old: head epochs on cached features take milliseconds and a checkpoint write a
+    tenth of a second or more, so writing both every epoch would cost more than the training."""
+
+    def __init__(self, model_fn, last_fn, run_dir, save_interval, is_main):
+        self.model_fn, self.last_fn, self.run_dir = Path(model_fn), Path(last_fn), Path(run_dir)
+        self.save_interval, self.is_main = save_interval, is_main
+        self._pending = {}  # checkpoints not written yet: path -> dict
+        self._saved_at = -math.inf
+        self.writer = None
+
+    def keep(self, best, last, force=False):
+        """An epoch's end: the best checkpoint when it improved (else None) and the last one, written now when
+        the last write is save_interval seconds old or `force`."""
+        if not self.is_main:
+            return
+        if best is not None:
+            self._pending[self.model_fn] = best
+        self._pending[self.last_fn] = last
+        if force or time.perf_counter() - self._saved_at >= self.save_interval:
+            self.write_pending()
+
+    def write_pending(self):
+        """Write what keep() held back: the best first, then the last (as resume expects)."""
+        if not self.is_main:
+            return
+        for path in (self.model_fn, self.last_fn):
+            if path in self._pending:
+                atomic_torch_save(self._pending.pop(path), path)
+        self._saved_at = time.perf_counter()
+
+    def best_weights(self, dist):
+        """The best checkpoint's weights, read by rank 0 and sent to every rank (other machines may not see its
+        disk); None when there is no file."""
+        best = [model_loader.safe_load(self.model_fn)["state_dict"] if self.is_main and self.model_fn.exists() else None]
+        if dist.enabled:
+            torch.distributed.broadcast_object_list(best, src=0)
+        return best[0]
+
+    def add_to_best(self, entries, metrics):
+        """The best checkpoint once more, with what was fitted after training (the calibration's entries and
+        metrics, the out-of-distribution reference)."""
+        if not self.is_main or not (entries or metrics):
+            return
+        ckpt = model_loader.safe_load(self.model_fn)
+        ckpt.update(entries)
+        ckpt["metrics"].update(metrics)
+        atomic_torch_save(ckpt, self.model_fn)
+
+    def open_writer(self, epoch):
+        """The run's TensorBoard writer (opened once; purge_step hides events a killed run logged after its last
+        checkpoint)."""
+        if self.writer is None and self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=epoch + 1 if epoch else None)
+        return self.writer
+
+    def close_writer(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
 class Fitter:
-    """Runs the epochs (head-only on the feature cache, then fine-tuning), then calibrates and tests the best model
-    (finish). Owns the optimizer, schedule, DDP wrapper and the two checkpoint files."""
+    """Runs the epochs: the head alone (on the feature cache when it can), then every layer. Owns the optimizer,
+    schedule and DDP wrapper; what the run writes goes through its RunFiles (files)."""
 
     def __init__(self, model, head, splits, loaders, compute, config, meta, model_fn, last_fn, run_dir, log,
                  task=None):
         self.model, self.head, self.splits, self.loaders = model, head, splits, loaders
         self.compute, self.config, self.meta, self.log = compute, config, meta, log
         self.task = task or loaders.train.dataset.task
-        self.model_fn, self.last_fn, self.run_dir = Path(model_fn), Path(last_fn), Path(run_dir)
+        self.run_dir = Path(run_dir)
+        self.files = RunFiles(model_fn, last_fn, run_dir, config.save_interval, compute.dist.is_main)
         self.dist = compute.dist
         self.frozen_epochs = min(config.frozen_epochs, config.n_epochs)
         self.cache_possible = config.feature_cache and self.frozen_epochs > 0 and head_takes_features(
@@ -379,9 +445,6 @@ class Fitter:
         self.skips = SkipLog(splits.train, splits.class_names, log, self.task)
         self.state = TrainState()
         self.best_state = None  # weights of the best epoch, kept on every rank for the final test
-        self._pending = {}  # checkpoints not written yet (epochs shorter than --save_interval): path -> dict
-        self._saved_at = -math.inf
-        self.writer = None
         self._ddp = None
         self._ddp_frozen = None
 
@@ -425,44 +488,13 @@ class Fitter:
             self.log("feature cache: data or settings differ from the interrupted run's")
 
     def save_checkpoints(self, improved, force=False):
-        """At an epoch's end: the best checkpoint when it improved, and the resumable last one. Written
-        now when the last write is --save_interval seconds old or `force`; otherwise kept in memory (a
-        snapshot of this epoch's end) until then. Head epochs on cached features take milliseconds and a
-        checkpoint write a tenth of a second or more, so writing both every epoch would cost more than
-        the training."""
+        """At an epoch's end: the best checkpoint when it improved, and the resumable last one (RunFiles.keep)."""
         if not self.dist.is_main:
             return
         weights = self.best_state if improved else None  # this epoch's weights, already copied by fit()
-        if improved:
-            self._pending[self.model_fn] = self.best_checkpoint(self.state.best_metrics, weights)
         self.state.skipped = dict(self.skips.seen)
-        self._pending[self.last_fn] = self.last_checkpoint(weights)
-        if force or time.perf_counter() - self._saved_at >= self.config.save_interval:
-            self.write_pending()
-
-    def write_pending(self):
-        """Write what save_checkpoints kept back: the best first, then the last (as resume expects)."""
-        if not self.dist.is_main:
-            return
-        for path in (self.model_fn, self.last_fn):
-            if path in self._pending:
-                atomic_torch_save(self._pending.pop(path), path)
-        self._saved_at = time.perf_counter()
-
-    # -- TensorBoard
-
-    def close_writer(self):
-        """After fit() and what train.py adds to the run's event file (top losses)."""
-        if self.writer is not None:
-            self.writer.close()
-
-    def open_writer(self):
-        if self.writer is None and self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events a killed run logged after its last checkpoint
-            self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.epoch + 1 if self.state.epoch else None)
-        return self.writer
+        best = self.best_checkpoint(self.state.best_metrics, weights) if improved else None
+        self.files.keep(best, self.last_checkpoint(weights), force)
 
     # -- phases
 
@@ -492,40 +524,6 @@ class Fitter:
                                              self.run_dir / f"feature_cache.rank{self.dist.rank}.bin",
                                              self.compute, self.skips)
         return self.cache is not None
-
-    # -- the first epoch's steps, one at a time: what the learning-rate range test (lr_finder.py) runs
-
-    def first_steps(self, batch_size):
-        """(module, endless (inputs, labels) batches) as the first epoch trains: the head on cached features when
-        it uses the cache (built here), else the model on augmented images, with the first epoch's parameters
-        trainable; None when a stop signal arrived while the cache was built."""
-        frozen = self.backbone_frozen(0)
-        model_loader.set_backbone_trainable(self.model, self.head, not frozen)
-        if self.use_cache(0):
-            if not self.ensure_cache():
-                return None
-            return self.model.get_submodule(self.head).train(), cached_batches(
-                self.cache, self.train_labels, self.config.seed, batch_size, self.loaders.train.sampler.weights)
-        model_loader.set_train_mode(self.model, self.head, frozen)
-        return self.model, image_batches(self.loaders.train)
-
-    def step(self, module, inputs, labels, schedule):
-        """One training step of `module` with the Fitter's optimizer, loss and scaler under `schedule`; its loss."""
-        meter = Meter(self.task)
-        inputs, labels = self.compute.to_device(inputs, labels, train=True)
-        train_step(module, inputs, labels, self.optimizer, schedule, self.scaler, self.criterion, self.compute, meter)
-        return meter.loss / meter.count
-
-    def batches_per_pass(self):
-        """Training batches in one pass over the readable images (the feature cache knows which are readable)."""
-        n = int(self.cache.train_ok.sum()) if self.cache is not None else len(self.splits.train)
-        return math.ceil(n / self.loaders.train.batch_size)
-
-    def first_phase(self):
-        """What the first epoch trains, in words."""
-        if self.cache is not None:
-            return "head on cached features"
-        return "head only, frozen backbone" if self.backbone_frozen(0) else "whole model"
 
     def run_epoch(self, epoch):
         """Train one epoch and validate; returns (train_metrics, valid_metrics) or None when stopped."""
@@ -571,7 +569,7 @@ class Fitter:
             start = time.perf_counter()
             result = self.run_epoch(epoch)
             if result is None:  # stopped mid-epoch: the end of the last finished epoch is what counts
-                self.write_pending()
+                self.files.write_pending()
                 interrupted = True
                 break
             train, valid = result
@@ -588,7 +586,7 @@ class Fitter:
             else:
                 state.bad_epochs += 1
             if self.dist.is_main:
-                log_epoch(self.open_writer(), row)
+                log_epoch(self.files.open_writer(state.epoch), row)
                 write_metrics_csv(state.history, self.run_dir / "metrics.csv")
                 self.log(f"epoch {state.epoch}/{config.n_epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}"
                          f"  valid loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}  lr {row['lr']:.2e}"
@@ -613,11 +611,7 @@ class Fitter:
     def load_best(self):
         """The best epoch's weights into the model (rank 0's file, to every rank, when resumed after it)."""
         if self.best_state is None:
-            best = [model_loader.safe_load(self.model_fn)["state_dict"]
-                    if self.dist.is_main and self.model_fn.exists() else None]
-            if self.dist.enabled:  # other machines may not see rank 0's disk
-                torch.distributed.broadcast_object_list(best, src=0)
-            self.best_state = best[0]
+            self.best_state = self.files.best_weights(self.dist)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
 
@@ -630,28 +624,64 @@ class Fitter:
                                           self.compute, with_index=True)
         return evaluation.collect_logits(self.model, self.loaders.valid, self.compute, "calibrate", with_index=True)
 
-    def log_summary(self, calibration, test_metrics):
-        """TensorBoard: the validation predictions' grid, and the run's flags with its best and test figures."""
-        if not self.dist.is_main:
-            return
-        writer = self.open_writer()
-        figure = prediction_grid(self.model, self.splits.valid, self.splits.class_names, self.meta, self.compute,
-                                 self.task, calibration=calibration)
-        if figure is not None:
-            writer.add_figure("Validation/Predictions", figure, self.state.epoch)
-        metrics = {f"hparam/{k}": float(v) for k, v in self.state.best_metrics.items()}
-        metrics.update({f"hparam/test_{k}": float(test_metrics[k]) for k in ("accuracy", "map") if k in test_metrics})
-        fitted = calibration or self.task.uncalibrated(len(self.splits.class_names))
-        metrics.update({f"hparam/{k}": float(v) for k, v in fitted.hparams().items()})
-        metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
-        log_hparams(writer, {k: v for k, v in self.config.flags.items() if v is not None}, metrics, self.state.epoch)
 
-    def write_best(self, entries, metrics):
-        """The best checkpoint once more, with what was fitted after training (the calibration's entries and
-        metrics, the out-of-distribution reference)."""
-        if not self.dist.is_main or not (entries or metrics):
-            return
-        ckpt = model_loader.safe_load(self.model_fn)
-        ckpt.update(entries)
-        ckpt["metrics"].update(metrics)
-        atomic_torch_save(ckpt, self.model_fn)
+# ----------------------------------------------------------------------------- a finished run's summary
+
+
+def log_summary(fitter, calibration, test_metrics):
+    """TensorBoard: the best model's validation predictions' grid, and the run's flags with its best and test
+    figures."""
+    writer = fitter.files.open_writer(fitter.state.epoch)
+    if writer is None:  # not rank 0
+        return
+    figure = prediction_grid(fitter.model, fitter.splits.valid, fitter.splits.class_names, fitter.meta,
+                             fitter.compute, fitter.task, calibration=calibration)
+    if figure is not None:
+        writer.add_figure("Validation/Predictions", figure, fitter.state.epoch)
+    metrics = {f"hparam/{k}": float(v) for k, v in fitter.state.best_metrics.items()}
+    metrics.update({f"hparam/test_{k}": float(test_metrics[k]) for k in ("accuracy", "map") if k in test_metrics})
+    fitted = calibration or fitter.task.uncalibrated(len(fitter.splits.class_names))
+    metrics.update({f"hparam/{k}": float(v) for k, v in fitted.hparams().items()})
+    metrics.update({f"hparam/{k}": float(v) for k, v in (calibration.metrics if calibration else {}).items()})
+    log_hparams(writer, {k: v for k, v in fitter.config.flags.items() if v is not None}, metrics, fitter.state.epoch)
+
+
+# ----------------------------------------------------------------------------- the first epoch's steps, one at a time
+# (what the learning-rate range test, lr_finder.py, runs instead of an epoch)
+
+
+def first_steps(fitter, batch_size):
+    """(module, endless (inputs, labels) batches) as the Fitter's first epoch trains: the head on cached features
+    when it uses the cache (built here), else the model on augmented images, with the first epoch's parameters
+    trainable; None when a stop signal arrived while the cache was built."""
+    frozen = fitter.backbone_frozen(0)
+    model_loader.set_backbone_trainable(fitter.model, fitter.head, not frozen)
+    if fitter.use_cache(0):
+        if not fitter.ensure_cache():
+            return None
+        return fitter.model.get_submodule(fitter.head).train(), cached_batches(
+            fitter.cache, fitter.train_labels, fitter.config.seed, batch_size, fitter.loaders.train.sampler.weights)
+    model_loader.set_train_mode(fitter.model, fitter.head, frozen)
+    return fitter.model, image_batches(fitter.loaders.train)
+
+
+def step(fitter, module, inputs, labels, schedule):
+    """One training step of `module` with the Fitter's optimizer, loss and scaler under `schedule`; its loss."""
+    meter = Meter(fitter.task)
+    inputs, labels = fitter.compute.to_device(inputs, labels, train=True)
+    train_step(module, inputs, labels, fitter.optimizer, schedule, fitter.scaler, fitter.criterion, fitter.compute,
+               meter)
+    return meter.loss / meter.count
+
+
+def batches_per_pass(fitter):
+    """Training batches in one pass over the readable images (the feature cache knows which are readable)."""
+    n = int(fitter.cache.train_ok.sum()) if fitter.cache is not None else len(fitter.splits.train)
+    return math.ceil(n / fitter.loaders.train.batch_size)
+
+
+def first_phase(fitter):
+    """What the first epoch trains, in words."""
+    if fitter.cache is not None:
+        return "head on cached features"
+    return "head only, frozen backbone" if fitter.backbone_frozen(0) else "whole model"
