@@ -15,17 +15,12 @@ from data_loader import TrainSampler, make_loader
 from utils import bar
 
 
-def hook_head_input(model, head, taken):
-    """At every forward pass, append the input of the classifier layer `head` to the list `taken`; returns the
-    hook's handle (its remove() ends it). The one place the classifier's input is caught."""
-    return model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: taken.append(inputs[0]))
-
-
 @contextmanager
 def capture_head_input(model, head):
-    """Inside: the list holds the input of the classifier layer `head` of every forward pass."""
+    """Inside: the list holds the input of the classifier layer `head` of every forward pass (feature
+    extraction and ood.py's passes; ood.ScoredModel keeps a hook of its own, which the exporters trace)."""
     taken = []
-    handle = hook_head_input(model, head, taken)
+    handle = model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: taken.append(inputs[0]))
     try:
         yield taken
     finally:

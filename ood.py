@@ -70,7 +70,7 @@ class ScoredModel(nn.Module):
         super().__init__()
         self.model, self.scorer = model, scorer
         self._taken = []
-        # the hook appends to an attribute (not features.hook_head_input's closed-over list): the ONNX and
+        # the hook appends to an attribute (not capture_head_input's closed-over list): the ONNX and
         # torch.export tracers replay a module attribute's mutation, not a closure's
         model.get_submodule(head).register_forward_pre_hook(lambda m, inputs: self._taken.append(inputs[0]))
 

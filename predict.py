@@ -225,11 +225,10 @@ def main(args):
         raise CLIError(f"--reject_ood: {args.model_fn} has no out-of-distribution reference (train.py writes one "
                        "unless --ood_method none)")
     rejecting = args.threshold is not None or args.reject_ood  # rows may be predicted as --unknown_label
-    if rejecting and args.unknown_label in class_names:
-        raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     task = tasks.for_checkpoint(ckpt)  # one label per image, or a set (its delimiter joins a cell's classes)
     calibration = task.calibration_of(ckpt)  # the temperature(s) and thresholds fitted in training
-    if task.empty_label_allowed and args.unknown_label in class_names:  # a row deciding no class says it
+    # a rejected row, or (several labels) a row deciding no class, is written as --unknown_label
+    if (rejecting or task.empty_label_allowed) and args.unknown_label in class_names:
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
     views = 2 if args.tta else 1  # the image, and its mirror image with --tta
     inputs, searched = gather_inputs(args, ckpt, task)

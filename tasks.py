@@ -228,11 +228,6 @@ class Tally:
             matrix[label][pred if pred != UNKNOWN else n] += 1
         return matrix
 
-    def report(self, class_names):
-        """(table, None): the per-class report."""
-        return self.task.report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
-                                class_names), None
-
     def confidence_correct(self):
         """The best class's probability and whether it is the label, per row."""
         return torch.stack(self.probs).max(1).values, torch.tensor(self.argmax) == torch.tensor(self.labels)
@@ -250,7 +245,8 @@ class Tally:
         confidence, correct = self.confidence_correct()
         lines.append(f"mean confidence {float(confidence.mean()):.4f}, ECE {metrics.ece(confidence, correct):.4f} "
                      f"({N_BINS} bins; temperature {calibration.temperature:.3f} from the checkpoint)")
-        return lines, self.report(class_names)[0]
+        return lines, self.task.report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
+                                       class_names)
 
 
 class SetTally(Tally):
@@ -261,18 +257,14 @@ class SetTally(Tally):
         self.preds.append(tuple(0 for _ in label) if pred == UNKNOWN else pred)
         self.probs.append(probs)
 
-    def report(self, class_names):
-        """(table, summary): the per-class report, and mAP, exact match and micro/macro F1."""
-        return self.task.set_report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
-                                    class_names)
-
     def confidence_correct(self):
         return torch.stack(self.probs).flatten(), torch.tensor(self.labels).flatten().bool()
 
     def summary(self, class_names, threshold, rejecting, calibration):
         """(lines to print, per-class report): mAP, exact match, micro/macro F1, and the ECE of the per-class
         probabilities."""
-        report, summary = self.report(class_names)
+        report, summary = self.task.set_report(torch.tensor(self.labels), torch.tensor(self.preds),
+                                               torch.stack(self.probs), class_names)
         confidence, correct = self.confidence_correct()
         return [f"{MultiLabel.describe_summary(summary)} (labelled; per-class thresholds "
                 + (f"replaced by --threshold {threshold:g}" if threshold is not None else "from the checkpoint")
@@ -450,8 +442,13 @@ class SingleLabel:
             return found, None
         calibration = calibration or self.uncalibrated(len(class_names))
         found.update(self.calibrated_figures(logits, labels, calibration))
-        probs = calibration.probabilities(logits)
-        return found, self.report(labels, probs.argmax(1), probs, class_names)
+        table, figures = self.test_report(labels, calibration.probabilities(logits), calibration, class_names)
+        found.update(figures)
+        return found, table
+
+    def test_report(self, labels, probs, calibration, class_names):
+        """(the test images' per-class report, the figures it adds to the test metrics): the top class decides."""
+        return self.report(labels, probs.argmax(1), probs, class_names), {}
 
     def calibrated_figures(self, logits, labels, calibration):
         """ece of the raw logits, and loss_calibrated and ece_calibrated under the calibration."""
@@ -693,18 +690,12 @@ class MultiLabel(SingleLabel):
     def report(self, labels, preds, probs, class_names):
         return self.set_report(labels, preds, probs, class_names)[0]
 
-    def test_results(self, logits, labels, calibration, class_names):
-        """Accuracy is the exact match of the thresholded sets, and the metrics add map, micro_f1, macro_f1."""
-        found = self.metrics(logits, labels)
-        if not len(labels):
-            return found, None
-        calibration = calibration or self.uncalibrated(len(class_names))
-        found.update(self.calibrated_figures(logits, labels, calibration))
-        probs = calibration.probabilities(logits)
+    def test_report(self, labels, probs, calibration, class_names):
+        """The calibration's thresholds decide the sets; accuracy becomes their exact match, and map, micro_f1
+        and macro_f1 are added."""
         table, summary = self.set_report(labels, calibration.decide(probs), probs, class_names)
-        found.update(accuracy=summary["exact_match"], map=summary["mAP"], micro_f1=summary["micro_f1"],
-                     macro_f1=summary["macro_f1"])
-        return found, table
+        return table, {"accuracy": summary["exact_match"], "map": summary["mAP"], "micro_f1": summary["micro_f1"],
+                       "macro_f1": summary["macro_f1"]}
 
     def loss_under(self, logits, labels, calibration):
         return metrics.bce(logits / torch.tensor(calibration.temperatures), labels)
