@@ -25,6 +25,14 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RRC_SCALE = (0.25, 1.0)  # RandomResizedCrop area range; torchvision's 0.08 is too harsh for small transfer sets
+# --augment: the training transform's policies, each keeping the label of an ordinary photo
+AUGMENT_POLICIES = {
+    "none": "the eval view (resize, center crop): no augmentation",
+    "light": "a crop of 70-100% of the image and a horizontal flip: small sets, small details that decide the class",
+    "default": "a crop of 25-100% of the image and a horizontal flip",
+    "strong": "a crop of 25-100%, a horizontal flip, TrivialAugment's colour and shape changes and random erasing: "
+              "larger sets, long runs",
+}
 
 
 # ----------------------------------------------------------------------------- files and decoding
@@ -83,13 +91,35 @@ def default_resize(input_size):
     return int(math.floor(input_size * 256 / 224))
 
 
-def build_transforms(input_size, resize_size, mean, std, train):
-    """Train: RandomResizedCrop + flip. Eval: resize the short side, then center crop. Both normalize."""
-    if train:
-        steps = [T.RandomResizedCrop(input_size, scale=RRC_SCALE, antialias=True), T.RandomHorizontalFlip()]
+class RandomQuarterTurn(torch.nn.Module):
+    """A turn by 0, 90, 180 or 270 degrees, drawn from torch's generator (so the per-image seed decides it)."""
+
+    def forward(self, img):
+        k = int(torch.randint(4, ()))
+        return img if k == 0 else img.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                                 Image.Transpose.ROTATE_270)[k - 1])
+
+
+def build_transforms(input_size, resize_size, mean, std, train, augment="default", any_orientation=False):
+    """Eval: resize the short side, then center crop. Train: the --augment policy (AUGMENT_POLICIES), with
+    vertical flips and quarter turns added for images that have no natural orientation. Both normalize."""
+    eval_steps = [T.Resize(resize_size, antialias=True), T.CenterCrop(input_size)]
+    if augment not in AUGMENT_POLICIES:
+        raise ValueError(f"unknown augmentation policy {augment!r}")
+    after = []
+    if not train or augment == "none":
+        steps = list(eval_steps)
+    elif augment == "light":
+        steps = [T.RandomResizedCrop(input_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
+                 T.RandomHorizontalFlip()]
     else:
-        steps = [T.Resize(resize_size, antialias=True), T.CenterCrop(input_size)]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+        steps = [T.RandomResizedCrop(input_size, scale=RRC_SCALE, antialias=True), T.RandomHorizontalFlip()]
+        if augment == "strong":
+            steps.append(T.TrivialAugmentWide())
+            after = [T.RandomErasing(p=0.25)]
+    if train and any_orientation:
+        steps += [T.RandomVerticalFlip(), RandomQuarterTurn()]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)] + after)
 
 
 def display_transform(input_size, resize_size):
@@ -428,11 +458,13 @@ class Loaders:
 
 
 def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_workers, seed,
-                  rank=0, world_size=1, pin_memory=False, class_weights=None, task=None):
-    """Train loader with augmentation and a seeded, sharded sampler; the others with eval transforms,
-    each image seen exactly once over all processes. `class_weights` turns on the balanced sampler; the task
-    (tasks.py) turns the labels into tensors."""
-    train_tf = build_transforms(input_size, resize_size, mean, std, train=True)
+                  rank=0, world_size=1, pin_memory=False, class_weights=None, task=None, augment="default",
+                  any_orientation=False):
+    """Train loader with augmentation (the `augment` policy) and a seeded, sharded sampler; the others with eval
+    transforms, each image seen exactly once over all processes. `class_weights` turns on the balanced sampler;
+    the task (tasks.py) turns the labels into tensors."""
+    train_tf = build_transforms(input_size, resize_size, mean, std, train=True, augment=augment,
+                                any_orientation=any_orientation)
     eval_tf = build_transforms(input_size, resize_size, mean, std, train=False)
     sample_weights = None
     if class_weights is not None:

@@ -222,22 +222,112 @@ def set_backbone_trainable(model, head, trainable):
             p.requires_grad_(trainable)
 
 
-def set_train_mode(model, head, backbone_frozen):
-    """model.train(), except a frozen backbone stays in eval mode (BatchNorm statistics must not drift)."""
+BATCHNORM_POLICIES = {
+    "frozen": "the pretrained statistics are kept while fine-tuning (BatchNorm layers in inference mode; their "
+              "scale and shift still train)",
+    "reestimate": "the statistics are measured again on the training images before the probe, then kept",
+    "train": "the statistics follow each training batch, as in plain PyTorch training",
+}
+
+
+def batchnorm_layers(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def set_train_mode(model, head, backbone_frozen, batchnorm="train"):
+    """model.train(), except a frozen backbone stays in eval mode (BatchNorm statistics must not drift), and
+    with the BatchNorm policy "frozen" or "reestimate" the BatchNorm layers stay in inference mode while every
+    layer trains (BATCHNORM_POLICIES)."""
     if backbone_frozen:
         model.eval()
         model.get_submodule(head).train()
-    else:
-        model.train()
+        return
+    model.train()
+    if batchnorm != "train":
+        for m in batchnorm_layers(model):
+            m.eval()
 
 
-def param_groups(model, head, lr, backbone_lr_scale, weight_decay):
-    """Two groups: the new head at lr, the pretrained part at lr * backbone_lr_scale."""
-    head_params = [p for n, p in model.named_parameters() if is_head_param(n, head)]
-    backbone_params = [p for n, p in model.named_parameters() if not is_head_param(n, head)]
-    return [{"params": head_params, "lr": lr, "weight_decay": weight_decay, "name": "head"},
-            {"params": backbone_params, "lr": lr * backbone_lr_scale, "weight_decay": weight_decay,
-             "name": "backbone"}]
+@torch.no_grad()
+def reestimate_batchnorm(model, batches, stop=lambda: False):
+    """BatchNorm running statistics measured again as the plain average over `batches` (images already on the
+    model's device), the rest of the model untouched; False when `stop()` turned true (the statistics are then
+    put back)."""
+    layers = batchnorm_layers(model)
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    was_training = model.training
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    done = True
+    for images in batches:
+        model(images)
+        if stop():
+            done = False
+            break
+    for m, (momentum, mean, var, count) in zip(layers, saved):
+        m.momentum = momentum
+        if not done:
+            m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
+    model.train(was_training)
+    return done
+
+
+def backbone_blocks(model, head, min_blocks=4):
+    """The backbone's parameter names grouped into its blocks, input side first: the top-level modules, with the
+    one holding most of the parameters split into its children until there are `min_blocks` or more and none
+    holds over half of them (ResNet: conv1, bn1, layer1..layer4; EfficientNet and MobileNet: features.0..N;
+    ViT: its encoder layers). [] when the parameters cannot be split into at least two blocks."""
+    sizes = {n: p.numel() for n, p in model.named_parameters() if not is_head_param(n, head)}
+    total = sum(sizes.values())
+
+    def split(prefix, names):
+        """names under prefix grouped by their next name part, in order, going down through modules that have a
+        single child; None for a single parameter."""
+        while True:
+            groups = {}
+            for n in names:
+                part, dot, _ = n[len(prefix):].partition(".")
+                groups.setdefault(prefix + part + dot, []).append(n)
+            if len(groups) > 1:
+                return list(groups.items())
+            prefix = next(iter(groups))
+            if not prefix.endswith("."):
+                return None
+
+    blocks = [("", list(sizes))]
+    while True:
+        weights = [sum(sizes[n] for n in names) for _, names in blocks]
+        largest = max(range(len(blocks)), key=weights.__getitem__)
+        if len(blocks) >= min_blocks and weights[largest] <= total / 2:
+            break
+        parts = split(*blocks[largest])
+        if parts is None:
+            break
+        blocks[largest:largest + 1] = parts
+    return [names for _, names in blocks] if len(blocks) > 1 else []
+
+
+def param_groups(model, head, lr, backbone_lr_scale, weight_decay, layer_decay=1.0):
+    """The new head at lr, the pretrained part at lr * backbone_lr_scale; with layer_decay < 1 the backbone is
+    split into its blocks (backbone_blocks), the top one at that rate and each block below at layer_decay times
+    the rate of the block above (discriminative rates). Raises ValueError when the blocks cannot be found."""
+    params = dict(model.named_parameters())
+    head_params = [p for n, p in params.items() if is_head_param(n, head)]
+    groups = [{"params": head_params, "lr": lr, "weight_decay": weight_decay, "name": "head"}]
+    if layer_decay == 1.0:
+        backbone_params = [p for n, p in params.items() if not is_head_param(n, head)]
+        return groups + [{"params": backbone_params, "lr": lr * backbone_lr_scale, "weight_decay": weight_decay,
+                          "name": "backbone"}]
+    blocks = backbone_blocks(model, head)
+    if not blocks:
+        raise ValueError("its backbone's blocks could not be told apart")
+    for depth, names in enumerate(reversed(blocks)):  # the top block first, at the backbone's rate
+        groups.append({"params": [params[n] for n in names], "lr": lr * backbone_lr_scale * layer_decay ** depth,
+                       "weight_decay": weight_decay, "name": f"backbone.{len(blocks) - 1 - depth}"})
+    return groups
 
 
 def is_convolutional(model):

@@ -26,13 +26,20 @@ import trainer
 from metrics import N_BINS
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, input_names_in,
-                   resolve_device, seed_everything)
+                   precision_for, resolve_device, seed_everything)
 
+
+DEFAULT_BATCHNORM = "frozen"  # measured: bench/finetune_bench.py, docs/finetune.md
+DEFAULT_LAYER_DECAY = 1.0
 
 EXAMPLES = """examples:
   python train.py --model_name resnet18 --input_size 64 --n_epochs 5         # the shipped sample, from scratch
   python train.py --data_dir my_images --use_pretrained --freeze             # mode 1: new head on a frozen backbone
-  python train.py --data_dir my_images --use_pretrained --unfreeze_after 2   # mode 2: then fine-tune everything"""
+  python train.py --data_dir my_images --use_pretrained                      # mode 2: probe, then fine-tune all
+  python train.py --data_dir cells --use_pretrained --augment light --any_orientation   # small details, no "up"
+
+--augment: """ + "; ".join(f"{k}: {v}" for k, v in data_loader.AUGMENT_POLICIES.items()) + """
+--batchnorm: """ + "; ".join(f"{k}: {v}" for k, v in model_loader.BATCHNORM_POLICIES.items())
 
 
 def build_parser():
@@ -72,6 +79,13 @@ def build_parser():
     add("--freeze", action="store_true", help="mode 1: freeze the backbone, train only the new head")
     add("--unfreeze_after", type=int, default=0, help="mode 2: train the head alone for N epochs, then fine-tune all")
     add("--backbone_lr_scale", type=float, default=0.1, help="mode 2: backbone learning rate = lr * this")
+    add("--no_probe", action="store_true", help="mode 2: fine-tune from the new head directly; by default a "
+        "pretrained backbone's head is first fitted on its cached features (a linear probe, L2 chosen on "
+        "validation), and the run keeps the probe when fine-tuning does not beat it")
+    add("--batchnorm", choices=list(model_loader.BATCHNORM_POLICIES), default=None, help="mode 2: BatchNorm "
+        f"while fine-tuning (default: {DEFAULT_BATCHNORM} for pretrained backbones, else train; see the policies below)")
+    add("--layer_decay", type=float, default=None, help="mode 2: discriminative rates: each backbone block "
+        f"learns at this times the rate of the block above it (default {DEFAULT_LAYER_DECAY}; 1 = one rate for the backbone)")
     add("--ood_method", choices=list(ood.METHODS) + ["none"], default=ood.DEFAULT_METHOD, help="how predict.py "
         "scores an image's unlikeness to the training images (ood_score, in_distribution); none = keep no reference")
     add("--ood_keep", type=float, default=0.95, help="share of the validation images the out-of-distribution "
@@ -87,6 +101,10 @@ def build_parser():
     add("--lr_schedule", choices=["cosine", "constant"], default="cosine", help="after the warm-up")
     add("--warmup", type=float, default=0.05, help="share of each phase's steps spent warming up linearly")
     add("--label_smoothing", type=float, default=0.0, help="0.1 is a common choice")
+    add("--augment", choices=list(data_loader.AUGMENT_POLICIES), default="default", help="the training images' "
+        "augmentation (policies below); light for small sets whose classes hang on small details")
+    add("--any_orientation", action="store_true", help="the images have no natural up (cells, slides, aerial "
+        "and microscope images): vertical flips and quarter turns are added to the augmentation")
     add("--patience", type=int, default=5, help="epochs without a better validation loss before stopping; 0 = never")
     add("--seed", type=int, default=42, help="seeds the split, the initial head, shuffling and augmentation")
     add("--log_dir", default=None, help="run folder for TensorBoard, metrics.csv and split lists "
@@ -98,7 +116,10 @@ def build_parser():
 
     add = flag_adder(p.add_argument_group("speed"))
     add("--gpu_id", type=int, default=None, help="CUDA device; -1 = CPU (default: GPU 0, else Apple MPS, else CPU)")
-    add("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + GradScaler on GPUs without bf16)")
+    add("--amp", action="store_const", const=True, default=None, help="mixed precision everywhere: bf16 autocast "
+        "(fp16 + GradScaler on GPUs without bf16); by default only fine-tuning steps run in bf16, where the "
+        "GPU or CPU (AVX512-BF16, AMX) computes it natively")
+    add("--no_amp", dest="amp", action="store_const", const=False, help="fp32 everywhere")
     add("--no_channels_last", action="store_true", help="keep NCHW memory format for convolutional backbones")
     add("--no_feature_cache", action="store_true", help="with --freeze, run the backbone every epoch")
     add("--cache_views", type=int, default=1, help="augmented views cached per training image (1 = eval transform)")
@@ -132,6 +153,11 @@ def check_args(args):
             raise CLIError(f"--{name} must be positive; got {getattr(args, name)}")
     if (args.num_workers or 0) < 0 or args.patience < 0 or args.unfreeze_after < 0 or args.save_interval < 0:
         raise CLIError("--num_workers, --patience, --unfreeze_after and --save_interval must be 0 or more")
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise CLIError(f"--layer_decay must be in (0, 1]; got {args.layer_decay}")
+    if args.freeze and (args.batchnorm or args.layer_decay is not None or args.no_probe):
+        raise CLIError("--batchnorm, --layer_decay and --no_probe shape fine-tuning; --freeze keeps the backbone "
+                       "as it is")
     if not 0 < args.ood_keep <= 1:
         raise CLIError(f"--ood_keep must be in (0, 1]; got {args.ood_keep}")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.warmup < 1:
@@ -184,10 +210,30 @@ def model_meta(args, model_name):
             "mean": defaults["mean"], "std": defaults["std"]}
 
 
-def fit_config(args, lr=None, backbone_lr_scale=None, class_weights=None):
+def fine_tuning(args, model, head, pretrained):
+    """(probe, BatchNorm policy, layer decay) of a fine-tune: the flags', else the defaults: the linear probe
+    first for a pretrained backbone, BatchNorm DEFAULT_BATCHNORM for a pretrained backbone that has BatchNorm
+    (else "train"), DEFAULT_LAYER_DECAY. One error line for a policy the model cannot follow."""
+    has_bn = bool(model_loader.batchnorm_layers(model))
+    if args.batchnorm and not has_bn:
+        raise CLIError(f"--batchnorm {args.batchnorm}: {args.model_name} has no BatchNorm layers; leave the flag out")
+    batchnorm = args.batchnorm or (DEFAULT_BATCHNORM if has_bn and pretrained else "train")
+    decay = DEFAULT_LAYER_DECAY if args.layer_decay is None else args.layer_decay
+    if decay != 1.0 and not model_loader.backbone_blocks(model, head):
+        if args.layer_decay is not None:
+            raise CLIError(f"--layer_decay: {args.model_name}'s backbone blocks could not be told apart; leave "
+                           "the flag out")
+        decay = 1.0
+    probe = pretrained and not args.no_probe and not args.freeze and not args.unfreeze_after
+    return probe, batchnorm, decay
+
+
+def fit_config(args, lr=None, backbone_lr_scale=None, class_weights=None, tuning=(False, "train", 1.0)):
     """The Fitter's settings (trainer.FitConfig) from the flags: lr and backbone_lr_scale as train.py adjusts
-    them (--scale_lr; a backbone from random init learns at the full rate), else the flags'."""
-    return trainer.FitConfig(
+    them (--scale_lr; a backbone from random init learns at the full rate), else the flags'; `tuning` as
+    fine_tuning() gives."""
+    probe, batchnorm, layer_decay = tuning
+    return trainer.FitConfig(probe=probe, batchnorm=batchnorm, layer_decay=layer_decay,
         n_epochs=args.n_epochs, frozen_epochs=args.n_epochs if args.freeze else args.unfreeze_after,
         lr=args.lr if lr is None else lr,
         backbone_lr_scale=args.backbone_lr_scale if backbone_lr_scale is None else backbone_lr_scale,
@@ -286,7 +332,7 @@ def finish_run(args, fitter, result, run_dir):
     """After the epochs, one sequence on the best model: calibrate it on the validation images, test it, fit the
     out-of-distribution reference, rank the top losses, then write the best checkpoint once with what was
     fitted. Fills result's calibration, test metrics and report; returns the lines to print."""
-    if result.interrupted or not result.state.best_epoch:
+    if result.interrupted or not result.state.best_metrics:
         return []
     task, compute, names = fitter.task, fitter.compute, fitter.splits.class_names
     fitter.load_best()
@@ -324,6 +370,8 @@ def build_fitter(args, model_name, splits, meta, resume, run_dir, task, compute_
                   "backbone: only the head trains, on random features", file=sys.stderr)
     if resume is not None:
         check_resumable(args, resume, model_name, splits, task)
+    pretrained = bool(args.use_pretrained or args.weights)
+    tuning = fine_tuning(args, model, head, pretrained)
     channels_last = model_loader.is_convolutional(model) and not args.no_channels_last
     train_cl = trainer.train_channels_last(device, channels_last)
     model = model.to(device, memory_format=torch.channels_last if train_cl else torch.preserve_format)
@@ -331,7 +379,7 @@ def build_fitter(args, model_name, splits, meta, resume, run_dir, task, compute_
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     lr = args.lr * (dist.world_size if args.scale_lr else 1)
     # the smaller rate is for pretrained weights; a backbone from random init learns at the full rate
-    lr_scale = args.backbone_lr_scale if (args.use_pretrained or args.weights) else 1.0
+    lr_scale = args.backbone_lr_scale if pretrained else 1.0
     balance = task.loss_weights(splits.train, n_classes)
     workers = args.num_workers
     if workers is None:
@@ -339,13 +387,17 @@ def build_fitter(args, model_name, splits, meta, resume, run_dir, task, compute_
     loaders = data_loader.build_loaders(
         splits, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], args.batch_size,
         workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
-        class_weights=balance if args.balanced_sampler else None, task=task)
+        class_weights=balance if args.balanced_sampler else None, task=task, augment=args.augment,
+        any_orientation=args.any_orientation)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         data_loader.write_split_lists(splits, run_dir, task)
-    compute = Compute(device, amp_dtype_for(device, args.amp, log), channels_last, train_cl, dist, stop,
-                      progress=dist.is_main and args.verbose >= 2)
-    config = fit_config(args, lr, lr_scale, balance if args.class_weights == "auto" else None)
+    forward_dtype, train_dtype, precision = precision_for(device, args.amp)
+    compute = Compute(device, forward_dtype, channels_last, train_cl, dist, stop,
+                      progress=dist.is_main and args.verbose >= 2, train_amp_dtype=train_dtype)
+    config = fit_config(args, lr, lr_scale, balance if args.class_weights == "auto" else None, tuning)
+    if not args.freeze:
+        log(f"precision: {precision}; training memory format: {'channels_last' if train_cl else 'NCHW'}")
     fitter = trainer.Fitter(model, head, splits, loaders, compute, config, meta, args.model_fn,
                             last_path(args.model_fn), run_dir, log, task)
     if resume is not None:
@@ -372,9 +424,12 @@ def check_resumable(args, resume, model_name, splits, task):
 def print_summary(args, result, run_dir, task, lines, say):
     """What a finished run prints: the best epoch, the calibration, the reference and top losses, the test."""
     state = result.state
-    if state.best_epoch:
+    if result.transfer_note:
+        say(result.transfer_note)
+    if state.best_metrics:
         m = state.best_metrics
-        say(f"best epoch {state.best_epoch}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> "
+        best = f"best epoch {state.best_epoch}" if state.best_epoch else "best: the linear probe"
+        say(f"{best}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> "
             f"{args.model_fn}")
         say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
             else "calibration: no validation images could be read; temperature stays 1.0")
@@ -443,8 +498,8 @@ def main(args):
         seed_everything(args.seed)
         fitter, source = build_fitter(args, model_name, splits, meta, resume, run_dir, task, (device, dist, stop),
                                       log, say)
-        mode = "frozen backbone, head only" if args.freeze else (
-            f"head only for {args.unfreeze_after} epochs, then fine-tune" if args.unfreeze_after else "fine-tune all")
+        mode = fitter.mode() + ("" if args.freeze else f"; augment {args.augment}"
+                                + (" + any orientation" if args.any_orientation else ""))
         log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
             f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / {len(splits.test)} test; "
             f"input {meta['input_size']}px; backbone weights: {source}; run folder {run_dir}")
@@ -466,7 +521,10 @@ def main(args):
     if result.skipped_per_class:
         say(f"skipped unreadable images per class: {result.skipped_per_class}")
     if result.interrupted:
-        if result.state.epoch == 0:  # resuming from nothing would be a fresh start
+        if result.state.probe and result.state.epoch == 0:
+            say(f"interrupted after the linear probe ({args.model_fn} holds it); continue with: python train.py "
+                f"--resume {last_path(args.model_fn)}")
+        elif result.state.epoch == 0:  # resuming from nothing would be a fresh start
             say("interrupted before the first epoch finished: nothing was trained yet and nothing was saved; "
                 "run the same command again to start")
         else:

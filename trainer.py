@@ -15,17 +15,20 @@ import model_loader
 from cli import CLIError
 from data_loader import Preprocess, SkipLog, TrainSampler, load_rgb
 from features import build_feature_cache, head_takes_features
-from utils import all_reduce_sum, atomic_open, atomic_torch_save, bar, image_grid_figure, seed_everything
+import probe
+from utils import (all_reduce_sum, atomic_open, atomic_torch_save, bar, cpu_has_fast_bf16, image_grid_figure,
+                   seed_everything)
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
 
 
 def train_channels_last(device, channels_last):
-    """channels_last for training steps too, except on the CPU: there oneDNN's channels_last convolution
-    backward ran 30% slower than NCHW (11.0 s against 8.5 s per two ResNet-34 steps, profiled on an AVX2
-    EPYC), more than its faster forward gains, while forward-only passes gain 1.2-1.3x. The weights stay
-    NCHW then; a channels_last input still takes the fast forward path."""
-    return channels_last and device.type != "cpu"
+    """channels_last for training steps too, except on CPUs without AVX512-BF16/AMX: there oneDNN's
+    channels_last convolution backward ran 30% slower than NCHW (11.0 s against 8.5 s per two ResNet-34 steps,
+    profiled on an AVX2 EPYC), more than its faster forward gains, while forward-only passes gain 1.2-1.3x. The
+    weights stay NCHW then; a channels_last input still takes the fast forward path. On an AVX512-BF16 EPYC
+    channels_last training steps were faster in fp32 and bf16 alike (bench/finetune_bench.py)."""
+    return channels_last and (device.type != "cpu" or cpu_has_fast_bf16())
 
 
 class Meter:
@@ -66,9 +69,10 @@ class Meter:
 # ----------------------------------------------------------------------------- epochs
 
 
-def train_step(model, images, labels, optimizer, scheduler, scaler, criterion, compute, meter):
-    """Forward, backward, optimizer and schedule step for one batch (the same for images and features)."""
-    with compute.autocast():
+def train_step(model, images, labels, optimizer, scheduler, scaler, criterion, compute, meter, whole=False):
+    """Forward, backward, optimizer and schedule step for one batch (the same for images and features); `whole`
+    when the backbone trains too (fine-tuning's precision, Compute.autocast)."""
+    with compute.autocast(train=whole):
         logits = model(images)
         loss = criterion(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -79,14 +83,15 @@ def train_step(model, images, labels, optimizer, scheduler, scaler, criterion, c
     meter.update(loss.detach(), logits.detach(), labels)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, compute, skips, desc="train"):
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, compute, skips, desc="train",
+                    whole=False):
     """One pass over the loader. Returns metrics, or None when a stop signal arrived (epoch abandoned)."""
     meter = Meter(loader.dataset.task)
     for batch in bar(loader, compute, desc):
         skips.add(batch.bad)
         if batch.labels.numel():
             images, labels = compute.to_device(batch.images, batch.labels, train=True)
-            train_step(model, images, labels, optimizer, scheduler, scaler, criterion, compute, meter)
+            train_step(model, images, labels, optimizer, scheduler, scaler, criterion, compute, meter, whole)
         if compute.stop_requested():
             return None
     return meter.result(compute.dist, compute.device)
@@ -192,6 +197,12 @@ def lr_factor(step, phases, warmup_fraction, schedule):
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def settled_head_factor(step, schedule, settled_from, scale):
+    """The head's factor: the schedule's, times `scale` (the backbone's rate relative to the head's) from step
+    `settled_from` on, so that fine-tuning never throws a fitted head back to its own high rate."""
+    return schedule(step) * (scale if step >= settled_from else 1.0)
+
+
 # ----------------------------------------------------------------------------- logging
 
 
@@ -214,6 +225,14 @@ def epoch_row(epoch, train, valid, lr, seconds):
            "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"], "lr": lr, "seconds": round(seconds, 3),
            "valid_count": valid["count"]}
     return {**row, **added_metrics(valid)}
+
+
+def pace(train, valid, seconds, epochs_left):
+    """'N img/s, M:SS left': the epoch's images (trained and validated, all processes) per second, and the
+    remaining epochs at this epoch's pace."""
+    rate = (train["count"] + valid["count"]) / max(seconds, 1e-9)
+    left = round(seconds * epochs_left)
+    return f"{rate:.1f} img/s, {left // 60}:{left % 60:02d} left"
 
 
 def write_metrics_csv(history, path):
@@ -299,6 +318,7 @@ class TrainState:
     bad_epochs: int = 0  # epochs since the best validation loss (early stopping)
     history: list = field(default_factory=list)  # one dict per completed epoch (metrics.csv rows)
     skipped: dict = field(default_factory=dict)  # unreadable files seen so far: path -> label
+    probe: dict = field(default_factory=dict)  # the linear probe's outcome (l2, valid_loss, ...), once it ran
 
     @property
     def best_loss(self):
@@ -313,6 +333,7 @@ class FitResult:
     test_metrics: dict
     skipped_per_class: dict
     cache_note: str
+    transfer_note: str = ""  # whether fine-tuning beat the head fitted on the frozen backbone (Fitter.transfer_note)
     calibration: object = None  # the task's calibration (tasks.py), None when there were no validation logits
     test_report: object = None  # pandas DataFrame (the task's per-class report) of the test split
 
@@ -335,6 +356,9 @@ class FitConfig:
     cache_memory_mb: int = 2048
     save_interval: float = 30  # seconds between checkpoint writes when epochs are shorter
     class_weights: tuple = None  # the loss's per-class weights (--class_weights auto), None = plain
+    probe: bool = False  # LP-FT: fit the head on the frozen backbone's cached features first (probe.py)
+    batchnorm: str = "train"  # fine-tuning's BatchNorm policy (model_loader.BATCHNORM_POLICIES)
+    layer_decay: float = 1.0  # each backbone block's rate = the block above's * this (1.0 = one backbone rate)
     flags: dict = field(default_factory=dict)  # the run's flags, as the checkpoint and TensorBoard record them
 
 
@@ -416,8 +440,12 @@ class Fitter:
         self.files = RunFiles(model_fn, last_fn, run_dir, config.save_interval, compute.dist.is_main)
         self.dist = compute.dist
         self.frozen_epochs = min(config.frozen_epochs, config.n_epochs)
-        self.cache_possible = config.feature_cache and self.frozen_epochs > 0 and head_takes_features(
-            model, head, meta["input_size"], compute.device)
+        features_ok = head_takes_features(model, head, meta["input_size"], compute.device)
+        self.probe = config.probe and not self.frozen_epochs and features_ok
+        if config.probe and not self.probe and not self.frozen_epochs:
+            log(f"linear probe: not available for {meta['model_name']} (its classifier is not the last layer); "
+                "fine-tuning from the new head")
+        self.cache_possible = features_ok and (config.feature_cache and self.frozen_epochs > 0 or self.probe)
         if config.feature_cache and self.frozen_epochs and not self.cache_possible:
             log(f"feature cache: not available for {meta['model_name']} (its classifier is not the last layer); "
                 "training through the frozen backbone")
@@ -426,7 +454,8 @@ class Fitter:
         cached_steps = math.ceil(len(splits.train) / self.global_batch)
         frozen_steps = max(1, cached_steps if self.cache_possible else len(loaders.train))
         steps = max(1, len(loaders.train))
-        groups = model_loader.param_groups(model, head, config.lr, config.backbone_lr_scale, config.weight_decay)
+        groups = model_loader.param_groups(model, head, config.lr, config.backbone_lr_scale, config.weight_decay,
+                                           config.layer_decay)
         if self.frozen_epochs >= config.n_epochs:  # --freeze: the optimizer gets the head's parameters only
             groups = groups[:1]
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -435,9 +464,14 @@ class Fitter:
             start = self.frozen_epochs * frozen_steps
             phases = ([phases[0]] if self.frozen_epochs else []) + [
                 (start, (config.n_epochs - self.frozen_epochs) * steps)]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(lr_factor, phases=phases, warmup_fraction=config.warmup, schedule=config.lr_schedule))
-        self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.amp_dtype == torch.float16)
+        schedule = partial(lr_factor, phases=phases, warmup_fraction=config.warmup, schedule=config.lr_schedule)
+        # a head already fitted (the probe, or head-only epochs) fine-tunes at the backbone's top rate
+        settled = self.frozen_epochs * frozen_steps if (self.probe or self.frozen_epochs) else math.inf
+        head_schedule = partial(settled_head_factor, schedule=schedule, settled_from=settled,
+                                scale=config.backbone_lr_scale)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [head_schedule] + [schedule] * (len(groups) - 1))
+        self.scaler = torch.amp.GradScaler(compute.device.type,
+                                           enabled=(compute.train_amp_dtype or compute.amp_dtype) == torch.float16)
         self.criterion = self.task.criterion(config.class_weights, config.label_smoothing).to(compute.device)
         self.train_labels = self.task.tensor(y for _, y in splits.train)
         self.valid_labels = self.task.tensor(y for _, y in splits.valid)
@@ -498,6 +532,17 @@ class Fitter:
 
     # -- phases
 
+    def mode(self):
+        """How this run trains, in words."""
+        config = self.config
+        if self.frozen_epochs >= config.n_epochs:
+            return "frozen backbone, head only"
+        first = ("linear probe on cached features, then " if self.probe else
+                 f"head only for {self.frozen_epochs} epochs, then " if self.frozen_epochs else "")
+        how = [f"BatchNorm {config.batchnorm}"] if model_loader.batchnorm_layers(self.model) else []
+        how += [f"layer decay {config.layer_decay:g}"] if config.layer_decay != 1.0 else []
+        return f"{first}fine-tune all" + (f" ({', '.join(how)})" if how else "")
+
     def backbone_frozen(self, epoch):
         return epoch < self.frozen_epochs
 
@@ -554,17 +599,91 @@ class Fitter:
             return train, valid
         if not frozen:
             self.cache = None  # fine-tuning changes the backbone: cached features are stale
-        model_loader.set_train_mode(self.model, self.head, frozen)
+        model_loader.set_train_mode(self.model, self.head, frozen, config.batchnorm)
         train = train_one_epoch(self.forward_model(frozen), self.loaders.train, self.optimizer, self.scheduler,
                                 self.scaler, self.criterion, compute, self.skips,
-                                desc=f"epoch {epoch + 1}/{config.n_epochs}")
+                                desc=f"epoch {epoch + 1}/{config.n_epochs}", whole=not frozen)
         if train is None:
             return None
         return train, evaluate(self.model, self.loaders.valid, compute, self.skips)
 
+    # -- the linear probe (LP-FT's first stage)
+
+    def fit_probe(self):
+        """BatchNorm statistics re-estimated when the policy says so, the feature cache built, and the head fitted
+        on it (probe.py); the probe becomes the best so far and both checkpoints are written, so a fine-tune
+        stopped later resumes after it. False when a stop signal arrived."""
+        state, compute = self.state, self.compute
+        start = time.perf_counter()
+        if self.config.batchnorm == "reestimate" and not self.reestimate_batchnorm():
+            return False
+        if not self.ensure_cache():
+            return False
+        head_module = self.model.get_submodule(self.head)
+        ok, views = self.cache.train_ok, self.cache.train.shape[0]
+        train_x = self.cache.train[:, ok].reshape(-1, self.cache.train.shape[2]).to(compute.device)
+        train_y = self.train_labels[ok].repeat(views, *[1] * (self.train_labels.dim() - 1)).to(compute.device)
+        valid_x = self.cache.valid[0, self.cache.valid_ok].to(compute.device)
+        valid_y = self.valid_labels[self.cache.valid_ok].to(compute.device)
+        fitted = probe.fit_probe(head_module, train_x, train_y, valid_x, valid_y, self.criterion, self.task,
+                                 stop=compute.stop_requested)
+        if fitted is None:
+            return False
+        valid = fitted.valid
+        state.probe = {"l2": fitted.l2, "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
+                       "seconds": round(time.perf_counter() - start, 3)}
+        state.best_epoch, state.bad_epochs = 0, 0
+        state.best_metrics = {"valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
+                              "train_loss": fitted.train_loss, "best_epoch": 0, **added_metrics(valid)}
+        self.best_state = model_loader.weights_copy(self.model)
+        self.log(f"linear probe: L2 {fitted.l2:g} chosen on validation (loss {valid['loss']:.4f}, accuracy "
+                 f"{valid['accuracy']:.4f}), fitted in {fitted.seconds:.1f}s on the features of "
+                 f"{int(ok.sum())} training images ({self.cache.seconds:.1f}s); now fine-tuning every layer")
+        self.save_checkpoints(improved=True, force=True)
+        return True
+
+    def reestimate_batchnorm(self):
+        """BatchNorm statistics measured on the training images (eval view) before the probe; under torchrun each
+        rank measures its share and the averages are averaged."""
+        compute = self.compute
+        batches = (compute.to_device(b.images) for b in self.loaders.train_eval if b.labels.numel())
+        with torch.inference_mode(False):
+            done = model_loader.reestimate_batchnorm(self.model, batches, compute.stop_requested)
+        if done and self.dist.enabled:
+            for m in model_loader.batchnorm_layers(self.model):
+                for t in (m.running_mean, m.running_var):
+                    torch.distributed.all_reduce(t)
+                    t /= self.dist.world_size
+        if done:
+            self.log("BatchNorm: statistics re-estimated on the training images")
+        return done
+
+    def transfer_note(self):
+        """One line: did fine-tuning beat the head fitted on the frozen backbone (the probe, or the best head-only
+        epoch), by validation loss? Empty when the run had no such stage or did not fine-tune yet."""
+        state = self.state
+        if self.probe and state.probe:
+            before, what = state.probe["valid_loss"], "the linear probe"
+        elif 0 < self.frozen_epochs < state.epoch:
+            rows = state.history[:self.frozen_epochs]
+            best = min(rows, key=lambda r: r["valid_loss"])
+            before, what = best["valid_loss"], f"head-only epoch {best['epoch']}"
+        else:
+            return ""
+        tuned = [r["valid_loss"] for r in state.history if r["epoch"] > self.frozen_epochs]
+        if not tuned:
+            return ""
+        if state.best_epoch > self.frozen_epochs:
+            return f"fine-tuning improved validation loss {before:.4f} -> {state.best_loss:.4f} (epoch {state.best_epoch})"
+        return (f"kept {what}: fine-tuning did not beat its validation loss {before:.4f} (best fine-tuned epoch: "
+                f"{min(tuned):.4f})")
+
     def fit(self):
         config, state = self.config, self.state
         interrupted = stopped_early = False
+        if self.probe and not state.probe and state.epoch == 0 and not self.fit_probe():
+            self.files.write_pending()
+            return self.finish(True, False)
         for epoch in bar(range(state.epoch, config.n_epochs), self.compute, "epochs"):
             start = time.perf_counter()
             result = self.run_epoch(epoch)
@@ -590,7 +709,8 @@ class Fitter:
                 write_metrics_csv(state.history, self.run_dir / "metrics.csv")
                 self.log(f"epoch {state.epoch}/{config.n_epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}"
                          f"  valid loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}  lr {row['lr']:.2e}"
-                         f"  {row['seconds']:.1f}s{'  *best' if improved else ''}")
+                         f"  {row['seconds']:.1f}s, {pace(train, valid, row['seconds'], config.n_epochs - state.epoch)}"
+                         f"{'  *best' if improved else ''}")
             stopped_early = bool(config.patience and state.bad_epochs >= config.patience)
             interrupted = not stopped_early and self.compute.stop_requested()
             self.save_checkpoints(improved, force=stopped_early or interrupted or state.epoch == config.n_epochs)
@@ -604,7 +724,8 @@ class Fitter:
     def finish(self, interrupted, stopped_early):
         """The fit's result; what the best model gets after training is train.py's (finish_run)."""
         note = f"feature cache {self.cache.seconds:.1f}s" if self.cache is not None else ""
-        return FitResult(self.state, interrupted, stopped_early, {}, self.skips.per_class(), note)
+        return FitResult(self.state, interrupted, stopped_early, {}, self.skips.per_class(), note,
+                         self.transfer_note())
 
     # -- the best model, after the epochs
 
@@ -661,7 +782,7 @@ def first_steps(fitter, batch_size):
             return None
         return fitter.model.get_submodule(fitter.head).train(), cached_batches(
             fitter.cache, fitter.train_labels, fitter.config.seed, batch_size, fitter.loaders.train.sampler.weights)
-    model_loader.set_train_mode(fitter.model, fitter.head, frozen)
+    model_loader.set_train_mode(fitter.model, fitter.head, frozen, fitter.config.batchnorm)
     return fitter.model, image_batches(fitter.loaders.train)
 
 
@@ -670,7 +791,7 @@ def step(fitter, module, inputs, labels, schedule):
     meter = Meter(fitter.task)
     inputs, labels = fitter.compute.to_device(inputs, labels, train=True)
     train_step(module, inputs, labels, fitter.optimizer, schedule, fitter.scaler, fitter.criterion, fitter.compute,
-               meter)
+               meter, whole=module is fitter.model and not fitter.backbone_frozen(0))
     return meter.loss / meter.count
 
 

@@ -52,11 +52,14 @@ class Compute:
     dist: object = None  # utils.DistInfo
     stop: object = None  # cli.StopFlag
     progress: bool = False  # tqdm bars
+    train_amp_dtype: torch.dtype = None  # training steps through the backbone when it differs (precision_for)
 
-    def autocast(self):
-        if self.amp_dtype is None:
+    def autocast(self, train=False):
+        """The precision of forward-only passes, or with train=True of fine-tuning's training steps."""
+        dtype = (self.train_amp_dtype or self.amp_dtype) if train else self.amp_dtype
+        if dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def to_device(self, images, labels=None, train=False):
         images = images.to(self.device, non_blocking=True)
@@ -93,6 +96,30 @@ def amp_dtype_for(device, amp, log=None):
             log("--amp: this CPU has no bf16 instructions, where bf16 runs slower than fp32; staying in fp32")
         return None
     return torch.bfloat16
+
+
+def native_bf16(device):
+    """Whether the device computes bf16 natively: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def precision_for(device, amp):
+    """(forward passes' autocast dtype, fine-tuning steps' autocast dtype, the choice in words) for --amp (True),
+    --no_amp (False) or neither (None: bf16 for fine-tuning steps where the device computes it natively, fp32
+    for everything else: the feature cache, the probe, validation, calibration and test stay exact)."""
+    if amp is False:
+        return None, None, "fp32 (--no_amp)"
+    if amp:
+        dtype = amp_dtype_for(device, True)
+        name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        why = "" if dtype is not None else ": this device has no fast bf16, where bf16 runs slower than fp32"
+        return dtype, dtype, f"{name} autocast (--amp){why}"
+    if native_bf16(device):
+        where = "this GPU" if device.type == "cuda" else "this CPU has AVX512-BF16/AMX"
+        return None, torch.bfloat16, f"bf16 autocast for fine-tuning steps ({where}; --no_amp for fp32)"
+    return None, None, "fp32 (no native bf16 here; bf16 would be slower)"
 
 
 def bar(iterable, compute, desc):

@@ -178,8 +178,20 @@ def test_amp_and_channels_last_paths_run_on_cpu(tiny_data, tmp_path):
     cpu = torch.device("cpu")
     assert (utils.amp_dtype_for(cpu, True) is torch.bfloat16) == utils.cpu_has_fast_bf16()
     # the bf16 autocast path itself, whatever this CPU's speed at it
-    # on the CPU, training steps stay NCHW (faster there) and forward-only passes go channels_last
-    assert not trainer.train_channels_last(cpu, True) and trainer.train_channels_last(torch.device("cuda"), True)
+    # on a CPU without bf16 instructions training steps stay NCHW (faster there); with them, and on GPUs,
+    # channels_last; forward-only passes go channels_last everywhere
+    assert trainer.train_channels_last(cpu, True) == utils.cpu_has_fast_bf16()
+    assert trainer.train_channels_last(torch.device("cuda"), True) and not trainer.train_channels_last(cpu, False)
+    # the default precision: bf16 only for fine-tuning steps, and only where the hardware has it
+    forward, steps, words = utils.precision_for(cpu, None)
+    assert forward is None and (steps is torch.bfloat16) == utils.cpu_has_fast_bf16(), words
+    assert utils.precision_for(cpu, False)[:2] == (None, None)
+    assert utils.precision_for(cpu, True)[0] is utils.amp_dtype_for(cpu, True)
+    fine_tune = utils.Compute(cpu, None, train_amp_dtype=torch.bfloat16, dist=DistInfo())
+    with fine_tune.autocast(train=True):
+        assert nn.Linear(4, 2)(torch.randn(1, 4)).dtype == torch.bfloat16
+    with fine_tune.autocast():
+        assert nn.Linear(4, 2)(torch.randn(1, 4)).dtype == torch.float32
     on_cpu = utils.Compute(cpu, channels_last=True, train_channels_last=False, dist=DistInfo())
     assert on_cpu.to_device(torch.randn(2, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
     assert not on_cpu.to_device(torch.randn(2, 3, 8, 8), train=True).is_contiguous(memory_format=torch.channels_last)
