@@ -364,20 +364,28 @@ def predict_shares(partial, rows, compute, args, plot_at):
     loader = data_loader.make_loader(dataset, args.batch_size, mine, workers, pin_memory=device.type == "cuda")
     progress = Progress(len(remaining), "predict", dist.is_main and args.verbose >= 1, scale=dist.world_size)
     maps, n_new, batches = dict.fromkeys(plot_at) if args.explain else {}, 0, iter(loader)
-    with partial.writer(dist.rank) as part, rows.explained:
-        with torch.no_grad() if args.explain else torch.inference_mode():  # Grad-CAM takes gradients
-            for _ in bar(range(steps), compute, "predict"):
-                batch = next(batches, None)  # None: this share is done, the others are not
-                if batch is not None:
-                    part.write(rows.of_batch(batch, compute, maps))
-                    n_new += len(batch.labels)
-                    progress.update(len(batch.labels) + len(batch.bad))
-                if compute.stop_requested():  # every process at the same step
-                    return int(all_reduce_sum([n_new], dist, device)[0]), True, maps
+    stopped = False
+    try:
+        with partial.writer(dist.rank) as part, rows.explained:  # --explain's heatmaps.npz: kept only when done
+            with torch.no_grad() if args.explain else torch.inference_mode():  # Grad-CAM takes gradients
+                for _ in bar(range(steps), compute, "predict"):
+                    batch = next(batches, None)  # None: this share is done, the others are not
+                    if batch is not None:
+                        part.write(rows.of_batch(batch, compute, maps))
+                        n_new += len(batch.labels)
+                        progress.update(len(batch.labels) + len(batch.bad))
+                    if compute.stop_requested():  # every process at the same step
+                        raise Stopped
+    except Stopped:
+        stopped = True
     del loader, batches  # the loader workers end
-    if dist.enabled:
+    if dist.enabled and not stopped:
         torch.distributed.barrier()  # every share written before rank 0 reads them back
-    return int(all_reduce_sum([n_new], dist, device)[0]), False, maps
+    return int(all_reduce_sum([n_new], dist, device)[0]), stopped, maps
+
+
+class Stopped(Exception):
+    """A stop signal seen at a batch's end: out of the loop, with the unfinished outputs dropped."""
 
 
 def write_result(partial, output, columns, rows, plot_at, maps, unchanged):

@@ -1,5 +1,6 @@
 """predict.py at scale: rows streamed to a partial folder, kill -9 then --resume, refusals, torchrun's shares."""
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import predict
 import prediction_output
 import train
 from conftest import ROOT, copy_subset, run_in_process
-from helpers import interrupt_when_called, read_csv, run_predict
+from helpers import interrupt_when_called, read_csv, readme_commands, run_predict
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
@@ -131,10 +132,15 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys):
     argv = ["--model_fn", ckpt, "--file_list", listing, "--batch_size", "4", "--n_images", "4"]
     printed = run_predict(capsys, *argv, "--output", tmp_path / "one.csv", "--plot", tmp_path / "one.png")
     assert "1 unreadable" in printed
+    (command,) = [c for c in readme_commands() if c.startswith("torchrun") and "predict.py" in c]  # the docs'
+    tokens = shlex.split(command)
+    for flag, value in (("--model_fn", ckpt), ("--file_list", listing), ("--output", "two.csv")):
+        tokens[tokens.index(flag) + 1] = str(value)
+    tokens[tokens.index("predict.py")] = str(ROOT / "predict.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(ROOT / "predict.py"),
-                           *map(str, argv), "--output", "two.csv", "--plot", "two.png", "--num_workers", "0",
-                           "--verbose", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([TORCHRUN, *tokens[1:], "--batch_size", "4", "--n_images", "4", "--plot", "two.png",
+                           "--num_workers", "0", "--verbose", "0"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("predicted 24 images") == 1 and "1 unreadable" in proc.stdout, proc.stdout
     one, two = rows_of(tmp_path / "one.csv"), rows_of(tmp_path / "two.csv")

@@ -1,0 +1,302 @@
+"""predict.py at scale on this machine (a script, not a test): prints each figure with the CPU it ran on.
+
+  python bench/scale_bench.py                       # all four parts, a few minutes on 2 cores
+  python bench/scale_bench.py --parts resume,rss    # some of them
+
+Parts:
+  resume  2,000 small JPEGs: one uninterrupted run (the reference), the same command killed with SIGKILL once about
+          half of the rows are on disk, then --resume: each image once, the same rows, and the resumed part's
+          time against the whole run's; then torchrun with 2 processes: the same rows as one process.
+  decode  --n_photos 12-megapixel JPEGs (4000x3000, quality 90, made from the photos skimage and matplotlib ship,
+          upscaled with a little grain) and the same photos resized to a 300 px short side: predict.py's rate on
+          each (reduced-scale JPEG decode), its top-1 agreement with a full decode, and a plain one-process loop
+          over the 12 MP list (full decode, forward, write) as the baseline. EfficientNet-Lite0 with its ImageNet
+          classifier (1000 classes; weights from its pip package).
+  rss     peak resident memory of predict.py over --file_list lists of 10,000 and 100,000 lines (32 px PNGs, each
+          file listed many times), a MobileNetV3-Small at 32 px with random weights.
+"""
+import csv
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from timed import run  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data_loader as dl  # noqa: E402
+import efficientnet_lite  # noqa: E402
+import model_loader as ml  # noqa: E402
+import prediction_output  # noqa: E402
+from cli import ArgumentParser  # noqa: E402
+
+PREDICT = [sys.executable, str(ROOT / "predict.py")]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--parts", default="resume,decode,rss", help="comma-separated: resume, decode, rss")
+    p.add_argument("--work_dir", default=str(ROOT / "data" / "scale_bench"), help="images and runs (kept)")
+    p.add_argument("--n_images", type=int, default=2000, help="images of the resume part")
+    p.add_argument("--n_photos", type=int, default=48, help="12 MP JPEGs of the decode part")
+    p.add_argument("--rss_counts", default="10000,100000", help="list lengths of the rss part")
+    return p.parse_args(argv)
+
+
+def cpu_line():
+    """The CPU the figures come from: its model name, cores, and whether it has bf16 instructions."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{name}, {os.cpu_count()} cores, avx512_bf16 {'yes' if ' avx512_bf16' in info else 'no'}, torch {torch.__version__}"
+
+
+def checkpoint(path, name, classes, input_size, state=None):
+    """A predict.py checkpoint of torchvision's `name` (random weights unless `state`)."""
+    model = efficientnet_lite.build(len(classes)) if name == efficientnet_lite.NAME else ml.make_model(
+        name, num_classes=len(classes))
+    if state is not None:
+        model.load_state_dict(state)
+    defaults = ml.model_defaults(name)
+    ckpt = ml.make_checkpoint(model.eval(), name, classes, input_size, dl.default_resize(input_size),
+                              defaults["mean"], defaults["std"], 0, {}, {})
+    ml.save_checkpoint(ckpt, path)
+    return path
+
+
+def rows(path):
+    with open(path, encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
+def compare(a_path, b_path):
+    """(rows equal in files, order and answers, the largest probability difference)."""
+    a, b = rows(a_path), rows(b_path)
+    same = [r["file_dir"] for r in a] == [r["file_dir"] for r in b] and all(
+        x["predict"] == y["predict"] for x, y in zip(a, b))
+    keys = [k for k in a[0] if k.startswith("prob_") or k == "confidence"]
+    diff = max(abs(float(x[k]) - float(y[k])) for x, y in zip(a, b) for k in keys if x[k] and y[k])
+    return same, diff
+
+
+def photos():
+    """The real photos shipped with skimage and matplotlib, as RGB images."""
+    import matplotlib
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
+             "retina.jpg", "horse.png", "brick.png", "grass.png", "gravel.png", "color.png"]
+    found = [folder / n for n in names if (folder / n).is_file()]
+    found.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    return [dl.load_rgb(f) for f in found if f.is_file()]
+
+
+def views(images, n):
+    """n different 4:3 views of the photos: crops at several places and scales, mirrored every other time."""
+    out = []
+    for i in range(n):
+        img = images[i % len(images)]
+        w, h = img.size
+        scale = 1.0 - 0.15 * ((i // len(images)) % 4)
+        cw = min(w, int(h * scale * 4 / 3)) if w * 3 >= h * 4 else int(w * scale)
+        ch = cw * 3 // 4
+        x, y = (w - cw) * ((i * 7) % 5) // 4, (h - ch) * ((i * 3) % 5) // 4
+        crop = img.crop((x, y, x + cw, y + ch))
+        out.append(crop.transpose(Image.FLIP_LEFT_RIGHT) if i % 2 else crop)
+    return out
+
+
+def grainy(img, size, rng):
+    big = img.resize(size, Image.BICUBIC)
+    noise = rng.normal(0, 4, (size[1], size[0], 1)).astype(np.float32)  # sensor-like grain, same in R, G, B
+    return Image.fromarray(np.clip(np.asarray(big, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def rows_on_disk(output):
+    total = 0
+    for part in prediction_output.partial_dir(output).glob("rank*.rows"):
+        total += sum(len(r) for _, r in prediction_output.read_frames(part))
+    return total
+
+
+def resume_part(args, work):
+    folder = work / "small"
+    listing = work / "small.txt"
+    if not listing.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng, base = np.random.default_rng(1), views(photos(), 64)
+        names = []
+        for i in range(args.n_images):
+            name = folder / f"{i:05d}.jpg"
+            grainy(base[i % len(base)], (160, 120), rng).save(name, quality=90)
+            names.append(str(name))
+        listing.write_text("\n".join(names) + "\n")
+    ckpt = checkpoint(work / "resnet18_112.pth", "resnet18", [f"class{i}" for i in range(10)], 112)
+    common = ["--model_fn", ckpt, "--file_list", listing, "--n_images", "0", "--verbose", "0"]
+    whole_s, _ = run(PREDICT + common + ["--output", work / "whole.csv"])
+    out = work / "resumed.csv"
+    for stale in (out, prediction_output.partial_dir(out)):
+        if stale.is_dir():
+            import shutil
+
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    proc = subprocess.Popen([str(c) for c in PREDICT + common + ["--output", out]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    started = time.perf_counter()
+    while rows_on_disk(out) < args.n_images // 2 and proc.poll() is None:
+        time.sleep(0.05)
+    killed_s = time.perf_counter() - started
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = rows_on_disk(out)
+    resumed_s, _ = run(PREDICT + common + ["--output", out, "--resume"])
+    same, diff = compare(work / "whole.csv", out)
+    files = [r["file_dir"] for r in rows(out)]
+    print(f"resume, {args.n_images} JPEGs 160x120, resnet18 at 112 px (random weights):")
+    print(f"  uninterrupted run {whole_s:.1f} s; killed (SIGKILL) after {killed_s:.1f} s with {kept} rows on disk; "
+          f"--resume {resumed_s:.1f} s = {resumed_s / whole_s:.2f} of the whole run (target <= 0.6)")
+    print(f"  each image once: {len(files) == len(set(files)) == args.n_images}; same files, order and answers as "
+          f"the uninterrupted run: {same}; largest probability difference {diff:.1e}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+    two_s, _ = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", ROOT / "predict.py", *common, "--output",
+                    work / "two.csv"], env=env)
+    same, diff = compare(work / "whole.csv", work / "two.csv")
+    print(f"  torchrun, 2 processes on the CPU: {two_s:.1f} s; same files, order and answers as 1 process: {same}; "
+          f"largest probability difference {diff:.1e} (target 1e-5)")
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def plain_loop(ckpt_path, files, out, batch_size=64):
+    """The baseline: one process, full decode with Pillow, torchvision's eval transform, the model as built, a
+    CSV row per image. Returns (seconds from loading the model to the file written, top-1 class per file)."""
+    start = time.perf_counter()
+    ckpt = ml.load_checkpoint(ckpt_path)
+    model, _ = ml.model_from_checkpoint(ckpt)
+    model.eval()
+    tf = dl.Preprocess.of(ckpt).transform()
+    top1 = []
+    with torch.inference_mode(), open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_dir", "predict", "confidence"])
+        for i in range(0, len(files), batch_size):
+            chunk = files[i:i + batch_size]
+            probs = model(torch.stack([tf(dl.load_rgb(p)) for p in chunk])).softmax(1)
+            conf, pred = probs.max(1)
+            for p, c, k in zip(chunk, conf.tolist(), pred.tolist()):
+                writer.writerow([p, ckpt["class_names"][k], f"{c:.6f}"])
+                top1.append(ckpt["class_names"][k])
+    return time.perf_counter() - start, top1
+
+
+def rate_of(stdout):
+    """predict.py's own img/s (the prediction loop, start-up excluded)."""
+    return float(stdout.split("(")[1].split(" img/s")[0])
+
+
+def decode_part(args, work):
+    big_dir, small_dir = work / "12mp", work / "300px"
+    if len(list(big_dir.glob("*.jpg"))) != args.n_photos:
+        big_dir.mkdir(parents=True, exist_ok=True)
+        small_dir.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i, view in enumerate(views(photos(), args.n_photos)):
+            big = grainy(view, (4000, 3000), rng)
+            big.save(big_dir / f"{i:03d}.jpg", quality=90)
+            big.resize((400, 300), Image.BICUBIC).save(small_dir / f"{i:03d}.jpg", quality=90)
+    state = efficientnet_lite.translate_state_dict(ml.load_pretrained_state(efficientnet_lite.NAME))
+    ckpt = checkpoint(work / "lite0_imagenet.pth", efficientnet_lite.NAME, [f"imagenet{i:03d}" for i in range(1000)],
+                      224, state)
+    big_files = sorted(str(p) for p in big_dir.glob("*.jpg"))
+    size_mb = np.mean([os.path.getsize(p) for p in big_files]) / 1e6
+    common = ["--model_fn", ckpt, "--n_images", "0", "--verbose", "0"]
+    rates = {}
+    for name, folder in (("300px", small_dir), ("12mp", big_dir)):
+        run(PREDICT + common + ["--data_dir", folder, "--output", work / f"{name}.csv"])  # warm the page cache
+        seconds, out = run(PREDICT + common + ["--data_dir", folder, "--output", work / f"{name}.csv"])
+        rates[name] = (rate_of(out), seconds)
+    plain_s, full_top1 = plain_loop(ckpt, big_files, work / "plain.csv")
+    ours = {r["file_dir"]: r["top1_class"] for r in rows(work / "12mp.csv")}
+    agree = sum(ours[f] == t for f, t in zip(big_files, full_top1))
+    n = len(big_files)
+    print(f"decode, {n} JPEGs 4000x3000 q90 ({size_mb:.1f} MB each) and the same at 400x300, EfficientNet-Lite0 "
+          "ImageNet at 224 px (resize 256):")
+    print(f"  predict.py rate: 300 px {rates['300px'][0]:.1f} img/s, 12 MP {rates['12mp'][0]:.1f} img/s = "
+          f"{rates['12mp'][0] / rates['300px'][0]:.2f} of it (target >= 0.5)")
+    print(f"  top-1 agreement, 12 MP decoded at a reduced scale against a full decode: {agree}/{n} "
+          f"({agree / n:.1%}, target >= 99%)")
+    whole = n / rates["12mp"][1]
+    plain = n / plain_s
+    print(f"  whole process on the 12 MP list: predict.py {whole:.2f} img/s ({rates['12mp'][1]:.1f} s, start-up "
+          f"included) against the plain loop's {plain:.2f} img/s ({plain_s:.1f} s, start-up excluded) = "
+          f"{whole / plain:.2f}x (target >= 1.5x)")
+
+
+# ----------------------------------------------------------------------------- rss
+
+
+def peak_rss_mb(cmd):
+    """Peak resident memory of a whole process (its own, not the bench's), in MB."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.communicate()
+    if status != 0:
+        sys.exit(f"failed: {err.decode()[-2000:]}")
+    return usage.ru_maxrss / 1024
+
+
+def rss_part(args, work):
+    folder = work / "tiny"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(2)
+        for i in range(500):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    files = sorted(str(p) for p in folder.glob("*.png"))
+    ckpt = checkpoint(work / "mnv3_32.pth", "mobilenet_v3_small", [f"class{i}" for i in range(10)], 32)
+    peaks = {}
+    for count in map(int, args.rss_counts.split(",")):
+        listing = work / f"list_{count}.txt"
+        listing.write_text("\n".join(files[i % len(files)] for i in range(count)) + "\n")
+        start = time.perf_counter()
+        peaks[count] = peak_rss_mb(PREDICT + ["--model_fn", ckpt, "--file_list", listing, "--output",
+                                              work / f"rss_{count}.csv", "--n_images", "0", "--verbose", "0",
+                                              "--batch_size", "256"])
+        print(f"rss: {count} images: peak RSS {peaks[count]:.0f} MB ({time.perf_counter() - start:.0f} s)")
+    counts = sorted(peaks)
+    print(f"  peak RSS {counts[-1]} against {counts[0]} images: {peaks[counts[-1]] / peaks[counts[0]]:.2f}x "
+          "(target <= 1.2x)")
+
+
+def main(args):
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {cpu_line()}")
+    parts = {"resume": resume_part, "decode": decode_part, "rss": rss_part}
+    for name in args.parts.split(","):
+        parts[name](args, work)
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a killed run leaves no core file
+    main(parse_args())
