@@ -415,6 +415,8 @@ def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
         if counts["done"] == 0:
                 partial.remove()  # nothing to go on from
                 raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
+    if partial.repeated:
+        print(f"warning: {partial.repeated} rows were predicted twice (the later ones kept)", file=sys.stderr)
     partial.remove()
     return counts, tally, samples
 

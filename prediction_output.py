@@ -106,6 +106,7 @@ class PartialRun:
     def __init__(self, output, manifest, n_inputs):
         self.output, self.folder = Path(output), partial_dir(output)
         self.manifest, self.n = manifest, n_inputs
+        self.repeated = 0  # rows found twice by rows_in_order (none unless something went wrong: the later is kept)
 
     def parts(self):
         return sorted(self.folder.glob("rank*.rows"))
@@ -169,6 +170,7 @@ class PartialRun:
         for p, part in enumerate(parts):
             for offset, rows in read_frames(part):
                 for i, row in enumerate(rows):
+                    self.repeated += int(where_part[row[0]] >= 0)
                     where_part[row[0]], where_offset[row[0]], where_row[row[0]] = p, offset, i
         missing = np.flatnonzero(where_part < 0)
         if len(missing):

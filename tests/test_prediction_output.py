@@ -142,6 +142,7 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys):
                            "--num_workers", "0", "--verbose", "0"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning" not in proc.stderr, proc.stderr  # each image predicted by one process only
     assert proc.stdout.count("predicted 24 images") == 1 and "1 unreadable" in proc.stdout, proc.stdout
     one, two = rows_of(tmp_path / "one.csv"), rows_of(tmp_path / "two.csv")
     assert [r["file_dir"] for r in one] == [str(f) for f in files[:10]] + [str(tmp_path / "gone.png")] + [
@@ -149,3 +150,10 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys):
     assert one[10]["error"].startswith("FileNotFoundError") and one[10]["predict"] == ""
     assert_same_rows(two, one)
     assert (tmp_path / "two.png").stat().st_size > 0 and not prediction_output.partial_dir(tmp_path / "two.csv").exists()
+
+
+def test_shares_split_the_remaining_images_once_and_in_order():
+    remaining = [0, 2, 3, 5, 8, 9, 11]
+    shares = [list(prediction_output.share(remaining, rank, 3)) for rank in range(3)]
+    assert sorted(sum(shares, [])) == remaining and all(s == sorted(s) for s in shares)
+    assert [len(s) for s in shares] == [3, 2, 2]  # the first is the largest: every process runs its steps
