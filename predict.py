@@ -431,7 +431,7 @@ def print_results(args, ckpt, task, calibration, summary, timing, explained, out
     labelled, rejecting, report_path, confusion_path = outputs
     class_names, reference = ckpt["class_names"], ckpt.get("ood")
     ood_threshold = reference.get("threshold") if reference else None
-    earlier = f", {n_done - n_new} of them by the run resumed" if n_new < n_done else ""
+    earlier = f", {n_done - n_new} of them from the interrupted run" if n_new < n_done else ""
     print(f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s "
           f"({n_new / max(seconds, 1e-9):.1f} img/s{earlier})"
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")

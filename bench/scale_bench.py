@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from timed import run  # noqa: E402
+from timed import agreement, read_rows, run  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -77,21 +77,6 @@ def checkpoint(path, name, classes, input_size, state=None):
                               defaults["mean"], defaults["std"], 0, {}, {})
     ml.save_checkpoint(ckpt, path)
     return path
-
-
-def rows(path):
-    with open(path, encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
-
-
-def compare(a_path, b_path):
-    """(rows equal in files, order and answers, the largest probability difference)."""
-    a, b = rows(a_path), rows(b_path)
-    same = [r["file_dir"] for r in a] == [r["file_dir"] for r in b] and all(
-        x["predict"] == y["predict"] for x, y in zip(a, b))
-    keys = [k for k in a[0] if k.startswith("prob_") or k == "confidence"]
-    diff = max(abs(float(x[k]) - float(y[k])) for x, y in zip(a, b) for k in keys if x[k] and y[k])
-    return same, diff
 
 
 def photos():
@@ -171,19 +156,19 @@ def resume_part(args, work):
     proc.wait()
     kept = rows_on_disk(out)
     resumed_s, _ = run(PREDICT + common + ["--output", out, "--resume"])
-    same, diff = compare(work / "whole.csv", out)
-    files = [r["file_dir"] for r in rows(out)]
+    same, n, diff = agreement(work / "whole.csv", out)  # the same files in the same order, or it stops
+    files = [r["file_dir"] for r in read_rows(out)]
     print(f"resume, {args.n_images} JPEGs 240x180, resnet18 at 160 px (random weights):")
     print(f"  uninterrupted run {whole_s:.1f} s; killed (SIGKILL) after {killed_s:.1f} s with {kept} rows on disk; "
           f"--resume {resumed_s:.1f} s = {resumed_s / whole_s:.2f} of the whole run (target <= 0.6)")
-    print(f"  each image once: {len(files) == len(set(files)) == args.n_images}; same files, order and answers as "
-          f"the uninterrupted run: {same}; largest probability difference {diff:.1e}")
+    print(f"  each image once: {len(files) == len(set(files)) == args.n_images}; the same files in the same order "
+          f"as the uninterrupted run, the same answer for {same}/{n}; largest probability difference {diff:.1e}")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
     two_s, _ = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", ROOT / "predict.py", *common, "--output",
                     work / "two.csv"], env=env)
-    same, diff = compare(work / "whole.csv", work / "two.csv")
-    print(f"  torchrun, 2 processes on the CPU: {two_s:.1f} s; same files, order and answers as 1 process: {same}; "
-          f"largest probability difference {diff:.1e} (target 1e-5)")
+    same, n, diff = agreement(work / "whole.csv", work / "two.csv")
+    print(f"  torchrun, 2 processes on the CPU: {two_s:.1f} s; the same files in the same order as 1 process, the "
+          f"same answer for {same}/{n}; largest probability difference {diff:.1e} (target 1e-5)")
 
 
 # ----------------------------------------------------------------------------- decode
@@ -237,8 +222,8 @@ def decode_part(args, work):
             seconds[name, count] = min(t, seconds.get((name, count), t))
     steady = {name: (n - first) / (seconds[name, n] - seconds[name, first]) for name in ("300px", "12mp")}
     plain_s, _ = run([sys.executable, __file__, "--plain_loop", ckpt, lists["12mp", n], work / "plain.csv"])
-    full = {r["file_dir"]: r["top1_class"] for r in rows(work / "plain.csv")}
-    ours = {r["file_dir"]: r["top1_class"] for r in rows(work / f"12mp_{n}.csv")}
+    full = {r["file_dir"]: r["top1_class"] for r in read_rows(work / "plain.csv")}
+    ours = {r["file_dir"]: r["top1_class"] for r in read_rows(work / f"12mp_{n}.csv")}
     agree = sum(ours[f] == t for f, t in full.items())
     print(f"decode, {n} JPEGs 4000x3000 q90 ({size_mb:.1f} MB each) and the same at 400x300, EfficientNet-Lite0 "
           "ImageNet at 224 px (resize 256), batches of 16:")

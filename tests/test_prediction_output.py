@@ -81,7 +81,7 @@ def test_kill_9_mid_run_then_resume_gives_each_image_once(model, tmp_path, capsy
     kept = [row[0] for _, rows in frames for row in rows]
     assert kept == list(range(12))  # 3 whole batches of 4; the 4th, cut in half, is not one
     printed = run_predict(capsys, *argv, "--output", out, "--resume")
-    assert "predicted 24 images" in printed and "12 of them by the run resumed" in printed
+    assert "predicted 24 images" in printed and "12 of them from the interrupted run" in printed
     assert_same_rows(rows_of(out), whole)
     assert not partial.exists()
     assert (tmp_path / "r_report.csv").read_text() == (tmp_path / "whole_report.csv").read_text()
@@ -122,9 +122,12 @@ def test_ctrl_c_keeps_the_rows_and_resume_refuses_what_does_not_match(model, tmp
     assert len(rows) == 24 and len({r["file_dir"] for r in rows}) == 24 and not partial.exists()
 
 
-def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys):
-    """2 processes on the CPU (gloo) over a --file_list with a missing file: the same result.csv as one process
-    (files, order, answers; probabilities within 1e-5), the report and figure over every row, one summary."""
+def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, monkeypatch):
+    """2 processes on the CPU (gloo), the docs' command, over a --file_list with a missing file, going on with
+    --resume from a one-process run stopped after its first batch: the same result.csv as one process (files,
+    order, answers; probabilities within 1e-5), the report and figure over every row, one summary."""
+    from cli import run_cli
+
     ckpt, images = model
     files = sorted(images.rglob("*.png"))[::-1]  # the list's order, not sorted
     listing = tmp_path / "list.txt"
@@ -132,6 +135,12 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys):
     argv = ["--model_fn", ckpt, "--file_list", listing, "--batch_size", "4", "--n_images", "4"]
     printed = run_predict(capsys, *argv, "--output", tmp_path / "one.csv", "--plot", tmp_path / "one.png")
     assert "1 unreadable" in printed
+    with monkeypatch.context() as m:  # one process, stopped after its first batch: 4 rows kept
+        interrupt_when_called(m, predict.prediction_output, "pack_row")
+        with pytest.raises(SystemExit):
+            run_cli(lambda: predict.main(predict.parse_args([str(a) for a in argv] + [
+                "--output", str(tmp_path / "two.csv"), "--num_workers", "0", "--verbose", "0"])))
+    capsys.readouterr()
     (command,) = [c for c in readme_commands() if c.startswith("torchrun") and "predict.py" in c]  # the docs'
     tokens = shlex.split(command)
     for flag, value in (("--model_fn", ckpt), ("--file_list", listing), ("--output", "two.csv")):
@@ -139,11 +148,12 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys):
     tokens[tokens.index("predict.py")] = str(ROOT / "predict.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
     proc = subprocess.run([TORCHRUN, *tokens[1:], "--batch_size", "4", "--n_images", "4", "--plot", "two.png",
-                           "--num_workers", "0", "--verbose", "0"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+                           "--num_workers", "0", "--verbose", "0", "--resume"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning" not in proc.stderr, proc.stderr  # each image predicted by one process only
     assert proc.stdout.count("predicted 24 images") == 1 and "1 unreadable" in proc.stdout, proc.stdout
+    assert "4 of them from the interrupted run" in proc.stdout, proc.stdout
     one, two = rows_of(tmp_path / "one.csv"), rows_of(tmp_path / "two.csv")
     assert [r["file_dir"] for r in one] == [str(f) for f in files[:10]] + [str(tmp_path / "gone.png")] + [
         str(f) for f in files[10:]]
