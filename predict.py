@@ -413,8 +413,8 @@ def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
             if index in plot_at:
                 samples.append((inputs[index], pred, probs, unlike, maps.get(index)))
         if counts["done"] == 0:
-                partial.remove()  # nothing to go on from
-                raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
+            partial.remove()  # nothing to go on from
+            raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
     if partial.repeated:
         print(f"warning: {partial.repeated} rows were predicted twice (the later ones kept)", file=sys.stderr)
     partial.remove()

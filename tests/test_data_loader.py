@@ -194,7 +194,8 @@ def photo(path, size):
 
 def test_large_jpegs_decode_at_a_reduced_scale_that_still_only_shrinks(tmp_path):
     """1600x1200 with a 64 px resize: 1/8 gives 200x150 (short side 150 >= 64); with 256 px, 1/4 (300 >= 256,
-    1/8 would give 150); the model's input from it stays close to the full decode's; PNGs decode in full."""
+    1/8 would give 150); the model's input from it stays close to the full decode's; PNGs decode in full. A
+    model resizing to 64 px decodes at twice that at least (1/8 would give 150 >= 128)."""
     big = photo(tmp_path / "big.jpg", (1600, 1200))
     assert dl.load_rgb(big).size == (1600, 1200)
     assert dl.load_rgb(big, 64).size == (200, 150) and dl.load_rgb(big, 256).size == (400, 300)
@@ -205,6 +206,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_that_still_only_shrinks(tmp_path)
     assert (full - drafted).abs().mean() < 0.05  # normalized units: a few grey levels
     png = write(tmp_path / "big.png", Image.open(big))
     assert dl.load_rgb(png, 64).size == (1600, 1200)
+    assert prep.draft_side() == 128 and dl.load_rgb(big, prep.draft_side()).size == (200, 150)
     assert prep.draft_side(train=True) == 130  # the smallest random crop's side (0.43 of it) still >= 56 px
     dataset = dl.ImageDataset([(str(big), 0)], tf, short_side=prep.draft_side())
     assert torch.equal(dataset[0][0], drafted)
