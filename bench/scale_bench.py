@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--n_images", type=int, default=2000, help="images of the resume part")
     p.add_argument("--n_photos", type=int, default=48, help="12 MP JPEGs of the decode part")
     p.add_argument("--rss_counts", default="10000,100000", help="list lengths of the rss part")
+    p.add_argument("--rss_files", type=int, default=500, help="distinct 32 px PNGs the rss part's lists repeat")
     p.add_argument("--plain_loop", nargs=3, metavar=("MODEL", "LIST", "OUT"), default=None,
                    help="run only the baseline loop (the decode part starts it as a process of its own)")
     return p.parse_args(argv)
@@ -257,12 +258,12 @@ def peak_rss_mb(cmd):
 
 def rss_part(args, work):
     folder = work / "tiny"
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
-        rng = np.random.default_rng(2)
-        for i in range(500):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    files = sorted(str(p) for p in folder.glob("*.png"))
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    files = [str(folder / f"{i:04d}.png") for i in range(args.rss_files)]
+    for f in files:
+        if not os.path.exists(f):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(f)
     ckpt = checkpoint(work / "squeezenet_32.pth", "squeezenet1_1", [f"class{i}" for i in range(10)], 32)
     peaks = {}
     for count in map(int, args.rss_counts.split(",")):

@@ -159,7 +159,7 @@ def adapt(command, work, weights):
         tokens += ["--data_dir", str(work / "my_images"), "--weights", str(work / "resnet18.pth"), "--epochs", "1",
                    "--only", "from scratch, 5", "pretrained, --freeze", "--work", str(work / "advice")]
     if script == "bench/scale_bench.py":  # one part, small: two short lists of tiny images
-        tokens += ["--parts", "rss", "--rss_counts", "50,100", "--work_dir", str(work / "scale_bench")]
+        tokens += ["--parts", "rss", "--rss_counts", "20,40", "--rss_files", "10", "--work_dir", str(work / "scale_bench")]
     if script == "bench/label_bench.py":  # the same steps, small: 32 px, a few images, a one-epoch donor
         tokens += ["--work", str(work / "label_bench"), "--size", "32", "--per_class", "10", "--donor_per_class", "10",
                    "--donor_epochs", "1", "--extra_views", "1", "--top", "2", "--seeds", "0,1"]
@@ -234,6 +234,8 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             rows = [line.split() for line in out.splitlines()[1:]]
             assert [r[:3] for r in rows] == [["from", "scratch,", "5"], ["pretrained,", "--freeze,", "20"]], out
             assert all(0 <= float(r[-4]) <= 1 and r[-2] == "1" for r in rows), out  # test accuracy; 1 epoch run
+        if "bench/scale_bench.py" in command:
+            assert "peak RSS 40 against 20 images" in out, out
         if "bench/label_bench.py" in command:
             assert "mean over the seeds" in out and "train.py --check_data (label_issues.csv" in out
         ran.append(command)
