@@ -39,9 +39,7 @@ TITLE_WIDTH = 32  # characters per line of a title in the figure (a 2.4-inch cel
 EXAMPLES = """examples:
   python predict.py --model_fn model.pth                     # test/ of the training data -> result.csv
   python predict.py --model_fn model.pth --data_dir new_images --output new.csv --plot new.png
-  python predict.py --model_fn model.pth --data_dir photo.jpg --gpu_id -1    # one image, on the CPU
-  python predict.py --model_fn model.pth --file_list paths.txt --resume  # go on after an interruption
-  torchrun --standalone --nproc_per_node 2 predict.py --model_fn model.pth --file_list paths.txt"""
+  python predict.py --model_fn model.pth --data_dir photo.jpg --gpu_id -1    # one image, on the CPU"""
 
 
 def build_parser():
