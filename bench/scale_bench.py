@@ -4,7 +4,7 @@
   python bench/scale_bench.py --parts resume,rss    # some of them
 
 Parts:
-  resume  2,000 240x180 JPEGs: one uninterrupted run (the reference), the same command killed with SIGKILL once about
+  resume  2,000 320x240 JPEGs: one uninterrupted run (the reference), the same command killed with SIGKILL once about
           half of the rows are on disk, then --resume: each image once, the same rows, and the resumed part's
           time against the whole run's; then torchrun with 2 processes: the same rows as one process.
   decode  --n_photos 12-megapixel JPEGs (4000x3000, quality 90, made from the photos skimage and matplotlib ship,
@@ -125,18 +125,18 @@ def rows_on_disk(output):
 
 
 def resume_part(args, work):
-    folder = work / "small"
-    listing = work / "small.txt"
+    folder = work / "jpeg_320"
+    listing = work / "jpeg_320.txt"
     if not listing.exists():
         folder.mkdir(parents=True, exist_ok=True)
         rng, base = np.random.default_rng(1), views(photos(), 64)
         names = []
         for i in range(args.n_images):
             name = folder / f"{i:05d}.jpg"
-            grainy(base[i % len(base)], (240, 180), rng).save(name, quality=90)
+            grainy(base[i % len(base)], (320, 240), rng).save(name, quality=90)
             names.append(str(name))
         listing.write_text("\n".join(names) + "\n")
-    ckpt = checkpoint(work / "resnet18_160.pth", "resnet18", [f"class{i}" for i in range(10)], 160)
+    ckpt = checkpoint(work / "resnet18_224.pth", "resnet18", [f"class{i}" for i in range(10)], 224)
     common = ["--model_fn", ckpt, "--file_list", listing, "--n_images", "0", "--verbose", "0"]
     whole_s, _ = run(PREDICT + common + ["--output", work / "whole.csv"])
     out = work / "resumed.csv"
@@ -159,7 +159,7 @@ def resume_part(args, work):
     resumed_s, _ = run(PREDICT + common + ["--output", out, "--resume"])
     same, n, diff = agreement(work / "whole.csv", out)  # the same files in the same order, or it stops
     files = [r["file_dir"] for r in read_rows(out)]
-    print(f"resume, {args.n_images} JPEGs 240x180, resnet18 at 160 px (random weights):")
+    print(f"resume, {args.n_images} JPEGs 320x240, resnet18 at 224 px (random weights):")
     print(f"  uninterrupted run {whole_s:.1f} s; killed (SIGKILL) after {killed_s:.1f} s with {kept} rows on disk; "
           f"--resume {resumed_s:.1f} s = {resumed_s / whole_s:.2f} of the whole run (target <= 0.6)")
     print(f"  each image once: {len(files) == len(set(files)) == args.n_images}; the same files in the same order "
