@@ -120,3 +120,37 @@ def indexed(pairs, class_names, path, split, task=None):
                        f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}"
                        + hint)
     return task.encode(pairs, class_names)
+
+
+def read_file_list(path, image_root=None):
+    """The image paths of predict.py --file_list, in the list's order: one path per line (blank lines skipped), or
+    a CSV whose header has a `file` column and no `label` column (a labelled CSV is --labels_csv's). Relative
+    paths are taken from --image_root, default the list's own folder. Missing files are kept: predict.py writes
+    them as unreadable rows. One error line for a list that cannot be read or names no file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--file_list {str(path)!r} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+    root = Path(image_root) if image_root else path.parent
+    if image_root and not root.is_dir():
+        raise CLIError(f"--image_root {str(root)!r} does not exist or is not a folder")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next((line for line in f if line.strip()), "")
+            header = [c.strip().lower() for c in next(csv.reader([first]), [])]
+            if "file" in header:
+                if "label" in header:
+                    raise CLIError(f"--file_list {str(path)!r} has a label column: give it as --labels_csv to get the "
+                                   "report as well")
+                column = header.index("file")
+                names = [row[column].strip() if len(row) > column else "" for row in csv.reader(f)]
+            else:
+                f.seek(0)
+                names = [line.strip() for line in f]
+    except UnicodeDecodeError:
+        raise CLIError(f"--file_list {str(path)!r} is not a UTF-8 text file (Latin-1 or UTF-16?)") from None
+    except csv.Error as e:
+        raise CLIError(f"--file_list {str(path)!r}: {e}") from None
+    files = [os.path.join(root, name) for name in names if name]
+    if not files:
+        raise CLIError(f"--file_list {str(path)!r} names no image file")
+    return files

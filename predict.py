@@ -7,11 +7,14 @@ if __name__ == "__main__":
     cli.exit_quietly_on_stop_signals()
 
 import csv
+import math
+import os
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data_loader
@@ -20,11 +23,13 @@ import explain
 import labels_csv
 import model_loader
 import ood
+import prediction_output
 import tasks
 from features import feature_dim
 from tasks import UNKNOWN
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
-from utils import (Compute, amp_dtype_for, atomic_open, bar, check_writable, resolve_device, save_confusion_matrix,
+from utils import (Compute, Progress, all_reduce_sum, amp_dtype_for, atomic_open, bar, broadcast_from_main,
+                   check_writable, dist_info_from_env, process_group, resolve_device, save_confusion_matrix,
                    save_image_grid)
 
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
@@ -46,9 +51,15 @@ def build_parser():
         "(default: test/ of the data set the checkpoint was trained on)")
     add("--labels_csv", default=None, metavar="FILE", help="the images and their labels from a CSV (columns file, "
         "label, optional split: then its test rows), instead of --data_dir")
-    add("--image_root", default=None, metavar="DIR", help="the folder --labels_csv's file column is relative to "
-        "(default: the CSV's folder)")
-    add("--output", default="result.csv", help="CSV with one row per image")
+    add("--file_list", default=None, metavar="FILE", help="the images to predict, one path per line (or a CSV "
+        "with a file column and no label column), in that order, instead of --data_dir; a missing or unreadable "
+        "file is a row with the error column filled")
+    add("--image_root", default=None, metavar="DIR", help="the folder --labels_csv's or --file_list's relative "
+        "paths start from (default: the list's folder)")
+    add("--output", default="result.csv", help="CSV with one row per image (while running, the rows so far are in "
+        "OUTPUT.partial/)")
+    add("--resume", action="store_true", help="go on from the rows of an interrupted run of the same command (its "
+        "OUTPUT.partial/ folder): each image ends up in --output once")
     add("--plot", default="predictions.png", help="figure of sample predictions (confusion matrix beside it)")
     add("--n_images", type=int, default=6, help="images in the figure")
     add("--show", action="store_true", help="also open the figure in a window")
@@ -157,12 +168,14 @@ def load_model(args):
 def gather_inputs(args, ckpt, task):
     """([(path, label)], the folder searched for images or None): --labels_csv's rows, --data_dir's images, or
     the training data's test images."""
-    if args.image_root and not args.labels_csv:
-        raise CLIError("--image_root goes with --labels_csv")
-    if args.labels_csv and args.data_dir:
-        raise CLIError("give --labels_csv or --data_dir, not both")
+    if args.image_root and not (args.labels_csv or args.file_list):
+        raise CLIError("--image_root goes with --labels_csv or --file_list")
+    if sum(bool(a) for a in (args.labels_csv, args.data_dir, args.file_list)) > 1:
+        raise CLIError("give one of --labels_csv, --data_dir and --file_list")
     class_names = ckpt["class_names"]
     searched = None  # the folder searched for images, when one was
+    if args.file_list:  # unlabelled, in the list's order
+        return [(f, -1) for f in labels_csv.read_file_list(args.file_list, args.image_root)], None
     if args.labels_csv:
         inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, task))  # by path
     elif args.data_dir:
@@ -194,11 +207,12 @@ def check_outputs(args, inputs, labelled, task, searched):
     return report_path, confusion_path
 
 
-def prepare_model(args, ckpt, model, head, reference):
-    """(the model ready to run, its Compute, the Grad-CAM of --explain or None): on its device, optimized for
-    inference, with the ood_score output when the checkpoint has a reference."""
+def prepare_model(args, ckpt, model, head, reference, dist):
+    """(the model ready to run, its Compute, the Grad-CAM of --explain or None): on its device (under torchrun,
+    the GPU of its LOCAL_RANK), optimized for inference, with the ood_score output when the checkpoint has a
+    reference."""
     cam = None
-    device = resolve_device(args.gpu_id)
+    device = resolve_device(args.gpu_id, dist.local_rank)
     if isinstance(model, model_loader.OnnxModel):  # onnxruntime optimizes its graph itself; batches stay on the CPU
         model, device, channels_last = model.to(device), torch.device("cpu"), False
     else:
@@ -208,7 +222,8 @@ def prepare_model(args, ckpt, model, head, reference):
             cam = explain.GradCAM(*explain.target_layer(model.requires_grad_(False), head, ckpt["input_size"], device))
         if reference is not None:  # a second output: the ood_score, computed from the classifier's input
             model = ood.scored_model(model, head, ckpt, args.model_fn).to(device)
-    compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, progress=args.verbose >= 1)
+    compute = Compute(device, amp_dtype_for(device, args.amp, print if dist.is_main else None), channels_last,
+                      dist=dist, progress=dist.is_main and args.verbose >= 1)
     return model, compute, cam
 
 
@@ -217,109 +232,206 @@ def main(args):
         raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise CLIError(f"--threshold must be in (0, 1]; got {args.threshold}")
+    dist = dist_info_from_env()  # under torchrun: this process's rank; each takes a share of the images
+    if args.explain and (args.resume or dist.enabled):
+        raise CLIError("--explain runs in one process from the start: without torchrun and --resume")
     ckpt, model, head = load_model(args)
     class_names = ckpt["class_names"]
     reference = ckpt.get("ood")  # the out-of-distribution reference (method, threshold; tensors in a .pth)
-    ood_threshold = reference.get("threshold") if reference else None
     if args.reject_ood and reference is None:
         raise CLIError(f"--reject_ood: {args.model_fn} has no out-of-distribution reference (train.py writes one "
                        "unless --ood_method none)")
     rejecting = args.threshold is not None or args.reject_ood  # rows may be predicted as --unknown_label
     task = tasks.for_checkpoint(ckpt)  # one label per image, or a set (its delimiter joins a cell's classes)
-    calibration = task.calibration_of(ckpt)  # the temperature(s) and thresholds fitted in training
     # a rejected row, or (several labels) a row deciding no class, is written as --unknown_label
     if (rejecting or task.empty_label_allowed) and args.unknown_label in class_names:
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
-    views = 2 if args.tta else 1  # the image, and its mirror image with --tta
     inputs, searched = gather_inputs(args, ckpt, task)
     labelled = any(label != -1 for _, label in inputs)
     report_path, confusion_path = check_outputs(args, inputs, labelled, task, searched)
-    model, compute, cam = prepare_model(args, ckpt, model, head, reference)
-    device = compute.device
-
-    tf = data_loader.Preprocess.of(ckpt).transform()
-    dataset = data_loader.ImageDataset([(f, 0) for f, _ in inputs], tf)  # the labels stay in inputs
-    workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
-    loader = data_loader.make_loader(dataset, args.batch_size, None, workers, pin_memory=device.type == "cuda")
+    model, compute, cam = prepare_model(args, ckpt, model, head, reference, dist)
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
     columns = csv_columns(class_names, topk, labelled, reference is not None, task, bool(args.explain))
-    tally, samples_for_plot = task.tally(), []
+    partial = prediction_output.PartialRun(args.output, run_manifest(args, inputs, columns), len(inputs))
+    partial.check(args.resume)  # before any work: one error line, nothing changed
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
-    n_done = n_bad = n_accepted = n_unlike = 0
-    explained = explain.Explanations(args.explain, [f for f, _ in inputs]) if args.explain else nullcontext()
+    rows = Rows(args, ckpt, task, model, cam, columns, topk, labelled, inputs)
     unchanged = f"{args.output} was not " + ("changed" if Path(args.output).exists() else "written")  # if we stop
     stop = StopFlag().install()
+    compute.stop = stop
     start = time.perf_counter()
     try:
-        with atomic_open(args.output, "w", newline="", encoding="utf-8-sig") as f, explained:  # Excel-friendly
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            with torch.no_grad() if args.explain else torch.inference_mode():  # Grad-CAM takes gradients
-                for batch in bar(loader, compute, "predict"):
-                    rows = {}
-                    if batch.labels.numel():
-                        images = compute.to_device(batch.images)
-                        with compute.autocast():
-                            views_in = tasks.with_flips(images) if args.tta else images
-                            out = cam.forward(model, views_in) if args.explain else model(views_in)
-                        logits, scores = out if isinstance(out, tuple) else (out, None)
-                        probs = calibration.probabilities(logits.detach(), views).cpu()
-                        maps = cam.maps(logits, probs.argmax(1)).cpu() if args.explain else None
-                        preds = task.decisions(calibration.decide(probs, args.threshold))
-                        unlike = [None] * len(probs)  # per row: True = out of distribution, None = not known
-                        if scores is not None:
-                            scores = scores[:len(probs)].detach().float().cpu()  # with --tta: the image's own view
-                            if ood_threshold is not None:
-                                unlike = (scores > ood_threshold).tolist()
-                                n_unlike += sum(unlike)
-                                if args.reject_ood:
-                                    preds = [UNKNOWN if u else p for p, u in zip(preds, unlike)]
-                        n_accepted += sum(task.accepted(p) for p in preds)
-                        for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds)):
-                            score = None if scores is None else (float(scores[i]), unlike[i])
-                            rows[index] = prediction_row(inputs[index], p, pred, class_names, topk, labelled,
-                                                         args.unknown_label, task, score)
-                            if maps is not None:
-                                rows[index].insert(columns.index("heatmap"), explain_row(
-                                    explained, inputs[index], maps[i], pred, p, unlike[i], class_names, ckpt, args,
-                                    task))
-                            label = inputs[index][1]
-                            if label != -1:
-                                tally.add(label, pred, p)
-                            if index in plot_at:
-                                samples_for_plot.append((inputs[index], pred, p, unlike[i],
-                                                         None if maps is None else maps[i]))
-                    for bad in batch.bad:
-                        rows[bad.index] = error_row(inputs[bad.index], bad.reason, columns, class_names, labelled,
-                                                    task)
-                    for index in sorted(rows):
-                        writer.writerow(rows[index])
-                    n_done += len(batch.labels)
-                    n_bad += len(batch.bad)
-                    if stop.requested:
-                        break  # out of the loop: its loader workers shut down
-            if stop.requested:  # like train.py: status 130 (143 for SIGTERM); the temporary files are removed
-                print(f"interrupted after {n_done} images; {unchanged}", file=sys.stderr)
-                sys.exit(stop.exit_status())
-            if n_done == 0:
-                raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
+        with process_group(dist, compute.device):
+            n_new, stopped, maps = predict_shares(partial, rows, compute, args, plot_at)
     finally:
         stop.restore()
+    if stopped:  # like train.py: status 130 (143 for SIGTERM)
+        if args.explain:  # heat maps are not resumable: no rows kept either
+            partial.remove()
+            kept = ""
+        else:
+            kept = f"; the rows so far are in {partial.folder}: run the same command with --resume to go on"
+        if dist.is_main:
+            print(f"interrupted after {n_new} images; {unchanged}{kept}", file=sys.stderr)
+        sys.exit(stop.exit_status())
+    if not dist.is_main:
+        return
     seconds = time.perf_counter() - start
-    print_results(args, ckpt, task, calibration, (n_done, n_bad, n_accepted, n_unlike, seconds), explained, tally,
-                  samples_for_plot, (labelled, rejecting, report_path, confusion_path))
+    summary = write_result(partial, args.output, columns, rows, plot_at, maps, unchanged)
+    print_results(args, ckpt, task, rows.calibration, summary, (n_new, seconds), rows.explained,
+                  (labelled, rejecting, report_path, confusion_path))
 
 
-def print_results(args, ckpt, task, calibration, counts, explained, tally, samples_for_plot, outputs):
-    """The summary lines, the labelled rows' report and the figure. counts: (done, unreadable, accepted, unlike
-    the training images, seconds); outputs: (labelled, rejecting, report path, confusion matrix path)."""
-    n_done, n_bad, n_accepted, n_unlike, seconds = counts
+def run_manifest(args, inputs, columns):
+    """What a partial run's rows depend on, so that --resume goes on only with the same: the model file's bytes,
+    the input list, the columns and the flags that change a row."""
+    return {"model": prediction_output.file_digest(args.model_fn), "inputs": prediction_output.inputs_digest(inputs),
+            "n_inputs": len(inputs), "columns": columns,
+            "flags": {"threshold": args.threshold, "unknown_label": args.unknown_label, "tta": args.tta,
+                      "reject_ood": args.reject_ood, "amp": args.amp}}
+
+
+class Rows:
+    """A batch's images -> its rows (prediction_output.pack_row), as the checkpoint's task and the flags say."""
+
+    def __init__(self, args, ckpt, task, model, cam, columns, topk, labelled, inputs):
+        self.args, self.ckpt, self.task, self.model, self.cam = args, ckpt, task, model, cam
+        self.columns, self.topk, self.labelled, self.inputs = columns, topk, labelled, inputs
+        self.class_names = ckpt["class_names"]
+        self.calibration = task.calibration_of(ckpt)  # the temperature(s) and thresholds fitted in training
+        reference = ckpt.get("ood")
+        self.ood_threshold = reference.get("threshold") if reference else None
+        self.views = 2 if args.tta else 1  # the image, and its mirror image with --tta
+        self.explained = explain.Explanations(args.explain, [f for f, _ in inputs]) if args.explain else nullcontext()
+
+    def of_batch(self, batch, compute, maps_at):
+        """The packed rows of a batch (unreadable files as error rows); the heat maps of --explain's rows whose
+        index is in maps_at (a dict filled here: the figure's images)."""
+        args, task, packed = self.args, self.task, []
+        if batch.labels.numel():
+            images = compute.to_device(batch.images)
+            with compute.autocast():
+                views_in = tasks.with_flips(images) if args.tta else images
+                out = self.cam.forward(self.model, views_in) if args.explain else self.model(views_in)
+            logits, scores = out if isinstance(out, tuple) else (out, None)
+            probs = self.calibration.probabilities(logits.detach(), self.views).cpu()
+            maps = self.cam.maps(logits, probs.argmax(1)).cpu() if args.explain else None
+            preds = task.decisions(self.calibration.decide(probs, args.threshold))
+            unlike = [None] * len(probs)  # per row: True = out of distribution, None = not known
+            if scores is not None:
+                scores = scores[:len(probs)].detach().float().cpu()  # with --tta: the image's own view
+                if self.ood_threshold is not None:
+                    unlike = (scores > self.ood_threshold).tolist()
+                    if args.reject_ood:
+                        preds = [UNKNOWN if u else p for p, u in zip(preds, unlike)]
+            for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds)):
+                score = None if scores is None else (float(scores[i]), unlike[i])
+                cells = prediction_row(self.inputs[index], p, pred, self.class_names, self.topk, self.labelled,
+                                       args.unknown_label, task, score)
+                if maps is not None:
+                    cells.insert(self.columns.index("heatmap"), explain_row(
+                        self.explained, self.inputs[index], maps[i], pred, p, unlike[i], self.class_names, self.ckpt,
+                        args, task))
+                    if index in maps_at:
+                        maps_at[index] = maps[i]
+                packed.append(prediction_output.pack_row(index, cells, pred, p.numpy(), unlike[i]))
+        for bad in batch.bad:
+            packed.append(prediction_output.pack_row(bad.index, error_row(
+                self.inputs[bad.index], bad.reason, self.columns, self.class_names, self.labelled, task)))
+        return sorted(packed)
+
+
+def predict_shares(partial, rows, compute, args, plot_at):
+    """This process's share of the images not yet in the partial folder, predicted and appended to its part file a
+    batch at a time. Returns (images predicted here, stopped by a signal, {index: heat map} of the figure's
+    images with --explain). Every process runs as many steps as the largest share, so that they poll the stop
+    flag together."""
+    dist, device = compute.dist, compute.device
+    done = torch.from_numpy(partial.open()) if dist.is_main else torch.zeros(partial.n, dtype=torch.uint8)
+    done = broadcast_from_main(done, dist, device)  # rank 0 read (and repaired) the folder
+    remaining = np.flatnonzero(done.numpy() == 0)  # ascending input indices
+    mine = prediction_output.share(remaining, dist.rank, dist.world_size)
+    steps = math.ceil(len(prediction_output.share(remaining, 0, dist.world_size)) / args.batch_size)  # the largest
+    tf = data_loader.Preprocess.of(rows.ckpt).transform()
+    dataset = data_loader.ImageDataset(((f, 0) for f, _ in rows.inputs), tf,  # the labels stay in inputs
+                                       short_side=data_loader.Preprocess.of(rows.ckpt).draft_side())
+    workers = args.num_workers
+    if workers is None:
+        workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    loader = data_loader.make_loader(dataset, args.batch_size, mine, workers, pin_memory=device.type == "cuda")
+    progress = Progress(len(remaining), "predict", dist.is_main and args.verbose >= 1, scale=dist.world_size)
+    maps, n_new, batches = dict.fromkeys(plot_at) if args.explain else {}, 0, iter(loader)
+    stopped = False
+    try:
+        with partial.writer(dist.rank) as part, rows.explained:  # --explain's heatmaps.npz: kept only when done
+            with torch.no_grad() if args.explain else torch.inference_mode():  # Grad-CAM takes gradients
+                for _ in bar(range(steps), compute, "predict"):
+                    batch = next(batches, None)  # None: this share is done, the others are not
+                    if batch is not None:
+                        part.write(rows.of_batch(batch, compute, maps))
+                        n_new += len(batch.labels)
+                        progress.update(len(batch.labels) + len(batch.bad))
+                    if compute.stop_requested():  # every process at the same step
+                        raise Stopped
+    except Stopped:
+        stopped = True
+    del loader, batches  # the loader workers end
+    if dist.enabled and not stopped:
+        torch.distributed.barrier()  # every share written before rank 0 reads them back
+    return int(all_reduce_sum([n_new], dist, device)[0]), stopped, maps
+
+
+class Stopped(Exception):
+    """A stop signal seen at a batch's end: out of the loop, with the unfinished outputs dropped."""
+
+
+def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
+    """--output from the partial folder's rows, in input order (written whole, then the folder removed). Returns
+    the summary's counts (read back from the rows) with the labelled rows' tally and the figure's samples."""
+    task, inputs = rows.task, rows.inputs
+    counts = dict(done=0, bad=0, accepted=0, unlike=0)
+    tally, samples = task.tally(), []
+    with atomic_open(output, "w", newline="", encoding="utf-8-sig") as f:  # Excel-friendly
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for index, cells, pred, probs, unlike in partial.rows_in_order():
+            writer.writerow(cells)
+            if probs is None:
+                counts["bad"] += 1
+                continue
+            pred = tuple(pred) if isinstance(pred, list) else pred  # a multi-label decision, from JSON
+            probs = torch.from_numpy(probs.copy())
+            counts["done"] += 1
+            counts["accepted"] += task.accepted(pred)
+            counts["unlike"] += bool(unlike)
+            label = inputs[index][1]
+            if label != -1:
+                tally.add(label, pred, probs)
+            if index in plot_at:
+                samples.append((inputs[index], pred, probs, unlike, maps.get(index)))
+        if counts["done"] == 0:
+            partial.remove()  # nothing to go on from
+            raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
+    if partial.repeated:
+        print(f"warning: {partial.repeated} rows were predicted twice (the later ones kept)", file=sys.stderr)
+    partial.remove()
+    return counts, tally, samples
+
+
+def print_results(args, ckpt, task, calibration, summary, timing, explained, outputs):
+    """The summary lines, the labelled rows' report and the figure. summary: write_result's (counts, tally,
+    samples for the figure); timing: (images predicted by this run, seconds); outputs: (labelled, rejecting,
+    report path, confusion matrix path)."""
+    counts, tally, samples_for_plot = summary
+    n_done, n_bad, n_accepted, n_unlike = (counts[k] for k in ("done", "bad", "accepted", "unlike"))
+    n_new, seconds = timing
     labelled, rejecting, report_path, confusion_path = outputs
     class_names, reference = ckpt["class_names"], ckpt.get("ood")
     ood_threshold = reference.get("threshold") if reference else None
+    earlier = f", {n_done - n_new} of them from the interrupted run" if n_new < n_done else ""
     print(f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s "
-          f"({n_done / max(seconds, 1e-9):.1f} img/s)"
+          f"({n_new / max(seconds, 1e-9):.1f} img/s{earlier})"
           + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if args.explain:

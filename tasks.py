@@ -209,15 +209,29 @@ class Tally:
     """Labels, decisions and probabilities of the labelled rows: accuracy, the confusion matrix (with an
     'unknown' column under --threshold) and the per-class report."""
 
+    PACKED = 1024  # rows of probabilities stacked into one float32 tensor at a time (memory: 4 bytes a number)
+
     def __init__(self, task):
         self.task = task
-        self.labels, self.preds, self.argmax, self.probs = [], [], [], []
+        self.labels, self.preds, self.argmax = [], [], []
+        self.packed, self.recent = [], []  # the probabilities: stacked chunks, and the rows since the last one
+
+    def keep_probs(self, probs):
+        self.recent.append(torch.as_tensor(probs, dtype=torch.float32).flatten())
+        if len(self.recent) >= self.PACKED:
+            self.packed.append(torch.stack(self.recent))
+            self.recent = []
+
+    @property
+    def probs(self):
+        """(rows, classes) float32: every added row's probabilities."""
+        return torch.cat(self.packed + ([torch.stack(self.recent)] if self.recent else []))
 
     def add(self, label, pred, probs):
         self.labels.append(label)
         self.preds.append(pred)
         self.argmax.append(int(probs.argmax()))
-        self.probs.append(probs)
+        self.keep_probs(probs)
 
     def __len__(self):
         return len(self.labels)
@@ -230,7 +244,7 @@ class Tally:
 
     def confidence_correct(self):
         """The best class's probability and whether it is the label, per row."""
-        return torch.stack(self.probs).max(1).values, torch.tensor(self.argmax) == torch.tensor(self.labels)
+        return self.probs.max(1).values, torch.tensor(self.argmax) == torch.tensor(self.labels)
 
     def summary(self, class_names, threshold, rejecting, calibration):
         """(lines to print, per-class report): accuracy of the best class over the labelled rows and, when rows
@@ -245,8 +259,7 @@ class Tally:
         confidence, correct = self.confidence_correct()
         lines.append(f"mean confidence {float(confidence.mean()):.4f}, ECE {metrics.ece(confidence, correct):.4f} "
                      f"({N_BINS} bins; temperature {calibration.temperature:.3f} from the checkpoint)")
-        return lines, self.task.report(torch.tensor(self.labels), torch.tensor(self.preds), torch.stack(self.probs),
-                                       class_names)
+        return lines, self.task.report(torch.tensor(self.labels), torch.tensor(self.preds), self.probs, class_names)
 
 
 class SetTally(Tally):
@@ -255,16 +268,16 @@ class SetTally(Tally):
     def add(self, label, pred, probs):
         self.labels.append(label)
         self.preds.append(tuple(0 for _ in label) if pred == UNKNOWN else pred)
-        self.probs.append(probs)
+        self.keep_probs(probs)
 
     def confidence_correct(self):
-        return torch.stack(self.probs).flatten(), torch.tensor(self.labels).flatten().bool()
+        return self.probs.flatten(), torch.tensor(self.labels).flatten().bool()
 
     def summary(self, class_names, threshold, rejecting, calibration):
         """(lines to print, per-class report): mAP, exact match, micro/macro F1, and the ECE of the per-class
         probabilities."""
         report, summary = self.task.set_report(torch.tensor(self.labels), torch.tensor(self.preds),
-                                               torch.stack(self.probs), class_names)
+                                               self.probs, class_names)
         confidence, correct = self.confidence_correct()
         return [f"{MultiLabel.describe_summary(summary)} (labelled; per-class thresholds "
                 + (f"replaced by --threshold {threshold:g}" if threshold is not None else "from the checkpoint")

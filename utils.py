@@ -3,7 +3,9 @@ format, progress bars), distributed info, safe writes, figures."""
 import os
 import random
 import stat
+import sys
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,39 @@ def bar(iterable, compute, desc):
                 dynamic_ncols=True)
 
 
+class Progress:
+    """Where no tqdm bar shows (stderr is not a terminal: a log file, a batch job), a line every `every` seconds:
+    images done of the total, the rate and the time left. `scale`: images the whole job does per image counted
+    here (under torchrun rank 0 counts its own share of N equal shares)."""
+
+    def __init__(self, total, desc, enabled=True, every=10.0, scale=1, out=None):
+        self.out = out or sys.stderr
+        self.enabled = enabled and total > 0 and not self.out.isatty()
+        self.total, self.desc, self.every, self.scale = total, desc, every, scale
+        self.done, self.start = 0, time.monotonic()
+        self.shown = self.start
+
+    def update(self, n):
+        self.done += n * self.scale
+        now = time.monotonic()
+        if not self.enabled or now - self.shown < self.every:
+            return
+        self.shown = now
+        done = min(self.done, self.total)
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        print(f"{self.desc}: {done}/{self.total} images ({done / self.total:.0%}), {rate:.1f} img/s, "
+              f"{format_seconds(left)} left", file=self.out, flush=True)
+
+
+def format_seconds(seconds):
+    """h:mm:ss ('?' when unknown)."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -151,6 +186,33 @@ def dist_info_from_env():
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return DistInfo()
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@contextmanager
+def process_group(dist_info, device):
+    """torchrun's processes joined for the block (NCCL between GPUs, gloo on CPUs; each process on the GPU of
+    its LOCAL_RANK), and the group ended on every way out; nothing for a single process."""
+    if not dist_info.enabled:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=dist_info.rank,
+                                         world_size=dist_info.world_size)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def broadcast_from_main(tensor, dist_info, device):
+    """Rank 0's tensor on every process (the tensor itself for one process)."""
+    if not dist_info.enabled:
+        return tensor
+    t = tensor.to(device)
+    torch.distributed.broadcast(t, src=0)
+    return t.cpu()
 
 
 def all_reduce_sum(values, dist_info, device):

@@ -13,7 +13,6 @@ Measures:
 Without --model_fn it trains a checkpoint first: the frozen, randomly initialised backbone with a trained
 head (train.py --freeze), which is as fast as a pretrained one and enough for the agreement figures.
 """
-import csv
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from timed import run  # noqa: E402
+from timed import agreement, run  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -93,20 +92,6 @@ def steady_rates(pth, onnx_path, size, batch, repeats):
             for name, (fn, inp) in variants.items():
                 results[name] = max(results[name], rate(fn, inp, repeats))
     return results
-
-
-def read_rows(path):
-    with open(path, encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
-
-
-def agreement(a_path, b_path):
-    a, b = read_rows(a_path), read_rows(b_path)
-    assert [r["file_dir"] for r in a] == [r["file_dir"] for r in b]
-    keys = [k for k in a[0] if k.startswith("prob_")] or ["confidence"]
-    same = sum(x["predict"] == y["predict"] for x, y in zip(a, b))
-    diff = max(abs(float(x[k]) - float(y[k])) for x, y in zip(a, b) for k in keys if x[k] and y[k])
-    return same, len(a), diff
 
 
 def main(args):

@@ -182,3 +182,31 @@ def test_loader_yields_batches_with_indices(tiny_data):
     a = next(iter(loaders.train)).images
     b = next(iter(loaders.train)).images
     assert torch.equal(a, b)  # same epoch: same order and same augmentation, whatever the RNG state
+
+
+def photo(path, size):
+    """A JPEG with detail at every scale: smooth colour fields plus fine noise."""
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    noisy = np.asarray(base).astype(np.int16) + rng.integers(-10, 10, (size[1], size[0], 3), dtype=np.int16)
+    return write(path, Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), quality=90)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_still_only_shrinks(tmp_path):
+    """1600x1200 with a 64 px resize: 1/8 gives 200x150 (short side 150 >= 64); with 256 px, 1/4 (300 >= 256,
+    1/8 would give 150); the model's input from it stays close to the full decode's; PNGs decode in full. A
+    model resizing to 64 px decodes at twice that at least (1/8 would give 150 >= 128)."""
+    big = photo(tmp_path / "big.jpg", (1600, 1200))
+    assert dl.load_rgb(big).size == (1600, 1200)
+    assert dl.load_rgb(big, 64).size == (200, 150) and dl.load_rgb(big, 256).size == (400, 300)
+    assert dl.load_rgb(big, 700).size == (1600, 1200)  # 1/2 would give a 600 px short side: too small
+    prep = dl.Preprocess(56, 64, dl.IMAGENET_MEAN, dl.IMAGENET_STD)
+    tf = prep.transform()
+    full, drafted = tf(dl.load_rgb(big)), tf(dl.load_rgb(big, prep.draft_side()))
+    assert (full - drafted).abs().mean() < 0.05  # normalized units: a few grey levels
+    png = write(tmp_path / "big.png", Image.open(big))
+    assert dl.load_rgb(png, 64).size == (1600, 1200)
+    assert prep.draft_side() == 128 and dl.load_rgb(big, prep.draft_side()).size == (200, 150)
+    assert prep.draft_side(train=True) == 130  # the smallest random crop's side (0.43 of it) still >= 56 px
+    dataset = dl.ImageDataset([(str(big), 0)], tf, short_side=prep.draft_side())
+    assert torch.equal(dataset[0][0], drafted)

@@ -100,7 +100,7 @@ def test_frozen_cache_under_torchrun_equals_one_process_and_resumes(ddp_data, tm
 
 def test_readme_torchrun_commands(tmp_path):
     """The README's torchrun lines, as written (shorter runs), the multi-machine one as two 'machines'."""
-    commands = [c for c in readme_commands() if c.startswith("torchrun")]
+    commands = [c for c in readme_commands() if c.startswith("torchrun") and "train.py" in c]
     assert len(commands) == 2
     data = copy_subset(tmp_path / "data", ["bag", "trouser"], 12, 4)
     extra = ["--data_dir", str(data), "--n_epochs", "1", "--input_size", "32", "--num_workers", "0", "--verbose", "0"]

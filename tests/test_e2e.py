@@ -158,6 +158,8 @@ def adapt(command, work, weights):
     if script == "bench/advice.py":  # two of its rows, one epoch each, on the tiny set, with a resnet18 file
         tokens += ["--data_dir", str(work / "my_images"), "--weights", str(work / "resnet18.pth"), "--epochs", "1",
                    "--only", "from scratch, 5", "pretrained, --freeze", "--work", str(work / "advice")]
+    if script == "bench/scale_bench.py":  # one part, small: two short lists of tiny images
+        tokens += ["--parts", "rss", "--rss_counts", "20,40", "--rss_files", "10", "--work_dir", str(work / "scale_bench")]
     if script == "bench/label_bench.py":  # the same steps, small: 32 px, a few images, a one-epoch donor
         tokens += ["--work", str(work / "label_bench"), "--size", "32", "--per_class", "10", "--donor_per_class", "10",
                    "--donor_epochs", "1", "--extra_views", "1", "--top", "2", "--seeds", "0,1"]
@@ -191,6 +193,7 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
     with open(work / "my_labels.csv", "w") as f:  # the README's CSV: my_images' files, train and test rows
         f.write("file,label,split\n" + "".join(f"{p.relative_to(work / 'my_images')},{p.parent.name},{p.parts[-3]}\n"
                                              for p in sorted((work / "my_images").rglob("*.png"))))
+    (work / "photos.txt").write_text("".join(f"{p.relative_to(work)}\n" for p in sorted(work.glob("my_images/test/*/*"))))
     torch_home = tmp_path / "torch_home"
     weights = torch_home / "hub" / "checkpoints" / "resnet34-b627a593.pth"
     weights.parent.mkdir(parents=True)
@@ -213,8 +216,9 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
         if command.startswith("pip install torch torchvision --index-url"):
             continue  # PyTorch's CPU wheel index: a download, which this offline machine cannot make
         if command.startswith("torchrun"):
-            by_torchrun.add(tokens[tokens.index("--model_fn") + 1])
-            continue  # tests/test_distributed.py runs the torchrun commands
+            if "train.py" in tokens:
+                by_torchrun.add(tokens[tokens.index("--model_fn") + 1])
+            continue  # tests/test_distributed.py runs train.py's torchrun commands, test_prediction_output predict.py's
         if command.startswith("tensorboard"):
             argv = [str(bin_dir / "tensorboard"), "--inspect"] + tokens[1:]
             proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=600)
@@ -230,6 +234,8 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             rows = [line.split() for line in out.splitlines()[1:]]
             assert [r[:3] for r in rows] == [["from", "scratch,", "5"], ["pretrained,", "--freeze,", "20"]], out
             assert all(0 <= float(r[-4]) <= 1 and r[-2] == "1" for r in rows), out  # test accuracy; 1 epoch run
+        if "bench/scale_bench.py" in command:
+            assert "peak RSS 40 against 20 images" in out, out
         if "bench/label_bench.py" in command:
             assert "mean over the seeds" in out and "train.py --check_data (label_issues.csv" in out
         ran.append(command)
@@ -299,6 +305,9 @@ def check_what_the_readme_commands_wrote(work):
         if min(abs(p - t) for p, t in zip(probs, pairs["thresholds"])) > 1e-5:
             chosen = [c for c, p, t in zip(sample_classes, probs, pairs["thresholds"]) if p >= t]
             assert r["predict"] == (" ".join(chosen) or "unknown")
+    rows = csv_rows(work / "labelled.csv")  # --file_list: the list's images in its order, unlabelled
+    assert [str(Path(r["file_dir"])) for r in rows] == (work / "photos.txt").read_text().split()  # ./ from the list
+    assert "label" not in rows[0] and all(r["predict"] in sample_classes for r in rows)
     rows = csv_rows(work / "mine.csv")
     test_files = sorted(str(p.relative_to(work)) for p in (work / "my_images" / "test").rglob("*.png"))
     assert [r["file_dir"] for r in rows] == test_files  # as given: --data_dir my_images/test

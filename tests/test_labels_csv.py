@@ -192,3 +192,28 @@ def test_relative_csv_paths_are_stored_absolute(tiny_data, tmp_path, capsys, mon
     export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--output", "m.onnx"]))
     out, err = capsys.readouterr()
     assert f"check on 16 images of {work / 'labels.csv'}" in out and "warning" not in err
+
+
+def test_file_list_as_lines_or_a_csv_without_labels(tmp_path):
+    """--file_list: the paths in the list's order (relative ones from its folder or --image_root), missing files
+    kept (predict.py writes them as unreadable rows); a CSV with a file column too; one error line for a CSV
+    with labels, an empty list, or a file that is not UTF-8."""
+    from cli import CLIError
+    from labels_csv import read_file_list
+
+    (tmp_path / "imgs").mkdir()
+    lines = tmp_path / "list.txt"
+    lines.write_text(f"b.png\n\n  {tmp_path / 'abs.png'}  \r\na.png\n")
+    assert read_file_list(lines) == [str(tmp_path / "b.png"), str(tmp_path / "abs.png"), str(tmp_path / "a.png")]
+    assert read_file_list(lines, tmp_path / "imgs")[0] == str(tmp_path / "imgs" / "b.png")
+    table = write_csv(tmp_path / "list.csv", [("z.png", "x"), ("y, 2.png", "")], header=("File", "note"))
+    table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())  # Excel's UTF-8 CSV starts with a BOM
+    assert read_file_list(table) == [str(tmp_path / "z.png"), str(tmp_path / "y, 2.png")]
+    for content, message in ((b"file,label\na.png,cat\n", "has a label column"), (b"\n\n", "names no image file"),
+                             (b"\xff\xfea\x00", "not a UTF-8 text file")):
+        bad = tmp_path / "bad.txt"
+        bad.write_bytes(content)
+        with pytest.raises(CLIError, match=message):
+            read_file_list(bad)
+    with pytest.raises(CLIError, match="does not exist"):
+        read_file_list(tmp_path / "none.txt")

@@ -48,3 +48,24 @@ def test_input_names_in_a_folder_however_their_paths_are_written(tmp_path):
     assert utils.input_names_in(tmp_path / "elsewhere", inputs) == set()
     with pytest.raises(utils.CLIError, match="is one of the input files"):
         utils.check_writable(tmp_path / "alias" / "a.png", "--plot", inputs)
+
+
+def test_progress_lines_where_no_bar_shows(monkeypatch):
+    """Written to a log (not a terminal): a line with the count, the rate and the time left, at most every
+    `every` seconds; to a terminal, none (tqdm's bar shows there)."""
+    import io
+
+    clock = [100.0]
+    monkeypatch.setattr(utils.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    progress = utils.Progress(1000, "predict", every=5, scale=2, out=log)
+    for _ in range(3):
+        clock[0] += 2
+        progress.update(50)  # 100 images of the job per call, 50 img/s
+    assert log.getvalue() == "predict: 300/1000 images (30%), 50.0 img/s, 0:00:14 left\n"
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    quiet = utils.Progress(1000, "predict", every=0, out=terminal)
+    quiet.update(10)
+    assert terminal.getvalue() == ""
+    assert utils.format_seconds(3725) == "1:02:05" and utils.format_seconds(float("inf")) == "?"

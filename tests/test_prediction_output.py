@@ -1,0 +1,176 @@
+"""predict.py at scale: rows streamed to a partial folder, kill -9 then --resume, refusals, torchrun's shares."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import predict
+import prediction_output
+import train
+from conftest import ROOT, copy_subset, run_in_process
+from helpers import interrupt_when_called, read_csv, readme_commands, run_predict
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+KILLED_AT_A_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import cli, predict, prediction_output
+real, calls = prediction_output.PartWriter.write, [0]
+def write(self, rows):
+    calls[0] += 1
+    if calls[0] == {at}:  # half a batch's record on disk, then kill -9: as a machine lost mid-write
+        data = prediction_output.encode_frame(rows)
+        os.write(self.fd, data[:len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, rows)
+prediction_output.PartWriter.write = write
+cli.run_cli(lambda: predict.main(predict.parse_args()))
+"""
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A frozen ResNet-18 head on 3 classes of 28 px images (one epoch), and 8 test images per class."""
+    root = tmp_path_factory.mktemp("at_scale")
+    data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 12, 8)
+    train.main(train.parse_args([str(a) for a in [
+        "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--freeze",
+        "--num_workers", "0", "--verbose", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run"]]))
+    return root / "m.pth", data / "test"
+
+
+def rows_of(path):
+    return [dict(r) for r in read_csv(path)]
+
+
+def assert_same_rows(rows, expected, tol=1e-5):
+    """The same files in the same order, the same answers, the numbers within tol."""
+    assert [r["file_dir"] for r in rows] == [r["file_dir"] for r in expected]
+    for row, want in zip(rows, expected):
+        assert row.keys() == want.keys()
+        for key, value in want.items():
+            if value and (key.startswith("prob_") or key in ("confidence", "ood_score")):
+                assert float(row[key]) == pytest.approx(float(value), abs=tol), (key, row, want)
+            else:
+                assert row[key] == value, (key, row, want)
+
+
+def test_kill_9_mid_run_then_resume_gives_each_image_once(model, tmp_path, capsys):
+    ckpt, images = model
+    argv = ["--model_fn", ckpt, "--data_dir", images, "--batch_size", "4", "--n_images", "3", "--plot",
+            tmp_path / "p.png"]
+    run_predict(capsys, *argv, "--output", tmp_path / "whole.csv")
+    whole = rows_of(tmp_path / "whole.csv")
+    assert len(whole) == 24
+
+    out = tmp_path / "r.csv"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_A_WRITE.format(root=str(ROOT), at=4))
+    proc = subprocess.run([sys.executable, str(script), *map(str, argv), "--output", str(out), "--num_workers", "0",
+                           "--verbose", "0"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MPLBACKEND="Agg"))
+    assert proc.returncode == -9, proc.stderr
+    partial = prediction_output.partial_dir(out)
+    assert not out.exists() and (partial / "run.json").is_file()
+    (part,) = partial.glob("rank*.rows")
+    frames = prediction_output.read_frames(part)
+    kept = [row[0] for _, rows in frames for row in rows]
+    assert kept == list(range(12))  # 3 whole batches of 4; the 4th, cut in half, is not one
+    printed = run_predict(capsys, *argv, "--output", out, "--resume")
+    assert "predicted 24 images" in printed and "12 of them from the interrupted run" in printed
+    assert_same_rows(rows_of(out), whole)
+    assert not partial.exists()
+    assert (tmp_path / "r_report.csv").read_text() == (tmp_path / "whole_report.csv").read_text()
+
+
+def test_ctrl_c_keeps_the_rows_and_resume_refuses_what_does_not_match(model, tmp_path, capsys, monkeypatch):
+    """A real SIGINT in the second batch: status 130, the batches done stay in the partial folder; a plain rerun,
+    a resume with another model, flags or inputs are refused in one line and change nothing; the same command
+    with --resume finishes."""
+    from cli import run_cli
+
+    ckpt, images = model
+    out = tmp_path / "r.csv"
+    argv = ["--model_fn", ckpt, "--data_dir", images, "--output", out, "--batch_size", "8", "--n_images", "0",
+            "--num_workers", "0", "--verbose", "0"]
+    assert "no interrupted run" in run_in_process(predict, argv + ["--resume"], capsys)
+    with monkeypatch.context() as m:
+        interrupt_when_called(m, predict.prediction_output, "pack_row")
+        with pytest.raises(SystemExit) as e:
+            run_cli(lambda: predict.main(predict.parse_args([str(a) for a in argv])))
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "interrupted after 8 images" in err and "--resume" in err, err
+    partial = prediction_output.partial_dir(out)
+    before = {p.name: p.read_bytes() for p in partial.iterdir()}
+    assert len([r for _, rows in prediction_output.read_frames(partial / "rank0.rows") for r in rows]) == 8
+
+    other = tmp_path / "other.pth"
+    other.write_bytes(ckpt.read_bytes() + b"\0")  # another file, still a checkpoint torch reads
+    for changed, words in ((["--model_fn", other], "model"), (["--threshold", "0.5"], "flags"),
+                           (["--topk", "2"], "columns"), (["--data_dir", images / "bag"], "input list")):
+        err = run_in_process(predict, argv + changed + ["--resume"], capsys)
+        assert "--resume" in err and words in err and "nothing was changed" in err, err
+    assert "add --resume" in run_in_process(predict, argv, capsys)
+    assert {p.name: p.read_bytes() for p in partial.iterdir()} == before and not out.exists()
+
+    run_predict(capsys, *argv, "--resume")
+    rows = rows_of(out)
+    assert len(rows) == 24 and len({r["file_dir"] for r in rows}) == 24 and not partial.exists()
+
+
+def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, monkeypatch):
+    """2 processes on the CPU (gloo), the docs' command, over a --file_list with a missing file, going on with
+    --resume from a one-process run stopped after its first batch: the same result.csv as one process (files,
+    order, answers; probabilities within 1e-5), the report and figure over every row, one summary."""
+    from cli import run_cli
+
+    ckpt, images = model
+    files = sorted(images.rglob("*.png"))[::-1]  # the list's order, not sorted
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([str(f) for f in files[:10]] + ["gone.png"] + [str(f) for f in files[10:]]) + "\n")
+    argv = ["--model_fn", ckpt, "--file_list", listing, "--batch_size", "4", "--n_images", "4"]
+    printed = run_predict(capsys, *argv, "--output", tmp_path / "one.csv", "--plot", tmp_path / "one.png")
+    assert "1 unreadable" in printed
+    with monkeypatch.context() as m:  # one process, stopped after its first batch: 4 rows kept
+        interrupt_when_called(m, predict.prediction_output, "pack_row")
+        with pytest.raises(SystemExit):
+            run_cli(lambda: predict.main(predict.parse_args([str(a) for a in argv] + [
+                "--output", str(tmp_path / "two.csv"), "--num_workers", "0", "--verbose", "0"])))
+    capsys.readouterr()
+    (command,) = [c for c in readme_commands() if c.startswith("torchrun") and "predict.py" in c]  # the docs'
+    tokens = shlex.split(command)
+    for flag, value in (("--model_fn", ckpt), ("--file_list", listing), ("--output", "two.csv")):
+        tokens[tokens.index(flag) + 1] = str(value)
+    tokens[tokens.index("predict.py")] = str(ROOT / "predict.py")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([TORCHRUN, *tokens[1:], "--batch_size", "4", "--n_images", "4", "--plot", "two.png",
+                             "--num_workers", "0", "--verbose", "0", "--resume"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # processes stuck at different collectives: end all of them, then fail
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun did not finish in 120 s")
+    assert proc.returncode == 0, err[-3000:]
+    assert "warning" not in err, err  # each image predicted by one process only
+    assert out.count("predicted 24 images") == 1 and "1 unreadable" in out, out
+    assert "4 of them from the interrupted run" in out, out
+    one, two = rows_of(tmp_path / "one.csv"), rows_of(tmp_path / "two.csv")
+    assert [r["file_dir"] for r in one] == [str(f) for f in files[:10]] + [str(tmp_path / "gone.png")] + [
+        str(f) for f in files[10:]]
+    assert one[10]["error"].startswith("FileNotFoundError") and one[10]["predict"] == ""
+    assert_same_rows(two, one)
+    assert (tmp_path / "two.png").stat().st_size > 0 and not prediction_output.partial_dir(tmp_path / "two.csv").exists()
+
+
+def test_shares_split_the_remaining_images_once_and_in_order():
+    remaining = [0, 2, 3, 5, 8, 9, 11]
+    shares = [list(prediction_output.share(remaining, rank, 3)) for rank in range(3)]
+    assert sorted(sum(shares, [])) == remaining and all(s == sorted(s) for s in shares)
+    assert [len(s) for s in shares] == [3, 2, 2]  # the first is the largest: every process runs its steps
