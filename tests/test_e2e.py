@@ -263,7 +263,9 @@ def check_what_the_readme_commands_wrote(work):
     assert ckpt("resnet.pth")["model_name"] == "resnet34" and ckpt("resnet.pth")["args"]["use_pretrained"]
     assert ckpt("catdog_ft.pth")["args"]["unfreeze_after"] == 2
     fine_tuned = ckpt("models/mine_ft.pth")  # the README's mode 2 on my_images
-    assert fine_tuned["args"]["unfreeze_after"] == 2 and fine_tuned["class_names"] == ["bag", "sneaker", "trouser"]
+    assert fine_tuned["args"]["augment"] == "light" and fine_tuned["class_names"] == ["bag", "sneaker", "trouser"]
+    import probe  # the linear probe ran first and its penalty came from the grid
+    assert ckpt("models/mine_ft_last.pth")["train_state"]["probe"]["l2"] in probe.L2_GRID
     lite = ckpt("model.pth")  # the quick start: ImageNet weights with no download, the pip package's file
     assert lite["model_name"] == "efficientnet_lite0" and lite["args"]["use_pretrained"]
     assert lite["class_names"] == sample_classes and lite["args"]["freeze"]
