@@ -32,14 +32,13 @@ from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_f
 DEFAULT_BATCHNORM = "frozen"  # measured: bench/finetune_bench.py, docs/finetune.md
 DEFAULT_LAYER_DECAY = 1.0
 
-EXAMPLES = """examples:
+EXAMPLES = ("--augment: " + "; ".join(f"{k}: {v}" for k, v in data_loader.AUGMENT_POLICIES.items()) + "\n"
+            "--batchnorm: " + "; ".join(f"{k}: {v}" for k, v in model_loader.BATCHNORM_POLICIES.items()) + """
+
+examples:
   python train.py --model_name resnet18 --input_size 64 --n_epochs 5         # the shipped sample, from scratch
   python train.py --data_dir my_images --use_pretrained --freeze             # mode 1: new head on a frozen backbone
-  python train.py --data_dir my_images --use_pretrained                      # mode 2: probe, then fine-tune all
-  python train.py --data_dir cells --use_pretrained --augment light --any_orientation   # small details, no "up"
-
---augment: """ + "; ".join(f"{k}: {v}" for k, v in data_loader.AUGMENT_POLICIES.items()) + """
---batchnorm: """ + "; ".join(f"{k}: {v}" for k, v in model_loader.BATCHNORM_POLICIES.items())
+  python train.py --data_dir my_images --use_pretrained --augment light      # mode 2: probe, then fine-tune all""")
 
 
 def build_parser():

@@ -166,7 +166,7 @@ def test_the_range_test_stops_once_the_smoothed_loss_passes_four_times_its_lowes
     fitter = build_fitter(tiny_data, tmp_path, "--freeze")
     curve = [1.0 - 0.03 * i for i in range(30)] + [0.1 * 10 ** i for i in range(1, 40)]
 
-    def scripted_step(model, x, y, optimizer, schedule, scaler, criterion, compute, meter):
+    def scripted_step(model, x, y, optimizer, schedule, scaler, criterion, compute, meter, whole=False):
         optimizer.step()  # (no gradients: nothing moves; the schedule expects it first)
         schedule.step()
         meter.loss, meter.count = curve[len(seen)], 1
@@ -185,7 +185,7 @@ def test_find_lr_without_a_clear_descent_warns_why_and_suggests_nothing(tiny_dat
     fitter = build_fitter(tiny_data, tmp_path, "--freeze")
     curve = [1.1 + 0.05 * (-1) ** i for i in range(100)]  # flat: noise around the start
 
-    def scripted_step(model, x, y, optimizer, schedule, scaler, criterion, compute, meter):
+    def scripted_step(model, x, y, optimizer, schedule, scaler, criterion, compute, meter, whole=False):
         optimizer.step()  # (no gradients: nothing moves; the schedule expects it first)
         schedule.step()
         meter.loss, meter.count = curve[len(said)], 1
