@@ -26,7 +26,7 @@ import trainer
 from metrics import N_BINS
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, input_names_in,
-                   precision_for, resolve_device, seed_everything)
+                   precision_for, process_group, resolve_device, seed_everything)
 
 
 DEFAULT_BATCHNORM = "frozen"  # measured: bench/finetune_bench.py, docs/finetune.md
@@ -189,15 +189,6 @@ def default_run_dir(model_name):
 def last_path(model_fn):
     model_fn = Path(model_fn)
     return model_fn.with_name(f"{model_fn.stem}_last.pth")
-
-
-def init_distributed(dist, device):
-    if not dist.enabled:
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
 
 
 def model_meta(args, model_name):
@@ -488,34 +479,32 @@ def main(args):
 
     fitter = None
     stop = StopFlag().install()
-    init_distributed(dist, device)
     try:
-        if dist.enabled:  # every rank uses rank 0's run folder (the default name holds the time)
-            shared = [str(run_dir)]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            run_dir = Path(shared[0])
-        seed_everything(args.seed)
-        fitter, source = build_fitter(args, model_name, splits, meta, resume, run_dir, task, (device, dist, stop),
-                                      log, say)
-        mode = fitter.mode() + ("" if args.freeze else f"; augment {args.augment}"
-                                + (" + any orientation" if args.any_orientation else ""))
-        log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
-            f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / {len(splits.test)} test; "
-            f"input {meta['input_size']}px; backbone weights: {source}; run folder {run_dir}")
-        if args.find_lr:
-            test = lr_finder.find_lr(fitter, run_dir, say)
-            if test is None and stop.requested:
-                say("--find_lr: interrupted; nothing suggested")
-                sys.exit(stop.exit_status())
-            return test
-        result = fitter.fit()
-        lines = finish_run(args, fitter, result, run_dir)
+        with process_group(dist, device):
+            if dist.enabled:  # every rank uses rank 0's run folder (the default name holds the time)
+                shared = [str(run_dir)]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                run_dir = Path(shared[0])
+            seed_everything(args.seed)
+            fitter, source = build_fitter(args, model_name, splits, meta, resume, run_dir, task, (device, dist, stop),
+                                          log, say)
+            mode = fitter.mode() + ("" if args.freeze else f"; augment {args.augment}"
+                                    + (" + any orientation" if args.any_orientation else ""))
+            log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
+                f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / "
+                f"{len(splits.test)} test; input {meta['input_size']}px; backbone weights: {source}; run folder {run_dir}")
+            if args.find_lr:
+                test = lr_finder.find_lr(fitter, run_dir, say)
+                if test is None and stop.requested:
+                    say("--find_lr: interrupted; nothing suggested")
+                    sys.exit(stop.exit_status())
+                return test
+            result = fitter.fit()
+            lines = finish_run(args, fitter, result, run_dir)
     finally:
         stop.restore()
         if fitter is not None:
             fitter.files.close_writer()
-        if dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
     if result.skipped_per_class:
         say(f"skipped unreadable images per class: {result.skipped_per_class}")
