@@ -156,16 +156,16 @@ def main(args):
                           + (f", probe {r['probe_s']:.1f} s (L2 {r['l2']})" if r["probe_s"] else "")
                           + (f"; {r['kept']}" if r["kept"] else "") + f"  [{time.perf_counter() - start:.0f} s]",
                           flush=True)
+    print("\ntest accuracy, mean ± sd over the seeds")
     print("\n| set | " + " | ".join(args.modes) + " |\n|---|" + "---|" * len(args.modes))
     for name in sets:
         cells = [mean_sd([results[name, m, s]["acc"] for s in args.seeds]) for m in args.modes]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\ntest accuracy, mean ± sd over the seeds")
+    print("\nwhole train.py run (mean)")
     print("\n| set | " + " | ".join(args.modes) + " |\n|---|" + "---|" * len(args.modes))
     for name in sets:
         cells = [f"{statistics.mean(results[name, m, s]['seconds'] for s in args.seeds):.0f} s" for m in args.modes]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nwhole train.py run (mean)")
     probed = [r for r in results.values() if r["probe_s"]]
     if probed:
         share = [r["probe_s"] / r["seconds"] for r in probed]
