@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from cli import CLIError
@@ -61,6 +62,8 @@ class Compute:
         dtype = (self.train_amp_dtype or self.amp_dtype) if train else self.amp_dtype
         if dtype is None:
             return nullcontext()
+        if train and self.device.type == "cpu" and dtype == torch.bfloat16:
+            return cpu_bf16_training()
         return torch.autocast(self.device.type, dtype=dtype)
 
     def to_device(self, images, labels=None, train=False):
@@ -85,6 +88,67 @@ def cpu_has_fast_bf16():
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+class DepthwiseFp32Backward(torch.autograd.Function):
+    """A depthwise convolution computed in bf16 (as autocast would), its gradients in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        low = x.to(torch.bfloat16)
+        ctx.save_for_backward(low, weight)
+        ctx.conv = (x.dtype, bias is not None, stride, padding, dilation, groups)
+        with torch.autocast("cpu", enabled=False):
+            return torch.conv2d(low, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16),
+                                stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        low, weight = ctx.saved_tensors
+        dtype, has_bias, stride, padding, dilation, groups = ctx.conv
+        layout = torch.channels_last if low.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad.float().contiguous(memory_format=layout), low.float(), weight.float(),
+            [weight.shape[0]] if has_bias else None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
+        return (None if grad_x is None else grad_x.to(dtype), grad_w, grad_b, None, None, None, None)
+
+
+def slow_bf16_depthwise(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """torch.conv2d's arguments as DepthwiseFp32Backward takes them when the call is a depthwise convolution whose
+    bf16 backward is slow on CPUs (a kernel over 3x3 or a stride), under autograd; else None."""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    stride, dilation = pair(stride), pair(dilation)
+    if (groups == 1 or isinstance(padding, str) or input.dim() != 4 or input.device.type != "cpu"
+            or not groups == input.shape[1] == weight.shape[0] or not torch.is_grad_enabled()
+            or not (input.requires_grad or weight.requires_grad)):
+        return None
+    if max(weight.shape[-2:]) <= 3 and max(stride) == 1:
+        return None  # bf16 is the faster there
+    return input, weight, bias, stride, pair(padding), dilation, groups
+
+
+class DepthwiseBackwardInFp32(TorchFunctionMode):
+    """Depthwise convolutions with a kernel over 3x3 or a stride (MobileNet, EfficientNet) keep their bf16
+    forward but compute their gradients in fp32. On an AVX512-BF16 EPYC, oneDNN's bf16 backward of these was 2-28x
+    slower than fp32 channels_last (84 ms against 24 ms for the input gradient of a 5x5 stride-2 layer of 144
+    channels at 59 px, batch 32), and they took most of a bf16 fine-tuning step of EfficientNet-Lite0; computing
+    them in fp32 made the whole step 1.5x faster (bench/finetune_bench.py). Everything else stays in bf16."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            call = slow_bf16_depthwise(*args, **kwargs)
+            if call is not None:
+                return DepthwiseFp32Backward.apply(*call)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def cpu_bf16_training():
+    """bf16 autocast for training steps on a CPU, with the depthwise convolutions' gradients in fp32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), DepthwiseBackwardInFp32():
+        yield
 
 
 def amp_dtype_for(device, amp, log=None):

@@ -1,8 +1,10 @@
-"""Small shared helpers: atomic writes."""
+"""Small shared helpers: atomic writes, progress lines, the precision of CPU fine-tuning steps."""
 import os
 import stat
 
 import pytest
+import torch
+from torch import nn
 
 import utils
 
@@ -69,3 +71,39 @@ def test_progress_lines_where_no_bar_shows(monkeypatch):
     quiet.update(10)
     assert terminal.getvalue() == ""
     assert utils.format_seconds(3725) == "1:02:05" and utils.format_seconds(float("inf")) == "?"
+
+
+def gradients(conv, x, context):
+    """(output, input gradient, weight gradient, bias gradient) of conv(x) under `context`."""
+    conv.zero_grad()
+    x = x.detach().requires_grad_()
+    with context:
+        out = conv(x)
+    (out.float() ** 2).sum().backward()
+    return out, x.grad, conv.weight.grad, conv.bias.grad
+
+
+def test_cpu_fine_tuning_steps_take_the_gradients_of_slow_bf16_depthwise_convolutions_in_fp32():
+    torch.manual_seed(0)
+    fine_tune = utils.Compute(torch.device("cpu"), None, train_amp_dtype=torch.bfloat16)
+    x = torch.randn(4, 16, 20, 20).contiguous(memory_format=torch.channels_last)
+    for conv in (nn.Conv2d(16, 16, 5, padding=2, groups=16), nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)):
+        conv = conv.to(memory_format=torch.channels_last)
+        exact = gradients(conv, x, torch.autocast("cpu", enabled=False))
+        out, *grads = gradients(conv, x, fine_tune.autocast(train=True))
+        assert type(out.grad_fn).__name__ == "DepthwiseFp32BackwardBackward" and out.dtype == torch.bfloat16
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        # the forward is autocast's bf16 convolution, the gradients those of its output in fp32
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(out, conv(x))
+        for got, want in zip(grads, exact[1:]):
+            assert got.dtype == want.dtype == torch.float32
+            assert (got - want).norm() / want.norm() < 0.01
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    # where bf16 is fast (3x3, stride 1), other convolutions, forward-only passes: autocast's own path
+    native = [(nn.Conv2d(16, 16, 3, padding=1, groups=16), fine_tune.autocast(train=True)),
+              (nn.Conv2d(16, 8, 5), fine_tune.autocast(train=True)),
+              (nn.Conv2d(16, 16, 5, groups=16), utils.Compute(torch.device("cpu"), torch.bfloat16).autocast())]
+    for conv, context in native:
+        out, *_ = gradients(conv, x, context)
+        assert type(out.grad_fn).__name__ == "ConvolutionBackward0" and out.dtype == torch.bfloat16
