@@ -8,7 +8,8 @@ Parts:
           half of the rows are on disk, then --resume: each image once, the same rows, and the resumed part's
           time against the whole run's; then torchrun with 2 processes: the same rows as one process.
   decode  --n_photos 12-megapixel JPEGs (4000x3000, quality 90, made from the photos skimage and matplotlib ship,
-          upscaled with a little grain) and the same photos resized to a 300 px short side: predict.py's rate on
+          and the camera photos among Debian's wallpapers where installed (WALLPAPER_PHOTOS), upscaled with a little
+          grain) and the same photos resized to a 300 px short side: predict.py's rate on
           each (reduced-scale JPEG decode), its top-1 agreement with a full decode, and a plain one-process loop
           over the 12 MP list (full decode, forward, write) as the baseline. EfficientNet-Lite0 with its ImageNet
           classifier (1000 classes; weights from its pip package).
@@ -80,8 +81,18 @@ def checkpoint(path, name, classes, input_size, state=None):
     return path
 
 
+# camera photos (1.3-4 MP) among the desktop wallpapers of the Debian packages mate-backgrounds and
+# plasma-workspace-wallpapers, used when installed: `apt-get install mate-backgrounds plasma-workspace-wallpapers`
+WALLPAPER_PHOTOS = [f"/usr/share/backgrounds/mate/nature/{n}.jpg" for n in (
+    "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm", "TwoWings",
+    "Wood", "YellowFlower")] + [f"/usr/share/wallpapers/{n}/contents/images/2560x1600.jpg" for n in (
+        "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite",
+        "OneStandsOut", "Path", "summer_1am")]
+
+
 def photos():
-    """The real photos shipped with skimage and matplotlib, as RGB images."""
+    """The real photos shipped with skimage and matplotlib, and the wallpapers' photos where installed, as RGB
+    images."""
     import matplotlib
     import skimage
 
@@ -90,6 +101,7 @@ def photos():
              "retina.jpg", "horse.png", "brick.png", "grass.png", "gravel.png", "color.png"]
     found = [folder / n for n in names if (folder / n).is_file()]
     found.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    found += [Path(p) for p in WALLPAPER_PHOTOS]
     return [dl.load_rgb(f) for f in found if f.is_file()]
 
 
