@@ -106,26 +106,29 @@ class DepthwiseFp32Backward(torch.autograd.Function):
     def backward(ctx, grad):
         low, weight = ctx.saved_tensors
         dtype, has_bias, stride, padding, dilation, groups = ctx.conv
-        layout = torch.channels_last if low.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad.float().contiguous(memory_format=layout), low.float(), weight.float(),
+            grad.float().contiguous(memory_format=torch.channels_last), low.float(), weight.float(),
             [weight.shape[0]] if has_bias else None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
         return (None if grad_x is None else grad_x.to(dtype), grad_w, grad_b, None, None, None, None)
 
 
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 def slow_bf16_depthwise(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.conv2d's arguments as DepthwiseFp32Backward takes them when the call is a depthwise convolution whose
-    bf16 backward is slow on CPUs (a kernel over 3x3 or a stride), under autograd; else None."""
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    stride, dilation = pair(stride), pair(dilation)
+    bf16 backward is slow on CPUs (a kernel over 3x3 or a stride; measured in channels_last, the memory format of
+    bf16 training steps), under autograd; else None."""
     if (groups == 1 or isinstance(padding, str) or input.dim() != 4 or input.device.type != "cpu"
+            or not input.is_contiguous(memory_format=torch.channels_last)
             or not groups == input.shape[1] == weight.shape[0] or not torch.is_grad_enabled()
             or not (input.requires_grad or weight.requires_grad)):
         return None
-    if max(weight.shape[-2:]) <= 3 and max(stride) == 1:
+    if max(weight.shape[-2:]) <= 3 and max(_pair(stride)) == 1:
         return None  # bf16 is the faster there
-    return input, weight, bias, stride, pair(padding), dilation, groups
+    return input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups
 
 
 class DepthwiseBackwardInFp32(TorchFunctionMode):

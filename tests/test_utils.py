@@ -73,14 +73,14 @@ def test_progress_lines_where_no_bar_shows(monkeypatch):
     assert utils.format_seconds(3725) == "1:02:05" and utils.format_seconds(float("inf")) == "?"
 
 
-def gradients(conv, x, context):
+def gradients(conv, x, context, input_grad=True):
     """(output, input gradient, weight gradient, bias gradient) of conv(x) under `context`."""
     conv.zero_grad()
-    x = x.detach().requires_grad_()
+    x = x.detach().requires_grad_(input_grad)
     with context:
         out = conv(x)
     (out.float() ** 2).sum().backward()
-    return out, x.grad, conv.weight.grad, conv.bias.grad
+    return out, x.grad, conv.weight.grad, None if conv.bias is None else conv.bias.grad
 
 
 def test_cpu_fine_tuning_steps_take_the_gradients_of_slow_bf16_depthwise_convolutions_in_fp32():
@@ -100,10 +100,20 @@ def test_cpu_fine_tuning_steps_take_the_gradients_of_slow_bf16_depthwise_convolu
             assert got.dtype == want.dtype == torch.float32
             assert (got - want).norm() / want.norm() < 0.01
         assert grads[0].is_contiguous(memory_format=torch.channels_last)
-    # where bf16 is fast (3x3, stride 1), other convolutions, forward-only passes: autocast's own path
-    native = [(nn.Conv2d(16, 16, 3, padding=1, groups=16), fine_tune.autocast(train=True)),
-              (nn.Conv2d(16, 8, 5), fine_tune.autocast(train=True)),
-              (nn.Conv2d(16, 16, 5, groups=16), utils.Compute(torch.device("cpu"), torch.bfloat16).autocast())]
-    for conv, context in native:
-        out, *_ = gradients(conv, x, context)
+    # a bf16 input without gradient (as a first layer's), a convolution without bias: its weights' gradient alone
+    conv = nn.Conv2d(16, 16, 5, stride=2, groups=16, bias=False).to(memory_format=torch.channels_last)
+    low = x.to(torch.bfloat16)
+    exact = gradients(conv, low.float(), torch.autocast("cpu", enabled=False), input_grad=False)
+    out, grad_x, grad_w, _ = gradients(conv, low, fine_tune.autocast(train=True), input_grad=False)
+    assert type(out.grad_fn).__name__ == "DepthwiseFp32BackwardBackward" and grad_x is None
+    assert grad_w.dtype == torch.float32 and (grad_w - exact[2]).norm() / exact[2].norm() < 0.01
+    # where bf16 is fast (3x3, stride 1), other convolutions, NCHW steps (not measured), forward-only passes:
+    # autocast's own path
+    nchw = x.contiguous()
+    native = [(nn.Conv2d(16, 16, 3, padding=1, groups=16), x, fine_tune.autocast(train=True)),
+              (nn.Conv2d(16, 8, 5), x, fine_tune.autocast(train=True)),
+              (nn.Conv2d(16, 16, 5, groups=16), nchw, fine_tune.autocast(train=True)),
+              (nn.Conv2d(16, 16, 5, groups=16), x, utils.Compute(torch.device("cpu"), torch.bfloat16).autocast())]
+    for conv, inputs, context in native:
+        out, *_ = gradients(conv, inputs, context)
         assert type(out.grad_fn).__name__ == "ConvolutionBackward0" and out.dtype == torch.bfloat16
