@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.modules.utils import _pair  # how nn.Conv2d reads its stride, padding, dilation
 from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
@@ -113,10 +114,6 @@ class DepthwiseFp32Backward(torch.autograd.Function):
         return (None if grad_x is None else grad_x.to(dtype), grad_w, grad_b, None, None, None, None)
 
 
-def _pair(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def slow_bf16_depthwise(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.conv2d's arguments as DepthwiseFp32Backward takes them when the call is a depthwise convolution whose
     bf16 backward is slow on CPUs (a kernel over 3x3 or a stride; measured in channels_last, the memory format of
@@ -136,7 +133,8 @@ class DepthwiseBackwardInFp32(TorchFunctionMode):
     forward but compute their gradients in fp32. On an AVX512-BF16 EPYC, oneDNN's bf16 backward of these was 2-28x
     slower than fp32 channels_last (84 ms against 24 ms for the input gradient of a 5x5 stride-2 layer of 144
     channels at 59 px, batch 32), and they took most of a bf16 fine-tuning step of EfficientNet-Lite0; computing
-    them in fp32 made the whole step 1.5x faster (bench/finetune_bench.py). Everything else stays in bf16."""
+    them in fp32 took its fine-tuning epoch from 1.27x to 2.40x the fp32 NCHW one (bench/finetune_bench.py
+    --speed_only, docs/finetune.md). Everything else stays in bf16."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
