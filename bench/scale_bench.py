@@ -206,6 +206,63 @@ def plain_loop(ckpt_path, listing, out, batch_size=64):
                 writer.writerow([p, ckpt["class_names"][k], f"{c:.6f}", f"{m:.6f}"])
 
 
+def resize_floor(ckpt_path, files, batch_size=25):
+    """How far this set's top-1 answers move under a change that is not ours: the same full decode resized by
+    torchvision's tensor Resize (float, antialiased) instead of Pillow's (8-bit), both bilinear. Returns (agreeing
+    images, images whose top class leads by less than 0.01)."""
+    import torchvision.transforms.functional as F
+
+    ckpt = ml.load_checkpoint(ckpt_path)
+    model, _ = ml.model_from_checkpoint(ckpt)
+    model.eval()
+    pre = dl.Preprocess.of(ckpt)
+    tf = pre.transform()
+    agree = ties = 0
+    with torch.inference_mode():
+        for i in range(0, len(files), batch_size):
+            imgs = [dl.load_rgb(p) for p in files[i:i + batch_size]]
+            tensors = [F.resize(F.pil_to_tensor(img).float() / 255, pre.resize_size, antialias=True) for img in imgs]
+            other = torch.stack([F.normalize(F.center_crop(t, pre.input_size), pre.mean, pre.std) for t in tensors])
+            pil = model(torch.stack([tf(img) for img in imgs])).softmax(1)
+            agree += (model(other).argmax(1) == pil.argmax(1)).sum().item()
+            top2 = pil.topk(2).values
+            ties += (top2[:, 0] - top2[:, 1] < 0.01).sum().item()
+    return agree, ties
+
+
+def cpu_costs(ckpt_path, big, small, n=16):
+    """Milliseconds of one core per image: decode + eval transform of a 12 MP JPEG in full and at the reduced scale
+    predict.py uses, of its 300 px copy, and the model's forward as predict.py runs it (BatchNorm folded,
+    channels_last, fp32; batches of n, one thread)."""
+    ckpt = ml.load_checkpoint(ckpt_path)
+    model, _ = ml.model_from_checkpoint(ckpt)
+    model = ml.optimize_for_inference(model.eval(), channels_last=True)
+    pre = dl.Preprocess.of(ckpt)
+    tf = pre.transform()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def per_image(files, side=None):
+        start = time.perf_counter()
+        batch = torch.stack([tf(dl.load_rgb(p, side)) for p in files])
+        return (time.perf_counter() - start) * 1000 / len(files), batch
+
+    try:
+        full, _ = per_image(big[:n])
+        reduced, _ = per_image(big[:n], pre.draft_side())
+        small_ms, batch = per_image(small[:n])
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            model(batch)  # warm-up
+            start = time.perf_counter()
+            for _ in range(3):
+                model(batch)
+            forward = (time.perf_counter() - start) * 1000 / (3 * len(batch))
+    finally:
+        torch.set_num_threads(threads)
+    return full, reduced, small_ms, forward
+
+
 def decode_part(args, work):
     big_dir, small_dir = work / "12mp", work / "300px"
     if len(list(big_dir.glob("*.jpg"))) != args.n_photos:
@@ -241,14 +298,26 @@ def decode_part(args, work):
     clear = [f for f, r in full.items() if float(r["margin"]) >= 0.05]  # the top class leads by 5 points or more
     agree_clear = sum(ours[f] == full[f]["top1_class"] for f in clear)
     median = float(np.median([float(r["confidence"]) for r in full.values()]))
+    floor, ties = resize_floor(ckpt, lists["12mp", n].read_text().split())
+    full_ms, reduced_ms, small_ms, forward_ms = cpu_costs(ckpt, lists["12mp", n].read_text().split(),
+                                                          lists["300px", n].read_text().split())
     print(f"decode, {n} JPEGs 4000x3000 q90 ({size_mb:.1f} MB each) and the same at 400x300, EfficientNet-Lite0 "
           "ImageNet at 224 px (resize 256), batches of 16:")
     print(f"  predict.py steady rate (the images after the first {first}, from two list lengths): 300 px "
           f"{steady['300px']:.2f} img/s, 12 MP {steady['12mp']:.2f} img/s = {steady['12mp'] / steady['300px']:.2f} "
           "of it (target >= 0.5)")
+    print(f"  one core's work per image: a 12 MP JPEG decoded and resized in full {full_ms:.0f} ms, at the reduced "
+          f"scale {reduced_ms:.0f} ms, its 300 px copy {small_ms:.1f} ms; the forward {forward_ms:.1f} ms. With every "
+          f"core busy the 12 MP rate is at most ({small_ms:.1f} + {forward_ms:.1f}) / ({reduced_ms:.0f} + "
+          f"{forward_ms:.1f}) = {(small_ms + forward_ms) / (reduced_ms + forward_ms):.2f} of the 300 px rate on this "
+          f"CPU with this model, on any number of cores (with a full decode "
+          f"{(small_ms + forward_ms) / (full_ms + forward_ms):.2f})")
     print(f"  top-1 agreement, 12 MP decoded at a reduced scale against a full decode: {agree}/{n} "
           f"({agree / n:.1%}, target >= 99%); {agree_clear}/{len(clear)} where the full decode's top class leads "
           f"by 0.05 or more (median top-1 probability of these images {median:.2f})")
+    print(f"  the set's own noise: the same full decode resized by torchvision's tensor Resize (antialiased, float) "
+          f"instead of Pillow's agrees with Pillow's for {floor}/{n} ({floor / n:.1%}); {ties} images lead by "
+          "less than 0.01")
     ours_rate, plain_rate = n / seconds["12mp", n], n / plain_s
     print(f"  whole process on the {n} 12 MP images: predict.py {ours_rate:.2f} img/s ({seconds['12mp', n]:.1f} s) "
           f"against a plain loop's {plain_rate:.2f} img/s ({plain_s:.1f} s; full decode, eval transform, model as "
