@@ -2,6 +2,7 @@
 
   python bench/scale_bench.py                       # all four parts, a few minutes on 2 cores
   python bench/scale_bench.py --parts resume,rss    # some of them
+  python bench/scale_bench.py --parts decode --n_photos 200 --rate_model resnet50   # the 12 MP rate, a heavier model
 
 Parts:
   resume  2,000 320x240 JPEGs: one uninterrupted run (the reference), the same command killed with SIGKILL once about
@@ -12,7 +13,10 @@ Parts:
           grain) and the same photos resized to a 300 px short side: predict.py's rate on
           each (reduced-scale JPEG decode), its top-1 agreement with a full decode, and a plain one-process loop
           over the 12 MP list (full decode, forward, write) as the baseline. EfficientNet-Lite0 with its ImageNet
-          classifier (1000 classes; weights from its pip package).
+          classifier (1000 classes; weights from its pip package). One core's work per image (decode at each
+          scale, forward) says how large a share the 12 MP rate can reach; a control (torchvision's own tensor
+          resize against Pillow's, on the same full decode) says how much the set's near ties move anyway.
+          --rate_model resnet50: the rates and work only, with that torchvision model (random weights).
   rss     peak resident memory of predict.py over --file_list lists of 10,000 and 100,000 lines (32 px PNGs, each
           file listed many times), a SqueezeNet 1.1 at 32 px with random weights.
 """
@@ -51,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", default=str(ROOT / "data" / "scale_bench"), help="images and runs (kept)")
     p.add_argument("--n_images", type=int, default=2000, help="images of the resume part")
     p.add_argument("--n_photos", type=int, default=48, help="12 MP JPEGs of the decode part")
+    p.add_argument("--rate_model", default=None, help="decode part: only the rates, with this torchvision model "
+                   "(random weights) instead of EfficientNet-Lite0's ImageNet one, e.g. resnet50")
     p.add_argument("--rss_counts", default="10000,100000", help="list lengths of the rss part")
     p.add_argument("--rss_files", type=int, default=500, help="distinct 32 px PNGs the rss part's lists repeat")
     p.add_argument("--plain_loop", nargs=3, metavar=("MODEL", "LIST", "OUT"), default=None,
@@ -273,9 +279,15 @@ def decode_part(args, work):
             big = grainy(view, (4000, 3000), rng)
             big.save(big_dir / f"{i:03d}.jpg", quality=90)
             big.resize((400, 300), Image.BICUBIC).save(small_dir / f"{i:03d}.jpg", quality=90)
-    state = efficientnet_lite.translate_state_dict(ml.load_pretrained_state(efficientnet_lite.NAME))
-    ckpt = checkpoint(work / "lite0_imagenet.pth", efficientnet_lite.NAME, [f"imagenet{i:03d}" for i in range(1000)],
-                      224, state)
+    if args.rate_model:  # the rates only: a torchvision model with random weights
+        ckpt = checkpoint(work / f"{args.rate_model}_random.pth", args.rate_model,
+                          [f"class{i:03d}" for i in range(1000)], 224)
+        label, tag = f"{args.rate_model} (random weights, 1000 classes)", f"{args.rate_model}_"
+    else:
+        state = efficientnet_lite.translate_state_dict(ml.load_pretrained_state(efficientnet_lite.NAME))
+        ckpt = checkpoint(work / "lite0_imagenet.pth", efficientnet_lite.NAME,
+                          [f"imagenet{i:03d}" for i in range(1000)], 224, state)
+        label, tag = "EfficientNet-Lite0 ImageNet", ""
     n, first = args.n_photos, args.n_photos // 3
     lists = {}
     for name, folder in (("300px", small_dir), ("12mp", big_dir)):
@@ -287,22 +299,15 @@ def decode_part(args, work):
     seconds = {}
     for _ in range(2):  # in turns, best of two: the first also warms the page cache
         for (name, count), listing in lists.items():
-            t, _ = run(PREDICT + ["--model_fn", ckpt, "--file_list", listing, "--output", work / f"{name}_{count}.csv",
-                                  "--n_images", "0", "--verbose", "0", "--batch_size", "16"])
+            t, _ = run(PREDICT + ["--model_fn", ckpt, "--file_list", listing, "--output",
+                                  work / f"{tag}{name}_{count}.csv", "--n_images", "0", "--verbose", "0",
+                                  "--batch_size", "16"])
             seconds[name, count] = min(t, seconds.get((name, count), t))
     steady = {name: (n - first) / (seconds[name, n] - seconds[name, first]) for name in ("300px", "12mp")}
-    plain_s, _ = run([sys.executable, __file__, "--plain_loop", ckpt, lists["12mp", n], work / "plain.csv"])
-    full = {r["file_dir"]: r for r in read_rows(work / "plain.csv")}
-    ours = {r["file_dir"]: r["top1_class"] for r in read_rows(work / f"12mp_{n}.csv")}
-    agree = sum(ours[f] == r["top1_class"] for f, r in full.items())
-    clear = [f for f, r in full.items() if float(r["margin"]) >= 0.05]  # the top class leads by 5 points or more
-    agree_clear = sum(ours[f] == full[f]["top1_class"] for f in clear)
-    median = float(np.median([float(r["confidence"]) for r in full.values()]))
-    floor, ties = resize_floor(ckpt, lists["12mp", n].read_text().split())
     full_ms, reduced_ms, small_ms, forward_ms = cpu_costs(ckpt, lists["12mp", n].read_text().split(),
                                                           lists["300px", n].read_text().split())
-    print(f"decode, {n} JPEGs 4000x3000 q90 ({size_mb:.1f} MB each) and the same at 400x300, EfficientNet-Lite0 "
-          "ImageNet at 224 px (resize 256), batches of 16:")
+    print(f"decode, {n} JPEGs 4000x3000 q90 ({size_mb:.1f} MB each) and the same at 400x300, {label} at 224 px "
+          "(resize 256), batches of 16:")
     print(f"  predict.py steady rate (the images after the first {first}, from two list lengths): 300 px "
           f"{steady['300px']:.2f} img/s, 12 MP {steady['12mp']:.2f} img/s = {steady['12mp'] / steady['300px']:.2f} "
           "of it (target >= 0.5)")
@@ -312,6 +317,16 @@ def decode_part(args, work):
           f"{forward_ms:.1f}) = {(small_ms + forward_ms) / (reduced_ms + forward_ms):.2f} of the 300 px rate on this "
           f"CPU with this model, on any number of cores (with a full decode "
           f"{(small_ms + forward_ms) / (full_ms + forward_ms):.2f})")
+    if args.rate_model:
+        return
+    plain_s, _ = run([sys.executable, __file__, "--plain_loop", ckpt, lists["12mp", n], work / "plain.csv"])
+    full = {r["file_dir"]: r for r in read_rows(work / "plain.csv")}
+    ours = {r["file_dir"]: r["top1_class"] for r in read_rows(work / f"12mp_{n}.csv")}
+    agree = sum(ours[f] == r["top1_class"] for f, r in full.items())
+    clear = [f for f, r in full.items() if float(r["margin"]) >= 0.05]  # the top class leads by 5 points or more
+    agree_clear = sum(ours[f] == full[f]["top1_class"] for f in clear)
+    median = float(np.median([float(r["confidence"]) for r in full.values()]))
+    floor, ties = resize_floor(ckpt, lists["12mp", n].read_text().split())
     print(f"  top-1 agreement, 12 MP decoded at a reduced scale against a full decode: {agree}/{n} "
           f"({agree / n:.1%}, target >= 99%); {agree_clear}/{len(clear)} where the full decode's top class leads "
           f"by 0.05 or more (median top-1 probability of these images {median:.2f})")
@@ -322,7 +337,6 @@ def decode_part(args, work):
     print(f"  whole process on the {n} 12 MP images: predict.py {ours_rate:.2f} img/s ({seconds['12mp', n]:.1f} s) "
           f"against a plain loop's {plain_rate:.2f} img/s ({plain_s:.1f} s; full decode, eval transform, model as "
           f"built, a row per image) = {ours_rate / plain_rate:.2f}x (target >= 1.5x)")
-
 
 # ----------------------------------------------------------------------------- rss
 
