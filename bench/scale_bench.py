@@ -14,7 +14,7 @@ Parts:
           each (reduced-scale JPEG decode), its top-1 agreement with a full decode, and a plain one-process loop
           over the 12 MP list (full decode, forward, write) as the baseline. EfficientNet-Lite0 with its ImageNet
           classifier (1000 classes; weights from its pip package). One core's work per image (decode at each
-          scale, forward) says how large a share the 12 MP rate can reach; a control (torchvision's own tensor
+          scale, forward) gives the share the 12 MP rate reaches when both runs keep every core busy; a control (torchvision's own tensor
           resize against Pillow's, on the same full decode) says how much the set's near ties move anyway.
           --rate_model resnet50: the rates and work only, with that torchvision model (random weights).
   rss     peak resident memory of predict.py over --file_list lists of 10,000 and 100,000 lines (32 px PNGs, each
@@ -312,8 +312,8 @@ def decode_part(args, work):
           f"{steady['300px']:.2f} img/s, 12 MP {steady['12mp']:.2f} img/s = {steady['12mp'] / steady['300px']:.2f} "
           "of it (target >= 0.5)")
     print(f"  one core's work per image: a 12 MP JPEG decoded and resized in full {full_ms:.0f} ms, at the reduced "
-          f"scale {reduced_ms:.0f} ms, its 300 px copy {small_ms:.1f} ms; the forward {forward_ms:.1f} ms. With every "
-          f"core busy the 12 MP rate is at most ({small_ms:.1f} + {forward_ms:.1f}) / ({reduced_ms:.0f} + "
+          f"scale {reduced_ms:.0f} ms, its 300 px copy {small_ms:.1f} ms; the forward {forward_ms:.1f} ms. When both runs "
+          f"keep every core busy, the 12 MP rate is ({small_ms:.1f} + {forward_ms:.1f}) / ({reduced_ms:.0f} + "
           f"{forward_ms:.1f}) = {(small_ms + forward_ms) / (reduced_ms + forward_ms):.2f} of the 300 px rate on this "
           f"CPU with this model, on any number of cores (with a full decode "
           f"{(small_ms + forward_ms) / (full_ms + forward_ms):.2f})")
