@@ -193,13 +193,18 @@ def resume_part(args, work):
 # ----------------------------------------------------------------------------- decode
 
 
+def eval_model(ckpt_path):
+    """(checkpoint, its model as built in eval mode, its Preprocess)."""
+    ckpt = ml.load_checkpoint(ckpt_path)
+    model, _ = ml.model_from_checkpoint(ckpt)
+    return ckpt, model.eval(), dl.Preprocess.of(ckpt)
+
+
 def plain_loop(ckpt_path, listing, out, batch_size=64):
     """The baseline, run as a whole process (python bench/scale_bench.py --plain_loop MODEL LIST OUT): full decode
     with Pillow, torchvision's eval transform, the model as built, a CSV row per image."""
-    ckpt = ml.load_checkpoint(ckpt_path)
-    model, _ = ml.model_from_checkpoint(ckpt)
-    model.eval()
-    tf = dl.Preprocess.of(ckpt).transform()
+    ckpt, model, pre = eval_model(ckpt_path)
+    tf = pre.transform()
     files = Path(listing).read_text().split()
     with torch.inference_mode(), open(out, "w", newline="") as f:
         writer = csv.writer(f)
@@ -212,38 +217,28 @@ def plain_loop(ckpt_path, listing, out, batch_size=64):
                 writer.writerow([p, ckpt["class_names"][k], f"{c:.6f}", f"{m:.6f}"])
 
 
-def resize_floor(ckpt_path, files, batch_size=25):
-    """How far this set's top-1 answers move under a change that is not ours: the same full decode resized by
-    torchvision's tensor Resize (float, antialiased) instead of Pillow's (8-bit), both bilinear. Returns (agreeing
-    images, images whose top class leads by less than 0.01)."""
+def tensor_resize_answers(ckpt_path, files, batch_size=25):
+    """The control of the agreement figure: each file's top class with the full decode resized by torchvision's
+    tensor Resize (float, antialiased) instead of Pillow's (8-bit) that the plain loop uses, both bilinear."""
     import torchvision.transforms.functional as F
 
-    ckpt = ml.load_checkpoint(ckpt_path)
-    model, _ = ml.model_from_checkpoint(ckpt)
-    model.eval()
-    pre = dl.Preprocess.of(ckpt)
-    tf = pre.transform()
-    agree = ties = 0
+    ckpt, model, pre = eval_model(ckpt_path)
+    answers = []
     with torch.inference_mode():
         for i in range(0, len(files), batch_size):
-            imgs = [dl.load_rgb(p) for p in files[i:i + batch_size]]
-            tensors = [F.resize(F.pil_to_tensor(img).float() / 255, pre.resize_size, antialias=True) for img in imgs]
-            other = torch.stack([F.normalize(F.center_crop(t, pre.input_size), pre.mean, pre.std) for t in tensors])
-            pil = model(torch.stack([tf(img) for img in imgs])).softmax(1)
-            agree += (model(other).argmax(1) == pil.argmax(1)).sum().item()
-            top2 = pil.topk(2).values
-            ties += (top2[:, 0] - top2[:, 1] < 0.01).sum().item()
-    return agree, ties
+            tensors = [F.resize(F.pil_to_tensor(dl.load_rgb(p)).float() / 255, pre.resize_size, antialias=True)
+                       for p in files[i:i + batch_size]]
+            batch = torch.stack([F.normalize(F.center_crop(t, pre.input_size), pre.mean, pre.std) for t in tensors])
+            answers += [ckpt["class_names"][k] for k in model(batch).argmax(1).tolist()]
+    return dict(zip(files, answers))
 
 
 def cpu_costs(ckpt_path, big, small, n=16):
     """Milliseconds of one core per image: decode + eval transform of a 12 MP JPEG in full and at the reduced scale
     predict.py uses, of its 300 px copy, and the model's forward as predict.py runs it (BatchNorm folded,
     channels_last, fp32; batches of n, one thread)."""
-    ckpt = ml.load_checkpoint(ckpt_path)
-    model, _ = ml.model_from_checkpoint(ckpt)
-    model = ml.optimize_for_inference(model.eval(), channels_last=True)
-    pre = dl.Preprocess.of(ckpt)
+    _, model, pre = eval_model(ckpt_path)
+    model = ml.optimize_for_inference(model, channels_last=True)
     tf = pre.transform()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -304,8 +299,8 @@ def decode_part(args, work):
                                   "--batch_size", "16"])
             seconds[name, count] = min(t, seconds.get((name, count), t))
     steady = {name: (n - first) / (seconds[name, n] - seconds[name, first]) for name in ("300px", "12mp")}
-    full_ms, reduced_ms, small_ms, forward_ms = cpu_costs(ckpt, lists["12mp", n].read_text().split(),
-                                                          lists["300px", n].read_text().split())
+    big_files = lists["12mp", n].read_text().split()
+    full_ms, reduced_ms, small_ms, forward_ms = cpu_costs(ckpt, big_files, lists["300px", n].read_text().split())
     print(f"decode, {n} JPEGs 4000x3000 q90 ({size_mb:.1f} MB each) and the same at 400x300, {label} at 224 px "
           "(resize 256), batches of 16:")
     print(f"  predict.py steady rate (the images after the first {first}, from two list lengths): 300 px "
@@ -326,7 +321,9 @@ def decode_part(args, work):
     clear = [f for f, r in full.items() if float(r["margin"]) >= 0.05]  # the top class leads by 5 points or more
     agree_clear = sum(ours[f] == full[f]["top1_class"] for f in clear)
     median = float(np.median([float(r["confidence"]) for r in full.values()]))
-    floor, ties = resize_floor(ckpt, lists["12mp", n].read_text().split())
+    other = tensor_resize_answers(ckpt, big_files)
+    floor = sum(other[f] == r["top1_class"] for f, r in full.items())
+    ties = sum(float(r["margin"]) < 0.01 for r in full.values())
     print(f"  top-1 agreement, 12 MP decoded at a reduced scale against a full decode: {agree}/{n} "
           f"({agree / n:.1%}, target >= 99%); {agree_clear}/{len(clear)} where the full decode's top class leads "
           f"by 0.05 or more (median top-1 probability of these images {median:.2f})")
