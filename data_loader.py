@@ -312,6 +312,7 @@ class DataSplits:
     valid: list
     test: list  # empty when there is no test/ folder
     valid_source: str  # "valid/ folder" or "split of train/"
+    folders: tuple = ()  # the folders searched for the images (none for a CSV of labels)
 
 
 SHIPPED = Path(__file__).resolve().parent / "data"  # data sets that live in this repository's data/
@@ -361,7 +362,8 @@ def build_splits(data_dir, valid_ratio, seed, csv_path=None, image_root=None, wa
     test = []
     if train_dir != root and (root / "test").is_dir():
         _, test = scan_class_folders(root / "test", class_names, what="test folder")
-    return DataSplits(class_names, train, valid, test, valid_source)
+    folders = [train_dir] + [root / s for s in ("valid", "test") if train_dir != root and (root / s).is_dir()]
+    return DataSplits(class_names, train, valid, test, valid_source, tuple(folders))
 
 
 def csv_splits(path, image_root, valid_ratio, seed, warn=print, task=None):

@@ -17,7 +17,8 @@ from torch.nn import functional as F
 
 from cli import CLIError
 from data_loader import Preprocess, load_rgb
-from utils import atomic_open, atomic_path, atomic_savefig, check_writable, image_grid_figure, input_names_in
+from run_paths import input_names_in
+from utils import atomic_open, atomic_path, atomic_savefig, image_grid_figure
 
 OVERLAY_SIDE = 384  # long side of the overlay PNGs, in pixels
 ALPHA = 0.45  # weight of the heat map's colours over the image
@@ -193,22 +194,6 @@ class Explanations:
 
     def __exit__(self, *exc):
         return self._stack.__exit__(*exc)
-
-    @staticmethod
-    def check(folder, inputs=(), searched=None):
-        """One error line before any work when `folder` cannot hold the maps, or would put the overlays among
-        the input images: in a folder holding some of `inputs`, or anywhere under the folder `searched` for
-        them (the next run would predict the overlays as images)."""
-        folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise CLIError(f"--explain {str(folder)!r} is a file; give a folder for the heat maps")
-        if searched is not None and folder.resolve().is_relative_to(Path(searched).resolve()):
-            raise CLIError(f"--explain {str(folder)!r} is inside {str(searched)!r}, where the images are read from: "
-                           "the overlays would be predicted as images next time; give a folder outside it")
-        if input_names_in(folder, inputs):
-            raise CLIError(f"--explain {str(folder)!r} holds input images: the overlays would be mixed with them; "
-                           "give another folder")
-        check_writable(folder / "heatmaps.npz", "--explain")
 
     def png_name(self, file):
         stem, n = Path(file).stem, 1

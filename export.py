@@ -25,7 +25,8 @@ import model_loader
 import ood
 import tasks
 from cli import ArgumentParser, CLIError, StopFlag, describe_error, flag_adder, run_cli  # noqa: E402
-from utils import atomic_path, check_writable
+from run_paths import RunPaths
+from utils import atomic_path
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}  # file extension -> format
 TOLERANCE = 1e-4  # largest difference of any class probability between the export and the PyTorch model
@@ -225,8 +226,6 @@ def main(args):
     fmt, output = resolve_output(args)
     if fmt == "pt2" and (args.opset is not None or args.exporter != "torchscript"):
         raise CLIError("--opset and --exporter are for ONNX, not the pt2 format")
-    if output.resolve() == Path(args.model_fn).resolve():
-        raise CLIError(f"--output {str(output)!r} would overwrite the checkpoint")
     ckpt = model_loader.load_checkpoint(args.model_fn)
     task = tasks.for_checkpoint(ckpt)  # one label per image, or several: how the outputs are read
     model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
@@ -235,7 +234,10 @@ def main(args):
     model = model.eval()
     meta = model_loader.export_metadata(ckpt)
     images, source, files = check_batch(ckpt, args)
-    check_writable(output, "--output", files)
+    paths = RunPaths().reads(args.model_fn, "the checkpoint --model_fn").reads_images(files)
+    if not args.data_dir:
+        paths.reads(ckpt.get("args", {}).get("labels_csv"), "the CSV of labels the model was trained with")
+    paths.writes(output, "--output").check()
     example = images[:EXAMPLE_BATCH] if len(images) >= EXAMPLE_BATCH else images.expand(EXAMPLE_BATCH, -1, -1, -1)
     start = time.perf_counter()
     stop = StopFlag().install()  # Ctrl-C during the export: finish it, then remove it instead of renaming it

@@ -28,8 +28,9 @@ import tasks
 from features import feature_dim
 from tasks import UNKNOWN
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
+from run_paths import RunPaths
 from utils import (Compute, Progress, all_reduce_sum, amp_dtype_for, atomic_open, bar, broadcast_from_main,
-                   check_writable, dist_info_from_env, process_group, resolve_device, save_confusion_matrix,
+                   dist_info_from_env, process_group, resolve_device, save_confusion_matrix,
                    save_image_grid)
 
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
@@ -166,18 +167,20 @@ def load_model(args):
 
 
 def gather_inputs(args, ckpt, task):
-    """([(path, label)], the folder searched for images or None): --labels_csv's rows, --data_dir's images, or
-    the training data's test images."""
+    """([(path, label)], the folder searched for images or None, [(list or CSV read, what it is)]): --labels_csv's
+    rows, --file_list's files, --data_dir's images, or the training data's test images."""
     if args.image_root and not (args.labels_csv or args.file_list):
         raise CLIError("--image_root goes with --labels_csv or --file_list")
     if sum(bool(a) for a in (args.labels_csv, args.data_dir, args.file_list)) > 1:
         raise CLIError("give one of --labels_csv, --data_dir and --file_list")
     class_names = ckpt["class_names"]
-    searched = None  # the folder searched for images, when one was
+    searched, lists = None, []  # the folder searched for images, when one was; the lists and CSVs read
     if args.file_list:  # unlabelled, in the list's order
-        return [(f, -1) for f in labels_csv.read_file_list(args.file_list, args.image_root)], None
+        lists = [(args.file_list, "the list of images --file_list")]
+        return [(f, -1) for f in labels_csv.read_file_list(args.file_list, args.image_root)], None, lists
     if args.labels_csv:
         inputs = sorted(csv_inputs(args.labels_csv, args.image_root, class_names, task))  # by path
+        lists = [(args.labels_csv, "the CSV of labels --labels_csv")]
     elif args.data_dir:
         inputs = find_inputs(args.data_dir, class_names, task)
         searched = args.data_dir if Path(args.data_dir).is_dir() else None
@@ -185,25 +188,32 @@ def gather_inputs(args, ckpt, task):
         default = default_inputs(ckpt, task)
         inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, task)
         searched = None if isinstance(default, list) else default
+        if isinstance(default, list):
+            lists = [(ckpt["args"]["labels_csv"], "the CSV of labels the model was trained with (its test rows are "
+                                                  "the default input)")]
     inputs = [(str(f), y) for f, y in inputs]
-    return inputs, searched
+    return inputs, searched, lists
 
 
-def check_outputs(args, inputs, labelled, task, searched):
+def check_outputs(args, inputs, labelled, task, searched, lists=()):
     """(the report's path, the confusion matrix's path): one error line, before any work, when an output would
-    replace an input image (or the CSV), or --explain would write among them."""
+    replace something the run reads (the model, an image, a list or CSV) or another output, cannot be written, or
+    would put images among the images read (run_paths.py)."""
     report_path = Path(args.output).with_name(f"{Path(args.output).stem}_report.csv")
     confusion_path = Path(args.plot).with_name(f"{Path(args.plot).stem}_confusion.png")
-    read = [f for f, _ in inputs] + ([args.labels_csv] if args.labels_csv else [])  # no output may replace them
-    check_writable(args.output, "--output", read)
+    paths = RunPaths().reads(args.model_fn, "the model --model_fn").reads_images([f for f, _ in inputs])
+    for path, what in lists:
+        paths.reads(path, what)
+    paths.searches(searched, "the images")
+    paths.writes(args.output, "--output")
     if labelled:
-        check_writable(report_path, "--output's report", read)
+        paths.writes(report_path, "--output's report")
     if args.n_images:
-        check_writable(args.plot, "--plot", read)
+        paths.writes(args.plot, "--plot", figure=True)
         if labelled and task.confusion_matrix:
-            check_writable(confusion_path, "--plot's confusion matrix", read)
-    if args.explain:
-        explain.Explanations.check(args.explain, read, searched)
+            paths.writes(confusion_path, "--plot's confusion matrix", figure=True)
+    paths.writes_folder(args.explain, "--explain")
+    paths.check()
     return report_path, confusion_path
 
 
@@ -246,9 +256,9 @@ def main(args):
     # a rejected row, or (several labels) a row deciding no class, is written as --unknown_label
     if (rejecting or task.empty_label_allowed) and args.unknown_label in class_names:
         raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
-    inputs, searched = gather_inputs(args, ckpt, task)
+    inputs, searched, lists = gather_inputs(args, ckpt, task)
     labelled = any(label != -1 for _, label in inputs)
-    report_path, confusion_path = check_outputs(args, inputs, labelled, task, searched)
+    report_path, confusion_path = check_outputs(args, inputs, labelled, task, searched, lists)
     model, compute, cam = prepare_model(args, ckpt, model, head, reference, dist)
     topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
     columns = csv_columns(class_names, topk, labelled, reference is not None, task, bool(args.explain))

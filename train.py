@@ -25,8 +25,8 @@ import tasks
 import trainer
 from metrics import N_BINS
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
-from utils import (Compute, DistInfo, amp_dtype_for, check_writable, dist_info_from_env, input_names_in,
-                   precision_for, process_group, resolve_device, seed_everything)
+from run_paths import RunPaths, check_writable
+from utils import (Compute, DistInfo, amp_dtype_for, dist_info_from_env, precision_for, process_group, resolve_device, seed_everything)
 
 
 DEFAULT_BATCHNORM = "frozen"  # measured: bench/finetune_bench.py, docs/finetune.md
@@ -234,15 +234,20 @@ def fit_config(args, lr=None, backbone_lr_scale=None, class_weights=None, tuning
         class_weights=None if class_weights is None else tuple(class_weights), flags=dict(vars(args)))
 
 
-def check_outputs(run_dir, splits, labels_csv, model_fn=None):
-    """One error line before any work when a file of the run would replace an input: model_fn or its _last.pth,
-    or what the run folder gets (figures, tables) in a folder holding input images."""
-    read = [f for part in (splits.train, splits.valid, splits.test) for f, _ in part] + ([labels_csv] if labels_csv else [])
-    for path in (model_fn, last_path(model_fn)) if model_fn else ():
-        check_writable(path, "--model_fn", read)
-    if input_names_in(run_dir, read):
-        raise CLIError(f"--log_dir {str(run_dir)!r} holds input images: the run's figures and tables would be mixed "
-                       "with them; give another folder")
+def check_outputs(args, run_dir, splits, model_fn=None):
+    """One error line before any work when a file of the run would replace something it reads (an image, the CSV
+    of labels, --weights, --resume other than the run's own _last.pth) or another output, or the run folder (its
+    figures and tables) would sit among the images or in a folder searched for them (run_paths.py)."""
+    paths = RunPaths().reads_images([f for part in (splits.train, splits.valid, splits.test) for f, _ in part])
+    paths.reads(args.labels_csv, "the CSV of labels --labels_csv").reads(args.weights, "the weights file --weights")
+    if args.resume:
+        paths.reads(args.resume, "the checkpoint --resume continues", replaced_by="--model_fn's _last.pth")
+    for folder in splits.folders:
+        paths.searches(folder, "the images")
+    if model_fn:
+        paths.writes(model_fn, "--model_fn").writes(last_path(model_fn), "--model_fn's _last.pth")
+    paths.writes_folder(run_dir, "--log_dir" if args.log_dir else "the run folder")
+    paths.check()
 
 
 def check_data(args, data_dir, model_name, task):
@@ -261,10 +266,9 @@ def check_data(args, data_dir, model_name, task):
     else:
         device = resolve_device(args.gpu_id)
         run_dir = Path(args.log_dir) if args.log_dir else default_run_dir(f"{model_name}_labels")
-        check_writable(run_dir / "label_issues.csv", "--log_dir")
         splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
                                           task=task)
-        check_outputs(run_dir, splits, args.labels_csv)
+        check_outputs(args, run_dir, splits)
         meta = model_meta(args, model_name)
         seed_everything(args.seed)
         model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
@@ -474,7 +478,7 @@ def main(args):
     resume = model_loader.safe_load(args.resume, "--resume checkpoint") if args.resume else None
     run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))
     if dist.is_main:
-        check_outputs(run_dir, splits, args.labels_csv, args.model_fn)
+        check_outputs(args, run_dir, splits, args.model_fn)
     meta = model_meta(args, model_name)
 
     fitter = None

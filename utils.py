@@ -292,36 +292,6 @@ def all_reduce_sum(values, dist_info, device):
 # ----------------------------------------------------------------------------- files
 
 
-def input_names_in(folder, inputs):
-    """Names of the files of `inputs` (the images a run reads) that lie directly in `folder` (the folders'
-    links and '..' resolved): what a file written into that folder must not be called."""
-    folder, resolved = Path(folder).resolve(), {}  # each input folder resolved once, not each of its files
-    names = set()
-    for f in map(Path, inputs):
-        if f.parent not in resolved:
-            resolved[f.parent] = f.parent.resolve()
-        if resolved[f.parent] == folder:
-            names.add(f.name)
-    return names
-
-
-def check_writable(path, what="output", inputs=()):
-    """Fail before any work starts if `path` cannot be written (parent folders are created) or is one of
-    `inputs`, which writing it would replace."""
-    path = Path(path)
-    if path.name in input_names_in(path.parent, [f for f in inputs if Path(f).name == path.name]):
-        raise CLIError(f"{what} {str(path)!r} is one of the input files; writing it would replace it: choose "
-                       "another name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
-            pass
-    except OSError as e:
-        raise CLIError(f"cannot write {what} {str(path)!r}: {e.strerror or e}") from None
-    if path.is_dir():
-        raise CLIError(f"{what} {str(path)!r} is a folder, not a file")
-
-
 def file_mode(path):
     """The permissions open(path, "w") would leave: an existing file's own, else 0666 less the umask."""
     try:

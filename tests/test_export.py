@@ -340,7 +340,7 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys
         (["--model_fn", good, "--output", tmp_path / "m.onnx", "--data_dir", tmp_path / "nowhere"], "does not exist"),
         (["--model_fn", good, "--output", tmp_path / "m.onnx", "--data_dir", tmp_path / "empty"], "no readable images"),
         (["--model_fn", good, "--output", tmp_path / "m.pt2", "--opset", "17"], "not the pt2 format"),
-        (["--model_fn", good, "--output", good, "--format", "onnx"], "would overwrite the checkpoint"),
+        (["--model_fn", good, "--output", good, "--format", "onnx"], "is the checkpoint --model_fn, which this run reads"),
         (["--model_fn", good, "--check_images", "0"], "must be a positive number"),
     ]
     for argv, message in cases:

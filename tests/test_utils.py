@@ -36,22 +36,6 @@ def test_atomic_writes_get_the_permissions_open_would_give(tmp_path, umask):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
-def test_input_names_in_a_folder_however_their_paths_are_written(tmp_path):
-    """The names an output in a folder must not take: '..' and linked folders resolved; a linked image counts in
-    the folder of its link (writing there replaces the link), not in its target's."""
-    (tmp_path / "imgs" / "sub").mkdir(parents=True)
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "real.png").write_bytes(b"")
-    (tmp_path / "imgs" / "link.png").symlink_to(tmp_path / "elsewhere" / "real.png")
-    (tmp_path / "alias").symlink_to(tmp_path / "imgs")
-    inputs = [tmp_path / "imgs" / "sub" / ".." / "a.png", tmp_path / "alias" / "b.png", tmp_path / "imgs" / "link.png",
-              tmp_path / "imgs" / "sub" / "c.png"]
-    assert utils.input_names_in(tmp_path / "imgs", inputs) == {"a.png", "b.png", "link.png"}
-    assert utils.input_names_in(tmp_path / "elsewhere", inputs) == set()
-    with pytest.raises(utils.CLIError, match="is one of the input files"):
-        utils.check_writable(tmp_path / "alias" / "a.png", "--plot", inputs)
-
-
 def test_progress_lines_where_no_bar_shows(monkeypatch):
     """Written to a log (not a terminal): a line with the count, the rate and the time left, at most every
     `every` seconds; to a terminal, none (tqdm's bar shows there)."""
