@@ -35,6 +35,8 @@ SMALL_FIT = 2**28
 MAX_ITER = 100  # L-BFGS iterations per batched fit at most (the problem is convex; a cap, not a schedule)
 GRID_IMAGES = 24  # suspects shown in label_issues.png
 CLEAN_DRAWS = 20  # simulated clean label sets behind the expected number of flags (their mean is printed)
+TEMPERATURES = tuple(float(t) for t in torch.exp(torch.linspace(-2, 2, 81)))  # tried by as_if_clean, e^-2 to e^2
+NOISE_SHARES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # shares of random labels tried by as_if_clean
 COLUMNS = ["file", "given", "suggested", "score", "flagged", "suggested_score", "split"]
 
 
@@ -189,6 +191,35 @@ def expected_flags(problems, seed, draws=CLEAN_DRAWS):
     return total / draws
 
 
+def as_if_clean(probs, labels, temperatures=TEMPERATURES, noise=NOISE_SHARES):
+    """The out-of-fold probabilities re-tempered to what they would be without the wrong labels they measure: a
+    temperature T and a share e of labels drawn at random (uniform over the classes) are fitted together by the
+    likelihood of the given labels, p(given) = (1 - e) * softmax(log(probs) / T)[given] + e / classes, and the
+    tempered probabilities returned. The plain probabilities come from a fit whose L2 strength the wrong labels
+    pushed up (one confidently wrong label costs more log loss than many soft predictions), so they were softer
+    than a clean set's, and the flags simulated from them rose with the very errors the check finds (1 on a clean
+    easy set, 6-9 with 8 planted errors; bench in docs/label_check.md); with the wrong labels counted as noise, the
+    temperature sharpens them back. Returns (tempered probabilities, T, e)."""
+    labels = torch.as_tensor(labels)
+    log_p = probs.double().clamp_min(1e-12).log()
+    t = torch.as_tensor(temperatures, dtype=torch.float64)
+    given = (log_p[None] / t[:, None, None]).log_softmax(-1)[:, torch.arange(len(labels)), labels].exp()  # (T, n)
+    e = torch.as_tensor(noise, dtype=torch.float64)
+    likelihood = ((1 - e[:, None, None]) * given[None] + e[:, None, None] / probs.shape[1]).clamp_min(1e-300)
+    score = likelihood.log().mean(-1)  # (noise, temperatures)
+    best = int(score.argmax())
+    i, j = divmod(best, len(temperatures))
+    return (log_p / t[j]).softmax(-1).to(probs.dtype), float(t[j]), float(e[i])
+
+
+def clean_set_flags(problems, labels, seed, draws=CLEAN_DRAWS):
+    """(flags a correctly labelled set of this size would get (expected_flags on probabilities made as_if_clean),
+    the share of labels the fit took for noise, the largest over the problems). problems and labels: one
+    (probabilities, labels) pair per problem."""
+    cleaned = [as_if_clean(p, y) for p, y in zip(problems, labels)]
+    return expected_flags([c[0] for c in cleaned], seed, draws), max((c[2] for c in cleaned), default=0.0)
+
+
 @dataclass
 class LabelIssues:
     files: list
@@ -341,7 +372,7 @@ def class_check(features, labels, files, split, class_names, seed, out, task):
         per_class[r["given"]] += r["flagged"]
     accuracy = float((probs.argmax(1) == labels).float().mean()) if len(labels) else 0.0
     fit = (list(per_class.values()), f"{k}-fold logistic regression x{REPEATS} (L2 {l2:g})", "accuracy", accuracy)
-    return rows, fit, expected_flags([probs], seed)
+    return rows, fit, clean_set_flags([probs], [labels], seed)
 
 
 def per_class_check(features, labels, files, split, class_names, seed, out, task):
@@ -352,14 +383,16 @@ def per_class_check(features, labels, files, split, class_names, seed, out, task
     exact = float(((present >= 0.5) == labels.bool()).all(1).float().mean()) if len(labels) else 0.0
     fit = (flags.sum(0).tolist(), f"{max(folds) or 'no'}-fold two-class logistic regression per class x{REPEATS}",
            "exact match", exact)
-    expected = expected_flags([torch.stack([1 - p, p], 1) for p in present.T], seed) if len(labels) else 0.0
+    problems = [torch.stack([1 - p, p], 1) for p in present.T]
+    expected = clean_set_flags(problems, labels.long().T, seed) if len(labels) else (0.0, 0.0)
     return rows, fit, expected
 
 
 def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips, expected):
     """Write label_issues.csv/.png and print the summary; fit = (flags per class, how it was fitted, the
     out-of-fold measure's name, its value); expected: the flags a clean set of this size would get
-    (expected_flags). The printed list holds the flagged rows first. Returns the rows."""
+    (clean_set_flags: the count, the share of labels taken for noise). The printed list holds the flagged rows
+    first. Returns the rows."""
     write_csv(rows, run_dir / "label_issues.csv")
     shown = save_suspects(rows, run_dir / "label_issues.png", meta["input_size"], meta["resize_size"])
     fitted = time.perf_counter()
@@ -371,9 +404,11 @@ def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, 
         out(f"label check: skipped {len(skips.seen)} unreadable image(s) (named above)")
     out(f"flagged: {len(flagged)} of {len(rows)} labels look wrong; per class: "
         + ", ".join(f"{name} {n}" for name, n in per_class.items()))
+    expected, noise = expected
     out(f"a clean set of {len(rows)} images would get about {expected:.0f} flag{'' if round(expected) == 1 else 's'} "
-        f"({expected / max(len(rows), 1):.1%}; each label drawn from its out-of-fold probabilities, mean of "
-        f"{CLEAN_DRAWS} draws): a count near that is mostly false alarms, one far above it points to wrong labels")
+        f"({expected / max(len(rows), 1):.1%}; each label drawn from its out-of-fold probabilities, tempered as "
+        f"without the {noise:.1%} of labels the fit takes for noise, mean of {CLEAN_DRAWS} draws): a count near that "
+        "is mostly false alarms, one far above it points to wrong labels")
     out("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given label; "
         "several labels: of its least likely class):")
     for r in sorted(rows, key=lambda r: not r["flagged"])[:10]:  # stable: by score within each

@@ -247,15 +247,22 @@ class Tally:
         return self.probs.max(1).values, torch.tensor(self.argmax) == torch.tensor(self.labels)
 
     def summary(self, class_names, threshold, rejecting, calibration):
-        """(lines to print, per-class report): accuracy of the best class over the labelled rows and, when rows
-        can be rejected (--threshold, --reject_ood), over the accepted ones; the mean confidence and ECE."""
-        correct = sum(a == y for a, y in zip(self.argmax, self.labels))
-        lines = [f"accuracy {correct / len(self):.4f} ({correct}/{len(self)} labelled images)"]
-        if rejecting:
+        """(lines to print, per-class report): accuracy over the labelled rows; when rows can be rejected
+        (--threshold, --reject_ood), of the rows as written (a row predicted as unknown is not right), on the
+        accepted rows with the share accepted, and of the best class regardless; the mean confidence and ECE."""
+        n = len(self)
+        if rejecting:  # what the rows say: an 'unknown' row is not a right answer
             accepted = [(p, y) for p, y in zip(self.preds, self.labels) if p != UNKNOWN]
             right = sum(p == y for p, y in accepted)
-            lines.append(f"accuracy on accepted rows {right / max(len(accepted), 1):.4f} ({right}/{len(accepted)}; "
-                         f"{len(accepted) / len(self):.1%} of the labelled images accepted)")
+            best = sum(a == y for a, y in zip(self.argmax, self.labels))
+            lines = [f"accuracy {right / n:.4f} ({right}/{n} labelled images; the {n - len(accepted)} predicted as "
+                     f"unknown count as wrong)",
+                     f"accuracy on accepted rows {right / max(len(accepted), 1):.4f} ({right}/{len(accepted)}; "
+                     f"{len(accepted) / n:.1%} of the labelled images accepted); the best class of every row: "
+                     f"{best / n:.4f}"]
+        else:
+            correct = sum(a == y for a, y in zip(self.argmax, self.labels))
+            lines = [f"accuracy {correct / n:.4f} ({correct}/{n} labelled images)"]
         confidence, correct = self.confidence_correct()
         lines.append(f"mean confidence {float(confidence.mean()):.4f}, ECE {metrics.ece(confidence, correct):.4f} "
                      f"({N_BINS} bins; temperature {calibration.temperature:.3f} from the checkpoint)")
