@@ -128,6 +128,37 @@ def end_child_processes(keep=(), restore=False):
         signal.signal(signal.SIGCHLD, previous)
 
 
+# ----------------------------------------------------------------------------- the installation
+
+
+def check_installation(modules=("torch", "torchvision")):
+    """Import torch and torchvision (the heavy imports every script makes next); when they fail, one line saying
+    how to mend the installation and status 1, instead of a 20-line traceback from inside torchvision. The usual
+    cause: a torchvision built for another torch (pip upgraded one of them), which fails at import with
+    'operator torchvision::nms does not exist'."""
+    import importlib
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            print(f"error: {describe_error(e, 200)}: install the requirements: pip install -r requirements.txt",
+                  file=sys.stderr)
+            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - a broken install fails in its own ways (RuntimeError, OSError)
+            print(f"error: {name} does not load ({describe_error(e, 200)}); torch {version('torch')} and torchvision "
+                  f"{version('torchvision')} must be a matching pair: reinstall both from requirements.txt (pip "
+                  "install --force-reinstall torch torchvision -r requirements.txt)", file=sys.stderr)
+            sys.exit(1)
+
+
 # ----------------------------------------------------------------------------- stop signals
 
 

@@ -237,7 +237,7 @@ def predicted_names(logits, labels, calibration, class_names, task):
 def write_top_losses(files, logits, labels, calibration, class_names, meta, run_dir, task, writer=None, step=0,
                      n=16):
     """top_losses.csv (every validation image, highest loss first), top_losses.png (the n highest, titled
-    'given → predicted (p of given)') and the same grid in TensorBoard through `writer` (a SummaryWriter; the
+    'given → predicted', then 'p(given) 0.12': the calibrated probability of the given label) and the same grid in TensorBoard through `writer` (a SummaryWriter; the
     run's own, so the run keeps one event file); returns the CSV's path."""
     order, loss, prob_given = top_losses(logits, labels, task, calibration)
     names = predicted_names(logits, labels, calibration, class_names, task)
@@ -255,7 +255,7 @@ def write_top_losses(files, logits, labels, calibration, class_names, meta, run_
         except Exception:  # read once already; gone since
             continue
         arrow = "\n→ " if len(names[i][0]) + len(names[i][1]) > 24 else " → "  # long label sets: two lines
-        titles.append(f"{names[i][0]}{arrow}{names[i][1]}\n({float(prob_given[i]):.2f})")
+        titles.append(f"{names[i][0]}{arrow}{names[i][1]}\np(given) {float(prob_given[i]):.2f}")
         colors.append("red" if names[i][0] != names[i][1] else "black")
     if images:
         import matplotlib.pyplot as plt

@@ -10,6 +10,7 @@ import cli  # before torch: Ctrl-C while the imports below load is one quiet lin
 
 if __name__ == "__main__":
     cli.exit_quietly_on_stop_signals()
+    cli.check_installation()  # a torch/torchvision pair that does not match: one line, not a traceback
 
 import io
 import sys

@@ -12,7 +12,7 @@ from torch import nn
 
 import model_loader
 from data_loader import TrainSampler, make_loader
-from utils import bar
+from utils import Progress, bar
 
 
 @contextmanager
@@ -76,8 +76,9 @@ class ViewSampler(TrainSampler):
 
 
 @torch.inference_mode()
-def extract_features(model, head, loader, store, view, compute, skips):
-    """Fill store[view, index] with the classifier's input for every image this rank's loader yields."""
+def extract_features(model, head, loader, store, view, compute, skips, progress=None):
+    """Fill store[view, index] with the classifier's input for every image this rank's loader yields; `progress`
+    (utils.Progress) counts them."""
     model.eval()
     ok = torch.zeros(store.shape[1], dtype=torch.bool)
     with capture_head_input(model, head) as captured:
@@ -89,6 +90,8 @@ def extract_features(model, head, loader, store, view, compute, skips):
                     model(compute.to_device(batch.images))
                 store[view, batch.indices] = pooled(captured[0].float()).cpu()
                 ok[batch.indices] = True
+            if progress is not None:
+                progress.update(len(batch.indices) + len(batch.bad))
             # ranks hold different numbers of batches here, so no collective check under torchrun
             if not compute.dist.enabled and compute.stop_requested():
                 return None
@@ -102,13 +105,13 @@ def view_loader(train_loader, view, rank=0, world_size=1):
     return make_loader(train_loader.dataset, train_loader.batch_size, sampler, train_loader.num_workers)
 
 
-def extract_views(model, head, view_loaders, store, compute, skips):
+def extract_views(model, head, view_loaders, store, compute, skips, progress=None):
     """store[v, i] = the classifier's input for image i as view_loaders[v] yields it (all loaders walk the
     same images). Returns the mask of images read in some view, or None when a stop signal arrived.
     `model` is best an optimize_for_inference copy."""
     ok = torch.zeros(store.shape[1], dtype=torch.bool)
     for view, loader in enumerate(view_loaders):
-        got = extract_features(model, head, loader, store, view, compute, skips)
+        got = extract_features(model, head, loader, store, view, compute, skips, progress)
         if got is None:
             return None
         ok |= got
@@ -145,10 +148,12 @@ def build_feature_cache(model, head, loaders, views, budget_mb, spill_path, comp
     # one view: the eval transform; several: augmented views (the training transform, seeded per image and view)
     train_loaders = [loaders.train_eval] if views == 1 else [
         view_loader(loaders.train, view, compute.dist.rank, compute.dist.world_size) for view in range(views)]
-    train_ok = extract_views(model, head, train_loaders, train, compute, skips)
+    # where no bar shows (a log file), a line every 10 s: a busy machine may take minutes over the pass
+    progress = Progress(views * n_train + n_valid, "feature cache", compute.progress, scale=compute.dist.world_size)
+    train_ok = extract_views(model, head, train_loaders, train, compute, skips, progress)
     if train_ok is None:
         return None
-    valid_ok = extract_views(model, head, [loaders.valid], valid, compute, skips)
+    valid_ok = extract_views(model, head, [loaders.valid], valid, compute, skips, progress)
     if valid_ok is None:
         return None
     if compute.dist.enabled:

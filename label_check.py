@@ -353,7 +353,8 @@ def check_labels(model, head, splits, meta, compute, run_dir, task, views=0, bat
     if found is None:
         return []
     rows, fit, expected = found
-    return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips, expected)
+    return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips, expected,
+                  task.multi_label)
 
 
 def class_check(features, labels, files, split, class_names, seed, out, task):
@@ -388,7 +389,7 @@ def per_class_check(features, labels, files, split, class_names, seed, out, task
     return rows, fit, expected
 
 
-def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips, expected):
+def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, skips, expected, multi_label=False):
     """Write label_issues.csv/.png and print the summary; fit = (flags per class, how it was fitted, the
     out-of-fold measure's name, its value); expected: the flags a clean set of this size would get
     (clean_set_flags: the count, the share of labels taken for noise). The printed list holds the flagged rows
@@ -409,8 +410,8 @@ def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, 
         f"({expected / max(len(rows), 1):.1%}; each label drawn from its out-of-fold probabilities, tempered as "
         f"without the {noise:.1%} of labels the fit takes for noise, mean of {CLEAN_DRAWS} draws): a count near that "
         "is mostly false alarms, one far above it points to wrong labels")
-    out("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given label; "
-        "several labels: of its least likely class):")
+    out("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given "
+        + ("state of its least likely class):" if multi_label else "label):"))
     for r in sorted(rows, key=lambda r: not r["flagged"])[:10]:  # stable: by score within each
         out(f"  {r['file']}  {r['given']} -> {r['suggested']}  {r['score']:.3f}{'  flagged' if r['flagged'] else ''}")
     out(f"label check: {run_dir / 'label_issues.csv'}" + (f", {run_dir / 'label_issues.png'}" if shown else ""))

@@ -92,6 +92,26 @@ def is_head_param(name, head):
 # ----------------------------------------------------------------------------- weights files
 
 
+MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"), (b"BM", "a BMP image"),
+         (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"PK", "a zip file of something else"),
+         (b"\x08", "a protobuf file: an ONNX model? name it .onnx"))  # first bytes of files passed as checkpoints
+
+
+def file_kind(path):
+    """What a file that is not a checkpoint looks like, from its first bytes: 'a JPEG image', ..."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    for magic, kind in MAGIC:
+        if head.startswith(magic):
+            return kind
+    return "neither a zip nor a pickle file" if head else "an empty file"
+
+
 def safe_load(path, what="checkpoint"):
     """torch.load with weights_only=True: tensors and plain types only; pickled code is refused unrun."""
     path = Path(path)
@@ -104,11 +124,9 @@ def safe_load(path, what="checkpoint"):
         if found:  # a real pickle that asks to import and call something
             raise CLIError(f"{what} {str(path)!r} holds pickled Python objects or code ({found.group(1)}), which is "
                            "refused: it is loaded with weights_only=True and nothing in it was run") from None
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CLIError(f"{what} {str(path)!r} is not a PyTorch checkpoint ({first[:160]})") from None
-    except Exception as e:  # the unpickler fails in many ways on files that are not checkpoints
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint ({first[:200]})") from None
+        raise CLIError(f"{what} {str(path)!r} is not a PyTorch checkpoint ({file_kind(path)})") from None
+    except Exception:  # the unpickler fails in many ways on files that are not checkpoints (its texts say little)
+        raise CLIError(f"{what} {str(path)!r} is not a PyTorch checkpoint ({file_kind(path)})") from None
 
 
 def pretrained_file(name):

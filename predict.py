@@ -5,6 +5,7 @@ import cli  # before torch: Ctrl-C while the imports below load is one quiet lin
 
 if __name__ == "__main__":
     cli.exit_quietly_on_stop_signals()
+    cli.check_installation()  # a torch/torchvision pair that does not match: one line, not a traceback
 
 import csv
 import math
@@ -401,7 +402,7 @@ def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
     the summary's counts (read back from the rows) with the labelled rows' tally and the figure's samples."""
     task, inputs = rows.task, rows.inputs
     counts = dict(done=0, bad=0, accepted=0, unlike=0)
-    tally, samples = task.tally(), []
+    tally, samples, reason = task.tally(), [], None  # reason: the first unreadable row's error
     with atomic_open(output, "w", newline="", encoding="utf-8-sig") as f:  # Excel-friendly
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -409,6 +410,7 @@ def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
             writer.writerow(cells)
             if probs is None:
                 counts["bad"] += 1
+                reason = reason or f"{cells[0]}: {cells[-1]}"
                 continue
             pred = tuple(pred) if isinstance(pred, list) else pred  # a multi-label decision, from JSON
             probs = torch.from_numpy(probs.copy())
@@ -422,7 +424,8 @@ def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
                 samples.append((inputs[index], pred, probs, unlike, maps.get(index)))
         if counts["done"] == 0:
             partial.remove()  # nothing to go on from
-            raise CLIError(f"none of the {len(inputs)} images could be read; {unchanged}")
+            first = "" if len(inputs) == 1 else "the first "
+            raise CLIError(f"none of the {len(inputs)} images could be read ({first}{reason}); {unchanged}")
     if partial.repeated:
         print(f"warning: {partial.repeated} rows were predicted twice (the later ones kept)", file=sys.stderr)
     partial.remove()

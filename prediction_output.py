@@ -131,9 +131,10 @@ class PartialRun:
                            "changed") from None
         differ = [key for key in self.manifest if saved.get(key) != self.manifest[key]]
         if differ:
-            raise CLIError(f"--resume: the rows in {self.folder} were written with another "
-                           f"{', '.join(MANIFEST_WORDS.get(k, k) for k in differ)}; run the same command as before, "
-                           "or delete the folder to start again; nothing was changed")
+            words = [changed_flags(saved.get(k) or {}, self.manifest[k]) if k == "flags" else MANIFEST_WORDS.get(k, k)
+                     for k in differ]
+            raise CLIError(f"--resume: the rows in {self.folder} were written with another {', '.join(words)}; run "
+                           "the same command as before, or delete the folder to start again; nothing was changed")
 
     def open(self):
         """On the main process only: the folder created with its manifest, or an interrupted run's part files cut
@@ -192,6 +193,12 @@ class PartialRun:
 
     def remove(self):
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def changed_flags(before, now):
+    """'--tta (was False, now True), ...': the flags that change a row and differ from the interrupted run's."""
+    names = [k for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
+    return "value of " + ", ".join(f"--{k} (was {before.get(k)!r}, now {now.get(k)!r})" for k in names)
 
 
 MANIFEST_WORDS = {"model": "model (--model_fn's file differs)", "inputs": "input list", "n_inputs": "number of inputs",

@@ -5,6 +5,7 @@ import cli  # before torch: Ctrl-C while the imports below load is one quiet lin
 
 if __name__ == "__main__":
     cli.exit_quietly_on_stop_signals()
+    cli.check_installation()  # a torch/torchvision pair that does not match: one line, not a traceback
 
 import os
 import sys
@@ -276,6 +277,7 @@ def check_data(args, data_dir, model_name, task):
         channels_last = model_loader.is_convolutional(model) and not args.no_channels_last
         workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
         stop = StopFlag().install()
+        made = not run_dir.exists()  # a check that fails or is stopped leaves no empty run folder behind
         try:
             compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, False, DistInfo(), stop,
                               progress=args.verbose >= 2)
@@ -284,6 +286,8 @@ def check_data(args, data_dir, model_name, task):
                                             seed=args.seed, budget_mb=args.cache_memory_mb)
         finally:
             stop.restore()
+            if made and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
         if rows is None:
             print("label check: interrupted; nothing written")
             sys.exit(stop.exit_status())
@@ -439,7 +443,7 @@ def print_summary(args, result, run_dir, task, lines, say):
                 f"ECE ({N_BINS} bins) {t['ece']:.4f} -> {t['ece_calibrated']:.4f}")
     if result.test_report is not None:
         say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
-    say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir if args.log_dir else run_dir.parent})")
 
 
 def main(args):
@@ -447,7 +451,7 @@ def main(args):
     log = tqdm.write if dist.is_main and args.verbose >= 1 else (lambda *a, **k: None)
     say = print if dist.is_main else (lambda *a, **k: None)  # the summary, even at --verbose 0
     check_args(args)
-    for name in ("labels_csv", "image_root"):  # absolute in the checkpoint: predict.py finds them from any folder
+    for name in ("data_dir", "labels_csv", "image_root"):  # absolute in the checkpoint: found from any folder
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
     model_name = model_loader.resolve_model_name(args.model_name)

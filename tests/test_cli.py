@@ -71,7 +71,12 @@ def test_predict_bad_inputs(tmp_path, capsys, tiny_data):
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
     assert "does not exist" in run_in_process(predict, ["--model_fn", tmp_path / "none.pth"], capsys)
-    assert "not a" in run_in_process(predict, ["--model_fn", text], capsys)
+    assert "is not a PyTorch checkpoint (neither a zip nor a pickle file)" in run_in_process(
+        predict, ["--model_fn", text], capsys)
+    photo = tmp_path / "photo.pth"  # a JPEG given as the model: no torch advice about weights_only
+    Image.new("RGB", (8, 8)).save(photo, format="JPEG")
+    err = run_in_process(predict, ["--model_fn", photo], capsys)
+    assert err.endswith("is not a PyTorch checkpoint (a JPEG image)\n") and "weights_only" not in err, err
     bare = tmp_path / "bare.pth"
     import torchvision
 
@@ -271,6 +276,10 @@ def test_predict_when_every_labelled_image_is_unreadable(tiny_data, tmp_path, ca
         "--plot", tmp_path / "p.png", "--num_workers", "0", "--verbose", "0"]])))
     out = capsys.readouterr().out
     assert "predicted 1 image in" in out and "1 unreadable" in out and "accuracy" not in out
+    err = run_in_process(predict, ["--model_fn", tmp_path / "m.pth", "--data_dir", folder / "bag" / "broken.png",
+                                   "--output", tmp_path / "r.csv", "--num_workers", "0"], capsys)
+    assert f"none of the 1 images could be read ({folder / 'bag' / 'broken.png'}: " in err, err  # with the reason
+    assert "r.csv was not changed" in err
 
 
 # ----------------------------------------------------------------------------- outputs never replace inputs
@@ -312,3 +321,40 @@ def test_no_output_replaces_an_input_image(frozen, tmp_path, capsys):
         assert message in err and ("is one of the input files" in err or "holds input images" in err
                                    or "which this run reads; writing it would replace it" in err), err
     assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before  # nothing written or replaced
+
+
+def test_a_relative_data_dir_is_stored_absolute_so_export_checks_real_images_from_anywhere(tiny_data, tmp_path,
+                                                                                           capsys, monkeypatch):
+    monkeypatch.chdir(tiny_data.parent)
+    train.main(train.parse_args([str(a) for a in ["--data_dir", tiny_data.name, "--model_fn", tmp_path / "m.pth",
+                                                  "--log_dir", tmp_path / "run", "--num_workers", "0", "--input_size",
+                                                  "32", "--n_epochs", "1", "--verbose", "0", "--freeze"]]))
+    assert torch.load(tmp_path / "m.pth", weights_only=True)["args"]["data_dir"] == str(tiny_data)
+    assert f"(tensorboard --logdir {tmp_path / 'run'})" in capsys.readouterr().out  # --log_dir's own folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth")]))
+    captured = capsys.readouterr()
+    assert f"check on 16 images of {tiny_data / 'test'}" in captured.out and "random tensors" not in captured.err
+
+
+def test_a_torch_and_torchvision_that_do_not_match_is_one_line(tmp_path):
+    """pip upgraded torch but not torchvision: torchvision's import fails deep inside with 'operator
+    torchvision::nms does not exist'. Every script says so in one line and how to mend it, status 1."""
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    for script in ("train.py", "predict.py", "export.py"):
+        proc = run_script(script, "--help", env={"PYTHONPATH": str(tmp_path / "site")})
+        line = assert_clean_error(proc, "torchvision does not load (RuntimeError: operator torchvision::nms does not "
+                                        "exist)", "must be a matching pair: reinstall both from requirements.txt")
+        assert proc.returncode == 1 and proc.stderr.strip() == line, proc.stderr
+
+
+def test_a_failed_check_data_leaves_no_empty_run_folder(tiny_data, tmp_path, capsys):
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not weights")
+    err = run_in_process(train, ["--check_data", "--data_dir", tiny_data, "--weights", notes, "--model_name",
+                                 "resnet18", "--log_dir", tmp_path / "runs" / "labels"], capsys)
+    assert "is not a PyTorch checkpoint" in err and not (tmp_path / "runs").exists()

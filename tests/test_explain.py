@@ -326,3 +326,20 @@ def test_predict_counts_and_titles_the_empty_maps(tiny_data, tmp_path, capsys, m
                 "18 overlays -> " in printed), printed
         noted = sum(t.endswith("\n(no evidence: empty map)") for t in drawn[-1])  # the --plot figure's titles
         assert len(drawn[-1]) == 6 and (noted == 6 if name == "flat" else noted <= empty), drawn[-1]
+
+
+def test_top_losses_figure_titles_say_the_number_is_the_probability_of_the_given_label(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    import tasks
+
+    drawn = []
+    real = explain.image_grid_figure
+    monkeypatch.setattr(explain, "image_grid_figure", lambda images, titles, *a, **k: drawn.append(titles) or real(
+        images, titles, *a, **k))
+    files = [str(f) for f in sorted((tiny_data / "test" / "bag").glob("*.png"))[:2]]
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    meta = {"input_size": 28, "resize_size": 28}
+    explain.write_top_losses(files, logits, torch.tensor([0, 0]), None, ["bag", "sneaker", "trouser"], meta, tmp_path,
+                             tasks.SingleLabel())
+    p_bag = float(torch.softmax(logits[1], 0)[0])
+    assert drawn[0][0] == f"bag → sneaker\np(given) {p_bag:.2f}"  # the highest loss first

@@ -239,6 +239,8 @@ def test_the_printed_list_holds_the_flagged_rows_first_and_the_expected_false_al
     assert said[2].startswith("a clean set of 5 images would get about 2 flags (48.0%; each label drawn from its "
                               "out-of-fold probabilities, tempered as without the 2.0% of labels the fit takes for "
                               "noise, mean of 20 draws)")
+    assert said[3] == ("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the "
+                       "given label):")  # one label per image: nothing about several
     listed = [line.split()[0] for line in said[4:9]]
     assert listed == [str(tmp_path / f"f{i}.png") for i in (0, 2, 4, 1, 3)]  # flagged, then the rest; by score
     assert [line.endswith("flagged") for line in said[4:9]] == [True] * 3 + [False] * 2

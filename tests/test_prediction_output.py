@@ -111,7 +111,10 @@ def test_ctrl_c_keeps_the_rows_and_resume_refuses_what_does_not_match(model, tmp
 
     other = tmp_path / "other.pth"
     other.write_bytes(ckpt.read_bytes() + b"\0")  # another file, still a checkpoint torch reads
-    for changed, words in ((["--model_fn", other], "model"), (["--threshold", "0.5"], "flags"),
+    for changed, words in ((["--model_fn", other], "model"), (["--threshold", "0.5"], "--threshold (was None, now 0.5)"),
+                           (["--tta"], "another value of --tta (was False, now True);"),
+                           (["--unknown_label", "x", "--amp"], "--unknown_label (was 'unknown', now 'x'), --amp (was"),
+                           (["--reject_ood"], "--reject_ood (was False, now True)"),
                            (["--topk", "2"], "columns"), (["--data_dir", images / "bag"], "input list")):
         err = run_in_process(predict, argv + changed + ["--resume"], capsys)
         assert "--resume" in err and words in err and "nothing was changed" in err, err

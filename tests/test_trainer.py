@@ -60,6 +60,24 @@ def cache_setup(tiny_data, tmp_path, budget_mb=64):
     return model, splits, loaders, cache
 
 
+def test_the_feature_cache_writes_progress_lines_to_a_log(tiny_data, tmp_path, monkeypatch):
+    """A busy machine may take a minute over the backbone pass: where no bar shows, lines say how far it is."""
+    import io
+
+    log = io.StringIO()
+    real = features.Progress
+    monkeypatch.setattr(features, "Progress", lambda *a, **k: real(*a, **{**k, "every": 0, "out": log}))
+    model, head = ml.build_model("resnet18", 3, log=print)
+    splits = dl.build_splits(tiny_data, 0.25, 0)
+    loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
+    compute = utils.Compute(torch.device("cpu"), dist=DistInfo(), progress=True)
+    features.build_feature_cache(model, head, loaders, 1, 64, tmp_path / "c.bin", compute,
+                                 dl.SkipLog(splits.train, splits.class_names, print))
+    lines = log.getvalue().splitlines()
+    n = len(splits.train) + len(splits.valid)
+    assert lines[0].startswith("feature cache: 8/48 images (17%),") and lines[-1].startswith(f"feature cache: {n}/{n}")
+
+
 def test_cached_features_equal_the_frozen_backbone_output(tiny_data, tmp_path):
     model, splits, loaders, cache = cache_setup(tiny_data, tmp_path)
     assert cache.location == "memory" and cache.train.shape == (1, len(splits.train), 512)
