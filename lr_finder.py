@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
+import model_loader
 import trainer
+from cli import CLIError
+from data_loader import TrainSampler
+from stages import HEAD
 from utils import atomic_open, atomic_savefig, new_figure
 
 START_LR, END_LR = 1e-7, 10.0
@@ -155,14 +159,14 @@ def range_test(fitter, batch_size):
     schedule = torch.optim.lr_scheduler.LambdaLR(fitter.optimizer, lambda step: lr_at(step, steps) / base_lr)
     test = RangeTest()
     try:
-        first = trainer.first_steps(fitter, batch_size)
+        first = first_steps(fitter, batch_size)
         if first is None:
             return None
         step_model, batches = first
         for step in range(steps):
             x, y = next(batches)
             test.lrs.append(fitter.optimizer.param_groups[0]["lr"])
-            loss = trainer.step(fitter, step_model, x, y, schedule)
+            loss = one_step(fitter, step_model, x, y, schedule)
             test.losses.append(loss)
             test.smoothed = smooth(test.losses)
             if compute.stop_requested():
@@ -220,10 +224,10 @@ def find_lr(fitter, run_dir, say):
     Returns the RangeTest (None when stopped or when there is too little data)."""
     batch_size = fitter.loaders.train.batch_size
     start = time.perf_counter()
-    if fitter.use_cache(0) and not fitter.ensure_cache():  # the pass length counts readable images: the cache knows them
+    if fitter.plan.kind(0) == HEAD and not fitter.ensure_cache():  # the pass length counts readable images: the cache knows them
         return None
-    if trainer.batches_per_pass(fitter) < MIN_BATCHES:
-        say(f"--find_lr: {len(fitter.splits.train)} training images make {trainer.batches_per_pass(fitter)} batches of "
+    if batches_per_pass(fitter) < MIN_BATCHES:
+        say(f"--find_lr: {len(fitter.splits.train)} training images make {batches_per_pass(fitter)} batches of "
             f"{batch_size}; the range test needs {MIN_BATCHES} or more (more images, or a smaller "
             "--batch_size), so no learning rate is suggested")
         return None
@@ -241,10 +245,81 @@ def find_lr(fitter, run_dir, say):
     if why:
         say(f"warning: --find_lr: no learning rate is suggested: {why}; see {Path(run_dir) / 'lr_find.png'}")
         return test
-    mode = trainer.first_phase(fitter)
+    mode = first_phase(fitter)
     others = ", ".join(f"{rule} {lr:.1e}" for rule, lr in test.suggestions.items() if rule != SUGGESTION)
     say(f"learning-rate range test ({mode}): {len(test.lrs)} steps from {test.lrs[0]:.0e} to {test.lrs[-1]:.1e}"
         + (f", stopped: {test.stopped}" if test.stopped else "") + f"; {test.seconds:.1f}s")
     say(f"suggested --lr {test.suggestions[SUGGESTION]:.1e} ({SUGGESTION}; also {others}); "
         f"figure {Path(run_dir) / 'lr_find.png'}; the model was not trained or saved")
     return test
+
+
+def cached_batches(cache, labels, seed, batch_size, weights=None):
+    """Endless (features, labels) batches from the feature cache: one seeded order per pass (weighted with
+    --balanced_sampler), one cached view per image drawn per pass, as train_head_epoch."""
+    sampler = TrainSampler(len(labels), seed, weights=weights)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        order = torch.tensor([i for i, _ in sampler], dtype=torch.long)
+        order = order[cache.train_ok[order]]
+        view = torch.randint(cache.train.shape[0], (len(order),), generator=torch.Generator().manual_seed(seed + epoch))
+        for s in range(0, len(order), batch_size):
+            yield cache.train[view[s:s + batch_size], order[s:s + batch_size]], labels[order[s:s + batch_size]]
+        epoch += 1
+
+
+def image_batches(loader):
+    """Endless (images, labels) training batches (augmented), a new seeded order per pass."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        readable = 0
+        for batch in loader:
+            if batch.labels.numel():
+                readable += 1
+                yield batch.images, batch.labels
+        if not readable:
+            raise CLIError("--find_lr: none of the training images could be read")
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------- the first epoch's steps, one at a time
+# (what the range test runs instead of an epoch)
+
+
+def first_steps(fitter, batch_size):
+    """(module, endless (inputs, labels) batches) as the Fitter's first epoch trains: the head on cached features
+    when it uses the cache (built here), else the model on augmented images, with the first epoch's parameters
+    trainable; None when a stop signal arrived while the cache was built."""
+    frozen = fitter.plan.backbone_frozen(0)
+    model_loader.set_backbone_trainable(fitter.model, fitter.head, not frozen)
+    if fitter.plan.kind(0) == HEAD:
+        if not fitter.ensure_cache():
+            return None
+        return fitter.model.get_submodule(fitter.head).train(), cached_batches(
+            fitter.cache, fitter.train_labels, fitter.config.seed, batch_size, fitter.loaders.train.sampler.weights)
+    model_loader.set_train_mode(fitter.model, fitter.head, frozen, fitter.config.batchnorm)
+    return fitter.model, image_batches(fitter.loaders.train)
+
+
+def one_step(fitter, module, inputs, labels, schedule):
+    """One training step of `module` with the Fitter's optimizer, loss and scaler under `schedule`; its loss."""
+    meter = trainer.Meter(fitter.task)
+    inputs, labels = fitter.compute.to_device(inputs, labels, train=True)
+    trainer.train_step(module, inputs, labels, fitter.optimizer, schedule, fitter.scaler, fitter.criterion, fitter.compute,
+               meter, whole=module is fitter.model and not fitter.plan.backbone_frozen(0))
+    return meter.loss / meter.count
+
+
+def batches_per_pass(fitter):
+    """Training batches in one pass over the readable images (the feature cache knows which are readable)."""
+    n = int(fitter.cache.train_ok.sum()) if fitter.cache is not None else len(fitter.splits.train)
+    return math.ceil(n / fitter.loaders.train.batch_size)
+
+
+def first_phase(fitter):
+    """What the first epoch trains, in words."""
+    if fitter.cache is not None:
+        return "head on cached features"
+    return "head only, frozen backbone" if fitter.plan.backbone_frozen(0) else "whole model"

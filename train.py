@@ -22,6 +22,8 @@ import label_check
 import lr_finder
 import model_loader
 import ood
+import run_log
+import stages
 import tasks
 import trainer
 from metrics import N_BINS
@@ -79,9 +81,10 @@ def build_parser():
     add("--freeze", action="store_true", help="mode 1: freeze the backbone, train only the new head")
     add("--unfreeze_after", type=int, default=0, help="mode 2: train the head alone for N epochs, then fine-tune all")
     add("--backbone_lr_scale", type=float, default=0.1, help="mode 2: backbone learning rate = lr * this")
-    add("--no_probe", action="store_true", help="mode 2: fine-tune from the new head directly; by default a "
-        "pretrained backbone's head is first fitted on its cached features (a linear probe, L2 chosen on "
-        "validation), and the run keeps the probe when fine-tuning does not beat it")
+    add("--no_probe", action="store_true", help="no linear probe (L-BFGS on the cached features, L2 chosen on "
+        "validation). By default --freeze ends by fitting it and keeps the better head by validation loss (its SGD "
+        "epochs' best or the probe); mode 2 with a pretrained backbone starts from the better of the two, keeps it "
+        "when fine-tuning does not beat it, and skips fine-tuning when it already gets every validation image right")
     add("--batchnorm", choices=list(model_loader.BATCHNORM_POLICIES), default=None, help="mode 2: BatchNorm "
         f"while fine-tuning (default: {DEFAULT_BATCHNORM} for pretrained backbones, else train; see the policies below)")
     add("--layer_decay", type=float, default=None, help="mode 2: discriminative rates: each backbone block "
@@ -155,8 +158,8 @@ def check_args(args):
         raise CLIError("--num_workers, --patience, --unfreeze_after and --save_interval must be 0 or more")
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
         raise CLIError(f"--layer_decay must be in (0, 1]; got {args.layer_decay}")
-    if args.freeze and (args.batchnorm or args.layer_decay is not None or args.no_probe):
-        raise CLIError("--batchnorm, --layer_decay and --no_probe shape fine-tuning; --freeze keeps the backbone "
+    if args.freeze and (args.batchnorm or args.layer_decay is not None):
+        raise CLIError("--batchnorm and --layer_decay shape fine-tuning; --freeze keeps the backbone "
                        "as it is")
     if not 0 < args.ood_keep <= 1:
         raise CLIError(f"--ood_keep must be in (0, 1]; got {args.ood_keep}")
@@ -215,7 +218,8 @@ def fine_tuning(args, model, head, pretrained):
             raise CLIError(f"--layer_decay: {args.model_name}'s backbone blocks could not be told apart; leave "
                            "the flag out")
         decay = 1.0
-    probe = pretrained and not args.no_probe and not args.freeze and not args.unfreeze_after
+    # the probe: at the end of a --freeze run, or as the first stage of a pretrained fine-tune (LP-FT)
+    probe = not args.no_probe and (args.freeze or pretrained and not args.unfreeze_after)
     return probe, batchnorm, decay
 
 
@@ -343,7 +347,7 @@ def finish_run(args, fitter, result, run_dir):
         result.test_metrics, result.test_report = task.test_results(test_logits, test_labels, calibration, names)
         if compute.dist.is_main and result.test_report is not None:
             evaluation.write_report(result.test_report, run_dir / "test_report.csv")
-    trainer.log_summary(fitter, calibration, result.test_metrics)
+    run_log.log_summary(fitter, calibration, result.test_metrics)
     reference, ood_line = ood_reference(args, fitter, calibration, compute)
     top_line = top_losses(fitter, calibration, logits, labels, index, run_dir)
     fitter.files.add_to_best({**(calibration.checkpoint_entries() if calibration else {}),
@@ -426,7 +430,8 @@ def print_summary(args, result, run_dir, task, lines, say):
         say(result.transfer_note)
     if state.best_metrics:
         m = state.best_metrics
-        best = f"best epoch {state.best_epoch}" if state.best_epoch else "best: the linear probe"
+        kept = stages.HEAD_NAMES[state.probe.get("kept", "probe")] if state.probe else "the linear probe"
+        best = f"best epoch {state.best_epoch}" if state.best_epoch else f"best: {kept}"
         say(f"{best}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> "
             f"{args.model_fn}")
         say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
@@ -496,7 +501,7 @@ def main(args):
             seed_everything(args.seed)
             fitter, source = build_fitter(args, model_name, splits, meta, resume, run_dir, task, (device, dist, stop),
                                           log, say)
-            mode = fitter.mode() + ("" if args.freeze else f"; augment {args.augment}"
+            mode = fitter.plan.describe(fitter.model) + ("" if args.freeze else f"; augment {args.augment}"
                                     + (" + any orientation" if args.any_orientation else ""))
             log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
                 f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / "
@@ -518,7 +523,7 @@ def main(args):
         say(f"skipped unreadable images per class: {result.skipped_per_class}")
     if result.interrupted:
         if result.state.probe and result.state.epoch == 0:
-            say(f"interrupted after the linear probe ({args.model_fn} holds it); continue with: python train.py "
+            say(f"interrupted after the head stage ({args.model_fn} holds its head); continue with: python train.py "
                 f"--resume {last_path(args.model_fn)}")
         elif result.state.epoch == 0:  # resuming from nothing would be a fresh start
             say("interrupted before the first epoch finished: nothing was trained yet and nothing was saved; "

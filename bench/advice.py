@@ -63,7 +63,8 @@ def main(args):
                             "--model_fn", work / f"{tag}.pth", "--log_dir", work / tag, "--verbose", "1",
                             "--gpu_id", "-1", *flags])
         test = re.search(r"test accuracy ([\d.]+)", out).group(1)
-        best = re.search(r"best epoch (\d+)", out).group(1)
+        found = re.search(r"best epoch (\d+)|best: the (linear probe|SGD head)", out)
+        best = found.group(1) or ("probe" if found.group(2) == "linear probe" else "sgd")  # the head stage's
         epochs = len(re.findall(r"^epoch \d+/", out, re.M))
         print(f"{name:52s} {test:>8s} {best:>10s} {epochs:>10d} {seconds:8.0f}", flush=True)
 

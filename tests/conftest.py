@@ -29,6 +29,33 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tuning_data(tmp_path_factory):
+    """tiny_data's classes with a valid/ folder of 3 images per class, one of them also in another class's folder: validation
+    accuracy stays below 1, so a default fine-tune fine-tunes (it skips fine-tuning when its head already gets
+    every validation image right, which these easy classes allow)."""
+    root = copy_subset(tmp_path_factory.mktemp("tuning"), ["bag", "sneaker", "trouser"], 16, 6)
+    for c in ("bag", "sneaker", "trouser"):
+        (root / "valid" / c).mkdir(parents=True)
+        for f in sorted((SAMPLE / "train" / c).glob("*.png"))[16:19]:
+            shutil.copy(f, root / "valid" / c / f.name)
+    twice = sorted((root / "valid" / "bag").glob("*.png"))[0]  # the same picture labelled bag and sneaker:
+    shutil.copy(twice, root / "valid" / "sneaker" / f"copy_{twice.name}")  # one of the two is always wrong
+    return root
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    """A resnet18 state_dict standing in for pretrained weights (--weights makes a run pretrained)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def torch_home(tmp_path_factory):
     return tmp_path_factory.mktemp("torch_home")
 

@@ -12,6 +12,7 @@ import model_loader as ml
 import probe
 import tasks
 import train
+import stages
 import trainer
 from conftest import run_in_process, run_script
 from helpers import interrupt_when_called
@@ -37,15 +38,6 @@ def test_probe_keeps_the_penalty_with_the_lowest_validation_loss():
     assert losses[probe.L2_GRID[0]] != pytest.approx(losses[probe.L2_GRID[-1]], rel=1e-3)
 
 
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """A resnet18 state_dict standing in for pretrained weights (--weights makes a run pretrained)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "r18.pth"
-    torch.save(ml.build_model("resnet18", 1000, log=lambda *a: None)[0].state_dict(), path)
-    return path
-
-
 def tuned_args(data, out, weights, *extra):
     return [str(a) for a in ("--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--num_workers",
                              "0", "--batch_size", "8", "--verbose", "1", "--model_fn", out / "m.pth", "--log_dir",
@@ -56,12 +48,12 @@ def run_train(argv):
     return train.main(train.parse_args(argv))
 
 
-def test_fine_tuning_never_ends_worse_than_its_probe(tiny_data, tmp_path, weights_file, capsys):
+def test_fine_tuning_never_ends_worse_than_its_probe(tuning_data, tmp_path, weights_file, capsys):
     # a rate that wrecks the backbone: every fine-tuned epoch is worse than the probe, which is kept
-    result = run_train(tuned_args(tiny_data, tmp_path, weights_file, "--n_epochs", "2", "--lr", "3",
+    result = run_train(tuned_args(tuning_data, tmp_path, weights_file, "--n_epochs", "2", "--lr", "3",
                                   "--backbone_lr_scale", "1"))
     out = capsys.readouterr().out
-    assert "linear probe: L2" in out and "kept the linear probe: fine-tuning did not beat" in out, out
+    assert "head on cached features: linear probe (L2" in out and "kept the linear probe: fine-tuning did not beat" in out, out
     state = result.state
     assert state.best_epoch == 0 and len(state.history) == 2
     assert state.best_metrics["valid_loss"] == state.probe["valid_loss"]
@@ -71,11 +63,11 @@ def test_fine_tuning_never_ends_worse_than_its_probe(tiny_data, tmp_path, weight
     assert saved["metrics"]["valid_loss"] == pytest.approx(state.probe["valid_loss"])
 
 
-def test_resume_after_the_probe_continues_exactly(tiny_data, tmp_path, weights_file, monkeypatch, capsys):
+def test_resume_after_the_probe_continues_exactly(tuning_data, tmp_path, weights_file, monkeypatch, capsys):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    result = run_train(tuned_args(tiny_data, straight, weights_file, "--n_epochs", "2"))
+    result = run_train(tuned_args(tuning_data, straight, weights_file, "--n_epochs", "2"))
     out = capsys.readouterr().out
-    assert "linear probe: L2" in out and "fine-tune all (BatchNorm frozen)" in out
+    assert "head on cached features: linear probe (L2" in out and "fine-tune all (BatchNorm frozen)" in out
     assert "img/s" in out and "left" in out and "precision: " in out
     assert result.state.probe and len(result.state.history) == 2
     # the fitted head fine-tunes at the backbone's rate: never thrown back to --lr
@@ -88,13 +80,13 @@ def test_resume_after_the_probe_continues_exactly(tiny_data, tmp_path, weights_f
 
     interrupt_when_called(monkeypatch, trainer, "train_one_epoch")  # the first fine-tuning epoch, after the probe
     with pytest.raises(SystemExit):
-        run_train(tuned_args(tiny_data, broken, weights_file, "--n_epochs", "2"))
+        run_train(tuned_args(tuning_data, broken, weights_file, "--n_epochs", "2"))
     monkeypatch.undo()
     out = capsys.readouterr().out
-    assert "interrupted after the linear probe" in out, out
+    assert "interrupted after the head stage" in out, out
     assert torch.load(broken / "m_last.pth", weights_only=True)["train_state"]["probe"]
     resumed = run_train(["--resume", str(broken / "m_last.pth")])
-    assert "linear probe: L2" not in capsys.readouterr().out  # not fitted again
+    assert "head on cached features: linear probe" not in capsys.readouterr().out  # not fitted again
     a = torch.load(straight / "m_last.pth", weights_only=True)["state_dict"]
     b = torch.load(broken / "m_last.pth", weights_only=True)["state_dict"]
     for k in a:
@@ -107,7 +99,7 @@ def test_unfreeze_after_keeps_the_fitted_head_at_the_backbone_rate(tiny_data, tm
     result = run_train(tuned_args(tiny_data, tmp_path, weights_file, "--n_epochs", "3", "--unfreeze_after", "1"))
     rows = result.state.history
     assert max(r["lr"] for r in rows[1:]) <= 1e-4 * 1.0001  # after unfreezing: the backbone's rate (--lr 1e-3)
-    factor = lambda step: trainer.settled_head_factor(step, lambda s: 1.0, settled_from=10, scale=0.1)
+    factor = lambda step: stages.settled_head_factor(step, lambda s: 1.0, settled_from=10, scale=0.1)
     assert factor(9) == 1.0 and factor(10) == 0.1
     assert not result.state.probe
     out = capsys.readouterr().out

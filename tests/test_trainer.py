@@ -14,6 +14,8 @@ import model_loader as ml
 import train
 import features
 import tasks
+import run_log
+import stages
 import trainer
 import cli
 import utils
@@ -34,11 +36,11 @@ def run_train(*argv):
 
 def test_lr_schedule_warms_up_decays_and_restarts_per_phase():
     phases = [(0, 100), (100, 100)]
-    f = [trainer.lr_factor(s, phases, 0.1, "cosine") for s in range(200)]
+    f = [stages.lr_factor(s, phases, 0.1, "cosine") for s in range(200)]
     assert f[0] < f[5] < f[10] and f[10] == pytest.approx(1.0, abs=0.02)
     assert f[50] < f[20] and f[99] == pytest.approx(0.01, abs=0.01)
     assert f[100] < 0.2 and f[110] == pytest.approx(1.0, abs=0.02)  # warm-up again after unfreezing
-    assert trainer.lr_factor(50, [(0, 100)], 0.1, "constant") == 1.0
+    assert stages.lr_factor(50, [(0, 100)], 0.1, "constant") == 1.0
 
 
 def test_head_takes_features_only_when_the_classifier_is_last():
@@ -307,15 +309,16 @@ def test_short_epochs_write_checkpoints_at_most_every_save_interval(tiny_data, t
     """Cached head epochs take milliseconds: the checkpoints are written after the first epoch and at the end
     only, and hold the same as a run that writes after every epoch."""
     writes = []
-    real = trainer.atomic_torch_save
-    monkeypatch.setattr(trainer, "atomic_torch_save", lambda obj, path: (writes.append(Path(path).name), real(obj, path)))
+    real = run_log.atomic_torch_save
+    monkeypatch.setattr(run_log, "atomic_torch_save", lambda obj, path: (writes.append(Path(path).name), real(obj, path)))
     throttled = run_train(*fast_args(tiny_data, tmp_path / "a", "--freeze", "--n_epochs", "4", "--patience", "0"))
-    # epoch 1, then the last epoch, then the best once more with its fitted temperature
-    assert writes == ["m.pth", "m_last.pth", "m.pth", "m_last.pth", "m.pth"], writes
+    # epoch 1, then the last epoch, then the head stage's choice (written at once), then the best once more with
+    # its fitted temperature
+    assert writes == ["m.pth", "m_last.pth"] * 3 + ["m.pth"], writes
     writes.clear()
     every = run_train(*fast_args(tiny_data, tmp_path / "b", "--freeze", "--n_epochs", "4", "--patience", "0",
                                  "--save_interval", "0"))
-    assert writes.count("m_last.pth") == 4 and writes.count("m.pth") >= 2, writes  # after every epoch
+    assert writes.count("m_last.pth") == 5 and writes.count("m.pth") >= 2, writes  # after every epoch, and the head
     assert throttled.state.best_epoch == every.state.best_epoch
     for name in ("m.pth", "m_last.pth"):
         a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in "ab")
@@ -379,7 +382,7 @@ def test_test_split_is_evaluated_with_the_best_weights_not_the_last(tiny_data, t
         return train_metrics, (dict(valid, loss=99.0) if epoch == 2 else valid)
 
     monkeypatch.setattr(trainer.Fitter, "run_epoch", third_epoch_looks_worse)
-    result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "3", "--patience", "0"))
+    result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "3", "--patience", "0", "--no_probe"))
     assert result.state.best_epoch == 2 and result.state.epoch == 3
     best, last = ml.load_checkpoint(tmp_path / "m.pth"), ml.load_checkpoint(tmp_path / "m_last.pth")
     assert not torch.equal(best["state_dict"]["fc.weight"], last["state_dict"]["fc.weight"])
@@ -471,14 +474,14 @@ def test_interrupt_before_the_first_epoch_ends_saves_nothing(tiny_data, tmp_path
 
 def test_prediction_grid_shows_every_class_and_the_truth_when_wrong(tiny_data):
     splits = dl.build_splits(tiny_data, 0.5, 0)  # valid sorted by class: bag..., sneaker..., trouser...
-    assert [y for _, y in trainer.spread_over_classes(splits.valid, 5)] == [0, 1, 2, 0, 1]
+    assert [y for _, y in run_log.spread_over_classes(splits.valid, 5)] == [0, 1, 2, 0, 1]
 
     class AlwaysBag(nn.Module):
         def forward(self, x):
             return torch.tensor([[5.0, 0.0, 0.0]]).expand(len(x), 3)
 
     meta = {"input_size": 32, "resize_size": 36, "mean": dl.IMAGENET_MEAN, "std": dl.IMAGENET_STD}
-    fig = trainer.prediction_grid(AlwaysBag(), splits.valid, splits.class_names, meta,
+    fig = run_log.prediction_grid(AlwaysBag(), splits.valid, splits.class_names, meta,
                                   utils.Compute(torch.device("cpu"), dist=DistInfo()), tasks.SingleLabel(), n=6)
     titles = [ax.get_title() for ax in fig.axes]
     assert len(titles) == 6 and all(t.startswith("bag ") for t in titles)
