@@ -27,7 +27,7 @@ import ood
 import prediction_output
 import tasks
 from features import feature_dim
-from tasks import UNKNOWN
+from calibration import UNKNOWN, with_flips
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from run_paths import RunPaths
 from utils import (Compute, Progress, all_reduce_sum, amp_dtype_for, atomic_open, bar, broadcast_from_main,
@@ -323,7 +323,7 @@ class Rows:
         if batch.labels.numel():
             images = compute.to_device(batch.images)
             with compute.autocast():
-                views_in = tasks.with_flips(images) if args.tta else images
+                views_in = with_flips(images) if args.tta else images
                 out = self.cam.forward(self.model, views_in) if args.explain else self.model(views_in)
             logits, scores = out if isinstance(out, tuple) else (out, None)
             probs = self.calibration.probabilities(logits.detach(), self.views).cpu()

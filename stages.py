@@ -25,6 +25,8 @@ import torch
 import model_loader
 import probe
 from features import head_takes_features
+from run_log import added_metrics
+from utils import seed_everything
 
 HEAD, FROZEN, WHOLE = "head", "frozen", "whole"  # an epoch of: the head on cached features; the head through the
 # frozen backbone; every layer
@@ -243,6 +245,98 @@ def choose_head(probe_result, sgd, added):
 
 def head_weights(head_module):
     return copy.deepcopy(head_module.state_dict())
+
+
+class HeadStage:
+    """The head stage of a Fitter (trainer.py): the probe and the SGD head on the cached features, the better kept
+    (choose_head); before fine-tuning (LP-FT, from the new head; both checkpoints then written, so a stop later
+    resumes after it), or after a --freeze run's epochs (against their best)."""
+
+    def __init__(self, fitter):
+        self.fitter = fitter
+        self.head_module = fitter.model.get_submodule(fitter.head)
+        self.lp_ft = fitter.plan.probe
+
+    def run(self):
+        """True when done; False when a stop signal arrived (nothing of the stage kept)."""
+        fitter, state = self.fitter, self.fitter.state
+        if self.lp_ft and fitter.config.batchnorm == "reestimate" and not self.reestimate_batchnorm():
+            return False
+        if not fitter.ensure_cache():
+            return False
+        start = time.perf_counter()
+        initial = head_weights(self.head_module)
+        sgd = self.sgd_head(initial) if self.lp_ft else self.best_epoch()
+        if self.lp_ft:
+            self.head_module.load_state_dict(initial)
+        sgd_seconds, start = elapsed(start), time.perf_counter()
+        fitted = probe_on_cache(self.head_module, fitter.cache, fitter.train_labels, fitter.valid_labels,
+                                fitter.criterion, fitter.task, fitter.compute)
+        if fitted is None:
+            return False
+        choice = choose_head(fitted, sgd, added_metrics)
+        choice.seconds = {"sgd": sgd_seconds, "probe": elapsed(start)}
+        if choice.kept == "sgd" and self.lp_ft:
+            self.head_module.load_state_dict(sgd["weights"])
+        replaced = self.lp_ft or choice.kept == "probe"  # else the best SGD epoch stays the best, as it was
+        if replaced:
+            state.best_epoch, state.bad_epochs = 0, 0
+            state.best_metrics = choice.metrics
+            fitter.best_state = model_loader.weights_copy(fitter.model)
+        state.probe = choice.record()
+        fitter.log(choice.line(fitter.cache.seconds))
+        if not self.lp_ft:
+            fitter.note = choice.summary()
+        fitter.save_checkpoints(improved=replaced, force=True)
+        return True
+
+    def best_epoch(self):
+        """A --freeze run's SGD candidate: its best epoch (the weights are the Fitter's best_state)."""
+        state = self.fitter.state
+        best = state.best_metrics
+        return {"epoch": state.best_epoch, "epochs": state.epoch, "train_loss": best.get("train_loss"),
+                "valid": {"loss": best["valid_loss"], "accuracy": best["valid_accuracy"], "count": 0}}
+
+    def sgd_head(self, initial):
+        """LP-FT's SGD candidate: the head trained from `initial` on the cached features exactly as --freeze trains
+        it (its optimizer, schedule and patience), silently; {"epoch", "epochs", "valid", "train_loss", "weights"}
+        of its best epoch ({} when stopped before one finished)."""
+        fitter, best, bad = self.fitter, {}, 0
+        self.head_module.load_state_dict(initial)
+        optimizer, scheduler = fitter.plan.optimizer(fitter.model, fitter.head, head_only=True)
+        scaler = fitter.compute.grad_scaler()
+        for epoch in range(fitter.config.n_epochs):
+            seed_everything(fitter.config.seed + epoch)  # as the Fitter seeds each epoch
+            result = fitter.head_epoch(epoch, optimizer, scheduler, scaler)
+            if result is None:
+                return {}
+            train, valid = result
+            if not best or valid["loss"] < best["valid"]["loss"]:
+                best, bad = {"epoch": epoch + 1, "valid": valid, "train_loss": train["loss"],
+                             "weights": head_weights(self.head_module)}, 0
+            else:
+                bad += 1
+            best["epochs"] = epoch + 1
+            if fitter.config.patience and bad >= fitter.config.patience:
+                break
+        return best
+
+    def reestimate_batchnorm(self):
+        """BatchNorm statistics measured on the training images (eval view) before the probe; under torchrun each
+        rank measures its share and the averages are averaged."""
+        fitter = self.fitter
+        compute, dist = fitter.compute, fitter.dist
+        batches = (compute.to_device(b.images) for b in fitter.loaders.train_eval if b.labels.numel())
+        with torch.inference_mode(False):
+            done = model_loader.reestimate_batchnorm(fitter.model, batches, compute.stop_requested)
+        if done and dist.enabled:
+            for m in model_loader.batchnorm_layers(fitter.model):
+                for t in (m.running_mean, m.running_var):
+                    torch.distributed.all_reduce(t)
+                    t /= dist.world_size
+        if done:
+            fitter.log("BatchNorm: statistics re-estimated on the training images")
+        return done
 
 
 # ----------------------------------------------------------------------------- the time left

@@ -14,7 +14,7 @@ import model_loader
 from data_loader import SkipLog, TrainSampler
 from features import build_feature_cache
 from run_log import RunFiles, added_metrics, epoch_row, log_epoch, write_metrics_csv
-from stages import HEAD, WHOLE, EpochClock, StagePlan, choose_head, elapsed, head_weights, pace, probe_on_cache
+from stages import HEAD, WHOLE, EpochClock, HeadStage, StagePlan, elapsed, pace
 from utils import all_reduce_sum, bar, cpu_has_fast_bf16, seed_everything
 
 LAST_FORMAT = 1  # version of the resumable _last.pth layout
@@ -203,6 +203,12 @@ class FitConfig:
     flags: dict = field(default_factory=dict)  # the run's flags, as the checkpoint and TensorBoard record them
 
 
+def cache_identity(meta, splits, config):
+    """What the feature cache depends on, kept in the resumable checkpoint (a resume with other data says so)."""
+    return {"model_name": meta["model_name"], "input_size": meta["input_size"], "n_train": len(splits.train),
+            "n_valid": len(splits.valid), "views": int(config.cache_views), "seed": int(config.seed)}
+
+
 class Fitter:
     """Runs the epochs as its StagePlan (stages.py) says: the head alone (on the feature cache when it can), the
     head stage (the probe against the SGD head), every layer. Owns the optimizer, schedule and DDP wrapper; what
@@ -220,7 +226,7 @@ class Fitter:
         self.plan = StagePlan.make(config, model, head, meta, compute.device, len(splits.train), len(loaders.train),
                                    self.global_batch, log)
         self.optimizer, self.scheduler = self.plan.optimizer(model, head)
-        self.scaler = self.new_scaler()
+        self.scaler = compute.grad_scaler()
         self.criterion = self.task.criterion(config.class_weights, config.label_smoothing).to(compute.device)
         self.train_labels = self.task.tensor(y for _, y in splits.train)
         self.valid_labels = self.task.tensor(y for _, y in splits.valid)
@@ -231,10 +237,6 @@ class Fitter:
         self.clock = EpochClock()
         self.note = ""  # the head stage's choice (--freeze) or why fine-tuning was skipped, for the summary
         self._ddp = self._ddp_frozen = None
-
-    def new_scaler(self):
-        dtype = self.compute.train_amp_dtype or self.compute.amp_dtype
-        return torch.amp.GradScaler(self.compute.device.type, enabled=dtype == torch.float16)
 
     # -- checkpoints
 
@@ -253,15 +255,10 @@ class Fitter:
             "scaler": self.scaler.state_dict(),
             "train_state": model_loader.plain(asdict(self.state)),
             "rng": {"torch": torch.get_rng_state(), "seed": int(self.config.seed)},
-            "feature_cache": self.cache_identity(),
+            "feature_cache": cache_identity(self.meta, self.splits, self.config),
             "run_dir": str(self.run_dir),
         })
         return ckpt
-
-    def cache_identity(self):
-        return {"model_name": self.meta["model_name"], "input_size": self.meta["input_size"],
-                "n_train": len(self.splits.train), "n_valid": len(self.splits.valid),
-                "views": int(self.config.cache_views), "seed": int(self.config.seed)}
 
     def restore(self, ckpt):
         """Continue from a resumable checkpoint (see last_checkpoint)."""
@@ -272,7 +269,7 @@ class Fitter:
         self.state = TrainState(**ckpt["train_state"])
         self.skips.restore(self.state.skipped)
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if self.plan.cache and ckpt.get("feature_cache") != self.cache_identity():
+        if self.plan.cache and ckpt.get("feature_cache") != cache_identity(self.meta, self.splits, self.config):
             self.log("feature cache: data or settings differ from the interrupted run's")
 
     def save_checkpoints(self, improved, force=False):
@@ -287,8 +284,7 @@ class Fitter:
     # -- epochs
 
     def forward_model(self, frozen):
-        """The model to call in training: DDP-wrapped under torchrun (re-wrapped when the set of trainable
-        parameters changes at unfreezing), else the model itself."""
+        """The model to call in training: DDP-wrapped under torchrun, re-wrapped when the trainable set changes."""
         if not self.dist.enabled:
             return self.model
         if self._ddp is None or self._ddp_frozen != frozen:
@@ -370,92 +366,12 @@ class Fitter:
                      f"{'  *best' if improved else ''}")
         return improved
 
-    # -- the head stage (stages.py): the probe against the SGD head
-
-    def sgd_head(self, initial):
-        """LP-FT's SGD candidate: the head trained from `initial` on the cached features exactly as --freeze trains
-        it (its optimizer, schedule and patience), silently; {"epoch", "epochs", "valid", "train_loss", "weights"}
-        of its best epoch ({} when stopped before one finished)."""
-        head_module, best = self.model.get_submodule(self.head), {}
-        head_module.load_state_dict(initial)
-        optimizer, scheduler = self.plan.optimizer(self.model, self.head, head_only=True)
-        scaler, bad = self.new_scaler(), 0
-        for epoch in range(self.config.n_epochs):
-            seed_everything(self.config.seed + epoch)
-            result = self.head_epoch(epoch, optimizer, scheduler, scaler)
-            if result is None:
-                return {}
-            train, valid = result
-            if not best or valid["loss"] < best["valid"]["loss"]:
-                best, bad = {"epoch": epoch + 1, "valid": valid, "train_loss": train["loss"],
-                             "weights": head_weights(head_module)}, 0
-            else:
-                bad += 1
-            best["epochs"] = epoch + 1
-            if self.config.patience and bad >= self.config.patience:
-                break
-        return best
-
-    def head_stage(self):
-        """The probe and the SGD head on the cached features, the better kept (stages.choose_head): before
-        fine-tuning (LP-FT, from the new head; both checkpoints then written, so a stop later resumes after it), or
-        after a --freeze run's epochs (against their best). False when a stop signal arrived."""
-        state, lp_ft = self.state, self.plan.probe
-        if lp_ft and self.config.batchnorm == "reestimate" and not self.reestimate_batchnorm():
-            return False
-        if not self.ensure_cache():
-            return False
-        head_module, start = self.model.get_submodule(self.head), time.perf_counter()
-        initial = head_weights(head_module)
-        if lp_ft:
-            sgd = self.sgd_head(initial)
-            head_module.load_state_dict(initial)
-        else:  # the run's epochs were the SGD head
-            best = dict(state.best_metrics)
-            sgd = {"epoch": state.best_epoch, "epochs": state.epoch, "train_loss": best.get("train_loss"),
-                   "valid": {"loss": best["valid_loss"], "accuracy": best["valid_accuracy"], "count": 0}}
-        sgd_seconds, start = elapsed(start), time.perf_counter()
-        fitted = probe_on_cache(head_module, self.cache, self.train_labels, self.valid_labels, self.criterion,
-                                self.task, self.compute)
-        if fitted is None or (lp_ft and not sgd and self.compute.stop_requested()):
-            return False
-        choice = choose_head(fitted, sgd, added_metrics)
-        choice.seconds = {"sgd": sgd_seconds, "probe": elapsed(start)}
-        if choice.kept == "sgd" and lp_ft:
-            head_module.load_state_dict(sgd["weights"])
-        if lp_ft or choice.kept == "probe":  # else the best SGD epoch stays the best, as it was
-            state.best_epoch, state.bad_epochs = 0, 0
-            state.best_metrics = choice.metrics
-            self.best_state = model_loader.weights_copy(self.model)
-        state.probe = choice.record()
-        self.log(choice.line(self.cache.seconds))
-        if not lp_ft:
-            self.note = choice.summary()
-        self.save_checkpoints(improved=lp_ft or choice.kept == "probe", force=True)
-        return True
-
-    def reestimate_batchnorm(self):
-        """BatchNorm statistics measured on the training images (eval view) before the probe; under torchrun each
-        rank measures its share and the averages are averaged."""
-        compute = self.compute
-        batches = (compute.to_device(b.images) for b in self.loaders.train_eval if b.labels.numel())
-        with torch.inference_mode(False):
-            done = model_loader.reestimate_batchnorm(self.model, batches, compute.stop_requested)
-        if done and self.dist.enabled:
-            for m in model_loader.batchnorm_layers(self.model):
-                for t in (m.running_mean, m.running_var):
-                    torch.distributed.all_reduce(t)
-                    t /= self.dist.world_size
-        if done:
-            self.log("BatchNorm: statistics re-estimated on the training images")
-        return done
-
     # -- the fit
 
     def fit(self):
         """The stages in order; a stop signal ends the run at the last finished epoch (or stage)."""
         state, plan = self.state, self.plan
-        if plan.probe and not state.probe and state.epoch == 0 and not self.head_stage():
+        if plan.probe and not state.probe and state.epoch == 0 and not HeadStage(self).run():
             self.files.write_pending()
             return self.finish(True, False)
         skipped = plan.nothing_to_gain(state.best_metrics) if plan.probe and state.epoch == 0 else ""
@@ -465,7 +381,7 @@ class Fitter:
         interrupted, stopped_early = self.epochs()
         if (not interrupted and plan.frozen_run and plan.compares_heads and not state.probe and state.best_metrics
                 and bool(self.cache.valid_ok.any())):  # no readable validation image: nothing to compare on
-            interrupted = not self.head_stage()
+            interrupted = not HeadStage(self).run()
         return self.finish(interrupted, stopped_early)
 
     def epochs(self):

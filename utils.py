@@ -73,6 +73,11 @@ class Compute:
             images = images.contiguous(memory_format=torch.channels_last)
         return images if labels is None else (images, labels.to(self.device, non_blocking=True))
 
+    def grad_scaler(self):
+        """A GradScaler for training steps in fp16 (GPUs without bf16); disabled, a no-op, otherwise."""
+        dtype = self.train_amp_dtype or self.amp_dtype
+        return torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+
     def stop_requested(self):
         """True on every rank once any rank got SIGINT/SIGTERM, so all ranks stop at the same batch."""
         flag = bool(self.stop is not None and self.stop.requested)

@@ -10,6 +10,7 @@ from PIL import Image
 import evaluation
 import metrics
 import predict
+import calibration
 import tasks
 import train
 from helpers import read_csv, run_predict
@@ -80,12 +81,12 @@ def test_a_temperature_that_would_not_lower_the_validation_nll_is_not_kept(monke
 
 def test_the_test_figures_are_those_of_the_raw_and_the_calibrated_logits():
     logits, labels = synthetic_logits(3.0, n=300)
-    calibration = tasks.Calibration(2.0, {})
-    found, _ = tasks.SingleLabel().test_results(logits, labels, calibration, ["a", "b", "c", "d"])
+    fitted = calibration.Calibration(2.0, {})
+    found, _ = tasks.SingleLabel().test_results(logits, labels, fitted, ["a", "b", "c", "d"])
     assert found["loss"] == pytest.approx(metrics.nll(logits, labels))
     assert found["loss_calibrated"] == pytest.approx(metrics.nll(logits, labels, 2.0))
-    assert found["ece"] == pytest.approx(metrics.ece(*tasks.Calibration().confidence_correct(logits, labels)))
-    assert found["ece_calibrated"] == pytest.approx(metrics.ece(*tasks.Calibration(2.0).confidence_correct(logits, labels)))
+    assert found["ece"] == pytest.approx(metrics.ece(*calibration.Calibration().confidence_correct(logits, labels)))
+    assert found["ece_calibrated"] == pytest.approx(metrics.ece(*calibration.Calibration(2.0).confidence_correct(logits, labels)))
 
 
 def test_no_validation_logits_means_no_calibration():
@@ -128,25 +129,25 @@ def test_the_reliability_panel_shows_the_accuracy_whole_and_the_gap_between_it_a
 
 def test_temperature_one_leaves_probabilities_unchanged_and_others_follow_the_formula():
     logits = torch.randn(7, 5)
-    assert torch.equal(tasks.Calibration(1.0).probabilities(logits), logits.softmax(1))
-    assert torch.allclose(tasks.Calibration(2.5).probabilities(logits), (logits / 2.5).softmax(1))
+    assert torch.equal(calibration.Calibration(1.0).probabilities(logits), logits.softmax(1))
+    assert torch.allclose(calibration.Calibration(2.5).probabilities(logits), (logits / 2.5).softmax(1))
 
 
 def test_flips_average_the_two_views():
     images = torch.randn(3, 3, 8, 8)
-    both = tasks.with_flips(images)
+    both = calibration.with_flips(images)
     assert torch.equal(both[3:], images.flip(-1))
     logits = torch.randn(6, 4)
     expected = (logits[:3].softmax(1) + logits[3:].softmax(1)) / 2
-    assert torch.allclose(tasks.Calibration(1.0).probabilities(logits, views=2), expected)
+    assert torch.allclose(calibration.Calibration(1.0).probabilities(logits, views=2), expected)
 
 
 def test_threshold_marks_rows_below_it_unknown():
     probs = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7], [0.5, 0.5]])
-    assert tasks.Calibration().decide(probs).tolist() == [0, 0, 1, 0]
-    assert tasks.Calibration().decide(probs, 0.6).tolist() == [0, tasks.UNKNOWN, 1, tasks.UNKNOWN]
-    assert tasks.Calibration().decide(probs, 0.7).tolist() == [0, -1, 1, -1]  # exactly at the threshold is accepted
-    assert tasks.Calibration().decide(probs, 1.0).tolist() == [-1] * 4
+    assert calibration.Calibration().decide(probs).tolist() == [0, 0, 1, 0]
+    assert calibration.Calibration().decide(probs, 0.6).tolist() == [0, calibration.UNKNOWN, 1, calibration.UNKNOWN]
+    assert calibration.Calibration().decide(probs, 0.7).tolist() == [0, -1, 1, -1]  # exactly at the threshold is accepted
+    assert calibration.Calibration().decide(probs, 1.0).tolist() == [-1] * 4
 
 
 def test_roc_auc_and_average_precision_equal_hand_computations():
@@ -163,7 +164,7 @@ def test_roc_auc_and_average_precision_equal_hand_computations():
 
 def test_report_counts_unknown_rows_wrong_for_recall_and_leaves_them_out_of_precision():
     labels = [0, 0, 0, 1, 1, 2]
-    preds = [0, 1, tasks.UNKNOWN, 1, tasks.UNKNOWN, 0]
+    preds = [0, 1, calibration.UNKNOWN, 1, calibration.UNKNOWN, 0]
     probs = torch.tensor([[.8, .1, .1], [.2, .7, .1], [.4, .3, .3], [.1, .8, .1], [.3, .4, .3], [.6, .1, .3]])
     table = tasks.SingleLabel().report(labels, preds, probs, ["a", "b", "c"]).set_index("class")
     assert list(table.index) == ["a", "b", "c", "macro avg", "weighted avg"]

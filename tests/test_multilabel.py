@@ -12,6 +12,7 @@ import export
 import model_loader
 import metrics
 import predict
+import calibration
 import tasks
 import train
 from conftest import ROOT, run_in_process
@@ -69,7 +70,7 @@ def test_the_summary_warns_of_a_class_in_every_validation_image_and_of_one_in_no
 
 def test_a_probability_equal_to_its_threshold_is_taken():
     probs = torch.tensor([[0.5, 0.25, 0.75], [0.5 - 1e-7, 0.25, 0.7]])
-    assert tasks.decide_sets(probs, [0.5, 0.25, 0.75]).tolist() == [[True, True, True], [False, True, False]]
+    assert calibration.decide_sets(probs, [0.5, 0.25, 0.75]).tolist() == [[True, True, True], [False, True, False]]
 
 
 def test_each_class_gets_the_temperature_that_minimises_its_own_loss():

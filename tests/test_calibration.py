@@ -1,11 +1,12 @@
-"""The label modes' rules (tasks.py): what predict.py tallies."""
+"""calibration.py: what predict.py tallies of the labelled rows."""
 import torch
 
+import calibration
 import tasks
 
 
 def test_tally_packs_the_probabilities_and_keeps_their_order(monkeypatch):
-    monkeypatch.setattr(tasks.Tally, "PACKED", 2)  # chunks of 2 rows: 5 rows are 2 chunks and 1 row pending
+    monkeypatch.setattr(calibration.Tally, "PACKED", 2)  # chunks of 2 rows: 5 rows are 2 chunks and 1 row pending
     task = tasks.SingleLabel()
     probs = torch.softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), 1)
     tally = task.tally()
