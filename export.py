@@ -22,6 +22,7 @@ import torch
 
 import data_loader
 import labels_csv
+import exported_model
 import model_loader
 import ood
 import tasks
@@ -166,7 +167,7 @@ def load_for_check(fmt, path, keys):
     """The written file, loaded the way a consumer loads it: (metadata strings, callable images -> logits,
     or (logits, ood_score))."""
     if fmt == "onnx":
-        model = model_loader.OnnxModel(path)
+        model = exported_model.OnnxModel(path)
         return model.metadata(), model
     meta = dict.fromkeys(keys, "")
     program = torch.export.load(str(path), extra_files=meta)
@@ -233,7 +234,7 @@ def main(args):
     if "ood" in ckpt:  # a second output, ood_score, computed in the graph (the reference as a constant)
         model = ood.scored_model(model, head, ckpt, args.model_fn)
     model = model.eval()
-    meta = model_loader.export_metadata(ckpt)
+    meta = exported_model.export_metadata(ckpt)
     images, source, files = check_batch(ckpt, args)
     paths = RunPaths().reads(args.model_fn, "the checkpoint --model_fn").reads_images(files)
     if not args.data_dir:

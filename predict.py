@@ -22,19 +22,13 @@ import data_loader
 import evaluation
 import explain
 import labels_csv
-import model_loader
-import ood
 import prediction_output
-import tasks
-from features import feature_dim
-from calibration import UNKNOWN, with_flips
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
+from predictor import MAX_PROB_COLUMNS, Predictor, Reading, load_model, prepare_model
 from run_paths import RunPaths
-from utils import (Compute, Progress, all_reduce_sum, amp_dtype_for, atomic_open, bar, broadcast_from_main,
-                   dist_info_from_env, process_group, resolve_device, save_confusion_matrix,
-                   save_image_grid)
+from utils import (Progress, all_reduce_sum, atomic_open, bar, broadcast_from_main, dist_info_from_env,
+                   process_group, resolve_device, save_confusion_matrix, save_image_grid)
 
-MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
 TITLE_WIDTH = 32  # characters per line of a title in the figure (a 2.4-inch cell at 9 pt); longer lines wrap
 
 
@@ -137,36 +131,6 @@ def find_inputs(path, class_names, task):
     return [(str(f), index.get(f.parent.name, -1)) for f in files]
 
 
-def csv_columns(class_names, topk, labelled, scored, task, explained=False):
-    columns = ["file_dir"] + task.answer_columns()
-    if len(class_names) <= MAX_PROB_COLUMNS or task.all_probabilities():
-        columns += [f"prob_{c}" for c in class_names]
-    columns += [f"top{i + 1}_{kind}" for i in range(topk) for kind in ("class", "prob")]
-    columns += ["ood_score", "in_distribution"] if scored else []
-    columns += ["heatmap"] if explained else []
-    return columns + (["label"] if labelled else []) + ["error"]
-
-
-def load_model(args):
-    """(checkpoint or an export's metadata read as one, model, classifier layer's name or None for ONNX): a .pth
-    checkpoint of train.py, or an .onnx export that onnxruntime runs; one error line for anything else."""
-    head = None
-    if Path(args.model_fn).suffix.lower() == ".pt2":
-        raise CLIError(f"{args.model_fn} is a torch.export program (load it with torch.export.load); predict.py "
-                       "runs the checkpoint it came from, or an .onnx export")
-    if model_loader.is_exported(args.model_fn):  # an ONNX file of export.py: onnxruntime runs it
-        if args.explain:
-            raise CLIError(f"--explain needs the checkpoint (.pth) {args.model_fn} was exported from: heat maps "
-                           "take gradients, which an ONNX model does not give")
-        ckpt, model = model_loader.load_exported(args.model_fn)
-    else:
-        ckpt = model_loader.load_checkpoint(args.model_fn)
-        model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
-        if "ood" in ckpt:
-            ood.check_reference(ckpt["ood"], feature_dim(model, head), len(ckpt["class_names"]), args.model_fn)
-    return ckpt, model, head
-
-
 def gather_inputs(args, ckpt, task):
     """([(path, label)], the folder searched for images or None, [(list or CSV read, what it is)]): --labels_csv's
     rows, --file_list's files, --data_dir's images, or the training data's test images."""
@@ -218,57 +182,30 @@ def check_outputs(args, inputs, labelled, task, searched, lists=()):
     return report_path, confusion_path
 
 
-def prepare_model(args, ckpt, model, head, reference, dist):
-    """(the model ready to run, its Compute, the Grad-CAM of --explain or None): on its device (under torchrun,
-    the GPU of its LOCAL_RANK), optimized for inference, with the ood_score output when the checkpoint has a
-    reference."""
-    cam = None
-    device = resolve_device(args.gpu_id, dist.local_rank)
-    if isinstance(model, model_loader.OnnxModel):  # onnxruntime optimizes its graph itself; batches stay on the CPU
-        model, device, channels_last = model.to(device), torch.device("cpu"), False
-    else:
-        channels_last = model_loader.is_convolutional(model)
-        model = model_loader.optimize_for_inference(model.to(device), channels_last, keep_modules=bool(args.explain))
-        if args.explain:  # gradients from the hooked layer up only: none for the weights
-            cam = explain.GradCAM(*explain.target_layer(model.requires_grad_(False), head, ckpt["input_size"], device))
-        if reference is not None:  # a second output: the ood_score, computed from the classifier's input
-            model = ood.scored_model(model, head, ckpt, args.model_fn).to(device)
-    compute = Compute(device, amp_dtype_for(device, args.amp, print if dist.is_main else None), channels_last,
-                      dist=dist, progress=dist.is_main and args.verbose >= 1)
-    return model, compute, cam
-
-
 def main(args):
-    if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0 or (args.topk is not None and args.topk <= 0):
-        raise CLIError("--batch_size and --topk must be positive; --n_images and --num_workers 0 or more")
-    if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise CLIError(f"--threshold must be in (0, 1]; got {args.threshold}")
+    if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0:
+        raise CLIError("--batch_size must be positive; --n_images and --num_workers 0 or more")
+    reading = Reading(args.threshold, args.unknown_label, args.tta, args.reject_ood, args.topk)
     dist = dist_info_from_env()  # under torchrun: this process's rank; each takes a share of the images
     if args.explain and (args.resume or dist.enabled):
         raise CLIError("--explain runs in one process from the start: without torchrun and --resume")
-    ckpt, model, head = load_model(args)
-    class_names = ckpt["class_names"]
-    reference = ckpt.get("ood")  # the out-of-distribution reference (method, threshold; tensors in a .pth)
-    if args.reject_ood and reference is None:
-        raise CLIError(f"--reject_ood: {args.model_fn} has no out-of-distribution reference (train.py writes one "
-                       "unless --ood_method none)")
-    rejecting = args.threshold is not None or args.reject_ood  # rows may be predicted as --unknown_label
-    task = tasks.for_checkpoint(ckpt)  # one label per image, or a set (its delimiter joins a cell's classes)
-    # a rejected row, or (several labels) a row deciding no class, is written as --unknown_label
-    if (rejecting or task.empty_label_allowed) and args.unknown_label in class_names:
-        raise CLIError(f"--unknown_label {args.unknown_label!r} is one of the classes; choose another word")
-    inputs, searched, lists = gather_inputs(args, ckpt, task)
+    ckpt, model, head = load_model(args.model_fn, bool(args.explain))
+    predictor = Predictor(ckpt, model, None, reading)  # checks the settings against the model before any work
+    inputs, searched, lists = gather_inputs(args, ckpt, predictor.task)
     labelled = any(label != -1 for _, label in inputs)
-    report_path, confusion_path = check_outputs(args, inputs, labelled, task, searched, lists)
-    model, compute, cam = prepare_model(args, ckpt, model, head, reference, dist)
-    topk = min(args.topk or (5 if len(class_names) > MAX_PROB_COLUMNS else 0), len(class_names))
-    columns = csv_columns(class_names, topk, labelled, reference is not None, task, bool(args.explain))
+    report_path, confusion_path = check_outputs(args, inputs, labelled, predictor.task, searched, lists)
+    device = resolve_device(args.gpu_id, dist.local_rank)
+    predictor.model, predictor.compute, predictor.cam = prepare_model(
+        ckpt, model, head, args.model_fn, device, args.amp, bool(args.explain), dist,
+        progress=dist.is_main and args.verbose >= 1, log=print if dist.is_main else None)
+    columns = predictor.columns(labelled, bool(args.explain))
     partial = prediction_output.PartialRun(args.output, run_manifest(args, inputs, columns), len(inputs))
     partial.check(args.resume)  # before any work: one error line, nothing changed
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
-    rows = Rows(args, ckpt, task, model, cam, columns, topk, labelled, inputs)
+    rows = Rows(args, predictor, columns, labelled, inputs)
     unchanged = f"{args.output} was not " + ("changed" if Path(args.output).exists() else "written")  # if we stop
+    compute = predictor.compute
     stop = StopFlag().install()
     compute.stop = stop
     start = time.perf_counter()
@@ -290,8 +227,8 @@ def main(args):
         return
     seconds = time.perf_counter() - start
     summary = write_result(partial, args.output, columns, rows, plot_at, maps, unchanged)
-    print_results(args, ckpt, task, rows.calibration, summary, (n_new, seconds), rows.explained,
-                  (labelled, rejecting, report_path, confusion_path))
+    print_results(args, predictor, summary, (n_new, seconds), rows.explained,
+                  (labelled, report_path, confusion_path))
 
 
 def run_manifest(args, inputs, columns):
@@ -304,52 +241,32 @@ def run_manifest(args, inputs, columns):
 
 
 class Rows:
-    """A batch's images -> its rows (prediction_output.pack_row), as the checkpoint's task and the flags say."""
+    """A batch's images -> its rows (prediction_output.pack_row), as the Predictor reads them; with --explain, the
+    heat maps written beside them."""
 
-    def __init__(self, args, ckpt, task, model, cam, columns, topk, labelled, inputs):
-        self.args, self.ckpt, self.task, self.model, self.cam = args, ckpt, task, model, cam
-        self.columns, self.topk, self.labelled, self.inputs = columns, topk, labelled, inputs
-        self.class_names = ckpt["class_names"]
-        self.calibration = task.calibration_of(ckpt)  # the temperature(s) and thresholds fitted in training
-        reference = ckpt.get("ood")
-        self.ood_threshold = reference.get("threshold") if reference else None
-        self.views = 2 if args.tta else 1  # the image, and its mirror image with --tta
+    def __init__(self, args, predictor, columns, labelled, inputs):
+        self.args, self.predictor, self.columns, self.labelled, self.inputs = args, predictor, columns, labelled, inputs
+        self.task, self.ckpt, self.class_names = predictor.task, predictor.ckpt, predictor.class_names
         self.explained = explain.Explanations(args.explain, [f for f, _ in inputs]) if args.explain else nullcontext()
 
     def of_batch(self, batch, compute, maps_at):
         """The packed rows of a batch (unreadable files as error rows); the heat maps of --explain's rows whose
         index is in maps_at (a dict filled here: the figure's images)."""
-        args, task, packed = self.args, self.task, []
+        args, predictor, packed = self.args, self.predictor, []
         if batch.labels.numel():
-            images = compute.to_device(batch.images)
-            with compute.autocast():
-                views_in = with_flips(images) if args.tta else images
-                out = self.cam.forward(self.model, views_in) if args.explain else self.model(views_in)
-            logits, scores = out if isinstance(out, tuple) else (out, None)
-            probs = self.calibration.probabilities(logits.detach(), self.views).cpu()
-            maps = self.cam.maps(logits, probs.argmax(1)).cpu() if args.explain else None
-            preds = task.decisions(self.calibration.decide(probs, args.threshold))
-            unlike = [None] * len(probs)  # per row: True = out of distribution, None = not known
-            if scores is not None:
-                scores = scores[:len(probs)].detach().float().cpu()  # with --tta: the image's own view
-                if self.ood_threshold is not None:
-                    unlike = (scores > self.ood_threshold).tolist()
-                    if args.reject_ood:
-                        preds = [UNKNOWN if u else p for p, u in zip(preds, unlike)]
-            for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), probs, preds)):
-                score = None if scores is None else (float(scores[i]), unlike[i])
-                cells = prediction_row(self.inputs[index], p, pred, self.class_names, self.topk, self.labelled,
-                                       args.unknown_label, task, score)
-                if maps is not None:
+            out = predictor.outputs(batch.images, maps=bool(args.explain))
+            for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), out.probs, out.decisions)):
+                cells = predictor.row(self.inputs[index], p, pred, out.score(i), self.labelled)
+                if out.maps is not None:
                     cells.insert(self.columns.index("heatmap"), explain_row(
-                        self.explained, self.inputs[index], maps[i], pred, p, unlike[i], self.class_names, self.ckpt,
-                        args, task))
+                        self.explained, self.inputs[index], out.maps[i], pred, p, out.unlike[i], self.class_names,
+                        self.ckpt, args, self.task))
                     if index in maps_at:
-                        maps_at[index] = maps[i]
-                packed.append(prediction_output.pack_row(index, cells, pred, p.numpy(), unlike[i]))
+                        maps_at[index] = out.maps[i]
+                packed.append(prediction_output.pack_row(index, cells, pred, p.numpy(), out.unlike[i]))
         for bad in batch.bad:
-            packed.append(prediction_output.pack_row(bad.index, error_row(
-                self.inputs[bad.index], bad.reason, self.columns, self.class_names, self.labelled, task)))
+            packed.append(prediction_output.pack_row(bad.index, predictor.error_row(
+                self.inputs[bad.index], bad.reason, self.columns, self.labelled)))
         return sorted(packed)
 
 
@@ -432,16 +349,16 @@ def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
     return counts, tally, samples
 
 
-def print_results(args, ckpt, task, calibration, summary, timing, explained, outputs):
+def print_results(args, predictor, summary, timing, explained, outputs):
     """The summary lines, the labelled rows' report and the figure. summary: write_result's (counts, tally,
-    samples for the figure); timing: (images predicted by this run, seconds); outputs: (labelled, rejecting,
-    report path, confusion matrix path)."""
+    samples for the figure); timing: (images predicted by this run, seconds); outputs: (labelled, report path,
+    confusion matrix path)."""
     counts, tally, samples_for_plot = summary
     n_done, n_bad, n_accepted, n_unlike = (counts[k] for k in ("done", "bad", "accepted", "unlike"))
     n_new, seconds = timing
-    labelled, rejecting, report_path, confusion_path = outputs
-    class_names, reference = ckpt["class_names"], ckpt.get("ood")
-    ood_threshold = reference.get("threshold") if reference else None
+    labelled, report_path, confusion_path = outputs
+    ckpt, task, calibration, rejecting = predictor.ckpt, predictor.task, predictor.calibration, predictor.rejecting
+    class_names, reference, ood_threshold = predictor.class_names, predictor.reference, predictor.ood_threshold
     earlier = f", {n_done - n_new} of them from the interrupted run" if n_new < n_done else ""
     print(f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s "
           f"({n_new / max(seconds, 1e-9):.1f} img/s{earlier})"
@@ -484,37 +401,6 @@ def print_ood_summary(reference, threshold, n_unlike, n_done, args):
     else:
         print(f"out-of-distribution: {n_unlike}/{n_done} images ({n_unlike / n_done:.1%}) unlike the training "
               f"images (ood_score > {threshold:.4g}, {reference['method']})")
-
-
-def prediction_row(sample, probs, pred, class_names, topk, labelled, unknown_label, task, score=None):
-    """pred: the task's decision (a class index or UNKNOWN; a multi-label model's multi-hot tuple), written as the
-    task says (a class and its confidence; the classes joined by the training's delimiter, unknown_label for
-    none). score: (ood_score, unlike the training images: True / False / None when there is no threshold), or
-    None when the checkpoint has no out-of-distribution reference."""
-    path, label = sample
-    row = [path] + task.answer(pred, probs, class_names, unknown_label)
-    if len(class_names) <= MAX_PROB_COLUMNS or task.all_probabilities():
-        row += [f"{float(p):.6f}" for p in probs]
-    if topk:
-        values, indices = probs.topk(topk)
-        for v, i in zip(values.tolist(), indices.tolist()):
-            row += [class_names[i], f"{v:.6f}"]
-    if score is not None:
-        value, unlike = score
-        row += [f"{value:.6f}", "" if unlike is None else str(int(not unlike))]
-    if labelled:
-        row.append(task.text(label, class_names))
-    return row + [""]
-
-
-def error_row(sample, reason, columns, class_names, labelled, task):
-    """An unreadable image: its path, its label when known, the reason; the prediction columns empty."""
-    path, label = sample
-    row = dict.fromkeys(columns, "")
-    row.update(file_dir=path, error=reason)
-    if labelled:
-        row["label"] = task.text(label, class_names)
-    return list(row.values())
 
 
 def describe_row(label, pred, probs, unlike, class_names, unknown_label, task):

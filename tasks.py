@@ -127,7 +127,7 @@ class SingleLabel:
         return {}
 
     def entries_from_metadata(self, meta):
-        """The checkpoint keys an export's metadata gives back (model_loader.checkpoint_from_metadata)."""
+        """The checkpoint keys an export's metadata gives back (exported_model.checkpoint_from_metadata)."""
         return {}
 
     # -- training

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import audit
 import data_loader
 import evaluation
 import explain
@@ -263,9 +264,9 @@ def check_data(args, data_dir, model_name, task):
     if args.labels_csv:
         splits = data_loader.build_splits(None, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
                                           task=task)
-        status = data_loader.audit_samples(data_loader.csv_parts(splits), splits.class_names, print, task)
+        status = audit.audit_samples(audit.csv_parts(splits), splits.class_names, print, task)
     else:
-        status = data_loader.audit_data(data_dir, print)
+        status = audit.audit_data(data_dir, print)
     if not (args.use_pretrained or args.weights):
         print("label check: skipped; it needs a pretrained backbone (--use_pretrained or --weights FILE)")
     else:

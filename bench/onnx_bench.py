@@ -28,6 +28,7 @@ from timed import agreement, run  # noqa: E402
 import torch  # noqa: E402
 
 import data_loader as dl  # noqa: E402
+import exported_model
 import model_loader as ml  # noqa: E402
 from cli import ArgumentParser, tune_allocator  # noqa: E402
 
@@ -58,7 +59,7 @@ def onnx_session(path, threads=None, level=None):
     """An OnnxModel with other session options: onnxruntime's thread default (None) or a graph level."""
     import onnxruntime as ort
 
-    model = ml.OnnxModel(path)
+    model = exported_model.OnnxModel(path)
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -79,7 +80,7 @@ def steady_rates(pth, onnx_path, size, batch, repeats):
     threads = torch.get_num_threads()
     variants = {
         "PyTorch, as predict.py (folded BN, channels_last)": (lambda t: torch_model(xcl), x),
-        f"onnxruntime, as predict.py ({threads} threads, all graph optimizations)": (ml.OnnxModel(onnx_path), x),
+        f"onnxruntime, as predict.py ({threads} threads, all graph optimizations)": (exported_model.OnnxModel(onnx_path), x),
         "onnxruntime, its own thread default": (onnx_session(onnx_path), x),
         "onnxruntime, basic graph optimizations only": (onnx_session(onnx_path, threads,
                                                                      ort.GraphOptimizationLevel.ORT_ENABLE_BASIC), x),

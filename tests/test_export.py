@@ -15,6 +15,7 @@ import torchvision
 from PIL import Image
 
 import export
+import exported_model
 import model_loader
 import predict
 from cli import CLIError
@@ -137,7 +138,7 @@ def test_onnx_round_trip_metadata_and_dynamic_batch(ckpts, exported, tiny_data, 
     assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["logits"]
     assert session.get_inputs()[0].type == "tensor(float)"
     meta = session.get_modelmeta().custom_metadata_map
-    assert set(meta) == set(model_loader.EXPORT_KEYS)
+    assert set(meta) == set(exported_model.EXPORT_KEYS)
     assert json.loads(meta["class_names"]) == ["bag", "sneaker", "trouser"]
     assert json.loads(meta["mean"]) == ckpt["mean"] and json.loads(meta["std"]) == ckpt["std"]
     assert (meta["input_size"], meta["resize_size"], meta["model_name"]) == ("32", "36", name)
@@ -190,7 +191,7 @@ def test_pt2_loads_without_this_project_and_agrees(ckpts, tiny_data, tmp_path, c
     np.save(tmp_path / "images.npy", images.numpy())
     script = f"""
 import json, sys, numpy as np, torch
-keys = {list(model_loader.EXPORT_KEYS)!r}
+keys = {list(exported_model.EXPORT_KEYS)!r}
 extra = dict.fromkeys(keys, "")
 module = torch.export.load("m.pt2", extra_files=extra).module()
 images = torch.from_numpy(np.load("images.npy"))
@@ -202,7 +203,7 @@ print(json.dumps({{"meta": extra, "one": one.tolist(), "seven": seven.tolist(),
                           timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["project"] == [] and result["meta"] == model_loader.export_metadata(ckpt)
+    assert result["project"] == [] and result["meta"] == exported_model.export_metadata(ckpt)
     with torch.no_grad():
         expected = probs(model(images))
     assert torch.allclose(probs(result["seven"]), expected, atol=1e-4, rtol=0)
@@ -217,7 +218,7 @@ def test_dynamo_exporter_and_opset(ckpts, tmp_path, capsys):
     assert diff <= 1e-4 and agree == n == 5
     proto = onnx.load(str(tmp_path / "d.onnx"))
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [18]
-    assert {p.key for p in proto.metadata_props} == set(model_loader.EXPORT_KEYS)
+    assert {p.key for p in proto.metadata_props} == set(exported_model.EXPORT_KEYS)
 
 
 def test_random_tensors_when_the_training_data_is_gone(ckpts, tmp_path, capsys):

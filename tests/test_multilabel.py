@@ -9,6 +9,7 @@ import torch
 
 import data_loader
 import export
+import exported_model
 import model_loader
 import metrics
 import predict
@@ -268,7 +269,7 @@ def test_the_onnx_export_carries_the_thresholds_and_predicts_the_same_rows(pairs
     export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.onnx")]))
     assert f"of {pairs_run[1]}: max probability difference" in capsys.readouterr().out
     ckpt = model_loader.load_checkpoint(root / "m.pth")
-    meta = model_loader.OnnxModel(tmp_path / "m.onnx").metadata()
+    meta = exported_model.OnnxModel(tmp_path / "m.onnx").metadata()
     assert meta["multi_label"] == "1" and [float(t) for t in __import__("json").loads(meta["thresholds"])] == ckpt["thresholds"]
     rows = {}
     for model in (root / "m.pth", tmp_path / "m.onnx"):
@@ -368,9 +369,13 @@ def test_a_multi_label_figure_title_names_the_likeliest_classes_and_fits_its_cel
 
 
 def test_a_multi_label_result_has_every_probability_even_past_twenty_classes():
+    import predictor
+
     names = [f"c{i}" for i in range(25)]
-    assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False, tasks.MultiLabel())) == 25
-    assert sum(c.startswith("prob_") for c in predict.csv_columns(names, 5, False, False, tasks.SingleLabel())) == 0
+    for multi, expected in ((True, 25), (False, 0)):
+        ckpt = {"class_names": names, "multi_label": multi, "input_size": 32, "resize_size": 36}
+        columns = predictor.Predictor(ckpt, None, None, predictor.Reading(topk=5)).columns(labelled=False)
+        assert sum(c.startswith("prob_") for c in columns) == expected and "top5_prob" in columns
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -116,16 +116,16 @@ def test_check_data_reports_problems_and_leaks(corpus, tmp_path):
     assert "{" not in modes and "CMYK" in modes and "grayscale with transparency (LA)" in modes, modes
     assert "converted to RGB" in modes
     assert "identical files in more than one of train/valid/test: 0" in proc.stdout
-    import data_loader as dl
+    import audit
 
     clean = copy_subset(tmp_path / "clean", ["bag", "trouser"], 5, 2)
     lines = []
-    assert dl.audit_data(clean, lines.append) == 0
+    assert audit.audit_data(clean, lines.append) == 0
     assert "train: 10 images; bag 5, trouser 5; imbalance 1.0x" in lines
     leaked = sorted((clean / "train" / "bag").glob("*.png"))[0]
     (clean / "test" / "bag" / "copy.png").write_bytes(leaked.read_bytes())
     lines = []
-    assert dl.audit_data(clean, lines.append) == 1
+    assert audit.audit_data(clean, lines.append) == 1
     assert "identical files in more than one of train/valid/test: 1" in lines
 
 
