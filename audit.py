@@ -1,6 +1,7 @@
 """The data audit of `train.py --check_data`: every image decoded once; unreadable files, per-class counts and
 imbalance, files shared by train/valid/test (the same bytes), tiny images, unusual modes. (The label check that
 follows with a pretrained backbone is label_check.py's.)"""
+
 import hashlib
 import io
 import warnings
@@ -13,10 +14,20 @@ from data_loader import resolve_data_dir, scan_class_folders
 from tasks import SingleLabel
 
 TINY_SIDE = 16  # images with a side below this many pixels are reported as tiny
-MODE_NAMES = {"RGB": "colour (RGB)", "L": "grayscale (L)", "RGBA": "colour with transparency (RGBA)",
-              "P": "palette (P)", "CMYK": "CMYK", "LA": "grayscale with transparency (LA)", "1": "black-and-white (1)",
-              "I;16": "16-bit grayscale (I;16)", "I": "32-bit grayscale (I)", "F": "floating-point grayscale (F)",
-              "YCbCr": "YCbCr", "PA": "palette with transparency (PA)"}  # Pillow's mode codes in words
+MODE_NAMES = {
+    "RGB": "colour (RGB)",
+    "L": "grayscale (L)",
+    "RGBA": "colour with transparency (RGBA)",
+    "P": "palette (P)",
+    "CMYK": "CMYK",
+    "LA": "grayscale with transparency (LA)",
+    "1": "black-and-white (1)",
+    "I;16": "16-bit grayscale (I;16)",
+    "I": "32-bit grayscale (I)",
+    "F": "floating-point grayscale (F)",
+    "YCbCr": "YCbCr",
+    "PA": "palette with transparency (PA)",
+}  # Pillow's mode codes in words
 
 
 def audit_data(data_dir, out=print):
@@ -66,9 +77,15 @@ def audit_samples(parts, class_names, out=print, task=None):
                 unreadable.append(f"{path}: {describe_error(e).replace(repr(buffer), repr(str(path)))}")
     leaks = [sorted(p for _, p in group) for group in owners.values() if len({part for part, _ in group}) > 1]
     shown = ", ".join(f"{n} {MODE_NAMES.get(m, m)}" for m, n in modes.most_common())
-    out(f"image modes: {shown or 'none'}" + ("" if set(modes) <= {"RGB", "L"} else "; all are converted to RGB when loaded"))
-    for title, items in (("unreadable", unreadable), ("tiny", tiny),
-                         ("identical files in more than one of train/valid/test", [" = ".join(g) for g in leaks])):
+    out(
+        f"image modes: {shown or 'none'}"
+        + ("" if set(modes) <= {"RGB", "L"} else "; all are converted to RGB when loaded")
+    )
+    for title, items in (
+        ("unreadable", unreadable),
+        ("tiny", tiny),
+        ("identical files in more than one of train/valid/test", [" = ".join(g) for g in leaks]),
+    ):
         out(f"{title}: {len(items)}")
         for item in items[:20]:
             out(f"  {item}")

@@ -2,6 +2,7 @@
 and the top class (Calibration), or a temperature and a decision threshold per class (SetCalibration), fitted by
 the task (tasks.py) on the validation images; the accuracy, confusion matrix and report of predict.py's labelled
 rows (Tally, SetTally)."""
+
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ def averaged(probs, views):
 @dataclass
 class Calibration:
     """One temperature for the softmax, fitted on the validation images (1.0 = none)."""
+
     temperature: float = 1.0
     metrics: dict = None  # valid_nll_before/after, valid_ece_before/after, calibration_count
     unfitted: str = ""  # why no temperature could be fitted (then it stays 1.0)
@@ -74,11 +76,15 @@ class Calibration:
     def summary(self):
         m = self.metrics
         if self.unfitted:
-            return (f"temperature stays 1.0: {self.unfitted} (validation NLL {m['valid_nll_before']:.4f}, ECE "
-                    f"({N_BINS} bins) {m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)")
-        return (f"temperature {self.temperature:.3f} fitted on {m['calibration_count']} validation images: "
-                f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
-                f"validation ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}")
+            return (
+                f"temperature stays 1.0: {self.unfitted} (validation NLL {m['valid_nll_before']:.4f}, ECE "
+                f"({N_BINS} bins) {m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)"
+            )
+        return (
+            f"temperature {self.temperature:.3f} fitted on {m['calibration_count']} validation images: "
+            f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
+            f"validation ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}"
+        )
 
     def warnings(self):
         return []  # (a set calibration's: thresholds that could not be fitted)
@@ -87,6 +93,7 @@ class Calibration:
 @dataclass
 class SetCalibration:
     """Per-class temperatures and decision thresholds fitted on the validation images."""
+
     temperatures: list
     thresholds: list
     metrics: dict = None  # valid_bce_before/after, valid_map, valid_exact_match(_at_half), calibration_count
@@ -132,26 +139,34 @@ class SetCalibration:
         """Lines about thresholds the validation images could not fit: a class in every image, or in none."""
         out, always = [], self.always or {}
         if always:
-            out.append(f"warning: {', '.join(always)} {'is' if len(always) == 1 else 'are'} in every "
-                       "validation image, so no threshold can be fitted against images without "
-                       f"{'it' if len(always) == 1 else 'them'}: the lowest validation probability, or 0.5 if "
-                       f"lower, is used ({fmt(always.values())})")
+            out.append(
+                f"warning: {', '.join(always)} {'is' if len(always) == 1 else 'are'} in every "
+                "validation image, so no threshold can be fitted against images without "
+                f"{'it' if len(always) == 1 else 'them'}: the lowest validation probability, or 0.5 if "
+                f"lower, is used ({fmt(always.values())})"
+            )
         if self.absent:
-            out.append(f"warning: no validation image shows {', '.join(self.absent)}: threshold "
-                       f"{metrics.DEFAULT_THRESHOLD:g}, not fitted (give the validation images some, e.g. with a split "
-                       "column)")
+            out.append(
+                f"warning: no validation image shows {', '.join(self.absent)}: threshold "
+                f"{metrics.DEFAULT_THRESHOLD:g}, not fitted (give the validation images some, e.g. with a split "
+                "column)"
+            )
         return out
 
     def summary(self):
         m = self.metrics
         kept = f"; temperature stays 1.0 for {', '.join(self.unfitted)}" if self.unfitted else ""
         if self.no_better:
-            kept += (f"; temperature stays 1.0 for {', '.join(self.no_better)}: a fitted one would not lower "
-                     f"{'its' if len(self.no_better) == 1 else 'their'} validation BCE")
-        return (f"per-class temperatures {fmt(self.temperatures)} and F1 thresholds {fmt(self.thresholds)} fitted "
-                f"on {m['calibration_count']} validation images: validation BCE {m['valid_bce_before']:.4f} -> "
-                f"{m['valid_bce_after']:.4f}, exact match {m['valid_exact_match_at_half']:.4f} (all at 0.5) -> "
-                f"{m['valid_exact_match']:.4f}, mAP {m['valid_map']:.4f}{kept}")
+            kept += (
+                f"; temperature stays 1.0 for {', '.join(self.no_better)}: a fitted one would not lower "
+                f"{'its' if len(self.no_better) == 1 else 'their'} validation BCE"
+            )
+        return (
+            f"per-class temperatures {fmt(self.temperatures)} and F1 thresholds {fmt(self.thresholds)} fitted "
+            f"on {m['calibration_count']} validation images: validation BCE {m['valid_bce_before']:.4f} -> "
+            f"{m['valid_bce_after']:.4f}, exact match {m['valid_exact_match_at_half']:.4f} (all at 0.5) -> "
+            f"{m['valid_exact_match']:.4f}, mAP {m['valid_map']:.4f}{kept}"
+        )
 
 
 def decide_sets(probs, thresholds):
@@ -212,17 +227,21 @@ class Tally:
             accepted = [(p, y) for p, y in zip(self.preds, self.labels) if p != UNKNOWN]
             right = sum(p == y for p, y in accepted)
             best = sum(a == y for a, y in zip(self.argmax, self.labels))
-            lines = [f"accuracy {right / n:.4f} ({right}/{n} labelled images; the {n - len(accepted)} predicted as "
-                     f"unknown count as wrong)",
-                     f"accuracy on accepted rows {right / max(len(accepted), 1):.4f} ({right}/{len(accepted)}; "
-                     f"{len(accepted) / n:.1%} of the labelled images accepted); the best class of every row: "
-                     f"{best / n:.4f}"]
+            lines = [
+                f"accuracy {right / n:.4f} ({right}/{n} labelled images; the {n - len(accepted)} predicted as "
+                f"unknown count as wrong)",
+                f"accuracy on accepted rows {right / max(len(accepted), 1):.4f} ({right}/{len(accepted)}; "
+                f"{len(accepted) / n:.1%} of the labelled images accepted); the best class of every row: "
+                f"{best / n:.4f}",
+            ]
         else:
             correct = sum(a == y for a, y in zip(self.argmax, self.labels))
             lines = [f"accuracy {correct / n:.4f} ({correct}/{n} labelled images)"]
         confidence, correct = self.confidence_correct()
-        lines.append(f"mean confidence {float(confidence.mean()):.4f}, ECE {metrics.ece(confidence, correct):.4f} "
-                     f"({N_BINS} bins; temperature {calibration.temperature:.3f} from the checkpoint)")
+        lines.append(
+            f"mean confidence {float(confidence.mean()):.4f}, ECE {metrics.ece(confidence, correct):.4f} "
+            f"({N_BINS} bins; temperature {calibration.temperature:.3f} from the checkpoint)"
+        )
         return lines, self.task.report(torch.tensor(self.labels), torch.tensor(self.preds), self.probs, class_names)
 
 
@@ -240,14 +259,19 @@ class SetTally(Tally):
     def summary(self, class_names, threshold, rejecting, calibration):
         """(lines to print, per-class report): mAP, exact match, micro/macro F1, and the ECE of the per-class
         probabilities."""
-        report, summary = self.task.set_report(torch.tensor(self.labels), torch.tensor(self.preds),
-                                               self.probs, class_names)
+        report, summary = self.task.set_report(
+            torch.tensor(self.labels), torch.tensor(self.preds), self.probs, class_names
+        )
         confidence, correct = self.confidence_correct()
-        return [f"{describe_set_summary(summary)} (labelled; per-class thresholds "
-                + (f"replaced by --threshold {threshold:g}" if threshold is not None else "from the checkpoint")
-                + f"); ECE of the per-class probabilities {metrics.ece(confidence, correct):.4f}"], report
+        return [
+            f"{describe_set_summary(summary)} (labelled; per-class thresholds "
+            + (f"replaced by --threshold {threshold:g}" if threshold is not None else "from the checkpoint")
+            + f"); ECE of the per-class probabilities {metrics.ece(confidence, correct):.4f}"
+        ], report
 
 
 def describe_set_summary(summary):
-    return (f"mAP {summary['mAP']:.4f}, exact match {summary['exact_match']:.4f}, micro F1 "
-            f"{summary['micro_f1']:.4f}, macro F1 {summary['macro_f1']:.4f} on {summary['count']} images")
+    return (
+        f"mAP {summary['mAP']:.4f}, exact match {summary['exact_match']:.4f}, micro F1 "
+        f"{summary['micro_f1']:.4f}, macro F1 {summary['macro_f1']:.4f} on {summary['count']} images"
+    )

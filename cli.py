@@ -6,6 +6,7 @@ It imports nothing heavy (no torch), so a script can install its signal handling
     if __name__ == "__main__":
         cli.exit_quietly_on_stop_signals()
 """
+
 import argparse
 import difflib
 import multiprocessing
@@ -50,7 +51,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
-            flags = [t for t in message[len(prefix):].split() if t.startswith("-")] or message[len(prefix):].split()
+            flags = [t for t in message[len(prefix) :].split() if t.startswith("-")] or message[len(prefix) :].split()
             known = self.long_flags()
             parts = []
             for flag in flags:
@@ -78,7 +79,8 @@ def flag_adder(parser):
 
 
 def run_cli(entry):
-    """Run a CLI entry point (no arguments); its loader workers are ended on every way out. A CLIError is one line and exit status 2. Any other error
+    """Run a CLI entry point (no arguments); its loader workers are ended on every way out. A CLIError is one line
+    and exit status 2. Any other error
     (a bug, CUDA out of memory) is one line and status 1, and ends the loader workers too: they ignore
     SIGTERM, so otherwise the interpreter's exit would wait for them forever (TRACEBACK=1 prints the
     traceback as well). When stdout is closed early (`| head`), stop quietly with status 1, as other
@@ -149,13 +151,18 @@ def check_installation(modules=("torch", "torchvision")):
         try:
             importlib.import_module(name)
         except ImportError as e:
-            print(f"error: {describe_error(e, 200)}: install the requirements: pip install -r requirements.txt",
-                  file=sys.stderr)
+            print(
+                f"error: {describe_error(e, 200)}: install the requirements: pip install -r requirements.txt",
+                file=sys.stderr,
+            )
             sys.exit(1)
         except Exception as e:  # noqa: BLE001 - a broken install fails in its own ways (RuntimeError, OSError)
-            print(f"error: {name} does not load ({describe_error(e, 200)}); torch {version('torch')} and torchvision "
-                  f"{version('torchvision')} must be a matching pair: reinstall both from requirements.txt (pip "
-                  "install --force-reinstall torch torchvision -r requirements.txt)", file=sys.stderr)
+            print(
+                f"error: {name} does not load ({describe_error(e, 200)}); torch {version('torch')} and torchvision "
+                f"{version('torchvision')} must be a matching pair: reinstall both from requirements.txt (pip "
+                "install --force-reinstall torch torchvision -r requirements.txt)",
+                file=sys.stderr,
+            )
             sys.exit(1)
 
 
@@ -226,14 +233,20 @@ def tune_allocator():
     faults its activations in again (tens of thousands of page faults per ResNet batch; predict.py's
     loop ran 9-20% faster tuned, see bench/README.md). Linux glibc only; skipped when the user already tunes
     malloc or preloads another allocator. True when applied."""
-    if not sys.platform.startswith("linux") or os.environ.get("LD_PRELOAD") or any(
-            k.startswith(ALLOCATOR_ENV) for k in os.environ):
+    if (
+        not sys.platform.startswith("linux")
+        or os.environ.get("LD_PRELOAD")
+        or any(k.startswith(ALLOCATOR_ENV) for k in os.environ)
+    ):
         return False
     try:
         import ctypes
+
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl or another libc
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return all(mallopt(option, value) == 1 for option, value in (
-        (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 512 << 20), (M_TOP_PAD, 64 << 20)))
+    return all(
+        mallopt(option, value) == 1
+        for option, value in ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 512 << 20), (M_TOP_PAD, 64 << 20))
+    )

@@ -1,4 +1,5 @@
 """Images in, tensors out: folder scanning, image decoding, transforms, the seeded split, samplers, loaders."""
+
 import csv
 import math
 import os
@@ -14,8 +15,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from cli import CLIError, describe_error, ignore_stop_signals
 import labels_csv
+from cli import CLIError, describe_error, ignore_stop_signals
 from tasks import SingleLabel
 from utils import atomic_open
 
@@ -29,7 +30,7 @@ AUGMENT_POLICIES = {
     "light": "a crop of 70-100% of the image and a horizontal flip: small sets, small details that decide the class",
     "default": "a crop of 25-100% of the image and a horizontal flip",
     "strong": "a crop of 25-100%, a horizontal flip, TrivialAugment's colour and shape changes and random erasing: "
-              "larger sets, long runs",
+    "larger sets, long runs",
 }
 DRAFT_MARGIN = 2  # eval: large JPEGs decoded down to this many times the resize size (1 doubled the change in
 # EfficientNet-Lite0's ImageNet probabilities on 12 MP photos, 0.019 against 0.0095, for 11 ms less an image)
@@ -108,8 +109,13 @@ class RandomQuarterTurn(torch.nn.Module):
 
     def forward(self, img):
         k = int(torch.randint(4, ()))
-        return img if k == 0 else img.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
-                                                 Image.Transpose.ROTATE_270)[k - 1])
+        return (
+            img
+            if k == 0
+            else img.transpose(
+                (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)[k - 1]
+            )
+        )
 
 
 def build_transforms(input_size, resize_size, mean, std, train, augment="default", any_orientation=False):
@@ -122,8 +128,10 @@ def build_transforms(input_size, resize_size, mean, std, train, augment="default
     if not train or augment == "none":
         steps = list(eval_steps)
     elif augment == "light":
-        steps = [T.RandomResizedCrop(input_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
-                 T.RandomHorizontalFlip()]
+        steps = [
+            T.RandomResizedCrop(input_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
+            T.RandomHorizontalFlip(),
+        ]
     else:
         steps = [T.RandomResizedCrop(input_size, scale=RRC_SCALE, antialias=True), T.RandomHorizontalFlip()]
         if augment == "strong":
@@ -144,6 +152,7 @@ class Preprocess:
     """How an image becomes the model's input: resize the short side to resize_size and center crop input_size
     (training: a random resized crop and flip instead), then normalize with mean and std. A checkpoint, an
     export's metadata and train.py's model meta all hold these four keys."""
+
     input_size: int
     resize_size: int
     mean: tuple
@@ -153,8 +162,12 @@ class Preprocess:
     def of(cls, record):
         """From a dict with the keys input_size, resize_size, mean and std (a checkpoint, a model's meta; without
         mean and std, ImageNet's)."""
-        return cls(int(record["input_size"]), int(record["resize_size"]), tuple(record.get("mean", IMAGENET_MEAN)),
-                   tuple(record.get("std", IMAGENET_STD)))
+        return cls(
+            int(record["input_size"]),
+            int(record["resize_size"]),
+            tuple(record.get("mean", IMAGENET_MEAN)),
+            tuple(record.get("std", IMAGENET_STD)),
+        )
 
     def transform(self, train=False):
         return build_transforms(self.input_size, self.resize_size, self.mean, self.std, train)
@@ -344,14 +357,18 @@ def build_splits(data_dir, valid_ratio, seed, csv_path=None, image_root=None, wa
     train_dir = root / "train" if (root / "train").is_dir() else root
     class_names, train = scan_class_folders(train_dir, what="training folder")
     if len(class_names) < 2:
-        raise CLIError(f"training folder {str(train_dir)!r} has only one class ({class_names[0]}); "
-                       "a classifier needs at least two class subfolders")
+        raise CLIError(
+            f"training folder {str(train_dir)!r} has only one class ({class_names[0]}); "
+            "a classifier needs at least two class subfolders"
+        )
     if (root / "valid").is_dir():
         _, valid = scan_class_folders(root / "valid", class_names, what="validation folder")
         valid_source = "valid/ folder"
     else:
         if not 0 < valid_ratio < 1:
-            raise CLIError(f"--valid_ratio must be between 0 and 1 (exclusive) when there is no valid/ folder; got {valid_ratio}")
+            raise CLIError(
+                f"--valid_ratio must be between 0 and 1 (exclusive) when there is no valid/ folder; got {valid_ratio}"
+            )
         train_idx, valid_idx = stratified_split([y for _, y in train], valid_ratio, seed)
         if not valid_idx:
             raise CLIError("too few images to hold out a validation set; add images or a valid/ folder")
@@ -375,8 +392,10 @@ def csv_splits(path, image_root, valid_ratio, seed, warn=print, task=None):
         raise CLIError(f"--labels_csv {path} has no train rows")
     class_names = labels_csv.class_names_of(parts["train"], task)
     if len(class_names) < 2:
-        raise CLIError(f"--labels_csv {path}: the train rows have only one label ({', '.join(class_names) or 'none'});"
-                       " a classifier needs at least two")
+        raise CLIError(
+            f"--labels_csv {path}: the train rows have only one label ({', '.join(class_names) or 'none'});"
+            " a classifier needs at least two"
+        )
     train = labels_csv.indexed(parts["train"], class_names, path, "train", task)
     task.check_format(class_names, train, f"--labels_csv {path}", warn)
     test = labels_csv.indexed(parts.get("test", []), class_names, path, "test", task)
@@ -384,12 +403,19 @@ def csv_splits(path, image_root, valid_ratio, seed, warn=print, task=None):
         valid = labels_csv.indexed(parts["valid"], class_names, path, "valid", task)
         return DataSplits(class_names, train, valid, test, f"valid rows of {Path(path).name}")
     if not 0 < valid_ratio < 1:
-        raise CLIError(f"--valid_ratio must be between 0 and 1 (exclusive) when the CSV has no valid rows; got {valid_ratio}")
+        raise CLIError(
+            f"--valid_ratio must be between 0 and 1 (exclusive) when the CSV has no valid rows; got {valid_ratio}"
+        )
     train_idx, valid_idx = stratified_split(task.strata(y for _, y in train), valid_ratio, seed)
     if not valid_idx:
         raise CLIError("too few images to hold out a validation set; add rows or valid rows")
-    return DataSplits(class_names, [train[i] for i in train_idx], [train[i] for i in valid_idx], test,
-                      f"seeded split of the train rows of {Path(path).name} (valid_ratio={valid_ratio}, seed={seed})")
+    return DataSplits(
+        class_names,
+        [train[i] for i in train_idx],
+        [train[i] for i in valid_idx],
+        test,
+        f"seeded split of the train rows of {Path(path).name} (valid_ratio={valid_ratio}, seed={seed})",
+    )
 
 
 def write_split_lists(splits, run_dir, task=None):
@@ -432,7 +458,7 @@ class TrainSampler(Sampler):
             order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
         total = len(self) * self.world_size
         order = (order * math.ceil(total / max(1, len(order))))[:total]
-        return iter((i, self.sample_seed(self.epoch, i)) for i in order[self.rank::self.world_size])
+        return iter((i, self.sample_seed(self.epoch, i)) for i in order[self.rank :: self.world_size])
 
 
 class ShardSampler(Sampler):
@@ -481,15 +507,30 @@ class Loaders:
     train_eval: DataLoader  # the training images with eval transforms (feature cache)
 
 
-def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_workers, seed,
-                  rank=0, world_size=1, pin_memory=False, class_weights=None, task=None, augment="default",
-                  any_orientation=False):
+def build_loaders(
+    splits,
+    input_size,
+    resize_size,
+    mean,
+    std,
+    batch_size,
+    num_workers,
+    seed,
+    rank=0,
+    world_size=1,
+    pin_memory=False,
+    class_weights=None,
+    task=None,
+    augment="default",
+    any_orientation=False,
+):
     """Train loader with augmentation (the `augment` policy) and a seeded, sharded sampler; the others with eval
     transforms, each image seen exactly once over all processes. `class_weights` turns on the balanced sampler;
     the task (tasks.py) turns the labels into tensors."""
     preprocess = Preprocess(input_size, resize_size, tuple(mean), tuple(std))
-    train_tf = build_transforms(input_size, resize_size, mean, std, train=True, augment=augment,
-                                any_orientation=any_orientation)
+    train_tf = build_transforms(
+        input_size, resize_size, mean, std, train=True, augment=augment, any_orientation=any_orientation
+    )
     eval_tf = preprocess.transform()
     sample_weights = None
     if class_weights is not None:
@@ -497,14 +538,25 @@ def build_loaders(splits, input_size, resize_size, mean, std, batch_size, num_wo
     train_sampler = TrainSampler(len(splits.train), seed, rank, world_size, sample_weights)
     per_rank = len(train_sampler)
     drop_last = per_rank > batch_size and per_rank % batch_size == 1  # a lone last sample breaks BatchNorm
-    train = make_loader(ImageDataset(splits.train, train_tf, task, preprocess.draft_side(train=True)), batch_size,
-                        train_sampler, num_workers, pin_memory, drop_last)
+    train = make_loader(
+        ImageDataset(splits.train, train_tf, task, preprocess.draft_side(train=True)),
+        batch_size,
+        train_sampler,
+        num_workers,
+        pin_memory,
+        drop_last,
+    )
 
     def eval_loader(samples):
         if not samples:
             return None
-        return make_loader(ImageDataset(samples, eval_tf, task, preprocess.draft_side()), batch_size,
-                           ShardSampler(len(samples), rank, world_size), num_workers, pin_memory)
+        return make_loader(
+            ImageDataset(samples, eval_tf, task, preprocess.draft_side()),
+            batch_size,
+            ShardSampler(len(samples), rank, world_size),
+            num_workers,
+            pin_memory,
+        )
 
     return Loaders(train, eval_loader(splits.valid), eval_loader(splits.test), eval_loader(splits.train))
 
@@ -513,5 +565,10 @@ def eval_subset(loader, indices, rank=0, world_size=1):
     """An eval loader like `loader` over its samples at `indices` (each once over all processes)."""
     samples = [loader.dataset.samples[i] for i in indices]
     dataset = loader.dataset
-    return make_loader(ImageDataset(samples, dataset.transform, dataset.task, dataset.short_side), loader.batch_size,
-                       ShardSampler(len(samples), rank, world_size), loader.num_workers, loader.pin_memory)
+    return make_loader(
+        ImageDataset(samples, dataset.transform, dataset.task, dataset.short_side),
+        loader.batch_size,
+        ShardSampler(len(samples), rank, world_size),
+        loader.num_workers,
+        loader.pin_memory,
+    )

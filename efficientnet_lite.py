@@ -10,6 +10,7 @@ excitation, with ReLU6 instead of SiLU, BatchNorm eps 1e-3, TensorFlow's 'SAME' 
 convolutions, and inputs scaled to [-1, 1] (mean 127/255, std 128/255). We build it from torchvision's
 EfficientNet, so its keys are torchvision's (features.*, classifier.1), and translate the package's
 file (EfficientNet-PyTorch's names: _conv_stem, _blocks.N._expand_conv, ...) into them."""
+
 import importlib.util
 from pathlib import Path
 
@@ -51,9 +52,22 @@ def _to_lite(module):
         elif isinstance(child, nn.SiLU):
             setattr(module, name, nn.ReLU6(inplace=True))
         elif isinstance(child, nn.Conv2d) and max(child.stride) > 1:
-            setattr(module, name, SamePadConv2d(child.in_channels, child.out_channels, child.kernel_size,
-                                                child.stride, 0, child.dilation, child.groups, child.bias is not None,
-                                                device=child.weight.device, dtype=child.weight.dtype))
+            setattr(
+                module,
+                name,
+                SamePadConv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    0,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                ),
+            )
         elif isinstance(child, nn.BatchNorm2d):
             child.eps = 1e-3
         else:
@@ -79,16 +93,30 @@ def package_file():
 # EfficientNet-PyTorch's names -> torchvision's: the stem and head layers, and the layers inside a block.
 # In a block of expand ratio 6: block.0 expand, block.1 depthwise, (block.2 was SE), block.3 project;
 # ratio 1 has no expand layer, so each index is one less.
-TOP_LAYERS = {"_conv_stem": "features.0.0", "_bn0": "features.0.1", "_conv_head": "features.8.0",
-              "_bn1": "features.8.1", "_fc": "classifier.1"}
-BLOCK_LAYERS = {"_expand_conv": (0, 0), "_bn0": (0, 1), "_depthwise_conv": (1, 0), "_bn1": (1, 1),
-                "_project_conv": (3, 0), "_bn2": (3, 1)}
+TOP_LAYERS = {
+    "_conv_stem": "features.0.0",
+    "_bn0": "features.0.1",
+    "_conv_head": "features.8.0",
+    "_bn1": "features.8.1",
+    "_fc": "classifier.1",
+}
+BLOCK_LAYERS = {
+    "_expand_conv": (0, 0),
+    "_bn0": (0, 1),
+    "_depthwise_conv": (1, 0),
+    "_bn1": (1, 1),
+    "_project_conv": (3, 0),
+    "_bn2": (3, 1),
+}
 
 
 def _blocks():
     """EfficientNet-PyTorch's block index -> (torchvision's 'features.S.J.block', expand ratio)."""
-    return [(f"features.{stage}.{j}.block", 1 if stage == 1 else 6)
-            for stage, count in enumerate(BLOCKS_PER_STAGE, start=1) for j in range(count)]
+    return [
+        (f"features.{stage}.{j}.block", 1 if stage == 1 else 6)
+        for stage, count in enumerate(BLOCKS_PER_STAGE, start=1)
+        for j in range(count)
+    ]
 
 
 def translate_state_dict(state):

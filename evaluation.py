@@ -2,6 +2,7 @@
 over a loader in dataset order, assembled over torchrun's processes; the classifier's logits on cached
 features; the reliability diagram; the per-class report's printed and CSV forms. The math is metrics.py's, and
 what differs between one label and several is the task's (tasks.py)."""
+
 import torch
 
 from metrics import N_BINS, ece, reliability_bins
@@ -18,11 +19,25 @@ def draw_reliability(ax, confidence, correct, name, n_bins=N_BINS):
     filled = count > 0
     x, acc, conf = centers[filled].numpy(), accuracy[filled].numpy(), mean_confidence[filled].numpy()
     ax.bar(x, acc, width=width, color="tab:blue", edgecolor="black", label="accuracy")
-    ax.bar(x, abs(conf - acc), bottom=torch.minimum(accuracy, mean_confidence)[filled].numpy(), width=width,
-           fill=False, hatch="///", edgecolor="red", linewidth=1.2, label="gap to confidence")
+    ax.bar(
+        x,
+        abs(conf - acc),
+        bottom=torch.minimum(accuracy, mean_confidence)[filled].numpy(),
+        width=width,
+        fill=False,
+        hatch="///",
+        edgecolor="red",
+        linewidth=1.2,
+        label="gap to confidence",
+    )
     ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"{name}: ECE {ece(confidence, correct, n_bins):.3f}")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence",
+        ylabel="accuracy",
+        title=f"{name}: ECE {ece(confidence, correct, n_bins):.3f}",
+    )
     ax.legend(loc="upper left", fontsize=8)
 
 
@@ -91,8 +106,10 @@ def head_logits(head_module, features, ok, labels, batch_size, compute, with_ind
     indices, a third tensor)."""
     head_module.eval()
     idx = torch.nonzero(ok).flatten()
-    out = [head_module(features[idx[s:s + batch_size]].to(compute.device)).float().cpu()
-           for s in range(0, len(idx), batch_size)]
+    out = [
+        head_module(features[idx[s : s + batch_size]].to(compute.device)).float().cpu()
+        for s in range(0, len(idx), batch_size)
+    ]
     result = (torch.cat(out) if out else torch.zeros(0, 0)), labels[idx]
     return result + (idx,) if with_index else result
 

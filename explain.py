@@ -6,6 +6,7 @@ predicted class's logit, averaged over each map: relu(sum_c mean(dy/dA_c) * A_c)
 the layers after that block are differentiated: the hook below turns the block's output into a new leaf
 of the autograd graph, and with the weights not requiring gradients nothing below it is recorded, so a
 batch costs one forward pass plus a backward pass through the head."""
+
 import csv
 import zipfile
 from contextlib import ExitStack
@@ -84,7 +85,7 @@ class GradCAM:
         n = len(classes)
         with torch.enable_grad():
             chosen = logits[:n].float().gather(1, classes.to(logits.device)[:, None]).sum()
-            grads, = torch.autograd.grad(chosen, self.activation)
+            (grads,) = torch.autograd.grad(chosen, self.activation)
         a, g = self.activation[:n].float(), grads[:n].float()
         if self.tokens:  # (n, 1 + h*w, C): the class token out, the rest back to its grid
             side = int(round((a.shape[1] - 1) ** 0.5))
@@ -106,8 +107,11 @@ def crop_box(width, height, input_size, resize_size):
     """(left, top, side) of the eval transform's center crop, in the original image's pixels: torchvision's
     Resize (short side to resize_size) then CenterCrop(input_size)."""
     scale = resize_size / min(width, height)
-    new_w, new_h = (resize_size, int(resize_size * height / width)) if width <= height else (
-        int(resize_size * width / height), resize_size)
+    new_w, new_h = (
+        (resize_size, int(resize_size * height / width))
+        if width <= height
+        else (int(resize_size * width / height), resize_size)
+    )
     left, top = int(round((new_w - input_size) / 2.0)), int(round((new_h - input_size) / 2.0))
     return left / scale, top / scale, input_size / scale
 
@@ -119,11 +123,12 @@ def full_size_map(cam, width, height, input_size, resize_size):
     x0, y0, x1, y1 = round(left), round(top), round(left + side), round(top + side)  # may reach past the image
     full = torch.zeros(height, width)
     if x1 > x0 and y1 > y0:
-        inside = F.interpolate(cam[None, None].float(), size=(y1 - y0, x1 - x0), mode="bilinear",
-                               align_corners=False)[0, 0]
+        inside = F.interpolate(cam[None, None].float(), size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[
+            0, 0
+        ]
         cx0, cy0, cx1, cy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
         if cx1 > cx0 and cy1 > cy0:
-            full[cy0:cy1, cx0:cx1] = inside[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+            full[cy0:cy1, cx0:cx1] = inside[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
     return full.clamp(0, 1).numpy().astype(np.float32)
 
 
@@ -234,10 +239,10 @@ def predicted_names(logits, labels, calibration, class_names, task):
     return task.names_of_rows(labels, task.chosen(logits, calibration), class_names)
 
 
-def write_top_losses(files, logits, labels, calibration, class_names, meta, run_dir, task, writer=None, step=0,
-                     n=16):
+def write_top_losses(files, logits, labels, calibration, class_names, meta, run_dir, task, writer=None, step=0, n=16):
     """top_losses.csv (every validation image, highest loss first), top_losses.png (the n highest, titled
-    'given → predicted', then 'p(given) 0.12': the calibrated probability of the given label) and the same grid in TensorBoard through `writer` (a SummaryWriter; the
+    'given → predicted', then 'p(given) 0.12': the calibrated probability of the given label) and the same grid
+    in TensorBoard through `writer` (a SummaryWriter; the
     run's own, so the run keeps one event file); returns the CSV's path."""
     order, loss, prob_given = top_losses(logits, labels, task, calibration)
     names = predicted_names(logits, labels, calibration, class_names, task)

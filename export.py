@@ -6,6 +6,7 @@ folder or the CSV's test rows, else random tensors); a difference of a probabili
   python export.py --model_fn model.pth                       # -> model.onnx
   python export.py --model_fn model.pth --output model.pt2    # torch.export.load()-able
 """
+
 import cli  # before torch: Ctrl-C while the imports below load is one quiet line, not a traceback
 
 if __name__ == "__main__":
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 
 import data_loader
-import labels_csv
 import exported_model
+import labels_csv
 import model_loader
 import ood
 import tasks
@@ -41,14 +42,28 @@ def build_parser():
     add = flag_adder(p)
     add("--model_fn", "--model_path", default="model.pth", help="checkpoint written by train.py")
     add("--output", default=None, help="exported file (default: --model_fn with the format's extension)")
-    add("--format", choices=sorted(set(FORMATS.values())), default=None,
-        help="onnx or pt2 (default: from --output's extension, else onnx)")
-    add("--opset", type=int, default=None, help="ONNX opset (default: 17 with the torchscript exporter, 18 with dynamo)")
-    add("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+    add(
+        "--format",
+        choices=sorted(set(FORMATS.values())),
+        default=None,
+        help="onnx or pt2 (default: from --output's extension, else onnx)",
+    )
+    add(
+        "--opset", type=int, default=None, help="ONNX opset (default: 17 with the torchscript exporter, 18 with dynamo)"
+    )
+    add(
+        "--exporter",
+        choices=["torchscript", "dynamo"],
+        default="torchscript",
         help="ONNX exporter: torch.onnx's TorchScript tracer (seconds), or its torch.export-based one "
-             "(needs onnxscript; up to a minute on a CPU)")
-    add("--data_dir", default=None, help="images for the check: an image folder (searched recursively) "
-        "(default: test/ of the training data when it exists, or the test rows of its CSV, else random tensors)")
+        "(needs onnxscript; up to a minute on a CPU)",
+    )
+    add(
+        "--data_dir",
+        default=None,
+        help="images for the check: an image folder (searched recursively) "
+        "(default: test/ of the training data when it exists, or the test rows of its CSV, else random tensors)",
+    )
     add("--check_images", type=int, default=16, help="images the export is checked on")
     add("--verbose", type=int, default=1, help="0 = the result line only, 1 = also the check's figures")
     return p
@@ -83,8 +98,9 @@ def check_batch(ckpt, args):
     saved, files, why = ckpt.get("args", {}), [], None  # why: the training data cannot be used
     if folder is None and saved.get("labels_csv"):  # the table's test rows, else all of them
         try:
-            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None,
-                                           task=tasks.for_checkpoint(ckpt))
+            parts = labels_csv.read_labels(
+                saved["labels_csv"], saved.get("image_root"), warn=lambda *a: None, task=tasks.for_checkpoint(ckpt)
+            )
             folder, files = Path(saved["labels_csv"]), sorted(f for f, _ in labels_csv.test_rows(parts) or [])
             why = None if files else f"the CSV the model was trained with ({folder}) has no test rows"
         except CLIError as e:
@@ -112,9 +128,14 @@ def check_batch(ckpt, args):
         if images:
             return torch.stack(images), f"{len(images)} images of {folder}", files
     if args.data_dir:
-        raise CLIError(f"--data_dir {args.data_dir!r} holds no readable images ({', '.join(data_loader.IMG_EXTENSIONS)})")
-    print(f"warning: the check runs on random tensors, not on images: {why or f'no readable images in {folder}'} "
-          "(--data_dir DIR checks on yours)", file=sys.stderr)
+        raise CLIError(
+            f"--data_dir {args.data_dir!r} holds no readable images ({', '.join(data_loader.IMG_EXTENSIONS)})"
+        )
+    print(
+        f"warning: the check runs on random tensors, not on images: {why or f'no readable images in {folder}'} "
+        "(--data_dir DIR checks on yours)",
+        file=sys.stderr,
+    )
     size = ckpt["input_size"]
     generator = torch.Generator().manual_seed(0)
     return torch.randn(args.check_images, 3, size, size, generator=generator), f"{args.check_images} random tensors", []
@@ -131,15 +152,29 @@ def write_onnx(model, example, path, meta, opset, exporter):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice, tracer notes
             if exporter == "dynamo":
-                program = torch.onnx.export(model, (example,), input_names=["input"], output_names=outputs,
-                                            dynamic_shapes=({0: "batch"},), opset_version=opset, dynamo=True,
-                                            verbose=False)
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    input_names=["input"],
+                    output_names=outputs,
+                    dynamic_shapes=({0: "batch"},),
+                    opset_version=opset,
+                    dynamo=True,
+                    verbose=False,
+                )
                 proto = program.model_proto
             else:
                 buffer = io.BytesIO()
-                torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=outputs,
-                                  dynamic_axes={name: {0: "batch"} for name in ["input"] + outputs},
-                                  opset_version=opset, dynamo=False)
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    buffer,
+                    input_names=["input"],
+                    output_names=outputs,
+                    dynamic_axes={name: {0: "batch"} for name in ["input"] + outputs},
+                    opset_version=opset,
+                    dynamo=False,
+                )
                 proto = onnx.load_from_string(buffer.getvalue())
         onnx.helper.set_model_props(proto, meta)
         onnx.checker.check_model(proto)
@@ -147,7 +182,7 @@ def write_onnx(model, example, path, meta, opset, exporter):
         raise
     except Exception as e:  # the exporter's many ways to refuse a model or an opset
         raise CLIError(f"the {exporter} ONNX exporter failed at opset {opset} ({describe_error(e, 200)})") from None
-    if proto.ByteSize() >= 2 ** 31:
+    if proto.ByteSize() >= 2**31:
         raise CLIError("the model is over ONNX's 2 GB single-file limit; export it with --format pt2")
     path.write_bytes(proto.SerializeToString())
 
@@ -198,18 +233,24 @@ def compare(model, exported, images, probabilities, decide=lambda probs: probs.a
         try:
             (got, got_scores), (one, one_scores) = outputs_of(exported, images), outputs_of(exported, images[:1])
         except Exception as e:  # onnxruntime or the loaded program refuses the batch
-            raise CLIError(f"the export does not run on batches of {len(images)} and 1 ({describe_error(e, 200)}); "
-                           "nothing was written") from None
+            raise CLIError(
+                f"the export does not run on batches of {len(images)} and 1 ({describe_error(e, 200)}); "
+                "nothing was written"
+            ) from None
         got, one = probabilities(got), probabilities(one)
     if got.shape != ref.shape or one.shape != ref[:1].shape or (got_scores is None) != (scores is None):
-        raise CLIError(f"the export gives shapes {tuple(got.shape)} and {tuple(one.shape)}, not {tuple(ref.shape)}"
-                       + ("" if (got_scores is None) == (scores is None) else ", or lacks the ood_score output"))
+        raise CLIError(
+            f"the export gives shapes {tuple(got.shape)} and {tuple(one.shape)}, not {tuple(ref.shape)}"
+            + ("" if (got_scores is None) == (scores is None) else ", or lacks the ood_score output")
+        )
     diff = max(float((got - ref).abs().max()), float((one - ref[:1]).abs().max()))
     score_diff = None
     if scores is not None:  # relative to the score's size: mahalanobis distances run into the hundreds
         scale = scores.abs().clamp(min=1)
-        score_diff = max(float(((got_scores.reshape(-1) - scores) / scale).abs().max()),
-                         float(((one_scores.reshape(-1) - scores[:1]) / scale[:1]).abs().max()))
+        score_diff = max(
+            float(((got_scores.reshape(-1) - scores) / scale).abs().max()),
+            float(((one_scores.reshape(-1) - scores[:1]) / scale[:1]).abs().max()),
+        )
     agree = (decide(got) == decide(ref)).reshape(len(ref), -1).all(1)
     return diff, int(agree.sum()), score_diff
 
@@ -255,24 +296,32 @@ def main(args):
                 raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
             diff, agree, score_diff = compare(model, exported, images, *reading_of(ckpt, task))
             if args.verbose >= 1:
-                print(f"check on {source}: max probability difference {diff:.2e}, "
-                      f"{task.decision_name} agreement {agree}/{len(images)}"
-                      + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}"))
+                print(
+                    f"check on {source}: max probability difference {diff:.2e}, "
+                    f"{task.decision_name} agreement {agree}/{len(images)}"
+                    + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}")
+                )
             if not diff <= TOLERANCE:  # also catches NaN
-                raise CLIError(f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
-                               f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written; {other_ways(fmt, args)}")
+                raise CLIError(
+                    f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
+                    f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written; {other_ways(fmt, args)}"
+                )
             if score_diff is not None and not score_diff <= TOLERANCE:
-                raise CLIError(f"the {fmt} export's ood_score differs from the PyTorch model's by up to "
-                               f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written; "
-                               f"{other_ways(fmt, args)}")
+                raise CLIError(
+                    f"the {fmt} export's ood_score differs from the PyTorch model's by up to "
+                    f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written; "
+                    f"{other_ways(fmt, args)}"
+                )
             if stop.requested:  # SystemExit still removes the temporary file
                 print(f"interrupted; {output} was not written", file=sys.stderr)
                 sys.exit(stop.exit_status())
     finally:
         stop.restore()
-    size_mb = output.stat().st_size / 2 ** 20
-    print(f"exported {ckpt['model_name']} ({len(ckpt['class_names'])} classes, {ckpt['input_size']} px) as {fmt} "
-          f"in {seconds:.1f}s -> {output} ({size_mb:.1f} MB)")
+    size_mb = output.stat().st_size / 2**20
+    print(
+        f"exported {ckpt['model_name']} ({len(ckpt['class_names'])} classes, {ckpt['input_size']} px) as {fmt} "
+        f"in {seconds:.1f}s -> {output} ({size_mb:.1f} MB)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Models written by export.py, read back: the metadata an exported file carries (the class names, the eval
 preprocessing, the calibration, the out-of-distribution threshold, the task's entries) as the checkpoint keys
 predict.py reads, and onnxruntime running an ONNX export behind the call a PyTorch model takes."""
+
 import json
 from pathlib import Path
 
@@ -13,8 +14,19 @@ from cli import CLIError
 EXPORT_FORMAT_VERSION = 1
 # What a consumer of an exported model reads (ONNX metadata_props; torch.export extra files), all strings:
 # JSON lists for class_names, mean and std; numbers as text; args is the training flags as JSON.
-EXPORT_KEYS = ("format_version", "model_name", "class_names", "input_size", "resize_size", "mean", "std",
-               "temperature", "torch_version", "torchvision_version", "args")
+EXPORT_KEYS = (
+    "format_version",
+    "model_name",
+    "class_names",
+    "input_size",
+    "resize_size",
+    "mean",
+    "std",
+    "temperature",
+    "torch_version",
+    "torchvision_version",
+    "args",
+)
 EXPORTED_SUFFIXES = (".onnx",)  # what predict.py runs with onnxruntime instead of loading a checkpoint
 
 
@@ -45,7 +57,10 @@ def ood_metadata(reference):
     if not reference:
         return {}
     threshold = reference.get("threshold")
-    return {"ood_method": str(reference["method"]), "ood_threshold": "" if threshold is None else repr(float(threshold))}
+    return {
+        "ood_method": str(reference["method"]),
+        "ood_threshold": "" if threshold is None else repr(float(threshold)),
+    }
 
 
 def checkpoint_from_metadata(meta, path):
@@ -55,17 +70,34 @@ def checkpoint_from_metadata(meta, path):
         raise CLIError(f"{str(path)!r} was not written by export.py: its metadata lacks {', '.join(missing)}")
     try:
         if int(meta["format_version"]) > EXPORT_FORMAT_VERSION:
-            raise CLIError(f"{str(path)!r} has export format {meta['format_version']}; this version reads up to "
-                           f"{EXPORT_FORMAT_VERSION}")
-        return {"format_version": int(meta["format_version"]), "model_name": meta["model_name"],
-                "class_names": json.loads(meta["class_names"]), "input_size": int(meta["input_size"]),
-                "resize_size": int(meta["resize_size"]), "mean": json.loads(meta["mean"]),
-                "std": json.loads(meta["std"]), "temperature": float(meta["temperature"]),
-                "args": json.loads(meta["args"]), "torch_version": meta["torch_version"],
-                "torchvision_version": meta["torchvision_version"],
-                **({"ood": {"method": meta["ood_method"], "threshold": float(meta["ood_threshold"])
-                            if meta.get("ood_threshold") else None}} if "ood_method" in meta else {}),
-                **tasks.for_metadata(meta).entries_from_metadata(meta)}
+            raise CLIError(
+                f"{str(path)!r} has export format {meta['format_version']}; this version reads up to "
+                f"{EXPORT_FORMAT_VERSION}"
+            )
+        return {
+            "format_version": int(meta["format_version"]),
+            "model_name": meta["model_name"],
+            "class_names": json.loads(meta["class_names"]),
+            "input_size": int(meta["input_size"]),
+            "resize_size": int(meta["resize_size"]),
+            "mean": json.loads(meta["mean"]),
+            "std": json.loads(meta["std"]),
+            "temperature": float(meta["temperature"]),
+            "args": json.loads(meta["args"]),
+            "torch_version": meta["torch_version"],
+            "torchvision_version": meta["torchvision_version"],
+            **(
+                {
+                    "ood": {
+                        "method": meta["ood_method"],
+                        "threshold": float(meta["ood_threshold"]) if meta.get("ood_threshold") else None,
+                    }
+                }
+                if "ood_method" in meta
+                else {}
+            ),
+            **tasks.for_metadata(meta).entries_from_metadata(meta),
+        }
     except (ValueError, TypeError) as e:
         raise CLIError(f"{str(path)!r} has unreadable export metadata ({e})") from None
 
@@ -88,7 +120,9 @@ class OnnxModel:
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
             else:
-                print("onnxruntime: this installation has no CUDA provider (onnxruntime-gpu has it); running on the CPU")
+                print(
+                    "onnxruntime: this installation has no CUDA provider (onnxruntime-gpu has it); running on the CPU"
+                )
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch's CPU ops
         try:
@@ -102,7 +136,11 @@ class OnnxModel:
 
     def to(self, device):
         device = torch.device(device)
-        return self if device.type == self.device.type and device.index == self.device.index else OnnxModel(self.path, device)
+        return (
+            self
+            if device.type == self.device.type and device.index == self.device.index
+            else OnnxModel(self.path, device)
+        )
 
     def __call__(self, images):
         batch = images.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -117,8 +155,10 @@ def load_exported(path):
     model = OnnxModel(path)
     names = ([i.name for i in model.session.get_inputs()], [o.name for o in model.session.get_outputs()])
     if names not in ((["input"], ["logits"]), (["input"], ["logits", "ood_score"])):
-        raise CLIError(f"{str(path)!r} was not written by export.py: its inputs and outputs are {names}, "
-                       "not ['input'] and ['logits'] (and 'ood_score')")
+        raise CLIError(
+            f"{str(path)!r} was not written by export.py: its inputs and outputs are {names}, "
+            "not ['input'] and ['logits'] (and 'ood_score')"
+        )
     ckpt = checkpoint_from_metadata(model.metadata(), path)
     if ("ood" in ckpt) != (len(names[1]) == 2):
         raise CLIError(f"{str(path)!r}: its ood_score output and its ood_method metadata do not come together")

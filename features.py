@@ -2,6 +2,7 @@
 (head_takes_features), their extraction for every image in one or several seeded views, and the cache the
 head trains on with --freeze (build_feature_cache). The label check (label_check.py) uses the same
 extraction."""
+
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,8 +42,12 @@ def head_takes_features(model, head, input_size, device):
     finally:
         hook.remove()
     out = seen.get("out")
-    return (out is not None and seen["inp"].dim() == 2 and out.shape == logits.shape
-            and torch.allclose(out.float(), logits.float()))
+    return (
+        out is not None
+        and seen["inp"].dim() == 2
+        and out.shape == logits.shape
+        and torch.allclose(out.float(), logits.float())
+    )
 
 
 def pooled(features):
@@ -136,9 +141,23 @@ def feature_dim(model, head):
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
-def build_feature_cache(model, head, loaders, views, budget_mb, spill_path, compute, skips):
+def build_feature_cache(model, head, loaders, views, budget_mb, spill_path, compute, skips, log=lambda *a: None):
     """One frozen-backbone pass over train (x views) and valid; under torchrun each rank does its shard
-    and an all-reduce assembles the whole (each row is written by exactly one rank)."""
+    and an all-reduce assembles the whole (each row is written by exactly one rank). `log`: a line before the
+    pass and one after it. None when a stop signal arrived."""
+    n_train, n_valid = len(loaders.train_eval.dataset), len(loaders.valid.dataset)
+    log(f"feature cache: one pass of the frozen backbone over {n_train} train + {n_valid} valid images ...")
+    cache = extract_cache(model, head, loaders, views, budget_mb, spill_path, compute, skips)
+    if cache is not None:
+        log(
+            f"feature cache: {views} view(s) x {n_train} train + {n_valid} valid images, dim {cache.train.shape[2]}, "
+            f"in {cache.seconds:.1f}s ({cache.location})"
+        )
+    return cache
+
+
+def extract_cache(model, head, loaders, views, budget_mb, spill_path, compute, skips):
+    """build_feature_cache's pass, without its lines."""
     start = time.perf_counter()
     dim = feature_dim(model, head)
     model = model_loader.optimize_for_inference(model, compute.channels_last)  # a faster eval-only copy
@@ -146,8 +165,11 @@ def build_feature_cache(model, head, loaders, views, budget_mb, spill_path, comp
     train, location = feature_store(views, n_train, dim, budget_mb, spill_path)
     valid = torch.zeros(1, n_valid, dim)
     # one view: the eval transform; several: augmented views (the training transform, seeded per image and view)
-    train_loaders = [loaders.train_eval] if views == 1 else [
-        view_loader(loaders.train, view, compute.dist.rank, compute.dist.world_size) for view in range(views)]
+    train_loaders = (
+        [loaders.train_eval]
+        if views == 1
+        else [view_loader(loaders.train, view, compute.dist.rank, compute.dist.world_size) for view in range(views)]
+    )
     # where no bar shows (a log file), a line every 10 s: a busy machine may take minutes over the pass
     progress = Progress(views * n_train + n_valid, "feature cache", compute.progress, scale=compute.dist.world_size)
     train_ok = extract_views(model, head, train_loaders, train, compute, skips, progress)

@@ -14,6 +14,7 @@ Multi-label (--multi_label): each class is its own two-class problem (present or
 way; an image is flagged when any of its classes is (a label missing, or one too many), its suggested label
 set flips those classes, and its score is the lowest out-of-fold probability of a class's given state.
 """
+
 import csv
 import time
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def choose_folds(labels, class_names, k=FOLDS):
     if smallest >= k:
         return k, None
     reduced = max(2, smallest)
-    note = (f"class {name} has {smallest} image{'s' if smallest != 1 else ''}: {reduced}-fold instead of {k}-fold")
+    note = f"class {name} has {smallest} image{'s' if smallest != 1 else ''}: {reduced}-fold instead of {k}-fold"
     if smallest < 2:
         note += f"; with a single image, {name} is missing from its training fold and its score means little"
     return reduced, note
@@ -89,8 +90,15 @@ def fit_softmax(x, y, masks, l2s, n_classes):
     n_problems = len(masks)
     w = torch.zeros(n_problems, x.shape[1] + 1, n_classes, requires_grad=True)
     counts = masks.sum(1).clamp_min(1)
-    optimizer = torch.optim.LBFGS([w], lr=1, max_iter=MAX_ITER, history_size=20, tolerance_grad=1e-7,
-                                  tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [w],
+        lr=1,
+        max_iter=MAX_ITER,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -122,8 +130,12 @@ def out_of_fold(features, labels, n_classes, fold_draws, l2s):
     averaged over their own views. Returns (draws, len(l2s), n, classes)."""
     views, n, dim = features.shape
     x, y = features.reshape(views * n, dim), labels.repeat(views)
-    problems = [(d, fold, l2) for d, folds in enumerate(fold_draws) for fold in range(int(folds.max()) + 1)
-                for l2 in range(len(l2s))]
+    problems = [
+        (d, fold, l2)
+        for d, folds in enumerate(fold_draws)
+        for fold in range(int(folds.max()) + 1)
+        for l2 in range(len(l2s))
+    ]
     masks = torch.stack([(fold_draws[d] != fold).float().repeat(views) for d, fold, _ in problems])
     w = fit_softmax(x, y, masks, torch.tensor([float(l2s[g]) for _, _, g in problems]), n_classes)
     probs = torch.zeros(len(fold_draws), len(l2s), n, n_classes)
@@ -238,10 +250,18 @@ class LabelIssues:
         suggested = others.argmax(1)
         flags, _ = confident_learning_flags(self.probs, self.labels, len(self.class_names))
         order = sorted(range(n), key=lambda i: (float(score[i]), self.files[i]))
-        return [{"file": self.files[i], "given": self.class_names[int(self.labels[i])],
-                 "suggested": self.class_names[int(suggested[i])], "score": float(score[i]),
-                 "flagged": int(flags[i]), "suggested_score": float(others[i, suggested[i]]),
-                 "split": self.split[i]} for i in order]
+        return [
+            {
+                "file": self.files[i],
+                "given": self.class_names[int(self.labels[i])],
+                "suggested": self.class_names[int(suggested[i])],
+                "score": float(score[i]),
+                "flagged": int(flags[i]),
+                "suggested_score": float(others[i, suggested[i]]),
+                "split": self.split[i],
+            }
+            for i in order
+        ]
 
 
 def per_label_check(features, labels, seed):
@@ -274,9 +294,18 @@ def multi_label_rows(files, labels, split, present, flags, class_names, task):
         return task.text(tuple(row), class_names, " ") or "(none)"
 
     order = sorted(range(len(files)), key=lambda i: (float(score[i]), files[i]))
-    return [{"file": files[i], "given": text(labels[i].bool().tolist()), "suggested": text(suggested[i].tolist()),
-             "score": float(score[i]), "flagged": int(flags[i].any()), "suggested_score": float(other[i]),
-             "split": split[i]} for i in order]
+    return [
+        {
+            "file": files[i],
+            "given": text(labels[i].bool().tolist()),
+            "suggested": text(suggested[i].tolist()),
+            "score": float(score[i]),
+            "flagged": int(flags[i].any()),
+            "suggested_score": float(other[i]),
+            "split": split[i],
+        }
+        for i in order
+    ]
 
 
 def write_csv(rows, path):
@@ -284,8 +313,7 @@ def write_csv(rows, path):
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "score": f"{row['score']:.6f}",
-                             "suggested_score": f"{row['suggested_score']:.6f}"})
+            writer.writerow({**row, "score": f"{row['score']:.6f}", "suggested_score": f"{row['suggested_score']:.6f}"})
 
 
 def save_suspects(rows, path, input_size, resize_size, n=GRID_IMAGES):
@@ -308,24 +336,48 @@ def save_suspects(rows, path, input_size, resize_size, n=GRID_IMAGES):
 # ----------------------------------------------------------------------------- the whole check
 
 
-def backbone_features(model, head, samples, views, meta, batch_size, num_workers, seed, compute, skips,
-                      budget_mb, spill_path, task=None):
+def backbone_features(
+    model, head, samples, views, meta, batch_size, num_workers, seed, compute, skips, budget_mb, spill_path, task=None
+):
     """(1 + views, n, dim) frozen-backbone features: the eval view, then `views` augmented ones (the
     training transform, seeded per image and view), with the mask of readable images."""
     pooled = data_loader.DataSplits([], list(samples), [], [], "")
-    loaders = data_loader.build_loaders(pooled, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"],
-                                        batch_size, num_workers, seed, pin_memory=compute.device.type == "cuda",
-                                        task=task)
+    loaders = data_loader.build_loaders(
+        pooled,
+        meta["input_size"],
+        meta["resize_size"],
+        meta["mean"],
+        meta["std"],
+        batch_size,
+        num_workers,
+        seed,
+        pin_memory=compute.device.type == "cuda",
+        task=task,
+    )
     view_loaders = [loaders.train_eval] + [features.view_loader(loaders.train, v) for v in range(views)]
-    store, _ = features.feature_store(len(view_loaders), len(samples), features.feature_dim(model, head), budget_mb,
-                                     spill_path)
+    store, _ = features.feature_store(
+        len(view_loaders), len(samples), features.feature_dim(model, head), budget_mb, spill_path
+    )
     fast = model_loader.optimize_for_inference(model, compute.channels_last)
     ok = features.extract_views(fast, head, view_loaders, store, compute, skips)
     return store, ok
 
 
-def check_labels(model, head, splits, meta, compute, run_dir, task, views=0, batch_size=32, num_workers=0, seed=42,
-                 budget_mb=2048, out=print):
+def check_labels(
+    model,
+    head,
+    splits,
+    meta,
+    compute,
+    run_dir,
+    task,
+    views=0,
+    batch_size=32,
+    num_workers=0,
+    seed=42,
+    budget_mb=2048,
+    out=print,
+):
     """Rank every readable train/valid image by how unlikely its label is; write label_issues.csv and
     label_issues.png to run_dir and print a summary. Returns the rows (most suspicious first), or None
     when a stop signal arrived during feature extraction (nothing written)."""
@@ -336,8 +388,9 @@ def check_labels(model, head, splits, meta, compute, run_dir, task, views=0, bat
     start = time.perf_counter()
     spill = run_dir / "label_features.bin"  # only past budget_mb; removed whatever happens
     try:
-        features, ok = backbone_features(model, head, samples, views, meta, batch_size, num_workers, seed, compute,
-                                         skips, budget_mb, spill, task)
+        features, ok = backbone_features(
+            model, head, samples, views, meta, batch_size, num_workers, seed, compute, skips, budget_mb, spill, task
+        )
         if ok is None:
             return None
         extracted = time.perf_counter()
@@ -353,8 +406,9 @@ def check_labels(model, head, splits, meta, compute, run_dir, task, views=0, bat
     if found is None:
         return []
     rows, fit, expected = found
-    return report(rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips, expected,
-                  task.multi_label)
+    return report(
+        rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips, expected, task.multi_label
+    )
 
 
 def class_check(features, labels, files, split, class_names, seed, out, task):
@@ -382,8 +436,12 @@ def per_class_check(features, labels, files, split, class_names, seed, out, task
     present, flags, folds = per_label_check(features, labels, seed)
     rows = multi_label_rows(files, labels, split, present, flags, class_names, task)
     exact = float(((present >= 0.5) == labels.bool()).all(1).float().mean()) if len(labels) else 0.0
-    fit = (flags.sum(0).tolist(), f"{max(folds) or 'no'}-fold two-class logistic regression per class x{REPEATS}",
-           "exact match", exact)
+    fit = (
+        flags.sum(0).tolist(),
+        f"{max(folds) or 'no'}-fold two-class logistic regression per class x{REPEATS}",
+        "exact match",
+        exact,
+    )
     problems = [torch.stack([1 - p, p], 1) for p in present.T]
     expected = clean_set_flags(problems, labels.long().T, seed) if len(labels) else (0.0, 0.0)
     return rows, fit, expected
@@ -399,19 +457,27 @@ def report(rows, run_dir, meta, class_names, out, start, extracted, views, fit, 
     fitted = time.perf_counter()
     flagged = [r for r in rows if r["flagged"]]
     per_class = dict(zip(class_names, fit[0]))
-    out(f"label check: {len(rows)} images ({1 + views} view{'s' if views else ''} each), {fit[1]}, out-of-fold "
-        f"{fit[2]} {fit[3]:.3f}; features {extracted - start:.1f}s, fits {fitted - extracted:.1f}s")
+    out(
+        f"label check: {len(rows)} images ({1 + views} view{'s' if views else ''} each), {fit[1]}, out-of-fold "
+        f"{fit[2]} {fit[3]:.3f}; features {extracted - start:.1f}s, fits {fitted - extracted:.1f}s"
+    )
     if skips.seen:
         out(f"label check: skipped {len(skips.seen)} unreadable image(s) (named above)")
-    out(f"flagged: {len(flagged)} of {len(rows)} labels look wrong; per class: "
-        + ", ".join(f"{name} {n}" for name, n in per_class.items()))
+    out(
+        f"flagged: {len(flagged)} of {len(rows)} labels look wrong; per class: "
+        + ", ".join(f"{name} {n}" for name, n in per_class.items())
+    )
     expected, noise = expected
-    out(f"a clean set of {len(rows)} images would get about {expected:.0f} flag{'' if round(expected) == 1 else 's'} "
+    out(
+        f"a clean set of {len(rows)} images would get about {expected:.0f} flag{'' if round(expected) == 1 else 's'} "
         f"({expected / max(len(rows), 1):.1%}; each label drawn from its out-of-fold probabilities, tempered as "
         f"without the {noise:.1%} of labels the fit takes for noise, mean of {CLEAN_DRAWS} draws): a count near that "
-        "is mostly false alarms, one far above it points to wrong labels")
-    out("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given "
-        + ("state of its least likely class):" if multi_label else "label):"))
+        "is mostly false alarms, one far above it points to wrong labels"
+    )
+    out(
+        "most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given "
+        + ("state of its least likely class):" if multi_label else "label):")
+    )
     for r in sorted(rows, key=lambda r: not r["flagged"])[:10]:  # stable: by score within each
         out(f"  {r['file']}  {r['given']} -> {r['suggested']}  {r['score']:.3f}{'  flagged' if r['flagged'] else ''}")
     out(f"label check: {run_dir / 'label_issues.csv'}" + (f", {run_dir / 'label_issues.png'}" if shown else ""))

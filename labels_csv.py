@@ -5,6 +5,7 @@ absolute paths are taken as they are) and `label`, and optionally `split` (train
 the seeded, stratified split of train.py's --valid_ratio, as for folders). Other columns are ignored.
 The samples are ordered by class, then path, as a folder scan orders them, so the same images and seed give
 the same split whichever way the rows are sorted, and the same as the class-folder layout of those images."""
+
 import csv
 import os
 from pathlib import Path
@@ -22,22 +23,32 @@ def read_rows(path):
     (Latin-1, UTF-16) or separated by semicolons or tabs."""
     path = Path(path)
     if not path.is_file():
-        raise CLIError(f"--labels_csv {str(path)!r} " + ("is a folder, not a CSV file" if path.is_dir() else "does not exist"))
+        raise CLIError(
+            f"--labels_csv {str(path)!r} " + ("is a folder, not a CSV file" if path.is_dir() else "does not exist")
+        )
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [c.strip() for c in (reader.fieldnames or [])]
             columns = [c.lower() for c in header]  # File, Label and Split as well
             if not columns:
-                raise CLIError(f"--labels_csv {str(path)!r} is empty; it needs a header row with the columns file "
-                               "and label")
+                raise CLIError(
+                    f"--labels_csv {str(path)!r} is empty; it needs a header row with the columns file and label"
+                )
             missing = [c for c in ("file", "label") if c not in columns]
             if missing:
                 other = next((s for s in (";", "\t") if any(s in c for c in header)), None)
-                hint = (f"; it looks like UTF-16 text: {SAVE_AS}" if any("\x00" in c for c in header) else
-                        f"; it looks separated by {other!r}: {SAVE_AS}" if other else "")
-                raise CLIError(f"--labels_csv {str(path)!r} has no column {' or '.join(missing)} (its header: "
-                               f"{', '.join(header[:8])}){hint}")
+                hint = (
+                    f"; it looks like UTF-16 text: {SAVE_AS}"
+                    if any("\x00" in c for c in header)
+                    else f"; it looks separated by {other!r}: {SAVE_AS}"
+                    if other
+                    else ""
+                )
+                raise CLIError(
+                    f"--labels_csv {str(path)!r} has no column {' or '.join(missing)} (its header: "
+                    f"{', '.join(header[:8])}){hint}"
+                )
             reader.fieldnames = columns
             rows = [(reader.line_num, row) for row in reader]  # the file's line (blank lines are skipped)
     except UnicodeDecodeError:
@@ -70,8 +81,9 @@ def read_labels(path, image_root=None, warn=print, task=None):
         label = task.parse(label)
         split = (row.get("split") or "").strip().lower() if with_split else None
         if with_split and split not in SPLITS:
-            raise CLIError(f"--labels_csv {path} line {line}: split {row.get('split')!r} is not one of "
-                           f"{', '.join(SPLITS)}")
+            raise CLIError(
+                f"--labels_csv {path} line {line}: split {row.get('split')!r} is not one of {', '.join(SPLITS)}"
+            )
         file = os.path.join(root, name)
         key = os.path.normcase(os.path.abspath(file))  # ./a.png and a.png are one file
         if key in seen:
@@ -84,15 +96,21 @@ def read_labels(path, image_root=None, warn=print, task=None):
             continue
         out.setdefault(split, []).append((file, label))
     if missing:
-        warn(f"--labels_csv: {len(missing)} of {len(rows)} rows name files that do not exist, left out: "
-             + "; ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+        warn(
+            f"--labels_csv: {len(missing)} of {len(rows)} rows name files that do not exist, left out: "
+            + "; ".join(missing[:3])
+            + (" ..." if len(missing) > 3 else "")
+        )
     if outside:
         where = f"--image_root {str(root)!r}" if image_root else f"the CSV's folder {str(root)!r}"
-        warn(f"warning: --labels_csv: {len(outside)} of {len(rows)} rows name files outside {where} (../ in the "
-             "path; they are used): " + "; ".join(outside[:3]) + (" ..." if len(outside) > 3 else ""))
+        warn(
+            f"warning: --labels_csv: {len(outside)} of {len(rows)} rows name files outside {where} (../ in the "
+            "path; they are used): " + "; ".join(outside[:3]) + (" ..." if len(outside) > 3 else "")
+        )
     if not out:
-        raise CLIError(f"--labels_csv {path}: none of its {len(rows)} files exist under {str(root)!r} (see "
-                       "--image_root)")
+        raise CLIError(
+            f"--labels_csv {path}: none of its {len(rows)} files exist under {str(root)!r} (see --image_root)"
+        )
     return out
 
 
@@ -116,9 +134,10 @@ def indexed(pairs, class_names, path, split, task=None):
     if unknown:
         rows = f"the {split} rows have" if split else "its rows have"
         hint = task.unknown_hint if looks_multi(unknown, class_names) else ""
-        raise CLIError(f"--labels_csv {path}: {rows} labels that are not among the classes "
-                       f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}"
-                       + hint)
+        raise CLIError(
+            f"--labels_csv {path}: {rows} labels that are not among the classes "
+            f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}): {', '.join(unknown[:5])}" + hint
+        )
     return task.encode(pairs, class_names)
 
 
@@ -129,7 +148,9 @@ def read_file_list(path, image_root=None):
     them as unreadable rows. One error line for a list that cannot be read or names no file."""
     path = Path(path)
     if not path.is_file():
-        raise CLIError(f"--file_list {str(path)!r} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+        raise CLIError(
+            f"--file_list {str(path)!r} " + ("is a folder, not a file" if path.is_dir() else "does not exist")
+        )
     root = Path(image_root) if image_root else path.parent
     if image_root and not root.is_dir():
         raise CLIError(f"--image_root {str(root)!r} does not exist or is not a folder")
@@ -139,8 +160,10 @@ def read_file_list(path, image_root=None):
             header = [c.strip().lower() for c in next(csv.reader([first]), [])]
             if "file" in header:
                 if "label" in header:
-                    raise CLIError(f"--file_list {str(path)!r} has a label column: give it as --labels_csv to get the "
-                                   "report as well")
+                    raise CLIError(
+                        f"--file_list {str(path)!r} has a label column: give it as --labels_csv to get the "
+                        "report as well"
+                    )
                 column = header.index("file")
                 names = [row[column].strip() if len(row) > column else "" for row in csv.reader(f)]
             else:

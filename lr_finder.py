@@ -12,6 +12,7 @@ fastai): `valley` (fastai's default: the longest descending stretch, taken two t
 (the lowest loss divided by 10); none when the curve has no clear descent (a flat or noisy curve). bench/lr_bench.py
 measures which one trains best; SUGGESTION is that one (steepest: within 1 point of the best of a 5-rate
 grid on 6 of 6 runs over three sets, valley on 3 of 6; docs/explain.md)."""
+
 import copy
 import csv
 import math
@@ -125,24 +126,27 @@ def suggest(lrs, smoothed):
     if len(lrs) < 3 or descent(losses) is None:
         return {}
     first, last = descent(losses)
-    return {"valley": lrs[valley(losses)],
-            "steepest": lrs[first + steepest(lrs[first:last + 1], losses[first:last + 1])],
-            "minimum": lrs[min(range(len(losses)), key=losses.__getitem__)] / 10}
+    return {
+        "valley": lrs[valley(losses)],
+        "steepest": lrs[first + steepest(lrs[first : last + 1], losses[first : last + 1])],
+        "minimum": lrs[min(range(len(losses)), key=losses.__getitem__)] / 10,
+    }
 
 
 def no_suggestion(test):
     """Why the curve gives no suggestion, in a line ("" when it gives one)."""
     lrs, losses = trimmed(test.lrs, test.smoothed)
     if len(lrs) < 3:
-        return (f"the loss diverged after {len(test.lrs)} steps ({test.stopped}), too soon to suggest a learning "
-                "rate")
+        return f"the loss diverged after {len(test.lrs)} steps ({test.stopped}), too soon to suggest a learning rate"
     if descent(losses) is None:
         end = max(1, diverging_from(losses))
         low = min(losses[:end])
-        return (f"the smoothed loss shows no clear descent: from {losses[0]:.3g} its lowest is {low:.3g} (at --lr "
-                f"{lrs[losses.index(low)]:.1e}), less than {MIN_FALL:.0%} lower, before it "
-                + ("diverges" if end < len(losses) or test.stopped else "ends")
-                + "; the curve is flat or too noisy to read (more images, or a larger --batch_size, may help)")
+        return (
+            f"the smoothed loss shows no clear descent: from {losses[0]:.3g} its lowest is {low:.3g} (at --lr "
+            f"{lrs[losses.index(low)]:.1e}), less than {MIN_FALL:.0%} lower, before it "
+            + ("diverges" if end < len(losses) or test.stopped else "ends")
+            + "; the curve is flat or too noisy to read (more images, or a larger --batch_size, may help)"
+        )
     return ""
 
 
@@ -197,12 +201,19 @@ def save_plot(test, path):
     for rule, lr in test.suggestions.items():
         i = min(range(len(test.lrs)), key=lambda k: abs(math.log(test.lrs[k]) - math.log(lr)))
         color, marker = markers[rule]
-        ax.plot([lr], [test.smoothed[i]], marker=marker, color=color, markersize=9 if rule == SUGGESTION else 6,
-                linestyle="none", label=f"{rule} {lr:.1e}" + (" (suggested)" if rule == SUGGESTION else ""))
+        ax.plot(
+            [lr],
+            [test.smoothed[i]],
+            marker=marker,
+            color=color,
+            markersize=9 if rule == SUGGESTION else 6,
+            linestyle="none",
+            label=f"{rule} {lr:.1e}" + (" (suggested)" if rule == SUGGESTION else ""),
+        )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (--lr)")
     ax.set_ylabel("training loss")
-    low, high = min(test.smoothed + test.losses), max(test.smoothed[:max(1, len(test.smoothed) // 2)])
+    low, high = min(test.smoothed + test.losses), max(test.smoothed[: max(1, len(test.smoothed) // 2)])
     ax.set_ylim(low - 0.1 * abs(low), max(high, low) * 1.3 + 1e-3)  # the raw losses' lows stay in view
     ax.legend(fontsize=8)
     ax.set_title("learning-rate range test")
@@ -224,12 +235,16 @@ def find_lr(fitter, run_dir, say):
     Returns the RangeTest (None when stopped or when there is too little data)."""
     batch_size = fitter.loaders.train.batch_size
     start = time.perf_counter()
-    if fitter.plan.kind(0) == HEAD and not fitter.ensure_cache():  # the pass length counts readable images: the cache knows them
+    if (
+        fitter.plan.kind(0) == HEAD and not fitter.ensure_cache()
+    ):  # the pass length counts readable images: the cache knows them
         return None
     if batches_per_pass(fitter) < MIN_BATCHES:
-        say(f"--find_lr: {len(fitter.splits.train)} training images make {batches_per_pass(fitter)} batches of "
+        say(
+            f"--find_lr: {len(fitter.splits.train)} training images make {batches_per_pass(fitter)} batches of "
             f"{batch_size}; the range test needs {MIN_BATCHES} or more (more images, or a smaller "
-            "--batch_size), so no learning rate is suggested")
+            "--batch_size), so no learning rate is suggested"
+        )
         return None
     test = range_test(fitter, batch_size)
     if test is None:
@@ -247,10 +262,15 @@ def find_lr(fitter, run_dir, say):
         return test
     mode = first_phase(fitter)
     others = ", ".join(f"{rule} {lr:.1e}" for rule, lr in test.suggestions.items() if rule != SUGGESTION)
-    say(f"learning-rate range test ({mode}): {len(test.lrs)} steps from {test.lrs[0]:.0e} to {test.lrs[-1]:.1e}"
-        + (f", stopped: {test.stopped}" if test.stopped else "") + f"; {test.seconds:.1f}s")
-    say(f"suggested --lr {test.suggestions[SUGGESTION]:.1e} ({SUGGESTION}; also {others}); "
-        f"figure {Path(run_dir) / 'lr_find.png'}; the model was not trained or saved")
+    say(
+        f"learning-rate range test ({mode}): {len(test.lrs)} steps from {test.lrs[0]:.0e} to {test.lrs[-1]:.1e}"
+        + (f", stopped: {test.stopped}" if test.stopped else "")
+        + f"; {test.seconds:.1f}s"
+    )
+    say(
+        f"suggested --lr {test.suggestions[SUGGESTION]:.1e} ({SUGGESTION}; also {others}); "
+        f"figure {Path(run_dir) / 'lr_find.png'}; the model was not trained or saved"
+    )
     return test
 
 
@@ -265,7 +285,7 @@ def cached_batches(cache, labels, seed, batch_size, weights=None):
         order = order[cache.train_ok[order]]
         view = torch.randint(cache.train.shape[0], (len(order),), generator=torch.Generator().manual_seed(seed + epoch))
         for s in range(0, len(order), batch_size):
-            yield cache.train[view[s:s + batch_size], order[s:s + batch_size]], labels[order[s:s + batch_size]]
+            yield cache.train[view[s : s + batch_size], order[s : s + batch_size]], labels[order[s : s + batch_size]]
         epoch += 1
 
 
@@ -298,7 +318,8 @@ def first_steps(fitter, batch_size):
         if not fitter.ensure_cache():
             return None
         return fitter.model.get_submodule(fitter.head).train(), cached_batches(
-            fitter.cache, fitter.train_labels, fitter.config.seed, batch_size, fitter.loaders.train.sampler.weights)
+            fitter.cache, fitter.train_labels, fitter.config.seed, batch_size, fitter.loaders.train.sampler.weights
+        )
     model_loader.set_train_mode(fitter.model, fitter.head, frozen, fitter.config.batchnorm)
     return fitter.model, image_batches(fitter.loaders.train)
 
@@ -307,8 +328,18 @@ def one_step(fitter, module, inputs, labels, schedule):
     """One training step of `module` with the Fitter's optimizer, loss and scaler under `schedule`; its loss."""
     meter = trainer.Meter(fitter.task)
     inputs, labels = fitter.compute.to_device(inputs, labels, train=True)
-    trainer.train_step(module, inputs, labels, fitter.optimizer, schedule, fitter.scaler, fitter.criterion, fitter.compute,
-               meter, whole=module is fitter.model and not fitter.plan.backbone_frozen(0))
+    trainer.train_step(
+        module,
+        inputs,
+        labels,
+        fitter.optimizer,
+        schedule,
+        fitter.scaler,
+        fitter.criterion,
+        fitter.compute,
+        meter,
+        whole=module is fitter.model and not fitter.plan.backbone_frozen(0),
+    )
     return meter.loss / meter.count
 
 

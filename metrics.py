@@ -1,6 +1,7 @@
 """The mode-neutral math of evaluation, on tensors and lists: losses (NLL, BCE), temperature fitting, reliability
 bins and ECE, ROC AUC and average precision, report rows, exact match, mAP and the best-F1 threshold. A leaf:
 it imports no module of this project."""
+
 import math
 
 import torch
@@ -114,8 +115,15 @@ def report_row(name, hit, predicted, support, scores, positive):
     precision = hit / predicted if predicted else 0.0
     recall = hit / support if support else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support,
-            "roc_auc": roc_auc(scores, positive), "average_precision": average_precision(scores, positive)}
+    return {
+        "class": name,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support,
+        "roc_auc": roc_auc(scores, positive),
+        "average_precision": average_precision(scores, positive),
+    }
 
 
 def weighted_mean(values, weights):

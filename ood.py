@@ -12,6 +12,7 @@ Methods (bench/ood_bench.py measures them on near and far out-of-distribution im
   energy       -T logsumexp(logits / T) (Liu et al. 2020)
   msp          1 - the largest calibrated softmax probability (Hendrycks and Gimpel 2017)
 """
+
 import math
 
 import torch
@@ -54,8 +55,11 @@ class Scorer(nn.Module):
             return 1 - sims.topk(min(self.k, self.bank.shape[0]), dim=1).values[:, -1]
         if self.method == "mahalanobis":
             projected = features @ self.precision
-            squared = ((projected * features).sum(1, keepdim=True) - 2 * projected @ self.means.T
-                       + ((self.means @ self.precision) * self.means).sum(1)[None])
+            squared = (
+                (projected * features).sum(1, keepdim=True)
+                - 2 * projected @ self.means.T
+                + ((self.means @ self.precision) * self.means).sum(1)[None]
+            )
             return squared.min(1).values.clamp(min=0)
         if self.method == "energy":
             return -self.temperature * torch.logsumexp(logits, 1)
@@ -86,7 +90,7 @@ class ScoredModel(nn.Module):
 def sample_rows(n, dim, max_mb, seed):
     """Indices of the training images the knn reference keeps: all, or a seeded sample of as many float16
     rows of `dim` as fit in max_mb."""
-    rows = max(1, int(max_mb * 2 ** 20 // (dim * 2)))
+    rows = max(1, int(max_mb * 2**20 // (dim * 2)))
     if n <= rows:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].sort().values
@@ -101,8 +105,9 @@ def knn_bank(features, max_mb, seed):
 def class_gaussians(features, labels, n_classes):
     """(class means, precision of the shared within-class covariance, shrunk towards a scaled identity)."""
     features = features.double()
-    means = torch.stack([features[labels == c].mean(0) if (labels == c).any() else features.mean(0)
-                         for c in range(n_classes)])
+    means = torch.stack(
+        [features[labels == c].mean(0) if (labels == c).any() else features.mean(0) for c in range(n_classes)]
+    )
     centred = features - means[labels]
     cov = centred.T @ centred / max(len(features) - 1, 1)
     cov += SHRINKAGE * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
@@ -117,24 +122,46 @@ def fit_threshold(scores, keep):
     return float(ordered[min(len(ordered) - 1, math.ceil(keep * len(ordered)) - 1)])
 
 
-def build_reference(method, train_features, train_labels, n_classes, valid_features, valid_logits, temperature,
-                    keep, max_mb=MAX_REFERENCE_MB, seed=0, train_count=None, k=K):
+def build_reference(
+    method,
+    train_features,
+    train_labels,
+    n_classes,
+    valid_features,
+    valid_logits,
+    temperature,
+    keep,
+    max_mb=MAX_REFERENCE_MB,
+    seed=0,
+    train_count=None,
+    k=K,
+):
     """The checkpoint's "ood" entry: the method's reference from the training images' features, and the
     threshold that keeps `keep` of the validation images in distribution. `train_count`: the readable
     training images when train_features is already a sample of them."""
     dim = int(train_features.shape[1])
-    reference = {"format": REFERENCE_FORMAT, "method": method, "dim": dim, "n_classes": int(n_classes), "k": int(k),
-                 "keep": float(keep), "train_count": int(train_count or len(train_features))}
+    reference = {
+        "format": REFERENCE_FORMAT,
+        "method": method,
+        "dim": dim,
+        "n_classes": int(n_classes),
+        "k": int(k),
+        "keep": float(keep),
+        "train_count": int(train_count or len(train_features)),
+    }
     if method == "knn":
         reference["features"] = knn_bank(train_features, max_mb, seed)
     elif method == "mahalanobis":
-        if dim * dim * 4 > max_mb * 2 ** 20:
+        if dim * dim * 4 > max_mb * 2**20:
             raise CLIError(f"--ood_method mahalanobis keeps a {dim}x{dim} matrix, over {max_mb} MB; use knn")
         reference["means"], reference["precision"] = class_gaussians(train_features, train_labels, n_classes)
     scores = score(reference, temperature, valid_features, valid_logits)
     threshold = fit_threshold(scores, keep)
-    reference.update(threshold=threshold, valid_count=int(len(scores)),
-                     valid_kept=float((scores <= threshold).double().mean()) if threshold is not None else None)
+    reference.update(
+        threshold=threshold,
+        valid_count=int(len(scores)),
+        valid_kept=float((scores <= threshold).double().mean()) if threshold is not None else None,
+    )
     return reference
 
 
@@ -142,7 +169,9 @@ def build_reference(method, train_features, train_labels, n_classes, valid_featu
 def score(reference, temperature, features, logits, batch_size=1024):
     """ood_score of every row of (features, logits), in batches (the knn similarity matrix stays small)."""
     scorer = Scorer(reference, temperature)
-    out = [scorer(features[i:i + batch_size], logits[i:i + batch_size]) for i in range(0, len(features), batch_size)]
+    out = [
+        scorer(features[i : i + batch_size], logits[i : i + batch_size]) for i in range(0, len(features), batch_size)
+    ]
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -153,15 +182,22 @@ def reference_bytes(reference):
 def describe(reference):
     """One line for train.py's output: what the reference holds, its size, the threshold."""
     rows = reference["features"].shape[0] if "features" in reference else None
-    held = (f"{rows} of {reference['train_count']} training features" if rows is not None
-            else f"the features of {reference['train_count']} training images")
-    size = f"checkpoint +{reference_bytes(reference) / 2 ** 20:.1f} MB"
+    held = (
+        f"{rows} of {reference['train_count']} training features"
+        if rows is not None
+        else f"the features of {reference['train_count']} training images"
+    )
+    size = f"checkpoint +{reference_bytes(reference) / 2**20:.1f} MB"
     if reference["threshold"] is None:
-        fit = (f"no threshold: {reference['valid_count']} readable validation image(s), 2 are needed; "
-               "in_distribution stays empty")
+        fit = (
+            f"no threshold: {reference['valid_count']} readable validation image(s), 2 are needed; "
+            "in_distribution stays empty"
+        )
     else:
-        fit = (f"threshold {reference['threshold']:.4g} keeps {reference['valid_kept']:.1%} of "
-               f"{reference['valid_count']} validation images (--ood_keep {reference['keep']:g})")
+        fit = (
+            f"threshold {reference['threshold']:.4g} keeps {reference['valid_kept']:.1%} of "
+            f"{reference['valid_count']} validation images (--ood_keep {reference['keep']:g})"
+        )
     return f"out-of-distribution reference: {reference['method']} on {held} (dim {reference['dim']}, {size}); {fit}"
 
 
@@ -171,6 +207,7 @@ def collect_features(model, head, loader, compute, desc, stoppable=False):
     dataset order, assembled over torchrun's processes); None when stopped (see collect_rows)."""
     model.eval()
     with capture_head_input(model, head) as taken:
+
         def both(images):
             taken.clear()
             logits = model(images)
@@ -190,8 +227,11 @@ def reference_for_run(model, head, loaders, cache, compute, method, keep, temper
     when it holds the eval view of every image (free), else from one eval pass of the model over them
     and the validation images. None when a stop signal arrives; a CLIError when nothing can be kept."""
     samples = loaders.train_eval.dataset.samples
-    rows = (sample_rows(len(samples), feature_dim(model, head), MAX_REFERENCE_MB, seed) if method == "knn"
-            else torch.arange(len(samples)))
+    rows = (
+        sample_rows(len(samples), feature_dim(model, head), MAX_REFERENCE_MB, seed)
+        if method == "knn"
+        else torch.arange(len(samples))
+    )
     if cache is not None and cache.train.shape[0] == 1:
         readable = rows[cache.train_ok[rows]]
         train_features, train_count = cache.train[0][readable], int(cache.train_ok.sum())
@@ -199,8 +239,9 @@ def reference_for_run(model, head, loaders, cache, compute, method, keep, temper
         train_labels = task.tensor(samples[i][1] for i in readable.tolist())
         valid_features = cache.valid[0][cache.valid_ok]
         valid_labels = task.tensor(y for _, y in loaders.valid.dataset.samples)
-        valid_logits, _ = evaluation.head_logits(model.get_submodule(head), cache.valid[0], cache.valid_ok,
-                                                 valid_labels, loaders.valid.batch_size, compute)
+        valid_logits, _ = evaluation.head_logits(
+            model.get_submodule(head), cache.valid[0], cache.valid_ok, valid_labels, loaders.valid.batch_size, compute
+        )
     else:
         if compute.stop_requested():  # every rank at the same point: a collective is safe here
             return None
@@ -213,8 +254,18 @@ def reference_for_run(model, head, loaders, cache, compute, method, keep, temper
         train_count = len(train_features) if len(rows) == len(samples) else len(samples)
     if not len(train_features):
         raise CLIError("no training image could be read")
-    return build_reference(method, train_features, train_labels, n_classes, valid_features, valid_logits,
-                           temperature, keep, seed=seed, train_count=train_count)
+    return build_reference(
+        method,
+        train_features,
+        train_labels,
+        n_classes,
+        valid_features,
+        valid_logits,
+        temperature,
+        keep,
+        seed=seed,
+        train_count=train_count,
+    )
 
 
 # ----------------------------------------------------------------------------- using it
@@ -241,10 +292,14 @@ def check_reference(reference, dim, n_classes, path):
     if reference["method"] == "mahalanobis" and shapes_ok:
         shapes_ok = reference["means"].shape[0] == n_classes
     if not shapes_ok:
-        widths = sorted({int(v.shape[-1]) for k, v in reference.items() if isinstance(v, torch.Tensor) and v.dim() == 2})
-        raise CLIError(f"{where} ({reference['method']}, dim {reference.get('dim')}, tensors of width "
-                       f"{', '.join(map(str, widths)) or 'none'}) does not fit the model, whose classifier takes "
-                       f"{dim} features for {n_classes} classes")
+        widths = sorted(
+            {int(v.shape[-1]) for k, v in reference.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
+        )
+        raise CLIError(
+            f"{where} ({reference['method']}, dim {reference.get('dim')}, tensors of width "
+            f"{', '.join(map(str, widths)) or 'none'}) does not fit the model, whose classifier takes "
+            f"{dim} features for {n_classes} classes"
+        )
 
 
 def scored_model(model, head, ckpt, path):

@@ -1,6 +1,7 @@
 """Predict classes for new images with a checkpoint written by train.py: result.csv (one row per
 image) and a picture of sample predictions. The model, class names and preprocessing come from the
 checkpoint; no model flag is needed."""
+
 import cli  # before torch: Ctrl-C while the imports below load is one quiet line, not a traceback
 
 if __name__ == "__main__":
@@ -24,13 +25,20 @@ import explain
 import labels_csv
 import prediction_output
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
+from prediction_figure import explain_row, plot_predictions
 from predictor import MAX_PROB_COLUMNS, Predictor, Reading, load_model, prepare_model
 from run_paths import RunPaths
-from utils import (Progress, all_reduce_sum, atomic_open, bar, broadcast_from_main, dist_info_from_env,
-                   process_group, resolve_device, save_confusion_matrix, save_image_grid)
-
-TITLE_WIDTH = 32  # characters per line of a title in the figure (a 2.4-inch cell at 9 pt); longer lines wrap
-
+from utils import (
+    Progress,
+    all_reduce_sum,
+    atomic_open,
+    bar,
+    broadcast_from_main,
+    dist_info_from_env,
+    process_group,
+    resolve_device,
+    save_confusion_matrix,
+)
 
 EXAMPLES = """examples:
   python predict.py --model_fn model.pth                     # test/ of the training data -> result.csv
@@ -41,46 +49,113 @@ EXAMPLES = """examples:
 def build_parser():
     p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     add = flag_adder(p)
-    add("--model_fn", "--model_path", default="model.pth", help="checkpoint written by train.py, or an .onnx file "
-        "written by export.py")
-    add("--data_dir", default=None, help="an image file, or a folder searched recursively "
-        "(default: test/ of the data set the checkpoint was trained on)")
-    add("--labels_csv", default=None, metavar="FILE", help="the images and their labels from a CSV (columns file, "
-        "label, optional split: then its test rows), instead of --data_dir")
-    add("--file_list", default=None, metavar="FILE", help="the images to predict, one path per line (or a CSV "
+    add(
+        "--model_fn",
+        "--model_path",
+        default="model.pth",
+        help="checkpoint written by train.py, or an .onnx file written by export.py",
+    )
+    add(
+        "--data_dir",
+        default=None,
+        help="an image file, or a folder searched recursively "
+        "(default: test/ of the data set the checkpoint was trained on)",
+    )
+    add(
+        "--labels_csv",
+        default=None,
+        metavar="FILE",
+        help="the images and their labels from a CSV (columns file, "
+        "label, optional split: then its test rows), instead of --data_dir",
+    )
+    add(
+        "--file_list",
+        default=None,
+        metavar="FILE",
+        help="the images to predict, one path per line (or a CSV "
         "with a file column and no label column), in that order, instead of --data_dir; a missing or unreadable "
-        "file is a row with the error column filled")
-    add("--image_root", default=None, metavar="DIR", help="the folder --labels_csv's or --file_list's relative "
-        "paths start from (default: the list's folder)")
-    add("--output", default="result.csv", help="CSV with one row per image (while running, the rows so far are in "
-        "OUTPUT.partial/)")
-    add("--resume", action="store_true", help="go on from the rows of an interrupted run of the same command (its "
-        "OUTPUT.partial/ folder): each image ends up in --output once")
+        "file is a row with the error column filled",
+    )
+    add(
+        "--image_root",
+        default=None,
+        metavar="DIR",
+        help="the folder --labels_csv's or --file_list's relative paths start from (default: the list's folder)",
+    )
+    add(
+        "--output",
+        default="result.csv",
+        help="CSV with one row per image (while running, the rows so far are in OUTPUT.partial/)",
+    )
+    add(
+        "--resume",
+        action="store_true",
+        help="go on from the rows of an interrupted run of the same command (its "
+        "OUTPUT.partial/ folder): each image ends up in --output once",
+    )
     add("--plot", default="predictions.png", help="figure of sample predictions (confusion matrix beside it)")
     add("--n_images", type=int, default=6, help="images in the figure")
     add("--show", action="store_true", help="also open the figure in a window")
-    add("--topk", type=int, default=None, help="add the k best classes per image (default: 5 when there are "
-        f"more than {MAX_PROB_COLUMNS} classes)")
+    add(
+        "--topk",
+        type=int,
+        default=None,
+        help=f"add the k best classes per image (default: 5 when there are more than {MAX_PROB_COLUMNS} classes)",
+    )
+    speed_flags(add)
+    reading_flags(add)
+    return p
+
+
+def speed_flags(add):
     add("--batch_size", type=int, default=64, help="images per forward pass (lower it if memory runs out)")
-    add("--num_workers", type=int, default=None, help="DataLoader worker processes (default: CPUs - 1 up to 8 "
-        "with a GPU; on the CPU 0 up to 4 cores, else a quarter of them)")
+    add(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes (default: CPUs - 1 up to 8 "
+        "with a GPU; on the CPU 0 up to 4 cores, else a quarter of them)",
+    )
     add("--gpu_id", type=int, default=None, help="CUDA device; -1 = CPU (default: GPU 0, else MPS, else CPU)")
     add("--amp", action="store_true", help="bf16/fp16 autocast")
     add("--verbose", type=int, default=1, help="0 = summary only, 1 = also a progress bar")
-    add("--threshold", type=float, default=None, help="in (0, 1]: rows whose calibrated confidence is below it are "
+
+
+def reading_flags(add):
+    """The flags that change a row (predictor.Reading) and the heat maps."""
+    add(
+        "--threshold",
+        type=float,
+        default=None,
+        help="in (0, 1]: rows whose calibrated confidence is below it are "
         "predicted as --unknown_label (their probabilities stay in the row); a multi-label model: one threshold "
-        "for every class instead of the per-class ones fitted in training")
-    add("--unknown_label", default="unknown", help="the prediction of rows below --threshold, or unlike the "
+        "for every class instead of the per-class ones fitted in training",
+    )
+    add(
+        "--unknown_label",
+        default="unknown",
+        help="the prediction of rows below --threshold, or unlike the "
         "training images with --reject_ood; a multi-label model: also of images where no class reaches its "
-        "threshold")
-    add("--tta", action="store_true", help="test-time augmentation: average the probabilities of each image and "
-        "its horizontal mirror image")
-    add("--reject_ood", action="store_true", help="predict rows unlike the training images (in_distribution 0) as "
-        "--unknown_label")
-    add("--explain", default=None, metavar="DIR", help="Grad-CAM heat map of the predicted class per image: "
+        "threshold",
+    )
+    add(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average the probabilities of each image and its horizontal mirror image",
+    )
+    add(
+        "--reject_ood",
+        action="store_true",
+        help="predict rows unlike the training images (in_distribution 0) as --unknown_label",
+    )
+    add(
+        "--explain",
+        default=None,
+        metavar="DIR",
+        help="Grad-CAM heat map of the predicted class per image: "
         "DIR/<image stem>.png (the map over the image) and DIR/heatmaps.npz (one float32 map in [0, 1] per "
-        "image, at its own size, keyed by its file_dir); needs the .pth checkpoint")
-    return p
+        "image, at its own size, keyed by its file_dir); needs the .pth checkpoint",
+    )
 
 
 def parse_args(argv=None):
@@ -104,10 +179,14 @@ def default_inputs(ckpt, task):
         try:
             parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), task=task)
         except CLIError as e:
-            raise CLIError(f"no --data_dir or --labels_csv given, and the CSV the model was trained with: {e}") from None
+            raise CLIError(
+                f"no --data_dir or --labels_csv given, and the CSV the model was trained with: {e}"
+            ) from None
         if "test" not in parts:
-            raise CLIError(f"no --data_dir or --labels_csv given, and the CSV the model was trained with "
-                           f"({saved['labels_csv']}) has no test rows")
+            raise CLIError(
+                f"no --data_dir or --labels_csv given, and the CSV the model was trained with "
+                f"({saved['labels_csv']}) has no test rows"
+            )
         return labels_csv.indexed(parts["test"], ckpt["class_names"], saved["labels_csv"], "test", task)
     root = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name"))
     if not (root / "test").is_dir():
@@ -154,8 +233,12 @@ def gather_inputs(args, ckpt, task):
         inputs = sorted(default) if isinstance(default, list) else find_inputs(default, class_names, task)
         searched = None if isinstance(default, list) else default
         if isinstance(default, list):
-            lists = [(ckpt["args"]["labels_csv"], "the CSV of labels the model was trained with (its test rows are "
-                                                  "the default input)")]
+            lists = [
+                (
+                    ckpt["args"]["labels_csv"],
+                    "the CSV of labels the model was trained with (its test rows are the default input)",
+                )
+            ]
     inputs = [(str(f), y) for f, y in inputs]
     return inputs, searched, lists
 
@@ -196,8 +279,17 @@ def main(args):
     report_path, confusion_path = check_outputs(args, inputs, labelled, predictor.task, searched, lists)
     device = resolve_device(args.gpu_id, dist.local_rank)
     predictor.model, predictor.compute, predictor.cam = prepare_model(
-        ckpt, model, head, args.model_fn, device, args.amp, bool(args.explain), dist,
-        progress=dist.is_main and args.verbose >= 1, log=print if dist.is_main else None)
+        ckpt,
+        model,
+        head,
+        args.model_fn,
+        device,
+        args.amp,
+        bool(args.explain),
+        dist,
+        progress=dist.is_main and args.verbose >= 1,
+        log=print if dist.is_main else None,
+    )
     columns = predictor.columns(labelled, bool(args.explain))
     partial = prediction_output.PartialRun(args.output, run_manifest(args, inputs, columns), len(inputs))
     partial.check(args.resume)  # before any work: one error line, nothing changed
@@ -227,17 +319,25 @@ def main(args):
         return
     seconds = time.perf_counter() - start
     summary = write_result(partial, args.output, columns, rows, plot_at, maps, unchanged)
-    print_results(args, predictor, summary, (n_new, seconds), rows.explained,
-                  (labelled, report_path, confusion_path))
+    print_results(args, predictor, summary, (n_new, seconds), rows.explained, (labelled, report_path, confusion_path))
 
 
 def run_manifest(args, inputs, columns):
     """What a partial run's rows depend on, so that --resume goes on only with the same: the model file's bytes,
     the input list, the columns and the flags that change a row."""
-    return {"model": prediction_output.file_digest(args.model_fn), "inputs": prediction_output.inputs_digest(inputs),
-            "n_inputs": len(inputs), "columns": columns,
-            "flags": {"threshold": args.threshold, "unknown_label": args.unknown_label, "tta": args.tta,
-                      "reject_ood": args.reject_ood, "amp": args.amp}}
+    return {
+        "model": prediction_output.file_digest(args.model_fn),
+        "inputs": prediction_output.inputs_digest(inputs),
+        "n_inputs": len(inputs),
+        "columns": columns,
+        "flags": {
+            "threshold": args.threshold,
+            "unknown_label": args.unknown_label,
+            "tta": args.tta,
+            "reject_ood": args.reject_ood,
+            "amp": args.amp,
+        },
+    }
 
 
 class Rows:
@@ -258,15 +358,30 @@ class Rows:
             for i, (index, p, pred) in enumerate(zip(batch.indices.tolist(), out.probs, out.decisions)):
                 cells = predictor.row(self.inputs[index], p, pred, out.score(i), self.labelled)
                 if out.maps is not None:
-                    cells.insert(self.columns.index("heatmap"), explain_row(
-                        self.explained, self.inputs[index], out.maps[i], pred, p, out.unlike[i], self.class_names,
-                        self.ckpt, args, self.task))
+                    cells.insert(
+                        self.columns.index("heatmap"),
+                        explain_row(
+                            self.explained,
+                            self.inputs[index],
+                            out.maps[i],
+                            pred,
+                            p,
+                            out.unlike[i],
+                            self.class_names,
+                            self.ckpt,
+                            args,
+                            self.task,
+                        ),
+                    )
                     if index in maps_at:
                         maps_at[index] = out.maps[i]
                 packed.append(prediction_output.pack_row(index, cells, pred, p.numpy(), out.unlike[i]))
         for bad in batch.bad:
-            packed.append(prediction_output.pack_row(bad.index, predictor.error_row(
-                self.inputs[bad.index], bad.reason, self.columns, self.labelled)))
+            packed.append(
+                prediction_output.pack_row(
+                    bad.index, predictor.error_row(self.inputs[bad.index], bad.reason, self.columns, self.labelled)
+                )
+            )
         return sorted(packed)
 
 
@@ -282,8 +397,11 @@ def predict_shares(partial, rows, compute, args, plot_at):
     mine = prediction_output.share(remaining, dist.rank, dist.world_size)
     steps = math.ceil(len(prediction_output.share(remaining, 0, dist.world_size)) / args.batch_size)  # the largest
     tf = data_loader.Preprocess.of(rows.ckpt).transform()
-    dataset = data_loader.ImageDataset(((f, 0) for f, _ in rows.inputs), tf,  # the labels stay in inputs
-                                       short_side=data_loader.Preprocess.of(rows.ckpt).draft_side())
+    dataset = data_loader.ImageDataset(
+        ((f, 0) for f, _ in rows.inputs),
+        tf,  # the labels stay in inputs
+        short_side=data_loader.Preprocess.of(rows.ckpt).draft_side(),
+    )
     workers = args.num_workers
     if workers is None:
         workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -360,20 +478,29 @@ def print_results(args, predictor, summary, timing, explained, outputs):
     ckpt, task, calibration, rejecting = predictor.ckpt, predictor.task, predictor.calibration, predictor.rejecting
     class_names, reference, ood_threshold = predictor.class_names, predictor.reference, predictor.ood_threshold
     earlier = f", {n_done - n_new} of them from the interrupted run" if n_new < n_done else ""
-    print(f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s "
-          f"({n_new / max(seconds, 1e-9):.1f} img/s{earlier})"
-          + (f"; {n_bad} unreadable (see the error column)" if n_bad else "") + f" -> {args.output}")
+    print(
+        f"predicted {n_done} image{'' if n_done == 1 else 's'} in {seconds:.1f}s "
+        f"({n_new / max(seconds, 1e-9):.1f} img/s{earlier})"
+        + (f"; {n_bad} unreadable (see the error column)" if n_bad else "")
+        + f" -> {args.output}"
+    )
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if args.explain:
         empty = f" ({explained.empty} with an empty map: no evidence for the class)" if explained.empty else ""
-        print(f"heat maps (Grad-CAM of the {task.explained_class} class): {explained.count} overlays{empty} -> "
-              f"{args.explain}/, "
-              f"maps -> {Path(args.explain) / 'heatmaps.npz'}")
+        print(
+            f"heat maps (Grad-CAM of the {task.explained_class} class): {explained.count} overlays{empty} -> "
+            f"{args.explain}/, "
+            f"maps -> {Path(args.explain) / 'heatmaps.npz'}"
+        )
     if rejecting:
-        rules = " and ".join(([f"threshold {args.threshold:g}"] if args.threshold is not None else [])
-                             + (["--reject_ood"] if args.reject_ood else []))
-        print(f"{rules}: {n_accepted}/{n_done} accepted ({n_accepted / n_done:.1%}), "
-              f"the rest predicted as {args.unknown_label!r}")
+        rules = " and ".join(
+            ([f"threshold {args.threshold:g}"] if args.threshold is not None else [])
+            + (["--reject_ood"] if args.reject_ood else [])
+        )
+        print(
+            f"{rules}: {n_accepted}/{n_done} accepted ({n_accepted / n_done:.1%}), "
+            f"the rest predicted as {args.unknown_label!r}"
+        )
     labelled = labelled and len(tally) > 0  # every labelled image may have been unreadable
     if labelled:
         lines, report = tally.summary(class_names, args.threshold, rejecting, calibration)
@@ -384,83 +511,33 @@ def print_results(args, predictor, summary, timing, explained, outputs):
         plot_predictions(samples_for_plot, class_names, ckpt, args.plot, args.show, args.unknown_label, task)
         print(f"figure -> {args.plot}")
         if labelled and task.confusion_matrix:
-            save_confusion_matrix(tally.confusion(len(class_names), rejecting), class_names,
-                                  confusion_path, extra_column=args.unknown_label if rejecting else None)
+            save_confusion_matrix(
+                tally.confusion(len(class_names), rejecting),
+                class_names,
+                confusion_path,
+                extra_column=args.unknown_label if rejecting else None,
+            )
             print(f"confusion matrix -> {confusion_path}")
 
 
 def print_ood_summary(reference, threshold, n_unlike, n_done, args):
     """How many images the checkpoint's out-of-distribution reference calls unlike the training images."""
     if reference is None:
-        print(f"out-of-distribution: {args.model_fn} has no reference (trained before train.py kept one, or with "
-              "--ood_method none): no ood_score column")
+        print(
+            f"out-of-distribution: {args.model_fn} has no reference (trained before train.py kept one, or with "
+            "--ood_method none): no ood_score column"
+        )
     elif threshold is None:
-        print(f"out-of-distribution: ood_score written ({reference['method']}); the checkpoint has no threshold "
-              "(too few validation images), so in_distribution is empty"
-              + (" and --reject_ood rejects nothing" if args.reject_ood else ""))
+        print(
+            f"out-of-distribution: ood_score written ({reference['method']}); the checkpoint has no threshold "
+            "(too few validation images), so in_distribution is empty"
+            + (" and --reject_ood rejects nothing" if args.reject_ood else "")
+        )
     else:
-        print(f"out-of-distribution: {n_unlike}/{n_done} images ({n_unlike / n_done:.1%}) unlike the training "
-              f"images (ood_score > {threshold:.4g}, {reference['method']})")
-
-
-def describe_row(label, pred, probs, unlike, class_names, unknown_label, task):
-    """(title, colour) of a prediction in the figure and the --explain overlays: the task's title (the prediction
-    and its confidence, the truth when the label says otherwise); red when wrong; orange for rows deciding no
-    class ('unknown', with the best class named); 'unlike training' and purple for out-of-distribution rows."""
-    title, wrong = task.title(label, pred, probs, class_names, unknown_label)
-    color = "purple" if unlike else "darkorange" if wrong is None else "red" if wrong else "black"
-    return title + ("\nunlike training" if unlike else ""), color
-
-
-def wrap_title(title, width=TITLE_WIDTH):
-    """Each line of a title broken after its commas so that no line is longer than width characters (a single
-    longer item keeps a line of its own)."""
-    lines = []
-    for line in title.split("\n"):
-        current = ""
-        for item in line.split(", "):
-            if current and len(current) + len(item) + 3 > width:  # ", " and the comma that may end the line
-                lines.append(current + ",")
-                current = item
-            else:
-                current = f"{current}, {item}" if current else item
-        lines.append(current)
-    return "\n".join(lines)
-
-
-def figure_title(label, pred, probs, unlike, class_names, unknown_label, task, heat=None):
-    """(title, colour) of an image in the --plot figure: describe_row's, wrapped to the cell's width; with its
-    --explain map `heat`, a last line when the map is empty (explain.evidence_title)."""
-    title, color = describe_row(label, pred, probs, unlike, class_names, unknown_label, task)
-    return wrap_title(title if heat is None else explain.evidence_title(title, heat)), color
-
-
-def explain_row(explained, sample, cam, pred, probs, unlike, class_names, ckpt, args, task):
-    """The image's heat map at its own size into heatmaps.npz and its overlay PNG; returns the PNG's path (the
-    heatmap column)."""
-    file, label = sample
-    try:
-        image = data_loader.load_rgb(file)  # read again: its own size, and the overlay's pixels
-    except Exception:  # changed or gone since the loader read it: the row stays, without a map
-        return ""
-    heat = explain.full_size_map(cam, image.width, image.height, ckpt["input_size"], ckpt["resize_size"])
-    title, color = describe_row(label, pred, probs, unlike, class_names, args.unknown_label, task)
-    return str(explained.add(file, image, heat, title.replace("\n", "; "), color))
-
-
-def plot_predictions(samples, class_names, ckpt, path, show, unknown_label, task):
-    """The images as the model saw them (resize + center crop), in real colours (with --explain, the heat map
-    over them), titled as figure_title says."""
-    show_tf = data_loader.Preprocess.of(ckpt).display()
-    images, titles, colors = [], [], []
-    for (file, label), pred, probs, unlike, heat in samples:
-        image = show_tf(data_loader.load_rgb(file))
-        images.append(image if heat is None else explain.blend(image, heat))  # the crop's map: --explain
-        title, color = figure_title(label, pred, probs, unlike, class_names, unknown_label, task, heat)
-        titles.append(title)
-        colors.append(color)
-    if not save_image_grid(images, titles, colors, path, show=show):
-        print(f"--show: no window can open here (no display), so the figure was only saved: {path}")
+        print(
+            f"out-of-distribution: {n_unlike}/{n_done} images ({n_unlike / n_done:.1%}) unlike the training "
+            f"images (ood_score > {threshold:.4g}, {reference['method']})"
+        )
 
 
 if __name__ == "__main__":

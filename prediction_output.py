@@ -4,6 +4,7 @@ record with a checksum, so Ctrl-C, a crash, `kill -9` or a lost machine loses at
 `--resume` goes on from the rows found there. At the end the rows are written to --output in input order (whole,
 renamed into place, never half a file) and the folder is removed. The folder's run.json says which model, inputs
 and row-changing flags wrote it: a resume with others is refused in one line."""
+
 import base64
 import hashlib
 import json
@@ -118,23 +119,32 @@ class PartialRun:
         exists = self.folder.is_dir()
         if not resume:
             if exists:
-                raise CLIError(f"{self.folder} holds the rows of an interrupted run of {self.output}: add --resume to "
-                               "go on from them, or delete the folder to start again")
+                raise CLIError(
+                    f"{self.folder} holds the rows of an interrupted run of {self.output}: add --resume to "
+                    "go on from them, or delete the folder to start again"
+                )
             return
         if not exists:
-            raise CLIError(f"--resume: no interrupted run of {self.output} to go on from ({self.folder} does not "
-                           "exist); nothing was changed")
+            raise CLIError(
+                f"--resume: no interrupted run of {self.output} to go on from ({self.folder} does not "
+                "exist); nothing was changed"
+            )
         try:
             saved = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise CLIError(f"--resume: {self.folder / MANIFEST} cannot be read ({type(e).__name__}); nothing was "
-                           "changed") from None
+            raise CLIError(
+                f"--resume: {self.folder / MANIFEST} cannot be read ({type(e).__name__}); nothing was changed"
+            ) from None
         differ = [key for key in self.manifest if saved.get(key) != self.manifest[key]]
         if differ:
-            words = [changed_flags(saved.get(k) or {}, self.manifest[k]) if k == "flags" else MANIFEST_WORDS.get(k, k)
-                     for k in differ]
-            raise CLIError(f"--resume: the rows in {self.folder} were written with another {', '.join(words)}; run "
-                           "the same command as before, or delete the folder to start again; nothing was changed")
+            words = [
+                changed_flags(saved.get(k) or {}, self.manifest[k]) if k == "flags" else MANIFEST_WORDS.get(k, k)
+                for k in differ
+            ]
+            raise CLIError(
+                f"--resume: the rows in {self.folder} were written with another {', '.join(words)}; run "
+                "the same command as before, or delete the folder to start again; nothing was changed"
+            )
 
     def open(self):
         """On the main process only: the folder created with its manifest, or an interrupted run's part files cut
@@ -201,8 +211,13 @@ def changed_flags(before, now):
     return "value of " + ", ".join(f"--{k} (was {before.get(k)!r}, now {now.get(k)!r})" for k in names)
 
 
-MANIFEST_WORDS = {"model": "model (--model_fn's file differs)", "inputs": "input list", "n_inputs": "number of inputs",
-                  "columns": "set of columns", "flags": "set of flags that change the rows"}
+MANIFEST_WORDS = {
+    "model": "model (--model_fn's file differs)",
+    "inputs": "input list",
+    "n_inputs": "number of inputs",
+    "columns": "set of columns",
+    "flags": "set of flags that change the rows",
+}
 
 
 class PartWriter:
@@ -215,7 +230,7 @@ class PartWriter:
     def write(self, rows):
         data = memoryview(encode_frame(rows)) if rows else b""
         while data:
-            data = data[os.write(self.fd, data):]
+            data = data[os.write(self.fd, data) :]
         if time.monotonic() - self.synced > FSYNC_SECONDS:
             os.fsync(self.fd)
             self.synced = time.monotonic()

@@ -3,6 +3,7 @@ once (a .pth checkpoint of train.py, or an .onnx export that onnxruntime runs) w
 preprocessing and out-of-distribution reference, made ready on its device; a batch of images turned into its
 outputs (calibrated probabilities, the decisions, ood_score, Grad-CAM maps) and each image's row, with the columns
 result.csv has."""
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-
 @dataclass(frozen=True)
 class Reading:
     """The settings that change a row (the scripts build it from their flags)."""
+
     threshold: float = None  # in (0, 1]: rows below this calibrated confidence are unknown_label (None: never)
     unknown_label: str = "unknown"  # the prediction of a rejected row (and of a multi-label row deciding no class)
     tta: bool = False  # average each image's probabilities with its mirror image's
@@ -43,12 +45,16 @@ def load_model(model_fn, explain_maps=False):
     one error line for anything else. explain_maps: Grad-CAM will be asked for, which needs the checkpoint."""
     head = None
     if Path(model_fn).suffix.lower() == ".pt2":
-        raise CLIError(f"{model_fn} is a torch.export program (load it with torch.export.load); predict.py runs the "
-                       "checkpoint it came from, or an .onnx export")
+        raise CLIError(
+            f"{model_fn} is a torch.export program (load it with torch.export.load); predict.py runs the "
+            "checkpoint it came from, or an .onnx export"
+        )
     if exported_model.is_exported(model_fn):  # an ONNX file of export.py: onnxruntime runs it
         if explain_maps:
-            raise CLIError(f"--explain needs the checkpoint (.pth) {model_fn} was exported from: heat maps take "
-                           "gradients, which an ONNX model does not give")
+            raise CLIError(
+                f"--explain needs the checkpoint (.pth) {model_fn} was exported from: heat maps take "
+                "gradients, which an ONNX model does not give"
+            )
         ckpt, model = exported_model.load_exported(model_fn)
     else:
         ckpt = model_loader.load_checkpoint(model_fn)
@@ -58,8 +64,9 @@ def load_model(model_fn, explain_maps=False):
     return ckpt, model, head
 
 
-def prepare_model(ckpt, model, head, model_fn, device, amp=False, explain_maps=False, dist=None, progress=False,
-                  log=print):
+def prepare_model(
+    ckpt, model, head, model_fn, device, amp=False, explain_maps=False, dist=None, progress=False, log=print
+):
     """(the model ready to run, its Compute, the Grad-CAM of explain_maps or None): on `device`, optimized for
     inference, with the ood_score output when the checkpoint has a reference. An ONNX model's batches stay on the
     CPU (onnxruntime optimizes its graph itself)."""
@@ -82,6 +89,7 @@ class Outputs:
     """A batch's outputs, on the CPU: calibrated probabilities (N, classes), the task's decision per row (UNKNOWN
     when rejected), ood_score (N,) or None, unlike the training images per row (True / False / None: no
     threshold), Grad-CAM maps (N, h, w) or None."""
+
     probs: torch.Tensor
     decisions: list
     scores: torch.Tensor
@@ -110,8 +118,17 @@ class Predictor:
         self.check()
 
     @classmethod
-    def load(cls, model_fn, reading=Reading(), gpu_id=None, amp=False, explain_maps=False, dist=None,
-             progress=False, log=print):
+    def load(
+        cls,
+        model_fn,
+        reading=Reading(),
+        gpu_id=None,
+        amp=False,
+        explain_maps=False,
+        dist=None,
+        progress=False,
+        log=print,
+    ):
         """The model file loaded and made ready (load_model, prepare_model) on --gpu_id's device."""
         ckpt, model, head = load_model(model_fn, explain_maps)
         device = resolve_device(gpu_id, dist.local_rank if dist is not None else None)
@@ -122,8 +139,10 @@ class Predictor:
         """One error line for settings this model cannot follow."""
         reading = self.reading
         if reading.reject_ood and self.reference is None:
-            raise CLIError("--reject_ood: the model has no out-of-distribution reference (train.py writes one unless "
-                           "--ood_method none)")
+            raise CLIError(
+                "--reject_ood: the model has no out-of-distribution reference (train.py writes one unless "
+                "--ood_method none)"
+            )
         if (self.rejecting or self.task.empty_label_allowed) and reading.unknown_label in self.class_names:
             raise CLIError(f"--unknown_label {reading.unknown_label!r} is one of the classes; choose another word")
 
@@ -155,7 +174,7 @@ class Predictor:
         decisions = self.task.decisions(self.calibration.decide(probs, reading.threshold))
         unlike = [None] * len(probs)  # per row: True = out of distribution, None = not known
         if scores is not None:
-            scores = scores[:len(probs)].detach().float().cpu()  # with --tta: the image's own view
+            scores = scores[: len(probs)].detach().float().cpu()  # with --tta: the image's own view
             if self.ood_threshold is not None:
                 unlike = (scores > self.ood_threshold).tolist()
                 if reading.reject_ood:

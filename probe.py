@@ -2,13 +2,26 @@
 moves, the new head is fitted to convergence on the frozen backbone's cached features with full-batch L-BFGS,
 once per L2 penalty of a grid, and the penalty with the lowest validation loss is kept. Fine-tuning then
 starts from a head that already fits, so its first gradients do not tear into the pretrained features."""
+
 import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-L2_GRID = (10.0, 3.0, 1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # strongest first; each fit starts from the last
+L2_GRID = (
+    10.0,
+    3.0,
+    1.0,
+    3e-1,
+    1e-1,
+    3e-2,
+    1e-2,
+    3e-3,
+    1e-3,
+    3e-4,
+    1e-4,
+)  # strongest first; each fit starts from the last
 DEFAULT_L2 = 1e-3  # without validation features to choose with
 MAX_ITER = 100  # L-BFGS iterations per penalty (each at most 1.25x as many loss evaluations)
 
@@ -27,8 +40,15 @@ def fit_head(head, x, y, criterion, l2, max_iter=MAX_ITER):
     where they are (full batch, L-BFGS with a strong-Wolfe line search); returns the data term at the end."""
     params = [p for p in head.parameters() if p.requires_grad]
     weights = [p for p in params if p.dim() > 1]
-    opt = torch.optim.LBFGS(params, lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
 
     def objective():
         opt.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """What a run writes as it goes and at its end, on the main process: the best and the resumable last checkpoint
 (RunFiles), metrics.csv and TensorBoard's scalars (one row per epoch), the hyperparameters with the best figures,
 and the grid of validation predictions."""
+
 import csv
 import math
 import time
@@ -11,7 +12,6 @@ import torch
 import model_loader
 from data_loader import Preprocess, load_rgb
 from utils import atomic_open, atomic_torch_save, image_grid_figure
-
 
 BASE_METRICS = ("loss", "accuracy", "count")  # every evaluation's; a task may add more (multi-label: map)
 TAGS = {"valid_map": "Validation/mAP"}  # TensorBoard's name of an added validation metric, else Validation/<name>
@@ -28,10 +28,26 @@ def added_columns(row):
 
 def epoch_row(epoch, train, valid, lr, seconds):
     """One epoch's line of the history (metrics.csv, TensorBoard), with the validation metrics the task adds."""
-    row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-           "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"], "lr": lr, "seconds": round(seconds, 3),
-           "valid_count": valid["count"]}
+    row = {
+        "epoch": epoch,
+        "train_loss": train["loss"],
+        "train_accuracy": train["accuracy"],
+        "valid_loss": valid["loss"],
+        "valid_accuracy": valid["accuracy"],
+        "lr": lr,
+        "seconds": round(seconds, 3),
+        "valid_count": valid["count"],
+    }
     return {**row, **added_metrics(valid)}
+
+
+def epoch_line(row, n_epochs, pace, improved):
+    """The epoch's log line: its losses and accuracies, rate, seconds and time left (`pace`), and *best."""
+    return (
+        f"epoch {row['epoch']}/{n_epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+        f"valid loss {row['valid_loss']:.4f} acc {row['valid_accuracy']:.4f}  lr {row['lr']:.2e}  "
+        f"{row['seconds']:.1f}s, {pace}{'  *best' if improved else ''}"
+    )
 
 
 def write_metrics_csv(history, path):
@@ -141,7 +157,9 @@ class RunFiles:
     def best_weights(self, dist):
         """The best checkpoint's weights, read by rank 0 and sent to every rank (other machines may not see its
         disk); None when there is no file."""
-        best = [model_loader.safe_load(self.model_fn)["state_dict"] if self.is_main and self.model_fn.exists() else None]
+        best = [
+            model_loader.safe_load(self.model_fn)["state_dict"] if self.is_main and self.model_fn.exists() else None
+        ]
         if dist.enabled:
             torch.distributed.broadcast_object_list(best, src=0)
         return best[0]
@@ -176,8 +194,15 @@ def log_summary(fitter, calibration, test_metrics):
     writer = fitter.files.open_writer(fitter.state.epoch)
     if writer is None:  # not rank 0
         return
-    figure = prediction_grid(fitter.model, fitter.splits.valid, fitter.splits.class_names, fitter.meta,
-                             fitter.compute, fitter.task, calibration=calibration)
+    figure = prediction_grid(
+        fitter.model,
+        fitter.splits.valid,
+        fitter.splits.class_names,
+        fitter.meta,
+        fitter.compute,
+        fitter.task,
+        calibration=calibration,
+    )
     if figure is not None:
         writer.add_figure("Validation/Predictions", figure, fitter.state.epoch)
     metrics = {f"hparam/{k}": float(v) for k, v in fitter.state.best_metrics.items()}

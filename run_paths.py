@@ -12,6 +12,7 @@ starts (train.py, predict.py, export.py and serve.py build one each):
 
 The first problem found is one error line (cli.CLIError); nothing has been written then.
 """
+
 import os
 import tempfile
 from pathlib import Path
@@ -163,32 +164,41 @@ class RunPaths:
     def check_not_an_input(self, at, path, what, images):
         for read, read_what, replaced_by in self.files:
             if (located(read) == at or same_file(read, path)) and replaced_by != what:
-                raise CLIError(f"{what} {str(path)!r} is {read_what}, which this run reads; writing it would replace "
-                               "it: choose another name")
+                raise CLIError(
+                    f"{what} {str(path)!r} is {read_what}, which this run reads; writing it would replace "
+                    "it: choose another name"
+                )
         if any(located(f) == at or same_file(f, path) for f in images):
-            raise CLIError(f"{what} {str(path)!r} is one of the input files; writing it would replace it: choose "
-                           "another name")
+            raise CLIError(
+                f"{what} {str(path)!r} is one of the input files; writing it would replace it: choose another name"
+            )
 
     def check_figure(self, path, what):
         suffix = path.suffix.lower().lstrip(".")
         formats = figure_formats()
         if suffix and suffix not in formats:
-            raise CLIError(f"{what} {str(path)!r}: a figure cannot be saved as .{suffix}; name it .png (or "
-                           f"{', '.join('.' + f for f in sorted(formats - {'png'}) if f in ('jpg', 'pdf', 'svg'))})")
+            raise CLIError(
+                f"{what} {str(path)!r}: a figure cannot be saved as .{suffix}; name it .png (or "
+                f"{', '.join('.' + f for f in sorted(formats - {'png'}) if f in ('jpg', 'pdf', 'svg'))})"
+            )
         self.check_not_searched(path, what, "the figure")
 
     def check_not_searched(self, path, what, thing):
         resolved = Path(path).resolve()
         for folder, folder_what in self.searched:
             if resolved.is_relative_to(folder.resolve()):
-                raise CLIError(f"{what} {str(path)!r} is inside {str(folder)!r}, where {folder_what} are read from: "
-                               f"{thing} would be read as input next time; write it outside that folder")
+                raise CLIError(
+                    f"{what} {str(path)!r} is inside {str(folder)!r}, where {folder_what} are read from: "
+                    f"{thing} would be read as input next time; write it outside that folder"
+                )
 
     def check_folder(self, path, what, kind):
         if path.exists() and not path.is_dir():
             raise CLIError(f"{what} {str(path)!r} is a file; give a folder")
         if any(input_names_in(path, files) for files in self.images):
-            raise CLIError(f"{what} {str(path)!r} holds input images: what the run writes there would be mixed with "
-                           "them; give another folder")
+            raise CLIError(
+                f"{what} {str(path)!r} holds input images: what the run writes there would be mixed with "
+                "them; give another folder"
+            )
         if kind == "image folder":
             self.check_not_searched(path, what, "the images written there")

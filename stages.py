@@ -14,6 +14,7 @@ none of this itself):
 - the time left, from epochs of the same kind (an epoch on cached features takes milliseconds, a fine-tuning
   epoch minutes).
 """
+
 import copy
 import math
 import time
@@ -37,7 +38,7 @@ HEAD, FROZEN, WHOLE = "head", "frozen", "whole"  # an epoch of: the head on cach
 
 def lr_factor(step, phases, warmup_fraction, schedule):
     """Linear warm-up then cosine decay (to 1%), restarted at each phase (head-only, then fine-tune)."""
-    for start, length in reversed(phases):
+    for start, length in reversed(phases):  # noqa: B007 - the phase found is the loop's result
         if step >= start:
             break
     t = step - start
@@ -62,6 +63,7 @@ def settled_head_factor(step, schedule, settled_from, scale):
 @dataclass
 class StagePlan:
     """The stages of one run (see the module's docstring), from FitConfig and what the model allows."""
+
     config: object  # trainer.FitConfig
     frozen_epochs: int  # the first epochs train the head alone (all of them with --freeze)
     probe: bool  # LP-FT: the head stage (probe and SGD head) before the first fine-tuning epoch
@@ -77,12 +79,16 @@ class StagePlan:
         features_ok = head_takes_features(model, head, meta["input_size"], device)
         lp_ft = config.probe and not frozen_epochs and features_ok
         if config.probe and not lp_ft and not frozen_epochs:
-            log(f"linear probe: not available for {meta['model_name']} (its classifier is not the last layer); "
-                "fine-tuning from the new head")
+            log(
+                f"linear probe: not available for {meta['model_name']} (its classifier is not the last layer); "
+                "fine-tuning from the new head"
+            )
         cache = features_ok and (config.feature_cache and frozen_epochs > 0 or lp_ft)
         if config.feature_cache and frozen_epochs and not cache:
-            log(f"feature cache: not available for {meta['model_name']} (its classifier is not the last layer); "
-                "training through the frozen backbone")
+            log(
+                f"feature cache: not available for {meta['model_name']} (its classifier is not the last layer); "
+                "training through the frozen backbone"
+            )
         return cls(config, frozen_epochs, lp_ft, cache, math.ceil(n_train / global_batch), max(1, image_steps))
 
     @property
@@ -107,10 +113,16 @@ class StagePlan:
         """How this run trains, in words."""
         config = self.config
         if self.frozen_run:
-            return "frozen backbone, head only" + (" (SGD epochs, then the linear probe; the better kept)"
-                                                  if self.compares_heads else "")
-        first = ("linear probe and SGD head on cached features (the better kept), then " if self.probe else
-                 f"head only for {self.frozen_epochs} epochs, then " if self.frozen_epochs else "")
+            return "frozen backbone, head only" + (
+                " (SGD epochs, then the linear probe; the better kept)" if self.compares_heads else ""
+            )
+        first = (
+            "linear probe and SGD head on cached features (the better kept), then "
+            if self.probe
+            else f"head only for {self.frozen_epochs} epochs, then "
+            if self.frozen_epochs
+            else ""
+        )
         how = [f"BatchNorm {config.batchnorm}"] if model_loader.batchnorm_layers(model) else []
         how += [f"layer decay {config.layer_decay:g}"] if config.layer_decay != 1.0 else []
         return f"{first}fine-tune all" + (f" ({', '.join(how)})" if how else "")
@@ -122,8 +134,9 @@ class StagePlan:
         exactly as a --freeze run's."""
         config = self.config
         head_only = self.frozen_run if head_only is None else head_only
-        groups = model_loader.param_groups(model, head, config.lr, config.backbone_lr_scale, config.weight_decay,
-                                           config.layer_decay)
+        groups = model_loader.param_groups(
+            model, head, config.lr, config.backbone_lr_scale, config.weight_decay, config.layer_decay
+        )
         if head_only:
             groups = groups[:1]
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -135,8 +148,9 @@ class StagePlan:
             phases.append((head_end, (config.n_epochs - frozen) * self.image_steps))
         schedule = partial(lr_factor, phases=phases, warmup_fraction=config.warmup, schedule=config.lr_schedule)
         settled = head_end if not head_only and (self.probe or frozen) else math.inf
-        head_schedule = partial(settled_head_factor, schedule=schedule, settled_from=settled,
-                                scale=config.backbone_lr_scale)
+        head_schedule = partial(
+            settled_head_factor, schedule=schedule, settled_from=settled, scale=config.backbone_lr_scale
+        )
         lambdas = [head_schedule] + [schedule] * (len(groups) - 1)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
@@ -146,9 +160,11 @@ class StagePlan:
         1.000), so validation could show no gain."""
         if not self.probe or start.get("valid_count", 0) == 0 or start["valid_accuracy"] < 1.0:
             return ""
-        return (f"fine-tuning skipped: the head on the frozen backbone already gets all {start['valid_count']} "
-                f"validation images right (loss {start['valid_loss']:.4f}), so fine-tuning could show no gain there "
-                "(--no_probe fine-tunes anyway)")
+        return (
+            f"fine-tuning skipped: the head on the frozen backbone already gets all {start['valid_count']} "
+            f"validation images right (loss {start['valid_loss']:.4f}), so fine-tuning could show no gain there "
+            "(--no_probe fine-tunes anyway)"
+        )
 
     def transfer_note(self, state):
         """One line: did fine-tuning beat the head fitted on the frozen backbone (the head stage's, or the best
@@ -156,7 +172,7 @@ class StagePlan:
         if self.probe and state.probe:
             before, what = state.probe["valid_loss"], HEAD_NAMES[state.probe.get("kept", "probe")]
         elif 0 < self.frozen_epochs < state.epoch:
-            rows = state.history[:self.frozen_epochs]
+            rows = state.history[: self.frozen_epochs]
             best = min(rows, key=lambda r: r["valid_loss"])
             before, what = best["valid_loss"], f"head-only epoch {best['epoch']}"
         else:
@@ -165,9 +181,13 @@ class StagePlan:
         if not tuned:
             return ""
         if state.best_epoch > self.frozen_epochs:
-            return f"fine-tuning improved validation loss {before:.4f} -> {state.best_loss:.4f} (epoch {state.best_epoch})"
-        return (f"kept {what}: fine-tuning did not beat its validation loss {before:.4f} (best fine-tuned epoch: "
-                f"{min(tuned):.4f})")
+            return (
+                f"fine-tuning improved validation loss {before:.4f} -> {state.best_loss:.4f} (epoch {state.best_epoch})"
+            )
+        return (
+            f"kept {what}: fine-tuning did not beat its validation loss {before:.4f} (best fine-tuned epoch: "
+            f"{min(tuned):.4f})"
+        )
 
 
 HEAD_NAMES = {"probe": "the linear probe", "sgd": "the SGD head"}
@@ -179,6 +199,7 @@ HEAD_NAMES = {"probe": "the linear probe", "sgd": "the SGD head"}
 @dataclass
 class HeadChoice:
     """The head stage's outcome: which head was kept and both candidates' figures (TrainState.probe holds it)."""
+
     kept: str  # "probe" or "sgd"
     metrics: dict  # the kept head's best_metrics (valid_loss, valid_accuracy, train_loss, valid_count, ...)
     probe: object  # probe.ProbeResult
@@ -188,10 +209,16 @@ class HeadChoice:
     def record(self):
         """What TrainState.probe keeps (plain types, so the resumable checkpoint loads with weights_only)."""
         sgd_loss = self.sgd["valid"]["loss"] if self.sgd else None
-        return {"kept": self.kept, "l2": self.probe.l2, "valid_loss": self.metrics["valid_loss"],
-                "valid_accuracy": self.metrics["valid_accuracy"], "probe_valid_loss": self.probe.valid["loss"],
-                "sgd_valid_loss": sgd_loss, "sgd_epoch": self.sgd.get("epoch", 0),
-                "seconds": round(sum(self.seconds.values()), 3)}
+        return {
+            "kept": self.kept,
+            "l2": self.probe.l2,
+            "valid_loss": self.metrics["valid_loss"],
+            "valid_accuracy": self.metrics["valid_accuracy"],
+            "probe_valid_loss": self.probe.valid["loss"],
+            "sgd_valid_loss": sgd_loss,
+            "sgd_epoch": self.sgd.get("epoch", 0),
+            "seconds": round(sum(self.seconds.values()), 3),
+        }
 
     def summary(self):
         """'kept the linear probe: validation loss 0.2100 against the SGD head's 0.2500 (epoch 14)'."""
@@ -206,17 +233,22 @@ class HeadChoice:
     def line(self, cache_seconds):
         """The log line: both heads' validation figures, which was kept, and where the time went."""
         p = self.probe
-        probe_text = (f"linear probe (L2 {p.l2:g}) valid loss {p.valid['loss']:.4f} acc "
-                      f"{p.valid.get('accuracy', math.nan):.4f}")
+        probe_text = (
+            f"linear probe (L2 {p.l2:g}) valid loss {p.valid['loss']:.4f} acc {p.valid.get('accuracy', math.nan):.4f}"
+        )
         if self.sgd:
             s = self.sgd
-            sgd_text = (f"SGD head (best of {s['epochs']} epochs: {s['epoch']}) valid loss {s['valid']['loss']:.4f} "
-                        f"acc {s['valid']['accuracy']:.4f}")
+            sgd_text = (
+                f"SGD head (best of {s['epochs']} epochs: {s['epoch']}) valid loss {s['valid']['loss']:.4f} "
+                f"acc {s['valid']['accuracy']:.4f}"
+            )
         else:
             sgd_text = "SGD head: no epoch finished"
-        return (f"head on cached features: {probe_text}; {sgd_text}; kept {HEAD_NAMES[self.kept]} (times: feature "
-                f"cache {cache_seconds:.1f}s, probe {self.seconds.get('probe', 0):.1f}s, SGD head "
-                f"{self.seconds.get('sgd', 0):.1f}s)")
+        return (
+            f"head on cached features: {probe_text}; {sgd_text}; kept {HEAD_NAMES[self.kept]} (times: feature "
+            f"cache {cache_seconds:.1f}s, probe {self.seconds.get('probe', 0):.1f}s, SGD head "
+            f"{self.seconds.get('sgd', 0):.1f}s)"
+        )
 
 
 def probe_on_cache(head_module, cache, train_labels, valid_labels, criterion, task, compute):
@@ -227,8 +259,9 @@ def probe_on_cache(head_module, cache, train_labels, valid_labels, criterion, ta
     train_y = train_labels[ok].repeat(views, *[1] * (train_labels.dim() - 1)).to(compute.device)
     valid_x = cache.valid[0, cache.valid_ok].to(compute.device)
     valid_y = valid_labels[cache.valid_ok].to(compute.device)
-    return probe.fit_probe(head_module, train_x, train_y, valid_x, valid_y, criterion, task,
-                           stop=compute.stop_requested)
+    return probe.fit_probe(
+        head_module, train_x, train_y, valid_x, valid_y, criterion, task, stop=compute.stop_requested
+    )
 
 
 def choose_head(probe_result, sgd, added):
@@ -238,8 +271,14 @@ def choose_head(probe_result, sgd, added):
         kept, valid, train_loss = "sgd", sgd["valid"], sgd["train_loss"]
     else:
         kept, valid, train_loss = "probe", probe_result.valid, probe_result.train_loss
-    metrics = {"valid_loss": valid["loss"], "valid_accuracy": valid.get("accuracy", math.nan), "train_loss": train_loss,
-               "valid_count": valid.get("count", 0), "best_epoch": 0, **added(valid)}
+    metrics = {
+        "valid_loss": valid["loss"],
+        "valid_accuracy": valid.get("accuracy", math.nan),
+        "train_loss": train_loss,
+        "valid_count": valid.get("count", 0),
+        "best_epoch": 0,
+        **added(valid),
+    }
     return HeadChoice(kept, metrics, probe_result, sgd)
 
 
@@ -252,8 +291,8 @@ class HeadStage:
     (choose_head); before fine-tuning (LP-FT, from the new head; both checkpoints then written, so a stop later
     resumes after it), or after a --freeze run's epochs (against their best)."""
 
-    def __init__(self, fitter):
-        self.fitter = fitter
+    def __init__(self, fitter, head_epoch):
+        self.fitter, self.epoch_fn = fitter, head_epoch  # epoch_fn: trainer.cached_head_epoch
         self.head_module = fitter.model.get_submodule(fitter.head)
         self.lp_ft = fitter.plan.probe
 
@@ -266,12 +305,19 @@ class HeadStage:
             return False
         start = time.perf_counter()
         initial = head_weights(self.head_module)
-        sgd = self.sgd_head(initial) if self.lp_ft else self.best_epoch()
+        sgd = self.sgd_head(initial, self.epoch_fn) if self.lp_ft else self.best_epoch()
         if self.lp_ft:
             self.head_module.load_state_dict(initial)
         sgd_seconds, start = elapsed(start), time.perf_counter()
-        fitted = probe_on_cache(self.head_module, fitter.cache, fitter.train_labels, fitter.valid_labels,
-                                fitter.criterion, fitter.task, fitter.compute)
+        fitted = probe_on_cache(
+            self.head_module,
+            fitter.cache,
+            fitter.train_labels,
+            fitter.valid_labels,
+            fitter.criterion,
+            fitter.task,
+            fitter.compute,
+        )
         if fitted is None:
             return False
         choice = choose_head(fitted, sgd, added_metrics)
@@ -294,10 +340,14 @@ class HeadStage:
         """A --freeze run's SGD candidate: its best epoch (the weights are the Fitter's best_state)."""
         state = self.fitter.state
         best = state.best_metrics
-        return {"epoch": state.best_epoch, "epochs": state.epoch, "train_loss": best.get("train_loss"),
-                "valid": {"loss": best["valid_loss"], "accuracy": best["valid_accuracy"], "count": 0}}
+        return {
+            "epoch": state.best_epoch,
+            "epochs": state.epoch,
+            "train_loss": best.get("train_loss"),
+            "valid": {"loss": best["valid_loss"], "accuracy": best["valid_accuracy"], "count": 0},
+        }
 
-    def sgd_head(self, initial):
+    def sgd_head(self, initial, head_epoch):
         """LP-FT's SGD candidate: the head trained from `initial` on the cached features exactly as --freeze trains
         it (its optimizer, schedule and patience), silently; {"epoch", "epochs", "valid", "train_loss", "weights"}
         of its best epoch ({} when stopped before one finished)."""
@@ -307,13 +357,20 @@ class HeadStage:
         scaler = fitter.compute.grad_scaler()
         for epoch in range(fitter.config.n_epochs):
             seed_everything(fitter.config.seed + epoch)  # as the Fitter seeds each epoch
-            result = fitter.head_epoch(epoch, optimizer, scheduler, scaler)
+            result = head_epoch(fitter, epoch, optimizer, scheduler, scaler)
             if result is None:
                 return {}
             train, valid = result
             if not best or valid["loss"] < best["valid"]["loss"]:
-                best, bad = {"epoch": epoch + 1, "valid": valid, "train_loss": train["loss"],
-                             "weights": head_weights(self.head_module)}, 0
+                best, bad = (
+                    {
+                        "epoch": epoch + 1,
+                        "valid": valid,
+                        "train_loss": train["loss"],
+                        "weights": head_weights(self.head_module),
+                    },
+                    0,
+                )
             else:
                 bad += 1
             best["epochs"] = epoch + 1

@@ -10,10 +10,17 @@ threshold (the one maximising that class's F1 on the validation images, on the c
 go into the checkpoint. A prediction is every class whose calibrated probability reaches its threshold.
 
 train.py, predict.py and export.py choose the task (for_run, for_checkpoint); every other module receives it
-and asks it, instead of telling the modes apart by a flag, a checkpoint key or a tensor's shape."""
+and asks it, instead of telling the modes apart by a flag, a checkpoint key or a tensor's shape.
+
+Over 600 lines, as one concern that does not split: the rules of the two label modes, which answer the same
+questions method for method (MultiLabel overrides each of SingleLabel's), so that a change to one rule is made
+for both modes in one place. What reads a model's outputs after training (the calibrations) and what
+predict.py tallies are calibration.py's."""
+
 import json
 import math
 from collections import Counter
+
 import torch
 from torch import nn
 
@@ -58,6 +65,7 @@ def first_few(names, n=TITLE_CLASSES):
 
 class SingleLabel:
     """One class per image: an index label, softmax over the classes, cross-entropy."""
+
     multi_label = False
     delim = None
     decision_name = "top-1"  # what export.py's check counts as agreeing
@@ -72,10 +80,12 @@ class SingleLabel:
         """One warning when the labels look read the wrong way: names made of several class names ('bag
         sneaker' beside 'bag')."""
         if looks_multi(class_names, class_names):
-            warn(f"warning: {where}: labels such as "
-                 f"{next(n for n in class_names if looks_multi([n], class_names))!r} look like several classes in "
-                 "one cell; for several labels per image add --multi_label (and --label_delim if they are not "
-                 "separated by spaces); if it is one class, ignore this")
+            warn(
+                f"warning: {where}: labels such as "
+                f"{next(n for n in class_names if looks_multi([n], class_names))!r} look like several classes in "
+                "one cell; for several labels per image add --multi_label (and --label_delim if they are not "
+                "separated by spaces); if it is one class, ignore this"
+            )
 
     def parse(self, cell):
         """A label cell's class name (the CSV reader refuses an empty one)."""
@@ -154,8 +164,11 @@ class SingleLabel:
         """Loss, accuracy and count from collected logits."""
         if not len(labels):
             return {"loss": 0.0, "accuracy": 0.0, "count": 0}
-        return {"loss": metrics.nll(logits, labels), "accuracy": float((logits.argmax(1) == labels).double().mean()),
-                "count": int(len(labels))}
+        return {
+            "loss": metrics.nll(logits, labels),
+            "accuracy": float((logits.argmax(1) == labels).double().mean()),
+            "count": int(len(labels)),
+        }
 
     # -- calibration
     def calibrate(self, logits, labels, class_names=None):
@@ -170,20 +183,26 @@ class SingleLabel:
         lo, hi = (math.exp(x) for x in metrics.LOG_T_RANGE)
         if temperature < lo * 1.01:
             every = bool((logits.argmax(1) == labels).all())
-            unfitted = (("every validation image is predicted right, so " if every else "")
-                        + f"the validation NLL still falls at T = {lo:g} and no temperature can be fitted")
+            unfitted = (
+                "every validation image is predicted right, so " if every else ""
+            ) + f"the validation NLL still falls at T = {lo:g} and no temperature can be fitted"
         elif temperature > hi / 1.01:
             unfitted = "the validation NLL falls as T grows without end (the model is no better than chance there)"
         elif not metrics.nll(logits, labels, temperature) < metrics.nll(logits, labels):  # must not make it worse
-            unfitted = (f"T = {temperature:.3f} would not lower the validation NLL (it gives "
-                        f"{metrics.nll(logits, labels, temperature):.4f})")
+            unfitted = (
+                f"T = {temperature:.3f} would not lower the validation NLL (it gives "
+                f"{metrics.nll(logits, labels, temperature):.4f})"
+            )
         if unfitted:
             temperature = 1.0
         before, after = Calibration(), Calibration(float(temperature))
-        found = {"valid_nll_before": metrics.nll(logits, labels), "valid_nll_after": metrics.nll(logits, labels, temperature),
-                 "valid_ece_before": metrics.ece(*before.confidence_correct(logits, labels)),
-                 "valid_ece_after": metrics.ece(*after.confidence_correct(logits, labels)),
-                 "calibration_count": int(len(labels))}
+        found = {
+            "valid_nll_before": metrics.nll(logits, labels),
+            "valid_nll_after": metrics.nll(logits, labels, temperature),
+            "valid_ece_before": metrics.ece(*before.confidence_correct(logits, labels)),
+            "valid_ece_after": metrics.ece(*after.confidence_correct(logits, labels)),
+            "calibration_count": int(len(labels)),
+        }
         return Calibration(float(temperature), found, unfitted)
 
     def uncalibrated(self, n_classes):
@@ -205,15 +224,26 @@ class SingleLabel:
         columns = metrics.REPORT_COLUMNS
         labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
         probs = np.asarray(probs, dtype=np.float64).reshape(len(labels), len(class_names))
-        rows = [metrics.report_row(name, int(((preds == c) & (labels == c)).sum()), int((preds == c).sum()),
-                                   int((labels == c).sum()), probs[:, c], labels == c)
-                for c, name in enumerate(class_names)]
+        rows = [
+            metrics.report_row(
+                name,
+                int(((preds == c) & (labels == c)).sum()),
+                int((preds == c).sum()),
+                int((labels == c).sum()),
+                probs[:, c],
+                labels == c,
+            )
+            for c, name in enumerate(class_names)
+        ]
         table = pd.DataFrame(rows, columns=columns)
         scores = columns[1:4] + columns[5:]
         total = int(table.support.sum())
         macro = {"class": "macro avg", **table[scores].mean().to_dict(), "support": total}  # NaN (one-class) skipped
-        weighted = {"class": "weighted avg", **{m: metrics.weighted_mean(table[m], table.support) for m in scores},
-                    "support": total}
+        weighted = {
+            "class": "weighted avg",
+            **{m: metrics.weighted_mean(table[m], table.support) for m in scores},
+            "support": total,
+        }
         return pd.concat([table, pd.DataFrame([macro, weighted], columns=columns)], ignore_index=True)
 
     def test_results(self, logits, labels, calibration, class_names):
@@ -235,9 +265,11 @@ class SingleLabel:
     def calibrated_figures(self, logits, labels, calibration):
         """ece of the raw logits, and loss_calibrated and ece_calibrated under the calibration."""
         raw = self.uncalibrated(logits.shape[1])
-        return {"ece": metrics.ece(*raw.confidence_correct(logits, labels)),
-                "ece_calibrated": metrics.ece(*calibration.confidence_correct(logits, labels)),
-                "loss_calibrated": self.loss_under(logits, labels, calibration)}
+        return {
+            "ece": metrics.ece(*raw.confidence_correct(logits, labels)),
+            "ece_calibrated": metrics.ece(*calibration.confidence_correct(logits, labels)),
+            "loss_calibrated": self.loss_under(logits, labels, calibration),
+        }
 
     def loss_under(self, logits, labels, calibration):
         return metrics.nll(logits, labels, calibration.temperature)
@@ -296,6 +328,7 @@ class SingleLabel:
 
 class MultiLabel(SingleLabel):
     """Any set of classes per image: a multi-hot tuple, one sigmoid per class, binary cross-entropy."""
+
     multi_label = True
     decision_name = "label-set"
     loss_name = "BCE"
@@ -311,11 +344,12 @@ class MultiLabel(SingleLabel):
     def check_format(self, class_names, samples, where, warn):
         """One warning when no train row has two classes: another separator?"""
         if samples and max(sum(y) for _, y in samples) < 2:
-            shown = next((n for n in class_names if looks_multi([n], class_names) or any(s in n for s in " |,;")),
-                         None)
-            warn(f"warning: {where}: no train row lists more than one class with --label_delim {self.delim!r}"
-                 + (f" (a class is named {shown!r}: another separator?)" if shown else "")
-                 + "; if each image shows at most one class, ignore this")
+            shown = next((n for n in class_names if looks_multi([n], class_names) or any(s in n for s in " |,;")), None)
+            warn(
+                f"warning: {where}: no train row lists more than one class with --label_delim {self.delim!r}"
+                + (f" (a class is named {shown!r}: another separator?)" if shown else "")
+                + "; if each image shows at most one class, ignore this"
+            )
 
     def parse(self, cell):
         return tuple(split_labels(cell, self.delim))
@@ -370,12 +404,18 @@ class MultiLabel(SingleLabel):
         """The outputs are read as sigmoid(logits / temperatures[c]) per class, and class c is predicted where that
         reaches thresholds[c] (multi_label "1"; JSON lists, one number per class)."""
         calibration = self.calibration_of(ckpt)
-        return {"multi_label": "1", "temperatures": json.dumps([float(t) for t in calibration.temperatures]),
-                "thresholds": json.dumps([float(t) for t in calibration.thresholds])}
+        return {
+            "multi_label": "1",
+            "temperatures": json.dumps([float(t) for t in calibration.temperatures]),
+            "thresholds": json.dumps([float(t) for t in calibration.thresholds]),
+        }
 
     def entries_from_metadata(self, meta):
-        return {"multi_label": True, "temperatures": json.loads(meta["temperatures"]),
-                "thresholds": json.loads(meta["thresholds"])}
+        return {
+            "multi_label": True,
+            "temperatures": json.loads(meta["temperatures"]),
+            "thresholds": json.loads(meta["thresholds"]),
+        }
 
     # -- training
     def criterion(self, weights=None, label_smoothing=0.0):
@@ -395,15 +435,22 @@ class MultiLabel(SingleLabel):
 
     def epoch_extras(self, kept):
         """The mAP of the kept (logits, labels) pairs."""
-        return {"map": metrics.mean_average_precision(torch.cat([p[0] for p in kept]).sigmoid(),
-                                                      torch.cat([p[1] for p in kept]))}
+        return {
+            "map": metrics.mean_average_precision(
+                torch.cat([p[0] for p in kept]).sigmoid(), torch.cat([p[1] for p in kept])
+            )
+        }
 
     def metrics(self, logits, labels):
         """BCE, the exact match at probability 0.5, and the mAP."""
         if not len(labels):
             return {"loss": 0.0, "accuracy": 0.0, "count": 0}
-        return {"loss": metrics.bce(logits, labels), "accuracy": metrics.exact_match(logits > 0, labels),
-                "count": int(len(labels)), "map": metrics.mean_average_precision(logits.float().sigmoid(), labels)}
+        return {
+            "loss": metrics.bce(logits, labels),
+            "accuracy": metrics.exact_match(logits > 0, labels),
+            "count": int(len(labels)),
+            "map": metrics.mean_average_precision(logits.float().sigmoid(), labels),
+        }
 
     # -- calibration
     def calibrate(self, logits, labels, class_names=None):
@@ -425,12 +472,14 @@ class MultiLabel(SingleLabel):
         fitted = SetCalibration(temperatures, [])
         probs = fitted.probabilities(logits)
         thresholds = [metrics.best_f1_threshold(probs[:, c], labels[:, c]) for c in range(labels.shape[1])]
-        found = {"valid_bce_before": metrics.bce(logits, labels),
-                 "valid_bce_after": metrics.bce(logits / torch.tensor(temperatures), labels),
-                 "valid_map": metrics.mean_average_precision(probs, labels),
-                 "valid_exact_match_at_half": metrics.exact_match(logits > 0, labels),
-                 "valid_exact_match": metrics.exact_match(decide_sets(probs, thresholds), labels),
-                 "calibration_count": int(len(labels))}
+        found = {
+            "valid_bce_before": metrics.bce(logits, labels),
+            "valid_bce_after": metrics.bce(logits / torch.tensor(temperatures), labels),
+            "valid_map": metrics.mean_average_precision(probs, labels),
+            "valid_exact_match_at_half": metrics.exact_match(logits > 0, labels),
+            "valid_exact_match": metrics.exact_match(decide_sets(probs, thresholds), labels),
+            "calibration_count": int(len(labels)),
+        }
         positives = labels.bool().sum(0).tolist()
         always = {name: thresholds[c] for c, name in enumerate(class_names) if positives[c] == len(labels)}
         absent = [name for c, name in enumerate(class_names) if not positives[c]]
@@ -441,8 +490,9 @@ class MultiLabel(SingleLabel):
 
     def calibration_of(self, ckpt):
         n = len(ckpt["class_names"])
-        return SetCalibration(list(ckpt.get("temperatures") or [1.0] * n),
-                              list(ckpt.get("thresholds") or [metrics.DEFAULT_THRESHOLD] * n))
+        return SetCalibration(
+            list(ckpt.get("temperatures") or [1.0] * n), list(ckpt.get("thresholds") or [metrics.DEFAULT_THRESHOLD] * n)
+        )
 
     # -- reports
     def set_report(self, labels, preds, probs, class_names):
@@ -456,17 +506,24 @@ class MultiLabel(SingleLabel):
         labels, preds, probs = labels.bool(), preds.bool(), probs.double()
 
         def row(name, y, p, scores):  # y, p: present, predicted (any shape); scores: the probabilities
-            return metrics.report_row(name, int((y & p).sum()), int(p.sum()), int(y.sum()), scores.flatten().tolist(),
-                                      y.flatten().tolist())
+            return metrics.report_row(
+                name, int((y & p).sum()), int(p.sum()), int(y.sum()), scores.flatten().tolist(), y.flatten().tolist()
+            )
 
-        table = pd.DataFrame([row(name, labels[:, c], preds[:, c], probs[:, c]) for c, name in enumerate(class_names)],
-                             columns=columns)
+        table = pd.DataFrame(
+            [row(name, labels[:, c], preds[:, c], probs[:, c]) for c, name in enumerate(class_names)], columns=columns
+        )
         micro = row("micro avg", labels, preds, probs)
         scores = columns[1:4] + columns[5:]
         macro = {"class": "macro avg", **table[scores].mean().to_dict(), "support": int(labels.sum())}
         table = pd.concat([table, pd.DataFrame([micro, macro], columns=columns)], ignore_index=True)
-        summary = {"mAP": float(macro["average_precision"]), "exact_match": metrics.exact_match(preds, labels),
-                   "micro_f1": float(micro["f1"]), "macro_f1": float(macro["f1"]), "count": int(len(labels))}
+        summary = {
+            "mAP": float(macro["average_precision"]),
+            "exact_match": metrics.exact_match(preds, labels),
+            "micro_f1": float(micro["f1"]),
+            "macro_f1": float(macro["f1"]),
+            "count": int(len(labels)),
+        }
         return table, summary
 
     def report(self, labels, preds, probs, class_names):
@@ -476,19 +533,24 @@ class MultiLabel(SingleLabel):
         """The calibration's thresholds decide the sets; accuracy becomes their exact match, and map, micro_f1
         and macro_f1 are added."""
         table, summary = self.set_report(labels, calibration.decide(probs), probs, class_names)
-        return table, {"accuracy": summary["exact_match"], "map": summary["mAP"], "micro_f1": summary["micro_f1"],
-                       "macro_f1": summary["macro_f1"]}
+        return table, {
+            "accuracy": summary["exact_match"],
+            "map": summary["mAP"],
+            "micro_f1": summary["micro_f1"],
+            "macro_f1": summary["macro_f1"],
+        }
 
     def loss_under(self, logits, labels, calibration):
         return metrics.bce(logits / torch.tensor(calibration.temperatures), labels)
 
     def describe_test(self, t):
-        return (f"test mAP {t['map']:.4f}, exact match {t['accuracy']:.4f}, micro F1 {t['micro_f1']:.4f} on "
-                f"{t['count']} images (loss {t['loss']:.4f})")
+        return (
+            f"test mAP {t['map']:.4f}, exact match {t['accuracy']:.4f}, micro F1 {t['micro_f1']:.4f} on "
+            f"{t['count']} images (loss {t['loss']:.4f})"
+        )
 
     def describe_best(self, m):
         return f"mAP {m['valid_map']:.4f}, exact match (at 0.5) {m['valid_accuracy']:.4f}"
-
 
     def tally(self):
         return SetTally(self)
@@ -515,8 +577,11 @@ class MultiLabel(SingleLabel):
         """The decided classes, most probable first, the first TITLE_CLASSES of them and '+N more' (and so the
         true set), so a title fits its cell."""
         best, confidence = int(probs.argmax()), float(probs.max())
-        on = sorted((c for c, yes in enumerate(pred) if yes), key=lambda c: -float(probs[c])) if isinstance(
-            pred, tuple) else []
+        on = (
+            sorted((c for c, yes in enumerate(pred) if yes), key=lambda c: -float(probs[c]))
+            if isinstance(pred, tuple)
+            else []
+        )
         chosen = first_few([f"{class_names[c]} ({probs[c]:.2f})" for c in on])
         given = isinstance(label, tuple) and pred != label
         truth = f"\ntrue: {first_few([n for n, yes in zip(class_names, label) if yes]) or 'none'}" if given else ""
@@ -528,13 +593,21 @@ class MultiLabel(SingleLabel):
         """The predicted set with each class's probability ('none' for no class), and the true set when it is
         another."""
         chosen = tuple(int(v) for v in calibration.decide(prob))
-        title, right = ", ".join(f"{class_names[c]} {prob[c]:.2f}" for c in range(len(prob)) if chosen[c]), chosen == label
+        title, right = (
+            ", ".join(f"{class_names[c]} {prob[c]:.2f}" for c in range(len(prob)) if chosen[c]),
+            chosen == label,
+        )
         return (title or "none") + ("" if right else f"\ntrue: {self.text(label, class_names, ', ') or 'none'}"), right
 
     def names_of_rows(self, labels, chosen, class_names):
         """Per row: (given, predicted) sets, space-joined ('(none)' for no class), as label_issues.csv writes."""
-        return [(self.text(tuple(y.int().tolist()), class_names, " ") or "(none)",
-                 self.text(tuple(p.int().tolist()), class_names, " ") or "(none)") for y, p in zip(labels, chosen)]
+        return [
+            (
+                self.text(tuple(y.int().tolist()), class_names, " ") or "(none)",
+                self.text(tuple(p.int().tolist()), class_names, " ") or "(none)",
+            )
+            for y, p in zip(labels, chosen)
+        ]
 
     def chosen(self, logits, calibration):
         return calibration.decide(calibration.probabilities(logits)) if calibration else logits > 0

@@ -1,6 +1,7 @@
 """Train an image classifier on a folder of images (one subfolder per class) from an ImageNet-pretrained
 torchvision backbone: freeze it and train a new head (--freeze), or fine-tune everything with a smaller
 learning rate on the pretrained part. Runs unchanged under torchrun for several GPUs or machines."""
+
 import cli  # before torch: Ctrl-C while the imports below load is one quiet line, not a traceback
 
 if __name__ == "__main__":
@@ -26,165 +27,31 @@ import ood
 import run_log
 import stages
 import tasks
+import train_flags
 import trainer
+from cli import CLIError, StopFlag, run_cli  # noqa: E402
 from metrics import N_BINS
-from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
 from run_paths import RunPaths, check_writable
-from utils import (Compute, DistInfo, amp_dtype_for, dist_info_from_env, precision_for, process_group, resolve_device, seed_everything)
-
-
-DEFAULT_BATCHNORM = "frozen"  # measured: bench/finetune_bench.py, docs/finetune.md
-DEFAULT_LAYER_DECAY = 1.0
-
-EXAMPLES = ("--augment: " + "; ".join(f"{k}: {v}" for k, v in data_loader.AUGMENT_POLICIES.items()) + "\n"
-            "--batchnorm: " + "; ".join(f"{k}: {v}" for k, v in model_loader.BATCHNORM_POLICIES.items()) + """
-
-examples:
-  python train.py --model_name resnet18 --input_size 64 --n_epochs 5         # the shipped sample, from scratch
-  python train.py --data_dir my_images --use_pretrained --freeze             # mode 1: new head on a frozen backbone
-  python train.py --data_dir my_images --use_pretrained --augment light      # mode 2: probe, then fine-tune all""")
+from train_flags import DEFAULT_BATCHNORM, DEFAULT_LAYER_DECAY, check_args
+from utils import (
+    Compute,
+    DistInfo,
+    amp_dtype_for,
+    dist_info_from_env,
+    precision_for,
+    process_group,
+    resolve_device,
+    seed_everything,
+)
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
-    add = flag_adder(p.add_argument_group("data"))
-    add("--data_dir", default=None, help="ImageFolder root: DIR/train/<class>/*, optional DIR/valid/ and DIR/test/ "
-        f"(default: data/{data_loader.DEFAULT_DATASET})")
-    add("--dataset_name", default=None, help="shortcut for --data_dir data/NAME")
-    add("--labels_csv", default=None, metavar="FILE", help="labels from a CSV instead of class folders: columns "
-        "file, label and optionally split (train/valid/test)")
-    add("--image_root", default=None, metavar="DIR", help="the folder --labels_csv's file column is relative to "
-        "(default: the CSV's folder)")
-    add("--multi_label", action="store_true", help="with --labels_csv: each label cell lists every class the image "
-        "shows (or none); one sigmoid per class, with per-class thresholds fitted on the validation images")
-    add("--label_delim", default=tasks.DEFAULT_DELIM, help="--multi_label: what separates the classes in a "
-        "label cell (default: a space)")
-    add("--valid_ratio", type=float, default=0.2, help="share of train/ held out for validation when there is no valid/")
-    add("--input_size", type=int, default=None, help="crop size fed to the model (default: the backbone's, 224)")
-    add("--resize_size", type=int, default=None, help="short side before the center crop (default: input_size*256/224)")
-    add("--batch_size", type=int, default=32, help="images per batch and per process")
-    add("--num_workers", type=int, default=None, help="DataLoader worker processes (default: CPUs - 1 up to 8 "
-        "with a GPU; on the CPU 0 up to 4 cores, else a quarter of them)")
-    add("--class_weights", choices=["none", "auto"], default="none", help="auto = inverse-frequency loss weights")
-    add("--balanced_sampler", action="store_true", help="draw training images with equal class probability")
-    add("--check_data", action="store_true", help="audit the data folder and exit without training; with "
-        "--use_pretrained or --weights, also rank the images by how likely their label is wrong (label_issues.csv)")
-    add("--check_views", type=int, default=0, help="--check_data: augmented views per image, besides the eval "
-        "view, in the label check's features (0 = the eval view only)")
-
-    add = flag_adder(p.add_argument_group("model"))
-    add("--model_name", default="resnet", help="resnet (=resnet34), alexnet, vgg (=vgg16_bn), squeezenet, densenet "
-        "(=densenet121), any torchvision classification model (resnet50, efficientnet_b0, vit_b_16, ...), or "
-        "efficientnet_lite0 (ImageNet weights installed with pip: --use_pretrained works offline)")
-    add("--n_classes", type=int, default=None, help="optional check: must equal the number of class folders")
-    add("--use_pretrained", action="store_true", help="start from ImageNet weights: torchvision's (cached in TORCH_HOME), or efficientnet_lite0's pip package")
-    add("--weights", default=None, help="backbone weights from a local file (torchvision state_dict or our checkpoint)")
-    add("--freeze", action="store_true", help="mode 1: freeze the backbone, train only the new head")
-    add("--unfreeze_after", type=int, default=0, help="mode 2: train the head alone for N epochs, then fine-tune all")
-    add("--backbone_lr_scale", type=float, default=0.1, help="mode 2: backbone learning rate = lr * this")
-    add("--no_probe", action="store_true", help="no linear probe (L-BFGS on the cached features, L2 chosen on "
-        "validation). By default --freeze ends by fitting it and keeps the better head by validation loss (its SGD "
-        "epochs' best or the probe); mode 2 with a pretrained backbone starts from the better of the two, keeps it "
-        "when fine-tuning does not beat it, and skips fine-tuning when it already gets every validation image right")
-    add("--batchnorm", choices=list(model_loader.BATCHNORM_POLICIES), default=None, help="mode 2: BatchNorm "
-        f"while fine-tuning (default: {DEFAULT_BATCHNORM} for pretrained backbones, else train; see the policies below)")
-    add("--layer_decay", type=float, default=None, help="mode 2: discriminative rates: each backbone block "
-        f"learns at this times the rate of the block above it (default {DEFAULT_LAYER_DECAY}; 1 = one rate for the backbone)")
-    add("--ood_method", choices=list(ood.METHODS) + ["none"], default=ood.DEFAULT_METHOD, help="how predict.py "
-        "scores an image's unlikeness to the training images (ood_score, in_distribution); none = keep no reference")
-    add("--ood_keep", type=float, default=0.95, help="share of the validation images the out-of-distribution "
-        "threshold keeps in distribution")
-
-    add = flag_adder(p.add_argument_group("training"))
-    add("--model_fn", "--model_path", default="model.pth", help="where the best checkpoint is written")
-    add("--n_epochs", type=int, default=20, help="epochs in all (a resumed run counts those already done)")
-    add("--lr", type=float, default=1e-3, help="learning rate of the head (AdamW)")
-    add("--find_lr", action="store_true", help="run the learning-rate range test with these flags instead of "
-        "training: lr_find.png in the run folder and a suggested --lr; the model is not saved")
-    add("--weight_decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
-    add("--lr_schedule", choices=["cosine", "constant"], default="cosine", help="after the warm-up")
-    add("--warmup", type=float, default=0.05, help="share of each phase's steps spent warming up linearly")
-    add("--label_smoothing", type=float, default=0.0, help="0.1 is a common choice")
-    add("--augment", choices=list(data_loader.AUGMENT_POLICIES), default="default", help="the training images' "
-        "augmentation (policies below); light for small sets whose classes hang on small details")
-    add("--any_orientation", action="store_true", help="the images have no natural up (cells, slides, aerial "
-        "and microscope images): vertical flips and quarter turns are added to the augmentation")
-    add("--patience", type=int, default=5, help="epochs without a better validation loss before stopping; 0 = never")
-    add("--seed", type=int, default=42, help="seeds the split, the initial head, shuffling and augmentation")
-    add("--log_dir", default=None, help="run folder for TensorBoard, metrics.csv and split lists "
-        "(default: runs/<date-time>_<model_name>)")
-    add("--save_interval", type=float, default=30, help="seconds between checkpoint writes when epochs are "
-        "shorter (0 = after every epoch); always written at the end and when stopped")
-    add("--resume", default=None, help="continue from a <model_fn stem>_last.pth; its saved flags are the defaults")
-    add("--verbose", type=int, default=2, help="0 = summary only, 1 = a line per epoch, 2 = also progress bars")
-
-    add = flag_adder(p.add_argument_group("speed"))
-    add("--gpu_id", type=int, default=None, help="CUDA device; -1 = CPU (default: GPU 0, else Apple MPS, else CPU)")
-    add("--amp", action="store_const", const=True, default=None, help="mixed precision everywhere: bf16 autocast "
-        "(fp16 + GradScaler on GPUs without bf16); by default only fine-tuning steps run in bf16, where the "
-        "GPU or CPU (AVX512-BF16, AMX) computes it natively")
-    add("--no_amp", dest="amp", action="store_const", const=False, help="fp32 everywhere")
-    add("--no_channels_last", action="store_true", help="keep NCHW memory format for convolutional backbones")
-    add("--no_feature_cache", action="store_true", help="with --freeze, run the backbone every epoch")
-    add("--cache_views", type=int, default=1, help="augmented views cached per training image (1 = eval transform)")
-    add("--cache_memory_mb", type=int, default=2048, help="feature cache above this size goes to a file in the run folder")
-
-    add = flag_adder(p.add_argument_group("several processes (torchrun)"))
-    add("--scale_lr", action="store_true", help="multiply --lr by the number of processes (linear scaling)")
-    add("--sync_bn", action="store_true", help="synchronize BatchNorm statistics across GPUs when fine-tuning")
-    return p
+    return train_flags.build_parser(__doc__)
 
 
 def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.resume:  # the interrupted run's own flags become the defaults; flags given now still win
-        saved = model_loader.safe_load(args.resume, "--resume checkpoint")
-        if not isinstance(saved, dict) or "resumable" not in saved or "args" not in saved:
-            raise CLIError(f"--resume {args.resume!r} is not a resumable checkpoint (use the *_last.pth file)")
-        known = {a.dest for a in p._actions}
-        p.set_defaults(**{k: v for k, v in saved["args"].items() if k in known and k != "resume"})
-        args = p.parse_args(argv)
-    return args
-
-
-def check_args(args):
-    for name in ("batch_size", "n_epochs", "cache_views", "cache_memory_mb"):
-        if getattr(args, name) <= 0:
-            raise CLIError(f"--{name} must be a positive number; got {getattr(args, name)}")
-    for name in ("lr", "backbone_lr_scale"):
-        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
-            raise CLIError(f"--{name} must be positive; got {getattr(args, name)}")
-    if (args.num_workers or 0) < 0 or args.patience < 0 or args.unfreeze_after < 0 or args.save_interval < 0:
-        raise CLIError("--num_workers, --patience, --unfreeze_after and --save_interval must be 0 or more")
-    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
-        raise CLIError(f"--layer_decay must be in (0, 1]; got {args.layer_decay}")
-    if args.freeze and (args.batchnorm or args.layer_decay is not None):
-        raise CLIError("--batchnorm and --layer_decay shape fine-tuning; --freeze keeps the backbone "
-                       "as it is")
-    if not 0 < args.ood_keep <= 1:
-        raise CLIError(f"--ood_keep must be in (0, 1]; got {args.ood_keep}")
-    if not 0 <= args.label_smoothing < 1 or not 0 <= args.warmup < 1:
-        raise CLIError("--label_smoothing and --warmup must be in [0, 1)")
-    if args.input_size is not None and args.input_size < 8:
-        raise CLIError(f"--input_size must be at least 8; got {args.input_size}")
-    if args.freeze and args.unfreeze_after:
-        raise CLIError("--freeze keeps the backbone frozen for the whole run; use --unfreeze_after N without --freeze")
-    if args.multi_label:
-        if not args.labels_csv:
-            raise CLIError("--multi_label reads several labels per image from a table: give --labels_csv FILE")
-        if not args.label_delim:
-            raise CLIError("--label_delim must not be empty")
-        refused = [why for why, on in (
-            ("--balanced_sampler is for single-label classes, not --multi_label (--class_weights auto weights each "
-             "class's positive images instead)", args.balanced_sampler),
-            ("--label_smoothing is for single-label classes, not --multi_label", args.label_smoothing),
-            (f"--ood_method {args.ood_method} is for single-label classes, not --multi_label (use knn or none)",
-             args.ood_method not in ("knn", "none"))) if on]
-        if refused:
-            raise CLIError(refused[0])
-    elif args.label_delim != tasks.DEFAULT_DELIM:
-        raise CLIError("--label_delim goes with --multi_label (several labels per image)")
+    """The flags (train_flags.py); with --resume, the interrupted run's own are the defaults."""
+    return train_flags.parse_args(argv, __doc__)
 
 
 def default_run_dir(model_name):
@@ -200,9 +67,13 @@ def model_meta(args, model_name):
     """Model name and preprocessing: --input_size and --resize_size, else the backbone's own."""
     defaults = model_loader.model_defaults(model_name)
     input_size = args.input_size or defaults["input_size"]
-    return {"model_name": model_name, "input_size": input_size,
-            "resize_size": args.resize_size or data_loader.default_resize(input_size),
-            "mean": defaults["mean"], "std": defaults["std"]}
+    return {
+        "model_name": model_name,
+        "input_size": input_size,
+        "resize_size": args.resize_size or data_loader.default_resize(input_size),
+        "mean": defaults["mean"],
+        "std": defaults["std"],
+    }
 
 
 def fine_tuning(args, model, head, pretrained):
@@ -216,8 +87,9 @@ def fine_tuning(args, model, head, pretrained):
     decay = DEFAULT_LAYER_DECAY if args.layer_decay is None else args.layer_decay
     if decay != 1.0 and not model_loader.backbone_blocks(model, head):
         if args.layer_decay is not None:
-            raise CLIError(f"--layer_decay: {args.model_name}'s backbone blocks could not be told apart; leave "
-                           "the flag out")
+            raise CLIError(
+                f"--layer_decay: {args.model_name}'s backbone blocks could not be told apart; leave the flag out"
+            )
         decay = 1.0
     # the probe: at the end of a --freeze run, or as the first stage of a pretrained fine-tune (LP-FT)
     probe = not args.no_probe and (args.freeze or pretrained and not args.unfreeze_after)
@@ -229,15 +101,27 @@ def fit_config(args, lr=None, backbone_lr_scale=None, class_weights=None, tuning
     them (--scale_lr; a backbone from random init learns at the full rate), else the flags'; `tuning` as
     fine_tuning() gives."""
     probe, batchnorm, layer_decay = tuning
-    return trainer.FitConfig(probe=probe, batchnorm=batchnorm, layer_decay=layer_decay,
-        n_epochs=args.n_epochs, frozen_epochs=args.n_epochs if args.freeze else args.unfreeze_after,
+    return trainer.FitConfig(
+        probe=probe,
+        batchnorm=batchnorm,
+        layer_decay=layer_decay,
+        n_epochs=args.n_epochs,
+        frozen_epochs=args.n_epochs if args.freeze else args.unfreeze_after,
         lr=args.lr if lr is None else lr,
         backbone_lr_scale=args.backbone_lr_scale if backbone_lr_scale is None else backbone_lr_scale,
-        weight_decay=args.weight_decay, warmup=args.warmup, lr_schedule=args.lr_schedule,
-        label_smoothing=args.label_smoothing, patience=args.patience, seed=args.seed,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        lr_schedule=args.lr_schedule,
+        label_smoothing=args.label_smoothing,
+        patience=args.patience,
+        seed=args.seed,
         feature_cache=(args.freeze or args.unfreeze_after > 0) and not args.no_feature_cache,
-        cache_views=args.cache_views, cache_memory_mb=args.cache_memory_mb, save_interval=args.save_interval,
-        class_weights=None if class_weights is None else tuple(class_weights), flags=dict(vars(args)))
+        cache_views=args.cache_views,
+        cache_memory_mb=args.cache_memory_mb,
+        save_interval=args.save_interval,
+        class_weights=None if class_weights is None else tuple(class_weights),
+        flags=dict(vars(args)),
+    )
 
 
 def check_outputs(args, run_dir, splits, model_fn=None):
@@ -262,8 +146,9 @@ def check_data(args, data_dir, model_name, task):
     if args.check_views < 0:
         raise CLIError(f"--check_views must be 0 or more; got {args.check_views}")
     if args.labels_csv:
-        splits = data_loader.build_splits(None, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
-                                          task=task)
+        splits = data_loader.build_splits(
+            None, args.valid_ratio, args.seed, args.labels_csv, args.image_root, task=task
+        )
         status = audit.audit_samples(audit.csv_parts(splits), splits.class_names, print, task)
     else:
         status = audit.audit_data(data_dir, print)
@@ -272,23 +157,47 @@ def check_data(args, data_dir, model_name, task):
     else:
         device = resolve_device(args.gpu_id)
         run_dir = Path(args.log_dir) if args.log_dir else default_run_dir(f"{model_name}_labels")
-        splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root,
-                                          task=task)
+        splits = data_loader.build_splits(
+            data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root, task=task
+        )
         check_outputs(args, run_dir, splits)
         meta = model_meta(args, model_name)
         seed_everything(args.seed)
-        model, head = model_loader.build_model(model_name, len(splits.class_names), args.use_pretrained,
-                                               args.weights, print if args.verbose >= 1 else (lambda *a: None))
+        model, head = model_loader.build_model(
+            model_name,
+            len(splits.class_names),
+            args.use_pretrained,
+            args.weights,
+            print if args.verbose >= 1 else (lambda *a: None),
+        )
         channels_last = model_loader.is_convolutional(model) and not args.no_channels_last
         workers = data_loader.default_num_workers(device.type) if args.num_workers is None else args.num_workers
         stop = StopFlag().install()
         made = not run_dir.exists()  # a check that fails or is stopped leaves no empty run folder behind
         try:
-            compute = Compute(device, amp_dtype_for(device, args.amp, print), channels_last, False, DistInfo(), stop,
-                              progress=args.verbose >= 2)
-            rows = label_check.check_labels(model.to(device), head, splits, meta, compute, run_dir, task,
-                                            views=args.check_views, batch_size=args.batch_size, num_workers=workers,
-                                            seed=args.seed, budget_mb=args.cache_memory_mb)
+            compute = Compute(
+                device,
+                amp_dtype_for(device, args.amp, print),
+                channels_last,
+                False,
+                DistInfo(),
+                stop,
+                progress=args.verbose >= 2,
+            )
+            rows = label_check.check_labels(
+                model.to(device),
+                head,
+                splits,
+                meta,
+                compute,
+                run_dir,
+                task,
+                views=args.check_views,
+                batch_size=args.batch_size,
+                num_workers=workers,
+                seed=args.seed,
+                budget_mb=args.cache_memory_mb,
+            )
         finally:
             stop.restore()
             if made and run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -308,9 +217,18 @@ def ood_reference(args, fitter, calibration, compute):
     start = time.perf_counter()
     temperature = calibration.scalar_temperature() if calibration else 1.0
     try:
-        reference = ood.reference_for_run(fitter.model, fitter.head, fitter.loaders, fitter.cache, compute,
-                                          args.ood_method, args.ood_keep, temperature,
-                                          len(fitter.splits.class_names), args.seed)
+        reference = ood.reference_for_run(
+            fitter.model,
+            fitter.head,
+            fitter.loaders,
+            fitter.cache,
+            compute,
+            args.ood_method,
+            args.ood_keep,
+            temperature,
+            len(fitter.splits.class_names),
+            args.seed,
+        )
     except CLIError as e:  # the checkpoint is complete without it
         return None, f"out-of-distribution reference: none kept ({e})"
     if reference is None:
@@ -325,9 +243,18 @@ def top_losses(fitter, calibration, logits, labels, index, run_dir):
     if not fitter.dist.is_main:
         return None
     files = [fitter.loaders.valid.dataset.samples[i][0] for i in index.tolist()]
-    path = explain.write_top_losses(files, logits, labels, calibration, fitter.splits.class_names, fitter.meta,
-                                    run_dir, fitter.task, writer=fitter.files.open_writer(fitter.state.epoch),
-                                    step=fitter.state.epoch)
+    path = explain.write_top_losses(
+        files,
+        logits,
+        labels,
+        calibration,
+        fitter.splits.class_names,
+        fitter.meta,
+        run_dir,
+        fitter.task,
+        writer=fitter.files.open_writer(fitter.state.epoch),
+        step=fitter.state.epoch,
+    )
     return f"top losses: {len(files)} validation images, highest loss first -> {path}, {path.with_suffix('.png').name}"
 
 
@@ -339,7 +266,7 @@ def finish_run(args, fitter, result, run_dir):
         return []
     task, compute, names = fitter.task, fitter.compute, fitter.splits.class_names
     fitter.load_best()
-    logits, labels, index = fitter.validation_logits()  # one pass (none on the feature cache) for both uses
+    logits, labels, index = trainer.validation_logits(fitter)  # one pass (none on the feature cache) for both uses
     result.calibration = calibration = task.calibrate(logits, labels, names)
     if compute.dist.is_main and calibration is not None:
         evaluation.save_reliability_diagram(logits, labels, calibration, run_dir / "reliability.png", task)
@@ -351,9 +278,13 @@ def finish_run(args, fitter, result, run_dir):
     run_log.log_summary(fitter, calibration, result.test_metrics)
     reference, ood_line = ood_reference(args, fitter, calibration, compute)
     top_line = top_losses(fitter, calibration, logits, labels, index, run_dir)
-    fitter.files.add_to_best({**(calibration.checkpoint_entries() if calibration else {}),
-                       **({"ood": reference} if reference is not None else {})},
-                      calibration.metrics if calibration else {})
+    fitter.files.add_to_best(
+        {
+            **(calibration.checkpoint_entries() if calibration else {}),
+            **({"ood": reference} if reference is not None else {}),
+        },
+        calibration.metrics if calibration else {},
+    )
     return [line for line in (ood_line, top_line) if line]
 
 
@@ -369,8 +300,11 @@ def build_fitter(args, model_name, splits, meta, resume, run_dir, task, compute_
         source = model_loader.weights_source(model_name, args.use_pretrained, args.weights)
         model, head = model_loader.build_model(model_name, n_classes, args.use_pretrained, args.weights, log)
         if args.freeze and not (args.use_pretrained or args.weights) and dist.is_main:
-            print("warning: --freeze without --use_pretrained or --weights freezes a randomly initialised "
-                  "backbone: only the head trains, on random features", file=sys.stderr)
+            print(
+                "warning: --freeze without --use_pretrained or --weights freezes a randomly initialised "
+                "backbone: only the head trains, on random features",
+                file=sys.stderr,
+            )
     if resume is not None:
         check_resumable(args, resume, model_name, splits, task)
     pretrained = bool(args.use_pretrained or args.weights)
@@ -388,40 +322,82 @@ def build_fitter(args, model_name, splits, meta, resume, run_dir, task, compute_
     if workers is None:
         workers = data_loader.default_num_workers(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     loaders = data_loader.build_loaders(
-        splits, meta["input_size"], meta["resize_size"], meta["mean"], meta["std"], args.batch_size,
-        workers, args.seed, dist.rank, dist.world_size, pin_memory=device.type == "cuda",
-        class_weights=balance if args.balanced_sampler else None, task=task, augment=args.augment,
-        any_orientation=args.any_orientation)
+        splits,
+        meta["input_size"],
+        meta["resize_size"],
+        meta["mean"],
+        meta["std"],
+        args.batch_size,
+        workers,
+        args.seed,
+        dist.rank,
+        dist.world_size,
+        pin_memory=device.type == "cuda",
+        class_weights=balance if args.balanced_sampler else None,
+        task=task,
+        augment=args.augment,
+        any_orientation=args.any_orientation,
+    )
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         data_loader.write_split_lists(splits, run_dir, task)
     forward_dtype, train_dtype, precision = precision_for(device, args.amp)
-    compute = Compute(device, forward_dtype, channels_last, train_cl, dist, stop,
-                      progress=dist.is_main and args.verbose >= 2, train_amp_dtype=train_dtype)
+    compute = Compute(
+        device,
+        forward_dtype,
+        channels_last,
+        train_cl,
+        dist,
+        stop,
+        progress=dist.is_main and args.verbose >= 2,
+        train_amp_dtype=train_dtype,
+    )
     config = fit_config(args, lr, lr_scale, balance if args.class_weights == "auto" else None, tuning)
     if not args.freeze:
         log(f"precision: {precision}; training memory format: {'channels_last' if train_cl else 'NCHW'}")
-    fitter = trainer.Fitter(model, head, splits, loaders, compute, config, meta, args.model_fn,
-                            last_path(args.model_fn), run_dir, log, task)
+    fitter = trainer.Fitter(
+        model, head, splits, loaders, compute, config, meta, args.model_fn, last_path(args.model_fn), run_dir, log, task
+    )
     if resume is not None:
         fitter.restore(resume)
         log(f"resumed from {args.resume} after epoch {fitter.state.epoch}")
         patience = resume["args"].get("patience")  # the run's own: did it stop early?
         if patience and fitter.state.bad_epochs >= patience and fitter.state.epoch < args.n_epochs:
             fitter.state.bad_epochs = 0  # asked for more epochs after an early stop: count again
-            say(f"the resumed run had stopped early (no better validation loss for {patience} epochs); its "
-                f"patience starts again, up to --n_epochs {args.n_epochs}")
+            say(
+                f"the resumed run had stopped early (no better validation loss for {patience} epochs); its "
+                f"patience starts again, up to --n_epochs {args.n_epochs}"
+            )
     return fitter, source
 
 
 def check_resumable(args, resume, model_name, splits, task):
     """One error line when --resume's checkpoint was trained another way than this run asks for."""
     if tasks.for_checkpoint(resume).multi_label != task.multi_label:
-        raise CLIError(f"--resume {args.resume!r} was trained with{'' if resume.get('multi_label') else 'out'} "
-                       f"--multi_label; resume it the same way")
+        raise CLIError(
+            f"--resume {args.resume!r} was trained with{'' if resume.get('multi_label') else 'out'} "
+            f"--multi_label; resume it the same way"
+        )
     if resume.get("model_name") != model_name or resume.get("class_names") != splits.class_names:
-        raise CLIError(f"--resume {args.resume!r} was trained as {resume.get('model_name')} on classes "
-                       f"{resume.get('class_names')}, not {model_name} on this data")
+        raise CLIError(
+            f"--resume {args.resume!r} was trained as {resume.get('model_name')} on classes "
+            f"{resume.get('class_names')}, not {model_name} on this data"
+        )
+
+
+def interrupted_line(state, model_fn):
+    """What a run stopped by a signal says: how far it got and how to go on."""
+    if state.probe and state.epoch == 0:
+        return (
+            f"interrupted after the head stage ({model_fn} holds its head); continue with: python train.py "
+            f"--resume {last_path(model_fn)}"
+        )
+    if state.epoch == 0:  # resuming from nothing would be a fresh start
+        return (
+            "interrupted before the first epoch finished: nothing was trained yet and nothing was saved; run the "
+            "same command again to start"
+        )
+    return f"interrupted after epoch {state.epoch}; continue with: python train.py --resume {last_path(model_fn)}"
 
 
 def print_summary(args, result, run_dir, task, lines, say):
@@ -433,10 +409,12 @@ def print_summary(args, result, run_dir, task, lines, say):
         m = state.best_metrics
         kept = stages.HEAD_NAMES[state.probe.get("kept", "probe")] if state.probe else "the linear probe"
         best = f"best epoch {state.best_epoch}" if state.best_epoch else f"best: {kept}"
-        say(f"{best}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> "
-            f"{args.model_fn}")
-        say(f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}" if result.calibration
-            else "calibration: no validation images could be read; temperature stays 1.0")
+        say(f"{best}: valid loss {m['valid_loss']:.4f}, valid {task.describe_best(m)} -> {args.model_fn}")
+        say(
+            f"calibration: {result.calibration.summary()}; {run_dir / 'reliability.png'}"
+            if result.calibration
+            else "calibration: no validation images could be read; temperature stays 1.0"
+        )
         for line in result.calibration.warnings() if result.calibration else []:
             say(line)
     for line in lines:
@@ -445,8 +423,10 @@ def print_summary(args, result, run_dir, task, lines, say):
         t = result.test_metrics
         say(task.describe_test(t))
         if result.calibration is not None and t["loss_calibrated"] != t["loss"]:
-            say(f"calibration on the test images: {task.loss_name} {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, "
-                f"ECE ({N_BINS} bins) {t['ece']:.4f} -> {t['ece_calibrated']:.4f}")
+            say(
+                f"calibration on the test images: {task.loss_name} {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, "
+                f"ECE ({N_BINS} bins) {t['ece']:.4f} -> {t['ece_calibrated']:.4f}"
+            )
     if result.test_report is not None:
         say(f"test report -> {run_dir / 'test_report.csv'}\n{evaluation.format_report(result.test_report)}")
     say(f"run folder: {run_dir}  (tensorboard --logdir {run_dir if args.log_dir else run_dir.parent})")
@@ -472,18 +452,21 @@ def main(args):
     if args.check_data:
         return check_data(args, data_dir, model_name, task)
     if args.find_lr and (args.resume or dist.enabled):
-        raise CLIError("--find_lr starts from the initial weights in one process: run it with python, without "
-                       "--resume or torchrun")
+        raise CLIError(
+            "--find_lr starts from the initial weights in one process: run it with python, without --resume or torchrun"
+        )
     device = resolve_device(args.gpu_id, dist.local_rank)
     if dist.is_main:
         check_writable(args.model_fn, "--model_fn")
-    splits = data_loader.build_splits(data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root, say,
-                                      task)
+    splits = data_loader.build_splits(
+        data_dir, args.valid_ratio, args.seed, args.labels_csv, args.image_root, say, task
+    )
     n_classes = len(splits.class_names)
     if args.n_classes is not None and args.n_classes != n_classes:
         where = f"labels of {args.labels_csv}" if args.labels_csv else f"class folders in {data_dir}"
-        raise CLIError(f"--n_classes {args.n_classes} does not match the {n_classes} {where}: "
-                       f"{', '.join(splits.class_names[:10])}")
+        raise CLIError(
+            f"--n_classes {args.n_classes} does not match the {n_classes} {where}: {', '.join(splits.class_names[:10])}"
+        )
 
     resume = model_loader.safe_load(args.resume, "--resume checkpoint") if args.resume else None
     run_dir = Path(args.log_dir or (resume or {}).get("run_dir") or default_run_dir(model_name))
@@ -500,13 +483,20 @@ def main(args):
                 torch.distributed.broadcast_object_list(shared, src=0)
                 run_dir = Path(shared[0])
             seed_everything(args.seed)
-            fitter, source = build_fitter(args, model_name, splits, meta, resume, run_dir, task, (device, dist, stop),
-                                          log, say)
-            mode = fitter.plan.describe(fitter.model) + ("" if args.freeze else f"; augment {args.augment}"
-                                    + (" + any orientation" if args.any_orientation else ""))
-            log(f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
+            fitter, source = build_fitter(
+                args, model_name, splits, meta, resume, run_dir, task, (device, dist, stop), log, say
+            )
+            mode = fitter.plan.describe(fitter.model) + (
+                ""
+                if args.freeze
+                else f"; augment {args.augment}" + (" + any orientation" if args.any_orientation else "")
+            )
+            log(
+                f"{model_name} on {device} ({mode}); {n_classes} classes: {', '.join(splits.class_names[:10])}; "
                 f"{len(splits.train)} train / {len(splits.valid)} valid ({splits.valid_source}) / "
-                f"{len(splits.test)} test; input {meta['input_size']}px; backbone weights: {source}; run folder {run_dir}")
+                f"{len(splits.test)} test; input {meta['input_size']}px; backbone weights: {source}; "
+                f"run folder {run_dir}"
+            )
             if args.find_lr:
                 test = lr_finder.find_lr(fitter, run_dir, say)
                 if test is None and stop.requested:
@@ -523,15 +513,7 @@ def main(args):
     if result.skipped_per_class:
         say(f"skipped unreadable images per class: {result.skipped_per_class}")
     if result.interrupted:
-        if result.state.probe and result.state.epoch == 0:
-            say(f"interrupted after the head stage ({args.model_fn} holds its head); continue with: python train.py "
-                f"--resume {last_path(args.model_fn)}")
-        elif result.state.epoch == 0:  # resuming from nothing would be a fresh start
-            say("interrupted before the first epoch finished: nothing was trained yet and nothing was saved; "
-                "run the same command again to start")
-        else:
-            say(f"interrupted after epoch {result.state.epoch}; continue with: python train.py --resume "
-                f"{last_path(args.model_fn)}")
+        say(interrupted_line(result.state, args.model_fn))
         sys.exit(stop.exit_status())
     print_summary(args, result, run_dir, task, lines, say)
     if stop.requested:  # arrived after the last epoch, during calibration and the test pass: all was written

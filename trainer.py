@@ -1,6 +1,7 @@
 """The training loop: one epoch, evaluation, head epochs on the feature cache (features.py), and the fit loop
 with early stopping, best/last checkpoints and exact resume. Which stages a run has, their schedules and the
 head stage's choice are stages.py's; what the run writes as it goes is run_log.py's."""
+
 import copy
 import math
 import time
@@ -13,7 +14,7 @@ import evaluation
 import model_loader
 from data_loader import SkipLog, TrainSampler
 from features import build_feature_cache
-from run_log import RunFiles, added_metrics, epoch_row, log_epoch, write_metrics_csv
+from run_log import RunFiles, added_metrics, epoch_line, epoch_row, log_epoch, write_metrics_csv
 from stages import HEAD, WHOLE, EpochClock, HeadStage, StagePlan, elapsed, pace
 from utils import all_reduce_sum, bar, cpu_has_fast_bf16, seed_everything
 
@@ -81,8 +82,7 @@ def train_step(model, images, labels, optimizer, scheduler, scaler, criterion, c
     meter.update(loss.detach(), logits.detach(), labels)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, compute, skips, desc="train",
-                    whole=False):
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, compute, skips, desc="train", whole=False):
     """One pass over the loader. Returns metrics, or None when a stop signal arrived (epoch abandoned)."""
     meter = Meter(loader.dataset.task)
     for batch in bar(loader, compute, desc):
@@ -118,8 +118,9 @@ def evaluate(model, loader, compute, skips=None, desc="valid"):
 # ----------------------------------------------------------------------------- head epochs on cached features
 
 
-def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer, scheduler, scaler, criterion,
-                     compute, epoch, task):
+def train_head_epoch(
+    head_module, cache, labels, sampler, batch_size, optimizer, scheduler, scaler, criterion, compute, epoch, task
+):
     """One epoch of the classifier on cached features; same sampler order and batch size as the image loop.
     Each image uses one of its cached views, drawn per epoch."""
     head_module.train()
@@ -129,7 +130,7 @@ def train_head_epoch(head_module, cache, labels, sampler, batch_size, optimizer,
     g = torch.Generator().manual_seed(sampler.seed * 7919 + epoch)
     view_of = torch.randint(views, (len(order),), generator=g)
     for start in range(0, len(order), batch_size):
-        idx, view = order[start:start + batch_size], view_of[start:start + batch_size]
+        idx, view = order[start : start + batch_size], view_of[start : start + batch_size]
         keep = cache.train_ok[idx]
         idx, view = idx[keep], view[keep]
         if not len(idx):
@@ -153,6 +154,7 @@ def evaluate_head(head_module, features, ok, labels, batch_size, compute, task):
 @dataclass
 class TrainState:
     """Everything the resumable checkpoint restores besides model, optimizer, scheduler and scaler."""
+
     epoch: int = 0  # completed epochs
     best_epoch: int = 0
     best_metrics: dict = field(default_factory=dict)
@@ -182,6 +184,7 @@ class FitResult:
 @dataclass(frozen=True)
 class FitConfig:
     """What the fit loop needs, built by train.py from its flags (nothing below the scripts reads them)."""
+
     n_epochs: int  # epochs in all (a resumed run counts those already done)
     frozen_epochs: int  # the first epochs train the head alone: all of them with --freeze, else --unfreeze_after
     lr: float  # the head's learning rate (--lr, times the processes with --scale_lr)
@@ -197,7 +200,9 @@ class FitConfig:
     cache_memory_mb: int = 2048
     save_interval: float = 30  # seconds between checkpoint writes when epochs are shorter
     class_weights: tuple = None  # the loss's per-class weights (--class_weights auto), None = plain
-    probe: bool = False  # the linear probe (probe.py) on the cached features: against --freeze's epochs, or LP-FT's start
+    probe: bool = (
+        False  # the linear probe (probe.py) on the cached features: against --freeze's epochs, or LP-FT's start
+    )
     batchnorm: str = "train"  # fine-tuning's BatchNorm policy (model_loader.BATCHNORM_POLICIES)
     layer_decay: float = 1.0  # each backbone block's rate = the block above's * this (1.0 = one backbone rate)
     flags: dict = field(default_factory=dict)  # the run's flags, as the checkpoint and TensorBoard record them
@@ -205,8 +210,14 @@ class FitConfig:
 
 def cache_identity(meta, splits, config):
     """What the feature cache depends on, kept in the resumable checkpoint (a resume with other data says so)."""
-    return {"model_name": meta["model_name"], "input_size": meta["input_size"], "n_train": len(splits.train),
-            "n_valid": len(splits.valid), "views": int(config.cache_views), "seed": int(config.seed)}
+    return {
+        "model_name": meta["model_name"],
+        "input_size": meta["input_size"],
+        "n_train": len(splits.train),
+        "n_valid": len(splits.valid),
+        "views": int(config.cache_views),
+        "seed": int(config.seed),
+    }
 
 
 class Fitter:
@@ -214,8 +225,7 @@ class Fitter:
     head stage (the probe against the SGD head), every layer. Owns the optimizer, schedule and DDP wrapper; what
     the run writes goes through its RunFiles (files)."""
 
-    def __init__(self, model, head, splits, loaders, compute, config, meta, model_fn, last_fn, run_dir, log,
-                 task=None):
+    def __init__(self, model, head, splits, loaders, compute, config, meta, model_fn, last_fn, run_dir, log, task=None):
         self.model, self.head, self.splits, self.loaders = model, head, splits, loaders
         self.compute, self.config, self.meta, self.log = compute, config, meta, log
         self.task = task or loaders.train.dataset.task
@@ -223,8 +233,9 @@ class Fitter:
         self.files = RunFiles(model_fn, last_fn, run_dir, config.save_interval, compute.dist.is_main)
         # the head on cached features walks all images in every process, one global batch per step
         self.global_batch = loaders.train.batch_size * compute.dist.world_size
-        self.plan = StagePlan.make(config, model, head, meta, compute.device, len(splits.train), len(loaders.train),
-                                   self.global_batch, log)
+        self.plan = StagePlan.make(
+            config, model, head, meta, compute.device, len(splits.train), len(loaders.train), self.global_batch, log
+        )
         self.optimizer, self.scheduler = self.plan.optimizer(model, head)
         self.scaler = compute.grad_scaler()
         self.criterion = self.task.criterion(config.class_weights, config.label_smoothing).to(compute.device)
@@ -239,26 +250,6 @@ class Fitter:
         self._ddp = self._ddp_frozen = None
 
     # -- checkpoints
-
-    def best_checkpoint(self, metrics, weights=None):
-        return model_loader.make_checkpoint(
-            self.model, self.meta["model_name"], self.splits.class_names, self.meta["input_size"],
-            self.meta["resize_size"], self.meta["mean"], self.meta["std"], self.state.epoch, metrics, self.config.flags,
-            weights, self.task.checkpoint_entries())
-
-    def last_checkpoint(self, weights=None):
-        ckpt = self.best_checkpoint(self.state.best_metrics, weights)
-        ckpt.update({
-            "resumable": LAST_FORMAT,
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot: Adam's moments change in place
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "train_state": model_loader.plain(asdict(self.state)),
-            "rng": {"torch": torch.get_rng_state(), "seed": int(self.config.seed)},
-            "feature_cache": cache_identity(self.meta, self.splits, self.config),
-            "run_dir": str(self.run_dir),
-        })
-        return ckpt
 
     def restore(self, ckpt):
         """Continue from a resumable checkpoint (see last_checkpoint)."""
@@ -278,8 +269,8 @@ class Fitter:
             return
         weights = self.best_state if improved else None  # this epoch's weights, already copied by fit()
         self.state.skipped = dict(self.skips.seen)
-        best = self.best_checkpoint(self.state.best_metrics, weights) if improved else None
-        self.files.keep(best, self.last_checkpoint(weights), force)
+        best = best_checkpoint(self, self.state.best_metrics, weights) if improved else None
+        self.files.keep(best, last_checkpoint(self, weights), force)
 
     # -- epochs
 
@@ -297,18 +288,20 @@ class Fitter:
     def ensure_cache(self):
         """The feature cache of the frozen epochs, built once (its time in cache_built); False when stopped."""
         if self.cache is None:
-            self.log(f"feature cache: one pass of the frozen backbone over {len(self.train_labels)} train + "
-                     f"{len(self.valid_labels)} valid images ...")
-            self.cache = build_feature_cache(self.model, self.head, self.loaders, self.config.cache_views,
-                                             self.config.cache_memory_mb,
-                                             self.run_dir / f"feature_cache.rank{self.dist.rank}.bin",
-                                             self.compute, self.skips)
+            self.cache = build_feature_cache(
+                self.model,
+                self.head,
+                self.loaders,
+                self.config.cache_views,
+                self.config.cache_memory_mb,
+                self.run_dir / f"feature_cache.rank{self.dist.rank}.bin",
+                self.compute,
+                self.skips,
+                self.log,
+            )
             if self.cache is None:
                 return False
             self.cache_built = self.cache.seconds
-            self.log(f"feature cache: {self.cache.train.shape[0]} view(s) x {len(self.train_labels)} train + "
-                     f"{len(self.valid_labels)} valid images, dim {self.cache.train.shape[2]}, in "
-                     f"{self.cache.seconds:.1f}s ({self.cache.location})")
         return True
 
     def run_epoch(self, epoch):
@@ -318,26 +311,27 @@ class Fitter:
         self.loaders.train.sampler.set_epoch(epoch)
         model_loader.set_backbone_trainable(self.model, self.head, kind == WHOLE)
         if kind == HEAD:
-            return self.head_epoch(epoch, self.optimizer, self.scheduler, self.scaler) if self.ensure_cache() else None
+            return (
+                cached_head_epoch(self, epoch, self.optimizer, self.scheduler, self.scaler)
+                if self.ensure_cache()
+                else None
+            )
         if kind == WHOLE:
             self.cache = None  # fine-tuning changes the backbone: cached features are stale
         model_loader.set_train_mode(self.model, self.head, kind != WHOLE, self.config.batchnorm)
-        train = train_one_epoch(self.forward_model(kind != WHOLE), self.loaders.train, self.optimizer, self.scheduler,
-                                self.scaler, self.criterion, self.compute, self.skips,
-                                desc=f"epoch {epoch + 1}/{self.config.n_epochs}", whole=kind == WHOLE)
+        train = train_one_epoch(
+            self.forward_model(kind != WHOLE),
+            self.loaders.train,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.criterion,
+            self.compute,
+            self.skips,
+            desc=f"epoch {epoch + 1}/{self.config.n_epochs}",
+            whole=kind == WHOLE,
+        )
         return None if train is None else (train, evaluate(self.model, self.loaders.valid, self.compute, self.skips))
-
-    def head_epoch(self, epoch, optimizer, scheduler, scaler):
-        """One epoch of the head on the cached features (every rank: all of them) and its validation."""
-        head_module, sampler = self.model.get_submodule(self.head), self.loaders.train.sampler
-        whole = TrainSampler(sampler.n, sampler.seed, 0, 1, sampler.weights)
-        whole.set_epoch(epoch)
-        train = train_head_epoch(head_module, self.cache, self.train_labels, whole, self.global_batch, optimizer,
-                                 scheduler, scaler, self.criterion, self.compute, epoch, self.task)
-        if train is None:
-            return None
-        return train, evaluate_head(head_module, self.cache.valid, self.cache.valid_ok, self.valid_labels,
-                                    self.loaders.valid.batch_size, self.compute, self.task)
 
     def end_epoch(self, epoch, train, valid, seconds):
         """The epoch's row in the history, the best so far, its line, metrics.csv and TensorBoard. True when the
@@ -350,9 +344,14 @@ class Fitter:
         improved = valid["loss"] < state.best_loss
         if improved:
             state.best_epoch, state.bad_epochs = state.epoch, 0
-            state.best_metrics = {"valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"],
-                                  "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-                                  "best_epoch": state.epoch, **added_metrics(valid)}
+            state.best_metrics = {
+                "valid_loss": valid["loss"],
+                "valid_accuracy": valid["accuracy"],
+                "train_loss": train["loss"],
+                "train_accuracy": train["accuracy"],
+                "best_epoch": state.epoch,
+                **added_metrics(valid),
+            }
             self.best_state = model_loader.weights_copy(self.model)
         else:
             state.bad_epochs += 1
@@ -360,10 +359,7 @@ class Fitter:
             log_epoch(self.files.open_writer(state.epoch), row)
             write_metrics_csv(state.history, self.run_dir / "metrics.csv")
             left = self.clock.left([self.plan.kind(e) for e in range(state.epoch, self.config.n_epochs)])
-            self.log(f"epoch {state.epoch}/{self.config.n_epochs}  train loss {train['loss']:.4f} acc "
-                     f"{train['accuracy']:.4f}  valid loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}  lr "
-                     f"{row['lr']:.2e}  {seconds:.1f}s, {pace(kind, train, valid, seconds)}, {left}"
-                     f"{'  *best' if improved else ''}")
+            self.log(epoch_line(row, self.config.n_epochs, f"{pace(kind, train, valid, seconds)}, {left}", improved))
         return improved
 
     # -- the fit
@@ -371,7 +367,7 @@ class Fitter:
     def fit(self):
         """The stages in order; a stop signal ends the run at the last finished epoch (or stage)."""
         state, plan = self.state, self.plan
-        if plan.probe and not state.probe and state.epoch == 0 and not HeadStage(self).run():
+        if plan.probe and not state.probe and state.epoch == 0 and not HeadStage(self, cached_head_epoch).run():
             self.files.write_pending()
             return self.finish(True, False)
         skipped = plan.nothing_to_gain(state.best_metrics) if plan.probe and state.epoch == 0 else ""
@@ -379,9 +375,15 @@ class Fitter:
             self.note = skipped
             return self.finish(False, False)
         interrupted, stopped_early = self.epochs()
-        if (not interrupted and plan.frozen_run and plan.compares_heads and not state.probe and state.best_metrics
-                and bool(self.cache.valid_ok.any())):  # no readable validation image: nothing to compare on
-            interrupted = not HeadStage(self).run()
+        if (
+            not interrupted
+            and plan.frozen_run
+            and plan.compares_heads
+            and not state.probe
+            and state.best_metrics
+            and bool(self.cache.valid_ok.any())
+        ):  # no readable validation image: nothing to compare on
+            interrupted = not HeadStage(self, cached_head_epoch).run()
         return self.finish(interrupted, stopped_early)
 
     def epochs(self):
@@ -398,8 +400,10 @@ class Fitter:
             interrupted = not stopped_early and self.compute.stop_requested()
             self.save_checkpoints(improved, force=stopped_early or interrupted or state.epoch == config.n_epochs)
             if stopped_early:
-                self.log(f"early stop: no better validation loss for {config.patience} epochs (best epoch "
-                         f"{state.best_epoch})")
+                self.log(
+                    f"early stop: no better validation loss for {config.patience} epochs (best epoch "
+                    f"{state.best_epoch})"
+                )
             if stopped_early or interrupted:
                 return interrupted, stopped_early
         return False, False
@@ -407,8 +411,15 @@ class Fitter:
     def finish(self, interrupted, stopped_early):
         """The fit's result; what the best model gets after training is train.py's (finish_run)."""
         note = f"feature cache {self.cache.seconds:.1f}s" if self.cache is not None else ""
-        return FitResult(self.state, interrupted, stopped_early, {}, self.skips.per_class(), note,
-                         self.note or self.plan.transfer_note(self.state))
+        return FitResult(
+            self.state,
+            interrupted,
+            stopped_early,
+            {},
+            self.skips.per_class(),
+            note,
+            self.note or self.plan.transfer_note(self.state),
+        )
 
     # -- the best model, after the epochs
 
@@ -419,11 +430,88 @@ class Fitter:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
 
-    def validation_logits(self):
-        """(logits, labels, dataset indices) of the model on the validation images: on the cached features when
-        the cache still holds them, else one pass over the images."""
-        if self.cache is not None:
-            return evaluation.head_logits(self.model.get_submodule(self.head), self.cache.valid[0],
-                                          self.cache.valid_ok, self.valid_labels, self.loaders.valid.batch_size,
-                                          self.compute, with_index=True)
-        return evaluation.collect_logits(self.model, self.loaders.valid, self.compute, "calibrate", with_index=True)
+
+def cached_head_epoch(fitter, epoch, optimizer, scheduler, scaler):
+    """One epoch of the fitter's head on its cached features (every rank: all of them) with this optimizer,
+    schedule and scaler, and its validation; (train metrics, valid metrics), or None when stopped."""
+    head_module, sampler = fitter.model.get_submodule(fitter.head), fitter.loaders.train.sampler
+    whole = TrainSampler(sampler.n, sampler.seed, 0, 1, sampler.weights)
+    whole.set_epoch(epoch)
+    train = train_head_epoch(
+        head_module,
+        fitter.cache,
+        fitter.train_labels,
+        whole,
+        fitter.global_batch,
+        optimizer,
+        scheduler,
+        scaler,
+        fitter.criterion,
+        fitter.compute,
+        epoch,
+        fitter.task,
+    )
+    if train is None:
+        return None
+    return train, evaluate_head(
+        head_module,
+        fitter.cache.valid,
+        fitter.cache.valid_ok,
+        fitter.valid_labels,
+        fitter.loaders.valid.batch_size,
+        fitter.compute,
+        fitter.task,
+    )
+
+
+def validation_logits(fitter):
+    """(logits, labels, dataset indices) of the fitter's model on the validation images: on the cached features
+    when the cache still holds them, else one pass over the images."""
+    if fitter.cache is not None:
+        return evaluation.head_logits(
+            fitter.model.get_submodule(fitter.head),
+            fitter.cache.valid[0],
+            fitter.cache.valid_ok,
+            fitter.valid_labels,
+            fitter.loaders.valid.batch_size,
+            fitter.compute,
+            with_index=True,
+        )
+    return evaluation.collect_logits(fitter.model, fitter.loaders.valid, fitter.compute, "calibrate", with_index=True)
+
+
+def best_checkpoint(fitter, metrics, weights=None):
+    """The best checkpoint's dict (model_loader.make_checkpoint) of the fitter's run; `weights` or the model's."""
+    meta = fitter.meta
+    return model_loader.make_checkpoint(
+        fitter.model,
+        meta["model_name"],
+        fitter.splits.class_names,
+        meta["input_size"],
+        meta["resize_size"],
+        meta["mean"],
+        meta["std"],
+        fitter.state.epoch,
+        metrics,
+        fitter.config.flags,
+        weights,
+        fitter.task.checkpoint_entries(),
+    )
+
+
+def last_checkpoint(fitter, weights=None):
+    """The resumable _last.pth: the best checkpoint's keys, the optimizer, schedule, scaler, state and RNG."""
+    ckpt = best_checkpoint(fitter, fitter.state.best_metrics, weights)
+    ckpt.update(
+        {
+            "resumable": LAST_FORMAT,
+            "optimizer": copy.deepcopy(fitter.optimizer.state_dict()),  # a snapshot: Adam's moments change in place
+            "scheduler": fitter.scheduler.state_dict(),
+            "scaler": fitter.scaler.state_dict(),
+            "train_state": model_loader.plain(asdict(fitter.state)),
+            "rng": {"torch": torch.get_rng_state(), "seed": int(fitter.config.seed)},
+            "feature_cache": cache_identity(fitter.meta, fitter.splits, fitter.config),
+            "run_dir": str(fitter.run_dir),
+        }
+    )
+    return ckpt

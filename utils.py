@@ -1,5 +1,6 @@
 """Small shared helpers: seeding, devices and how tensors run on them (Compute: mixed precision, memory
 format, progress bars), distributed info, safe writes, figures."""
+
 import os
 import random
 import stat
@@ -40,7 +41,9 @@ def resolve_device(gpu_id, local_rank=None):
     if gpu_id < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise CLIError(f"--gpu_id {gpu_id} asked for a GPU, but CUDA is not available here; use --gpu_id -1 for the CPU")
+        raise CLIError(
+            f"--gpu_id {gpu_id} asked for a GPU, but CUDA is not available here; use --gpu_id -1 for the CPU"
+        )
     if gpu_id >= torch.cuda.device_count():
         raise CLIError(f"--gpu_id {gpu_id} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device("cuda", gpu_id)
@@ -49,6 +52,7 @@ def resolve_device(gpu_id, local_rank=None):
 @dataclass
 class Compute:
     """How tensors run: device, mixed precision, memory format, and the stop flag to poll."""
+
     device: torch.device
     amp_dtype: torch.dtype = None  # None = fp32; bf16 or fp16 autocast otherwise
     channels_last: bool = False  # inputs of forward-only passes (evaluation, caching, prediction)
@@ -105,17 +109,33 @@ class DepthwiseFp32Backward(torch.autograd.Function):
         ctx.save_for_backward(low, weight)
         ctx.conv = (x.dtype, bias is not None, stride, padding, dilation, groups)
         with torch.autocast("cpu", enabled=False):
-            return torch.conv2d(low, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16),
-                                stride, padding, dilation, groups)
+            return torch.conv2d(
+                low,
+                weight.to(torch.bfloat16),
+                None if bias is None else bias.to(torch.bfloat16),
+                stride,
+                padding,
+                dilation,
+                groups,
+            )
 
     @staticmethod
     def backward(ctx, grad):
         low, weight = ctx.saved_tensors
         dtype, has_bias, stride, padding, dilation, groups = ctx.conv
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad.float().contiguous(memory_format=torch.channels_last), low.float(), weight.float(),
-            [weight.shape[0]] if has_bias else None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
+            grad.float().contiguous(memory_format=torch.channels_last),
+            low.float(),
+            weight.float(),
+            [weight.shape[0]] if has_bias else None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]],
+        )
         return (None if grad_x is None else grad_x.to(dtype), grad_w, grad_b, None, None, None, None)
 
 
@@ -123,10 +143,16 @@ def slow_bf16_depthwise(input, weight, bias=None, stride=1, padding=0, dilation=
     """torch.conv2d's arguments as DepthwiseFp32Backward takes them when the call is a depthwise convolution whose
     bf16 backward is slow on CPUs (a kernel over 3x3 or a stride; measured in channels_last, the memory format of
     bf16 training steps), under autograd; else None."""
-    if (groups == 1 or isinstance(padding, str) or input.dim() != 4 or input.device.type != "cpu"
-            or not input.is_contiguous(memory_format=torch.channels_last)
-            or not groups == input.shape[1] == weight.shape[0] or not torch.is_grad_enabled()
-            or not (input.requires_grad or weight.requires_grad)):
+    if (
+        groups == 1
+        or isinstance(padding, str)
+        or input.dim() != 4
+        or input.device.type != "cpu"
+        or not input.is_contiguous(memory_format=torch.channels_last)
+        or not groups == input.shape[1] == weight.shape[0]
+        or not torch.is_grad_enabled()
+        or not (input.requires_grad or weight.requires_grad)
+    ):
         return None
     if max(weight.shape[-2:]) <= 3 and max(_pair(stride)) == 1:
         return None  # bf16 is the faster there
@@ -196,8 +222,7 @@ def precision_for(device, amp):
 
 def bar(iterable, compute, desc):
     # disable=None: bars only on a terminal, so logs and pipes stay clean
-    return tqdm(iterable, desc=desc, leave=False, disable=None if compute.progress else True,
-                dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, leave=False, disable=None if compute.progress else True, dynamic_ncols=True)
 
 
 class Progress:
@@ -221,8 +246,12 @@ class Progress:
         done = min(self.done, self.total)
         rate = done / max(now - self.start, 1e-9)
         left = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"{self.desc}: {done}/{self.total} images ({done / self.total:.0%}), {rate:.1f} img/s, "
-              f"{format_seconds(left)} left", file=self.out, flush=True)
+        print(
+            f"{self.desc}: {done}/{self.total} images ({done / self.total:.0%}), {rate:.1f} img/s, "
+            f"{format_seconds(left)} left",
+            file=self.out,
+            flush=True,
+        )
 
 
 def format_seconds(seconds):
@@ -267,8 +296,9 @@ def process_group(dist_info, device):
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=dist_info.rank,
-                                         world_size=dist_info.world_size)
+    torch.distributed.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", rank=dist_info.rank, world_size=dist_info.world_size
+    )
     try:
         yield
     finally:
@@ -419,8 +449,15 @@ def save_confusion_matrix(matrix, class_names, path, extra_column=None):
         top = max(1, max(max(row) for row in matrix))
         for i in range(n):
             for j in range(len(predicted)):
-                ax.text(j, i, int(matrix[i][j]), ha="center", va="center", fontsize=7,
-                        color="white" if matrix[i][j] > top / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(matrix[i][j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if matrix[i][j] > top / 2 else "black",
+                )
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
     plt.close(fig)

@@ -10,6 +10,7 @@ pullover, dress, coat, sandal, shirt; 100 images each), from the Debian package 
 --weights FILE uses a backbone of your own instead of the stand-in; --data_dir, --input_size and --epochs
 run the same table on other data, at another size, or shorter.
 """
+
 import re
 import sys
 import tempfile
@@ -19,9 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from timed import run  # noqa: E402
-
 from cli import ArgumentParser  # noqa: E402
+from timed import run  # noqa: E402
 
 SAMPLE = ROOT / "data" / "fashion_sample"
 DONOR_CLASSES = "tshirt_top,pullover,dress,coat,sandal,shirt"
@@ -33,23 +33,52 @@ RUNS = [  # (name, flags): every run trains ResNet-18 on the shipped sample at S
     ("pretrained, --freeze, 20 epochs", ["--n_epochs", "20", "--freeze", "PRETRAINED"]),
     ("pretrained, --unfreeze_after 2, 20 epochs", ["--n_epochs", "20", "--unfreeze_after", "2", "PRETRAINED"]),
     ("pretrained, fine-tune all, 20 epochs", ["--n_epochs", "20", "PRETRAINED"]),
-    ("pretrained, fine-tune all, --label_smoothing 0.1", ["--n_epochs", "20", "--label_smoothing", "0.1",
-                                                           "PRETRAINED"]),
-    ("pretrained, fine-tune all, --patience 0 (no early stop)", ["--n_epochs", "20", "--patience", "0",
-                                                                 "PRETRAINED"]),
+    (
+        "pretrained, fine-tune all, --label_smoothing 0.1",
+        ["--n_epochs", "20", "--label_smoothing", "0.1", "PRETRAINED"],
+    ),
+    ("pretrained, fine-tune all, --patience 0 (no early stop)", ["--n_epochs", "20", "--patience", "0", "PRETRAINED"]),
 ]
-
 
 
 def main(args):
     work = Path(args.work or tempfile.mkdtemp(prefix="advice_"))
     donor_data, donor = work / "donor_data", Path(args.weights or work / "donor.pth")
     if not donor.exists():
-        run([sys.executable, ROOT / "data" / "prepare.py", "fashion", "--out", donor_data, "--classes", DONOR_CLASSES,
-             "--overwrite"])
-        run([sys.executable, ROOT / "train.py", "--data_dir", donor_data, "--model_name", "resnet18", "--input_size",
-             args.input_size, "--n_epochs", "10", "--model_fn", donor, "--log_dir", work / "donor_run", "--verbose", "0",
-             "--gpu_id", "-1"])
+        run(
+            [
+                sys.executable,
+                ROOT / "data" / "prepare.py",
+                "fashion",
+                "--out",
+                donor_data,
+                "--classes",
+                DONOR_CLASSES,
+                "--overwrite",
+            ]
+        )
+        run(
+            [
+                sys.executable,
+                ROOT / "train.py",
+                "--data_dir",
+                donor_data,
+                "--model_name",
+                "resnet18",
+                "--input_size",
+                args.input_size,
+                "--n_epochs",
+                "10",
+                "--model_fn",
+                donor,
+                "--log_dir",
+                work / "donor_run",
+                "--verbose",
+                "0",
+                "--gpu_id",
+                "-1",
+            ]
+        )
     print(f"{'run':52s} {'test acc':>8s} {'best epoch':>10s} {'epochs run':>10s} {'seconds':>8s}")
     for name, flags in RUNS:
         if args.only and not any(o in name for o in args.only):
@@ -58,10 +87,27 @@ def main(args):
         if args.epochs:
             flags[flags.index("--n_epochs") + 1] = str(args.epochs)
         tag = re.sub(r"\W+", "_", name)[:40]
-        seconds, out = run([sys.executable, ROOT / "train.py", "--data_dir", args.data_dir, "--model_name", "resnet18",
-                            "--input_size", args.input_size,
-                            "--model_fn", work / f"{tag}.pth", "--log_dir", work / tag, "--verbose", "1",
-                            "--gpu_id", "-1", *flags])
+        seconds, out = run(
+            [
+                sys.executable,
+                ROOT / "train.py",
+                "--data_dir",
+                args.data_dir,
+                "--model_name",
+                "resnet18",
+                "--input_size",
+                args.input_size,
+                "--model_fn",
+                work / f"{tag}.pth",
+                "--log_dir",
+                work / tag,
+                "--verbose",
+                "1",
+                "--gpu_id",
+                "-1",
+                *flags,
+            ]
+        )
         test = re.search(r"test accuracy ([\d.]+)", out).group(1)
         found = re.search(r"best epoch (\d+)|best: the (linear probe|SGD head)", out)
         best = found.group(1) or ("probe" if found.group(2) == "linear probe" else "sgd")  # the head stage's

@@ -8,6 +8,7 @@ the DataLoader's work, and --check_data's) in 10 class folders and a CSV naming 
 80% train, 10% valid, 10% test), then times data_loader.build_splits on it, as train.py calls it: reading,
 checking every file exists, ordering, and the stratified split when there is no split column (measured both
 ways), best of --repeats."""
+
 import csv
 import sys
 import tempfile
@@ -53,9 +54,11 @@ def main(args):
             start = time.perf_counter()
             splits = data_loader.build_splits(None, 0.2, 42, path, None, task=tasks.for_run(args.multi_label))
             best = min(best, time.perf_counter() - start)
-        print(f"{args.rows} rows{' of two labels' if args.multi_label else ''}, {'with' if with_split else 'without'} "
-              f"a split column: {best:.2f}s (best of "
-              f"{args.repeats}); {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test")
+        print(
+            f"{args.rows} rows{' of two labels' if args.multi_label else ''}, {'with' if with_split else 'without'} "
+            f"a split column: {best:.2f}s (best of "
+            f"{args.repeats}); {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ For each mode (frozen: --freeze, 10 epochs; fine-tuned: all layers, 5 epochs) it
   4. (first mode only) the cost: predict.py on the same images with and without --explain, in turns, best of
      --repeats: the prediction loop's time (predict.py's own 'predicted N images in Xs') and the whole process.
 """
+
 import csv
 import random
 import re
@@ -32,9 +33,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data"))
 
 from ood_bench import fashion_images  # noqa: E402
-from timed import run  # noqa: E402
 
 from cli import ArgumentParser, run_cli  # noqa: E402
+from timed import run  # noqa: E402
 
 CLASSES = ["trouser", "sneaker", "bag", "ankle_boot"]
 CANVAS, OBJECT = 224, 84
@@ -43,7 +44,9 @@ MODES = {"frozen": ["--freeze", "--n_epochs", "10"], "finetuned": ["--n_epochs",
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--work", default=None, help="folder for data, checkpoints and outputs (default: a new temporary one)")
+    p.add_argument(
+        "--work", default=None, help="folder for data, checkpoints and outputs (default: a new temporary one)"
+    )
     p.add_argument("--modes", default="frozen,finetuned", help="comma-separated: frozen, finetuned")
     p.add_argument("--per_class", type=int, default=125, help="training images per class (test: 50)")
     p.add_argument("--repeats", type=int, default=2, help="timing rounds (best of)")
@@ -88,8 +91,10 @@ def build(root, per_class):
 
 def read_boxes(path):
     with open(path) as f:
-        return {r["file"]: [int(r[k]) for k in ("x0", "y0", "x1", "y1", "sx0", "sy0", "sx1", "sy1")]
-                for r in csv.DictReader(f)}
+        return {
+            r["file"]: [int(r[k]) for k in ("x0", "y0", "x1", "y1", "sx0", "sy0", "sx1", "sy1")]
+            for r in csv.DictReader(f)
+        }
 
 
 def read_rows(path):
@@ -126,21 +131,58 @@ def main(args):
     data = work / "composites"
     boxes = build(data, args.per_class)
     py = sys.executable
-    print(f"composites: {len(CLASSES)} classes x {args.per_class} train (a fifth kept for validation) / 50 test, "
-          f"{CANVAS} px canvas, {OBJECT} px object; work folder {work}")
+    print(
+        f"composites: {len(CLASSES)} classes x {args.per_class} train (a fifth kept for validation) / 50 test, "
+        f"{CANVAS} px canvas, {OBJECT} px object; work folder {work}"
+    )
     for i, mode in enumerate(args.modes.split(",")):
         ckpt, run_dir = work / f"{mode}.pth", work / f"run_{mode}"
-        seconds, out = run([py, ROOT / "train.py", "--data_dir", data, "--model_name", "efficientnet_lite0",
-                            "--use_pretrained", "--input_size", "224", "--resize_size", "224", *MODES[mode],
-                            "--model_fn", ckpt, "--log_dir", run_dir, "--verbose", "0"])
+        seconds, out = run(
+            [
+                py,
+                ROOT / "train.py",
+                "--data_dir",
+                data,
+                "--model_name",
+                "efficientnet_lite0",
+                "--use_pretrained",
+                "--input_size",
+                "224",
+                "--resize_size",
+                "224",
+                *MODES[mode],
+                "--model_fn",
+                ckpt,
+                "--log_dir",
+                run_dir,
+                "--verbose",
+                "0",
+            ]
+        )
         test_acc = re.search(r"test accuracy ([\d.]+)", out).group(1)
         cams = work / f"cams_{mode}"
-        _, out = run([py, ROOT / "predict.py", "--model_fn", ckpt, "--data_dir", data / "test", "--output",
-                      work / f"explain_{mode}.csv", "--explain", cams, "--plot", work / f"plot_{mode}.png"])
+        _, out = run(
+            [
+                py,
+                ROOT / "predict.py",
+                "--model_fn",
+                ckpt,
+                "--data_dir",
+                data / "test",
+                "--output",
+                work / f"explain_{mode}.csv",
+                "--explain",
+                cams,
+                "--plot",
+                work / f"plot_{mode}.png",
+            ]
+        )
         n, tight, square, quadrant = pointing_game(work / f"explain_{mode}.csv", cams / "heatmaps.npz", boxes)
-        print(f"{mode}: trained in {seconds:.0f}s, test accuracy {test_acc}; pointing game on {n} correctly "
-              f"classified test images: peak in the object's tight box {tight / n:.1%} ({tight}/{n}), in its "
-              f"{OBJECT} px square {square / n:.1%}, in its quadrant {quadrant / n:.1%}")
+        print(
+            f"{mode}: trained in {seconds:.0f}s, test accuracy {test_acc}; pointing game on {n} correctly "
+            f"classified test images: peak in the object's tight box {tight / n:.1%} ({tight}/{n}), in its "
+            f"{OBJECT} px square {square / n:.1%}, in its quadrant {quadrant / n:.1%}"
+        )
         if i == 0:
             timing(py, ckpt, data / "test", work, args.repeats)
 
@@ -149,16 +191,33 @@ def timing(py, ckpt, folder, work, repeats):
     best = {}
     for _ in range(repeats):
         for name, extra in (("plain", []), ("explain", ["--explain", work / "cams_timing"])):
-            wall, out = run([py, ROOT / "predict.py", "--model_fn", ckpt, "--data_dir", folder, "--output",
-                             work / f"timing_{name}.csv", "--n_images", "0", "--verbose", "0", *extra])
+            wall, out = run(
+                [
+                    py,
+                    ROOT / "predict.py",
+                    "--model_fn",
+                    ckpt,
+                    "--data_dir",
+                    folder,
+                    "--output",
+                    work / f"timing_{name}.csv",
+                    "--n_images",
+                    "0",
+                    "--verbose",
+                    "0",
+                    *extra,
+                ]
+            )
             loop = loop_seconds(out)
             old = best.get(name, (float("inf"), float("inf")))
             best[name] = (min(old[0], loop), min(old[1], wall))
     n = len(read_rows(work / "timing_plain.csv"))
     (pl, pw), (el, ew) = best["plain"], best["explain"]
-    print(f"cost on {n} images of {CANVAS} px (best of {repeats}): prediction loop {pl:.2f}s plain, {el:.2f}s with "
-          f"--explain ({el / pl:.2f}x; {1000 * (el - pl) / n:.1f} ms more per image); whole process {pw:.1f}s "
-          f"against {ew:.1f}s ({ew / pw:.2f}x)")
+    print(
+        f"cost on {n} images of {CANVAS} px (best of {repeats}): prediction loop {pl:.2f}s plain, {el:.2f}s with "
+        f"--explain ({el / pl:.2f}x; {1000 * (el - pl) / n:.1f} ms more per image); whole process {pw:.1f}s "
+        f"against {ew:.1f}s ({ew / pw:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Modes, each `train.py --model_name efficientnet_lite0 --use_pretrained --n_epoch
                  --batchnorm reestimate, --layer_decay 0.7, --augment light, --no_probe)
 Each run is a process, as a user runs it; the figures are read from what it prints.
 """
+
 import re
 import statistics
 import sys
@@ -35,9 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data"))
 
-from timed import run  # noqa: E402
-
 from cli import ArgumentParser, run_cli  # noqa: E402
+from timed import run  # noqa: E402
 
 MODES = {
     "frozen": ["--freeze"],
@@ -85,7 +85,7 @@ def build_set(name, root, per_class, test_per_class):
         cells = [c for c in solar_cells() if c[0] == kind]
         rng.shuffle(cells)
         for cls, keep in (("functional", lambda p: p == 0), ("defective", lambda p: p >= 2 / 3)):
-            chosen = [c for c in cells if keep(c[1])][:per_class + test_per_class]
+            chosen = [c for c in cells if keep(c[1])][: per_class + test_per_class]
             for i, (_, _, img) in enumerate(chosen):
                 save(img, root / ("test" if i < test_per_class else "train") / cls, f"{cls}_{i:04d}")
     else:
@@ -100,9 +100,29 @@ def build_set(name, root, per_class, test_per_class):
 def train(data, mode, seed, epochs, work, extra=()):
     """(wall seconds, stdout) of one train.py process."""
     out = Path(work) / f"{data.name}_{mode}_{seed}"
-    cmd = [sys.executable, ROOT / "train.py", "--data_dir", data, "--model_name", "efficientnet_lite0",
-           "--use_pretrained", "--n_epochs", epochs, "--seed", seed, "--model_fn", out / "m.pth", "--log_dir",
-           out / "run", "--verbose", "1", "--ood_method", "none", *MODES.get(mode, []), *extra]
+    cmd = [
+        sys.executable,
+        ROOT / "train.py",
+        "--data_dir",
+        data,
+        "--model_name",
+        "efficientnet_lite0",
+        "--use_pretrained",
+        "--n_epochs",
+        epochs,
+        "--seed",
+        seed,
+        "--model_fn",
+        out / "m.pth",
+        "--log_dir",
+        out / "run",
+        "--verbose",
+        "1",
+        "--ood_method",
+        "none",
+        *MODES.get(mode, []),
+        *extra,
+    ]
     return run(cmd)
 
 
@@ -111,10 +131,14 @@ def figures(seconds, stdout):
     probe = re.search(r"linear probe: L2 (\S+) .*fitted in ([\d.]+)s .*\(([\d.]+)s\)", stdout)
     rates = [float(r) for r in re.findall(r"([\d.]+) img/s", stdout)]
     kept = re.search(r"^(fine-tuning improved.*|kept .*)$", stdout, re.M)
-    return {"acc": float(test.group(1)) if test else float("nan"), "seconds": seconds,
-            "probe_s": float(probe.group(2)) + float(probe.group(3)) if probe else 0.0,
-            "l2": probe.group(1) if probe else "", "rate": max(rates) if rates else float("nan"),
-            "kept": kept.group(1) if kept else ""}
+    return {
+        "acc": float(test.group(1)) if test else float("nan"),
+        "seconds": seconds,
+        "probe_s": float(probe.group(2)) + float(probe.group(3)) if probe else 0.0,
+        "l2": probe.group(1) if probe else "",
+        "rate": max(rates) if rates else float("nan"),
+        "kept": kept.group(1) if kept else "",
+    }
 
 
 def mean_sd(values):
@@ -124,8 +148,10 @@ def mean_sd(values):
 def speed(data, work):
     """Images/s of fine-tuning epochs (train + valid) as the product runs them and in fp32 NCHW, in turns."""
     rows = []
-    for label, extra in (("default (bf16 where native, channels_last)", []),
-                         ("fp32 NCHW (--no_amp --no_channels_last)", ["--no_amp", "--no_channels_last"])) * 2:
+    for label, extra in (
+        ("default (bf16 where native, channels_last)", []),
+        ("fp32 NCHW (--no_amp --no_channels_last)", ["--no_amp", "--no_channels_last"]),
+    ) * 2:
         seconds, out = train(data, "default", 0, 2, work, extra)
         rows.append((label, max(float(r) for r in re.findall(r"([\d.]+) img/s", out)), seconds))
     print("\n| fine-tuning epoch | images/s (best epoch) | whole run, 2 epochs |\n|---|---|---|")
@@ -139,8 +165,10 @@ def speed(data, work):
 def main(args):
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
-    print(f"CPU: {cpu}, AVX512-BF16: {'yes' if ' avx512_bf16' in flags else 'no'}; EfficientNet-Lite0, ImageNet "
-          f"weights, 224 px, {args.epochs} epochs, seeds {args.seeds}")
+    print(
+        f"CPU: {cpu}, AVX512-BF16: {'yes' if ' avx512_bf16' in flags else 'no'}; EfficientNet-Lite0, ImageNet "
+        f"weights, 224 px, {args.epochs} epochs, seeds {args.seeds}"
+    )
     root = Path(args.data)
     sets = {name: build_set(name, root / name, args.per_class, args.test_per_class) for name in args.sets}
     with tempfile.TemporaryDirectory() as work:
@@ -152,10 +180,13 @@ def main(args):
                 for mode in args.modes:
                     start = time.perf_counter()
                     results[name, mode, seed] = r = figures(*train(data, mode, seed, args.epochs, work))
-                    print(f"{name} {mode} seed {seed}: test accuracy {r['acc']:.3f}, {r['seconds']:.0f} s"
-                          + (f", probe {r['probe_s']:.1f} s (L2 {r['l2']})" if r["probe_s"] else "")
-                          + (f"; {r['kept']}" if r["kept"] else "") + f"  [{time.perf_counter() - start:.0f} s]",
-                          flush=True)
+                    print(
+                        f"{name} {mode} seed {seed}: test accuracy {r['acc']:.3f}, {r['seconds']:.0f} s"
+                        + (f", probe {r['probe_s']:.1f} s (L2 {r['l2']})" if r["probe_s"] else "")
+                        + (f"; {r['kept']}" if r["kept"] else "")
+                        + f"  [{time.perf_counter() - start:.0f} s]",
+                        flush=True,
+                    )
     print("\ntest accuracy, mean ± sd over the seeds")
     print("\n| set | " + " | ".join(args.modes) + " |\n|---|" + "---|" * len(args.modes))
     for name in sets:
@@ -169,8 +200,10 @@ def main(args):
     probed = [r for r in results.values() if r["probe_s"]]
     if probed:
         share = [r["probe_s"] / r["seconds"] for r in probed]
-        print(f"probe stage (feature cache + fit) {statistics.mean(share):.1%} of the run on average, at most "
-              f"{max(share):.1%}")
+        print(
+            f"probe stage (feature cache + fit) {statistics.mean(share):.1%} of the run on average, at most "
+            f"{max(share):.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ What it does:
      without it or --weights, fine-tunes a donor backbone on OTHER Fashion-MNIST classes
      (--donor_classes), so that its frozen features mean something without ImageNet weights;
   3. runs `train.py --check_data --weights donor.pth` (or --use_pretrained) as a whole process and reads
-     its label_issues.csv: precision among the first --top rows (share of them that are planted flips) and recall of the flips
+     its label_issues.csv: precision among the first --top rows (share of them that are planted flips) and recall of
+     the flips
      within the first 2 x --top rows, and the same for the `flagged` column;
   4. in this process, on the same backbone, for each of --seeds (other flips of the same images, so the
      features are taken once): the baseline (eval-view features, one 5-fold logistic regression with
@@ -22,6 +23,7 @@ What it does:
      mean over the seeds;
   5. times: one plain feature pass over the images against the whole check.
 """
+
 import csv
 import random
 import shutil
@@ -34,14 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from timed import run  # noqa: E402
-
 import torch  # noqa: E402
 
 import data_loader as dl  # noqa: E402
 import label_check as lc  # noqa: E402
 import model_loader as ml  # noqa: E402
 from cli import ArgumentParser, CLIError, run_cli, tune_allocator  # noqa: E402
+from timed import run  # noqa: E402
 from utils import Compute, DistInfo  # noqa: E402
 
 
@@ -51,8 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--model_name", default="resnet18")
     p.add_argument("--size", type=int, default=96, help="image side on disk and model input size")
     p.add_argument("--classes", default="pullover,coat,shirt,bag", help="classes of the checked set")
-    p.add_argument("--donor_classes", default="tshirt_top,trouser,dress,sandal,sneaker,ankle_boot",
-                   help="classes the donor backbone is fine-tuned on (none of --classes)")
+    p.add_argument(
+        "--donor_classes",
+        default="tshirt_top,trouser,dress,sandal,sneaker,ankle_boot",
+        help="classes the donor backbone is fine-tuned on (none of --classes)",
+    )
     p.add_argument("--per_class", type=int, default=100, help="training images per class of the checked set")
     p.add_argument("--flip", type=float, default=0.1, help="share of labels flipped to another class")
     p.add_argument("--seed", type=int, default=0, help="which images are flipped, and to what, for the train.py run")
@@ -62,17 +66,34 @@ def parse_args(argv=None):
     p.add_argument("--neighbours", type=int, default=20, help="k of the k-nearest-neighbour comparison row")
     p.add_argument("--seeds", default="0,1,2,3,4", help="flip seeds of the in-process comparison (same features)")
     p.add_argument("--weights", default=None, help="backbone weights; default: a donor fine-tuned here")
-    p.add_argument("--use_pretrained", action="store_true",
-                   help="the backbone's ImageNet weights instead of a donor (efficientnet_lite0's need no download)")
+    p.add_argument(
+        "--use_pretrained",
+        action="store_true",
+        help="the backbone's ImageNet weights instead of a donor (efficientnet_lite0's need no download)",
+    )
     p.add_argument("--donor_epochs", type=int, default=3)
     p.add_argument("--donor_per_class", type=int, default=100)
     return p.parse_args(argv)
 
 
-
 def fashion(out, size, classes, per_class):
-    run([sys.executable, ROOT / "data" / "prepare.py", "fashion", "--out", out, "--size", size, "--train_per_class",
-         per_class, "--test_per_class", 0, "--classes", classes])
+    run(
+        [
+            sys.executable,
+            ROOT / "data" / "prepare.py",
+            "fashion",
+            "--out",
+            out,
+            "--size",
+            size,
+            "--train_per_class",
+            per_class,
+            "--test_per_class",
+            0,
+            "--classes",
+            classes,
+        ]
+    )
 
 
 def flipped_labels(files, share, seed):
@@ -101,8 +122,12 @@ def plant_flips(clean, flipped, share, seed):
 def scores(files, wrong, top, flagged):
     """precision in the first `top` rows, recall of the flips in the first 2 x top, flagged precision, recall."""
     caught = len(flagged & wrong)
-    return (sum(f in wrong for f in files[:top]) / top, sum(f in wrong for f in files[:2 * top]) / len(wrong),
-            caught / max(1, len(flagged)), caught / len(wrong))
+    return (
+        sum(f in wrong for f in files[:top]) / top,
+        sum(f in wrong for f in files[: 2 * top]) / len(wrong),
+        caught / max(1, len(flagged)),
+        caught / len(wrong),
+    )
 
 
 def show(name, values):
@@ -139,78 +164,14 @@ def ranked(files, labels, probs, class_names, score=None):
     return [files[i] for i in sorted(range(len(files)), key=lambda i: (float(score[i]), files[i]))], flagged
 
 
-def main(args):
-    if args.weights and args.use_pretrained:
-        raise CLIError("give --weights or --use_pretrained, not both")
-    tune_allocator()
-    work = Path(args.work or tempfile.mkdtemp(prefix="label_bench_"))
-    clean, flipped = work / "clean", work / "flipped"
-    if not (clean / "train").is_dir():
-        fashion(clean, args.size, args.classes, args.per_class)
-    shutil.rmtree(flipped, ignore_errors=True)
-    wrong = plant_flips(clean, flipped, args.flip, args.seed)
-    weights = args.weights
-    if weights is None and not args.use_pretrained:
-        weights = work / "donor.pth"
-        if not weights.is_file():
-            fashion(work / "donor_data", args.size, args.donor_classes, args.donor_per_class)
-            seconds, _ = run([sys.executable, ROOT / "train.py", "--data_dir", work / "donor_data", "--model_name",
-                              args.model_name, "--input_size", args.size, "--n_epochs", args.donor_epochs,
-                              "--model_fn", weights, "--log_dir", work / "donor_run", "--verbose", 0])
-            print(f"donor: {args.model_name} fine-tuned {args.donor_epochs} epochs on {args.donor_classes} "
-                  f"({args.donor_per_class} per class, {args.size} px) in {seconds:.0f}s")
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (a shared, noisy machine)")
-    n = len(dl.list_images(flipped / "train"))
-    print(f"data: {n} images of {args.classes} at {args.size} px, {len(wrong)} labels flipped (seed {args.seed}); "
-          f"backbone {args.model_name} with {weights or 'its ImageNet weights'}")
-
-    # the check, as a user runs it
-    backbone = ["--use_pretrained"] if weights is None else ["--weights", weights]
-    cmd = [sys.executable, ROOT / "train.py", "--check_data", "--data_dir", flipped, "--model_name", args.model_name,
-           *backbone, "--input_size", args.size, "--log_dir", work / "check", "--verbose", 1]
-    if args.check_views is not None:
-        cmd += ["--check_views", args.check_views]
-    check_s, out = run(cmd)
-    with open(work / "check" / "label_issues.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    summary = [l for l in out.splitlines() if l.startswith(("label check:", "flagged:"))]
-    print("\n".join(f"   | {l}" for l in summary))
+def compare_steps(args, steps, samples, clean_files, class_names):
+    """The ranking quality of each of `steps` over the flip seeds of --seeds, and their means."""
     top = args.top
-
-    # the baseline and the steps between, in this process on the same backbone, over several flip seeds:
-    # the features do not depend on the labels, so they are taken once from the clean folder
-    clean_files = sorted(dl.list_images(clean / "train"))
-    class_names = sorted({f.parent.name for f in clean_files})
-    samples = [(str(f), class_names.index(f.parent.name)) for f in clean_files]
-    model, head = ml.build_model(ml.resolve_model_name(args.model_name), len(class_names),
-                                 pretrained=weights is None, weights_path=weights, log=lambda *a: None)
-    defaults = ml.model_defaults(ml.resolve_model_name(args.model_name))
-    meta = {"input_size": args.size, "resize_size": dl.default_resize(args.size), "mean": defaults["mean"],
-            "std": defaults["std"]}
-    compute = Compute(torch.device("cpu"), None, ml.is_convolutional(model), False, DistInfo())
-    skips = dl.SkipLog(samples, class_names, print)
-    lc.backbone_features(model, head, samples[:32], 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")  # warm-up
-    start = time.perf_counter()
-    plain, _ = lc.backbone_features(model, head, samples, 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")
-    plain_s = time.perf_counter() - start
-    views = args.check_views or 0
-    n_fit = round(len(samples) * (lc.FOLDS - 1) / lc.FOLDS)
-    check = "eval view, L2 by out-of-fold log loss, folds x3 (the check's default)"
-    # name: (features, L2 grid, fold draws, how probabilities become a ranking score; None = self-confidence)
-    steps = {"baseline: eval view, 5-fold once, C=1 (L2 1/n), self-confidence": (plain, (1 / n_fit,), 1, None),
-             check: (plain, lc.L2_GRID, lc.REPEATS, None),
-             "the same, ranked by normalized margin (p_given - max other)": (plain, lc.L2_GRID, lc.REPEATS, "margin"),
-             f"the same, averaged with a cosine {args.neighbours}-NN vote": (plain, lc.L2_GRID, lc.REPEATS, "knn"),
-             "eval view, L2 by log loss, folds x10": (plain, lc.L2_GRID, 10, None)}
-    if args.extra_views:
-        many, _ = lc.backbone_features(model, head, samples, args.extra_views, meta, 32, 0, 42, compute, skips,
-                                       2048, work / "f.bin")
-        steps[f"eval + {args.extra_views} augmented views, L2 by log loss, folds x3"] = (many, lc.L2_GRID,
-                                                                                          lc.REPEATS, None)
     seeds = [int(x) for x in args.seeds.split(",")]
-    print(f"\nranking quality, {len(seeds)} flip seeds ({','.join(map(str, seeds))}), "
-          f"{round(args.flip * len(samples))} flips among {len(samples)} images each:")
+    print(
+        f"\nranking quality, {len(seeds)} flip seeds ({','.join(map(str, seeds))}), "
+        f"{round(args.flip * len(samples))} flips among {len(samples)} images each:"
+    )
     header = f"precision@{top} recall@{2 * top}  flagged: precision recall"
     print(f"   {'':66s} {header}")
     files = [p for p, _ in samples]
@@ -236,11 +197,145 @@ def main(args):
     print("   mean over the seeds:")
     for name, values in totals.items():
         show(name, [sum(v[j] for v in values) / len(values) for j in range(4)])
-    show(f"train.py --check_data (label_issues.csv, seed {args.seed})",
-         scores([r["file"] for r in rows], wrong, top, {r["file"] for r in rows if r["flagged"] == "1"}))
-    print(f"\ntime: one plain feature pass over {len(samples)} images (eval view, in-process) {plain_s:.1f}s; "
-          f"the whole check as a process (start-up, audit, {1 + views} views, fits, files) {check_s:.1f}s "
-          f"= {check_s / plain_s:.1f}x")
+
+
+def prepare(args):
+    """(work folder, the clean set, the set with planted flips, the flipped files, the backbone's weights file or
+    None for ImageNet's): built once, the donor trained when no weights are given."""
+    work = Path(args.work or tempfile.mkdtemp(prefix="label_bench_"))
+    clean, flipped = work / "clean", work / "flipped"
+    if not (clean / "train").is_dir():
+        fashion(clean, args.size, args.classes, args.per_class)
+    shutil.rmtree(flipped, ignore_errors=True)
+    wrong = plant_flips(clean, flipped, args.flip, args.seed)
+    weights = args.weights
+    if weights is None and not args.use_pretrained:
+        weights = work / "donor.pth"
+        if not weights.is_file():
+            fashion(work / "donor_data", args.size, args.donor_classes, args.donor_per_class)
+            seconds, _ = run(
+                [
+                    sys.executable,
+                    ROOT / "train.py",
+                    "--data_dir",
+                    work / "donor_data",
+                    "--model_name",
+                    args.model_name,
+                    "--input_size",
+                    args.size,
+                    "--n_epochs",
+                    args.donor_epochs,
+                    "--model_fn",
+                    weights,
+                    "--log_dir",
+                    work / "donor_run",
+                    "--verbose",
+                    0,
+                ]
+            )
+            print(
+                f"donor: {args.model_name} fine-tuned {args.donor_epochs} epochs on {args.donor_classes} "
+                f"({args.donor_per_class} per class, {args.size} px) in {seconds:.0f}s"
+            )
+    return work, clean, flipped, wrong, weights
+
+
+def main(args):
+    if args.weights and args.use_pretrained:
+        raise CLIError("give --weights or --use_pretrained, not both")
+    tune_allocator()
+    work, clean, flipped, wrong, weights = prepare(args)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (a shared, noisy machine)")
+    n = len(dl.list_images(flipped / "train"))
+    print(
+        f"data: {n} images of {args.classes} at {args.size} px, {len(wrong)} labels flipped (seed {args.seed}); "
+        f"backbone {args.model_name} with {weights or 'its ImageNet weights'}"
+    )
+
+    # the check, as a user runs it
+    backbone = ["--use_pretrained"] if weights is None else ["--weights", weights]
+    cmd = [
+        sys.executable,
+        ROOT / "train.py",
+        "--check_data",
+        "--data_dir",
+        flipped,
+        "--model_name",
+        args.model_name,
+        *backbone,
+        "--input_size",
+        args.size,
+        "--log_dir",
+        work / "check",
+        "--verbose",
+        1,
+    ]
+    if args.check_views is not None:
+        cmd += ["--check_views", args.check_views]
+    check_s, out = run(cmd)
+    with open(work / "check" / "label_issues.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    summary = [ln for ln in out.splitlines() if ln.startswith(("label check:", "flagged:"))]
+    print("\n".join(f"   | {ln}" for ln in summary))
+    top = args.top
+
+    # the baseline and the steps between, in this process on the same backbone, over several flip seeds:
+    # the features do not depend on the labels, so they are taken once from the clean folder
+    clean_files = sorted(dl.list_images(clean / "train"))
+    class_names = sorted({f.parent.name for f in clean_files})
+    samples = [(str(f), class_names.index(f.parent.name)) for f in clean_files]
+    model, head = ml.build_model(
+        ml.resolve_model_name(args.model_name),
+        len(class_names),
+        pretrained=weights is None,
+        weights_path=weights,
+        log=lambda *a: None,
+    )
+    defaults = ml.model_defaults(ml.resolve_model_name(args.model_name))
+    meta = {
+        "input_size": args.size,
+        "resize_size": dl.default_resize(args.size),
+        "mean": defaults["mean"],
+        "std": defaults["std"],
+    }
+    compute = Compute(torch.device("cpu"), None, ml.is_convolutional(model), False, DistInfo())
+    skips = dl.SkipLog(samples, class_names, print)
+    lc.backbone_features(model, head, samples[:32], 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")  # warm-up
+    start = time.perf_counter()
+    plain, _ = lc.backbone_features(model, head, samples, 0, meta, 32, 0, 0, compute, skips, 2048, work / "f.bin")
+    plain_s = time.perf_counter() - start
+    views = args.check_views or 0
+    n_fit = round(len(samples) * (lc.FOLDS - 1) / lc.FOLDS)
+    check = "eval view, L2 by out-of-fold log loss, folds x3 (the check's default)"
+    # name: (features, L2 grid, fold draws, how probabilities become a ranking score; None = self-confidence)
+    steps = {
+        "baseline: eval view, 5-fold once, C=1 (L2 1/n), self-confidence": (plain, (1 / n_fit,), 1, None),
+        check: (plain, lc.L2_GRID, lc.REPEATS, None),
+        "the same, ranked by normalized margin (p_given - max other)": (plain, lc.L2_GRID, lc.REPEATS, "margin"),
+        f"the same, averaged with a cosine {args.neighbours}-NN vote": (plain, lc.L2_GRID, lc.REPEATS, "knn"),
+        "eval view, L2 by log loss, folds x10": (plain, lc.L2_GRID, 10, None),
+    }
+    if args.extra_views:
+        many, _ = lc.backbone_features(
+            model, head, samples, args.extra_views, meta, 32, 0, 42, compute, skips, 2048, work / "f.bin"
+        )
+        steps[f"eval + {args.extra_views} augmented views, L2 by log loss, folds x3"] = (
+            many,
+            lc.L2_GRID,
+            lc.REPEATS,
+            None,
+        )
+    compare_steps(args, steps, samples, clean_files, class_names)
+    show(
+        f"train.py --check_data (label_issues.csv, seed {args.seed})",
+        scores([r["file"] for r in rows], wrong, top, {r["file"] for r in rows if r["flagged"] == "1"}),
+    )
+    print(
+        f"\ntime: one plain feature pass over {len(samples)} images (eval view, in-process) {plain_s:.1f}s; "
+        f"the whole check as a process (start-up, audit, {1 + views} views, fits, files) {check_s:.1f}s "
+        f"= {check_s / plain_s:.1f}x"
+    )
     print(f"(work files in {work}; command: {' '.join(map(str, cmd))})")
 
 

@@ -19,6 +19,7 @@ For each set and mode (frozen: --freeze --n_epochs 10; fine-tuned: --n_epochs 5,
 of the grid 1e-4 ... 1e0 and once per rule's suggestion (rounded as printed), each with --seed 42 and 43, and
 prints the mean of the best epoch's validation accuracy: the gap to the best of the grid is the target (at
 most 1 point)."""
+
 import csv
 import random
 import re
@@ -32,26 +33,34 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data"))
 
 from ood_bench import save, solar_cells, write_fashion  # noqa: E402
-from timed import run  # noqa: E402
 
 import lr_finder  # noqa: E402
 from cli import ArgumentParser, run_cli  # noqa: E402
+from timed import run  # noqa: E402
 
 FASHION4 = ["trouser", "sneaker", "bag", "ankle_boot"]
 GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1e0)
-SETS = {"fashion4": ["--input_size", "96", "--valid_ratio", str(3 / 7)],
-        "fashion6": ["--input_size", "96", "--valid_ratio", "0.4"],
-        "solar": ["--input_size", "128", "--valid_ratio", "0.4", "--batch_size", "16"]}
+SETS = {
+    "fashion4": ["--input_size", "96", "--valid_ratio", str(3 / 7)],
+    "fashion6": ["--input_size", "96", "--valid_ratio", "0.4"],
+    "solar": ["--input_size", "128", "--valid_ratio", "0.4", "--batch_size", "16"],
+}
 MODES = {"frozen": ["--freeze", "--n_epochs", "10"], "finetuned": ["--n_epochs", "5"]}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--work", default=None, help="folder for data, checkpoints and outputs (default: a new temporary one)")
+    p.add_argument(
+        "--work", default=None, help="folder for data, checkpoints and outputs (default: a new temporary one)"
+    )
     p.add_argument("--sets", default="fashion4,solar,fashion6", help="comma-separated: fashion4, solar, fashion6")
     p.add_argument("--modes", default="frozen,finetuned", help="comma-separated: frozen, finetuned")
-    p.add_argument("--seeds", default="42,43", help="comma-separated --seed values of the training runs (the "
-                   "accuracies are their mean; the range test runs with the first)")
+    p.add_argument(
+        "--seeds",
+        default="42,43",
+        help="comma-separated --seed values of the training runs (the "
+        "accuracies are their mean; the range test runs with the first)",
+    )
     return p.parse_args(argv)
 
 
@@ -85,12 +94,24 @@ def main(args):
     for name in args.sets.split(","):
         data = build(name, work / name)
         for mode in args.modes.split(","):
-            common = [py, ROOT / "train.py", "--data_dir", data, "--model_name", "efficientnet_lite0",
-                      "--use_pretrained", *SETS[name], *MODES[mode], "--verbose", "0"]
+            common = [
+                py,
+                ROOT / "train.py",
+                "--data_dir",
+                data,
+                "--model_name",
+                "efficientnet_lite0",
+                "--use_pretrained",
+                *SETS[name],
+                *MODES[mode],
+                "--verbose",
+                "0",
+            ]
             run_dir = work / f"find_{name}_{mode}"
             seeds = args.seeds.split(",")
-            seconds, out = run(common + ["--find_lr", "--log_dir", run_dir, "--model_fn", work / "unused.pth",
-                                         "--seed", seeds[0]])
+            seconds, out = run(
+                common + ["--find_lr", "--log_dir", run_dir, "--model_fn", work / "unused.pth", "--seed", seeds[0]]
+            )
             if not (run_dir / "lr_find.csv").exists():
                 sys.exit(f"{name} {mode}: no range test\n{out}")
             with open(run_dir / "lr_find.csv") as f:
@@ -101,25 +122,47 @@ def main(args):
             for lr in sorted(set(GRID) | set(rules.values())):
                 runs = []
                 for seed in seeds:
-                    _, out = run(common + ["--lr", f"{lr:g}", "--seed", seed, "--log_dir",
-                                           work / f"run_{name}_{mode}_{lr:g}_{seed}",
-                                           "--model_fn", work / f"{name}_{mode}_{lr:g}_{seed}.pth"])
+                    _, out = run(
+                        common
+                        + [
+                            "--lr",
+                            f"{lr:g}",
+                            "--seed",
+                            seed,
+                            "--log_dir",
+                            work / f"run_{name}_{mode}_{lr:g}_{seed}",
+                            "--model_fn",
+                            work / f"{name}_{mode}_{lr:g}_{seed}.pth",
+                        ]
+                    )
                     runs.append(valid_accuracy(out))
                 accuracy[lr] = sum(runs) / len(runs)
             best_lr = max(GRID, key=lambda lr: (accuracy[lr] == accuracy[lr], accuracy[lr]))
-            print(f"\n{name} {mode}: range test {len(rows)} steps in {seconds:.0f}s (whole process); validation "
-                  f"accuracy of the best epoch, mean of --seed {', '.join(seeds)}")
-            print("  grid: " + ", ".join(f"lr {lr:g} -> {accuracy[lr]:.4f}" for lr in GRID)
-                  + f"; best {accuracy[best_lr]:.4f} at {best_lr:g}")
+            print(
+                f"\n{name} {mode}: range test {len(rows)} steps in {seconds:.0f}s (whole process); validation "
+                f"accuracy of the best epoch, mean of --seed {', '.join(seeds)}"
+            )
+            print(
+                "  grid: "
+                + ", ".join(f"lr {lr:g} -> {accuracy[lr]:.4f}" for lr in GRID)
+                + f"; best {accuracy[best_lr]:.4f} at {best_lr:g}"
+            )
             for rule, lr in rules.items():
                 gap = accuracy[best_lr] - accuracy[lr]
-                print(f"  {rule:8s} suggests {lr:.1e} -> {accuracy[lr]:.4f} ({100 * gap:+.1f} points below the "
-                      f"grid's best){'  <- printed as the suggestion' if rule == lr_finder.SUGGESTION else ''}")
+                print(
+                    f"  {rule:8s} suggests {lr:.1e} -> {accuracy[lr]:.4f} ({100 * gap:+.1f} points below the "
+                    f"grid's best){'  <- printed as the suggestion' if rule == lr_finder.SUGGESTION else ''}"
+                )
                 summary.append((rule, gap))
-    print("\nrules over all sets and modes: " + "; ".join(
-        f"{rule}: worst gap {100 * max(g for r, g in summary if r == rule):.1f} points, within 1 point "
-        f"{sum(g <= 0.01 for r, g in summary if r == rule)}/{sum(r == rule for r, _ in summary)}"
-        for rule in ("valley", "steepest", "minimum") if any(r == rule for r, _ in summary)))
+    print(
+        "\nrules over all sets and modes: "
+        + "; ".join(
+            f"{rule}: worst gap {100 * max(g for r, g in summary if r == rule):.1f} points, within 1 point "
+            f"{sum(g <= 0.01 for r, g in summary if r == rule)}/{sum(r == rule for r, _ in summary)}"
+            for rule in ("valley", "steepest", "minimum")
+            if any(r == rule for r, _ in summary)
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ check: 10% of the train and valid images get one class added or removed (seeded)
 of the flagged images are really wrong.
 single: the shipped sample trained from its folders and from a CSV listing the same files (no split column: the
 seeded split of the train rows), frozen and fine-tuned, same seed: the test accuracies must agree within 0.005."""
+
 import csv
 import re
 import sys
@@ -27,9 +28,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data"))
 
-from timed import run  # noqa: E402
-
 from cli import ArgumentParser, run_cli  # noqa: E402
+from timed import run  # noqa: E402
 
 HELDOUT = ["tshirt_top", "dress", "coat", "sandal"]
 BACKBONE = ["--model_name", "efficientnet_lite0", "--use_pretrained", "--input_size", "128", "--verbose", "0"]
@@ -39,7 +39,9 @@ SINGLE_MODES = {"frozen": ["--freeze", "--n_epochs", "10"], "finetuned": ["--n_e
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--work", default=None, help="folder for data, checkpoints and outputs (default: a new temporary one)")
+    p.add_argument(
+        "--work", default=None, help="folder for data, checkpoints and outputs (default: a new temporary one)"
+    )
     p.add_argument("--parts", default="multi,check,single", help="comma-separated: multi, check, single")
     p.add_argument("--sets", default="sample,heldout", help="multi's sets, comma-separated: sample, heldout")
     p.add_argument("--seeds", default="42,43", help="comma-separated --seed values")
@@ -63,8 +65,19 @@ def pairs_of(name, work):
 
 
 def train(work, name, flags):
-    _, out = run([sys.executable, ROOT / "train.py", *BACKBONE, *flags, "--model_fn", work / f"{name}.pth",
-                  "--log_dir", work / "runs" / name], cwd=work)
+    _, out = run(
+        [
+            sys.executable,
+            ROOT / "train.py",
+            *BACKBONE,
+            *flags,
+            "--model_fn",
+            work / f"{name}.pth",
+            "--log_dir",
+            work / "runs" / name,
+        ],
+        cwd=work,
+    )
     return out
 
 
@@ -96,8 +109,10 @@ def check(work, sets, seed=0):
             rows = list(csv.DictReader(f))
         classes = sorted({c for r in rows for c in r["label"].split()})
         rng = random.Random(seed)
-        chosen = rng.sample([i for i, r in enumerate(rows) if r["split"] != "test"], round(0.1 * sum(
-            r["split"] != "test" for r in rows)))
+        chosen = rng.sample(
+            [i for i, r in enumerate(rows) if r["split"] != "test"],
+            round(0.1 * sum(r["split"] != "test" for r in rows)),
+        )
         for i in chosen:
             rows[i]["label"] = " ".join(sorted(set(rows[i]["label"].split()) ^ {rng.choice(classes)}))
         noisy = labels.with_name("noisy.csv")
@@ -110,8 +125,11 @@ def check(work, sets, seed=0):
         with open(work / "runs" / f"check_{name}" / "label_issues.csv", newline="") as f:
             ranked = list(csv.DictReader(f))
         flagged = [r["file"] in wrong for r in ranked if r["flagged"] == "1"]
-        print(f"  {name:8s}: {sum(r['file'] in wrong for r in ranked[:len(wrong)])} of the {len(wrong)} wrong in the "
-              f"first {len(wrong)} rows; flagged {len(flagged)}, of which {sum(flagged)} wrong", flush=True)
+        print(
+            f"  {name:8s}: {sum(r['file'] in wrong for r in ranked[: len(wrong)])} of the {len(wrong)} wrong in the "
+            f"first {len(wrong)} rows; flagged {len(flagged)}, of which {sum(flagged)} wrong",
+            flush=True,
+        )
 
 
 def single(work, seeds):
@@ -131,16 +149,38 @@ def single(work, seeds):
     for mode, flags in SINGLE_MODES.items():
         for seed in seeds:
             acc = {}
-            for source, given in (("folders", ["--data_dir", data]), ("csv", ["--labels_csv", table, "--image_root", data])):
+            for source, given in (
+                ("folders", ["--data_dir", data]),
+                ("csv", ["--labels_csv", table, "--image_root", data]),
+            ):
                 name = f"single_{mode}_{source}_{seed}"
                 train(work, name, [*given, *flags, "--seed", seed])
-                _, out = run([sys.executable, ROOT / "predict.py", "--model_fn", work / f"{name}.pth", "--labels_csv",
-                              test_table, "--image_root", data, "--output", work / f"{name}.csv", "--n_images", "0",
-                              "--verbose", "0"], cwd=work)
+                _, out = run(
+                    [
+                        sys.executable,
+                        ROOT / "predict.py",
+                        "--model_fn",
+                        work / f"{name}.pth",
+                        "--labels_csv",
+                        test_table,
+                        "--image_root",
+                        data,
+                        "--output",
+                        work / f"{name}.csv",
+                        "--n_images",
+                        "0",
+                        "--verbose",
+                        "0",
+                    ],
+                    cwd=work,
+                )
                 acc[source] = number(r"accuracy ([\d.]+) \(", out)
             gap = abs(acc["folders"] - acc["csv"])
-            print(f"  {mode:9s} seed {seed}: folders {acc['folders']:.4f}, csv {acc['csv']:.4f}, difference {gap:.4f}"
-                  f" ({'within' if gap <= 0.005 else 'OVER'} 0.005)", flush=True)
+            print(
+                f"  {mode:9s} seed {seed}: folders {acc['folders']:.4f}, csv {acc['csv']:.4f}, difference {gap:.4f}"
+                f" ({'within' if gap <= 0.005 else 'OVER'} 0.005)",
+                flush=True,
+            )
 
 
 def main(args):

@@ -13,6 +13,7 @@ Measures:
 Without --model_fn it trains a checkpoint first: the frozen, randomly initialised backbone with a trained
 head (train.py --freeze), which is as fast as a pretrained one and enough for the agreement figures.
 """
+
 import os
 import sys
 import tempfile
@@ -23,28 +24,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from timed import agreement, run  # noqa: E402
-
 import torch  # noqa: E402
 
 import data_loader as dl  # noqa: E402
-import exported_model
+import exported_model  # noqa: E402
 import model_loader as ml  # noqa: E402
 from cli import ArgumentParser, tune_allocator  # noqa: E402
+from timed import agreement, run  # noqa: E402
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model_fn", default=None, help="checkpoint to measure (default: one trained here)")
-    p.add_argument("--data_dir", default=str(ROOT / "data" / "fashion_bench"),
-                   help="images predicted (default: 224 px Fashion-MNIST, built on first use)")
+    p.add_argument(
+        "--data_dir",
+        default=str(ROOT / "data" / "fashion_bench"),
+        help="images predicted (default: 224 px Fashion-MNIST, built on first use)",
+    )
     p.add_argument("--model_name", default="resnet34", help="backbone of the checkpoint trained here")
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=32, help="of the steady rates and of predict.py")
     p.add_argument("--repeats", type=int, default=3, help="timed batches per steady rate")
     p.add_argument("--rounds", type=int, default=2, help="predict.py runs per format, in turns")
     return p.parse_args(argv)
-
 
 
 def rate(fn, x, repeats):
@@ -80,12 +82,19 @@ def steady_rates(pth, onnx_path, size, batch, repeats):
     threads = torch.get_num_threads()
     variants = {
         "PyTorch, as predict.py (folded BN, channels_last)": (lambda t: torch_model(xcl), x),
-        f"onnxruntime, as predict.py ({threads} threads, all graph optimizations)": (exported_model.OnnxModel(onnx_path), x),
+        f"onnxruntime, as predict.py ({threads} threads, all graph optimizations)": (
+            exported_model.OnnxModel(onnx_path),
+            x,
+        ),
         "onnxruntime, its own thread default": (onnx_session(onnx_path), x),
-        "onnxruntime, basic graph optimizations only": (onnx_session(onnx_path, threads,
-                                                                     ort.GraphOptimizationLevel.ORT_ENABLE_BASIC), x),
-        "onnxruntime, no graph optimizations": (onnx_session(onnx_path, threads,
-                                                             ort.GraphOptimizationLevel.ORT_DISABLE_ALL), x),
+        "onnxruntime, basic graph optimizations only": (
+            onnx_session(onnx_path, threads, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+            x,
+        ),
+        "onnxruntime, no graph optimizations": (
+            onnx_session(onnx_path, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+            x,
+        ),
     }
     results = dict.fromkeys(variants, 0.0)
     with torch.inference_mode():
@@ -95,27 +104,69 @@ def steady_rates(pth, onnx_path, size, batch, repeats):
     return results
 
 
+def prepare(args):
+    """(data folder, work folder, the checkpoint): the data built and the model trained when not given."""
+    data = Path(args.data_dir)
+    work = Path(tempfile.mkdtemp(prefix="onnx_bench_"))
+    if not (data / "train").is_dir():
+        run(
+            [
+                sys.executable,
+                ROOT / "data" / "prepare.py",
+                "fashion",
+                "--out",
+                data,
+                "--size",
+                args.input_size,
+                "--train_per_class",
+                100,
+                "--test_per_class",
+                30,
+            ]
+        )
+    pth = Path(args.model_fn) if args.model_fn else work / "model.pth"
+    if not args.model_fn:
+        seconds, _ = run(
+            [
+                sys.executable,
+                ROOT / "train.py",
+                "--data_dir",
+                data,
+                "--model_name",
+                args.model_name,
+                "--input_size",
+                args.input_size,
+                "--freeze",
+                "--n_epochs",
+                3,
+                "--model_fn",
+                pth,
+                "--log_dir",
+                work / "run",
+                "--verbose",
+                0,
+            ]
+        )
+        print(f"trained {pth} in {seconds:.1f}s")
+    return data, work, pth
+
+
 def main(args):
     tune_allocator()  # as predict.py does
     import onnxruntime as ort
 
-    data = Path(args.data_dir)
-    work = Path(tempfile.mkdtemp(prefix="onnx_bench_"))
-    if not (data / "train").is_dir():
-        run([sys.executable, ROOT / "data" / "prepare.py", "fashion", "--out", data, "--size", args.input_size,
-             "--train_per_class", 100, "--test_per_class", 30])
-    pth = Path(args.model_fn) if args.model_fn else work / "model.pth"
-    if not args.model_fn:
-        seconds, _ = run([sys.executable, ROOT / "train.py", "--data_dir", data, "--model_name", args.model_name,
-                          "--input_size", args.input_size, "--freeze", "--n_epochs", 3, "--model_fn", pth,
-                          "--log_dir", work / "run", "--verbose", 0])
-        print(f"trained {pth} in {seconds:.1f}s")
+    data, work, pth = prepare(args)
     ckpt = ml.load_checkpoint(pth)
     size = ckpt["input_size"]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else "?"
-    print(f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"onnxruntime {ort.__version__}; {ckpt['model_name']} at {size} px, fp32")
+    cpu = (
+        next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+        if os.path.exists("/proc/cpuinfo")
+        else "?"
+    )
+    print(
+        f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"onnxruntime {ort.__version__}; {ckpt['model_name']} at {size} px, fp32"
+    )
 
     onnx_path = work / "model.onnx"
     seconds, out = run([sys.executable, ROOT / "export.py", "--model_fn", pth, "--output", onnx_path])
@@ -129,20 +180,43 @@ def main(args):
 
     files = dl.list_images(data)
     times = {"pth": [], "onnx": []}
-    for i in range(args.rounds):
+    for _ in range(args.rounds):
         for name, model_fn in (("pth", pth), ("onnx", onnx_path)):
-            seconds, _ = run([sys.executable, ROOT / "predict.py", "--model_fn", model_fn, "--data_dir", data,
-                              "--output", work / f"{name}.csv", "--plot", work / f"{name}.png", "--verbose", 0,
-                              "--batch_size", args.batch_size])
+            seconds, _ = run(
+                [
+                    sys.executable,
+                    ROOT / "predict.py",
+                    "--model_fn",
+                    model_fn,
+                    "--data_dir",
+                    data,
+                    "--output",
+                    work / f"{name}.csv",
+                    "--plot",
+                    work / f"{name}.png",
+                    "--verbose",
+                    0,
+                    "--batch_size",
+                    args.batch_size,
+                ]
+            )
             times[name].append(seconds)
     best = {k: min(v) for k, v in times.items()}
     same, n, diff = agreement(work / "pth.csv", work / "onnx.csv")
-    print(f"\n2. predict.py, {len(files)} images, whole process (best of {args.rounds}, in turns; all runs: "
-          + "; ".join(f"{k} " + ", ".join(f"{s:.1f}s" for s in v) for k, v in times.items()) + ")")
+    print(
+        f"\n2. predict.py, {len(files)} images, whole process (best of {args.rounds}, in turns; all runs: "
+        + "; ".join(f"{k} " + ", ".join(f"{s:.1f}s" for s in v) for k, v in times.items())
+        + ")"
+    )
     print(f"   .pth  {best['pth']:6.1f}s = {len(files) / best['pth']:5.1f} img/s")
-    print(f"   .onnx {best['onnx']:6.1f}s = {len(files) / best['onnx']:5.1f} img/s = {best['pth'] / best['onnx']:.2f}x .pth")
-    print(f"   agreement: same predict column {same}/{n}, largest probability difference {diff:.1e} "
-          "(result.csv keeps 6 decimals)")
+    print(
+        f"   .onnx {best['onnx']:6.1f}s = {len(files) / best['onnx']:5.1f} img/s = "
+        f"{best['pth'] / best['onnx']:.2f}x .pth"
+    )
+    print(
+        f"   agreement: same predict column {same}/{n}, largest probability difference {diff:.1e} "
+        "(result.csv keeps 6 decimals)"
+    )
     print(f"\n(work files in {work})")
 
 

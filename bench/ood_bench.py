@@ -27,6 +27,7 @@ For each set and mode (frozen: --freeze; fine-tuned: all layers; otherwise defau
   4. (first set only) the steady prediction rate with and without the score (batches of 64 ready
      tensors, in turns, best of --repeats), and the whole predict.py process with and without it.
 """
+
 import csv
 import random
 import sys
@@ -39,8 +40,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data"))
 
-from timed import run  # noqa: E402
-
 import torch  # noqa: E402
 
 import data_loader as dl  # noqa: E402
@@ -48,22 +47,45 @@ import metrics  # noqa: E402
 import model_loader as ml  # noqa: E402
 import ood  # noqa: E402
 from cli import ArgumentParser, CLIError, run_cli  # noqa: E402
+from timed import run  # noqa: E402
 from utils import Compute, DistInfo  # noqa: E402
 
 SAMPLE = ["trouser", "sneaker", "bag", "ankle_boot"]
 K_SWEEP = (1, 3, 5, 10, 20)  # knn neighbour counts compared
-PHOTOS = ["astronaut", "camera", "cat", "coffee", "coins", "rocket", "stereo_motorcycle", "hubble_deep_field",
-          "retina", "moon", "brick", "grass", "gravel", "clock", "horse", "immunohistochemistry"]
+PHOTOS = [
+    "astronaut",
+    "camera",
+    "cat",
+    "coffee",
+    "coins",
+    "rocket",
+    "stereo_motorcycle",
+    "hubble_deep_field",
+    "retina",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+    "horse",
+    "immunohistochemistry",
+]
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--work", default=None, help="folder for data, checkpoints and outputs (default: a new temporary one)")
+    p.add_argument(
+        "--work", default=None, help="folder for data, checkpoints and outputs (default: a new temporary one)"
+    )
     p.add_argument("--sets", default="fashion4,fashion6,solar", help="comma-separated: fashion4, fashion6, solar")
     p.add_argument("--modes", default="frozen,finetuned", help="comma-separated: frozen, finetuned")
     p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--finetune_epochs", type=int, default=20, help="--n_epochs of the fine-tuned runs (train.py's "
-                   "default; early stopping may end them sooner)")
+    p.add_argument(
+        "--finetune_epochs",
+        type=int,
+        default=20,
+        help="--n_epochs of the fine-tuned runs (train.py's default; early stopping may end them sooner)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (best of)")
     return p.parse_args(argv)
 
@@ -84,8 +106,13 @@ def fashion_images(split):
     prefix = "train" if split == "train" else "t10k"
     (n, rows, cols), pixels = read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
     _, labels = read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
-    return [(FASHION_CLASSES[labels[i]], Image.frombytes("L", (cols, rows), pixels[i * rows * cols:(i + 1) * rows * cols]))
-            for i in range(n)]
+    return [
+        (
+            FASHION_CLASSES[labels[i]],
+            Image.frombytes("L", (cols, rows), pixels[i * rows * cols : (i + 1) * rows * cols]),
+        )
+        for i in range(n)
+    ]
 
 
 def write_fashion(out, split, classes, per_class, flat=False):
@@ -184,8 +211,10 @@ def measure(ckpt_path, run_dir, data, ood_sets):
     model, head = ml.model_from_checkpoint(ckpt, ckpt_path)
     compute = Compute(torch.device("cpu"), None, True, False, DistInfo())
     model = ml.optimize_for_inference(model, True)
-    split = {name: [(r["path"], ckpt["class_names"].index(r["class"])) for r in read_rows(run_dir / f"{name}_files.csv")]
-             for name in ("train", "valid")}
+    split = {
+        name: [(r["path"], ckpt["class_names"].index(r["class"])) for r in read_rows(run_dir / f"{name}_files.csv")]
+        for name in ("train", "valid")
+    }
     train_f, _ = features_of(model, head, [p for p, _ in split["train"]], ckpt, compute)
     train_y = torch.tensor([y for _, y in split["train"]])
     valid_f, valid_l = features_of(model, head, [p for p, _ in split["valid"]], ckpt, compute)
@@ -197,8 +226,8 @@ def measure(ckpt_path, run_dir, data, ood_sets):
         ref = ood.build_reference(method, train_f, train_y, len(ckpt["class_names"]), valid_f, valid_l, t, 0.95)
         test_s = ood.score(ref, t, test_f, test_l)
         r = {"auroc": {}, "fpr95": {}, "accepted": {}, "test_kept": float((test_s <= ref["threshold"]).double().mean())}
-        for name, (f, l) in outs.items():
-            s = ood.score(ref, t, f, l)
+        for name, (f, lg) in outs.items():
+            s = ood.score(ref, t, f, lg)
             # AUROC of 'out' against 'in' by the score (higher = out): the chance an out image scores above an in one
             r["auroc"][name] = metrics.roc_auc(torch.cat([test_s, s]).tolist(), [False] * len(test_s) + [True] * len(s))
             r["fpr95"][name] = fpr_at(test_s, s)
@@ -207,7 +236,9 @@ def measure(ckpt_path, run_dir, data, ood_sets):
     for k in K_SWEEP:  # knn's neighbour count: the FPR at 95% kept per ood set
         ref = ood.build_reference("knn", train_f, train_y, len(ckpt["class_names"]), valid_f, valid_l, t, 0.95, k=k)
         test_s = ood.score(ref, t, test_f, test_l)
-        results[f"knn k={k}"] = {"fpr95": {name: fpr_at(test_s, ood.score(ref, t, f, l)) for name, (f, l) in outs.items()}}
+        results[f"knn k={k}"] = {
+            "fpr95": {name: fpr_at(test_s, ood.score(ref, t, f, lg)) for name, (f, lg) in outs.items()}
+        }
     return results, ckpt["ood"]
 
 
@@ -216,8 +247,22 @@ def product_figures(ckpt_path, data, ood_sets, work):
     shares = {}
     for name, folder in [("test", data / "test")] + list(ood_sets.items()):
         out = work / f"predict_{name}.csv"
-        run([sys.executable, ROOT / "predict.py", "--model_fn", ckpt_path, "--data_dir", folder, "--output", out,
-             "--n_images", "0", "--verbose", "0"])
+        run(
+            [
+                sys.executable,
+                ROOT / "predict.py",
+                "--model_fn",
+                ckpt_path,
+                "--data_dir",
+                folder,
+                "--output",
+                out,
+                "--n_images",
+                "0",
+                "--verbose",
+                "0",
+            ]
+        )
         rows = [r for r in read_rows(out) if r["in_distribution"] != ""]
         shares[name] = sum(r["in_distribution"] == "1" for r in rows) / len(rows)
     return shares
@@ -246,8 +291,22 @@ def speed(ckpt_path, data, repeats):
     whole = {"plain": float("inf"), "scored": float("inf")}
     for _ in range(repeats):
         for name, path in (("plain", bare), ("scored", ckpt_path)):
-            seconds, _ = run([sys.executable, ROOT / "predict.py", "--model_fn", path, "--data_dir", data / "test",
-                              "--output", ckpt_path.with_name(f"speed_{name}.csv"), "--n_images", "0", "--verbose", "0"])
+            seconds, _ = run(
+                [
+                    sys.executable,
+                    ROOT / "predict.py",
+                    "--model_fn",
+                    path,
+                    "--data_dir",
+                    data / "test",
+                    "--output",
+                    ckpt_path.with_name(f"speed_{name}.csv"),
+                    "--n_images",
+                    "0",
+                    "--verbose",
+                    "0",
+                ]
+            )
             whole[name] = min(whole[name], seconds)
     return best, whole
 
@@ -260,8 +319,11 @@ def check_sources():
 
     if not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file():
         raise CLIError(f"Fashion-MNIST not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist")
-    missing = [pip for module, pip in (("elpv_dataset", "elpv-dataset"), ("skimage", "scikit-image"))
-               if importlib.util.find_spec(module) is None]
+    missing = [
+        pip
+        for module, pip in (("elpv_dataset", "elpv-dataset"), ("skimage", "scikit-image"))
+        if importlib.util.find_spec(module) is None
+    ]
     if missing:
         raise CLIError(f"the out-of-distribution images need: pip install {' '.join(missing)}")
 
@@ -278,31 +340,71 @@ def main(args):
             ckpt_path = work / f"{set_name}_{mode}.pth"
             run_dir = work / f"run_{set_name}_{mode}"
             flags = ["--freeze"] if mode == "frozen" else ["--n_epochs", str(args.finetune_epochs)]
-            seconds, out = run([sys.executable, ROOT / "train.py", "--data_dir", data, "--model_name", "efficientnet_lite0",
-                                "--use_pretrained", "--input_size", args.input_size, "--model_fn", ckpt_path,
-                                "--log_dir", run_dir, "--verbose", "1", *flags])
-            lines = [l for l in out.splitlines() if l.startswith(("out-of-distribution", "test accuracy", "calibration"))]
+            seconds, out = run(
+                [
+                    sys.executable,
+                    ROOT / "train.py",
+                    "--data_dir",
+                    data,
+                    "--model_name",
+                    "efficientnet_lite0",
+                    "--use_pretrained",
+                    "--input_size",
+                    args.input_size,
+                    "--model_fn",
+                    ckpt_path,
+                    "--log_dir",
+                    run_dir,
+                    "--verbose",
+                    "1",
+                    *flags,
+                ]
+            )
+            lines = [
+                ln for ln in out.splitlines() if ln.startswith(("out-of-distribution", "test accuracy", "calibration"))
+            ]
             print(f"\n=== {set_name}, {mode}: train.py {seconds:.0f}s\n" + "\n".join(lines))
             results, reference = measure(ckpt_path, run_dir, data, ood_sets)
             names = list(ood_sets)
-            print(f"{'method':12s} " + " ".join(f"{'AUROC ' + n:>16s}" for n in names) + " "
-                  + " ".join(f"{'FPR95 ' + n:>16s}" for n in names) + " "
-                  + " ".join(f"{'acc@val ' + n:>18s}" for n in names) + "  test kept")
+            print(
+                f"{'method':12s} "
+                + " ".join(f"{'AUROC ' + n:>16s}" for n in names)
+                + " "
+                + " ".join(f"{'FPR95 ' + n:>16s}" for n in names)
+                + " "
+                + " ".join(f"{'acc@val ' + n:>18s}" for n in names)
+                + "  test kept"
+            )
             for method in ood.METHODS:
                 r = results[method]
-                print(f"{method:12s} " + " ".join(f"{r['auroc'][n]:16.3f}" for n in names) + " "
-                      + " ".join(f"{r['fpr95'][n]:16.1%}" for n in names) + " "
-                      + " ".join(f"{r['accepted'][n]:18.1%}" for n in names) + f"  {r['test_kept']:.1%}")
-            print("knn FPR95 by k: " + "; ".join(f"k={k} " + ", ".join(f"{n} {results[f'knn k={k}']['fpr95'][n]:.1%}"
-                                                                       for n in names) for k in K_SWEEP))
+                print(
+                    f"{method:12s} "
+                    + " ".join(f"{r['auroc'][n]:16.3f}" for n in names)
+                    + " "
+                    + " ".join(f"{r['fpr95'][n]:16.1%}" for n in names)
+                    + " "
+                    + " ".join(f"{r['accepted'][n]:18.1%}" for n in names)
+                    + f"  {r['test_kept']:.1%}"
+                )
+            print(
+                "knn FPR95 by k: "
+                + "; ".join(
+                    f"k={k} " + ", ".join(f"{n} {results[f'knn k={k}']['fpr95'][n]:.1%}" for n in names)
+                    for k in K_SWEEP
+                )
+            )
             shares = product_figures(ckpt_path, data, ood_sets, work)
-            print(f"predict.py ({reference['method']}, threshold {reference['threshold']:.4g}): in_distribution 1 on "
-                  + ", ".join(f"{n} {v:.1%}" for n, v in shares.items()))
+            print(
+                f"predict.py ({reference['method']}, threshold {reference['threshold']:.4g}): in_distribution 1 on "
+                + ", ".join(f"{n} {v:.1%}" for n, v in shares.items())
+            )
             if set_name == args.sets.split(",")[0] and mode == args.modes.split(",")[0]:
                 steady, whole = speed(ckpt_path, data, args.repeats)
-                print(f"speed: steady {steady['plain']:.1f} img/s without the score, {steady['scored']:.1f} with "
-                      f"({steady['scored'] / steady['plain']:.3f}x); whole predict.py on {data / 'test'}: "
-                      f"{whole['plain']:.1f}s without, {whole['scored']:.1f}s with")
+                print(
+                    f"speed: steady {steady['plain']:.1f} img/s without the score, {steady['scored']:.1f} with "
+                    f"({steady['scored'] / steady['plain']:.3f}x); whole predict.py on {data / 'test'}: "
+                    f"{whole['plain']:.1f}s without, {whole['scored']:.1f}s with"
+                )
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ Parts:
           each (reduced-scale JPEG decode), its top-1 agreement with a full decode, and a plain one-process loop
           over the 12 MP list (full decode, forward, write) as the baseline. EfficientNet-Lite0 with its ImageNet
           classifier (1000 classes; weights from its pip package). One core's work per image (decode at each
-          scale, forward) gives the share the 12 MP rate reaches when both runs keep every core busy; a control (torchvision's own tensor
+          scale, forward) gives the share the 12 MP rate reaches when both runs keep every core busy; a control
+          (torchvision's own tensor
           resize against Pillow's, on the same full decode) says how much the set's near ties move anyway.
           --rate_model resnet50: the rates and work only, with that torchvision model (random weights).
   rss     peak resident memory of predict.py over --file_list lists of 10,000 and 100,000 lines (32 px PNGs, each
           file listed many times), a SqueezeNet 1.1 at 32 px with random weights.
 """
+
 import csv
 import os
 import resource
@@ -33,8 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from timed import agreement, read_rows, run  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -44,6 +44,7 @@ import efficientnet_lite  # noqa: E402
 import model_loader as ml  # noqa: E402
 import prediction_output  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
+from timed import agreement, read_rows, run  # noqa: E402
 
 PREDICT = [sys.executable, str(ROOT / "predict.py")]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -55,12 +56,21 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", default=str(ROOT / "data" / "scale_bench"), help="images and runs (kept)")
     p.add_argument("--n_images", type=int, default=2000, help="images of the resume part")
     p.add_argument("--n_photos", type=int, default=48, help="12 MP JPEGs of the decode part")
-    p.add_argument("--rate_model", default=None, help="decode part: only the rates, with this torchvision model "
-                   "(random weights) instead of EfficientNet-Lite0's ImageNet one, e.g. resnet50")
+    p.add_argument(
+        "--rate_model",
+        default=None,
+        help="decode part: only the rates, with this torchvision model "
+        "(random weights) instead of EfficientNet-Lite0's ImageNet one, e.g. resnet50",
+    )
     p.add_argument("--rss_counts", default="10000,100000", help="list lengths of the rss part")
     p.add_argument("--rss_files", type=int, default=500, help="distinct 32 px PNGs the rss part's lists repeat")
-    p.add_argument("--plain_loop", nargs=3, metavar=("MODEL", "LIST", "OUT"), default=None,
-                   help="run only the baseline loop (the decode part starts it as a process of its own)")
+    p.add_argument(
+        "--plain_loop",
+        nargs=3,
+        metavar=("MODEL", "LIST", "OUT"),
+        default=None,
+        help="run only the baseline loop (the decode part starts it as a process of its own)",
+    )
     return p.parse_args(argv)
 
 
@@ -71,29 +81,70 @@ def cpu_line():
     except OSError:
         return "unknown CPU"
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{name}, {os.cpu_count()} cores, avx512_bf16 {'yes' if ' avx512_bf16' in info else 'no'}, torch {torch.__version__}"
+    bf16 = "yes" if " avx512_bf16" in info else "no"
+    return f"{name}, {os.cpu_count()} cores, avx512_bf16 {bf16}, torch {torch.__version__}"
 
 
 def checkpoint(path, name, classes, input_size, state=None):
     """A predict.py checkpoint of torchvision's `name` (random weights unless `state`)."""
-    model = efficientnet_lite.build(len(classes)) if name == efficientnet_lite.NAME else ml.make_model(
-        name, num_classes=len(classes))
+    model = (
+        efficientnet_lite.build(len(classes))
+        if name == efficientnet_lite.NAME
+        else ml.make_model(name, num_classes=len(classes))
+    )
     if state is not None:
         model.load_state_dict(state)
     defaults = ml.model_defaults(name)
-    ckpt = ml.make_checkpoint(model.eval(), name, classes, input_size, dl.default_resize(input_size),
-                              defaults["mean"], defaults["std"], 0, {}, {})
+    ckpt = ml.make_checkpoint(
+        model.eval(),
+        name,
+        classes,
+        input_size,
+        dl.default_resize(input_size),
+        defaults["mean"],
+        defaults["std"],
+        0,
+        {},
+        {},
+    )
     ml.save_checkpoint(ckpt, path)
     return path
 
 
 # camera photos (1.3-4 MP) among the desktop wallpapers of the Debian packages mate-backgrounds and
 # plasma-workspace-wallpapers, used when installed: `apt-get install mate-backgrounds plasma-workspace-wallpapers`
-WALLPAPER_PHOTOS = [f"/usr/share/backgrounds/mate/nature/{n}.jpg" for n in (
-    "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm", "TwoWings",
-    "Wood", "YellowFlower")] + [f"/usr/share/wallpapers/{n}/contents/images/2560x1600.jpg" for n in (
-        "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite",
-        "OneStandsOut", "Path", "summer_1am")]
+WALLPAPER_PHOTOS = [
+    f"/usr/share/backgrounds/mate/nature/{n}.jpg"
+    for n in (
+        "Aqua",
+        "Blinds",
+        "Dune",
+        "FreshFlower",
+        "Garden",
+        "GreenMeadow",
+        "LadyBird",
+        "RainDrops",
+        "Storm",
+        "TwoWings",
+        "Wood",
+        "YellowFlower",
+    )
+] + [
+    f"/usr/share/wallpapers/{n}/contents/images/2560x1600.jpg"
+    for n in (
+        "BytheWater",
+        "ColdRipple",
+        "ColorfulCups",
+        "DarkestHour",
+        "EveningGlow",
+        "FallenLeaf",
+        "Grey",
+        "Kite",
+        "OneStandsOut",
+        "Path",
+        "summer_1am",
+    )
+]
 
 
 def photos():
@@ -103,8 +154,20 @@ def photos():
     import skimage
 
     folder = Path(skimage.__file__).parent / "data"
-    names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
-             "retina.jpg", "horse.png", "brick.png", "grass.png", "gravel.png", "color.png"]
+    names = [
+        "astronaut.png",
+        "chelsea.png",
+        "coffee.png",
+        "rocket.jpg",
+        "motorcycle_left.png",
+        "hubble_deep_field.jpg",
+        "retina.jpg",
+        "horse.png",
+        "brick.png",
+        "grass.png",
+        "gravel.png",
+        "color.png",
+    ]
     found = [folder / n for n in names if (folder / n).is_file()]
     found.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
     found += [Path(p) for p in WALLPAPER_PHOTOS]
@@ -165,8 +228,9 @@ def resume_part(args, work):
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    proc = subprocess.Popen([str(c) for c in PREDICT + common + ["--output", out]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(c) for c in PREDICT + common + ["--output", out]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     started = time.perf_counter()
     while rows_on_disk(out) < args.n_images // 2 and proc.poll() is None:
         time.sleep(0.05)
@@ -178,16 +242,24 @@ def resume_part(args, work):
     same, n, diff = agreement(work / "whole.csv", out)  # the same files in the same order, or it stops
     files = [r["file_dir"] for r in read_rows(out)]
     print(f"resume, {args.n_images} JPEGs 320x240, resnet18 at 224 px (random weights):")
-    print(f"  uninterrupted run {whole_s:.1f} s; killed (SIGKILL) after {killed_s:.1f} s with {kept} rows on disk; "
-          f"--resume {resumed_s:.1f} s = {resumed_s / whole_s:.2f} of the whole run (target <= 0.6)")
-    print(f"  each image once: {len(files) == len(set(files)) == args.n_images}; the same files in the same order "
-          f"as the uninterrupted run, the same answer for {same}/{n}; largest probability difference {diff:.1e}")
+    print(
+        f"  uninterrupted run {whole_s:.1f} s; killed (SIGKILL) after {killed_s:.1f} s with {kept} rows on disk; "
+        f"--resume {resumed_s:.1f} s = {resumed_s / whole_s:.2f} of the whole run (target <= 0.6)"
+    )
+    print(
+        f"  each image once: {len(files) == len(set(files)) == args.n_images}; the same files in the same order "
+        f"as the uninterrupted run, the same answer for {same}/{n}; largest probability difference {diff:.1e}"
+    )
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
-    two_s, _ = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", ROOT / "predict.py", *common, "--output",
-                    work / "two.csv"], env=env)
+    two_s, _ = run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", ROOT / "predict.py", *common, "--output", work / "two.csv"],
+        env=env,
+    )
     same, n, diff = agreement(work / "whole.csv", work / "two.csv")
-    print(f"  torchrun, 2 processes on the CPU: {two_s:.1f} s; the same files in the same order as 1 process, the "
-          f"same answer for {same}/{n}; largest probability difference {diff:.1e} (target 1e-5)")
+    print(
+        f"  torchrun, 2 processes on the CPU: {two_s:.1f} s; the same files in the same order as 1 process, the "
+        f"same answer for {same}/{n}; largest probability difference {diff:.1e} (target 1e-5)"
+    )
 
 
 # ----------------------------------------------------------------------------- decode
@@ -210,7 +282,7 @@ def plain_loop(ckpt_path, listing, out, batch_size=64):
         writer = csv.writer(f)
         writer.writerow(["file_dir", "top1_class", "confidence", "margin"])
         for i in range(0, len(files), batch_size):
-            chunk = files[i:i + batch_size]
+            chunk = files[i : i + batch_size]
             probs = model(torch.stack([tf(dl.load_rgb(p)) for p in chunk])).softmax(1)
             (conf, second), (pred, _) = probs.topk(2)[0].T, probs.topk(2)[1].T
             for p, c, m, k in zip(chunk, conf.tolist(), (conf - second).tolist(), pred.tolist()):
@@ -226,8 +298,10 @@ def tensor_resize_answers(ckpt_path, files, batch_size=25):
     answers = []
     with torch.inference_mode():
         for i in range(0, len(files), batch_size):
-            tensors = [F.resize(F.pil_to_tensor(dl.load_rgb(p)).float() / 255, pre.resize_size, antialias=True)
-                       for p in files[i:i + batch_size]]
+            tensors = [
+                F.resize(F.pil_to_tensor(dl.load_rgb(p)).float() / 255, pre.resize_size, antialias=True)
+                for p in files[i : i + batch_size]
+            ]
             batch = torch.stack([F.normalize(F.center_crop(t, pre.input_size), pre.mean, pre.std) for t in tensors])
             answers += [ckpt["class_names"][k] for k in model(batch).argmax(1).tolist()]
     return dict(zip(files, answers))
@@ -275,13 +349,15 @@ def decode_part(args, work):
             big.save(big_dir / f"{i:03d}.jpg", quality=90)
             big.resize((400, 300), Image.BICUBIC).save(small_dir / f"{i:03d}.jpg", quality=90)
     if args.rate_model:  # the rates only: a torchvision model with random weights
-        ckpt = checkpoint(work / f"{args.rate_model}_random.pth", args.rate_model,
-                          [f"class{i:03d}" for i in range(1000)], 224)
+        ckpt = checkpoint(
+            work / f"{args.rate_model}_random.pth", args.rate_model, [f"class{i:03d}" for i in range(1000)], 224
+        )
         label, tag = f"{args.rate_model} (random weights, 1000 classes)", f"{args.rate_model}_"
     else:
         state = efficientnet_lite.translate_state_dict(ml.load_pretrained_state(efficientnet_lite.NAME))
-        ckpt = checkpoint(work / "lite0_imagenet.pth", efficientnet_lite.NAME,
-                          [f"imagenet{i:03d}" for i in range(1000)], 224, state)
+        ckpt = checkpoint(
+            work / "lite0_imagenet.pth", efficientnet_lite.NAME, [f"imagenet{i:03d}" for i in range(1000)], 224, state
+        )
         label, tag = "EfficientNet-Lite0 ImageNet", ""
     n, first = args.n_photos, args.n_photos // 3
     lists = {}
@@ -294,24 +370,45 @@ def decode_part(args, work):
     seconds = {}
     for _ in range(2):  # in turns, best of two: the first also warms the page cache
         for (name, count), listing in lists.items():
-            t, _ = run(PREDICT + ["--model_fn", ckpt, "--file_list", listing, "--output",
-                                  work / f"{tag}{name}_{count}.csv", "--n_images", "0", "--verbose", "0",
-                                  "--batch_size", "16"])
+            t, _ = run(
+                PREDICT
+                + [
+                    "--model_fn",
+                    ckpt,
+                    "--file_list",
+                    listing,
+                    "--output",
+                    work / f"{tag}{name}_{count}.csv",
+                    "--n_images",
+                    "0",
+                    "--verbose",
+                    "0",
+                    "--batch_size",
+                    "16",
+                ]
+            )
             seconds[name, count] = min(t, seconds.get((name, count), t))
     steady = {name: (n - first) / (seconds[name, n] - seconds[name, first]) for name in ("300px", "12mp")}
     big_files = lists["12mp", n].read_text().split()
     full_ms, reduced_ms, small_ms, forward_ms = cpu_costs(ckpt, big_files, lists["300px", n].read_text().split())
-    print(f"decode, {n} JPEGs 4000x3000 q90 ({size_mb:.1f} MB each) and the same at 400x300, {label} at 224 px "
-          "(resize 256), batches of 16:")
-    print(f"  predict.py steady rate (the images after the first {first}, from two list lengths): 300 px "
-          f"{steady['300px']:.2f} img/s, 12 MP {steady['12mp']:.2f} img/s = {steady['12mp'] / steady['300px']:.2f} "
-          "of it (target >= 0.5)")
-    print(f"  one core's work per image: a 12 MP JPEG decoded and resized in full {full_ms:.0f} ms, at the reduced "
-          f"scale {reduced_ms:.0f} ms, its 300 px copy {small_ms:.1f} ms; the forward {forward_ms:.1f} ms. When both runs "
-          f"keep every core busy, the 12 MP rate is ({small_ms:.1f} + {forward_ms:.1f}) / ({reduced_ms:.0f} + "
-          f"{forward_ms:.1f}) = {(small_ms + forward_ms) / (reduced_ms + forward_ms):.2f} of the 300 px rate on this "
-          f"CPU with this model, on any number of cores (with a full decode "
-          f"{(small_ms + forward_ms) / (full_ms + forward_ms):.2f})")
+    print(
+        f"decode, {n} JPEGs 4000x3000 q90 ({size_mb:.1f} MB each) and the same at 400x300, {label} at 224 px "
+        "(resize 256), batches of 16:"
+    )
+    print(
+        f"  predict.py steady rate (the images after the first {first}, from two list lengths): 300 px "
+        f"{steady['300px']:.2f} img/s, 12 MP {steady['12mp']:.2f} img/s = {steady['12mp'] / steady['300px']:.2f} "
+        "of it (target >= 0.5)"
+    )
+    print(
+        f"  one core's work per image: a 12 MP JPEG decoded and resized in full {full_ms:.0f} ms, at the reduced "
+        f"scale {reduced_ms:.0f} ms, its 300 px copy {small_ms:.1f} ms; the forward {forward_ms:.1f} ms. "
+        "When both runs "
+        f"keep every core busy, the 12 MP rate is ({small_ms:.1f} + {forward_ms:.1f}) / ({reduced_ms:.0f} + "
+        f"{forward_ms:.1f}) = {(small_ms + forward_ms) / (reduced_ms + forward_ms):.2f} of the 300 px rate on this "
+        f"CPU with this model, on any number of cores (with a full decode "
+        f"{(small_ms + forward_ms) / (full_ms + forward_ms):.2f})"
+    )
     if args.rate_model:
         return
     plain_s, _ = run([sys.executable, __file__, "--plain_loop", ckpt, lists["12mp", n], work / "plain.csv"])
@@ -324,16 +421,23 @@ def decode_part(args, work):
     other = tensor_resize_answers(ckpt, big_files)
     floor = sum(other[f] == r["top1_class"] for f, r in full.items())
     ties = sum(float(r["margin"]) < 0.01 for r in full.values())
-    print(f"  top-1 agreement, 12 MP decoded at a reduced scale against a full decode: {agree}/{n} "
-          f"({agree / n:.1%}, target >= 99%); {agree_clear}/{len(clear)} where the full decode's top class leads "
-          f"by 0.05 or more (median top-1 probability of these images {median:.2f})")
-    print(f"  the set's own noise: the same full decode resized by torchvision's tensor Resize (antialiased, float) "
-          f"instead of Pillow's agrees with Pillow's for {floor}/{n} ({floor / n:.1%}); {ties} images lead by "
-          "less than 0.01")
+    print(
+        f"  top-1 agreement, 12 MP decoded at a reduced scale against a full decode: {agree}/{n} "
+        f"({agree / n:.1%}, target >= 99%); {agree_clear}/{len(clear)} where the full decode's top class leads "
+        f"by 0.05 or more (median top-1 probability of these images {median:.2f})"
+    )
+    print(
+        f"  the set's own noise: the same full decode resized by torchvision's tensor Resize (antialiased, float) "
+        f"instead of Pillow's agrees with Pillow's for {floor}/{n} ({floor / n:.1%}); {ties} images lead by "
+        "less than 0.01"
+    )
     ours_rate, plain_rate = n / seconds["12mp", n], n / plain_s
-    print(f"  whole process on the {n} 12 MP images: predict.py {ours_rate:.2f} img/s ({seconds['12mp', n]:.1f} s) "
-          f"against a plain loop's {plain_rate:.2f} img/s ({plain_s:.1f} s; full decode, eval transform, model as "
-          f"built, a row per image) = {ours_rate / plain_rate:.2f}x (target >= 1.5x)")
+    print(
+        f"  whole process on the {n} 12 MP images: predict.py {ours_rate:.2f} img/s ({seconds['12mp', n]:.1f} s) "
+        f"against a plain loop's {plain_rate:.2f} img/s ({plain_s:.1f} s; full decode, eval transform, model as "
+        f"built, a row per image) = {ours_rate / plain_rate:.2f}x (target >= 1.5x)"
+    )
+
 
 # ----------------------------------------------------------------------------- rss
 
@@ -362,13 +466,29 @@ def rss_part(args, work):
         listing = work / f"list_{count}.txt"
         listing.write_text("\n".join(files[i % len(files)] for i in range(count)) + "\n")
         start = time.perf_counter()
-        peaks[count] = peak_rss_mb(PREDICT + ["--model_fn", ckpt, "--file_list", listing, "--output",
-                                              work / f"rss_{count}.csv", "--n_images", "0", "--verbose", "0",
-                                              "--batch_size", "256"])
+        peaks[count] = peak_rss_mb(
+            PREDICT
+            + [
+                "--model_fn",
+                ckpt,
+                "--file_list",
+                listing,
+                "--output",
+                work / f"rss_{count}.csv",
+                "--n_images",
+                "0",
+                "--verbose",
+                "0",
+                "--batch_size",
+                "256",
+            ]
+        )
         print(f"rss: {count} images: peak RSS {peaks[count]:.0f} MB ({time.perf_counter() - start:.0f} s)")
     counts = sorted(peaks)
-    print(f"  peak RSS {counts[-1]} against {counts[0]} images: {peaks[counts[-1]] / peaks[counts[0]]:.2f}x "
-          "(target <= 1.2x)")
+    print(
+        f"  peak RSS {counts[-1]} against {counts[0]} images: {peaks[counts[-1]] / peaks[counts[0]]:.2f}x "
+        "(target <= 1.2x)"
+    )
 
 
 def main(args):

@@ -1,5 +1,6 @@
 """The benchmarks' one way to run a whole process (its wall time and stdout, or exit with its output), and to
 compare two result.csv files."""
+
 import csv
 import subprocess
 import sys

@@ -9,6 +9,7 @@
 Fashion-MNIST comes from the Debian package dataset-fashion-mnist (MIT licence; apt-get install
 dataset-fashion-mnist), read from /usr/share/datasets/fashion-mnist/*.gz in IDX format.
 """
+
 import csv
 import gzip
 import random
@@ -24,9 +25,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from cli import ArgumentParser  # noqa: E402 (the repository root, for this script in data/)
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                   "ankle_boot"]
+FASHION_CLASSES = [
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
 SAMPLE_CLASSES = ["trouser", "sneaker", "bag", "ankle_boot"]
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 
@@ -41,8 +53,10 @@ def fresh_folders(folders, overwrite):
     another split would leave images in both train/ and test/): refuse, or with --overwrite empty them."""
     used = [f for f in folders if f.is_dir() and any(f.iterdir())]
     if used and not overwrite:
-        fail(f"{used[0]} already holds files (from an earlier run?); add --overwrite to replace "
-             f"{', '.join(str(f) for f in used[:4])}{' ...' if len(used) > 4 else ''}")
+        fail(
+            f"{used[0]} already holds files (from an earlier run?); add --overwrite to replace "
+            f"{', '.join(str(f) for f in used[:4])}{' ...' if len(used) > 4 else ''}"
+        )
     for folder in used:
         shutil.rmtree(folder)
 
@@ -56,8 +70,8 @@ def read_idx(path):
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return dims, data[4 + 4 * ndim:]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return dims, data[4 + 4 * ndim :]
 
 
 def fashion(args):
@@ -80,7 +94,7 @@ def fashion(args):
             name = FASHION_CLASSES[labels[i]]
             if name not in taken or taken[name] >= per_class:
                 continue
-            img = Image.frombytes("L", (cols, rows), pixels[i * rows * cols:(i + 1) * rows * cols])
+            img = Image.frombytes("L", (cols, rows), pixels[i * rows * cols : (i + 1) * rows * cols])
             if args.size != rows:
                 img = img.resize((args.size, args.size), Image.BICUBIC)
             folder = out / split / name
@@ -174,7 +188,11 @@ def pairs(args):
             for slot, c in enumerate(picked):
                 obj = Image.open(rng.choice(pools[split][c])).convert("L")
                 half = side // 2  # objects stay inside the center crop train.py takes of the canvas
-                obj = obj.resize((half - side // 8, half - side // 8), Image.BICUBIC) if obj.width > half - side // 8 else obj
+                obj = (
+                    obj.resize((half - side // 8, half - side // 8), Image.BICUBIC)
+                    if obj.width > half - side // 8
+                    else obj
+                )
                 x = slot * half + side // 16 + rng.randint(0, max(0, half - side // 16 - obj.width - side // 16))
                 y = side // 16 + rng.randint(0, max(0, side - 2 * (side // 16) - obj.height))
                 canvas.paste(obj, (x, y))
@@ -185,10 +203,14 @@ def pairs(args):
         writer = csv.writer(f)
         writer.writerow(["file", "label", "split"])
         writer.writerows(rows)
-    print(f"{out}: {args.train} train, {args.valid} valid, {args.test} test images of two objects ({', '.join(classes)})"
-          f"; labels in {out / 'labels.csv'}")
-    print(f"done: python train.py --labels_csv {out / 'labels.csv'} --multi_label --model_name efficientnet_lite0 "
-          "--use_pretrained --freeze --input_size 128 --n_epochs 20 --lr 0.01")
+    print(
+        f"{out}: {args.train} train, {args.valid} valid, {args.test} test images of two objects ({', '.join(classes)})"
+        f"; labels in {out / 'labels.csv'}"
+    )
+    print(
+        f"done: python train.py --labels_csv {out / 'labels.csv'} --multi_label --model_name efficientnet_lite0 "
+        "--use_pretrained --freeze --input_size 128 --n_epochs 20 --lr 0.01"
+    )
 
 
 def parse_args(argv=None):
@@ -196,8 +218,11 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fashion", help="Fashion-MNIST from the Debian package")
     f.add_argument("--out", default=str(HERE / "fashion_sample"))
-    f.add_argument("--classes", default=None, help=f"comma-separated (default: {','.join(SAMPLE_CLASSES)}; "
-                   f"all: {','.join(FASHION_CLASSES)})")
+    f.add_argument(
+        "--classes",
+        default=None,
+        help=f"comma-separated (default: {','.join(SAMPLE_CLASSES)}; all: {','.join(FASHION_CLASSES)})",
+    )
     f.add_argument("--train_per_class", type=int, default=100)
     f.add_argument("--test_per_class", type=int, default=30)
     f.add_argument("--size", type=int, default=28, help="side in pixels (28 = original)")
@@ -213,8 +238,9 @@ def parse_args(argv=None):
     h.add_argument("--out", default=str(HERE / "hymenoptera"))
     h.add_argument("--overwrite", action="store_true", help="replace the folders of an earlier run")
     m = sub.add_parser("pairs", help="two objects per image, labelled with both classes (multi-label)")
-    m.add_argument("--source", default=str(HERE / "fashion_sample"), help="ImageFolder of single objects with "
-                   "train/ and test/")
+    m.add_argument(
+        "--source", default=str(HERE / "fashion_sample"), help="ImageFolder of single objects with train/ and test/"
+    )
     m.add_argument("--out", default=str(HERE / "fashion_pairs"))
     m.add_argument("--train", type=int, default=480, help="training images")
     m.add_argument("--valid", type=int, default=120, help="validation images")

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny real ImageFolder cut from the shipped Fashion-MNIST sample, and a runner for
 the real command-line scripts as subprocesses (no network, a private TORCH_HOME)."""
+
 import os
 import shutil
 import subprocess
@@ -30,7 +31,8 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tuning_data(tmp_path_factory):
-    """tiny_data's classes with a valid/ folder of 3 images per class, one of them also in another class's folder: validation
+    """tiny_data's classes with a valid/ folder of 3 images per class, one of them also in another class's folder:
+    validation
     accuracy stays below 1, so a default fine-tune fine-tunes (it skips fine-tuning when its head already gets
     every validation image right, which these easy classes allow)."""
     root = copy_subset(tmp_path_factory.mktemp("tuning"), ["bag", "sneaker", "trouser"], 16, 6)
@@ -64,8 +66,14 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
     """Run train.py / predict.py as a user would; returns the CompletedProcess (never raises on failure)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
     full_env.update(env or {})
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_in_process(module, argv, capsys):
@@ -83,7 +91,7 @@ def assert_clean_error(proc, *fragments):
     """A non-zero exit with one 'error: ...' line and no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

@@ -1,6 +1,7 @@
 """What several test files share: reading and writing small CSVs, running predict.py in process, TensorBoard's
 scalars of a run, a repository script as a module, a real SIGINT at a chosen call, the README's commands, the
 two-object multi-label sample. Fixtures live in conftest.py."""
+
 import csv
 import os
 import re
@@ -92,8 +93,19 @@ def tiny_pairs(out):
     from PIL import Image
 
     prepare = load_script("data/prepare.py")
-    prepare.pairs(SimpleNamespace(source=str(ROOT / "data" / "fashion_sample"), out=str(out), train=48, valid=24,
-                                  test=16, valid_share=0.3, size=48, seed=0, overwrite=False))
+    prepare.pairs(
+        SimpleNamespace(
+            source=str(ROOT / "data" / "fashion_sample"),
+            out=str(out),
+            train=48,
+            valid=24,
+            test=16,
+            valid_share=0.3,
+            size=48,
+            seed=0,
+            overwrite=False,
+        )
+    )
     with open(out / "labels.csv", "a", newline="") as f:
         for i, split in enumerate(("train", "valid", "test")):
             blank = Image.new("L", (48, 48))

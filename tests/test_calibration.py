@@ -1,4 +1,5 @@
 """calibration.py: what predict.py tallies of the labelled rows."""
+
 import torch
 
 import calibration

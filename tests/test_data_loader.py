@@ -84,12 +84,15 @@ def test_hidden_and_non_image_files_are_ignored(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in dl.list_images(tmp_path)] == ["a/sub/y.jpeg", "a/x.PNG"]
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda r: None, "does not exist"),
-    (lambda r: r.mkdir(), "no class subfolders"),
-    (lambda r: ((r / "train" / "a").mkdir(parents=True), (r / "train" / "b").mkdir()), "has no images"),
-    (lambda r: write(r / "train" / "only" / "x.png", Image.new("RGB", (8, 8))), "only one class"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda r: None, "does not exist"),
+        (lambda r: r.mkdir(), "no class subfolders"),
+        (lambda r: ((r / "train" / "a").mkdir(parents=True), (r / "train" / "b").mkdir()), "has no images"),
+        (lambda r: write(r / "train" / "only" / "x.png", Image.new("RGB", (8, 8))), "only one class"),
+    ],
+)
 def test_bad_folders_raise_clear_errors(tmp_path, make, message):
     root = tmp_path / "data"
     make(root)
@@ -126,7 +129,10 @@ def test_exif_rotated_jpeg_is_turned_upright(tmp_path):
 def test_unreadable_files_become_bad_samples(tmp_path, content):
     path = tmp_path / "bad.png"
     if content == "truncated":
-        good = write(tmp_path / "good.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+        good = write(
+            tmp_path / "good.png",
+            Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)),
+        )
         content = good.read_bytes()[:-400]
     path.write_bytes(content)
     ds = dl.ImageDataset([(str(path), 0)], dl.build_transforms(16, 18, dl.IMAGENET_MEAN, dl.IMAGENET_STD, False))

@@ -1,4 +1,5 @@
 """train.py under torchrun on the CPU (gloo): two processes against one, and the README's commands."""
+
 import csv
 import os
 import shlex
@@ -29,11 +30,28 @@ def one_then_two_processes(args, tmp_path):
     """train.py alone into tmp_path/one with a batch of 16, then under torchrun with 2 processes of 8 into
     tmp_path/two: the same global batch, so each step sees the same images (the sampler shards each
     16-image window of one shared order), and only per-process BatchNorm statistics differ."""
-    single = run_script("train.py", *args, "--batch_size", "16", "--model_fn", tmp_path / "one" / "m.pth", "--log_dir",
-                        tmp_path / "one" / "run", env={"OMP_NUM_THREADS": "1"})
+    single = run_script(
+        "train.py",
+        *args,
+        "--batch_size",
+        "16",
+        "--model_fn",
+        tmp_path / "one" / "m.pth",
+        "--log_dir",
+        tmp_path / "one" / "run",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert single.returncode == 0, single.stderr
-    proc = torchrun(*args, "--batch_size", "8", "--model_fn", tmp_path / "two" / "m.pth", "--log_dir",
-                    tmp_path / "two" / "run", cwd=tmp_path)
+    proc = torchrun(
+        *args,
+        "--batch_size",
+        "8",
+        "--model_fn",
+        tmp_path / "two" / "m.pth",
+        "--log_dir",
+        tmp_path / "two" / "run",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -60,22 +78,44 @@ def test_two_processes_match_one(ddp_data, tmp_path):
     reference = calibrated["ood"]  # fine-tuned: one eval pass, each process its share, gathered
     assert reference["features"].shape == (57, 512) and reference["valid_count"] == 15
     assert reference["features"].float().norm(dim=1).min() > 0.99  # every row filled, none left at zero
-    print("valid accuracy per epoch, 1 process:", [r["valid_accuracy"] for r in one],
-          "2 processes:", [r["valid_accuracy"] for r in two])
+    print(
+        "valid accuracy per epoch, 1 process:",
+        [r["valid_accuracy"] for r in one],
+        "2 processes:",
+        [r["valid_accuracy"] for r in two],
+    )
     assert abs(two[-1]["valid_accuracy"] - one[-1]["valid_accuracy"]) <= 0.2
     assert two[-1]["valid_accuracy"] >= 0.5  # chance is 0.33
     ckpt = torch.load(tmp_path / "two" / "m.pth", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
-    pred = run_script("predict.py", "--model_fn", tmp_path / "two" / "m.pth", "--data_dir", ddp_data / "test",
-                      "--output", tmp_path / "r.csv", "--plot", tmp_path / "p.png", cwd=tmp_path)
+    pred = run_script(
+        "predict.py",
+        "--model_fn",
+        tmp_path / "two" / "m.pth",
+        "--data_dir",
+        ddp_data / "test",
+        "--output",
+        tmp_path / "r.csv",
+        "--plot",
+        tmp_path / "p.png",
+        cwd=tmp_path,
+    )
     assert pred.returncode == 0, pred.stderr
     assert "accuracy" in pred.stdout
     exported = run_script("export.py", "--model_fn", tmp_path / "two" / "m.pth", cwd=tmp_path)  # -> two/m.onnx
     assert exported.returncode == 0, exported.stderr
     assert f"16 images of {ddp_data / 'test'}" in exported.stdout and "top-1 agreement 16/16" in exported.stdout
     # no --data_dir: the training data's test folder, named in the ONNX file's metadata
-    pred = run_script("predict.py", "--model_fn", tmp_path / "two" / "m.onnx", "--output", tmp_path / "o.csv",
-                      "--n_images", "0", cwd=tmp_path)
+    pred = run_script(
+        "predict.py",
+        "--model_fn",
+        tmp_path / "two" / "m.onnx",
+        "--output",
+        tmp_path / "o.csv",
+        "--n_images",
+        "0",
+        cwd=tmp_path,
+    )
     assert pred.returncode == 0, pred.stderr
     rows = [list(csv.DictReader(open(tmp_path / f, encoding="utf-8-sig"))) for f in ("r.csv", "o.csv")]
     assert [r["predict"] for r in rows[0]] == [r["predict"] for r in rows[1]] and len(rows[0]) == 18
@@ -105,24 +145,32 @@ def test_readme_torchrun_commands(tmp_path):
     data = copy_subset(tmp_path / "data", ["bag", "trouser"], 12, 4)
     extra = ["--data_dir", str(data), "--n_epochs", "1", "--input_size", "32", "--num_workers", "0", "--verbose", "0"]
     single = shlex.split(commands[0])
-    argv = [TORCHRUN] + single[1:single.index("train.py")] + [str(ROOT / "train.py")]
-    argv += single[single.index("train.py") + 1:] + extra
+    argv = [TORCHRUN] + single[1 : single.index("train.py")] + [str(ROOT / "train.py")]
+    argv += single[single.index("train.py") + 1 :] + extra
     proc = subprocess.run(argv, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp.pth").exists()
     follow = [c for c in readme_commands() if "predict.py --model_fn ddp.pth" in c]
     assert follow
-    pred = subprocess.run([sys.executable, str(ROOT / "predict.py")] + shlex.split(follow[0])[2:],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    pred = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py")] + shlex.split(follow[0])[2:],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert pred.returncode == 0, pred.stderr
 
     multi = shlex.split(commands[1])
-    argv = [TORCHRUN] + multi[1:multi.index("train.py")] + [str(ROOT / "train.py")]
-    argv += multi[multi.index("train.py") + 1:] + extra
-    nodes = [subprocess.Popen(argv, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    argv = [TORCHRUN] + multi[1 : multi.index("train.py")] + [str(ROOT / "train.py")]
+    argv += multi[multi.index("train.py") + 1 :] + extra
+    nodes = [
+        subprocess.Popen(argv, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [n.communicate(timeout=600) for n in nodes]
-    for node, (out, err) in zip(nodes, outs):
+    for node, (_, err) in zip(nodes, outs):
         assert node.returncode == 0, err[-3000:]
     assert sum("best epoch" in out for out, _ in outs) == 1  # one global rank 0 over both machines
     ckpt = torch.load(tmp_path / "multi.pth", weights_only=True)
@@ -134,14 +182,32 @@ def test_multi_label_under_torchrun_gathers_every_validation_image_for_the_map(t
     validation images, computed here again in one process. SqueezeNet has no BatchNorm, whose running
     statistics would differ slightly between the processes (each updates its own after DDP's broadcast)."""
     import data_loader
-    import model_loader
     import metrics
+    import model_loader
     from helpers import tiny_pairs
 
     labels_csv = tiny_pairs(tmp_path / "pairs")
-    proc = torchrun("--labels_csv", labels_csv, "--multi_label", *FAST, "--model_name", "squeezenet1_1", "--input_size",
-                    "64", "--n_epochs", "2", "--batch_size", "8", "--ood_method", "none",
-                    "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", cwd=tmp_path)
+    proc = torchrun(
+        "--labels_csv",
+        labels_csv,
+        "--multi_label",
+        *FAST,
+        "--model_name",
+        "squeezenet1_1",
+        "--input_size",
+        "64",
+        "--n_epochs",
+        "2",
+        "--batch_size",
+        "8",
+        "--ood_method",
+        "none",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--log_dir",
+        tmp_path / "run",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test mAP" in proc.stdout and proc.stdout.count("best epoch") == 1
     ckpt = model_loader.load_checkpoint(tmp_path / "m.pth")

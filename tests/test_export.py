@@ -1,5 +1,6 @@
 """export.py: ONNX and .pt2 files that agree with the PyTorch model, carry the checkpoint's metadata, refuse
 to be written when they disagree; predict.py on an .onnx file; the README's onnxruntime-only deployment."""
+
 import json
 import os
 import re
@@ -19,8 +20,8 @@ import exported_model
 import model_loader
 import predict
 from cli import CLIError
-from helpers import read_csv, readme_deploy_snippet
 from conftest import run_in_process
+from helpers import read_csv, readme_deploy_snippet
 
 FAMILIES = ["resnet18", "mobilenet_v2", "densenet121", "squeezenet1_0"]
 SIZE = 32  # px: every family runs at this size, and exports in seconds
@@ -43,8 +44,13 @@ def onednn(name):
 def real_batch(folder, n):
     from data_loader import build_transforms, list_images, load_rgb
 
-    tf = build_transforms(SIZE, 36, model_loader.model_defaults("resnet18")["mean"],
-                          model_loader.model_defaults("resnet18")["std"], train=False)
+    tf = build_transforms(
+        SIZE,
+        36,
+        model_loader.model_defaults("resnet18")["mean"],
+        model_loader.model_defaults("resnet18")["std"],
+        train=False,
+    )
     return torch.stack([tf(load_rgb(f)) for f in list_images(folder)[:n]])
 
 
@@ -63,8 +69,18 @@ def make_ckpt(name, data, path, temperature=None):
         head.weight.normal_(0, 3 / head.weight[0].numel() ** 0.5)  # logits of a few units, as trained heads give
         head.bias.uniform_(0, 1)  # SqueezeNet's head ends in a ReLU: keep some logits above zero
     defaults = model_loader.model_defaults("resnet18")
-    ckpt = model_loader.make_checkpoint(model.eval(), name, ["bag", "sneaker", "trouser"], SIZE, 36, defaults["mean"],
-                                        defaults["std"], 1, {"valid_loss": 1.0}, {"data_dir": str(data), "dataset_name": None})
+    ckpt = model_loader.make_checkpoint(
+        model.eval(),
+        name,
+        ["bag", "sneaker", "trouser"],
+        SIZE,
+        36,
+        defaults["mean"],
+        defaults["std"],
+        1,
+        {"valid_loss": 1.0},
+        {"data_dir": str(data), "dataset_name": None},
+    )
     if temperature is not None:
         ckpt["temperature"] = temperature
     model_loader.save_checkpoint(ckpt, path)
@@ -95,8 +111,11 @@ def exported(ckpts, tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"onnx_{name}")
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed), onednn(name):
-            export.main(export.parse_args(["--model_fn", str(path), "--output", str(folder / f"{name}.onnx"),
-                                           "--check_images", "8"]))
+            export.main(
+                export.parse_args(
+                    ["--model_fn", str(path), "--output", str(folder / f"{name}.onnx"), "--check_images", "8"]
+                )
+            )
         out[name] = (folder / f"{name}.onnx", printed.getvalue(), folder)
     return out
 
@@ -153,7 +172,7 @@ def test_onnx_round_trip_metadata_and_dynamic_batch(ckpts, exported, tiny_data, 
     for batch in (images[:1], images):  # the batch axis is dynamic: 1 and 7 both run
         got = probs(session.run(["logits"], {"input": batch.numpy()})[0])
         assert got.shape == (len(batch), 3)
-        assert torch.allclose(got, expected[:len(batch)], atol=1e-4, rtol=0)
+        assert torch.allclose(got, expected[: len(batch)], atol=1e-4, rtol=0)
     assert expected.max(1).values.mean() > 0.5  # far from uniform (1/3): a wrong export would show
 
 
@@ -173,8 +192,11 @@ def test_self_check_catches_a_wrong_export_and_writes_nothing(ckpts, tmp_path, c
         onnx.save(proto, str(out))
 
     monkeypatch.setattr(export, "write_onnx", tampered)
-    with pytest.raises(CLIError, match=r"disagrees with the PyTorch model: probabilities differ by up to .*nothing "
-                       r"was written; try --exporter dynamo, or --format pt2$"):  # the other exporter may agree
+    with pytest.raises(
+        CLIError,
+        match=r"disagrees with the PyTorch model: probabilities differ by up to .*nothing "
+        r"was written; try --exporter dynamo, or --format pt2$",
+    ):  # the other exporter may agree
         run_export(capsys, "--model_fn", path, "--output", target, "--check_images", "4")
     assert target.read_bytes() == b"an earlier export" and leftovers(tmp_path) == []
     dynamo = export.parse_args(["--exporter", "dynamo"])
@@ -199,8 +221,14 @@ one, seven = module(images[:1]), module(images)
 print(json.dumps({{"meta": extra, "one": one.tolist(), "seven": seven.tolist(),
                   "project": [m for m in ("model_loader", "export", "utils") if m in sys.modules]}}))
 """
-    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["project"] == [] and result["meta"] == exported_model.export_metadata(ckpt)
@@ -212,8 +240,19 @@ print(json.dumps({{"meta": extra, "one": one.tolist(), "seven": seven.tolist(),
 
 def test_dynamo_exporter_and_opset(ckpts, tmp_path, capsys):
     path = ckpts["squeezenet1_0"][0]
-    out = run_export(capsys, "--model_fn", path, "--output", tmp_path / "d.onnx", "--exporter", "dynamo",
-                     "--opset", "18", "--check_images", "5")
+    out = run_export(
+        capsys,
+        "--model_fn",
+        path,
+        "--output",
+        tmp_path / "d.onnx",
+        "--exporter",
+        "dynamo",
+        "--opset",
+        "18",
+        "--check_images",
+        "5",
+    )
     diff, agree, n = check_line(out)
     assert diff <= 1e-4 and agree == n == 5
     proto = onnx.load(str(tmp_path / "d.onnx"))
@@ -228,33 +267,57 @@ def test_random_tensors_when_the_training_data_is_gone(ckpts, tmp_path, capsys):
     export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--check_images", "3"]))  # -> m.onnx
     out, err = capsys.readouterr()
     assert "check on 3 random tensors" in out and check_line(out)[0] <= 1e-4
-    assert err == (f"warning: the check runs on random tensors, not on images: the training data's test folder "
-                   f"{str(tmp_path / 'gone' / 'test')!r} does not exist (--data_dir DIR checks on yours)\n")
+    assert err == (
+        f"warning: the check runs on random tensors, not on images: the training data's test folder "
+        f"{str(tmp_path / 'gone' / 'test')!r} does not exist (--data_dir DIR checks on yours)\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pth"]
     ckpt["args"] = {"labels_csv": str(tmp_path / "labels.csv")}  # trained on a CSV that is not there
     model_loader.save_checkpoint(ckpt, tmp_path / "m.pth")
     export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--check_images", "3"]))
     out, err = capsys.readouterr()
     assert "check on 3 random tensors" in out and err.count("\n") == 1
-    assert err.startswith("warning: the check runs on random tensors, not on images: the CSV the model was trained "
-                          f"with: --labels_csv {str(tmp_path / 'labels.csv')!r}"), err
+    assert err.startswith(
+        "warning: the check runs on random tensors, not on images: the CSV the model was trained "
+        f"with: --labels_csv {str(tmp_path / 'labels.csv')!r}"
+    ), err
 
 
 def test_verbose_as_train_and_predict_take_it(ckpts, tmp_path, capsys):
     """export.py accepts --verbose like train.py and predict.py; 0 prints the result line only."""
     path = ckpts["resnet18"][0]
-    out = run_export(capsys, "--model_fn", path, "--output", tmp_path / "m.onnx", "--check_images", "2",
-                     "--verbose", "0")
+    out = run_export(
+        capsys, "--model_fn", path, "--output", tmp_path / "m.onnx", "--check_images", "2", "--verbose", "0"
+    )
     assert len(out.splitlines()) == 1 and out.startswith("exported resnet18 (3 classes, 32 px) as onnx"), out
     assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
 def test_predict_on_onnx_equals_pth(ckpts, exported, tmp_path, capsys):
     path = ckpts["resnet18"][0]
-    for model_fn, name in ((path, "pth"), (exported["resnet18"][0], "onnx")):  # default inputs: the training test folder
-        predict.main(predict.parse_args([str(a) for a in (
-            "--model_fn", model_fn, "--output", tmp_path / f"{name}.csv", "--plot", tmp_path / f"{name}.png",
-            "--num_workers", "0", "--verbose", "0")]))
+    for model_fn, name in (
+        (path, "pth"),
+        (exported["resnet18"][0], "onnx"),
+    ):  # default inputs: the training test folder
+        predict.main(
+            predict.parse_args(
+                [
+                    str(a)
+                    for a in (
+                        "--model_fn",
+                        model_fn,
+                        "--output",
+                        tmp_path / f"{name}.csv",
+                        "--plot",
+                        tmp_path / f"{name}.png",
+                        "--num_workers",
+                        "0",
+                        "--verbose",
+                        "0",
+                    )
+                ]
+            )
+        )
     out = capsys.readouterr().out
     assert out.count("accuracy") == 2 and (tmp_path / "onnx_confusion.png").stat().st_size > 1000
     pth, onnx_rows = read_csv(tmp_path / "pth.csv"), read_csv(tmp_path / "onnx.csv")
@@ -275,7 +338,7 @@ def test_readme_deployment_snippet_matches_predict(ckpts, exported, tiny_data, t
     from data_loader import build_transforms, load_rgb
 
     code = readme_deploy_snippet()
-    assert 15 <= len([l for l in code.splitlines() if l.strip()]) <= 30
+    assert 15 <= len([ln for ln in code.splitlines() if ln.strip()]) <= 30
     (tmp_path / "deploy.py").write_text(code)
     images = tmp_path / "images"
     images.mkdir()
@@ -286,19 +349,44 @@ def test_readme_deployment_snippet_matches_predict(ckpts, exported, tiny_data, t
     files = [str(p) for p in sorted(images.iterdir())]
 
     def deploy(onnx_path):
-        runner = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('deploy.py', run_name='__main__'); "
-                  "print('torch' in sys.modules)")
-        proc = subprocess.run([sys.executable, "-c", runner, "deploy.py", str(onnx_path), *files], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+        runner = (
+            "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('deploy.py', run_name='__main__'); "
+            "print('torch' in sys.modules)"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", runner, "deploy.py", str(onnx_path), *files],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         *lines, used_torch = proc.stdout.strip().splitlines()
         assert used_torch == "False" and len(lines) == len(files)
         return [line.rsplit(",", 2) for line in lines]
 
     plain_onnx = exported["squeezenet1_0"][0]
-    predict.main(predict.parse_args([str(a) for a in (
-        "--model_fn", plain_onnx, "--data_dir", images, "--output", tmp_path / "r.csv", "--n_images", "0",
-        "--num_workers", "0", "--verbose", "0")]))
+    predict.main(
+        predict.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--model_fn",
+                    plain_onnx,
+                    "--data_dir",
+                    images,
+                    "--output",
+                    tmp_path / "r.csv",
+                    "--n_images",
+                    "0",
+                    "--num_workers",
+                    "0",
+                    "--verbose",
+                    "0",
+                )
+            ]
+        )
+    )
     rows = read_csv(tmp_path / "r.csv")
     assert [r["file_dir"] for r in rows] == files
     for (path, cls, confidence), row in zip(deploy(plain_onnx), rows):
@@ -341,7 +429,10 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys
         (["--model_fn", good, "--output", tmp_path / "m.onnx", "--data_dir", tmp_path / "nowhere"], "does not exist"),
         (["--model_fn", good, "--output", tmp_path / "m.onnx", "--data_dir", tmp_path / "empty"], "no readable images"),
         (["--model_fn", good, "--output", tmp_path / "m.pt2", "--opset", "17"], "not the pt2 format"),
-        (["--model_fn", good, "--output", good, "--format", "onnx"], "is the checkpoint --model_fn, which this run reads"),
+        (
+            ["--model_fn", good, "--output", good, "--format", "onnx"],
+            "is the checkpoint --model_fn, which this run reads",
+        ),
         (["--model_fn", good, "--check_images", "0"], "must be a positive number"),
     ]
     for argv, message in cases:
@@ -354,13 +445,19 @@ def test_predict_refuses_bad_onnx_files(tiny_data, tmp_path, capsys):
     text = tmp_path / "text.onnx"
     text.write_text("not a model")
     graph = onnx.helper.make_graph(  # a valid ONNX model that export.py did not write
-        [onnx.helper.make_node("Identity", ["input"], ["logits"])], "g",
+        [onnx.helper.make_node("Identity", ["input"], ["logits"])],
+        "g",
         [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3])],
-        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])])
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "foreign.onnx")
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])],
+    )
+    onnx.save(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "foreign.onnx"
+    )
     base = ["--data_dir", tiny_data / "test", "--output", tmp_path / "r.csv", "--num_workers", "0"]
-    for model_fn, message in ((tmp_path / "missing.onnx", "does not exist"),
-                              (text, "is not an ONNX model onnxruntime can load"),
-                              (tmp_path / "foreign.onnx", "was not written by export.py: its metadata lacks")):
+    for model_fn, message in (
+        (tmp_path / "missing.onnx", "does not exist"),
+        (text, "is not an ONNX model onnxruntime can load"),
+        (tmp_path / "foreign.onnx", "was not written by export.py: its metadata lacks"),
+    ):
         assert message in run_in_process(predict, ["--model_fn", model_fn] + base, capsys), model_fn
     assert not (tmp_path / "r.csv").exists()

@@ -1,5 +1,6 @@
 """Fine-tuning the LP-FT way: the linear probe, the head's rate after it, keeping the better of probe and
 fine-tune, the BatchNorm policies, discriminative rates, the augmentation policies, and resuming either stage."""
+
 import argparse
 
 import pytest
@@ -10,9 +11,9 @@ from torch import nn
 import data_loader as dl
 import model_loader as ml
 import probe
+import stages
 import tasks
 import train
-import stages
 import trainer
 from conftest import run_in_process, run_script
 from helpers import interrupt_when_called
@@ -39,9 +40,32 @@ def test_probe_keeps_the_penalty_with_the_lowest_validation_loss():
 
 
 def tuned_args(data, out, weights, *extra):
-    return [str(a) for a in ("--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--num_workers",
-                             "0", "--batch_size", "8", "--verbose", "1", "--model_fn", out / "m.pth", "--log_dir",
-                             out / "run", "--weights", weights, "--ood_method", "none", *extra)]
+    return [
+        str(a)
+        for a in (
+            "--data_dir",
+            data,
+            "--model_name",
+            "resnet18",
+            "--input_size",
+            "32",
+            "--num_workers",
+            "0",
+            "--batch_size",
+            "8",
+            "--verbose",
+            "1",
+            "--model_fn",
+            out / "m.pth",
+            "--log_dir",
+            out / "run",
+            "--weights",
+            weights,
+            "--ood_method",
+            "none",
+            *extra,
+        )
+    ]
 
 
 def run_train(argv):
@@ -50,10 +74,13 @@ def run_train(argv):
 
 def test_fine_tuning_never_ends_worse_than_its_probe(tuning_data, tmp_path, weights_file, capsys):
     # a rate that wrecks the backbone: every fine-tuned epoch is worse than the probe, which is kept
-    result = run_train(tuned_args(tuning_data, tmp_path, weights_file, "--n_epochs", "2", "--lr", "3",
-                                  "--backbone_lr_scale", "1"))
+    result = run_train(
+        tuned_args(tuning_data, tmp_path, weights_file, "--n_epochs", "2", "--lr", "3", "--backbone_lr_scale", "1")
+    )
     out = capsys.readouterr().out
-    assert "head on cached features: linear probe (L2" in out and "kept the linear probe: fine-tuning did not beat" in out, out
+    assert (
+        "head on cached features: linear probe (L2" in out and "kept the linear probe: fine-tuning did not beat" in out
+    ), out
     state = result.state
     assert state.best_epoch == 0 and len(state.history) == 2
     assert state.best_metrics["valid_loss"] == state.probe["valid_loss"]
@@ -92,7 +119,8 @@ def test_resume_after_the_probe_continues_exactly(tuning_data, tmp_path, weights
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
     assert [r["valid_loss"] for r in resumed.state.history] == pytest.approx(
-        [r["valid_loss"] for r in result.state.history], rel=1e-5)
+        [r["valid_loss"] for r in result.state.history], rel=1e-5
+    )
 
 
 def test_unfreeze_after_keeps_the_fitted_head_at_the_backbone_rate(tiny_data, tmp_path, weights_file, capsys):
@@ -141,8 +169,9 @@ def test_discriminative_rates_grow_towards_the_head():
     assert groups[-1]["params"][0] is dict(model.named_parameters())[names[0]]  # conv1: the slowest
     # a model whose backbone is one tensor has no blocks: one error line from train.py, a fallback when unasked
     toy = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2))
-    args = argparse.Namespace(batchnorm=None, layer_decay=0.7, no_probe=False, freeze=False, unfreeze_after=0,
-                              model_name="toy")
+    args = argparse.Namespace(
+        batchnorm=None, layer_decay=0.7, no_probe=False, freeze=False, unfreeze_after=0, model_name="toy"
+    )
     with pytest.raises(train.CLIError, match="--layer_decay: toy's backbone blocks could not be told apart"):
         train.fine_tuning(args, toy, "1", True)
     args.layer_decay = None
@@ -152,15 +181,29 @@ def test_discriminative_rates_grow_towards_the_head():
         train.fine_tuning(args, toy, "1", True)
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--augment", "heavy"], "argument --augment: invalid choice: 'heavy'"),
-    (["--batchnorm", "frozen", "--model_name", "squeezenet"], "squeezenet has no BatchNorm layers"),
-    (["--freeze", "--batchnorm", "reestimate"], "--freeze keeps the backbone as it is"),
-    (["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--augment", "heavy"], "argument --augment: invalid choice: 'heavy'"),
+        (["--batchnorm", "frozen", "--model_name", "squeezenet"], "squeezenet has no BatchNorm layers"),
+        (["--freeze", "--batchnorm", "reestimate"], "--freeze keeps the backbone as it is"),
+        (["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]"),
+    ],
+)
 def test_fine_tuning_flags_refuse_what_cannot_apply(tiny_data, tmp_path, argv, fragment, capsys):
-    args = ["--data_dir", tiny_data, "--input_size", "32", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "r",
-            "--model_name", "resnet18", *argv]
+    args = [
+        "--data_dir",
+        tiny_data,
+        "--input_size",
+        "32",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--log_dir",
+        tmp_path / "r",
+        "--model_name",
+        "resnet18",
+        *argv,
+    ]
     if argv[0] == "--augment":  # argparse's own message, from the script as a user runs it
         proc = run_script("train.py", *args)
         assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,5 +1,6 @@
 """bench/label_bench.py's alternative rankings (the script itself runs, small, in test_e2e's README check):
 the normalized margin and the cosine k-nearest-neighbour vote, on numbers worked out by hand."""
+
 import pytest
 import torch
 

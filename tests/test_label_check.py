@@ -1,5 +1,6 @@
 """The label check of train.py --check_data (label_check.py): planted wrong labels rank first, the CSV, the
 figure, small classes, unreadable files, and the audit without a backbone."""
+
 import csv
 import shutil
 
@@ -54,9 +55,26 @@ def checked(tmp_path_factory, random_weights):
     broken = root / "train" / "green" / "broken.png"
     broken.write_bytes(b"")
     out = root / "out"
-    proc = run_script("train.py", "--check_data", "--data_dir", root, "--model_name", "resnet18", "--weights",
-                      random_weights, "--input_size", 32, "--log_dir", out, "--verbose", 0, "--num_workers", 0,
-                      "--gpu_id", -1)
+    proc = run_script(
+        "train.py",
+        "--check_data",
+        "--data_dir",
+        root,
+        "--model_name",
+        "resnet18",
+        "--weights",
+        random_weights,
+        "--input_size",
+        32,
+        "--log_dir",
+        out,
+        "--verbose",
+        0,
+        "--num_workers",
+        0,
+        "--gpu_id",
+        -1,
+    )
     with open(out / "label_issues.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     return root, wrong, broken, out, proc, rows
@@ -115,8 +133,21 @@ def test_flagged_labels_alone_do_not_fail_and_without_a_backbone_the_check_is_na
     import train
 
     make_colour_set(tmp_path / "data")
-    base = ["--check_data", "--data_dir", str(tmp_path / "data"), "--model_name", "resnet18", "--log_dir",
-            str(tmp_path / "out"), "--input_size", "32", "--verbose", "0", "--gpu_id", "-1"]
+    base = [
+        "--check_data",
+        "--data_dir",
+        str(tmp_path / "data"),
+        "--model_name",
+        "resnet18",
+        "--log_dir",
+        str(tmp_path / "out"),
+        "--input_size",
+        "32",
+        "--verbose",
+        "0",
+        "--gpu_id",
+        "-1",
+    ]
     assert train.main(train.parse_args(base)) is None  # status 0: the audit found nothing wrong
     out = capsys.readouterr().out
     assert "label check: skipped; it needs a pretrained backbone (--use_pretrained or --weights FILE)" in out
@@ -160,7 +191,9 @@ def test_batched_fits_equal_separate_fits():
     l2s = torch.tensor([0.01, 1.0])
     together = lc.fit_softmax(x, y, masks, l2s, 3)
     for p in range(2):
-        alone = lc.fit_softmax(x[masks[p].bool()], y[masks[p].bool()], torch.ones(1, int(masks[p].sum())), l2s[p:p + 1], 3)
+        alone = lc.fit_softmax(
+            x[masks[p].bool()], y[masks[p].bool()], torch.ones(1, int(masks[p].sum())), l2s[p : p + 1], 3
+        )
         assert torch.allclose(lc.predict_softmax(together[p], x), lc.predict_softmax(alone[0], x), atol=2e-3)
     assert not torch.allclose(together[0], together[1], atol=1e-2)
 
@@ -168,8 +201,16 @@ def test_batched_fits_equal_separate_fits():
 def test_confident_learning_flags_use_per_class_thresholds():
     import label_check as lc
 
-    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.4, 0.6],  # given 0: mean p0 = (0.9+0.7+0.4)/3 = 0.667
-                          [0.2, 0.8], [0.1, 0.9], [0.55, 0.45]])  # given 1: mean p1 = (0.8+0.9+0.45)/3 = 0.717
+    probs = torch.tensor(
+        [
+            [0.9, 0.1],
+            [0.7, 0.3],
+            [0.4, 0.6],  # given 0: mean p0 = (0.9+0.7+0.4)/3 = 0.667
+            [0.2, 0.8],
+            [0.1, 0.9],
+            [0.55, 0.45],
+        ]
+    )  # given 1: mean p1 = (0.8+0.9+0.45)/3 = 0.717
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     flags, thresholds = lc.confident_learning_flags(probs, labels, 2)
     assert torch.allclose(thresholds, torch.tensor([2 / 3, 2.15 / 3]))
@@ -180,8 +221,15 @@ def test_confident_learning_flags_use_per_class_thresholds():
     assert flags.tolist() == [False, False, True, False, False, False]
     rows = lc.LabelIssues([f"f{i}" for i in range(6)], labels, ["train"] * 6, probs, ["a", "b"]).table()
     assert [r["file"] for r in rows] == ["f2", "f5", "f1", "f3", "f0", "f4"]  # ties by path
-    assert rows[0] == {"file": "f2", "given": "a", "suggested": "b", "score": pytest.approx(0.2), "flagged": 1,
-                       "suggested_score": pytest.approx(0.8), "split": "train"}
+    assert rows[0] == {
+        "file": "f2",
+        "given": "a",
+        "suggested": "b",
+        "score": pytest.approx(0.2),
+        "flagged": 1,
+        "suggested_score": pytest.approx(0.8),
+        "split": "train",
+    }
 
 
 def test_with_imagenet_features_flipped_sample_images_rank_first(tmp_path):
@@ -197,8 +245,23 @@ def test_with_imagenet_features_flipped_sample_images_rank_first(tmp_path):
         moved = sorted((tmp_path / "train" / c).glob("*.png"))[3 + 2 * i]
         wrong[str(shutil.move(moved, tmp_path / "train" / to / moved.name))] = c
     out = tmp_path / "out"
-    proc = run_script("train.py", "--check_data", "--data_dir", tmp_path, "--model_name", "efficientnet_lite0",
-                      "--use_pretrained", "--input_size", 64, "--log_dir", out, "--verbose", 0, "--num_workers", 0)
+    proc = run_script(
+        "train.py",
+        "--check_data",
+        "--data_dir",
+        tmp_path,
+        "--model_name",
+        "efficientnet_lite0",
+        "--use_pretrained",
+        "--input_size",
+        64,
+        "--log_dir",
+        out,
+        "--verbose",
+        0,
+        "--num_workers",
+        0,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out / "label_issues.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -230,17 +293,41 @@ def test_the_printed_list_holds_the_flagged_rows_first_and_the_expected_false_al
     import data_loader
     import label_check as lc
 
-    rows = [{"file": str(tmp_path / f"f{i}.png"), "given": "a", "suggested": "b", "score": 0.1 * i,
-             "flagged": int(i % 2 == 0), "suggested_score": 1 - 0.1 * i, "split": "train"} for i in range(5)]
+    rows = [
+        {
+            "file": str(tmp_path / f"f{i}.png"),
+            "given": "a",
+            "suggested": "b",
+            "score": 0.1 * i,
+            "flagged": int(i % 2 == 0),
+            "suggested_score": 1 - 0.1 * i,
+            "split": "train",
+        }
+        for i in range(5)
+    ]
     said = []
-    lc.report(rows, tmp_path, {"input_size": 32, "resize_size": 32}, ["a", "b"], said.append, 0.0, 0.0, 0,
-              ([3, 0], "a fit", "accuracy", 0.9), data_loader.SkipLog([], ["a", "b"], said.append), (2.4, 0.02))
+    lc.report(
+        rows,
+        tmp_path,
+        {"input_size": 32, "resize_size": 32},
+        ["a", "b"],
+        said.append,
+        0.0,
+        0.0,
+        0,
+        ([3, 0], "a fit", "accuracy", 0.9),
+        data_loader.SkipLog([], ["a", "b"], said.append),
+        (2.4, 0.02),
+    )
     assert said[1] == "flagged: 3 of 5 labels look wrong; per class: a 3, b 0"
-    assert said[2].startswith("a clean set of 5 images would get about 2 flags (48.0%; each label drawn from its "
-                              "out-of-fold probabilities, tempered as without the 2.0% of labels the fit takes for "
-                              "noise, mean of 20 draws)")
-    assert said[3] == ("most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the "
-                       "given label):")  # one label per image: nothing about several
+    assert said[2].startswith(
+        "a clean set of 5 images would get about 2 flags (48.0%; each label drawn from its "
+        "out-of-fold probabilities, tempered as without the 2.0% of labels the fit takes for "
+        "noise, mean of 20 draws)"
+    )
+    assert said[3] == (
+        "most suspicious, flagged first (given -> suggested, score = out-of-fold probability of the given label):"
+    )  # one label per image: nothing about several
     listed = [line.split()[0] for line in said[4:9]]
     assert listed == [str(tmp_path / f"f{i}.png") for i in (0, 2, 4, 1, 3)]  # flagged, then the rest; by score
     assert [line.endswith("flagged") for line in said[4:9]] == [True] * 3 + [False] * 2

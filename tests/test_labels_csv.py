@@ -1,5 +1,6 @@
 """Labels from a CSV (labels_csv.py, train.py/predict.py --labels_csv): parsing errors in one line naming the
 row, the split column, missing files skipped, and the same run as the class-folder layout."""
+
 import os
 import random
 
@@ -9,9 +10,8 @@ import export
 import model_loader
 import predict
 import train
-from helpers import write_csv
 from conftest import copy_subset, run_in_process
-from helpers import read_csv
+from helpers import read_csv, write_csv
 
 
 def folder_rows(data, splits=("train",), with_split=False):
@@ -24,20 +24,43 @@ def folder_rows(data, splits=("train",), with_split=False):
 
 
 def train_args(tmp_path, *flags):
-    return [str(a) for a in ("--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--num_workers",
-                             "0", "--verbose", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run",
-                             *flags)]
+    return [
+        str(a)
+        for a in (
+            "--model_name",
+            "resnet18",
+            "--input_size",
+            "32",
+            "--n_epochs",
+            "1",
+            "--num_workers",
+            "0",
+            "--verbose",
+            "0",
+            "--model_fn",
+            tmp_path / "m.pth",
+            "--log_dir",
+            tmp_path / "run",
+            *flags,
+        )
+    ]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "is empty"),
-    ("file,label\n", "has a header but no rows"),
-    ("path,class\na.png,bag\n", "has no column file or label"),
-    ("file,label\ntrain/bag/X,bag\n\ntrain/bag/X,bag\n", "line 4: 'train/bag/X' is listed again (first on line 2)"),
-    ("file,label,split\ntrain/bag/X,bag,training\n", "line 2: split 'training' is not one of train, valid, test"),
-    ("file,label\ntrain/bag/X,\n", "line 2: empty label"),
-    ("file,label\ntrain/bag/X,bag\n./train/bag/X,bag\n", "line 3: './train/bag/X' is listed again (first on line 2)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty"),
+        ("file,label\n", "has a header but no rows"),
+        ("path,class\na.png,bag\n", "has no column file or label"),
+        ("file,label\ntrain/bag/X,bag\n\ntrain/bag/X,bag\n", "line 4: 'train/bag/X' is listed again (first on line 2)"),
+        ("file,label,split\ntrain/bag/X,bag,training\n", "line 2: split 'training' is not one of train, valid, test"),
+        ("file,label\ntrain/bag/X,\n", "line 2: empty label"),
+        (
+            "file,label\ntrain/bag/X,bag\n./train/bag/X,bag\n",
+            "line 3: './train/bag/X' is listed again (first on line 2)",
+        ),
+    ],
+)
 def test_a_bad_csv_is_one_error_line_naming_the_row(tiny_data, tmp_path, capsys, content, message):
     first = sorted((tiny_data / "train" / "bag").iterdir())[0].name
     labels = tmp_path / "labels.csv"
@@ -63,18 +86,36 @@ def test_the_split_column_is_kept_and_missing_files_are_reported(tiny_data, tmp_
 def test_a_csv_of_the_folders_trains_the_same_model_whatever_the_row_order(tiny_data, tmp_path, capsys):
     rows = folder_rows(tiny_data, ("train", "test"), with_split=True)
     random.Random(0).shuffle(rows)
-    labels = write_csv(tmp_path / "labels.csv", [(str(tiny_data / f), label, split) for f, label, split in rows],
-                       ("file", "label", "split"))  # absolute paths: taken as they are
+    labels = write_csv(
+        tmp_path / "labels.csv",
+        [(str(tiny_data / f), label, split) for f, label, split in rows],
+        ("file", "label", "split"),
+    )  # absolute paths: taken as they are
     by_csv = train.main(train.parse_args(train_args(tmp_path / "csv", "--labels_csv", labels)))
     by_folder = train.main(train.parse_args(train_args(tmp_path / "folder", "--data_dir", tiny_data)))
     assert by_csv.test_metrics == pytest.approx(by_folder.test_metrics)
     for name in ("train", "valid"):
-        assert read_csv(tmp_path / "csv" / "run" / f"{name}_files.csv") == \
-            read_csv(tmp_path / "folder" / "run" / f"{name}_files.csv")
+        assert read_csv(tmp_path / "csv" / "run" / f"{name}_files.csv") == read_csv(
+            tmp_path / "folder" / "run" / f"{name}_files.csv"
+        )
     capsys.readouterr()
     out = tmp_path / "r.csv"  # predict.py on the CSV's test rows, with their labels
-    predict.main(predict.parse_args(["--model_fn", str(tmp_path / "csv" / "m.pth"), "--output", str(out),
-                                     "--n_images", "0", "--num_workers", "0", "--verbose", "0"]))
+    predict.main(
+        predict.parse_args(
+            [
+                "--model_fn",
+                str(tmp_path / "csv" / "m.pth"),
+                "--output",
+                str(out),
+                "--n_images",
+                "0",
+                "--num_workers",
+                "0",
+                "--verbose",
+                "0",
+            ]
+        )
+    )
     predicted = read_csv(out)
     assert len(predicted) == 18 and all(r["label"] == r["file_dir"].split("/")[-2] for r in predicted)
     assert f"accuracy {by_csv.test_metrics['accuracy']:.4f}" in capsys.readouterr().out
@@ -124,24 +165,39 @@ def test_the_header_is_matched_without_case_or_surrounding_spaces(tiny_data, tmp
     import labels_csv
 
     rows = folder_rows(tiny_data, ("train", "test"), with_split=True)
-    labels = write_csv(tmp_path / "labels.csv", [(str(tiny_data / f), label, split) for f, label, split in rows],
-                       (" File", "Label ", "SPLIT"))
+    labels = write_csv(
+        tmp_path / "labels.csv",
+        [(str(tiny_data / f), label, split) for f, label, split in rows],
+        (" File", "Label ", "SPLIT"),
+    )
     parts = labels_csv.read_labels(labels)
     assert sorted(parts) == ["test", "train"] and len(parts["train"]) == 48 and len(parts["test"]) == 18
     assert sorted(parts["test"]) == sorted((str(tiny_data / f), label) for f, label, s in rows if s == "test")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("file,label\ncafé.png,bag\n".encode("latin-1"), "is not a UTF-8 text file (Latin-1 or UTF-16?): save it as "
-                                                       "CSV UTF-8 (comma-separated)"),
-    ("file,label\na.png,bag\n".encode("utf-16"), "is not a UTF-8 text file (Latin-1 or UTF-16?): save it as "
-                                                 "CSV UTF-8 (comma-separated)"),
-    ("file,label\na.png,bag\n".encode("utf-16-le"), "it looks like UTF-16 text: save it as CSV UTF-8 "
-                                                    "(comma-separated)"),
-    (b"file;label\na.png;bag\n", "has no column file or label (its header: file;label); it looks separated by ';': "
-                                 "save it as CSV UTF-8 (comma-separated)"),
-    (b"File\tLabel\na.png\tbag\n", "it looks separated by '\\t': save it as CSV UTF-8 (comma-separated)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "file,label\ncafé.png,bag\n".encode("latin-1"),
+            "is not a UTF-8 text file (Latin-1 or UTF-16?): save it as CSV UTF-8 (comma-separated)",
+        ),
+        (
+            "file,label\na.png,bag\n".encode("utf-16"),
+            "is not a UTF-8 text file (Latin-1 or UTF-16?): save it as CSV UTF-8 (comma-separated)",
+        ),
+        (
+            "file,label\na.png,bag\n".encode("utf-16-le"),
+            "it looks like UTF-16 text: save it as CSV UTF-8 (comma-separated)",
+        ),
+        (
+            b"file;label\na.png;bag\n",
+            "has no column file or label (its header: file;label); it looks separated by ';': "
+            "save it as CSV UTF-8 (comma-separated)",
+        ),
+        (b"File\tLabel\na.png\tbag\n", "it looks separated by '\\t': save it as CSV UTF-8 (comma-separated)"),
+    ],
+)
 def test_another_encoding_or_separator_is_one_error_line_with_a_hint(tiny_data, tmp_path, capsys, content, message):
     labels = tmp_path / "labels.csv"
     labels.write_bytes(content)
@@ -156,19 +212,26 @@ def test_paths_that_leave_the_image_root_are_named_in_a_warning_and_still_used(t
     rows = folder_rows(data)  # train/<class>/<file>
     root = data / "test"
     inside, back = sorted(root.rglob("*.png"))  # given as ./<class>/../<class>/<file>, ../test/<class>/<file>
-    csv_rows = ([("../" + f, label) for f, label in rows[1:]]
-                + [(rows[0][0].replace("train/", "../train/./"), rows[0][1])]
-                + [(f"./{inside.parent.name}/../{inside.parent.name}/{inside.name}", inside.parent.name),
-                   (f"../test/{back.parent.name}/{back.name}", back.parent.name)])  # out and back in: inside
+    csv_rows = (
+        [("../" + f, label) for f, label in rows[1:]]
+        + [(rows[0][0].replace("train/", "../train/./"), rows[0][1])]
+        + [
+            (f"./{inside.parent.name}/../{inside.parent.name}/{inside.name}", inside.parent.name),
+            (f"../test/{back.parent.name}/{back.name}", back.parent.name),
+        ]
+    )  # out and back in: inside
     warnings = []
     parts = labels_csv.read_labels(write_csv(tmp_path / "labels.csv", csv_rows), root, warn=warnings.append)
     assert len(parts[None]) == len(rows) + 2  # they still work
-    assert warnings == [f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} rows name files outside "
-                        f"--image_root {str(root)!r} (../ in the path; they are used): line 2: ../{rows[1][0]}; "
-                        f"line 3: ../{rows[2][0]}; line 4: ../{rows[3][0]} ..."]
+    assert warnings == [
+        f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} rows name files outside "
+        f"--image_root {str(root)!r} (../ in the path; they are used): line 2: ../{rows[1][0]}; "
+        f"line 3: ../{rows[2][0]}; line 4: ../{rows[3][0]} ..."
+    ]
     labels_csv.read_labels(write_csv(root / "labels.csv", csv_rows), warn=warnings.append)  # the CSV's folder
-    assert len(warnings) == 2 and warnings[1].startswith(f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} "
-                                                         f"rows name files outside the CSV's folder {str(root)!r}")
+    assert len(warnings) == 2 and warnings[1].startswith(
+        f"warning: --labels_csv: {len(rows)} of {len(rows) + 2} rows name files outside the CSV's folder {str(root)!r}"
+    )
 
 
 def test_relative_csv_paths_are_stored_absolute(tiny_data, tmp_path, capsys, monkeypatch):
@@ -177,16 +240,35 @@ def test_relative_csv_paths_are_stored_absolute(tiny_data, tmp_path, capsys, mon
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
     elsewhere.mkdir()
-    write_csv(work / "labels.csv", folder_rows(tiny_data, ("train", "test"), with_split=True), ("file", "label", "split"))
+    write_csv(
+        work / "labels.csv", folder_rows(tiny_data, ("train", "test"), with_split=True), ("file", "label", "split")
+    )
     monkeypatch.chdir(work)
-    train.main(train.parse_args(train_args(tmp_path, "--labels_csv", "labels.csv", "--image_root",
-                                           os.path.relpath(tiny_data, work))))
+    train.main(
+        train.parse_args(
+            train_args(tmp_path, "--labels_csv", "labels.csv", "--image_root", os.path.relpath(tiny_data, work))
+        )
+    )
     saved = model_loader.load_checkpoint(tmp_path / "m.pth")["args"]
     assert (saved["labels_csv"], saved["image_root"]) == (str(work / "labels.csv"), str(tiny_data))
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
-    predict.main(predict.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--output", "r.csv", "--n_images", "0",
-                                     "--num_workers", "0", "--verbose", "0"]))
+    predict.main(
+        predict.parse_args(
+            [
+                "--model_fn",
+                str(tmp_path / "m.pth"),
+                "--output",
+                "r.csv",
+                "--n_images",
+                "0",
+                "--num_workers",
+                "0",
+                "--verbose",
+                "0",
+            ]
+        )
+    )
     rows = read_csv(elsewhere / "r.csv")
     assert len(rows) == 18 and all(r["label"] == r["file_dir"].split("/")[-2] for r in rows)
     export.main(export.parse_args(["--model_fn", str(tmp_path / "m.pth"), "--output", "m.onnx"]))
@@ -209,8 +291,11 @@ def test_file_list_as_lines_or_a_csv_without_labels(tmp_path):
     table = write_csv(tmp_path / "list.csv", [("z.png", "x"), ("y, 2.png", "")], header=("File", "note"))
     table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())  # Excel's UTF-8 CSV starts with a BOM
     assert read_file_list(table) == [str(tmp_path / "z.png"), str(tmp_path / "y, 2.png")]
-    for content, message in ((b"file,label\na.png,cat\n", "has a label column"), (b"\n\n", "names no image file"),
-                             (b"\xff\xfea\x00", "not a UTF-8 text file")):
+    for content, message in (
+        (b"file,label\na.png,cat\n", "has a label column"),
+        (b"\n\n", "names no image file"),
+        (b"\xff\xfea\x00", "not a UTF-8 text file"),
+    ):
         bad = tmp_path / "bad.txt"
         bad.write_bytes(content)
         with pytest.raises(CLIError, match=message):

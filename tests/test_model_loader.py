@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 import torchvision
@@ -8,18 +7,21 @@ import model_loader as ml
 from cli import CLIError
 
 
-@pytest.mark.parametrize("alias, name, head", [
-    ("resnet", "resnet34", "fc"),
-    ("alexnet", "alexnet", "classifier.6"),
-    ("vgg", "vgg16_bn", "classifier.6"),
-    ("squeezenet", "squeezenet1_0", "classifier.1"),
-    ("densenet", "densenet121", "classifier"),
-    ("resnet18", "resnet18", "fc"),
-    ("mobilenet_v2", "mobilenet_v2", "classifier.1"),
-    ("efficientnet_b0", "efficientnet_b0", "classifier.1"),
-    ("convnext_tiny", "convnext_tiny", "classifier.2"),
-    ("vit_b_16", "vit_b_16", "heads.head"),
-])
+@pytest.mark.parametrize(
+    "alias, name, head",
+    [
+        ("resnet", "resnet34", "fc"),
+        ("alexnet", "alexnet", "classifier.6"),
+        ("vgg", "vgg16_bn", "classifier.6"),
+        ("squeezenet", "squeezenet1_0", "classifier.1"),
+        ("densenet", "densenet121", "classifier"),
+        ("resnet18", "resnet18", "fc"),
+        ("mobilenet_v2", "mobilenet_v2", "classifier.1"),
+        ("efficientnet_b0", "efficientnet_b0", "classifier.1"),
+        ("convnext_tiny", "convnext_tiny", "classifier.2"),
+        ("vit_b_16", "vit_b_16", "heads.head"),
+    ],
+)
 def test_every_older_name_and_some_torchvision_names_build_with_the_right_head(alias, name, head):
     assert ml.resolve_model_name(alias) == name
     model, found = ml.build_model(name, 3, log=lambda *a: None)
@@ -69,8 +71,9 @@ def test_param_groups_give_the_backbone_a_smaller_rate():
 
 
 def make_ckpt(model, name="resnet18", classes=("a", "b", "c")):
-    return ml.make_checkpoint(model, name, list(classes), 32, 36, [0.5] * 3, [0.25] * 3, 3, {"valid_loss": 0.5},
-                              {"lr": 1e-3, "data_dir": "x"})
+    return ml.make_checkpoint(
+        model, name, list(classes), 32, 36, [0.5] * 3, [0.25] * 3, 3, {"valid_loss": 0.5}, {"lr": 1e-3, "data_dir": "x"}
+    )
 
 
 def test_checkpoint_round_trip_with_weights_only_and_rebuild_from_metadata(tmp_path):
@@ -149,10 +152,13 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
     assert not target.exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"hello, not a checkpoint", "not a"),
-    (None, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"hello, not a checkpoint", "not a"),
+        (None, "does not exist"),
+    ],
+)
 def test_non_checkpoints_get_one_line_errors(tmp_path, content, message):
     path = tmp_path / "x.pth"
     if content is not None:

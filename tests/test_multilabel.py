@@ -1,24 +1,25 @@
 """Several labels per image (tasks.py MultiLabel; train.py --labels_csv FILE --multi_label): the loss, thresholds and
 report against hand-computed numbers, the CSV's label sets, and one tiny run end to end (train, predict,
 export, resume, the label check) on two-object images built by data/prepare.py pairs from the shipped sample."""
+
 import math
 import sys
 
 import pytest
 import torch
 
+import calibration
 import data_loader
 import export
 import exported_model
-import model_loader
 import metrics
+import model_loader
 import predict
-import calibration
+import prediction_figure
 import tasks
 import train
 from conftest import ROOT, run_in_process
 from helpers import read_csv, tiny_pairs, write_csv
-
 
 # ----------------------------------------------------------------------------- hand-computed numbers
 
@@ -27,7 +28,10 @@ def test_a_label_cell_is_a_sorted_set_of_classes():
     assert tasks.split_labels("dog  cat dog") == ["cat", "dog"]
     assert tasks.split_labels("a|b| a", "|") == ["a", "b"]
     assert tasks.split_labels("") == [] and tasks.split_labels(" ", "|") == []
-    assert tasks.MultiLabel("|").text((1, 0, 1), ["a", "b", "c"]) == "a|c" and tasks.SingleLabel().text(2, ["a", "b", "c"]) == "c"
+    assert (
+        tasks.MultiLabel("|").text((1, 0, 1), ["a", "b", "c"]) == "a|c"
+        and tasks.SingleLabel().text(2, ["a", "b", "c"]) == "c"
+    )
 
 
 def test_the_loss_weighs_each_classs_positives_by_negatives_over_positives():
@@ -36,7 +40,7 @@ def test_the_loss_weighs_each_classs_positives_by_negatives_over_positives():
     criterion = tasks.MultiLabel().criterion([2.0, 1.0])
     loss = criterion(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0]]))
     # class 0 present: 2 x log(1 + e^0); class 1 absent: log(1 + e^2); mean over the two
-    assert float(loss) == pytest.approx((2 * math.log(2) + math.log(1 + math.e ** 2)) / 2, abs=1e-6)
+    assert float(loss) == pytest.approx((2 * math.log(2) + math.log(1 + math.e**2)) / 2, abs=1e-6)
 
 
 def test_the_threshold_maximises_f1_halfway_to_the_next_probability():
@@ -65,7 +69,8 @@ def test_the_summary_warns_of_a_class_in_every_validation_image_and_of_one_in_no
         "warning: always is in every validation image, so no threshold can be fitted against images without it: "
         "the lowest validation probability, or 0.5 if lower, is used ([0.500])",
         "warning: no validation image shows never: threshold 0.5, not fitted (give the validation images some, e.g. "
-        "with a split column)"]
+        "with a split column)",
+    ]
     assert tasks.MultiLabel().calibrate(logits[:, 2:], labels[:, 2:], ["some"]).warnings() == []
 
 
@@ -94,13 +99,15 @@ def test_a_class_temperature_that_would_not_lower_its_bce_is_not_kept(monkeypatc
     z = torch.randn(2000, 2, generator=g) * 2
     labels = (torch.rand(2000, 2, generator=g) < z.sigmoid()).float()
     logits = z * torch.tensor([3.0, 1.0])
-    monkeypatch.setattr(metrics, "fit_temperature",
-                        lambda column, y, loss=None: 3.0 if torch.equal(column, logits[:, 0]) else 0.3)
+    monkeypatch.setattr(
+        metrics, "fit_temperature", lambda column, y, loss=None: 3.0 if torch.equal(column, logits[:, 0]) else 0.3
+    )
     cal = tasks.MultiLabel().calibrate(logits, labels, ["a", "b"])
     assert cal.temperatures == [3.0, 1.0] and cal.no_better == ["b"] and cal.unfitted == []
     assert "; temperature stays 1.0 for b: a fitted one would not lower its validation BCE" in cal.summary()
     assert cal.metrics["valid_bce_after"] == pytest.approx(
-        (metrics.bce(logits[:, 0], labels[:, 0], 3.0) + metrics.bce(logits[:, 1], labels[:, 1])) / 2)
+        (metrics.bce(logits[:, 0], labels[:, 0], 3.0) + metrics.bce(logits[:, 1], labels[:, 1])) / 2
+    )
 
 
 def test_the_report_matches_hand_computed_precision_recall_ap_and_exact_match():
@@ -151,8 +158,9 @@ def test_the_label_check_flags_a_missing_and_a_spurious_label_per_class():
     assert flags[0].tolist() == [False, True] and flags[3].tolist() == [True, False]
     assert int(flags.sum()) == 2 and folds == [5, 5]
     files = [f"f{i}" for i in range(60)]
-    rows = label_check.multi_label_rows(files, given, ["train"] * 60, present, flags, ["cat", "dog"],
-                                         tasks.MultiLabel())
+    rows = label_check.multi_label_rows(
+        files, given, ["train"] * 60, present, flags, ["cat", "dog"], tasks.MultiLabel()
+    )
     by_file = {r["file"]: r for r in rows}
     assert by_file["f0"]["given"] == "dog" and by_file["f0"]["suggested"] == "(none)" and by_file["f0"]["flagged"]
     assert by_file["f3"]["given"] == "dog" and by_file["f3"]["suggested"] == "cat dog"
@@ -182,9 +190,29 @@ def test_labels_read_the_wrong_way_are_warned_about(tmp_path):
 
 
 def run_args(root, csv_path, *flags):
-    return [str(a) for a in ("--labels_csv", csv_path, "--multi_label", "--model_name", "resnet18", "--input_size",
-                             "32", "--num_workers", "0", "--verbose", "0", "--batch_size", "16",
-                             "--model_fn", root / "m.pth", "--log_dir", root / "run", *flags)]
+    return [
+        str(a)
+        for a in (
+            "--labels_csv",
+            csv_path,
+            "--multi_label",
+            "--model_name",
+            "resnet18",
+            "--input_size",
+            "32",
+            "--num_workers",
+            "0",
+            "--verbose",
+            "0",
+            "--batch_size",
+            "16",
+            "--model_fn",
+            root / "m.pth",
+            "--log_dir",
+            root / "run",
+            *flags,
+        )
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -215,17 +243,23 @@ def test_training_warns_of_thresholds_the_validation_images_cannot_fit(tiny_data
     """Every image shows x; rare is only on two training images: both said in the summary."""
     rows = []
     for i, f in enumerate(sorted((tiny_data / "train").rglob("*.png"))):
-        rows.append((str(f), f"{f.parent.name} x" + (" rare" if i in (1, 2) else ""), "valid" if i % 4 == 0 else "train"))
+        rows.append(
+            (str(f), f"{f.parent.name} x" + (" rare" if i in (1, 2) else ""), "valid" if i % 4 == 0 else "train")
+        )
     csv_path = write_csv(tmp_path / "labels.csv", rows, ("file", "label", "split"))
     train.main(train.parse_args(run_args(tmp_path, csv_path, "--freeze", "--n_epochs", "1")))
     out = capsys.readouterr().out.splitlines()
     ckpt = model_loader.load_checkpoint(tmp_path / "m.pth")
     x, rare = ckpt["class_names"].index("x"), ckpt["class_names"].index("rare")
     assert ckpt["thresholds"][x] <= 0.5 and ckpt["thresholds"][rare] == 0.5
-    assert f"warning: x is in every validation image, so no threshold can be fitted against images without it: the " \
-           f"lowest validation probability, or 0.5 if lower, is used ([{ckpt['thresholds'][x]:.3f}])" in out
-    assert "warning: no validation image shows rare: threshold 0.5, not fitted (give the validation images some, " \
-           "e.g. with a split column)" in out
+    assert (
+        f"warning: x is in every validation image, so no threshold can be fitted against images without it: the "
+        f"lowest validation probability, or 0.5 if lower, is used ([{ckpt['thresholds'][x]:.3f}])" in out
+    )
+    assert (
+        "warning: no validation image shows rare: threshold 0.5, not fitted (give the validation images some, "
+        "e.g. with a split column)" in out
+    )
 
 
 def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_run, tmp_path, capsys):
@@ -233,8 +267,23 @@ def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_
     ckpt = model_loader.load_checkpoint(root / "m.pth")
     names = ckpt["class_names"]
     out = tmp_path / "r.csv"
-    predict.main(predict.parse_args([str(a) for a in ("--model_fn", root / "m.pth", "--output", out, "--plot",
-                                                       tmp_path / "p.png", "--unknown_label", "nothing")]))
+    predict.main(
+        predict.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--model_fn",
+                    root / "m.pth",
+                    "--output",
+                    out,
+                    "--plot",
+                    tmp_path / "p.png",
+                    "--unknown_label",
+                    "nothing",
+                )
+            ]
+        )
+    )
     printed = capsys.readouterr().out
     rows = read_csv(out)
     assert len(rows) == 17 and "confidence" not in rows[0]
@@ -258,8 +307,14 @@ def test_predict_writes_the_classes_above_their_thresholds_and_the_report(pairs_
 def test_predict_on_a_csv_with_a_split_column_takes_its_test_rows(pairs_run, tmp_path):
     root, csv_path, _ = pairs_run
     out = tmp_path / "r.csv"
-    predict.main(predict.parse_args([str(a) for a in ("--model_fn", root / "m.pth", "--labels_csv", csv_path, "--output",
-                                                       out, "--n_images", "0")]))
+    predict.main(
+        predict.parse_args(
+            [
+                str(a)
+                for a in ("--model_fn", root / "m.pth", "--labels_csv", csv_path, "--output", out, "--n_images", "0")
+            ]
+        )
+    )
     test = sorted(str(csv_path.parent / r["file"]) for r in read_csv(csv_path) if r["split"] == "test")
     assert [r["file_dir"] for r in read_csv(out)] == test and len(test) == 17
 
@@ -270,7 +325,10 @@ def test_the_onnx_export_carries_the_thresholds_and_predicts_the_same_rows(pairs
     assert f"of {pairs_run[1]}: max probability difference" in capsys.readouterr().out
     ckpt = model_loader.load_checkpoint(root / "m.pth")
     meta = exported_model.OnnxModel(tmp_path / "m.onnx").metadata()
-    assert meta["multi_label"] == "1" and [float(t) for t in __import__("json").loads(meta["thresholds"])] == ckpt["thresholds"]
+    assert (
+        meta["multi_label"] == "1"
+        and [float(t) for t in __import__("json").loads(meta["thresholds"])] == ckpt["thresholds"]
+    )
     rows = {}
     for model in (root / "m.pth", tmp_path / "m.onnx"):
         out = tmp_path / f"{model.suffix[1:]}.csv"
@@ -284,11 +342,16 @@ def test_the_onnx_export_carries_the_thresholds_and_predicts_the_same_rows(pairs
 def test_the_export_check_compares_the_decided_label_sets_not_only_the_top_class():
     ckpt = {"multi_label": True, "class_names": ["a", "b"], "temperatures": [1.0, 1.0], "thresholds": [0.5, 0.5]}
     images = torch.zeros(1, 3, 8, 8)
-    same_top = export.compare(lambda x: torch.tensor([[3.0, 0.1]]), lambda x: torch.tensor([[3.0, -0.1]]), images,
-                              *export.reading_of(ckpt))
+    same_top = export.compare(
+        lambda x: torch.tensor([[3.0, 0.1]]), lambda x: torch.tensor([[3.0, -0.1]]), images, *export.reading_of(ckpt)
+    )
     assert same_top[1] == 0  # {a, b} against {a}: the top class agrees, the answer does not
-    assert export.compare(lambda x: torch.tensor([[3.0, 0.1]]), lambda x: torch.tensor([[3.0, 0.2]]), images,
-                          *export.reading_of(ckpt))[1] == 1
+    assert (
+        export.compare(
+            lambda x: torch.tensor([[3.0, 0.1]]), lambda x: torch.tensor([[3.0, 0.2]]), images, *export.reading_of(ckpt)
+        )[1]
+        == 1
+    )
 
 
 def test_a_plain_onnxruntime_consumer_from_the_docs_decides_the_same_label_sets(pairs_run, tmp_path):
@@ -301,20 +364,34 @@ def test_a_plain_onnxruntime_consumer_from_the_docs_decides_the_same_label_sets(
 
     root, csv_path, _ = pairs_run
     head = readme_deploy_snippet().split("logits = session.run")[0]
-    found = re.search(r"<!-- deploy_multi\.py: tests/test_multilabel\.py runs this block[^>]*-->\n```python\n(.*?)```",
-                      (ROOT / "docs" / "labels.md").read_text(), re.S)
+    found = re.search(
+        r"<!-- deploy_multi\.py: tests/test_multilabel\.py runs this block[^>]*-->\n```python\n(.*?)```",
+        (ROOT / "docs" / "labels.md").read_text(),
+        re.S,
+    )
     (tmp_path / "deploy_multi.py").write_text(head + found.group(1))
     export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.onnx")]))
     out = tmp_path / "r.csv"
-    predict.main(predict.parse_args([str(a) for a in ("--model_fn", root / "m.pth", "--output", out, "--n_images", "0")]))
+    predict.main(
+        predict.parse_args([str(a) for a in ("--model_fn", root / "m.pth", "--output", out, "--n_images", "0")])
+    )
     rows = read_csv(out)
     assert any(len(r["predict"].split()) >= 2 for r in rows)  # sets of several classes are compared too
-    runner = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('deploy_multi.py'); print('torch' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", runner, "deploy_multi.py", str(tmp_path / "m.onnx"),
-                           *[r["file_dir"] for r in rows]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    runner = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('deploy_multi.py'); print('torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", runner, "deploy_multi.py", str(tmp_path / "m.onnx"), *[r["file_dir"] for r in rows]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     *lines, used_torch = proc.stdout.strip().splitlines()
-    assert used_torch == "False" and [line.split(",") for line in lines] == [[r["file_dir"], r["predict"]] for r in rows]
+    assert used_torch == "False" and [line.split(",") for line in lines] == [
+        [r["file_dir"], r["predict"]] for r in rows
+    ]
 
 
 def test_fine_tuning_with_positive_weights_resumes_as_multi_label(pairs_run, tmp_path, capsys):
@@ -343,19 +420,33 @@ def test_a_multi_label_figure_title_names_the_likeliest_classes_and_fits_its_cel
     probs = torch.tensor([0.55, 0.91, 0.62, 0.88, 0.70, 0.05, 0.97, 0.10])
     pred = tuple(int(p > 0.5) for p in probs)  # six classes
     label = (1, 0, 1, 0, 1, 1, 0, 1)  # five others
-    title, color = predict.figure_title(label, pred, probs, False, names, "unknown", tasks.MultiLabel())
+    title, color = prediction_figure.figure_title(label, pred, probs, False, names, "unknown", tasks.MultiLabel())
     assert title == "shirt (0.97), bag (0.91),\ndress (0.88), +3 more\ntrue: ankle_boot, coat,\npullover, +2 more"
     assert color == "red"
-    assert predict.figure_title(pred, pred, probs, True, names, "unknown", tasks.MultiLabel())[0] == \
-        "shirt (0.97), bag (0.91),\ndress (0.88), +3 more\nunlike training"
+    assert (
+        prediction_figure.figure_title(pred, pred, probs, True, names, "unknown", tasks.MultiLabel())[0]
+        == "shirt (0.97), bag (0.91),\ndress (0.88), +3 more\nunlike training"
+    )
     # what --plot draws: every title inside its own cell of the saved figure, none wider than it
     files = sorted((ROOT / "data" / "fashion_sample" / "test" / "bag").glob("*.png"))[:6]
     samples = [((str(f), label), pred if i % 2 else (0,) * 8, probs, i == 3, None) for i, f in enumerate(files)]
     drawn = []
-    monkeypatch.setattr(predict, "save_image_grid", lambda images, titles, colors, path, show: drawn.append(
-        (images, titles, colors)) or utils.save_image_grid(images, titles, colors, path, show))
-    predict.plot_predictions(samples, names, {"input_size": 28, "resize_size": 28}, tmp_path / "multi.png", False,
-                             "unknown", tasks.MultiLabel())
+    monkeypatch.setattr(
+        predict,
+        "save_image_grid",
+        lambda images, titles, colors, path, show: (
+            drawn.append((images, titles, colors)) or utils.save_image_grid(images, titles, colors, path, show)
+        ),
+    )
+    prediction_figure.plot_predictions(
+        samples,
+        names,
+        {"input_size": 28, "resize_size": 28},
+        tmp_path / "multi.png",
+        False,
+        "unknown",
+        tasks.MultiLabel(),
+    )
     images, titles, colors = drawn[0]
     assert (tmp_path / "multi.png").stat().st_size > 5000 and titles[1] == title
     assert titles[0] == "unknown (shirt 0.97)\ntrue: ankle_boot, coat,\npullover, +2 more"
@@ -378,25 +469,55 @@ def test_a_multi_label_result_has_every_probability_even_past_twenty_classes():
         assert sum(c.startswith("prob_") for c in columns) == expected and "top5_prob" in columns
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--multi_label"], "give --labels_csv"),
-    (["--balanced_sampler"], "--balanced_sampler is for single-label"),
-    (["--label_smoothing", "0.1"], "--label_smoothing is for single-label"),
-    (["--ood_method", "msp"], "--ood_method msp is for single-label"),
-    (["--label_delim", "|"], "--label_delim goes with --multi_label"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--multi_label"], "give --labels_csv"),
+        (["--balanced_sampler"], "--balanced_sampler is for single-label"),
+        (["--label_smoothing", "0.1"], "--label_smoothing is for single-label"),
+        (["--ood_method", "msp"], "--ood_method msp is for single-label"),
+        (["--label_delim", "|"], "--label_delim goes with --multi_label"),
+    ],
+)
 def test_what_multi_label_cannot_do_is_one_error_line(pairs_run, tmp_path, capsys, flags, message):
     _, csv_path, _ = pairs_run
-    argv = (["--multi_label"] if flags == ["--multi_label"] else ["--labels_csv", str(csv_path), *flags] if
-            "--label_delim" in flags else ["--labels_csv", str(csv_path), "--multi_label", *flags])
+    argv = (
+        ["--multi_label"]
+        if flags == ["--multi_label"]
+        else ["--labels_csv", str(csv_path), *flags]
+        if "--label_delim" in flags
+        else ["--labels_csv", str(csv_path), "--multi_label", *flags]
+    )
     assert message in run_in_process(train, argv + ["--model_fn", str(tmp_path / "m.pth")], capsys)
 
 
 def test_check_data_checks_each_label_of_a_multi_label_csv(pairs_run, tmp_path, capsys):
     root, csv_path, _ = pairs_run
-    train.main(train.parse_args([str(a) for a in (
-        "--labels_csv", csv_path, "--multi_label", "--check_data", "--weights", root / "m.pth", "--model_name",
-        "resnet18", "--input_size", "32", "--num_workers", "0", "--verbose", "0", "--log_dir", tmp_path)]))
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--labels_csv",
+                    csv_path,
+                    "--multi_label",
+                    "--check_data",
+                    "--weights",
+                    root / "m.pth",
+                    "--model_name",
+                    "resnet18",
+                    "--input_size",
+                    "32",
+                    "--num_workers",
+                    "0",
+                    "--verbose",
+                    "0",
+                    "--log_dir",
+                    tmp_path,
+                )
+            ]
+        )
+    )
     out = capsys.readouterr().out
     assert "two-class logistic regression per class" in out and "train: 49 images; ankle_boot" in out
     # a clean set (every label right) and a weak backbone: many flags, about as many as the printed estimate
@@ -404,8 +525,9 @@ def test_check_data_checks_each_label_of_a_multi_label_csv(pairs_run, tmp_path, 
     expected = float(out.split("a clean set of 74 images would get about ")[1].split()[0])
     assert flagged > 10 and flagged / 2 <= expected <= flagged * 2, (flagged, expected)
     listed = out.split("most suspicious, flagged first")[1].splitlines()[1:11]
-    assert [line.endswith("flagged") for line in listed] == sorted((line.endswith("flagged") for line in listed),
-                                                                   reverse=True)
+    assert [line.endswith("flagged") for line in listed] == sorted(
+        (line.endswith("flagged") for line in listed), reverse=True
+    )
     given = {str(csv_path.parent / r["file"]): set(r["label"].split()) for r in read_csv(csv_path)}
     rows = read_csv(tmp_path / "label_issues.csv")
     assert len(rows) == 49 + 25

@@ -1,5 +1,6 @@
 """'None of my classes' (ood.py): the scores against hand computations, the reference train.py keeps, and what
 predict.py and export.py do with it."""
+
 import numpy as np
 import pytest
 import torch
@@ -65,8 +66,9 @@ def test_threshold_keeps_the_asked_share_of_validation_scores():
     assert ood.fit_threshold(torch.tensor([0.3]), 0.95) is None and ood.fit_threshold(torch.zeros(0), 0.95) is None
     g = torch.Generator().manual_seed(1)
     train_f, valid_f = torch.randn(50, 8, generator=g), torch.randn(37, 8, generator=g)
-    reference = ood.build_reference("knn", train_f, torch.zeros(50, dtype=torch.long), 2, valid_f,
-                                    torch.zeros(37, 2), 1.0, 0.8)
+    reference = ood.build_reference(
+        "knn", train_f, torch.zeros(50, dtype=torch.long), 2, valid_f, torch.zeros(37, 2), 1.0, 0.8
+    )
     kept = (ood.score(reference, 1.0, valid_f, torch.zeros(37, 2)) <= reference["threshold"]).double().mean()
     assert reference["valid_kept"] == pytest.approx(float(kept)) and 0.8 <= kept < 0.8 + 2 / 37
 
@@ -80,9 +82,10 @@ def test_a_large_reference_is_a_seeded_sample_within_the_budget():
     assert torch.equal(bank, ood.knn_bank(features, max_mb=0.5, seed=3))
     assert not torch.equal(bank, ood.knn_bank(features, max_mb=0.5, seed=4))
     assert ood.knn_bank(features[:100], max_mb=0.5, seed=3).shape == (100, 256)  # under budget: every row
-    reference = ood.build_reference("knn", features, torch.zeros(3000, dtype=torch.long), 2, features[:1],
-                                    torch.zeros(1, 2), 1.0, 0.95, max_mb=0.5)
-    assert ood.reference_bytes(reference) <= 0.5 * 2 ** 20 and reference["threshold"] is None
+    reference = ood.build_reference(
+        "knn", features, torch.zeros(3000, dtype=torch.long), 2, features[:1], torch.zeros(1, 2), 1.0, 0.95, max_mb=0.5
+    )
+    assert ood.reference_bytes(reference) <= 0.5 * 2**20 and reference["threshold"] is None
     assert "1024 of 3000 training features" in ood.describe(reference)
     assert "no threshold: 1 readable validation image(s)" in ood.describe(reference)
 
@@ -108,10 +111,33 @@ def frozen(tmp_path_factory):
     """A frozen ImageNet backbone (EfficientNet-Lite0 from its pip package) with a head on 3 classes."""
     root = tmp_path_factory.mktemp("ood")
     data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 30, 8)
-    train.main(train.parse_args([str(a) for a in (
-        "--data_dir", data, "--model_name", "efficientnet_lite0", "--use_pretrained", "--input_size", "64",
-        "--n_epochs", "3", "--freeze", "--num_workers", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run",
-        "--verbose", "0")]))
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--data_dir",
+                    data,
+                    "--model_name",
+                    "efficientnet_lite0",
+                    "--use_pretrained",
+                    "--input_size",
+                    "64",
+                    "--n_epochs",
+                    "3",
+                    "--freeze",
+                    "--num_workers",
+                    "0",
+                    "--model_fn",
+                    root / "m.pth",
+                    "--log_dir",
+                    root / "run",
+                    "--verbose",
+                    "0",
+                )
+            ]
+        )
+    )
     return root, data
 
 
@@ -157,10 +183,22 @@ def test_predict_scores_every_row_and_rejects_far_images(frozen, tmp_path, capsy
     root, _ = frozen
     folder = far_and_test(frozen)
     shown = []
-    monkeypatch.setattr(predict, "save_image_grid", lambda images, titles, colors, path, show: shown.append(
-        (titles, colors)) or True)
-    out = run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", folder, "--output", tmp_path / "r.csv",
-                      "--plot", tmp_path / "p.png", "--n_images", 36)
+    monkeypatch.setattr(
+        predict, "save_image_grid", lambda images, titles, colors, path, show: shown.append((titles, colors)) or True
+    )
+    out = run_predict(
+        capsys,
+        "--model_fn",
+        root / "m.pth",
+        "--data_dir",
+        folder,
+        "--output",
+        tmp_path / "r.csv",
+        "--plot",
+        tmp_path / "p.png",
+        "--n_images",
+        36,
+    )
     rows = read_csv(tmp_path / "r.csv")
     threshold = torch.load(root / "m.pth", weights_only=True)["ood"]["threshold"]
     assert all(r["in_distribution"] == str(int(float(r["ood_score"]) <= threshold)) for r in rows)
@@ -176,8 +214,20 @@ def test_predict_scores_every_row_and_rejects_far_images(frozen, tmp_path, capsy
     titles, colors = shown[0]
     assert sum("unlike training" in t for t in titles) == n_unlike and colors.count("purple") == n_unlike
 
-    out = run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", folder, "--output", tmp_path / "j.csv",
-                      "--n_images", 0, "--reject_ood", "--threshold", 0.5)
+    out = run_predict(
+        capsys,
+        "--model_fn",
+        root / "m.pth",
+        "--data_dir",
+        folder,
+        "--output",
+        tmp_path / "j.csv",
+        "--n_images",
+        0,
+        "--reject_ood",
+        "--threshold",
+        0.5,
+    )
     rejected = read_csv(tmp_path / "j.csv")
     for plain, r in zip(rows, rejected):
         expect_unknown = r["in_distribution"] == "0" or float(r["confidence"]) < 0.5
@@ -185,8 +235,18 @@ def test_predict_scores_every_row_and_rejects_far_images(frozen, tmp_path, capsy
     accepted = sum(r["predict"] != "unknown" for r in rejected)
     assert f"threshold 0.5 and --reject_ood: {accepted}/36 accepted" in out
 
-    run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", folder, "--output", tmp_path / "t.csv",
-                "--n_images", 0, "--tta")  # the score is the image's own view's, the mirror's dropped
+    run_predict(
+        capsys,
+        "--model_fn",
+        root / "m.pth",
+        "--data_dir",
+        folder,
+        "--output",
+        tmp_path / "t.csv",
+        "--n_images",
+        0,
+        "--tta",
+    )  # the score is the image's own view's, the mirror's dropped
     mirrored = read_csv(tmp_path / "t.csv")
     assert max(abs(float(a["ood_score"]) - float(b["ood_score"])) for a, b in zip(rows, mirrored)) < 1e-5
     assert any(a["confidence"] != b["confidence"] for a, b in zip(rows, mirrored))  # the probabilities did average
@@ -198,8 +258,18 @@ def test_report_counts_rejected_labelled_rows_wrong_for_recall(frozen, tmp_path,
     scores = [float(r["ood_score"]) for r in read_csv(predict_once(root, data, tmp_path, capsys))]
     ckpt["ood"]["threshold"] = float(np.median(scores))  # half of the test images now count as unlike
     model_loader.save_checkpoint(ckpt, tmp_path / "strict.pth")
-    out = run_predict(capsys, "--model_fn", tmp_path / "strict.pth", "--data_dir", data / "test", "--output",
-                      tmp_path / "s.csv", "--n_images", 0, "--reject_ood")
+    out = run_predict(
+        capsys,
+        "--model_fn",
+        tmp_path / "strict.pth",
+        "--data_dir",
+        data / "test",
+        "--output",
+        tmp_path / "s.csv",
+        "--n_images",
+        0,
+        "--reject_ood",
+    )
     rows = read_csv(tmp_path / "s.csv")
     report = {r["class"]: r for r in read_csv(tmp_path / "s_report.csv")}
     for name in ("bag", "sneaker", "trouser"):
@@ -211,8 +281,17 @@ def test_report_counts_rejected_labelled_rows_wrong_for_recall(frozen, tmp_path,
 
 
 def predict_once(root, data, tmp_path, capsys):
-    run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", tmp_path / "once.csv",
-                "--n_images", 0)
+    run_predict(
+        capsys,
+        "--model_fn",
+        root / "m.pth",
+        "--data_dir",
+        data / "test",
+        "--output",
+        tmp_path / "once.csv",
+        "--n_images",
+        0,
+    )
     return tmp_path / "once.csv"
 
 
@@ -221,25 +300,59 @@ def test_onnx_export_computes_the_score_in_the_graph(frozen, tmp_path, capsys):
 
     root, _ = frozen
     folder = far_and_test(frozen)
-    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.onnx"),
-                                   "--data_dir", str(folder), "--check_images", "8"]))
+    export.main(
+        export.parse_args(
+            [
+                "--model_fn",
+                str(root / "m.pth"),
+                "--output",
+                str(tmp_path / "m.onnx"),
+                "--data_dir",
+                str(folder),
+                "--check_images",
+                "8",
+            ]
+        )
+    )
     assert "max relative ood_score difference" in capsys.readouterr().out
     proto = onnx.load(str(tmp_path / "m.onnx"))
     assert [o.name for o in proto.graph.output] == ["logits", "ood_score"]
     meta = {p.key: p.value for p in proto.metadata_props}
     ckpt = torch.load(root / "m.pth", weights_only=True)
     assert meta["ood_method"] == "knn" and float(meta["ood_threshold"]) == ckpt["ood"]["threshold"]
-    run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", folder, "--output", tmp_path / "pth.csv",
-                "--n_images", 0)
-    out = run_predict(capsys, "--model_fn", tmp_path / "m.onnx", "--data_dir", folder, "--output",
-                      tmp_path / "onnx.csv", "--n_images", 0)
+    run_predict(
+        capsys, "--model_fn", root / "m.pth", "--data_dir", folder, "--output", tmp_path / "pth.csv", "--n_images", 0
+    )
+    out = run_predict(
+        capsys,
+        "--model_fn",
+        tmp_path / "m.onnx",
+        "--data_dir",
+        folder,
+        "--output",
+        tmp_path / "onnx.csv",
+        "--n_images",
+        0,
+    )
     assert "out-of-distribution:" in out
     a, b = read_csv(tmp_path / "pth.csv"), read_csv(tmp_path / "onnx.csv")
     assert [r["in_distribution"] for r in a] == [r["in_distribution"] for r in b]
     assert max(abs(float(x["ood_score"]) - float(y["ood_score"])) for x, y in zip(a, b)) < 1e-4
 
-    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "m.pt2"),
-                                   "--data_dir", str(folder), "--check_images", "4"]))
+    export.main(
+        export.parse_args(
+            [
+                "--model_fn",
+                str(root / "m.pth"),
+                "--output",
+                str(tmp_path / "m.pt2"),
+                "--data_dir",
+                str(folder),
+                "--check_images",
+                "4",
+            ]
+        )
+    )
     assert "max relative ood_score difference" in capsys.readouterr().out
     logits, scores = torch.export.load(str(tmp_path / "m.pt2")).module()(torch.randn(3, 3, 64, 64))
     assert logits.shape == (3, 3) and scores.shape == (3,)
@@ -268,8 +381,20 @@ def test_the_export_check_catches_a_wrong_score_and_writes_nothing(frozen, tmp_p
         onnx.save(proto, str(out))
 
     monkeypatch.setattr(export, "write_onnx", tampered)
-    err = run_in_process(export, ["--model_fn", root / "m.pth", "--output", tmp_path / "m.onnx", "--data_dir",
-                                  far_and_test(frozen), "--check_images", "4"], capsys)
+    err = run_in_process(
+        export,
+        [
+            "--model_fn",
+            root / "m.pth",
+            "--output",
+            tmp_path / "m.onnx",
+            "--data_dir",
+            far_and_test(frozen),
+            "--check_images",
+            "4",
+        ],
+        capsys,
+    )
     assert "ood_score differs from the PyTorch model's" in err and not (tmp_path / "m.onnx").exists()
 
 
@@ -278,9 +403,10 @@ def test_a_reference_that_does_not_fit_the_model_is_one_error_line(frozen, tmp_p
     ckpt = torch.load(root / "m.pth", weights_only=True)
     wrong_dim = dict(ckpt, ood=dict(ckpt["ood"], features=ckpt["ood"]["features"][:, :100], dim=100))
     wrong_method = dict(ckpt, ood=dict(ckpt["ood"], method="vibes"))
-    for name, bad, words in (("dim", wrong_dim, "dim 100, tensors of width 100) does not fit the model, whose "
-                                                "classifier takes 1280"),
-                             ("method", wrong_method, "unknown method 'vibes'")):
+    for name, bad, words in (
+        ("dim", wrong_dim, "dim 100, tensors of width 100) does not fit the model, whose classifier takes 1280"),
+        ("method", wrong_method, "unknown method 'vibes'"),
+    ):
         path = tmp_path / f"{name}.pth"
         model_loader.save_checkpoint(bad, path)
         err = run_in_process(predict, ["--model_fn", path, "--output", tmp_path / "x.csv"], capsys)
@@ -303,8 +429,17 @@ def test_without_a_reference_predict_works_as_before_and_says_so(frozen, tmp_pat
     ckpt = torch.load(root / "m.pth", weights_only=True)
     del ckpt["ood"]
     model_loader.save_checkpoint(ckpt, tmp_path / "old.pth")
-    out = run_predict(capsys, "--model_fn", tmp_path / "old.pth", "--data_dir", data / "test", "--output",
-                      tmp_path / "r.csv", "--n_images", 0)
+    out = run_predict(
+        capsys,
+        "--model_fn",
+        tmp_path / "old.pth",
+        "--data_dir",
+        data / "test",
+        "--output",
+        tmp_path / "r.csv",
+        "--n_images",
+        0,
+    )
     assert "has no reference" in out
     assert "ood_score" not in read_csv(tmp_path / "r.csv")[0]
     err = run_in_process(predict, ["--model_fn", tmp_path / "old.pth", "--reject_ood"], capsys)
@@ -313,8 +448,17 @@ def test_without_a_reference_predict_works_as_before_and_says_so(frozen, tmp_pat
     ckpt = torch.load(root / "m.pth", weights_only=True)
     ckpt["ood"]["threshold"] = None  # fitted on fewer than 2 validation images
     model_loader.save_checkpoint(ckpt, tmp_path / "few.pth")
-    out = run_predict(capsys, "--model_fn", tmp_path / "few.pth", "--data_dir", data / "test", "--output",
-                      tmp_path / "f.csv", "--n_images", 0)
+    out = run_predict(
+        capsys,
+        "--model_fn",
+        tmp_path / "few.pth",
+        "--data_dir",
+        data / "test",
+        "--output",
+        tmp_path / "f.csv",
+        "--n_images",
+        0,
+    )
     rows = read_csv(tmp_path / "f.csv")
     assert "has no threshold" in out and all(r["in_distribution"] == "" and float(r["ood_score"]) >= 0 for r in rows)
 
@@ -323,10 +467,38 @@ def test_fine_tuning_keeps_the_features_of_the_best_fine_tuned_model(tiny_data, 
     """No cache when the backbone trains: one eval pass of the best epoch's model over the training images."""
     import data_loader
 
-    train.main(train.parse_args([str(a) for a in (
-        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "2", "--lr", "0.003",
-        "--patience", "0", "--num_workers", "0", "--model_fn", tmp_path / "ft.pth", "--log_dir", tmp_path / "run",
-        "--verbose", "0", "--ood_keep", "0.9", "--no_amp")]))  # fp32: the same trajectory on every CPU
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--data_dir",
+                    tiny_data,
+                    "--model_name",
+                    "resnet18",
+                    "--input_size",
+                    "32",
+                    "--n_epochs",
+                    "2",
+                    "--lr",
+                    "0.003",
+                    "--patience",
+                    "0",
+                    "--num_workers",
+                    "0",
+                    "--model_fn",
+                    tmp_path / "ft.pth",
+                    "--log_dir",
+                    tmp_path / "run",
+                    "--verbose",
+                    "0",
+                    "--ood_keep",
+                    "0.9",
+                    "--no_amp",
+                )
+            ]
+        )
+    )  # fp32: the same trajectory on every CPU
     assert "out-of-distribution reference: knn on 39 of 39 training features (dim 512" in capsys.readouterr().out
     ckpt = model_loader.load_checkpoint(tmp_path / "ft.pth")
     assert ckpt["metrics"]["best_epoch"] == 1  # the last epoch was not the best: its weights must not be used
@@ -340,18 +512,44 @@ def test_fine_tuning_keeps_the_features_of_the_best_fine_tuned_model(tiny_data, 
     assert torch.allclose(ckpt["ood"]["features"].float(), expected, atol=2e-3)
 
 
-@pytest.mark.parametrize("flags, words", [(["--ood_keep", "0"], "--ood_keep must be in (0, 1]"),
-                                          (["--ood_method", "nope"], "invalid choice")])
+@pytest.mark.parametrize(
+    "flags, words",
+    [(["--ood_keep", "0"], "--ood_keep must be in (0, 1]"), (["--ood_method", "nope"], "invalid choice")],
+)
 def test_bad_ood_flags_are_one_line(flags, words, capsys):
     err = run_in_process(train, flags, capsys)
     assert words in err
 
 
 def test_ood_method_none_keeps_no_reference(tiny_data, tmp_path, capsys):
-    train.main(train.parse_args([str(a) for a in (
-        "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--freeze",
-        "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "0",
-        "--ood_method", "none")]))
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in (
+                    "--data_dir",
+                    tiny_data,
+                    "--model_name",
+                    "resnet18",
+                    "--input_size",
+                    "32",
+                    "--n_epochs",
+                    "1",
+                    "--freeze",
+                    "--num_workers",
+                    "0",
+                    "--model_fn",
+                    tmp_path / "m.pth",
+                    "--log_dir",
+                    tmp_path / "run",
+                    "--verbose",
+                    "0",
+                    "--ood_method",
+                    "none",
+                )
+            ]
+        )
+    )
     assert "out-of-distribution" not in capsys.readouterr().out
     assert "ood" not in torch.load(tmp_path / "m.pth", weights_only=True)
 
@@ -370,18 +568,43 @@ def test_the_benchmark_measures_every_method_on_a_run(frozen):
         r = results[method]
         assert 0 <= r["auroc"]["far"] <= 1 and 0 <= r["fpr95"]["far"] <= 1 and 0.5 <= r["test_kept"] <= 1, method
     assert results["knn"]["auroc"]["far"] > 0.95 and results["knn"]["accepted"]["far"] <= 1 / 12
-    assert bench.fpr_at(torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.05, 0.35, 0.5]), keep=0.75) == pytest.approx(1 / 3)  # cut 0.3
+    assert bench.fpr_at(
+        torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.05, 0.35, 0.5]), keep=0.75
+    ) == pytest.approx(1 / 3)  # cut 0.3
 
 
-def test_a_stop_signal_during_the_extra_pass_keeps_the_checkpoint_without_a_reference(tiny_data, tmp_path,
-                                                                                      monkeypatch, capsys):
+def test_a_stop_signal_during_the_extra_pass_keeps_the_checkpoint_without_a_reference(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
     from helpers import interrupt_when_called
 
     interrupt_when_called(monkeypatch, ood, "collect_features")  # a real SIGINT as the pass starts
     with pytest.raises(SystemExit) as e:
-        train.main(train.parse_args([str(a) for a in (
-            "--data_dir", tiny_data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1",
-            "--num_workers", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "0")]))
+        train.main(
+            train.parse_args(
+                [
+                    str(a)
+                    for a in (
+                        "--data_dir",
+                        tiny_data,
+                        "--model_name",
+                        "resnet18",
+                        "--input_size",
+                        "32",
+                        "--n_epochs",
+                        "1",
+                        "--num_workers",
+                        "0",
+                        "--model_fn",
+                        tmp_path / "m.pth",
+                        "--log_dir",
+                        tmp_path / "run",
+                        "--verbose",
+                        "0",
+                    )
+                ]
+            )
+        )
     out = capsys.readouterr().out
     assert e.value.code == 130 and "out-of-distribution reference: none kept (interrupted)" in out
     assert "interrupted at the end of training" in out

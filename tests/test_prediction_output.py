@@ -1,4 +1,5 @@
 """predict.py at scale: rows streamed to a partial folder, kill -9 then --resume, refusals, torchrun's shares."""
+
 import os
 import shlex
 import signal
@@ -38,9 +39,32 @@ def model(tmp_path_factory):
     """A frozen ResNet-18 head on 3 classes of 28 px images (one epoch), and 8 test images per class."""
     root = tmp_path_factory.mktemp("at_scale")
     data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 12, 8)
-    train.main(train.parse_args([str(a) for a in [
-        "--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--n_epochs", "1", "--freeze",
-        "--num_workers", "0", "--verbose", "0", "--model_fn", root / "m.pth", "--log_dir", root / "run"]]))
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in [
+                    "--data_dir",
+                    data,
+                    "--model_name",
+                    "resnet18",
+                    "--input_size",
+                    "32",
+                    "--n_epochs",
+                    "1",
+                    "--freeze",
+                    "--num_workers",
+                    "0",
+                    "--verbose",
+                    "0",
+                    "--model_fn",
+                    root / "m.pth",
+                    "--log_dir",
+                    root / "run",
+                ]
+            ]
+        )
+    )
     return root / "m.pth", data / "test"
 
 
@@ -62,8 +86,18 @@ def assert_same_rows(rows, expected, tol=1e-5):
 
 def test_kill_9_mid_run_then_resume_gives_each_image_once(model, tmp_path, capsys):
     ckpt, images = model
-    argv = ["--model_fn", ckpt, "--data_dir", images, "--batch_size", "4", "--n_images", "3", "--plot",
-            tmp_path / "p.png"]
+    argv = [
+        "--model_fn",
+        ckpt,
+        "--data_dir",
+        images,
+        "--batch_size",
+        "4",
+        "--n_images",
+        "3",
+        "--plot",
+        tmp_path / "p.png",
+    ]
     run_predict(capsys, *argv, "--output", tmp_path / "whole.csv")
     whole = rows_of(tmp_path / "whole.csv")
     assert len(whole) == 24
@@ -71,9 +105,13 @@ def test_kill_9_mid_run_then_resume_gives_each_image_once(model, tmp_path, capsy
     out = tmp_path / "r.csv"
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AT_A_WRITE.format(root=str(ROOT), at=4))
-    proc = subprocess.run([sys.executable, str(script), *map(str, argv), "--output", str(out), "--num_workers", "0",
-                           "--verbose", "0"], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, MPLBACKEND="Agg"))
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, argv), "--output", str(out), "--num_workers", "0", "--verbose", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, MPLBACKEND="Agg"),
+    )
     assert proc.returncode == -9, proc.stderr
     partial = prediction_output.partial_dir(out)
     assert not out.exists() and (partial / "run.json").is_file()
@@ -96,8 +134,22 @@ def test_ctrl_c_keeps_the_rows_and_resume_refuses_what_does_not_match(model, tmp
 
     ckpt, images = model
     out = tmp_path / "r.csv"
-    argv = ["--model_fn", ckpt, "--data_dir", images, "--output", out, "--batch_size", "8", "--n_images", "0",
-            "--num_workers", "0", "--verbose", "0"]
+    argv = [
+        "--model_fn",
+        ckpt,
+        "--data_dir",
+        images,
+        "--output",
+        out,
+        "--batch_size",
+        "8",
+        "--n_images",
+        "0",
+        "--num_workers",
+        "0",
+        "--verbose",
+        "0",
+    ]
     assert "no interrupted run" in run_in_process(predict, argv + ["--resume"], capsys)
     with monkeypatch.context() as m:
         interrupt_when_called(m, predict.prediction_output, "pack_row")
@@ -111,11 +163,15 @@ def test_ctrl_c_keeps_the_rows_and_resume_refuses_what_does_not_match(model, tmp
 
     other = tmp_path / "other.pth"
     other.write_bytes(ckpt.read_bytes() + b"\0")  # another file, still a checkpoint torch reads
-    for changed, words in ((["--model_fn", other], "model"), (["--threshold", "0.5"], "--threshold (was None, now 0.5)"),
-                           (["--tta"], "another value of --tta (was False, now True);"),
-                           (["--unknown_label", "x", "--amp"], "--unknown_label (was 'unknown', now 'x'), --amp (was"),
-                           (["--reject_ood"], "--reject_ood (was False, now True)"),
-                           (["--topk", "2"], "columns"), (["--data_dir", images / "bag"], "input list")):
+    for changed, words in (
+        (["--model_fn", other], "model"),
+        (["--threshold", "0.5"], "--threshold (was None, now 0.5)"),
+        (["--tta"], "another value of --tta (was False, now True);"),
+        (["--unknown_label", "x", "--amp"], "--unknown_label (was 'unknown', now 'x'), --amp (was"),
+        (["--reject_ood"], "--reject_ood (was False, now True)"),
+        (["--topk", "2"], "columns"),
+        (["--data_dir", images / "bag"], "input list"),
+    ):
         err = run_in_process(predict, argv + changed + ["--resume"], capsys)
         assert "--resume" in err and words in err and "nothing was changed" in err, err
     assert "add --resume" in run_in_process(predict, argv, capsys)
@@ -142,8 +198,14 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, mon
     with monkeypatch.context() as m:  # one process, stopped after its first batch: 4 rows kept
         interrupt_when_called(m, predict.prediction_output, "pack_row")
         with pytest.raises(SystemExit):
-            run_cli(lambda: predict.main(predict.parse_args([str(a) for a in argv] + [
-                "--output", str(tmp_path / "two.csv"), "--num_workers", "0", "--verbose", "0"])))
+            run_cli(
+                lambda: predict.main(
+                    predict.parse_args(
+                        [str(a) for a in argv]
+                        + ["--output", str(tmp_path / "two.csv"), "--num_workers", "0", "--verbose", "0"]
+                    )
+                )
+            )
     capsys.readouterr()
     (command,) = [c for c in readme_commands() if c.startswith("torchrun") and "predict.py" in c]  # the docs'
     tokens = shlex.split(command)
@@ -151,9 +213,29 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, mon
         tokens[tokens.index(flag) + 1] = str(value)
     tokens[tokens.index("predict.py")] = str(ROOT / "predict.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([TORCHRUN, *tokens[1:], "--batch_size", "4", "--n_images", "4", "--plot", "two.png",
-                             "--num_workers", "0", "--verbose", "0", "--resume"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            TORCHRUN,
+            *tokens[1:],
+            "--batch_size",
+            "4",
+            "--n_images",
+            "4",
+            "--plot",
+            "two.png",
+            "--num_workers",
+            "0",
+            "--verbose",
+            "0",
+            "--resume",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:  # processes stuck at different collectives: end all of them, then fail
@@ -166,10 +248,13 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, mon
     assert "4 of them from the interrupted run" in out, out
     one, two = rows_of(tmp_path / "one.csv"), rows_of(tmp_path / "two.csv")
     assert [r["file_dir"] for r in one] == [str(f) for f in files[:10]] + [str(tmp_path / "gone.png")] + [
-        str(f) for f in files[10:]]
+        str(f) for f in files[10:]
+    ]
     assert one[10]["error"].startswith("FileNotFoundError") and one[10]["predict"] == ""
     assert_same_rows(two, one)
-    assert (tmp_path / "two.png").stat().st_size > 0 and not prediction_output.partial_dir(tmp_path / "two.csv").exists()
+    assert (tmp_path / "two.png").stat().st_size > 0 and not prediction_output.partial_dir(
+        tmp_path / "two.csv"
+    ).exists()
 
 
 def test_shares_split_the_remaining_images_once_and_in_order():

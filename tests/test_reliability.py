@@ -1,4 +1,5 @@
 """Messy folders, killed and interrupted runs, exact resume."""
+
 import csv
 import os
 import signal
@@ -71,9 +72,29 @@ def test_odd_but_valid_files_load_upright_in_true_colours(corpus):
 
 def test_training_skips_unreadable_files_with_one_warning_each(corpus, tmp_path):
     root, bad = corpus
-    proc = run_script("train.py", "--data_dir", root, "--model_name", "resnet18", "--input_size", "32",
-                      "--n_epochs", "2", "--num_workers", "1", "--batch_size", "4", "--valid_ratio", "0.3",
-                      "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run", "--verbose", "1")
+    proc = run_script(
+        "train.py",
+        "--data_dir",
+        root,
+        "--model_name",
+        "resnet18",
+        "--input_size",
+        "32",
+        "--n_epochs",
+        "2",
+        "--num_workers",
+        "1",
+        "--batch_size",
+        "4",
+        "--valid_ratio",
+        "0.3",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--log_dir",
+        tmp_path / "run",
+        "--verbose",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
     for names in bad.values():
@@ -81,23 +102,54 @@ def test_training_skips_unreadable_files_with_one_warning_each(corpus, tmp_path)
             assert out.count("skipping unreadable image") >= 1
             assert sum(name in line for line in out.splitlines() if "skipping unreadable" in line) == 1, name
     assert "skipped unreadable images per class: {" in proc.stdout
-    summary = [l for l in proc.stdout.splitlines() if l.startswith("skipped unreadable")][0]
+    summary = [ln for ln in proc.stdout.splitlines() if ln.startswith("skipped unreadable")][0]
     assert "'bag': 2" in summary and "'trouser': 2" in summary
     assert "Traceback" not in proc.stderr
 
 
 def test_prediction_has_an_error_column_for_unreadable_files(corpus, tmp_path):
     root, bad = corpus
-    proc = run_script("train.py", "--data_dir", root, "--model_name", "resnet18", "--input_size", "32", "--freeze",
-                      "--n_epochs", "1", "--num_workers", "0", "--model_fn", tmp_path / "m.pth",
-                      "--log_dir", tmp_path / "run", "--verbose", "0")
+    proc = run_script(
+        "train.py",
+        "--data_dir",
+        root,
+        "--model_name",
+        "resnet18",
+        "--input_size",
+        "32",
+        "--freeze",
+        "--n_epochs",
+        "1",
+        "--num_workers",
+        "0",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--log_dir",
+        tmp_path / "run",
+        "--verbose",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = run_script("predict.py", "--model_fn", tmp_path / "m.pth", "--data_dir", root / "train",
-                      "--output", tmp_path / "r.csv", "--plot", tmp_path / "p.png", "--num_workers", "1")
+    proc = run_script(
+        "predict.py",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--data_dir",
+        root / "train",
+        "--output",
+        tmp_path / "r.csv",
+        "--plot",
+        tmp_path / "p.png",
+        "--num_workers",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "r.csv", encoding="utf-8-sig")))
-    files = sorted(str(p) for p in (root / "train").rglob("*") if p.is_file()
-                   and not p.name.startswith(".") and p.suffix.lower() in (".png", ".jpg"))
+    files = sorted(
+        str(p)
+        for p in (root / "train").rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".png", ".jpg")
+    )
     assert [r["file_dir"] for r in rows] == files
     errors = {os.path.basename(r["file_dir"]): r["error"] for r in rows if r["error"]}
     assert set(errors) == set(BAD) and all(rows[i]["predict"] == "" for i, r in enumerate(rows) if r["error"])
@@ -134,9 +186,9 @@ def test_class_weights_and_balanced_sampler_train(tmp_path, monkeypatch):
     carries the inverse-frequency weights."""
     data = copy_subset(tmp_path / "imb", ["bag"], 20, 2)
     copy_subset(data, ["trouser"], 4, 2)
+    import tasks
     import train
     import trainer
-    import tasks
 
     seen, weights, real = [], [], trainer.train_step
 
@@ -146,9 +198,30 @@ def test_class_weights_and_balanced_sampler_train(tmp_path, monkeypatch):
         return real(model, images, labels, optimizer, scheduler, scaler, criterion, *rest)
 
     monkeypatch.setattr(trainer, "train_step", recording_step)
-    args = ["--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--num_workers", "0",
-            "--verbose", "0", "--n_epochs", "4", "--patience", "0", "--freeze", "--class_weights", "auto",
-            "--balanced_sampler", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run"]
+    args = [
+        "--data_dir",
+        data,
+        "--model_name",
+        "resnet18",
+        "--input_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--verbose",
+        "0",
+        "--n_epochs",
+        "4",
+        "--patience",
+        "0",
+        "--freeze",
+        "--class_weights",
+        "auto",
+        "--balanced_sampler",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--log_dir",
+        tmp_path / "run",
+    ]
     result = train.main(train.parse_args([str(a) for a in args]))
     assert result.state.epoch == 4
     # 16 bags + 3 trousers train (valid split 0.2): plain shuffling would give trousers 16% of the draws
@@ -159,17 +232,45 @@ def test_class_weights_and_balanced_sampler_train(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- killed and interrupted runs
 
-TRAIN_ARGS = ["--model_name", "resnet18", "--input_size", "32", "--batch_size", "8", "--patience", "0",
-              "--verbose", "1"]
+TRAIN_ARGS = [
+    "--model_name",
+    "resnet18",
+    "--input_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--patience",
+    "0",
+    "--verbose",
+    "1",
+]
 
 
 def popen_train(data, tmp_path, *extra, wrapper=None, preexec=None):
     argv = [sys.executable] + ([str(wrapper)] if wrapper else [str(ROOT / "train.py")])
-    argv += [str(a) for a in ["--data_dir", data, "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run",
-                              *TRAIN_ARGS, *extra]]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg"),
-                            start_new_session=True, preexec_fn=preexec)
+    argv += [
+        str(a)
+        for a in [
+            "--data_dir",
+            data,
+            "--model_fn",
+            tmp_path / "m.pth",
+            "--log_dir",
+            tmp_path / "run",
+            *TRAIN_ARGS,
+            *extra,
+        ]
+    ]
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg"),
+        start_new_session=True,
+        preexec_fn=preexec,
+    )
 
 
 def wait_for(proc, text, timeout=180):
@@ -182,7 +283,9 @@ def wait_for(proc, text, timeout=180):
         lines.append(line)
         if text in line:
             return lines
-    raise AssertionError(f"never saw {text!r}: {''.join(lines)} {proc.stderr.read() if proc.poll() is not None else ''}")
+    raise AssertionError(
+        f"never saw {text!r}: {''.join(lines)} {proc.stderr.read() if proc.poll() is not None else ''}"
+    )
 
 
 SLOW_SAVE = """
@@ -214,10 +317,32 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints(tiny_data, tmp_path):
     for at in (3, 4):
         work = tmp_path / f"save{at}"
         work.mkdir()
-        proc = subprocess.Popen([sys.executable, str(wrapper)] + [str(a) for a in [
-            "--data_dir", tiny_data, "--model_fn", work / "m.pth", "--log_dir", work / "run", *TRAIN_ARGS,
-            "--n_epochs", "3", "--num_workers", "0", "--save_interval", "0"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, SLOW_SAVE_AT=str(at), PYTHONUNBUFFERED="1"), start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(wrapper)]
+            + [
+                str(a)
+                for a in [
+                    "--data_dir",
+                    tiny_data,
+                    "--model_fn",
+                    work / "m.pth",
+                    "--log_dir",
+                    work / "run",
+                    *TRAIN_ARGS,
+                    "--n_epochs",
+                    "3",
+                    "--num_workers",
+                    "0",
+                    "--save_interval",
+                    "0",
+                ]
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, SLOW_SAVE_AT=str(at), PYTHONUNBUFFERED="1"),
+            start_new_session=True,
+        )
         wait_for(proc, "SAVING")
         os.killpg(proc.pid, signal.SIGKILL)  # in the middle of a checkpoint write (temp file half done)
         proc.wait()

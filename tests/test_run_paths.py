@@ -1,5 +1,6 @@
 """run_paths.py: one place knows what a run reads and writes; no output replaces an input or another output, and
 the scripts refuse before any work, with one line, leaving every file as it was."""
+
 import shutil
 
 import pytest
@@ -23,8 +24,12 @@ def test_input_names_in_a_folder_however_their_paths_are_written(tmp_path):
     (tmp_path / "elsewhere" / "real.png").write_bytes(b"")
     (tmp_path / "imgs" / "link.png").symlink_to(tmp_path / "elsewhere" / "real.png")
     (tmp_path / "alias").symlink_to(tmp_path / "imgs")
-    inputs = [tmp_path / "imgs" / "sub" / ".." / "a.png", tmp_path / "alias" / "b.png", tmp_path / "imgs" / "link.png",
-              tmp_path / "imgs" / "sub" / "c.png"]
+    inputs = [
+        tmp_path / "imgs" / "sub" / ".." / "a.png",
+        tmp_path / "alias" / "b.png",
+        tmp_path / "imgs" / "link.png",
+        tmp_path / "imgs" / "sub" / "c.png",
+    ]
     assert run_paths.input_names_in(tmp_path / "imgs", inputs) == {"a.png", "b.png", "link.png"}
     assert run_paths.input_names_in(tmp_path / "elsewhere", inputs) == set()
     with pytest.raises(CLIError, match="is one of the input files"):
@@ -41,8 +46,13 @@ def test_an_output_may_not_be_a_file_the_run_reads_however_it_is_reached(tmp_pat
     (tmp_path / "alias").symlink_to(tmp_path / "models")
     (tmp_path / "latest.pth").symlink_to(ckpt)
     (tmp_path / "hard.pth").hardlink_to(ckpt)
-    for output in (ckpt, tmp_path / "models" / "sub" / ".." / "m.pth", tmp_path / "alias" / "m.pth",
-                   tmp_path / "latest.pth", tmp_path / "hard.pth"):
+    for output in (
+        ckpt,
+        tmp_path / "models" / "sub" / ".." / "m.pth",
+        tmp_path / "alias" / "m.pth",
+        tmp_path / "latest.pth",
+        tmp_path / "hard.pth",
+    ):
         with pytest.raises(CLIError, match=r"is the checkpoint --model_fn, which this run reads; writing it would"):
             RunPaths().reads(ckpt, "the checkpoint --model_fn").writes(output, "--output").check()
     RunPaths().reads(ckpt, "the checkpoint --model_fn").writes(tmp_path / "m.pth", "--output").check()
@@ -72,19 +82,25 @@ def test_figures_need_a_format_and_stay_out_of_searched_folders(tmp_path):
         RunPaths().writes(tmp_path / figure, "--plot", figure=True).check()
     with pytest.raises(CLIError, match="is inside .*images', where the images are read from: the figure would be"):
         RunPaths().searches(tmp_path / "images", "the images").writes(
-            tmp_path / "images" / "cat" / "p.png", "--plot", figure=True).check()
+            tmp_path / "images" / "cat" / "p.png", "--plot", figure=True
+        ).check()
     RunPaths().searches(tmp_path / "images", "the images").writes(
-        tmp_path / "images" / "cat" / "r.csv", "--output").check()  # a table there is not read as an image
+        tmp_path / "images" / "cat" / "r.csv", "--output"
+    ).check()  # a table there is not read as an image
 
 
 def test_folders_and_writability_are_checked_without_making_anything(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir.csv").mkdir()
-    cases = [(RunPaths().writes(tmp_path / "file" / "r.csv", "--output"), "is a file, not a folder"),
-             (RunPaths().writes(tmp_path / "dir.csv", "--output"), "is a folder, not a file"),
-             (RunPaths().writes_folder(tmp_path / "file", "--explain"), "is a file; give a folder"),
-             (RunPaths().reads_images([tmp_path / "run" / "a.png"]).writes_folder(tmp_path / "run", "--log_dir"),
-              "holds input images")]
+    cases = [
+        (RunPaths().writes(tmp_path / "file" / "r.csv", "--output"), "is a file, not a folder"),
+        (RunPaths().writes(tmp_path / "dir.csv", "--output"), "is a folder, not a file"),
+        (RunPaths().writes_folder(tmp_path / "file", "--explain"), "is a file; give a folder"),
+        (
+            RunPaths().reads_images([tmp_path / "run" / "a.png"]).writes_folder(tmp_path / "run", "--log_dir"),
+            "holds input images",
+        ),
+    ]
     for paths, message in cases:
         with pytest.raises(CLIError, match=message):
             paths.check()
@@ -102,11 +118,36 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("paths")
     data = copy_subset(root / "data", ["bag", "sneaker"], 6, 2)
     labels = root / "labels.csv"
-    labels.write_text("file,label,split\n" + "".join(
-        f"{p.relative_to(root)},{p.parent.name},{p.parts[-3]}\n" for p in sorted(data.rglob("*.png"))))
-    train.main(train.parse_args([str(a) for a in [
-        "--labels_csv", labels, "--model_fn", root / "m.pth", "--log_dir", root / "run", "--num_workers", "0",
-        "--input_size", "32", "--n_epochs", "1", "--verbose", "0", "--freeze", "--model_name", "resnet18"]]))
+    labels.write_text(
+        "file,label,split\n"
+        + "".join(f"{p.relative_to(root)},{p.parent.name},{p.parts[-3]}\n" for p in sorted(data.rglob("*.png")))
+    )
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in [
+                    "--labels_csv",
+                    labels,
+                    "--model_fn",
+                    root / "m.pth",
+                    "--log_dir",
+                    root / "run",
+                    "--num_workers",
+                    "0",
+                    "--input_size",
+                    "32",
+                    "--n_epochs",
+                    "1",
+                    "--verbose",
+                    "0",
+                    "--freeze",
+                    "--model_name",
+                    "resnet18",
+                ]
+            ]
+        )
+    )
     export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--verbose", "0"]))
     return root, data, labels
 
@@ -128,31 +169,73 @@ def test_no_script_replaces_what_it_reads(trained, tmp_path, capsys):
     capsys.readouterr()
     before = snapshot(root, tmp_path)
     out = ["--plot", tmp_path / "p.png", "--num_workers", "0"]
-    train_argv = ["--data_dir", data, "--log_dir", tmp_path / "run", "--num_workers", "0", "--input_size", "32",
-                  "--n_epochs", "1", "--verbose", "0", "--model_name", "resnet18"]
+    train_argv = [
+        "--data_dir",
+        data,
+        "--log_dir",
+        tmp_path / "run",
+        "--num_workers",
+        "0",
+        "--input_size",
+        "32",
+        "--n_epochs",
+        "1",
+        "--verbose",
+        "0",
+        "--model_name",
+        "resnet18",
+    ]
     cases = [
         (predict, ["--model_fn", root / "m.pth", "--output", root / "m.pth"] + out, "the model --model_fn"),
         (predict, ["--model_fn", root / "m.onnx", "--output", root / "m.onnx"] + out, "the model --model_fn"),
-        (predict, ["--model_fn", root / "m.pth", "--file_list", listed, "--output", listed] + out,
-         "the list of images --file_list"),
+        (
+            predict,
+            ["--model_fn", root / "m.pth", "--file_list", listed, "--output", listed] + out,
+            "the list of images --file_list",
+        ),
         (predict, ["--model_fn", root / "m.pth", "--output", labels] + out, "the CSV of labels the model was trained"),
-        (predict, ["--model_fn", root / "m.onnx", "--output", tmp_path / "r.csv", "--plot", labels],
-         "the CSV of labels the model was trained"),
-        (predict, ["--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", tmp_path / "r.csv",
-                   "--plot", data / "test" / "p.png"], "where the images are read from: the figure would be read as input"),
-        (predict, ["--model_fn", root / "m.pth", "--output", tmp_path / "r.csv", "--plot", tmp_path / "model.pth"],
-         "a figure cannot be saved as .pth"),
-        (predict, ["--model_fn", root / "m.pth", "--output", tmp_path / "r.csv", "--plot", tmp_path / "r.csv"],
-         "is also --output"),
+        (
+            predict,
+            ["--model_fn", root / "m.onnx", "--output", tmp_path / "r.csv", "--plot", labels],
+            "the CSV of labels the model was trained",
+        ),
+        (
+            predict,
+            [
+                "--model_fn",
+                root / "m.pth",
+                "--data_dir",
+                data / "test",
+                "--output",
+                tmp_path / "r.csv",
+                "--plot",
+                data / "test" / "p.png",
+            ],
+            "where the images are read from: the figure would be read as input",
+        ),
+        (
+            predict,
+            ["--model_fn", root / "m.pth", "--output", tmp_path / "r.csv", "--plot", tmp_path / "model.pth"],
+            "a figure cannot be saved as .pth",
+        ),
+        (
+            predict,
+            ["--model_fn", root / "m.pth", "--output", tmp_path / "r.csv", "--plot", tmp_path / "r.csv"],
+            "is also --output",
+        ),
         (train, train_argv + ["--weights", weights, "--model_fn", weights], "the weights file --weights"),
-        (train, ["--resume", root / "m_last.pth", "--model_fn", root / "m_last.pth", "--num_workers", "0"],
-         "the checkpoint --resume continues"),
+        (
+            train,
+            ["--resume", root / "m_last.pth", "--model_fn", root / "m_last.pth", "--num_workers", "0"],
+            "the checkpoint --resume continues",
+        ),
         (export, ["--model_fn", root / "m.pth", "--output", labels, "--format", "onnx"], "the CSV of labels"),
     ]
     for module, argv, message in cases:
         err = run_in_process(module, argv, capsys)
-        assert message in err and ("which this run reads; writing it would replace it" in err
-                                   or "figure" in err or "own name" in err), (argv, err)
+        assert message in err and (
+            "which this run reads; writing it would replace it" in err or "figure" in err or "own name" in err
+        ), (argv, err)
     assert snapshot(root, tmp_path) == before  # nothing written or replaced
     assert not (tmp_path / "run").exists() and not (tmp_path / "p.png").exists()
 
@@ -160,8 +243,9 @@ def test_no_script_replaces_what_it_reads(trained, tmp_path, capsys):
 def test_the_checks_let_a_normal_run_through(trained, tmp_path, capsys):
     """The same model, its default inputs (the CSV's test rows) and outputs beside them: predicted as usual."""
     root, _, _ = trained
-    out = run_predict(capsys, "--model_fn", root / "m.onnx", "--output", tmp_path / "r.csv", "--plot",
-                      tmp_path / "figs" / "p.pdf")
+    out = run_predict(
+        capsys, "--model_fn", root / "m.onnx", "--output", tmp_path / "r.csv", "--plot", tmp_path / "figs" / "p.pdf"
+    )
     assert "predicted 4 images" in out and (tmp_path / "figs" / "p.pdf").read_bytes().startswith(b"%PDF")
 
 
@@ -170,8 +254,24 @@ def test_train_run_folder_stays_out_of_the_image_folders(trained, tmp_path, caps
     _, data, _ = trained
     bare = tmp_path / "bare"
     shutil.copytree(data / "train", bare)
-    argv = ["--data_dir", bare, "--model_fn", tmp_path / "m.pth", "--log_dir", bare / "runs" / "x", "--num_workers",
-            "0", "--input_size", "32", "--n_epochs", "1", "--verbose", "0", "--model_name", "resnet18"]
+    argv = [
+        "--data_dir",
+        bare,
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--log_dir",
+        bare / "runs" / "x",
+        "--num_workers",
+        "0",
+        "--input_size",
+        "32",
+        "--n_epochs",
+        "1",
+        "--verbose",
+        "0",
+        "--model_name",
+        "resnet18",
+    ]
     err = run_in_process(train, argv, capsys)
     assert f"--log_dir {str(bare / 'runs' / 'x')!r} is inside {str(bare)!r}, where the images are read from" in err
     assert not (bare / "runs").exists() and not (tmp_path / "m.pth").exists()

@@ -1,6 +1,7 @@
 """stages.py: the plan of a run's stages, the head stage (the linear probe against the SGD head, the better kept, in
 --freeze runs and before fine-tuning), skipping a fine-tune with nothing to gain, the schedule's phases and the time
 left from epochs alike."""
+
 import csv
 import math
 import time
@@ -19,9 +20,28 @@ def run_train(*argv):
 
 
 def args(data, out, *extra, weights=None):
-    return ["--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--num_workers", "0", "--batch_size",
-            "8", "--verbose", "1", "--model_fn", out / "m.pth", "--log_dir", out / "run", "--ood_method", "none",
-            *(["--weights", weights] if weights else []), *extra]
+    return [
+        "--data_dir",
+        data,
+        "--model_name",
+        "resnet18",
+        "--input_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "8",
+        "--verbose",
+        "1",
+        "--model_fn",
+        out / "m.pth",
+        "--log_dir",
+        out / "run",
+        "--ood_method",
+        "none",
+        *(["--weights", weights] if weights else []),
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------- the head stage
@@ -64,8 +84,9 @@ def test_the_fine_tune_starts_from_the_head_freeze_would_end_with(tuning_data, t
     """The default fine-tune's head stage trains the SGD head exactly as a --freeze run (same epochs, same best), fits
     the probe, and fine-tunes from the better: so it never starts below --freeze, and keeps that head when
     fine-tuning does not beat it."""
-    frozen = run_train(*args(tuning_data, tmp_path / "frozen", "--freeze", "--n_epochs", "3", "--no_probe",
-                             weights=weights_file))
+    frozen = run_train(
+        *args(tuning_data, tmp_path / "frozen", "--freeze", "--n_epochs", "3", "--no_probe", weights=weights_file)
+    )
     tuned = run_train(*args(tuning_data, tmp_path / "tuned", "--n_epochs", "3", weights=weights_file))
     record = tuned.state.probe
     assert record["sgd_valid_loss"] == pytest.approx(frozen.state.best_loss, rel=1e-6)
@@ -82,13 +103,14 @@ def test_a_fine_tune_with_nothing_to_gain_stops_after_the_head_stage(tiny_data, 
     result = run_train(*args(tiny_data, tmp_path, "--n_epochs", "3", weights=weights_file))
     out = capsys.readouterr().out
     assert result.state.probe["valid_accuracy"] == 1.0 and result.state.history == [] and result.state.epoch == 0
-    line = [l for l in out.splitlines() if l.startswith("fine-tuning skipped")]
+    line = [ln for ln in out.splitlines() if ln.startswith("fine-tuning skipped")]
     assert len(line) == 1 and "already gets all 9 validation images right" in line[0], out  # said once
     assert "(--no_probe fine-tunes anyway)" in line[0] and "best: the " in out
     resumed = run_train("--resume", tmp_path / "m_last.pth")
     assert resumed.state.history == [] and "fine-tuning skipped" in capsys.readouterr().out
-    plan = stages.StagePlan(trainer.FitConfig(n_epochs=3, frozen_epochs=0, lr=1e-3, backbone_lr_scale=0.1,
-                                              probe=True), 0, True, True, 1, 1)
+    plan = stages.StagePlan(
+        trainer.FitConfig(n_epochs=3, frozen_epochs=0, lr=1e-3, backbone_lr_scale=0.1, probe=True), 0, True, True, 1, 1
+    )
     assert plan.nothing_to_gain({"valid_accuracy": 0.99, "valid_loss": 0.1, "valid_count": 100}) == ""
     assert plan.nothing_to_gain({"valid_accuracy": 1.0, "valid_loss": 0.1, "valid_count": 0}) == ""
 
@@ -113,8 +135,9 @@ def test_the_freeze_run_and_the_head_stage_build_the_same_optimizer(tiny_data):
     config = trainer.FitConfig(n_epochs=4, frozen_epochs=4, lr=1e-3, backbone_lr_scale=0.1)
     plan = stages.StagePlan(config, 4, False, True, 5, 7)
     _, frozen = plan.optimizer(model, head)
-    tuning = stages.StagePlan(trainer.FitConfig(n_epochs=4, frozen_epochs=0, lr=1e-3, backbone_lr_scale=0.1,
-                                                probe=True), 0, True, True, 5, 7)
+    tuning = stages.StagePlan(
+        trainer.FitConfig(n_epochs=4, frozen_epochs=0, lr=1e-3, backbone_lr_scale=0.1, probe=True), 0, True, True, 5, 7
+    )
     _, head_stage = tuning.optimizer(model, head, head_only=True)
     for step in (0, 1, 7, 19):
         assert frozen.lr_lambdas[0](step) == head_stage.lr_lambdas[0](step)

@@ -9,25 +9,41 @@ import pytest
 import torch
 from torch import nn
 
+import cli
 import data_loader as dl
-import model_loader as ml
-import train
 import features
-import tasks
+import model_loader as ml
 import run_log
 import stages
+import tasks
+import train
 import trainer
-import cli
 import utils
-from helpers import interrupt_when_called
 from conftest import ROOT
+from helpers import interrupt_when_called
 from utils import DistInfo
 
 
 def fast_args(data, tmp_path, *extra):
-    return ["--data_dir", data, "--model_name", "resnet18", "--input_size", "32", "--num_workers", "0",
-            "--batch_size", "8", "--verbose", "0", "--model_fn", tmp_path / "m.pth", "--log_dir", tmp_path / "run",
-            *extra]
+    return [
+        "--data_dir",
+        data,
+        "--model_name",
+        "resnet18",
+        "--input_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "8",
+        "--verbose",
+        "0",
+        "--model_fn",
+        tmp_path / "m.pth",
+        "--log_dir",
+        tmp_path / "run",
+        *extra,
+    ]
 
 
 def run_train(*argv):
@@ -73,8 +89,9 @@ def test_the_feature_cache_writes_progress_lines_to_a_log(tiny_data, tmp_path, m
     splits = dl.build_splits(tiny_data, 0.25, 0)
     loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
     compute = utils.Compute(torch.device("cpu"), dist=DistInfo(), progress=True)
-    features.build_feature_cache(model, head, loaders, 1, 64, tmp_path / "c.bin", compute,
-                                 dl.SkipLog(splits.train, splits.class_names, print))
+    features.build_feature_cache(
+        model, head, loaders, 1, 64, tmp_path / "c.bin", compute, dl.SkipLog(splits.train, splits.class_names, print)
+    )
     lines = log.getvalue().splitlines()
     n = len(splits.train) + len(splits.valid)
     assert lines[0].startswith("feature cache: 8/48 images (17%),") and lines[-1].startswith(f"feature cache: {n}/{n}")
@@ -119,14 +136,27 @@ def test_head_epoch_on_cached_features_equals_the_loop_through_the_backbone(tiny
         sampler = dl.TrainSampler(len(splits.train), seed=3)
         sampler.set_epoch(0)
         if cached:
-            metrics = trainer.train_head_epoch(model.fc, cache, labels, sampler, 8, opt, sched, scaler,
-                                               nn.CrossEntropyLoss(), compute, 0, tasks.SingleLabel())
+            metrics = trainer.train_head_epoch(
+                model.fc,
+                cache,
+                labels,
+                sampler,
+                8,
+                opt,
+                sched,
+                scaler,
+                nn.CrossEntropyLoss(),
+                compute,
+                0,
+                tasks.SingleLabel(),
+            )
         else:
             eval_view = dl.make_loader(loaders.train_eval.dataset, 8, sampler, 0)
             ml.set_train_mode(model, head, backbone_frozen=True)
             skips = dl.SkipLog(splits.train, splits.class_names, print)
-            metrics = trainer.train_one_epoch(model, eval_view, opt, sched, scaler, nn.CrossEntropyLoss(), compute,
-                                              skips)
+            metrics = trainer.train_one_epoch(
+                model, eval_view, opt, sched, scaler, nn.CrossEntropyLoss(), compute, skips
+            )
         results.append((metrics, model.fc.weight.detach().clone()))
     (m1, w1), (m2, w2) = results
     assert torch.allclose(w1, w2, atol=1e-5)
@@ -171,8 +201,21 @@ def test_unfreeze_after_trains_head_then_everything(tiny_data, tmp_path):
 
 
 def test_early_stopping_and_metrics_csv(tiny_data, tmp_path):
-    result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "30", "--patience", "1", "--lr", "0.5",
-                                  "--lr_schedule", "constant"))
+    result = run_train(
+        *fast_args(
+            tiny_data,
+            tmp_path,
+            "--freeze",
+            "--n_epochs",
+            "30",
+            "--patience",
+            "1",
+            "--lr",
+            "0.5",
+            "--lr_schedule",
+            "constant",
+        )
+    )
     assert result.stopped_early and len(result.state.history) < 30
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(result.state.history) + 1))
@@ -224,14 +267,23 @@ def test_amp_and_channels_last_paths_run_on_cpu(tiny_data, tmp_path):
     model, head = ml.build_model("resnet18", 3, log=print)
     model = model.to(memory_format=torch.channels_last)
     formats = []
-    model.register_forward_pre_hook(lambda m, args: formats.append(args[0].is_contiguous(
-        memory_format=torch.channels_last)))
+    model.register_forward_pre_hook(
+        lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     splits = dl.build_splits(tiny_data, 0.25, 0)
     loaders = dl.build_loaders(splits, 32, 36, dl.IMAGENET_MEAN, dl.IMAGENET_STD, 8, 0, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics = trainer.train_one_epoch(model, loaders.train, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-                                      nn.CrossEntropyLoss(), compute, dl.SkipLog(splits.train, [], print))
+    metrics = trainer.train_one_epoch(
+        model,
+        loaders.train,
+        opt,
+        sched,
+        torch.amp.GradScaler("cpu", enabled=False),
+        nn.CrossEntropyLoss(),
+        compute,
+        dl.SkipLog(splits.train, [], print),
+    )
     assert math.isfinite(metrics["loss"]) and metrics["count"] == len(splits.train)
     assert formats and all(formats)
 
@@ -296,8 +348,13 @@ def test_cli_keeps_activation_memory_mapped_between_batches(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(cli.ALLOCATOR_ENV)}
 
     def faults(mode, **extra):
-        out = subprocess.run([sys.executable, str(script), mode], env={**env, "PYTHONPATH": str(ROOT), **extra},
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, str(script), mode],
+            env={**env, "PYTHONPATH": str(ROOT), **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return int(out.split()[-1])
 
     plain, tuned = faults("plain"), faults("cli")
@@ -310,14 +367,17 @@ def test_short_epochs_write_checkpoints_at_most_every_save_interval(tiny_data, t
     only, and hold the same as a run that writes after every epoch."""
     writes = []
     real = run_log.atomic_torch_save
-    monkeypatch.setattr(run_log, "atomic_torch_save", lambda obj, path: (writes.append(Path(path).name), real(obj, path)))
+    monkeypatch.setattr(
+        run_log, "atomic_torch_save", lambda obj, path: (writes.append(Path(path).name), real(obj, path))
+    )
     throttled = run_train(*fast_args(tiny_data, tmp_path / "a", "--freeze", "--n_epochs", "4", "--patience", "0"))
     # epoch 1, then the last epoch, then the head stage's choice (written at once), then the best once more with
     # its fitted temperature
     assert writes == ["m.pth", "m_last.pth"] * 3 + ["m.pth"], writes
     writes.clear()
-    every = run_train(*fast_args(tiny_data, tmp_path / "b", "--freeze", "--n_epochs", "4", "--patience", "0",
-                                 "--save_interval", "0"))
+    every = run_train(
+        *fast_args(tiny_data, tmp_path / "b", "--freeze", "--n_epochs", "4", "--patience", "0", "--save_interval", "0")
+    )
     assert writes.count("m_last.pth") == 5 and writes.count("m.pth") >= 2, writes  # after every epoch, and the head
     assert throttled.state.best_epoch == every.state.best_epoch
     for name in ("m.pth", "m_last.pth"):
@@ -346,13 +406,16 @@ def test_valid_folder_labels_use_the_training_class_order(tmp_path):
 
 
 def test_logged_learning_rate_warms_up_then_decays(tiny_data, tmp_path):
-    result = run_train(*fast_args(tiny_data, tmp_path, "--freeze", "--n_epochs", "6", "--patience", "0",
-                                  "--warmup", "0.4", "--lr", "0.01"))
+    result = run_train(
+        *fast_args(
+            tiny_data, tmp_path, "--freeze", "--n_epochs", "6", "--patience", "0", "--warmup", "0.4", "--lr", "0.01"
+        )
+    )
     lrs = [row["lr"] for row in result.state.history]
     peak = lrs.index(max(lrs))
     assert 0 < peak < 5, lrs  # rises during the warm-up, then falls
-    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1])), lrs
-    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:])), lrs
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1])), lrs
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :])), lrs
     assert max(lrs) == pytest.approx(0.01, rel=0.2) and lrs[-1] < 0.002
     csv_lrs = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
     assert csv_lrs == pytest.approx(lrs)
@@ -419,8 +482,9 @@ def test_resume_refuses_a_checkpoint_that_is_not_a_last_file(tiny_data, tmp_path
         train.parse_args(["--resume", str(tmp_path / "m.pth")])
 
 
-def test_resume_needs_no_imagenet_weights_and_the_start_line_names_the_weights(tiny_data, tmp_path, monkeypatch,
-                                                                               capsys):
+def test_resume_needs_no_imagenet_weights_and_the_start_line_names_the_weights(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
     import torchvision
 
     home = tmp_path / "torch_home"
@@ -481,8 +545,15 @@ def test_prediction_grid_shows_every_class_and_the_truth_when_wrong(tiny_data):
             return torch.tensor([[5.0, 0.0, 0.0]]).expand(len(x), 3)
 
     meta = {"input_size": 32, "resize_size": 36, "mean": dl.IMAGENET_MEAN, "std": dl.IMAGENET_STD}
-    fig = run_log.prediction_grid(AlwaysBag(), splits.valid, splits.class_names, meta,
-                                  utils.Compute(torch.device("cpu"), dist=DistInfo()), tasks.SingleLabel(), n=6)
+    fig = run_log.prediction_grid(
+        AlwaysBag(),
+        splits.valid,
+        splits.class_names,
+        meta,
+        utils.Compute(torch.device("cpu"), dist=DistInfo()),
+        tasks.SingleLabel(),
+        n=6,
+    )
     titles = [ax.get_title() for ax in fig.axes]
     assert len(titles) == 6 and all(t.startswith("bag ") for t in titles)
     assert sum("true: sneaker" in t for t in titles) == 2 and sum("true: trouser" in t for t in titles) == 2

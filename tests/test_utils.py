@@ -1,4 +1,5 @@
 """Small shared helpers: atomic writes, progress lines, the precision of CPU fine-tuning steps."""
+
 import os
 import stat
 
@@ -94,10 +95,12 @@ def test_cpu_fine_tuning_steps_take_the_gradients_of_slow_bf16_depthwise_convolu
     # where bf16 is fast (3x3, stride 1), other convolutions, NCHW steps (not measured), forward-only passes:
     # autocast's own path
     nchw = x.contiguous()
-    native = [(nn.Conv2d(16, 16, 3, padding=1, groups=16), x, fine_tune.autocast(train=True)),
-              (nn.Conv2d(16, 8, 5), x, fine_tune.autocast(train=True)),
-              (nn.Conv2d(16, 16, 5, groups=16), nchw, fine_tune.autocast(train=True)),
-              (nn.Conv2d(16, 16, 5, groups=16), x, utils.Compute(torch.device("cpu"), torch.bfloat16).autocast())]
+    native = [
+        (nn.Conv2d(16, 16, 3, padding=1, groups=16), x, fine_tune.autocast(train=True)),
+        (nn.Conv2d(16, 8, 5), x, fine_tune.autocast(train=True)),
+        (nn.Conv2d(16, 16, 5, groups=16), nchw, fine_tune.autocast(train=True)),
+        (nn.Conv2d(16, 16, 5, groups=16), x, utils.Compute(torch.device("cpu"), torch.bfloat16).autocast()),
+    ]
     for conv, inputs, context in native:
         out, *_ = gradients(conv, inputs, context)
         assert type(out.grad_fn).__name__ == "ConvolutionBackward0" and out.dtype == torch.bfloat16
