@@ -13,6 +13,7 @@ import data_loader
 import explain
 import model_loader
 import predict
+import prediction_figure
 import train
 from conftest import copy_subset, run_in_process
 from helpers import read_csv, run_predict, scalar_tags
@@ -420,7 +421,7 @@ def test_predict_counts_and_titles_the_empty_maps(tiny_data, tmp_path, capsys, m
     torch.save(ckpt, tmp_path / "flat.pth")
     drawn = []
     monkeypatch.setattr(
-        predict,
+        prediction_figure,
         "save_image_grid",
         lambda images, titles, colors, path, show: (
             drawn.append(titles) or utils.save_image_grid(images, titles, colors, path, show)

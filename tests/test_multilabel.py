@@ -432,7 +432,7 @@ def test_a_multi_label_figure_title_names_the_likeliest_classes_and_fits_its_cel
     samples = [((str(f), label), pred if i % 2 else (0,) * 8, probs, i == 3, None) for i, f in enumerate(files)]
     drawn = []
     monkeypatch.setattr(
-        predict,
+        prediction_figure,
         "save_image_grid",
         lambda images, titles, colors, path, show: (
             drawn.append((images, titles, colors)) or utils.save_image_grid(images, titles, colors, path, show)

@@ -10,6 +10,7 @@ import export
 import model_loader
 import ood
 import predict
+import prediction_figure
 import train
 from conftest import copy_subset, run_in_process
 from helpers import read_csv, run_predict
@@ -184,7 +185,9 @@ def test_predict_scores_every_row_and_rejects_far_images(frozen, tmp_path, capsy
     folder = far_and_test(frozen)
     shown = []
     monkeypatch.setattr(
-        predict, "save_image_grid", lambda images, titles, colors, path, show: shown.append((titles, colors)) or True
+        prediction_figure,
+        "save_image_grid",
+        lambda images, titles, colors, path, show: shown.append((titles, colors)) or True,
     )
     out = run_predict(
         capsys,
