@@ -113,3 +113,28 @@ def tiny_pairs(out):
             blank.save(out / "images" / f"blank_{split}.png")
             csv.writer(f).writerow([f"images/blank_{split}.png", "", split])
     return out / "labels.csv"
+
+
+def readme_outputs():
+    """{command: the lines the README shows as its output}: each ```text block after a
+    '<!-- output of: COMMAND -->' marker."""
+    text = (ROOT / "README.md").read_text()
+    return {cmd.strip(): block.splitlines() for cmd, block in
+            re.findall(r"<!-- output of: (.*?) -->\n```text\n(.*?)```", text, re.S)}
+
+
+def line_shape(line):
+    """A regex for lines like `line` from another run: its numbers (counts, losses, rates, seconds, the run
+    folder's time stamp) may differ, its words may not."""
+    pattern = re.escape(line)
+    return re.sub(r"\d+(?:\\\.\d+)?(?:e[-+]\d+)?", r"[-+\\d.e]+", pattern)
+
+
+def assert_shows(shown, output):
+    """Every line the README shows (but '...') is a line of the real run's output, numbers aside."""
+    lines = output.splitlines()
+    for line in shown:
+        if line.strip() == "...":
+            continue
+        shape = re.compile(line_shape(line))
+        assert any(shape.fullmatch(real) for real in lines), f"the README shows a line no run prints:\n{line}"

@@ -182,52 +182,36 @@ def test_without_the_package_the_error_says_what_to_install(tmp_path, monkeypatc
     assert str(tmp_path / "hub" / "checkpoints" / el.FILENAME) in message and "\n" not in message
 
 
-def test_train_predict_and_export_with_the_offline_imagenet_backbone(tiny_data, tmp_path):
-    model_fn = tmp_path / "lite.pth"
-    train = run_script(
-        "train.py",
-        "--data_dir",
-        tiny_data,
-        "--model_name",
-        el.NAME,
-        "--use_pretrained",
-        "--freeze",
-        "--n_epochs",
-        3,
-        "--input_size",
-        64,
-        "--model_fn",
-        model_fn,
-        "--log_dir",
-        tmp_path / "run",
-        "--num_workers",
-        0,
-    )
+def test_the_readme_quick_start_as_shown_then_export_and_predict_onnx(tmp_path):
+    """The README's quick start, run exactly as written (the shipped sample, EfficientNet-Lite0's ImageNet weights
+    from its pip package, 224 px, 20 epochs): what it prints is what the README shows, numbers aside; then the
+    model exported to ONNX predicts the test images as the checkpoint does."""
+    from helpers import assert_shows, readme_outputs
+
+    shown = readme_outputs()
+    quick_train = "python train.py --model_name efficientnet_lite0 --use_pretrained --freeze"
+    train = run_script(*quick_train.split()[1:], cwd=tmp_path)
     assert train.returncode == 0, train.stdout + train.stderr
+    assert_shows(shown[quick_train], train.stdout)
     assert "backbone weights: ImageNet (efficientnet-lite0-57934424.pth from the pip package" in train.stdout
-    ckpt = ml.load_checkpoint(model_fn)
-    assert ckpt["model_name"] == el.NAME and ckpt["mean"] == pytest.approx(el.MEAN)
-    onnx_path = tmp_path / "lite.onnx"
-    export = run_script("export.py", "--model_fn", model_fn, "--output", onnx_path)
-    assert export.returncode == 0 and onnx_path.is_file(), export.stdout + export.stderr
+    ckpt = ml.load_checkpoint(tmp_path / "model.pth")
+    assert ckpt["model_name"] == el.NAME and ckpt["mean"] == pytest.approx(el.MEAN) and ckpt["input_size"] == 224
+    predict = run_script("predict.py", "--model_fn", "model.pth", cwd=tmp_path)
+    assert predict.returncode == 0, predict.stdout + predict.stderr
+    assert_shows(shown["python predict.py --model_fn model.pth"], predict.stdout)
+    export = run_script("export.py", "--model_fn", "model.pth", cwd=tmp_path)
+    assert export.returncode == 0 and (tmp_path / "model.onnx").is_file(), export.stdout + export.stderr
     assert "top-1 agreement" in export.stdout
-    for model in (model_fn, onnx_path):  # the checkpoint, and the same network in onnxruntime
-        out = tmp_path / f"{model.suffix[1:]}.csv"
-        pred = run_script(
-            "predict.py",
-            "--model_fn",
-            model,
-            "--data_dir",
-            tiny_data / "test",
-            "--output",
-            out,
-            "--num_workers",
-            0,
-            cwd=tmp_path,
-        )
-        assert pred.returncode == 0, pred.stdout + pred.stderr
-        with open(out, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-        assert len(rows) == 18
-        right = sum(r["predict"] == r["file_dir"].replace("\\", "/").split("/")[-2] for r in rows)
-        assert right >= 15, right  # frozen ImageNet features separate bag, sneaker and trouser
+    onnx = run_script(
+        "predict.py", "--model_fn", "model.onnx", "--output", "onnx.csv", "--plot", "onnx.png", cwd=tmp_path
+    )
+    assert onnx.returncode == 0, onnx.stdout + onnx.stderr
+    rows = {}
+    for name in ("result.csv", "onnx.csv"):
+        with open(tmp_path / name, newline="", encoding="utf-8-sig") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert len(rows["result.csv"]) == 120 and [r["predict"] for r in rows["result.csv"]] == [
+        r["predict"] for r in rows["onnx.csv"]
+    ]
+    right = sum(r["predict"] == r["label"] for r in rows["result.csv"])
+    assert right >= 110, right  # frozen ImageNet features separate the sample's four classes
