@@ -46,6 +46,7 @@ def export_metadata(ckpt):
         "torch_version": str(torch.__version__),  # of the export
         "torchvision_version": str(torchvision.__version__),
         "args": json.dumps(ckpt.get("args", {})),  # data_dir, dataset_name: predict.py's default inputs
+        "metrics": json.dumps(ckpt.get("metrics", {})),  # validation, calibration and test figures (optional)
         **ood_metadata(ckpt.get("ood")),
         **tasks.for_checkpoint(ckpt).export_metadata(ckpt),
     }
@@ -84,6 +85,7 @@ def checkpoint_from_metadata(meta, path):
             "std": json.loads(meta["std"]),
             "temperature": float(meta["temperature"]),
             "args": json.loads(meta["args"]),
+            "metrics": json.loads(meta.get("metrics") or "{}"),
             "torch_version": meta["torch_version"],
             "torchvision_version": meta["torchvision_version"],
             **(

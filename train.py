@@ -283,9 +283,15 @@ def finish_run(args, fitter, result, run_dir):
             **(calibration.checkpoint_entries() if calibration else {}),
             **({"ood": reference} if reference is not None else {}),
         },
-        calibration.metrics if calibration else {},
+        {**(calibration.metrics if calibration else {}), **test_figures(result.test_metrics)},
     )
     return [line for line in (ood_line, top_line) if line]
+
+
+def test_figures(test_metrics):
+    """The test split's figures as the checkpoint's metrics keep them (test_accuracy, test_loss, test_count, ...:
+    plain numbers), for the model card of serve.py and export.py's metadata."""
+    return {f"test_{k}": float(v) for k, v in test_metrics.items() if isinstance(v, (int, float))}
 
 
 def build_fitter(args, model_name, splits, meta, resume, run_dir, task, compute_parts, log, say):

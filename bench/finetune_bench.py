@@ -15,7 +15,10 @@ train.py holds out 20% for validation, and --test_per_class test images):
   solar_poly   polycrystalline solar cells, functional vs defective (the set nothing was tuned on)
 
 Modes, each `train.py --model_name efficientnet_lite0 --use_pretrained --n_epochs --epochs` plus:
-  frozen         --freeze
+  frozen         --freeze (its SGD epochs, then the linear probe; the better by validation loss kept)
+  frozen_sgd     --freeze --no_probe (the SGD epochs alone)
+  probe          not a train.py run: the linear probe alone, fitted in this process on the same split and features
+                 as train.py's (`--modes frozen_sgd probe frozen`: is the kept head ever worse than the better one?)
   default        (nothing: the linear probe, then fine-tuning with the defaults)
   old            --no_probe --batchnorm train (the fine-tune before the probe: a new head, BatchNorm in
                  training mode)
@@ -41,6 +44,7 @@ from timed import run  # noqa: E402
 
 MODES = {
     "frozen": ["--freeze"],
+    "frozen_sgd": ["--freeze", "--no_probe"],
     "default": [],
     "old": ["--no_probe", "--batchnorm", "train"],
     "bn_train": ["--batchnorm", "train"],
@@ -56,7 +60,7 @@ TOPS = ["tshirt_top", "pullover", "coat", "shirt"]
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=["frozen", "old", "default"])
+    p.add_argument("--modes", nargs="+", choices=[*MODES, "probe"], default=["frozen", "old", "default"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--per_class", type=int, default=120, help="training images per class (20%% become validation)")
@@ -126,15 +130,46 @@ def train(data, mode, seed, epochs, work, extra=()):
     return run(cmd)
 
 
+def probe_only(data, seed, work):
+    """The linear probe's test accuracy as train.py fits it (its seeded split, head init, eval-view features,
+    probe.fit_probe through stages.probe_on_cache), in this process; (seconds, a stdout train.py would print)."""
+    import torch
+
+    import data_loader as dl
+    import evaluation
+    import features
+    import model_loader as ml
+    import stages
+    import tasks
+    from utils import Compute, DistInfo, seed_everything
+
+    start = time.perf_counter()
+    task, splits = tasks.SingleLabel(), dl.build_splits(data, 0.2, seed)
+    seed_everything(seed)
+    model, head = ml.build_model("efficientnet_lite0", len(splits.class_names), True, log=lambda *a: None)
+    defaults = ml.model_defaults("efficientnet_lite0")
+    loaders = dl.build_loaders(splits, 224, 256, defaults["mean"], defaults["std"], 32, 0, seed, task=task)
+    compute = Compute(torch.device("cpu"), dist=DistInfo())
+    skips = dl.SkipLog(splits.train, splits.class_names, print, task)
+    cache = features.build_feature_cache(model, head, loaders, 1, 2048, Path(work) / "probe.bin", compute, skips)
+    labels = [task.tensor(y for _, y in part) for part in (splits.train, splits.valid)]
+    stages.probe_on_cache(model.get_submodule(head), cache, *labels, torch.nn.CrossEntropyLoss(), task, compute)
+    logits, y = evaluation.collect_logits(model.eval(), loaders.test, compute, "test")
+    accuracy = float((logits.argmax(1) == y).float().mean())
+    return time.perf_counter() - start, f"test accuracy {accuracy:.4f} on {len(y)} images"
+
+
 def figures(seconds, stdout):
     test = re.search(r"test accuracy ([\d.]+)", stdout)
-    probe = re.search(r"linear probe: L2 (\S+) .*fitted in ([\d.]+)s .*\(([\d.]+)s\)", stdout)
+    probe = re.search(
+        r"linear probe \(L2 (\S+)\) .*\(times: feature cache ([\d.]+)s, probe ([\d.]+)s, SGD head ([\d.]+)s\)", stdout
+    )
     rates = [float(r) for r in re.findall(r"([\d.]+) img/s", stdout)]
     kept = re.search(r"^(fine-tuning improved.*|kept .*)$", stdout, re.M)
     return {
         "acc": float(test.group(1)) if test else float("nan"),
         "seconds": seconds,
-        "probe_s": float(probe.group(2)) + float(probe.group(3)) if probe else 0.0,
+        "probe_s": sum(float(probe.group(i)) for i in (2, 3, 4)) if probe else 0.0,
         "l2": probe.group(1) if probe else "",
         "rate": max(rates) if rates else float("nan"),
         "kept": kept.group(1) if kept else "",
@@ -179,7 +214,10 @@ def main(args):
             for seed in args.seeds:
                 for mode in args.modes:
                     start = time.perf_counter()
-                    results[name, mode, seed] = r = figures(*train(data, mode, seed, args.epochs, work))
+                    ran = (
+                        probe_only(data, seed, work) if mode == "probe" else train(data, mode, seed, args.epochs, work)
+                    )
+                    results[name, mode, seed] = r = figures(*ran)
                     print(
                         f"{name} {mode} seed {seed}: test accuracy {r['acc']:.3f}, {r['seconds']:.0f} s"
                         + (f", probe {r['probe_s']:.1f} s (L2 {r['l2']})" if r["probe_s"] else "")
@@ -197,6 +235,16 @@ def main(args):
     for name in sets:
         cells = [f"{statistics.mean(results[name, m, s]['seconds'] for s in args.seeds):.0f} s" for m in args.modes]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if {"frozen", "frozen_sgd", "probe"} <= set(args.modes):
+        short = [
+            max(results[n, "frozen_sgd", s]["acc"], results[n, "probe", s]["acc"]) - results[n, "frozen", s]["acc"]
+            for n in sets
+            for s in args.seeds
+        ]
+        print(
+            f"\n--freeze against the better of its SGD head and the probe alone, {len(short)} runs: at most "
+            f"{100 * max(short):.1f} points below it (mean {100 * statistics.mean(short):.2f})"
+        )
     probed = [r for r in results.values() if r["probe_s"]]
     if probed:
         share = [r["probe_s"] / r["seconds"] for r in probed]

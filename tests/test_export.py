@@ -157,7 +157,8 @@ def test_onnx_round_trip_metadata_and_dynamic_batch(ckpts, exported, tiny_data, 
     assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["logits"]
     assert session.get_inputs()[0].type == "tensor(float)"
     meta = session.get_modelmeta().custom_metadata_map
-    assert set(meta) == set(exported_model.EXPORT_KEYS)
+    assert set(meta) == set(exported_model.EXPORT_KEYS) | {"metrics"}  # the figures: optional, for the model card
+    assert json.loads(meta["metrics"])["test_count"] == 18
     assert json.loads(meta["class_names"]) == ["bag", "sneaker", "trouser"]
     assert json.loads(meta["mean"]) == ckpt["mean"] and json.loads(meta["std"]) == ckpt["std"]
     assert (meta["input_size"], meta["resize_size"], meta["model_name"]) == ("32", "36", name)
