@@ -119,8 +119,10 @@ def readme_outputs():
     """{command: the lines the README shows as its output}: each ```text block after a
     '<!-- output of: COMMAND -->' marker."""
     text = (ROOT / "README.md").read_text()
-    return {cmd.strip(): block.splitlines() for cmd, block in
-            re.findall(r"<!-- output of: (.*?) -->\n```text\n(.*?)```", text, re.S)}
+    return {
+        cmd.strip(): block.splitlines()
+        for cmd, block in re.findall(r"<!-- output of: (.*?) -->\n```text\n(.*?)```", text, re.S)
+    }
 
 
 def line_shape(line):

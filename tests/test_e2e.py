@@ -1,6 +1,8 @@
 """End to end: the real commands as subprocesses, and every command the README shows."""
 
 import csv
+import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -305,6 +307,8 @@ def adapt(command, work, weights):
             "--seeds",
             "0,1",
         ]
+    if script == "bench/serve_bench.py":  # the same parts, small: the quick start's model as the README test made it
+        tokens += ["--model_fn", str(work / "model.pth"), "--work", str(work / "serve_bench"), "--clients", "4"]
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():
@@ -352,7 +356,26 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(work)
     bin_dir = Path(sys.executable).parent
-    ran, by_torchrun = [], set()
+    ran, by_torchrun, servers = [], set(), []
+    shipped = work / "data" / "fashion_sample" / "test" / "bag" / "t10k_00018.png"  # the README's curl and Python
+    shipped.parent.mkdir(parents=True)
+    shutil.copy(SAMPLE / "test" / "bag" / "t10k_00018.png", shipped)
+    try:
+        run_readme_commands(work, weights, bin_dir, capsys, ran, by_torchrun, servers)
+    finally:
+        for server in servers:
+            server.stop()
+    assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
+    assert any(c.startswith("python serve.py") for c in ran) and any(c.startswith("curl") for c in ran)
+    check_what_the_readme_commands_wrote(work)
+
+
+def run_readme_commands(work, weights, bin_dir, capsys, ran, by_torchrun, servers):
+    """Each command of the README and its pages, in order, as adapt() makes it run here; serve.py as a server of
+    its own (on a free port, which the curl line and the Python snippet then call)."""
+    from test_serve import Server, free_port
+
+    port = None
     for command in readme_commands():
         tokens = shlex.split(command)
         if "--model_fn" in tokens and tokens[tokens.index("--model_fn") + 1] in by_torchrun:
@@ -371,6 +394,30 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             if "train.py" in tokens:
                 by_torchrun.add(tokens[tokens.index("--model_fn") + 1])
             continue  # tests/test_distributed.py runs train.py's torchrun commands, test_prediction_output predict.py's
+        if command.startswith("python serve.py"):
+            port = free_port()
+            model = work / tokens[tokens.index("--model_fn") + 1]
+            servers.append(Server(model, "--max_wait_ms", "2", port=port))
+            ran.append(command)
+            continue
+        if command.startswith("curl"):
+            proc = subprocess.run(
+                shlex.split(command.replace("8765", str(port))), cwd=work, capture_output=True, text=True, timeout=60
+            )
+            answer = json.loads(proc.stdout)["results"][0]
+            assert answer["file"] == "t10k_00018.png" and answer["predict"] in (
+                "ankle_boot",
+                "bag",
+                "sneaker",
+                "trouser",
+            )
+            snippet = readme_python_block("serve client").replace("8765", str(port))
+            printed = subprocess.run(
+                [sys.executable, "-c", snippet], cwd=work, capture_output=True, text=True, timeout=60
+            )
+            assert printed.returncode == 0 and printed.stdout.split()[0] == answer["predict"], printed.stderr
+            ran.append(command)
+            continue
         if command.startswith("tensorboard"):
             argv = [str(bin_dir / "tensorboard"), "--inspect"] + tokens[1:]
             proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=600)
@@ -388,11 +435,19 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
             assert all(0 <= float(r[-4]) <= 1 and r[-2] == "1" for r in rows), out  # test accuracy; 1 epoch run
         if "bench/scale_bench.py" in command:
             assert "peak RSS 40 against 20 images" in out, out
+        if "bench/serve_bench.py" in command:
+            assert "concurrent clients" in out and ", 5xx 0; server RSS" in out, out
         if "bench/label_bench.py" in command:
             assert "mean over the seeds" in out and "train.py --check_data (label_issues.csv" in out
         ran.append(command)
-    assert any(c.startswith("python train.py") for c in ran) and any(c.startswith("python predict.py") for c in ran)
-    check_what_the_readme_commands_wrote(work)
+
+
+def readme_python_block(marker):
+    """The ```python block after '<!-- MARKER: ... -->' in the README."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- " + re.escape(marker) + r":[^>]*-->\n```python\n(.*?)```", text, re.S)
+    assert found, f"README: the {marker} block is missing"
+    return found.group(1)
 
 
 def csv_rows(path):

@@ -29,8 +29,8 @@ def free_port():
 class Server:
     """`python serve.py ARGS` on a free port, until stop()."""
 
-    def __init__(self, model, *args, env=None):
-        self.port = free_port()
+    def __init__(self, model, *args, env=None, port=None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, str(ROOT / "serve.py"), "--model_fn", str(model), "--port", str(self.port)]
         self.proc = subprocess.Popen(
