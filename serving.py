@@ -22,6 +22,7 @@ from cli import describe_error
 def cli_text(e):
     return describe_error(e, 120)
 
+
 ACCEPTED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "MPO"}  # what Pillow found in the bytes, not the name
 
 

@@ -1,0 +1,246 @@
+"""The int8 build of export.py --int8 and its gate: onnxruntime's static quantization of the fp32 ONNX export (QDQ
+format; per-channel weights, since per-tensor scales are what breaks the depthwise convolutions of MobileNets and
+EfficientNets; unsigned 8-bit activations, signed weights, as x86's VNNI instructions take them), calibrated on the
+model's own training images through its eval transform, then held against the fp32 export on labelled held-out
+images before anything is written: accuracy of both, top-1 agreement, the largest probability difference and the
+speed-up at batch 1 and 32. Only the convolutions are quantized: the classifier layer (a Gemm or MatMul) and the
+out-of-distribution score's graph stay in fp32, where a few logits' worth of rounding would show in every row."""
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import data_loader
+import exported_model
+import labels_csv
+import tasks
+from cli import CLIError
+
+METHODS = ("minmax", "percentile", "entropy")  # calibration methods tried in this order by "auto"
+QUANTIZED_OPS = ["Conv"]  # what is quantized; everything else runs in fp32
+KEPT_FP32 = "the classifier layer and the out-of-distribution score"  # said in the output
+
+
+@dataclass
+class Figures:
+    """The gate's figures, kept in the int8 file's metadata (key "int8", JSON)."""
+
+    calibration: str  # the method kept
+    calibration_images: int
+    gate_images: int
+    labelled: bool  # False: only the agreement was gated
+    accuracy_fp32: float
+    accuracy_int8: float
+    agreement: float  # share of images whose decision (top-1, or the multi-label set) is the same
+    max_prob_diff: float
+    speedup_batch1: float = float("nan")
+    speedup_batch32: float = float("nan")
+    fp32_mb: float = float("nan")
+    int8_mb: float = float("nan")
+
+    @property
+    def drop(self):
+        """Accuracy points lost (0 without labels)."""
+        return 100 * (self.accuracy_fp32 - self.accuracy_int8) if self.labelled else 0.0
+
+    def line(self):
+        accuracy = (
+            f"accuracy fp32 {self.accuracy_fp32:.4f}, int8 {self.accuracy_int8:.4f} ({self.drop:+.2f} points lost), "
+            if self.labelled
+            else "no labelled images: accuracy not measured, "
+        )
+        return (
+            f"int8 ({self.calibration} calibration on {self.calibration_images} training images; held against fp32 "
+            f"on {self.gate_images} images): {accuracy}top-1 agreement {self.agreement:.2%}, largest probability "
+            f"difference {self.max_prob_diff:.3f}; speed-up {self.speedup_batch1:.2f}x at batch 1, "
+            f"{self.speedup_batch32:.2f}x at batch 32; {self.int8_mb:.1f} MB against {self.fp32_mb:.1f} MB"
+        )
+
+
+def training_files(ckpt, n, seed=0):
+    """Up to n of the model's own training images, drawn over all its classes in turn (seeded); a CLIError when the
+    training data cannot be found from here."""
+    saved = ckpt.get("args", {})
+    task = tasks.for_checkpoint(ckpt)
+    try:
+        if saved.get("labels_csv"):
+            parts = labels_csv.read_labels(saved["labels_csv"], saved.get("image_root"), lambda *a: None, task)
+            samples = parts.get("train") or parts.get(None) or []
+        else:
+            root = data_loader.dataset_root(saved.get("data_dir"), saved.get("dataset_name"))
+            train = root / "train" if (root / "train").is_dir() else root
+            _, samples = data_loader.scan_class_folders(train)
+    except CLIError as e:
+        raise CLIError(
+            f"--int8 calibrates on the model's training images, which cannot be read from here ({e}); "
+            "give them with --calibration_dir DIR"
+        ) from None
+    return spread(samples, n, seed, key=lambda s: str(s[1]))
+
+
+def spread(samples, n, seed, key):
+    """n samples taken in turn from each group (key), each group shuffled (seeded)."""
+    groups = {}
+    for s in samples:
+        groups.setdefault(key(s), []).append(s)
+    rng = random.Random(seed)
+    queues = [rng.sample(g, len(g)) for _, g in sorted(groups.items())]
+    out = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop())
+    return [f for f, _ in out]
+
+
+def load_batch(files, preprocess, limit=None):
+    """(N, 3, H, W) float32 of the files through the eval transform; unreadable ones left out."""
+    tf, images = preprocess.transform(), []
+    for f in files[:limit]:
+        try:
+            images.append(tf(data_loader.load_rgb(f, preprocess.draft_side())))
+        except Exception:  # noqa: BLE001 - an unreadable file: the others calibrate
+            continue
+    if not images:
+        raise CLIError("none of the calibration images could be read")
+    return torch.stack(images)
+
+
+class CalibrationReader:
+    """onnxruntime's CalibrationDataReader over preprocessed images, `batch` at a time."""
+
+    def __init__(self, images, batch=16):
+        self.batches = [images[i : i + batch].numpy() for i in range(0, len(images), batch)]
+        self.index = 0
+
+    def get_next(self):
+        if self.index >= len(self.batches):
+            return None
+        self.index += 1
+        return {"input": self.batches[self.index - 1]}
+
+    def rewind(self):
+        self.index = 0
+
+
+def quantize(fp32_path, out_path, images, method):
+    """The int8 QDQ model of fp32_path at out_path, calibrated on `images` with `method`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            CalibrationReader(images),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=QUANTIZED_OPS,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+        )
+
+
+def run_model(path, images, batch=32):
+    """(logits, ood_score or None) of an ONNX file on images, in batches."""
+    model = exported_model.OnnxModel(path)
+    logits, scores = [], []
+    for i in range(0, len(images), batch):
+        out = model(images[i : i + batch])
+        logits.append(out[0] if isinstance(out, tuple) else out)
+        if isinstance(out, tuple):
+            scores.append(out[1])
+    return torch.cat(logits), (torch.cat(scores) if scores else None)
+
+
+def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration):
+    """Figures of int8 against fp32 on images (labels: per image, or None)."""
+    calibration = tasks.for_checkpoint(ckpt).calibration_of(ckpt)
+    (a, _), (b, _) = run_model(fp32_path, images), run_model(int8_path, images)
+    pa, pb = calibration.probabilities(a), calibration.probabilities(b)
+    da, db = calibration.decide(pa), calibration.decide(pb)
+    same = (da == db).reshape(len(images), -1).all(1)
+    accuracy = [
+        float((d == labels).reshape(len(images), -1).all(1).float().mean()) if labels is not None else float("nan")
+        for d in (da, db)
+    ]
+    return Figures(
+        method,
+        n_calibration,
+        len(images),
+        labels is not None,
+        *accuracy,
+        float(same.float().mean()),
+        float((pa - pb).abs().max()),
+    )
+
+
+def rate(path, images, batch, repeats=3):
+    """images/s of an ONNX file on ready tensors at this batch size (best of `repeats` passes)."""
+    model = exported_model.OnnxModel(path)
+    x = images[:batch] if len(images) >= batch else images.repeat(batch // len(images) + 1, 1, 1, 1)[:batch]
+    model(x)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(max(1, 32 // batch)):
+            model(x)
+        best = min(best, time.perf_counter() - start)
+    return max(1, 32 // batch) * batch / best
+
+
+def measure_speed(figures, fp32_path, int8_path, images):
+    figures.speedup_batch1 = rate(int8_path, images, 1) / rate(fp32_path, images, 1)
+    figures.speedup_batch32 = rate(int8_path, images, 32) / rate(fp32_path, images, 32)
+    figures.fp32_mb, figures.int8_mb = (Path(p).stat().st_size / 2**20 for p in (fp32_path, int8_path))
+
+
+def failure(figures, max_drop, min_agreement):
+    """The gate: the one-line reason the int8 build is refused, or ""."""
+    if figures.labelled and not figures.drop <= max_drop:
+        return (
+            f"int8 loses {figures.drop:.2f} accuracy points ({figures.accuracy_fp32:.4f} -> "
+            f"{figures.accuracy_int8:.4f}), more than --max_drop {max_drop:g}"
+        )
+    if not figures.agreement >= min_agreement:
+        return (
+            f"int8 agrees with fp32 on {figures.agreement:.2%} of the images, under --min_agreement {min_agreement:g}"
+        )
+    return ""
+
+
+def metadata(figures):
+    """What the int8 file's metadata adds: the gate's figures as JSON."""
+    return {"int8": json.dumps({**asdict(figures), "kept_fp32": KEPT_FP32})}
+
+
+def labels_of(files, ckpt):
+    """Per file, the class index its folder names (a multi-hot row for a multi-label model: not known from a
+    folder), or None when some file's folder is not a class."""
+    task = tasks.for_checkpoint(ckpt)
+    if task.multi_label:
+        return None
+    index = task.folder_labels(ckpt["class_names"])
+    found = [index.get(Path(f).parent.name, -1) for f in files]
+    return None if -1 in found else torch.tensor(found)
+
+
+def best_of(candidates, max_drop, min_agreement):
+    """The candidate (figures, path) to keep: the first that passes the gate, else the one closest to it."""
+    passing = [c for c in candidates if not failure(c[0], max_drop, min_agreement)]
+    if passing:
+        return passing[0]
+    return max(candidates, key=lambda c: (c[0].agreement - c[0].drop / 100, c[0].agreement))
