@@ -15,6 +15,7 @@ if __name__ == "__main__":
 
 import io
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 import data_loader
 import exported_model
+import int8
 import labels_csv
 import model_loader
 import ood
@@ -66,7 +68,34 @@ def build_parser():
     )
     add("--check_images", type=int, default=16, help="images the export is checked on")
     add("--verbose", type=int, default=1, help="0 = the result line only, 1 = also the check's figures")
+    int8_flags(flag_adder(p.add_argument_group("int8 (--int8)")))
     return p
+
+
+def int8_flags(add):
+    add(
+        "--int8",
+        action="store_true",
+        help="an int8 ONNX build (default name: MODEL.int8.onnx), held against the fp32 "
+        "export on labelled held-out images (--data_dir, else the test images) and written only if it passes",
+    )
+    add(
+        "--calibration",
+        choices=["auto", *int8.METHODS],
+        default="auto",
+        help="how activation ranges are calibrated "
+        "(auto: minmax, then percentile and entropy when the gate fails; the best kept)",
+    )
+    add(
+        "--calibration_images",
+        type=int,
+        default=300,
+        help="training images the ranges are calibrated on, drawn over all classes",
+    )
+    add("--calibration_dir", default=None, help="a folder of images to calibrate on instead of the training images")
+    add("--gate_images", type=int, default=1000, help="held-out images the int8 build is held against fp32 on")
+    add("--max_drop", type=float, default=1.0, help="accuracy points int8 may lose against fp32")
+    add("--min_agreement", type=float, default=0.98, help="share of images whose top-1 must agree with fp32's")
 
 
 def parse_args(argv=None):
@@ -76,6 +105,10 @@ def parse_args(argv=None):
 def resolve_output(args):
     """(format, output path) from --format and --output; a CLIError when they disagree."""
     fmt = args.format
+    if args.int8:
+        if fmt not in (None, "onnx") or (args.output and not args.output.lower().endswith(".onnx")):
+            raise CLIError("--int8 writes an ONNX file: name --output .onnx (default MODEL.int8.onnx)")
+        return "onnx", Path(args.output) if args.output else Path(args.model_fn).with_suffix(".int8.onnx")
     if args.output is None:
         fmt = fmt or "onnx"
         return fmt, Path(args.model_fn).with_suffix("." + fmt)
@@ -282,46 +315,131 @@ def main(args):
         paths.reads(ckpt.get("args", {}).get("labels_csv"), "the CSV of labels the model was trained with")
     paths.writes(output, "--output").check()
     example = images[:EXAMPLE_BATCH] if len(images) >= EXAMPLE_BATCH else images.expand(EXAMPLE_BATCH, -1, -1, -1)
+    calibration = int8_inputs(args, ckpt, files) if args.int8 else None
     start = time.perf_counter()
     stop = StopFlag().install()  # Ctrl-C during the export: finish it, then remove it instead of renaming it
     try:
         with atomic_path(output) as tmp:  # checked before it is renamed into place; removed when anything fails
-            if fmt == "onnx":
-                write_onnx(model, example, tmp, meta, args.opset, args.exporter)
+            if args.int8:
+                with tempfile.TemporaryDirectory() as folder:
+                    fp32 = Path(folder) / "fp32.onnx"
+                    write_checked(fmt, fp32, model, example, meta, images, source, ckpt, task, args)
+                    figures = build_int8(fp32, tmp, meta, calibration, ckpt, args)
             else:
-                write_pt2(model, example, tmp, meta)
+                write_checked(fmt, tmp, model, example, meta, images, source, ckpt, task, args)
             seconds = time.perf_counter() - start
-            written, exported = load_for_check(fmt, tmp, meta)
-            if {k: written.get(k) for k in meta} != meta:
-                raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
-            diff, agree, score_diff = compare(model, exported, images, *reading_of(ckpt, task))
-            if args.verbose >= 1:
-                print(
-                    f"check on {source}: max probability difference {diff:.2e}, "
-                    f"{task.decision_name} agreement {agree}/{len(images)}"
-                    + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}")
-                )
-            if not diff <= TOLERANCE:  # also catches NaN
-                raise CLIError(
-                    f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
-                    f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written; {other_ways(fmt, args)}"
-                )
-            if score_diff is not None and not score_diff <= TOLERANCE:
-                raise CLIError(
-                    f"the {fmt} export's ood_score differs from the PyTorch model's by up to "
-                    f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written; "
-                    f"{other_ways(fmt, args)}"
-                )
             if stop.requested:  # SystemExit still removes the temporary file
                 print(f"interrupted; {output} was not written", file=sys.stderr)
                 sys.exit(stop.exit_status())
     finally:
         stop.restore()
     size_mb = output.stat().st_size / 2**20
+    kind = "int8 ONNX" if args.int8 else fmt
     print(
-        f"exported {ckpt['model_name']} ({len(ckpt['class_names'])} classes, {ckpt['input_size']} px) as {fmt} "
+        f"exported {ckpt['model_name']} ({len(ckpt['class_names'])} classes, {ckpt['input_size']} px) as {kind} "
         f"in {seconds:.1f}s -> {output} ({size_mb:.1f} MB)"
     )
+    if args.int8:
+        print(figures.line())
+
+
+def write_checked(fmt, path, model, example, meta, images, source, ckpt, task, args):
+    """The export at `path`, read back as a consumer reads it and held against the PyTorch model on `images`:
+    a CLIError (nothing written) when its metadata or its probabilities differ."""
+    if fmt == "onnx":
+        write_onnx(model, example, path, meta, args.opset, args.exporter)
+    else:
+        write_pt2(model, example, path, meta)
+    written, exported = load_for_check(fmt, path, meta)
+    if {k: written.get(k) for k in meta} != meta:
+        raise CLIError(f"the metadata read back from the {fmt} file differs from the checkpoint's")
+    diff, agree, score_diff = compare(model, exported, images, *reading_of(ckpt, task))
+    if args.verbose >= 1:
+        print(
+            f"check on {source}: max probability difference {diff:.2e}, "
+            f"{task.decision_name} agreement {agree}/{len(images)}"
+            + ("" if score_diff is None else f", max relative ood_score difference {score_diff:.2e}")
+        )
+    if not diff <= TOLERANCE:  # also catches NaN
+        raise CLIError(
+            f"the {fmt} export disagrees with the PyTorch model: probabilities differ by up to "
+            f"{diff:.2e} (allowed {TOLERANCE:g}); nothing was written; {other_ways(fmt, args)}"
+        )
+    if score_diff is not None and not score_diff <= TOLERANCE:
+        raise CLIError(
+            f"the {fmt} export's ood_score differs from the PyTorch model's by up to "
+            f"{score_diff:.2e} (relative; allowed {TOLERANCE:g}); nothing was written; "
+            f"{other_ways(fmt, args)}"
+        )
+
+
+def int8_inputs(args, ckpt, files):
+    """(calibration images, gate images, gate labels or None) of --int8, before any export: the training images
+    (or --calibration_dir's) through the eval transform, and up to --gate_images held-out files spread over the
+    sorted list, labelled by their class folders when every one is in one."""
+    for name in ("calibration_images", "gate_images"):
+        if getattr(args, name) <= 0:
+            raise CLIError(f"--{name} must be a positive number")
+    if not 0 <= args.min_agreement <= 1:
+        raise CLIError(f"--min_agreement must be in [0, 1]; got {args.min_agreement}")
+    if not files:
+        raise CLIError(
+            "--int8 is held against fp32 on real images: the test images of the training data cannot be "
+            "found from here; give a folder of them with --data_dir"
+        )
+    preprocess = data_loader.Preprocess.of(ckpt)
+    if args.calibration_dir:
+        found = data_loader.list_images(args.calibration_dir) if Path(args.calibration_dir).is_dir() else []
+        if not found:
+            raise CLIError(f"--calibration_dir {args.calibration_dir!r} holds no images")
+        chosen = int8.spread([(f, 0) for f in found], args.calibration_images, 0, key=lambda s: str(s[1]))
+    else:
+        chosen = int8.training_files(ckpt, args.calibration_images)
+    step = max(1, len(files) // args.gate_images)
+    gate_files = [str(f) for f in files[::step][: args.gate_images]]
+    return (
+        int8.load_batch(chosen, preprocess),
+        int8.load_batch(gate_files, preprocess),
+        int8.labels_of(gate_files, ckpt),
+    )
+
+
+def build_int8(fp32, out, meta, calibration, ckpt, args):
+    """The int8 build of the checked fp32 export at `out`, with the gate's figures in its metadata; a CLIError
+    (nothing written) when the gate refuses it. --calibration auto tries the methods in turn until one passes."""
+    import onnx
+
+    calibration_images, gate_images, labels = calibration
+    methods = int8.METHODS if args.calibration == "auto" else (args.calibration,)
+    tried = []
+    for method in methods:
+        candidate = out.with_name(f"{out.stem}.{method}.onnx")
+        int8.quantize(fp32, candidate, calibration_images, method)
+        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, len(calibration_images))
+        tried.append((figures, candidate))
+        if args.verbose >= 1:
+            print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])
+        if not int8.failure(figures, args.max_drop, args.min_agreement):
+            break
+    figures, chosen = int8.best_of(tried, args.max_drop, args.min_agreement)
+    try:
+        reason = int8.failure(figures, args.max_drop, args.min_agreement)
+        if reason:
+            names = ", ".join(f.calibration for f, _ in tried)
+            hint = "try --calibration with another method" if len(tried) == 1 else "the fp32 export is the safe choice"
+            raise CLIError(f"{reason} (calibration tried: {names}); nothing was written; {hint}")
+        int8.measure_speed(figures, fp32, chosen, gate_images)
+        proto = onnx.load(str(chosen))
+        onnx.helper.set_model_props(proto, {**meta, **int8.metadata(figures)})
+        out.write_bytes(proto.SerializeToString())
+        if labels is None and args.verbose >= 1:
+            print("int8: no labelled held-out images (their folders are not the classes): only the agreement was gated")
+        if args.verbose >= 1:
+            print(f"int8: quantized the backbone; kept in fp32: {int8.KEPT_FP32}")
+        return figures
+    finally:
+        for _, path in tried:
+            path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def checkpoint_from_metadata(meta, path):
             "temperature": float(meta["temperature"]),
             "args": json.loads(meta["args"]),
             "metrics": json.loads(meta.get("metrics") or "{}"),
+            **({"int8": json.loads(meta["int8"])} if meta.get("int8") else {}),  # export.py --int8's gate figures
             "torch_version": meta["torch_version"],
             "torchvision_version": meta["torchvision_version"],
             **(

@@ -22,6 +22,7 @@ import torch
 import data_loader
 import evaluation
 import explain
+import int8
 import labels_csv
 import prediction_output
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli  # noqa: E402
@@ -485,6 +486,8 @@ def print_results(args, predictor, summary, timing, explained, outputs):
         + f" -> {args.output}"
     )
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
+    if "int8" in ckpt:  # an export.py --int8 build: what its gate measured against fp32
+        print(int8.Figures.from_metadata(ckpt["int8"]).line())
     if args.explain:
         empty = f" ({explained.empty} with an empty map: no evidence for the class)" if explained.empty else ""
         print(

@@ -1,0 +1,161 @@
+"""int8.py and export.py --int8: the int8 build, calibrated on the model's training images, held against fp32 by the
+gate before anything is written; predict.py runs it like any ONNX file."""
+
+import json
+
+import onnx
+import pytest
+import torch
+
+import data_loader as dl
+import export
+import int8
+import model_loader as ml
+import train
+from conftest import copy_subset, run_in_process
+from helpers import read_csv, run_predict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A frozen resnet18 (one epoch, 32 px, an out-of-distribution reference) and its int8 build."""
+    root = tmp_path_factory.mktemp("int8")
+    data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 16, 6)
+    train.main(
+        train.parse_args(
+            [
+                str(a)
+                for a in [
+                    "--data_dir",
+                    data,
+                    "--model_name",
+                    "resnet18",
+                    "--input_size",
+                    "32",
+                    "--n_epochs",
+                    "1",
+                    "--freeze",
+                    "--model_fn",
+                    root / "m.pth",
+                    "--log_dir",
+                    root / "run",
+                    "--num_workers",
+                    "0",
+                    "--verbose",
+                    "0",
+                ]
+            ]
+        )
+    )
+    return root, data
+
+
+def test_the_int8_build_is_written_with_its_figures_and_predicts_like_fp32(trained, tmp_path, capsys):
+    root, data = trained
+    capsys.readouterr()
+    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--int8", "--calibration_images", "24"]))
+    out = capsys.readouterr().out
+    assert "quantized the backbone; kept in fp32: the classifier layer and the out-of-distribution score" in out
+    line = [ln for ln in out.splitlines() if ln.startswith("int8 (")][0]
+    assert "on 24 training images; held against fp32 on 18 images" in line and "top-1 agreement" in line, out
+    path = root / "m.int8.onnx"
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    figures = json.loads(meta["int8"])
+    assert figures["gate_images"] == 18 and figures["labelled"] and 0 <= figures["agreement"] <= 1
+    assert figures["calibration"] in int8.METHODS and figures["int8_mb"] < figures["fp32_mb"]
+    printed = run_predict(capsys, "--model_fn", path, "--data_dir", data / "test", "--output", tmp_path / "q.csv")
+    run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", tmp_path / "f.csv")
+    assert "int8 (" in printed and "speed-up" in printed  # one line with the gate's figures
+    q, f = read_csv(tmp_path / "q.csv"), read_csv(tmp_path / "f.csv")
+    assert list(q[0]) == list(f[0]) and [r["file_dir"] for r in q] == [r["file_dir"] for r in f]
+
+
+def test_per_channel_weights_and_the_head_in_fp32(trained):
+    """Every convolution's weight has one scale per output channel (per-tensor scales break depthwise
+    convolutions); the classifier and the out-of-distribution graph read fp32 weights."""
+    root, _ = trained
+    graph = onnx.load(root / "m.int8.onnx").graph
+    producer = {o: n for n in graph.node for o in n.output}
+    sizes = {i.name: list(i.dims) for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs
+    for conv in convs:
+        dequantize = producer[conv.input[1]]
+        assert dequantize.op_type == "DequantizeLinear", conv.name
+        scale = sizes[dequantize.input[1]]
+        assert scale and scale[0] > 1, (conv.name, scale)  # per output channel
+    gemm = [n for n in graph.node if n.op_type == "Gemm"][0]
+    assert gemm.input[1] in sizes and gemm.input[1] not in producer  # its weight is a plain fp32 initializer
+
+
+def test_calibration_uses_the_training_images_through_the_eval_transform(trained):
+    root, data = trained
+    ckpt = ml.load_checkpoint(root / "m.pth")
+    chosen = int8.training_files(ckpt, 9)
+    assert sorted(dl.Path(f).parent.name for f in chosen) == ["bag"] * 3 + ["sneaker"] * 3 + ["trouser"] * 3
+    assert all("/train/" in f for f in chosen)
+    pre = dl.Preprocess.of(ckpt)
+    batch = int8.load_batch(chosen, pre)
+    expected = torch.stack([pre.transform()(dl.load_rgb(f)) for f in chosen])
+    assert batch.shape == (9, 3, 32, 32) and torch.allclose(batch, expected)
+
+
+def test_the_gate_refuses_and_writes_nothing(trained, tmp_path, capsys):
+    """An impossible --max_drop: one error line naming the figure and what to try, status 2, an earlier file of the
+    same name untouched."""
+    root, _ = trained
+    earlier = tmp_path / "old.int8.onnx"
+    earlier.write_bytes(b"an earlier build")
+    err = run_in_process(
+        export,
+        [
+            "--model_fn",
+            root / "m.pth",
+            "--int8",
+            "--output",
+            earlier,
+            "--max_drop",
+            "-1",
+            "--calibration",
+            "minmax",
+            "--calibration_images",
+            "12",
+        ],
+        capsys,
+    )
+    assert "int8 loses" in err and "more than --max_drop -1" in err and "nothing was written" in err, err
+    assert earlier.read_bytes() == b"an earlier build" and sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]
+    err = run_in_process(
+        export,
+        ["--model_fn", root / "m.pth", "--int8", "--output", tmp_path / "x.int8.onnx", "--min_agreement", "1.5"],
+        capsys,
+    )
+    assert "--min_agreement must be in [0, 1]" in err
+
+
+def test_without_labels_only_the_agreement_is_gated(trained, tmp_path, capsys):
+    root, data = trained
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for f in sorted((data / "test").rglob("*.png")):
+        (loose / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    capsys.readouterr()
+    export.main(
+        export.parse_args(
+            [
+                "--model_fn",
+                str(root / "m.pth"),
+                "--int8",
+                "--data_dir",
+                str(loose),
+                "--output",
+                str(tmp_path / "u.int8.onnx"),
+                "--calibration_images",
+                "12",
+                "--min_agreement",
+                "0",
+            ]
+        )
+    )
+    out = capsys.readouterr().out
+    assert "only the agreement was gated" in out and "no labelled images: accuracy not measured" in out
