@@ -120,16 +120,18 @@ def trimmed(lrs, smoothed):
 
 
 def suggest(lrs, smoothed):
-    """{rule: learning rate} from the curve without its first tenth and last 5 steps (steepest: only along its
-    clear descent); {} when too short, or when it has no clear descent (see descent)."""
+    """{rule: learning rate} from the curve without its first tenth and last 5 steps, each from before the loss
+    diverged (steepest: only along its clear descent); {} when too short, or when it has no clear descent (see
+    descent)."""
     lrs, losses = trimmed(lrs, smoothed)
     if len(lrs) < 3 or descent(losses) is None:
         return {}
     first, last = descent(losses)
+    end = max(1, diverging_from(losses))  # past it a low mini-batch loss among exploding ones is no minimum
     return {
-        "valley": lrs[valley(losses)],
+        "valley": lrs[valley(losses[:end])],
         "steepest": lrs[first + steepest(lrs[first : last + 1], losses[first : last + 1])],
-        "minimum": lrs[min(range(len(losses)), key=losses.__getitem__)] / 10,
+        "minimum": lrs[min(range(end), key=losses.__getitem__)] / 10,
     }
 
 

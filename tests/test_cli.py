@@ -560,3 +560,15 @@ def test_a_failed_check_data_leaves_no_empty_run_folder(tiny_data, tmp_path, cap
         capsys,
     )
     assert "is not a PyTorch checkpoint" in err and not (tmp_path / "runs").exists()
+
+
+def test_a_stop_with_no_signal_recorded_exits_130():
+    """A stop found by a lower layer (no signal of this process's own): the status Ctrl-C gives."""
+    import signal
+
+    from cli import StopFlag
+
+    assert StopFlag().exit_status() == 130
+    flag = StopFlag()
+    flag._handler(signal.SIGTERM, None)
+    assert flag.requested and flag.exit_status() == 143

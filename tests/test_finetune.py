@@ -231,3 +231,48 @@ def test_augmentation_policies_keep_the_image_and_turn_it_when_asked():
         torch.manual_seed(0)
         x = dl.build_transforms(32, 36, mean, std, train=True, augment=policy)(img)
         assert x.shape == (3, 32, 32)
+
+
+def test_the_probe_penalises_weights_and_never_biases():
+    """One huge L2 on 80/20 classes: the weights go to about 0 and the bias alone fits the class shares, so the
+    softmax of the bias is about 0.8/0.2 (a penalised bias would be pulled to 0, giving 0.5/0.5)."""
+    torch.manual_seed(0)
+    x = torch.randn(100, 8)
+    y = torch.tensor([0] * 80 + [1] * 20)
+    head = nn.Linear(8, 2)
+    probe.fit_head(head, x, y, nn.CrossEntropyLoss(), l2=1e6)
+    assert head.weight.abs().max() < 1e-4
+    assert torch.allclose(head.bias.detach().softmax(0), torch.tensor([0.8, 0.2]), atol=1e-3)
+
+
+def test_automatic_bf16_trains_the_backbone_epochs_only(tuning_data, tmp_path, weights_file, monkeypatch):
+    """Without --amp/--no_amp, fine-tuning steps run in bf16 where the CPU computes it natively (fp32 elsewhere);
+    head-only epochs (and validation) always in fp32."""
+    import utils
+
+    seen = []
+    real = utils.Compute.autocast
+
+    def recording(self, train=False):
+        seen.append((train, (self.train_amp_dtype or self.amp_dtype) if train else self.amp_dtype))
+        return real(self, train)
+
+    monkeypatch.setattr(utils.Compute, "autocast", recording)
+    steps = []
+    real_step = trainer.train_step
+
+    def counting(*a, **k):
+        steps.append(k.get("whole", a[9] if len(a) > 9 else False))
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(trainer, "train_step", counting)
+    run_train(
+        tuned_args(
+            tuning_data, tmp_path, weights_file, "--n_epochs", "2", "--unfreeze_after", "1", "--no_feature_cache"
+        )
+    )
+    native = utils.native_bf16(torch.device("cpu"))
+    assert steps.count(False) == 6 and steps.count(True) == 6  # 48 images, batches of 8: head epoch, then all
+    training = {dtype for train, dtype in seen if train}
+    assert training == {torch.bfloat16 if native else None}
+    assert {dtype for train, dtype in seen if not train} == {None}

@@ -320,3 +320,16 @@ def test_find_lr_without_a_clear_descent_warns_why_and_suggests_nothing(tiny_dat
         and "suggested --lr" not in lines[0]
     )
     assert (tmp_path / "run" / "lr_find.png").is_file() and len(read_csv(tmp_path / "run" / "lr_find.csv")) == 100
+
+
+def test_no_rule_suggests_a_rate_from_beyond_where_the_loss_diverged():
+    """A curve that falls, explodes past 4x its lowest, then has one very low mini-batch loss among the exploding
+    ones (a false, steep fall): every rule's rate comes from before the divergence."""
+    lrs = [lr_finder.lr_at(i, 100) for i in range(100)]
+    losses = [2.0 - 0.015 * i for i in range(70)] + [1.0 * 1.6**i for i in range(1, 31)]
+    losses[85] = 0.01  # past the divergence
+    diverged = lr_finder.diverging_from(losses)
+    assert 70 <= diverged < 85
+    found = lr_finder.suggest(lrs, losses)
+    assert set(found) == {"valley", "steepest", "minimum"}
+    assert all(lr <= lrs[diverged] for lr in found.values()), (found, lrs[diverged])

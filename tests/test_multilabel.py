@@ -533,3 +533,17 @@ def test_check_data_checks_each_label_of_a_multi_label_csv(pairs_run, tmp_path, 
     assert len(rows) == 49 + 25
     for r in rows:
         assert set(r["given"].split()) - {"(none)"} == given[r["file"]]
+
+
+def test_training_accuracy_of_several_labels_is_the_exact_match_over_all_classes():
+    """The epochs' accuracy (trainer.Meter) of a multi-label task: a row counts only when every class is decided
+    right at probability 0.5, as metrics.exact_match says."""
+    import metrics
+    import trainer
+
+    logits = torch.tensor([[2.0, -1.0, 3.0], [2.0, 1.0, -3.0], [-2.0, -1.0, -3.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    meter = trainer.Meter(tasks.MultiLabel())
+    meter.update(torch.tensor(0.5), logits[:2], labels[:2])
+    meter.update(torch.tensor(0.5), logits[2:], labels[2:])
+    assert meter.result()["accuracy"] == metrics.exact_match(logits.sigmoid() >= 0.5, labels.bool()) == 0.5

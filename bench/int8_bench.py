@@ -1,0 +1,151 @@
+"""The int8 build on real sets (a script, not a test): prints, with the CPU, what export.py --int8 costs and gains.
+
+  python bench/int8_bench.py                         # 3 sets x 4 models and the speed part; ~40 min on 2 CPUs
+  python bench/int8_bench.py --sets fashion_tops --models efficientnet_lite0 --speed_models resnet18
+
+Accuracy part: for each set of bench/finetune_bench.py (solar_mono, fashion_tops, and solar_poly, which nothing was
+tuned on) and each model, train.py trains it as a user would, then export.py --int8 builds the int8 file with the
+gate opened wide (--max_drop 100 --min_agreement 0, so every figure is printed, passed or not) and prints its
+figures: accuracy fp32 and int8 on the set's test images, top-1 agreement, the calibration kept. EfficientNet-Lite0
+starts from its ImageNet weights (--freeze); the torchvision models' ImageNet weights cannot be downloaded here, so
+they are fine-tuned from random weights (--n_epochs --scratch_epochs at --scratch_size px): their int8 figures
+measure the architecture's sensitivity, not ImageNet's features.
+
+Speed part: each --speed_models architecture at 224 px, exported and quantized (calibrated on 64 of the shipped
+sample's images), onnxruntime on ready tensors at batch 1 and 32, fp32 against int8 (best of 3 passes, in turns).
+"""
+
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from finetune_bench import SETS, build_set  # noqa: E402
+from scale_bench import checkpoint, cpu_line  # noqa: E402
+
+import data_loader as dl  # noqa: E402
+import int8  # noqa: E402
+from cli import ArgumentParser  # noqa: E402
+from timed import run  # noqa: E402
+
+MODELS = ("efficientnet_lite0", "mobilenet_v2", "resnet18", "mobilenet_v3_large")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    p.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS))
+    p.add_argument("--speed_models", nargs="*", choices=MODELS, default=list(MODELS))
+    p.add_argument("--scratch_epochs", type=int, default=8)
+    p.add_argument("--scratch_size", type=int, default=112)
+    p.add_argument("--data", default=str(ROOT / "data" / "finetune_bench"))
+    return p.parse_args(argv)
+
+
+def accuracy_part(args, work):
+    print(
+        "| set | model | fp32 accuracy | int8 accuracy | points lost | top-1 agreement | calibration | "
+        "largest prob. difference |\n|---|---|---|---|---|---|---|---|"
+    )
+    for name in args.sets:
+        data = build_set(name, Path(args.data) / name, 120, 80)
+        for model in args.models:
+            out = work / f"{name}_{model}"
+            flags = (
+                ["--use_pretrained", "--freeze"]
+                if model == "efficientnet_lite0"
+                else ["--n_epochs", args.scratch_epochs, "--input_size", args.scratch_size]
+            )
+            run(
+                [
+                    sys.executable,
+                    ROOT / "train.py",
+                    "--data_dir",
+                    data,
+                    "--model_name",
+                    model,
+                    "--model_fn",
+                    out / "m.pth",
+                    "--log_dir",
+                    out / "run",
+                    "--verbose",
+                    "0",
+                    *flags,
+                ]
+            )
+            _, printed = run(
+                [
+                    sys.executable,
+                    ROOT / "export.py",
+                    "--model_fn",
+                    out / "m.pth",
+                    "--int8",
+                    "--max_drop",
+                    "100",
+                    "--min_agreement",
+                    "0",
+                ]
+            )
+            line = next(ln for ln in printed.splitlines() if ln.startswith("int8 ("))
+            found = re.search(
+                r"\((\w+) calibration.*accuracy fp32 ([\d.]+), int8 ([\d.]+) \(([-+\d.]+) points lost\), "
+                r"top-1 agreement ([\d.]+%), largest probability difference ([\d.]+)",
+                line,
+            )
+            method, fp32, q, lost, agree, diff = found.groups()
+            print(f"| {name} | {model} | {fp32} | {q} | {float(lost):.2f} | {agree} | {method} | {diff} |", flush=True)
+
+
+def speed_part(args, work):
+    files = [f for f, _ in dl.scan_class_folders(ROOT / "data" / "fashion_sample" / "train")[1]][::6][:64]
+    print(
+        "\n| model (224 px) | batch 1: fp32 / int8 img/s | speed-up | batch 32: fp32 / int8 img/s | speed-up | "
+        "size fp32 / int8 |\n|---|---|---|---|---|---|"
+    )
+    for model in args.speed_models:
+        ckpt_path = checkpoint(work / f"{model}_224.pth", model, ["a", "b", "c", "d"], 224)
+        run([sys.executable, ROOT / "export.py", "--model_fn", ckpt_path, "--verbose", "0"])
+        fp32 = ckpt_path.with_suffix(".onnx")
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        images = int8.load_batch(files, dl.Preprocess.of(ckpt))
+        q = work / f"{model}_224.int8.onnx"
+        int8.quantize(fp32, q, images, "minmax")
+        rates = {}
+        for _ in range(2):  # in turns: a burst of load on this shared machine does not decide
+            for batch in (1, 32):
+                for kind, path in (("fp32", fp32), ("int8", q)):
+                    rates[kind, batch] = max(rates.get((kind, batch), 0), int8.rate(path, images, batch))
+        sizes = [p.stat().st_size / 2**20 for p in (fp32, q)]
+        print(
+            f"| {model} | {rates['fp32', 1]:.1f} / {rates['int8', 1]:.1f} | {rates['int8', 1] / rates['fp32', 1]:.2f}x"
+            f" | {rates['fp32', 32]:.1f} / {rates['int8', 32]:.1f} | {rates['int8', 32] / rates['fp32', 32]:.2f}x | "
+            f"{sizes[0]:.1f} / {sizes[1]:.1f} MB ({sizes[1] / sizes[0]:.2f}) |",
+            flush=True,
+        )
+
+
+def main(args):
+    flags = open("/proc/cpuinfo").read()
+    print(
+        f"machine: {cpu_line()}; avx512_vnni {'yes' if ' avx512_vnni' in flags else 'no'}, "
+        f"avx2 {'yes' if ' avx2' in flags else 'no'}; onnxruntime on the CPU, {torch.get_num_threads()} threads"
+    )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        if args.speed_models:
+            speed_part(args, work)
+        if args.models:
+            print()
+            accuracy_part(args, work)
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main(parse_args())
