@@ -221,3 +221,53 @@ def test_multi_label_under_torchrun_gathers_every_validation_image_for_the_map(t
         probs = model.eval()(images).sigmoid()
     best = history(tmp_path / "m_last.pth")[ckpt["metrics"]["best_epoch"] - 1]  # the epoch's own evaluation
     assert best["valid_map"] == pytest.approx(metrics.mean_average_precision(probs, labels), abs=1e-6)
+
+
+def test_unfreezing_under_torchrun_keeps_every_rank_identical(tiny_data, tmp_path):
+    """A head-only epoch through the frozen backbone, then every layer: the DDP wrapper is rebuilt when the trainable
+    set grows, so the backbone's gradients are averaged too and both processes end with the same weights."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch, train, trainer\n"
+        "from cli import run_cli\n"
+        "real = trainer.Fitter.fit\n"
+        "def fit(self):\n"
+        "    result = real(self)\n"
+        "    weights = {k: v.detach().clone() for k, v in self.model.named_parameters()}\n"
+        f"    torch.save(weights, os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n"
+        "    return result\n"
+        "trainer.Fitter.fit = fit\n"
+        "run_cli(lambda: train.main(train.parse_args(sys.argv[1:])))\n"
+    )
+    argv = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(driver),
+        "--data_dir",
+        str(tiny_data),
+        *FAST,
+        "--n_epochs",
+        "2",
+        "--unfreeze_after",
+        "1",
+        "--no_feature_cache",
+        "--batch_size",
+        "8",
+        "--model_fn",
+        str(tmp_path / "m.pth"),
+        "--log_dir",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(argv, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    start = torch.load(tmp_path / "m_last.pth", weights_only=True)["train_state"]["history"]
+    assert len(start) == 2 and set(first) == set(second)
+    for name in first:
+        assert torch.allclose(first[name], second[name], atol=1e-6), name
+    backbone = [n for n in first if not n.startswith("fc.")]
+    assert backbone  # the backbone trained in the second epoch, and stayed the same on both ranks

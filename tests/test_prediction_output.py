@@ -184,7 +184,8 @@ def test_ctrl_c_keeps_the_rows_and_resume_refuses_what_does_not_match(model, tmp
 
 def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, monkeypatch):
     """2 processes on the CPU (gloo), the docs' command, over a --file_list with a missing file, going on with
-    --resume from a one-process run stopped after its first batch: the same result.csv as one process (files,
+    --resume from a one-process run stopped after its first batch, the processes needing different numbers of
+    batches: the same result.csv as one process (files,
     order, answers; probabilities within 1e-5), the report and figure over every row, one summary."""
     from cli import run_cli
 
@@ -218,7 +219,7 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, mon
             TORCHRUN,
             *tokens[1:],
             "--batch_size",
-            "4",
+            "5",  # the 21 rows left, in shares of 11 and 10: 3 batches for one process, 2 for the other
             "--n_images",
             "4",
             "--plot",
