@@ -415,7 +415,8 @@ def build_int8(fp32, out, meta, calibration, ckpt, args):
     for method in methods:
         candidate = out.with_name(f"{out.stem}.{method}.onnx")
         int8.quantize(fp32, candidate, calibration_images, method)
-        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, len(calibration_images))
+        used = int8.calibration_count(method, len(calibration_images))
+        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used)
         tried.append((figures, candidate))
         if args.verbose >= 1:
             print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])

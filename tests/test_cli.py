@@ -277,7 +277,9 @@ def test_every_flag_is_in_the_readme():
     """Every flag is in its script's table in docs/flags.md, which the README links."""
     assert "(docs/flags.md)" in (ROOT / "README.md").read_text()
     flags = (ROOT / "docs" / "flags.md").read_text()
-    for module in (train, predict, export):
+    import serve
+
+    for module in (train, predict, export, serve):
         table = flags.split(f"## `{module.__name__}.py`")[1].split("\n## ")[0]
         for action in module.build_parser()._actions:
             if action.option_strings and action.dest != "help":
