@@ -414,7 +414,11 @@ def build_int8(fp32, out, meta, calibration, ckpt, args):
     tried = []
     for method in methods:
         candidate = out.with_name(f"{out.stem}.{method}.onnx")
-        int8.quantize(fp32, candidate, calibration_images, method)
+        try:
+            int8.quantize(fp32, candidate, calibration_images, method)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's calibrators refuse some activations (a constant one)
+            print(f"int8, {method} calibration failed ({describe_error(e, 160)})", file=sys.stderr)
+            continue
         used = int8.calibration_count(method, len(calibration_images))
         figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used)
         tried.append((figures, candidate))
@@ -422,6 +426,8 @@ def build_int8(fp32, out, meta, calibration, ckpt, args):
             print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])
         if not int8.failure(figures, args.max_drop, args.min_agreement):
             break
+    if not tried:
+        raise CLIError(f"int8: every calibration tried failed ({', '.join(methods)}); nothing was written")
     figures, chosen = int8.best_of(tried, args.max_drop, args.min_agreement)
     try:
         reason = int8.failure(figures, args.max_drop, args.min_agreement)

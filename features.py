@@ -81,9 +81,9 @@ class ViewSampler(TrainSampler):
 
 
 @torch.inference_mode()
-def extract_features(model, head, loader, store, view, compute, skips, progress=None):
+def extract_features(model, head, loader, store, view, compute, skips, progress=None, after=None):
     """Fill store[view, index] with the classifier's input for every image this rank's loader yields; `progress`
-    (utils.Progress) counts them."""
+    (utils.Progress) counts them; after(view, indices) is called after each batch's forward (a hook's reader)."""
     model.eval()
     ok = torch.zeros(store.shape[1], dtype=torch.bool)
     with capture_head_input(model, head) as captured:
@@ -95,6 +95,8 @@ def extract_features(model, head, loader, store, view, compute, skips, progress=
                     model(compute.to_device(batch.images))
                 store[view, batch.indices] = pooled(captured[0].float()).cpu()
                 ok[batch.indices] = True
+                if after is not None:
+                    after(view, batch.indices)
             if progress is not None:
                 progress.update(len(batch.indices) + len(batch.bad))
             # ranks hold different numbers of batches here, so no collective check under torchrun
@@ -110,13 +112,13 @@ def view_loader(train_loader, view, rank=0, world_size=1):
     return make_loader(train_loader.dataset, train_loader.batch_size, sampler, train_loader.num_workers)
 
 
-def extract_views(model, head, view_loaders, store, compute, skips, progress=None):
+def extract_views(model, head, view_loaders, store, compute, skips, progress=None, after=None):
     """store[v, i] = the classifier's input for image i as view_loaders[v] yields it (all loaders walk the
     same images). Returns the mask of images read in some view, or None when a stop signal arrived.
     `model` is best an optimize_for_inference copy."""
     ok = torch.zeros(store.shape[1], dtype=torch.bool)
     for view, loader in enumerate(view_loaders):
-        got = extract_features(model, head, loader, store, view, compute, skips, progress)
+        got = extract_features(model, head, loader, store, view, compute, skips, progress, after)
         if got is None:
             return None
         ok |= got

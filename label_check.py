@@ -25,6 +25,7 @@ import torch
 import data_loader
 import features
 import model_loader
+import similarity
 from utils import atomic_open, save_image_grid
 
 FOLDS = 5  # out-of-fold probabilities from 5-fold cross-validation (fewer when a class has fewer images)
@@ -337,10 +338,25 @@ def save_suspects(rows, path, input_size, resize_size, n=GRID_IMAGES):
 
 
 def backbone_features(
-    model, head, samples, views, meta, batch_size, num_workers, seed, compute, skips, budget_mb, spill_path, task=None
+    model,
+    head,
+    samples,
+    views,
+    meta,
+    batch_size,
+    num_workers,
+    seed,
+    compute,
+    skips,
+    budget_mb,
+    spill_path,
+    task=None,
+    spatial=False,
 ):
-    """(1 + views, n, dim) frozen-backbone features: the eval view, then `views` augmented ones (the
-    training transform, seeded per image and view), with the mask of readable images."""
+    """(1 + views, n, dim) frozen-backbone features: the eval view, then `views` augmented ones (the training
+    transform, seeded per image and view), with the mask of readable images; spatial=True: a third item, the eval
+    view's (n, PROJECTED) spatial embeddings from the same forward passes (similarity.py; None when the model keeps
+    no feature map)."""
     pooled = data_loader.DataSplits([], list(samples), [], [], "")
     loaders = data_loader.build_loaders(
         pooled,
@@ -359,8 +375,17 @@ def backbone_features(
         len(view_loaders), len(samples), features.feature_dim(model, head), budget_mb, spill_path
     )
     fast = model_loader.optimize_for_inference(model, compute.channels_last)
-    ok = features.extract_views(fast, head, view_loaders, store, compute, skips)
-    return store, ok
+    layer = similarity.embedding_layer(fast, head, meta["input_size"], compute.device) if spatial else None
+    maps_out = torch.zeros(len(samples), similarity.PROJECTED) if layer is not None else None
+    with similarity.capture_maps(layer) as maps:
+
+        def after(view, indices):
+            if maps and view == 0:
+                maps_out[indices] = similarity.spatial_embedding(maps[-1])
+            maps.clear()
+
+        ok = features.extract_views(fast, head, view_loaders, store, compute, skips, after=after)
+    return (store, ok, maps_out) if spatial else (store, ok)
 
 
 def check_labels(
@@ -378,37 +403,97 @@ def check_labels(
     budget_mb=2048,
     out=print,
 ):
-    """Rank every readable train/valid image by how unlikely its label is; write label_issues.csv and
-    label_issues.png to run_dir and print a summary. Returns the rows (most suspicious first), or None
-    when a stop signal arrived during feature extraction (nothing written)."""
+    """One backbone pass over every train, valid and test image; then the label check of the train and valid images
+    (label_issues.csv and .png, ranked by how unlikely each label is) and the data loop's tables of them all
+    (near_duplicates.csv and outliers.csv: similarity.py), in run_dir, with a summary. Returns (the label check's
+    rows, most suspicious first; the exit status: 1 when copies leak across splits or carry different labels), or
+    None when a stop signal arrived during the pass (nothing written)."""
     run_dir = Path(run_dir)
-    samples = splits.train + splits.valid
-    split = ["train"] * len(splits.train) + ["valid"] * len(splits.valid)
+    samples = splits.train + splits.valid + splits.test
+    split = ["train"] * len(splits.train) + ["valid"] * len(splits.valid) + ["test"] * len(splits.test)
     skips = data_loader.SkipLog(samples, splits.class_names, out, task)
     start = time.perf_counter()
     spill = run_dir / "label_features.bin"  # only past budget_mb; removed whatever happens
     try:
-        features, ok = backbone_features(
-            model, head, samples, views, meta, batch_size, num_workers, seed, compute, skips, budget_mb, spill, task
+        features, ok, spatial = backbone_features(
+            model,
+            head,
+            samples,
+            views,
+            meta,
+            batch_size,
+            num_workers,
+            seed,
+            compute,
+            skips,
+            budget_mb,
+            spill,
+            task,
+            spatial=True,
         )
         if ok is None:
             return None
         extracted = time.perf_counter()
         keep = torch.nonzero(ok).flatten()
-        files = [samples[i][0] for i in keep.tolist()]
-        labels = task.tensor(samples[i][1] for i in keep.tolist())
-        kept_split = [split[i] for i in keep.tolist()]
+        checked = [i for i in keep.tolist() if split[i] != "test"]  # the labels the model would learn from
+        files = [samples[i][0] for i in checked]
+        labels = task.tensor(samples[i][1] for i in checked)
         check = per_class_check if task.multi_label else class_check  # several labels: one check per class
-        found = check(features[:, keep], labels, files, kept_split, splits.class_names, seed, out, task)
+        found = check(
+            features[:, checked], labels, files, [split[i] for i in checked], splits.class_names, seed, out, task
+        )
+        pooled = torch.nn.functional.normalize(features[0, keep].float(), dim=1)
+        loop = data_loop(samples, split, keep, pooled, spatial, splits.class_names, task, run_dir, out)
         del features
     finally:
         spill.unlink(missing_ok=True)
     if found is None:
-        return []
+        return [], loop
     rows, fit, expected = found
     return report(
         rows, run_dir, meta, splits.class_names, out, start, extracted, views, fit, skips, expected, task.multi_label
+    ), loop
+
+
+def data_loop(samples, split, keep, pooled, spatial, class_names, task, run_dir, out):
+    """near_duplicates.csv and outliers.csv of the readable images (similarity.py), and their summary lines; the exit
+    status: 1 when a group of copies leaks across splits or carries different labels."""
+    files = [samples[i][0] for i in keep.tolist()]
+    texts = [task.text(samples[i][1], class_names) for i in keep.tolist()]
+    parts = [split[i] for i in keep.tolist()]
+    classes = None if task.multi_label else torch.tensor([samples[i][1] for i in keep.tolist()])
+    start = time.perf_counter()
+    if spatial is None:
+        out("near-duplicates: skipped; the model keeps no feature map to compare images by")
+        rows, counts, bar, checked = [], {}, (similarity.PAIR_FLOOR,) * 2, 0
+    else:
+        rows, counts, bar, checked = similarity.near_duplicate_rows(files, spatial[keep], texts, parts)
+    write_rows(rows, run_dir / "near_duplicates.csv", similarity.DUPLICATE_COLUMNS)
+    failing = sum(n for kind, n in counts.items() if "leak" in kind or "conflict" in kind)
+    shown = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none"
+    out(
+        f"near-duplicates: {sum(counts.values())} groups ({shown}) among {len(files)} images; a copy's pixel score in "
+        f"this set >= {bar[0]:.3f} whole or >= {bar[1]:.3f} cropped ({checked} pairs checked, "
+        f"{time.perf_counter() - start:.1f}s) -> {run_dir / 'near_duplicates.csv'}"
     )
+    for group in sorted({r["group"] for r in rows if "leak" in r["kind"] or "conflict" in r["kind"]})[:5]:
+        members = [r for r in rows if r["group"] == group]
+        out(f"  {members[0]['kind']}: " + " = ".join(f"{r['file']} ({r['split']}, {r['label']})" for r in members))
+    outliers = similarity.outlier_rows(files, pooled, classes, texts, parts)
+    write_rows(outliers, run_dir / "outliers.csv", similarity.OUTLIER_COLUMNS)
+    top = outliers[: max(1, round(similarity.OUTLIER_SHOWN * len(outliers)))]
+    out(
+        f"outliers: the most unusual {len(top)} of {len(outliers)} (score = 1 - similarity to the nearest images) -> "
+        f"{run_dir / 'outliers.csv'}: " + ", ".join(f"{r['file']} {r['score']:.3f}" for r in top[:5])
+    )
+    return 1 if failing else 0
+
+
+def write_rows(rows, path, columns):
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def class_check(features, labels, files, split, class_names, seed, out, task):

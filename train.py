@@ -153,7 +153,10 @@ def check_data(args, data_dir, model_name, task):
     else:
         status = audit.audit_data(data_dir, print)
     if not (args.use_pretrained or args.weights):
-        print("label check: skipped; it needs a pretrained backbone (--use_pretrained or --weights FILE)")
+        print(
+            "label check, near-duplicates and outliers: skipped; they need a pretrained backbone (--use_pretrained or "
+            "--weights FILE)"
+        )
     else:
         device = resolve_device(args.gpu_id)
         run_dir = Path(args.log_dir) if args.log_dir else default_run_dir(f"{model_name}_labels")
@@ -184,7 +187,7 @@ def check_data(args, data_dir, model_name, task):
                 stop,
                 progress=args.verbose >= 2,
             )
-            rows = label_check.check_labels(
+            checked = label_check.check_labels(
                 model.to(device),
                 head,
                 splits,
@@ -202,9 +205,10 @@ def check_data(args, data_dir, model_name, task):
             stop.restore()
             if made and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()
-        if rows is None:
+        if checked is None:
             print("label check: interrupted; nothing written")
             sys.exit(stop.exit_status())
+        status = max(status, checked[1])  # copies leaking across splits, or labelled two ways
     if status:
         sys.exit(status)
     return None

@@ -17,6 +17,7 @@ sample's images), onnxruntime on ready tensors at batch 1 and 32, fp32 against i
 """
 
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,8 +84,12 @@ def accuracy_part(args, work):
             for method in int8.METHODS:
                 cmd = [sys.executable, ROOT / "export.py", "--model_fn", out / "m.pth", "--int8", "--calibration"]
                 cmd += [method, "--max_drop", "100", "--min_agreement", "0", "--output", out / f"m.{method}.int8.onnx"]
-                _, printed = run(cmd)
-                line = next(ln for ln in printed.splitlines() if ln.startswith("int8 ("))
+                done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("int8 (")), None)
+                if line is None:
+                    reason = (done.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"| {name} | {model} | | | | | {method} | | failed: {reason[:120]} |", flush=True)
+                    continue
                 found = re.search(
                     r"accuracy fp32 ([\d.]+), int8 ([\d.]+) \(([-+\d.]+) points lost\), "
                     r"top-1 agreement ([\d.]+)%, largest probability difference ([\d.]+)",
