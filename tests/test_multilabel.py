@@ -493,32 +493,36 @@ def test_what_multi_label_cannot_do_is_one_error_line(pairs_run, tmp_path, capsy
 
 def test_check_data_checks_each_label_of_a_multi_label_csv(pairs_run, tmp_path, capsys):
     root, csv_path, _ = pairs_run
-    train.main(
-        train.parse_args(
-            [
-                str(a)
-                for a in (
-                    "--labels_csv",
-                    csv_path,
-                    "--multi_label",
-                    "--check_data",
-                    "--weights",
-                    root / "m.pth",
-                    "--model_name",
-                    "resnet18",
-                    "--input_size",
-                    "32",
-                    "--num_workers",
-                    "0",
-                    "--verbose",
-                    "0",
-                    "--log_dir",
-                    tmp_path,
-                )
-            ]
+    with pytest.raises(SystemExit) as stopped:
+        train.main(
+            train.parse_args(
+                [
+                    str(a)
+                    for a in (
+                        "--labels_csv",
+                        csv_path,
+                        "--multi_label",
+                        "--check_data",
+                        "--weights",
+                        root / "m.pth",
+                        "--model_name",
+                        "resnet18",
+                        "--input_size",
+                        "32",
+                        "--num_workers",
+                        "0",
+                        "--verbose",
+                        "0",
+                        "--log_dir",
+                        tmp_path,
+                    )
+                ]
+            )
         )
-    )
     out = capsys.readouterr().out
+    # the fixture's blank, unlabelled image sits in train, valid and test alike: a leak, which fails the check
+    assert stopped.value.code == 1
+    assert "near-duplicates: 1 groups (1 leak)" in out and "blank_train.png" in out.split("  leak: ")[1].splitlines()[0]
     assert "two-class logistic regression per class" in out and "train: 49 images; ankle_boot" in out
     # a clean set (every label right) and a weak backbone: many flags, about as many as the printed estimate
     flagged = int(out.split("flagged: ")[1].split()[0])
