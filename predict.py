@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import data_loader
+import data_loop
 import evaluation
 import explain
 import int8
@@ -105,6 +106,7 @@ def build_parser():
     )
     speed_flags(add)
     reading_flags(add)
+    data_loop_flags(add)
     return p
 
 
@@ -156,6 +158,33 @@ def reading_flags(add):
         help="Grad-CAM heat map of the predicted class per image: "
         "DIR/<image stem>.png (the map over the image) and DIR/heatmaps.npz (one float32 map in [0, 1] per "
         "image, at its own size, keyed by its file_dir); needs the .pth checkpoint",
+    )
+
+
+def data_loop_flags(add):
+    """The features' outputs: the embeddings, the images most like one, the images to label first (data_loop.py)."""
+    add(
+        "--embeddings",
+        default=None,
+        metavar="FILE.npy",
+        help="also write each row's penultimate features (the classifier's input) to FILE.npy: float32, one row "
+        "per result.csv row in the same order (NaN for unreadable images); needs the .pth checkpoint",
+    )
+    add(
+        "--similar_to",
+        default=None,
+        metavar="IMAGE",
+        help="also write <output stem>_similar.csv: the --top input images most like IMAGE (cosine similarity of "
+        "their features), most similar first",
+    )
+    add("--top", type=int, default=20, metavar="K", help="how many images --similar_to lists")
+    add(
+        "--rank_for_labelling",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also write <output stem>_to_label.csv: N distinct images worth labelling first (uncertain ones, "
+        "spread over feature space) with an empty label column; filled in, train.py --labels_csv reads it",
     )
 
 
@@ -262,8 +291,38 @@ def check_outputs(args, inputs, labelled, task, searched, lists=()):
         if labelled and task.confusion_matrix:
             paths.writes(confusion_path, "--plot's confusion matrix", figure=True)
     paths.writes_folder(args.explain, "--explain")
+    paths.reads(args.similar_to, "the image --similar_to")
+    paths.writes(args.embeddings, "--embeddings")
+    if args.similar_to:
+        paths.writes(data_loop.similar_path(args.output), "--similar_to's list")
+    if args.rank_for_labelling:
+        paths.writes(data_loop.to_label_path(args.output), "--rank_for_labelling's list")
     paths.check()
     return report_path, confusion_path
+
+
+def wants_features(args):
+    return bool(args.embeddings or args.similar_to or args.rank_for_labelling)
+
+
+def check_data_loop(args, n_inputs):
+    """One error line, before any work, for --embeddings, --similar_to and --rank_for_labelling values that cannot
+    work; returns the --similar_to image's input tensor (or None)."""
+    if args.embeddings and Path(args.embeddings).suffix.lower() != ".npy":
+        raise CLIError(f"--embeddings {args.embeddings!r}: name an .npy file (numpy.load reads it)")
+    if args.top <= 0:
+        raise CLIError(f"--top must be positive; got {args.top}")
+    if args.rank_for_labelling is not None and not 0 < args.rank_for_labelling <= n_inputs:
+        raise CLIError(
+            f"--rank_for_labelling {args.rank_for_labelling}: give a number from 1 to the {n_inputs} images to rank"
+        )
+    if not args.similar_to:
+        return None
+    try:
+        image = data_loader.load_rgb(args.similar_to)
+    except Exception as e:  # a missing file, not an image, truncated, a decompression bomb
+        raise CLIError(f"--similar_to {args.similar_to}: cannot be read as an image ({e})") from None
+    return image
 
 
 def main(args):
@@ -278,6 +337,9 @@ def main(args):
     inputs, searched, lists = gather_inputs(args, ckpt, predictor.task)
     labelled = any(label != -1 for _, label in inputs)
     report_path, confusion_path = check_outputs(args, inputs, labelled, predictor.task, searched, lists)
+    query = check_data_loop(args, len(inputs))
+    if wants_features(args) and head is None:
+        predictor.keep_features(head)  # an ONNX model: the error line
     device = resolve_device(args.gpu_id, dist.local_rank)
     predictor.model, predictor.compute, predictor.cam = prepare_model(
         ckpt,
@@ -291,6 +353,8 @@ def main(args):
         progress=dist.is_main and args.verbose >= 1,
         log=print if dist.is_main else None,
     )
+    if wants_features(args):
+        predictor.keep_features(head)
     columns = predictor.columns(labelled, bool(args.explain))
     partial = prediction_output.PartialRun(args.output, run_manifest(args, inputs, columns), len(inputs))
     partial.check(args.resume)  # before any work: one error line, nothing changed
@@ -319,8 +383,50 @@ def main(args):
     if not dist.is_main:
         return
     seconds = time.perf_counter() - start
-    summary = write_result(partial, args.output, columns, rows, plot_at, maps, unchanged)
+    store = data_loop.FeatureStore(len(inputs), args.embeddings) if wants_features(args) else None
+    summary = write_result(partial, args.output, columns, rows, plot_at, maps, unchanged, store)
     print_results(args, predictor, summary, (n_new, seconds), rows.explained, (labelled, report_path, confusion_path))
+    if store is not None:
+        write_data_loop(args, predictor, store, inputs, query)
+
+
+def write_data_loop(args, predictor, store, inputs, query):
+    """--embeddings' summary line, --similar_to's and --rank_for_labelling's lists."""
+    files = [f for f, _ in inputs]
+    n_rows = int((~np.isnan(store.uncertainty)).sum())
+    if args.embeddings:
+        print(
+            f"embeddings: {n_rows} rows of {store.features.shape[1]} float32 features "
+            f"(rows in result.csv's order{'; NaN for unreadable images' if n_rows < len(files) else ''}) -> "
+            f"{args.embeddings}"
+        )
+    if query is not None:
+        tensor = data_loader.Preprocess.of(predictor.ckpt).transform()(query)[None]
+        with torch.inference_mode():
+            query_features = predictor.outputs(tensor).features[0]
+        with open(args.output, encoding="utf-8-sig", newline="") as f:
+            answers = [row.get("predict", "") for row in csv.DictReader(f)]
+        rows = data_loop.similar_rows(store, files, answers, query_features, args.top, skip=args.similar_to)
+        path = data_loop.similar_path(args.output)
+        write_csv(path, data_loop.SIMILAR_COLUMNS, rows)
+        best = f"; the closest {rows[0]['file_dir']} ({rows[0]['similarity']:.3f})" if rows else ""
+        print(f"similar to {args.similar_to}: {len(rows)} images{best} -> {path}")
+    if args.rank_for_labelling:
+        path = data_loop.to_label_path(args.output)
+        rows = data_loop.labelling_rows(store, files, args.rank_for_labelling, path.parent)
+        write_csv(path, data_loop.TO_LABEL_COLUMNS, rows)
+        fewer = f" (only {len(rows)} readable)" if len(rows) < args.rank_for_labelling else ""
+        print(
+            f"to label first: {len(rows)} images{fewer}, uncertain and unlike each other -> {path} (fill in the "
+            f"label column, then: python train.py --labels_csv {path})"
+        )
+
+
+def write_csv(path, columns, rows):
+    with atomic_open(path, "w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def run_manifest(args, inputs, columns):
@@ -337,7 +443,8 @@ def run_manifest(args, inputs, columns):
             "tta": args.tta,
             "reject_ood": args.reject_ood,
             "amp": args.amp,
-        },
+        }
+        | ({"embeddings": True} if wants_features(args) else {}),  # rows that carry their features
     }
 
 
@@ -376,7 +483,8 @@ class Rows:
                     )
                     if index in maps_at:
                         maps_at[index] = out.maps[i]
-                packed.append(prediction_output.pack_row(index, cells, pred, p.numpy(), out.unlike[i]))
+                features = None if out.features is None else out.features[i].numpy()
+                packed.append(prediction_output.pack_row(index, cells, pred, p.numpy(), out.unlike[i], features))
         for bad in batch.bad:
             packed.append(
                 prediction_output.pack_row(
@@ -433,16 +541,20 @@ class Stopped(Exception):
     """A stop signal seen at a batch's end: out of the loop, with the unfinished outputs dropped."""
 
 
-def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
-    """--output from the partial folder's rows, in input order (written whole, then the folder removed). Returns
-    the summary's counts (read back from the rows) with the labelled rows' tally and the figure's samples."""
+def write_result(partial, output, columns, rows, plot_at, maps, unchanged, store=None):
+    """--output from the partial folder's rows, in input order (written whole, then the folder removed), and the
+    rows' features into `store` (a data_loop.FeatureStore) when given. Returns the summary's counts (read back from
+    the rows) with the labelled rows' tally and the figure's samples."""
     task, inputs = rows.task, rows.inputs
     counts = dict(done=0, bad=0, accepted=0, unlike=0)
     tally, samples, reason = task.tally(), [], None  # reason: the first unreadable row's error
-    with atomic_open(output, "w", newline="", encoding="utf-8-sig") as f:  # Excel-friendly
+    with (
+        atomic_open(output, "w", newline="", encoding="utf-8-sig") as f,  # Excel-friendly
+        store if store is not None else nullcontext(),
+    ):
         writer = csv.writer(f)
         writer.writerow(columns)
-        for index, cells, pred, probs, unlike in partial.rows_in_order():
+        for index, cells, pred, probs, unlike, features in partial.rows_in_order():
             writer.writerow(cells)
             if probs is None:
                 counts["bad"] += 1
@@ -450,6 +562,8 @@ def write_result(partial, output, columns, rows, plot_at, maps, unchanged):
                 continue
             pred = tuple(pred) if isinstance(pred, list) else pred  # a multi-label decision, from JSON
             probs = torch.from_numpy(probs.copy())
+            if store is not None:
+                store.add(index, features, float(task.uncertainty(probs[None])[0]))
             counts["done"] += 1
             counts["accepted"] += task.accepted(pred)
             counts["unlike"] += bool(unlike)

@@ -60,15 +60,20 @@ def share(remaining, rank, world_size):
 # ----------------------------------------------------------------------------- rows <-> frames
 
 
-def pack_row(index, cells, pred=None, probs=None, unlike=None):
-    """One row of a batch's record: its input index, its CSV cells, and what the summary needs again at the end
-    (the task's decision, the float32 probabilities, out of distribution or not); pred None = unreadable."""
-    packed = None if probs is None else base64.b64encode(np.asarray(probs, dtype=np.float32).tobytes()).decode()
-    return [int(index), cells, pred, unlike, packed]
+def pack_row(index, cells, pred=None, probs=None, unlike=None, features=None):
+    """One row of a batch's record: its input index, its CSV cells, and what the end needs again (the task's
+    decision, the float32 probabilities, out of distribution or not, and the penultimate features when they are
+    kept); pred None = unreadable."""
+    row = [int(index), cells, pred, unlike, pack_floats(probs)]
+    return row if features is None else row + [pack_floats(features)]
+
+
+def pack_floats(values):
+    return None if values is None else base64.b64encode(np.asarray(values, dtype=np.float32).tobytes()).decode()
 
 
 def unpack_probs(packed):
-    return np.frombuffer(base64.b64decode(packed), dtype=np.float32)
+    return None if packed is None else np.frombuffer(base64.b64decode(packed), dtype=np.float32)
 
 
 def encode_frame(rows):
@@ -172,8 +177,9 @@ class PartialRun:
         return PartWriter(self.folder / f"rank{rank}.rows")
 
     def rows_in_order(self):
-        """(index, cells, pred, probs as float32 or None, unlike) of every input, in input order, read back from
-        the part files with a few batches in memory at a time (an index written twice: the later row)."""
+        """(index, cells, pred, probs as float32 or None, unlike, features as float32 or None) of every input, in
+        input order, read back from the part files with a few batches in memory at a time (an index written twice:
+        the later row)."""
         parts = self.parts()
         where_part = np.full(self.n, -1, dtype=np.int16)
         where_offset = np.zeros(self.n, dtype=np.int64)
@@ -195,8 +201,8 @@ class PartialRun:
                     cache[key] = read_frame_at(files[key[0]], key[1])
                     if len(cache) > CACHED_FRAMES:
                         cache.popitem(last=False)
-                _, cells, pred, unlike, packed = cache[key][where_row[index]]
-                yield index, cells, pred, None if packed is None else unpack_probs(packed), unlike
+                _, cells, pred, unlike, packed, *features = cache[key][where_row[index]]
+                yield index, cells, pred, unpack_probs(packed), unlike, unpack_probs(features[0] if features else None)
         finally:
             for f in files:
                 f.close()

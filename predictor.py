@@ -95,6 +95,7 @@ class Outputs:
     scores: torch.Tensor
     unlike: list
     maps: torch.Tensor = None
+    features: torch.Tensor = None  # (N, D) float32: the classifier's input, when the Predictor keeps it
 
     def score(self, i):
         """(ood_score, unlike) of row i, or None without a reference."""
@@ -115,6 +116,7 @@ class Predictor:
         self.views = 2 if reading.tta else 1  # the image, and its mirror image with --tta
         many = len(self.class_names) > MAX_PROB_COLUMNS
         self.topk = min(reading.topk or (5 if many else 0), len(self.class_names))
+        self.tap = None  # keep_features: the classifier layer's input of the last forward
         self.check()
 
     @classmethod
@@ -145,6 +147,17 @@ class Predictor:
             )
         if (self.rejecting or self.task.empty_label_allowed) and reading.unknown_label in self.class_names:
             raise CLIError(f"--unknown_label {reading.unknown_label!r} is one of the classes; choose another word")
+
+    def keep_features(self, head):
+        """From now on, Outputs carry each image's penultimate features (the classifier layer's input, which the
+        ood_score reads too). head: the classifier layer's name; None (an ONNX model): one error line."""
+        if head is None:
+            raise CLIError(
+                "--embeddings, --similar_to and --rank_for_labelling need the checkpoint (.pth): the ONNX file "
+                "gives the logits and ood_score only"
+            )
+        inner = self.model.model if isinstance(self.model, ood.ScoredModel) else self.model
+        self.tap = FeatureTap(inner.get_submodule(head))
 
     @property
     def rejecting(self):
@@ -179,7 +192,8 @@ class Predictor:
                 unlike = (scores > self.ood_threshold).tolist()
                 if reading.reject_ood:
                     decisions = [UNKNOWN if u else d for d, u in zip(decisions, unlike)]
-        return Outputs(probs, decisions, scores, unlike, heat)
+        features = None if self.tap is None else self.tap.taken[: len(probs)].detach().float().flatten(1).cpu()
+        return Outputs(probs, decisions, scores, unlike, heat, features)
 
     def row(self, sample, probs, decision, score=None, labelled=False):
         """An image's cells in columns() order (the heatmap cell left out): (path, label) sample, its probabilities,
@@ -208,3 +222,15 @@ class Predictor:
         if labelled:
             row["label"] = self.task.text(label, self.class_names)
         return list(row.values())
+
+
+class FeatureTap:
+    """A forward pre-hook on the classifier layer that keeps its input (the penultimate features) of the last
+    forward."""
+
+    def __init__(self, layer):
+        self.taken = None
+        layer.register_forward_pre_hook(self.take)
+
+    def take(self, module, inputs):
+        self.taken = inputs[0]

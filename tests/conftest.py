@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest.ini's two workers share the cores: one thread each (and their
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses), not two apiece fighting over them
+
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "fashion_sample"
 sys.path.insert(0, str(ROOT))

@@ -308,7 +308,8 @@ def adapt(command, work, weights):
             "0,1",
         ]
     if script == "bench/serve_bench.py":  # the same parts, small: the quick start's model as the README test made it
-        tokens += ["--model_fn", str(work / "model.pth"), "--work", str(work / "serve_bench"), "--clients", "4"]
+        tokens = replace_flag(replace_flag(tokens, "--soak", "40"), "--requests", "16")
+        tokens += ["--model_fn", str(work / "model.pth"), "--work", str(work / "serve_bench"), "--clients", "2"]
     if script == "data/prepare.py" and "--zip" in tokens:
         tokens = replace_flag(tokens, "--zip", str(work / "train.zip")) + ["--out", str(work / "catdog")]
     if "--gpu_id" in tokens and not torch.cuda.is_available():

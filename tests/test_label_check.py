@@ -151,8 +151,8 @@ def test_flagged_labels_alone_do_not_fail_and_without_a_backbone_the_check_is_na
     assert train.main(train.parse_args(base)) is None  # status 0: the audit found nothing wrong
     out = capsys.readouterr().out
     assert (
-        "label check, near-duplicates and outliers: skipped; they need a pretrained backbone (--use_pretrained or --weights FILE)"
-        in out
+        "label check, near-duplicates and outliers: skipped; they need a pretrained backbone (--use_pretrained or "
+        "--weights FILE)" in out
     )
     assert not (tmp_path / "out").exists()
     assert train.main(train.parse_args(base + ["--weights", str(random_weights)])) is None

@@ -1,13 +1,17 @@
 """predict.py at scale: rows streamed to a partial folder, kill -9 then --resume, refusals, torchrun's shares."""
 
+import csv
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import predict
 import prediction_output
@@ -171,6 +175,7 @@ def test_ctrl_c_keeps_the_rows_and_resume_refuses_what_does_not_match(model, tmp
         (["--reject_ood"], "--reject_ood (was False, now True)"),
         (["--topk", "2"], "columns"),
         (["--data_dir", images / "bag"], "input list"),
+        (["--embeddings", tmp_path / "e.npy"], "--embeddings (was None, now True)"),  # rows without features
     ):
         err = run_in_process(predict, argv + changed + ["--resume"], capsys)
         assert "--resume" in err and words in err and "nothing was changed" in err, err
@@ -193,8 +198,10 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, mon
     files = sorted(images.rglob("*.png"))[::-1]  # the list's order, not sorted
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join([str(f) for f in files[:10]] + ["gone.png"] + [str(f) for f in files[10:]]) + "\n")
-    argv = ["--model_fn", ckpt, "--file_list", listing, "--batch_size", "4", "--n_images", "4"]
-    printed = run_predict(capsys, *argv, "--output", tmp_path / "one.csv", "--plot", tmp_path / "one.png")
+    argv = ["--model_fn", ckpt, "--file_list", listing, "--batch_size", "4", "--n_images", "4", "--embeddings"]
+    printed = run_predict(
+        capsys, *argv, tmp_path / "one.npy", "--output", tmp_path / "one.csv", "--plot", tmp_path / "one.png"
+    )
     assert "1 unreadable" in printed
     with monkeypatch.context() as m:  # one process, stopped after its first batch: 4 rows kept
         interrupt_when_called(m, predict.prediction_output, "pack_row")
@@ -203,7 +210,8 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, mon
                 lambda: predict.main(
                     predict.parse_args(
                         [str(a) for a in argv]
-                        + ["--output", str(tmp_path / "two.csv"), "--num_workers", "0", "--verbose", "0"]
+                        + [str(tmp_path / "two.npy"), "--output", str(tmp_path / "two.csv")]
+                        + ["--num_workers", "0", "--verbose", "0"]
                     )
                 )
             )
@@ -229,6 +237,8 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, mon
             "--verbose",
             "0",
             "--resume",
+            "--embeddings",
+            "two.npy",
         ],
         cwd=tmp_path,
         env=env,
@@ -256,6 +266,85 @@ def test_torchrun_two_processes_write_what_one_does(model, tmp_path, capsys, mon
     assert (tmp_path / "two.png").stat().st_size > 0 and not prediction_output.partial_dir(
         tmp_path / "two.csv"
     ).exists()
+    # the embeddings: one row per result row, in its order (the missing file's row NaN), the same from both runs
+    # and equal to the classifier's input for that file
+    one_emb, two_emb = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
+    assert one_emb.shape == (25, 512) and one_emb.dtype == np.float32 and "-> " + str(tmp_path / "one.npy") in printed
+    assert np.isnan(one_emb[10]).all() and not np.isnan(np.delete(one_emb, 10, axis=0)).any()
+    assert np.allclose(two_emb, one_emb, atol=1e-5, equal_nan=True)
+    assert np.allclose(features_of(ckpt, [files[0], files[17]]), one_emb[[0, 18]], atol=1e-4)
+
+
+def features_of(ckpt, files):
+    """The classifier layer's input for these files, computed here without predict.py."""
+    import data_loader
+    import model_loader
+
+    checkpoint = model_loader.load_checkpoint(ckpt)
+    model, head = model_loader.model_from_checkpoint(checkpoint, ckpt)
+    taken = []
+    model.eval().get_submodule(head).register_forward_pre_hook(lambda m, inputs: taken.append(inputs[0]))
+    transform = data_loader.Preprocess.of(checkpoint).transform()
+    with torch.no_grad():
+        model(torch.stack([transform(data_loader.load_rgb(f)) for f in files]))
+    return taken[0].numpy()
+
+
+def test_similar_to_and_rank_for_labelling_on_a_pool_with_copies(model, tmp_path, capsys):
+    """A pool of the test images and ten copies of the most uncertain one: --similar_to that image lists its ten
+    copies first (similarity 1, the query itself left out); --rank_for_labelling 6 takes one copy at most and six
+    distinct files, with an empty label and a reason; its labels filled in, train.py --labels_csv trains on it.
+    Bad values: one line each."""
+    ckpt, images = model
+    run_predict(capsys, "--model_fn", ckpt, "--data_dir", images, "--output", tmp_path / "first.csv", "--n_images", 0)
+    first = rows_of(tmp_path / "first.csv")
+    margin = [sorted(float(r[k]) for k in r if k.startswith("prob_"))[-2:] for r in first]
+    uncertain = Path(first[min(range(len(first)), key=lambda i: margin[i][1] - margin[i][0])]["file_dir"])
+    pool = tmp_path / "pool"
+    shutil.copytree(images, pool)
+    query = pool / uncertain.parent.name / uncertain.name
+    for k in range(10):
+        shutil.copy(query, pool / query.parent.name / f"copy{k}_{query.name}")
+    out = tmp_path / "pool.csv"
+    argv = ["--model_fn", ckpt, "--data_dir", pool, "--output", out, "--n_images", 0]
+    printed = run_predict(capsys, *argv, "--similar_to", query, "--top", 12, "--rank_for_labelling", 6)
+    assert (
+        f"similar to {query}: 12 images; the closest " in printed and "to label first: 6 images, uncertain" in printed
+    )
+    similar = rows_of(tmp_path / "pool_similar.csv")
+    assert [r["rank"] for r in similar] == [str(i) for i in range(1, 13)]
+    assert {Path(r["file_dir"]).name for r in similar[:10]} == {f"copy{k}_{query.name}" for k in range(10)}
+    assert all(float(r["similarity"]) > 0.9999 for r in similar[:10]) and float(similar[10]["similarity"]) < 0.9999
+    assert str(query) not in {r["file_dir"] for r in similar}
+    picks = rows_of(tmp_path / "pool_to_label.csv")
+    names = [Path(r["file"]).name for r in picks]
+    assert len(picks) == 6 and len(set(names)) == 6 and all(r["label"] == "" and r["why"] for r in picks)
+    assert sum(name == query.name or name.startswith("copy") for name in names) <= 1, names
+    assert float(picks[0]["score"]) == max(float(r["score"]) for r in picks)
+    for r in picks:  # the user's labels: the image's folder
+        r["label"] = Path(r["file"]).parent.name
+    with open(tmp_path / "pool_to_label.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(picks[0]))
+        writer.writeheader()
+        writer.writerows(picks)
+    train.main(
+        train.parse_args(
+            [str(a) for a in ("--labels_csv", tmp_path / "pool_to_label.csv", "--model_name", "resnet18")]
+            + [str(a) for a in ("--input_size", 32, "--n_epochs", 1, "--num_workers", 0, "--verbose", 0)]
+            + ["--model_fn", str(tmp_path / "next.pth"), "--log_dir", str(tmp_path / "next")]
+        )
+    )
+    import model_loader
+
+    assert model_loader.load_checkpoint(tmp_path / "next.pth")["class_names"] == sorted({r["label"] for r in picks})
+    capsys.readouterr()
+    for extra, words in (
+        (["--similar_to", ckpt], "--similar_to " + str(ckpt) + ": cannot be read as an image"),
+        (["--rank_for_labelling", 35], "--rank_for_labelling 35: give a number from 1 to the 34 images"),
+        (["--embeddings", tmp_path / "e.txt"], "name an .npy file"),
+    ):
+        err = run_in_process(predict, argv + extra, capsys)
+        assert words in err, err
 
 
 def test_shares_split_the_remaining_images_once_and_in_order():

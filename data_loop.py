@@ -1,0 +1,130 @@
+"""predict.py's part of the data loop: the penultimate features of every row (--embeddings), the input images most
+like one image (--similar_to), and the images worth labelling first (--rank_for_labelling), all from the features
+and probabilities the prediction pass computes anyway.
+
+The features are the classifier layer's input, the ones the out-of-distribution score reads; similarities are
+cosines between them. The ranking for labelling takes the most uncertain images (the task's uncertainty: 1 - the
+top-2 margin, or closeness to a multi-label threshold) and spreads the picks over feature space by k-center greedy
+(similarity.k_center), so that twenty near-identical uncertain images do not take twenty places."""
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import similarity
+from utils import atomic_path
+
+SIMILAR_COLUMNS = ["rank", "file_dir", "similarity", "predict"]
+TO_LABEL_COLUMNS = ["file", "label", "why", "score"]
+POOL = 4  # --rank_for_labelling spreads its N picks over the POOL x N most uncertain images
+
+
+def similar_path(output):
+    """<output stem>_similar.csv, beside --output."""
+    return Path(output).with_name(f"{Path(output).stem}_similar.csv")
+
+
+def to_label_path(output):
+    """<output stem>_to_label.csv, beside --output."""
+    return Path(output).with_name(f"{Path(output).stem}_to_label.csv")
+
+
+class FeatureStore:
+    """One row of float32 features and one uncertainty per result row, in result.csv's order (NaN for unreadable
+    images): an .npy file that appears whole when the block ends (`path`), or memory alone (path None)."""
+
+    def __init__(self, n, path=None):
+        self.n, self.path = n, path
+        self.features, self.uncertainty = None, np.full(n, np.nan, dtype=np.float32)
+        self._files = contextlib.ExitStack()
+
+    def __enter__(self):
+        if self.path:
+            self.tmp = self._files.enter_context(atomic_path(self.path))
+        return self
+
+    def __exit__(self, *exc):
+        if self.path and self.features is not None:
+            self.features.flush()
+            self.features = None  # the memory map closed before the file is renamed into place
+        result = self._files.__exit__(*exc)
+        if self.path and exc[0] is None:
+            self.features = np.load(self.path, mmap_mode="r")  # for --similar_to and --rank_for_labelling
+        return result
+
+    def add(self, index, features, uncertainty):
+        if features is None:
+            return
+        if self.features is None:
+            shape = (self.n, len(features))
+            if self.path:
+                self.features = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
+            else:
+                self.features = np.empty(shape, dtype=np.float32)
+            self.features[:] = np.nan
+        self.features[index] = features
+        self.uncertainty[index] = uncertainty
+
+    def unit_rows(self):
+        """(indices of the rows with features, their features as unit rows in a float32 tensor)."""
+        valid = np.flatnonzero(~np.isnan(self.uncertainty))
+        emb = torch.from_numpy(np.asarray(self.features[valid], dtype=np.float32))
+        return valid, torch.nn.functional.normalize(emb, dim=1)
+
+
+def similar_rows(store, files, predictions, query, top, skip=None):
+    """The `top` rows most like the query features (cosine), most similar first; `skip`: a file (the query
+    itself, when it is among the inputs) left out."""
+    valid, emb = store.unit_rows()
+    sims = emb @ torch.nn.functional.normalize(torch.as_tensor(query, dtype=torch.float32), dim=0)
+    order = torch.argsort(sims, descending=True).tolist()
+    same = os.path.realpath(skip) if skip else None
+    rows = []
+    for j in order:
+        i = int(valid[j])
+        if same and os.path.realpath(files[i]) == same:
+            continue
+        rows.append({"file_dir": files[i], "similarity": round(float(sims[j]), 4), "predict": predictions[i]})
+        if len(rows) == top:
+            break
+    return [{"rank": r, **row} for r, row in enumerate(rows, 1)]
+
+
+def labelling_rows(store, files, n, csv_folder):
+    """n rows of <output>_to_label.csv: distinct images worth labelling first (k-center greedy over the POOL x n
+    most uncertain), with an empty label, why each was picked, and its uncertainty as the score. Paths relative to
+    the CSV's folder when the images are under it (train.py --labels_csv's default root), else absolute."""
+    valid, emb = store.unit_rows()
+    uncertainty = torch.from_numpy(store.uncertainty[valid])
+    picks = similarity.k_center(emb, n, uncertainty, pool=POOL)
+    rank_of = {int(j): r for r, j in enumerate(torch.argsort(uncertainty, descending=True).tolist(), 1)}
+    rows = []
+    for k, j in enumerate(picks):
+        why = f"uncertainty {float(uncertainty[j]):.3f} ({ordinal(rank_of[j])} of {len(valid)})"
+        if k:
+            nearest = float((1 - emb[picks[:k]] @ emb[j]).min())
+            why += f"; cosine distance {nearest:.3f} to the nearest earlier pick"
+        else:
+            why += "; the first pick"
+        rows.append(
+            {
+                "file": relative_to(files[int(valid[j])], csv_folder),
+                "label": "",
+                "why": why,
+                "score": round(float(uncertainty[j]), 4),
+            }
+        )
+    return rows
+
+
+def relative_to(file, folder):
+    path = os.path.abspath(file)
+    rel = os.path.relpath(path, os.path.abspath(folder))
+    return path if rel.split(os.sep)[0] == os.pardir else rel
+
+
+def ordinal(n):
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
