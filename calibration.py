@@ -43,6 +43,12 @@ class Calibration:
         """softmax(logits / T) in float32, averaged over the views (see with_flips)."""
         return averaged((logits.float() / float(self.temperature)).softmax(1), views)
 
+    def uncertainty(self, probs, threshold=None):
+        """(N,) in [0, 1] per row of calibrated probabilities: 1 - the margin between the two likeliest classes (1: a
+        tie, 0: certain); what --rank_for_labelling ranks by. `threshold` does not change which class wins."""
+        top = probs.topk(min(2, probs.shape[1]), dim=1).values
+        return 1 - (top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0))
+
     def decide(self, probs, threshold=None):
         """Predicted class per row; UNKNOWN where the best probability is below `threshold` (None = never)."""
         confidence, pred = probs.max(1)
@@ -106,6 +112,15 @@ class SetCalibration:
         """sigmoid(logits / T_class) in float32, averaged over the views (see with_flips)."""
         logits = logits.float() / torch.as_tensor(self.temperatures, dtype=torch.float32, device=logits.device)
         return averaged(logits.sigmoid(), views)
+
+    def uncertainty(self, probs, threshold=None):
+        """(N,) in [0, 1]: how close the least decided class is to its decision threshold (the fitted ones, or
+        `threshold` for every class), as a share of the room on that side (1: a class exactly at its threshold)."""
+        t = torch.as_tensor(
+            self.thresholds if threshold is None else [threshold] * probs.shape[1], dtype=torch.float32
+        ).to(probs.device)
+        room = torch.maximum(t, 1 - t).clamp_min(1e-6)
+        return 1 - ((probs.float() - t).abs() / room).min(dim=1).values
 
     def decide(self, probs, threshold=None):
         """Boolean (N, classes): the classes whose probability reaches their threshold (`threshold`: that one

@@ -2,24 +2,110 @@
 like one image (--similar_to), and the images worth labelling first (--rank_for_labelling), all from the features
 and probabilities the prediction pass computes anyway.
 
-The features are the classifier layer's input, the ones the out-of-distribution score reads; similarities are
-cosines between them. The ranking for labelling takes the most uncertain images (the task's uncertainty: 1 - the
-top-2 margin, or closeness to a multi-label threshold) and spreads the picks over feature space by k-center greedy
-(similarity.k_center), so that twenty near-identical uncertain images do not take twenty places."""
+The features are the classifier layer's input (its spatial mean for a 1x1-convolution classifier), the ones the
+out-of-distribution score reads; similarities are cosines between them. The ranking for labelling takes the most
+uncertain images (the calibration's uncertainty: 1 - the top-2 margin, or how close a class is to its multi-label
+threshold) and spreads the picks over feature space by k-center greedy (similarity.k_center), so that twenty
+near-identical uncertain images do not take twenty places."""
 
 import contextlib
+import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import data_loader
 import similarity
-from utils import atomic_path
+from cli import CLIError
+from utils import atomic_open, atomic_path
 
 SIMILAR_COLUMNS = ["rank", "file_dir", "similarity", "predict"]
 TO_LABEL_COLUMNS = ["file", "label", "why", "score"]
 POOL = 4  # --rank_for_labelling spreads its N picks over the POOL x N most uncertain images
+
+
+@dataclass
+class Asked:
+    """What predict.py's --embeddings, --similar_to (--top) and --rank_for_labelling ask for, beside --output."""
+
+    output: str
+    embeddings: str = None
+    similar_to: str = None
+    top: int = 20
+    rank: int = None  # --rank_for_labelling N
+    multi_label: bool = False  # the model's task: the hint names --multi_label
+
+    @property
+    def features(self):
+        """Whether the rows keep their features (any of the three)."""
+        return bool(self.embeddings or self.similar_to or self.rank)
+
+    def check(self, n_inputs):
+        """One error line, before any work, for values that cannot work or a list to label whose labels were already
+        filled in; returns --similar_to's image (RGB), or None."""
+        if self.embeddings and Path(self.embeddings).suffix.lower() != ".npy":
+            raise CLIError(f"--embeddings {self.embeddings!r}: name an .npy file (numpy.load reads it)")
+        if self.rank is not None and not 0 < self.rank <= n_inputs:
+            raise CLIError(f"--rank_for_labelling {self.rank}: give a number from 1 to the {n_inputs} images to rank")
+        if self.rank and labelled_rows(to_label_path(self.output)):
+            raise CLIError(
+                f"{to_label_path(self.output)} has labels filled in, which this run would replace: train on it, move "
+                "it, or give another --output"
+            )
+        if not self.similar_to:
+            return None
+        if self.top <= 0:
+            raise CLIError(f"--top must be positive; got {self.top}")
+        try:
+            return data_loader.load_rgb(self.similar_to)
+        except Exception as e:  # a missing file, not an image, truncated, a decompression bomb
+            raise CLIError(f"--similar_to {self.similar_to}: cannot be read as an image ({e})") from None
+
+    def write(self, store, files, query_features, log=print):
+        """--embeddings' summary line, --similar_to's and --rank_for_labelling's lists, after --output is written."""
+        n_rows = int((~np.isnan(store.uncertainty)).sum())
+        if self.embeddings:
+            unreadable = "; NaN for unreadable images" if n_rows < len(files) else ""
+            log(
+                f"embeddings: {n_rows} rows of {store.features.shape[1]} float32 features (rows in result.csv's "
+                f"order{unreadable}) -> {self.embeddings}"
+            )
+        if self.similar_to:
+            with open(self.output, encoding="utf-8-sig", newline="") as f:
+                answers = [row.get("predict", "") for row in csv.DictReader(f)]
+            rows = similar_rows(store, files, answers, query_features, self.top, skip=self.similar_to)
+            write_csv(similar_path(self.output), SIMILAR_COLUMNS, rows)
+            best = f"; the closest {rows[0]['file_dir']} ({rows[0]['similarity']:.3f})" if rows else ""
+            log(f"similar to {self.similar_to}: {len(rows)} images{best} -> {similar_path(self.output)}")
+        if self.rank:
+            path = to_label_path(self.output)
+            rows = labelling_rows(store, files, self.rank, path.parent)
+            write_csv(path, TO_LABEL_COLUMNS, rows)
+            fewer = f" (only {len(rows)} readable, distinct files)" if len(rows) < self.rank else ""
+            flag = " --multi_label" if self.multi_label else ""
+            log(
+                f"to label first: {len(rows)} images{fewer}, uncertain and unlike each other -> {path} (fill in the "
+                f"label column, then: python train.py --labels_csv {path}{flag})"
+            )
+
+
+def labelled_rows(path):
+    """How many rows of an existing list to label have a label filled in (0 when there is no such file)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return sum(bool((row.get("label") or "").strip()) for row in csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return 0
+
+
+def write_csv(path, columns, rows):
+    with atomic_open(path, "w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def similar_path(output):
@@ -98,6 +184,11 @@ def labelling_rows(store, files, n, csv_folder):
     most uncertain), with an empty label, why each was picked, and its uncertainty as the score. Paths relative to
     the CSV's folder when the images are under it (train.py --labels_csv's default root), else absolute."""
     valid, emb = store.unit_rows()
+    first = {}  # a file listed twice is ranked once
+    for j, i in enumerate(valid.tolist()):
+        first.setdefault(os.path.realpath(files[i]), j)
+    keep = sorted(first.values())
+    valid, emb = valid[keep], emb[keep]
     uncertainty = torch.from_numpy(store.uncertainty[valid])
     picks = similarity.k_center(emb, n, uncertainty, pool=POOL)
     rank_of = {int(j): r for r, j in enumerate(torch.argsort(uncertainty, descending=True).tolist(), 1)}

@@ -73,9 +73,13 @@ def read_labels(path, image_root=None, warn=print, task=None):
         raise CLIError(f"--image_root {str(root)!r} does not exist or is not a folder")
     rows = read_rows(path)
     with_split = "split" in rows[0][1]
-    seen, out, missing, outside = {}, {}, [], []
+    to_label = "why" in rows[0][1]  # predict.py --rank_for_labelling's list: a row without a label is not labelled yet
+    seen, out, missing, outside, unlabelled = {}, {}, [], [], []
     for line, row in rows:
         name, label = (row.get("file") or "").strip(), (row.get("label") or "").strip()
+        if to_label and name and not label:
+            unlabelled.append(f"line {line}: {name}")
+            continue
         if not name or not (label or task.empty_label_allowed):
             raise CLIError(f"--labels_csv {path} line {line}: empty {'file' if not name else 'label'}")
         label = task.parse(label)
@@ -107,6 +111,13 @@ def read_labels(path, image_root=None, warn=print, task=None):
             f"warning: --labels_csv: {len(outside)} of {len(rows)} rows name files outside {where} (../ in the "
             "path; they are used): " + "; ".join(outside[:3]) + (" ..." if len(outside) > 3 else "")
         )
+    if unlabelled:
+        warn(
+            f"warning: --labels_csv: {len(unlabelled)} of {len(rows)} rows of the list to label have no label yet, "
+            "left out: " + "; ".join(unlabelled[:3]) + (" ..." if len(unlabelled) > 3 else "")
+        )
+    if len(unlabelled) == len(rows):
+        raise CLIError(f"--labels_csv {path}: none of its {len(rows)} rows has a label yet (fill in the label column)")
     if not out:
         raise CLIError(
             f"--labels_csv {path}: none of its {len(rows)} files exist under {str(root)!r} (see --image_root)"

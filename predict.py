@@ -165,14 +165,12 @@ def data_loop_flags(add):
     """The features' outputs: the embeddings, the images most like one, the images to label first (data_loop.py)."""
     add(
         "--embeddings",
-        default=None,
         metavar="FILE.npy",
         help="also write each row's penultimate features (the classifier's input) to FILE.npy: float32, one row "
         "per result.csv row in the same order (NaN for unreadable images); needs the .pth checkpoint",
     )
     add(
         "--similar_to",
-        default=None,
         metavar="IMAGE",
         help="also write <output stem>_similar.csv: the --top input images most like IMAGE (cosine similarity of "
         "their features), most similar first",
@@ -181,7 +179,6 @@ def data_loop_flags(add):
     add(
         "--rank_for_labelling",
         type=int,
-        default=None,
         metavar="N",
         help="also write <output stem>_to_label.csv: N distinct images worth labelling first (uncertain ones, "
         "spread over feature space) with an empty label column; filled in, train.py --labels_csv reads it",
@@ -301,30 +298,6 @@ def check_outputs(args, inputs, labelled, task, searched, lists=()):
     return report_path, confusion_path
 
 
-def wants_features(args):
-    return bool(args.embeddings or args.similar_to or args.rank_for_labelling)
-
-
-def check_data_loop(args, n_inputs):
-    """One error line, before any work, for --embeddings, --similar_to and --rank_for_labelling values that cannot
-    work; returns the --similar_to image's input tensor (or None)."""
-    if args.embeddings and Path(args.embeddings).suffix.lower() != ".npy":
-        raise CLIError(f"--embeddings {args.embeddings!r}: name an .npy file (numpy.load reads it)")
-    if args.top <= 0:
-        raise CLIError(f"--top must be positive; got {args.top}")
-    if args.rank_for_labelling is not None and not 0 < args.rank_for_labelling <= n_inputs:
-        raise CLIError(
-            f"--rank_for_labelling {args.rank_for_labelling}: give a number from 1 to the {n_inputs} images to rank"
-        )
-    if not args.similar_to:
-        return None
-    try:
-        image = data_loader.load_rgb(args.similar_to)
-    except Exception as e:  # a missing file, not an image, truncated, a decompression bomb
-        raise CLIError(f"--similar_to {args.similar_to}: cannot be read as an image ({e})") from None
-    return image
-
-
 def main(args):
     if args.batch_size <= 0 or args.n_images < 0 or (args.num_workers or 0) < 0:
         raise CLIError("--batch_size must be positive; --n_images and --num_workers 0 or more")
@@ -337,8 +310,11 @@ def main(args):
     inputs, searched, lists = gather_inputs(args, ckpt, predictor.task)
     labelled = any(label != -1 for _, label in inputs)
     report_path, confusion_path = check_outputs(args, inputs, labelled, predictor.task, searched, lists)
-    query = check_data_loop(args, len(inputs))
-    if wants_features(args) and head is None:
+    asked = data_loop.Asked(
+        args.output, args.embeddings, args.similar_to, args.top, args.rank_for_labelling, predictor.task.multi_label
+    )
+    query = asked.check(len(inputs))
+    if asked.features and head is None:
         predictor.keep_features(head)  # an ONNX model: the error line
     device = resolve_device(args.gpu_id, dist.local_rank)
     predictor.model, predictor.compute, predictor.cam = prepare_model(
@@ -353,10 +329,10 @@ def main(args):
         progress=dist.is_main and args.verbose >= 1,
         log=print if dist.is_main else None,
     )
-    if wants_features(args):
+    if asked.features:
         predictor.keep_features(head)
     columns = predictor.columns(labelled, bool(args.explain))
-    partial = prediction_output.PartialRun(args.output, run_manifest(args, inputs, columns), len(inputs))
+    partial = prediction_output.PartialRun(args.output, run_manifest(args, inputs, columns, asked), len(inputs))
     partial.check(args.resume)  # before any work: one error line, nothing changed
     n_plot = min(args.n_images, len(inputs))  # evenly spread over the sorted inputs, so several folders show
     plot_at = {round(i * (len(inputs) - 1) / max(1, n_plot - 1)) for i in range(n_plot)}
@@ -383,53 +359,14 @@ def main(args):
     if not dist.is_main:
         return
     seconds = time.perf_counter() - start
-    store = data_loop.FeatureStore(len(inputs), args.embeddings) if wants_features(args) else None
+    store = data_loop.FeatureStore(len(inputs), args.embeddings) if asked.features else None
     summary = write_result(partial, args.output, columns, rows, plot_at, maps, unchanged, store)
     print_results(args, predictor, summary, (n_new, seconds), rows.explained, (labelled, report_path, confusion_path))
     if store is not None:
-        write_data_loop(args, predictor, store, inputs, query)
+        asked.write(store, [f for f, _ in inputs], None if query is None else predictor.features_of(query))
 
 
-def write_data_loop(args, predictor, store, inputs, query):
-    """--embeddings' summary line, --similar_to's and --rank_for_labelling's lists."""
-    files = [f for f, _ in inputs]
-    n_rows = int((~np.isnan(store.uncertainty)).sum())
-    if args.embeddings:
-        print(
-            f"embeddings: {n_rows} rows of {store.features.shape[1]} float32 features "
-            f"(rows in result.csv's order{'; NaN for unreadable images' if n_rows < len(files) else ''}) -> "
-            f"{args.embeddings}"
-        )
-    if query is not None:
-        tensor = data_loader.Preprocess.of(predictor.ckpt).transform()(query)[None]
-        with torch.inference_mode():
-            query_features = predictor.outputs(tensor).features[0]
-        with open(args.output, encoding="utf-8-sig", newline="") as f:
-            answers = [row.get("predict", "") for row in csv.DictReader(f)]
-        rows = data_loop.similar_rows(store, files, answers, query_features, args.top, skip=args.similar_to)
-        path = data_loop.similar_path(args.output)
-        write_csv(path, data_loop.SIMILAR_COLUMNS, rows)
-        best = f"; the closest {rows[0]['file_dir']} ({rows[0]['similarity']:.3f})" if rows else ""
-        print(f"similar to {args.similar_to}: {len(rows)} images{best} -> {path}")
-    if args.rank_for_labelling:
-        path = data_loop.to_label_path(args.output)
-        rows = data_loop.labelling_rows(store, files, args.rank_for_labelling, path.parent)
-        write_csv(path, data_loop.TO_LABEL_COLUMNS, rows)
-        fewer = f" (only {len(rows)} readable)" if len(rows) < args.rank_for_labelling else ""
-        print(
-            f"to label first: {len(rows)} images{fewer}, uncertain and unlike each other -> {path} (fill in the "
-            f"label column, then: python train.py --labels_csv {path})"
-        )
-
-
-def write_csv(path, columns, rows):
-    with atomic_open(path, "w", newline="", encoding="utf-8-sig") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def run_manifest(args, inputs, columns):
+def run_manifest(args, inputs, columns, asked):
     """What a partial run's rows depend on, so that --resume goes on only with the same: the model file's bytes,
     the input list, the columns and the flags that change a row."""
     return {
@@ -444,7 +381,7 @@ def run_manifest(args, inputs, columns):
             "reject_ood": args.reject_ood,
             "amp": args.amp,
         }
-        | ({"embeddings": True} if wants_features(args) else {}),  # rows that carry their features
+        | ({"embeddings, --similar_to or --rank_for_labelling": True} if asked.features else {}),  # rows with features
     }
 
 
@@ -563,7 +500,7 @@ def write_result(partial, output, columns, rows, plot_at, maps, unchanged, store
             pred = tuple(pred) if isinstance(pred, list) else pred  # a multi-label decision, from JSON
             probs = torch.from_numpy(probs.copy())
             if store is not None:
-                store.add(index, features, float(task.uncertainty(probs[None])[0]))
+                store.add(index, features, float(rows.predictor.uncertainty(probs[None])[0]))
             counts["done"] += 1
             counts["accepted"] += task.accepted(pred)
             counts["unlike"] += bool(unlike)

@@ -17,7 +17,7 @@ import ood
 import tasks
 from calibration import UNKNOWN, with_flips
 from cli import CLIError
-from features import feature_dim
+from features import feature_dim, pooled
 from utils import Compute, amp_dtype_for, resolve_device
 
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
@@ -159,6 +159,17 @@ class Predictor:
         inner = self.model.model if isinstance(self.model, ood.ScoredModel) else self.model
         self.tap = FeatureTap(inner.get_submodule(head))
 
+    def features_of(self, image):
+        """(D,) float32: the penultimate features of one RGB image (keep_features first), preprocessed as the rows."""
+        with torch.inference_mode():
+            return self.outputs(self.preprocess.transform()(image)[None]).features[0]
+
+    def uncertainty(self, probs):
+        """(N,) in [0, 1] of calibrated probabilities: how undecided each row is (the calibration's measure, with
+        --threshold's value for a multi-label model's classes when given)."""
+        threshold = self.reading.threshold if self.task.multi_label else None
+        return self.calibration.uncertainty(probs, threshold)
+
     @property
     def rejecting(self):
         """Whether rows may be predicted as unknown_label (--threshold, --reject_ood)."""
@@ -192,7 +203,7 @@ class Predictor:
                 unlike = (scores > self.ood_threshold).tolist()
                 if reading.reject_ood:
                     decisions = [UNKNOWN if u else d for d, u in zip(decisions, unlike)]
-        features = None if self.tap is None else self.tap.taken[: len(probs)].detach().float().flatten(1).cpu()
+        features = None if self.tap is None else pooled(self.tap.taken[: len(probs)]).detach().float().cpu()
         return Outputs(probs, decisions, scores, unlike, heat, features)
 
     def row(self, sample, probs, decision, score=None, labelled=False):

@@ -291,13 +291,6 @@ class SingleLabel:
     def accepted(self, pred):
         return pred != UNKNOWN
 
-    def uncertainty(self, probs):
-        """(N,) in [0, 1] per row of calibrated probabilities: 1 - the margin between the two likeliest classes
-        (1: a tie, 0: certain); what --rank_for_labelling ranks by."""
-        top = probs.topk(min(2, probs.shape[1]), dim=1).values
-        margin = top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
-        return 1 - margin
-
     def answer_columns(self):
         return ["predict", "confidence"]
 
@@ -569,10 +562,6 @@ class MultiLabel(SingleLabel):
 
     def accepted(self, pred):
         return pred != UNKNOWN and any(pred)
-
-    def uncertainty(self, probs):
-        """(N,) in [0, 1]: how close the least decided class is to the 0.5 line (1: a class at exactly 0.5)."""
-        return 1 - 2 * (probs - 0.5).abs().min(dim=1).values
 
     def answer_columns(self):
         return ["predict"]

@@ -9,9 +9,9 @@ bench/finetune_bench.py (built larger here: --per_class pool images per class, -
 through EfficientNet-Lite0 with its ImageNet weights once (224 px, the eval view: the features predict.py's
 --embeddings writes). Per seed: --start labelled images per class drawn at random; then --rounds rounds, each fitting
 the linear head on the labelled images (L-BFGS, the probe's fit, one L2), scoring the rest and labelling --picks of
-them: at random, by uncertainty alone, or as predict.py --rank_for_labelling picks (data_loop: the task's uncertainty,
-k-center greedy over the POOL x picks most uncertain). Prints the test accuracy of the head fitted on the final
-labelled set, per seed and on average.
+them: at random, by uncertainty alone, or as predict.py --rank_for_labelling picks (data_loop: the calibration's
+uncertainty, k-center greedy over the POOL x picks most uncertain). Prints the test accuracy of the head fitted on the
+final labelled set, per seed and on average.
 
 scale: --n synthetic unit rows of similarity.PROJECTED dimensions (the spatial embedding --check_data searches),
 with planted copies; similarity.neighbours' blocked exact search (the near-duplicate shortlist); time and the
@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from finetune_bench import build_set  # noqa: E402
 from scale_bench import cpu_line  # noqa: E402
 
+import calibration  # noqa: E402
 import data_loader as dl  # noqa: E402
 import data_loop  # noqa: E402
 import model_loader as ml  # noqa: E402
@@ -39,7 +40,6 @@ import probe  # noqa: E402
 import similarity  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
 from features import capture_head_input  # noqa: E402
-from tasks import SingleLabel  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "rank_for_labelling")
 L2 = 1e-2  # the head's penalty, the same for every strategy
@@ -87,7 +87,7 @@ def pick(strategy, head, x, unlabelled, n, rng):
         return rng.sample(unlabelled, n)
     with torch.no_grad():
         probs = torch.softmax(head(x[unlabelled]), 1)
-    uncertainty = SingleLabel().uncertainty(probs)
+    uncertainty = calibration.Calibration().uncertainty(probs)
     if strategy == "uncertainty":
         chosen = torch.argsort(uncertainty, descending=True)[:n].tolist()
     else:

@@ -175,7 +175,10 @@ def test_ctrl_c_keeps_the_rows_and_resume_refuses_what_does_not_match(model, tmp
         (["--reject_ood"], "--reject_ood (was False, now True)"),
         (["--topk", "2"], "columns"),
         (["--data_dir", images / "bag"], "input list"),
-        (["--embeddings", tmp_path / "e.npy"], "--embeddings (was None, now True)"),  # rows without features
+        (
+            ["--embeddings", tmp_path / "e.npy"],
+            "--embeddings, --similar_to or --rank_for_labelling (was None, now True)",
+        ),  # rows without features
     ):
         err = run_in_process(predict, argv + changed + ["--resume"], capsys)
         assert "--resume" in err and words in err and "nothing was changed" in err, err
@@ -321,7 +324,7 @@ def test_similar_to_and_rank_for_labelling_on_a_pool_with_copies(model, tmp_path
     assert len(picks) == 6 and len(set(names)) == 6 and all(r["label"] == "" and r["why"] for r in picks)
     assert sum(name == query.name or name.startswith("copy") for name in names) <= 1, names
     assert float(picks[0]["score"]) == max(float(r["score"]) for r in picks)
-    for r in picks:  # the user's labels: the image's folder
+    for r in picks[:5]:  # the user's labels: the image's folder; the sixth not labelled yet
         r["label"] = Path(r["file"]).parent.name
     with open(tmp_path / "pool_to_label.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(picks[0]))
@@ -336,7 +339,30 @@ def test_similar_to_and_rank_for_labelling_on_a_pool_with_copies(model, tmp_path
     )
     import model_loader
 
-    assert model_loader.load_checkpoint(tmp_path / "next.pth")["class_names"] == sorted({r["label"] for r in picks})
+    assert model_loader.load_checkpoint(tmp_path / "next.pth")["class_names"] == sorted({r["label"] for r in picks[:5]})
+    warned = capsys.readouterr().out
+    assert "1 of 6 rows of the list to label have no label yet, left out" in warned, warned
+    # a list with labels filled in is not replaced by the next ranking
+    err = run_in_process(predict, argv + ["--rank_for_labelling", 6], capsys)
+    assert "pool_to_label.csv has labels filled in" in err
+    # a file listed twice is ranked once
+    listing = tmp_path / "twice.txt"
+    listing.write_text("".join(f"{f}\n" for f in sorted(images.rglob("*.png"))[:4] * 2))
+    run_predict(
+        capsys,
+        "--model_fn",
+        ckpt,
+        "--file_list",
+        listing,
+        "--output",
+        tmp_path / "twice.csv",
+        "--n_images",
+        0,
+        "--rank_for_labelling",
+        6,
+    )
+    twice = [r["file"] for r in rows_of(tmp_path / "twice_to_label.csv")]
+    assert len(twice) == 4 == len(set(twice))
     capsys.readouterr()
     for extra, words in (
         (["--similar_to", ckpt], "--similar_to " + str(ckpt) + ": cannot be read as an image"),
@@ -352,3 +378,41 @@ def test_shares_split_the_remaining_images_once_and_in_order():
     shares = [list(prediction_output.share(remaining, rank, 3)) for rank in range(3)]
     assert sorted(sum(shares, [])) == remaining and all(s == sorted(s) for s in shares)
     assert [len(s) for s in shares] == [3, 2, 2]  # the first is the largest: every process runs its steps
+
+
+def test_uncertainty_is_measured_against_the_models_own_thresholds():
+    """Single-label: 1 - the top-2 margin. Multi-label: how close a class is to *its* threshold, not to 0.5: with
+    thresholds 0.2 and 0.8, a row at 0.21 for the first class is nearly undecided; one at 0.5 / 0.5 is not."""
+    import calibration
+
+    single = calibration.Calibration().uncertainty(torch.tensor([[0.7, 0.2, 0.1], [0.45, 0.44, 0.11]]))
+    assert single.tolist() == pytest.approx([0.5, 0.99])
+    sets = calibration.SetCalibration([1.0, 1.0], [0.2, 0.8])
+    u = sets.uncertainty(torch.tensor([[0.5, 0.5], [0.21, 0.1]]))
+    assert u.tolist() == pytest.approx([1 - 0.3 / 0.8, 1 - 0.01 / 0.8])
+    assert sets.uncertainty(torch.tensor([[0.5, 0.5]]), threshold=0.5).tolist() == pytest.approx([1.0])
+
+
+def test_embeddings_of_a_1x1_convolution_classifier_are_its_pooled_input(tiny_data, tmp_path, capsys):
+    """SqueezeNet's classifier is a 1x1 convolution over a feature map: its embeddings are the map's spatial mean
+    (512 values), as the out-of-distribution score reads them, not the flattened map."""
+    train.main(
+        train.parse_args(
+            [str(a) for a in ("--data_dir", tiny_data, "--model_name", "squeezenet1_1", "--input_size", 64)]
+            + [str(a) for a in ("--n_epochs", 1, "--num_workers", 0, "--verbose", 0, "--freeze")]
+            + ["--model_fn", str(tmp_path / "s.pth"), "--log_dir", str(tmp_path / "run")]
+        )
+    )
+    capsys.readouterr()
+    printed = run_predict(
+        capsys,
+        "--model_fn",
+        tmp_path / "s.pth",
+        "--output",
+        tmp_path / "s.csv",
+        "--n_images",
+        0,
+        "--embeddings",
+        tmp_path / "s.npy",
+    )
+    assert np.load(tmp_path / "s.npy").shape == (18, 512) and "18 rows of 512 float32 features" in printed
