@@ -161,11 +161,36 @@ def model_card(predictor, settings):
     return card
 
 
+def add_error_answers(app):
+    """Every refusal and failure as a JSON reason with its status: a bad upload (4xx), a full queue (503 with
+    Retry-After), an invalid request (422), a bug (500, the reason logged here, never a traceback to the client)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(UploadError)
+    async def bad_upload(request, e):
+        return JSONResponse({"detail": e.reason}, status_code=e.status)
+
+    @app.exception_handler(Busy)
+    async def busy(request, e):
+        return JSONResponse({"detail": f"busy: {e}; try again shortly"}, 503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def failed(request, e):
+        print(f"error: {cli.describe_error(e, 300)}", file=sys.stderr)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
 def create_app(predictor, settings, explainer=None):
     """The web app (FastAPI) around a loaded Predictor. explainer: a callable giving a Predictor made with
     explain_maps, for Grad-CAM (None: loaded from settings.model_fn on the first /explain)."""
     from fastapi import FastAPI, Request, UploadFile
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
     metrics = Metrics()
@@ -194,24 +219,7 @@ def create_app(predictor, settings, explainer=None):
         metrics.request(route if route in ROUTES else "other", response.status_code, time.perf_counter() - start)
         return response
 
-    @app.exception_handler(UploadError)
-    async def bad_upload(request, e):
-        return JSONResponse({"detail": e.reason}, status_code=e.status)
-
-    @app.exception_handler(Busy)
-    async def busy(request, e):
-        return JSONResponse({"detail": f"busy: {e}; try again shortly"}, 503, headers={"Retry-After": "1"})
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, e):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def failed(request, e):  # a bug: a one-line reason, never a traceback to the client
-        print(f"error: {cli.describe_error(e, 300)}", file=sys.stderr)
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+    add_error_answers(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
