@@ -473,7 +473,8 @@ def data_loop(samples, split, keep, pooled, spatial, class_names, task, run_dir,
     shown = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none"
     out(
         f"near-duplicates: {sum(counts.values())} groups ({shown}) among {len(files)} images; a copy's pixel score in "
-        f"this set >= {bar[0]:.3f} whole or >= {bar[1]:.3f} cropped ({checked} pairs checked, "
+        f"this set >= {bar[0]:.3f} whole or >= {bar[1]:.3f} cropped (>= {max(bar[1], similarity.PAIR_FLOOR):.3f} "
+        f"under {similarity.SMALL} px) ({checked} pairs checked, "
         f"{time.perf_counter() - start:.1f}s) -> {run_dir / 'near_duplicates.csv'}"
     )
     for group in sorted({r["group"] for r in rows if "leak" in r["kind"] or "conflict" in r["kind"]})[:5]:
@@ -484,7 +485,8 @@ def data_loop(samples, split, keep, pooled, spatial, class_names, task, run_dir,
     top = outliers[: max(1, round(similarity.OUTLIER_SHOWN * len(outliers)))]
     out(
         f"outliers: the most unusual {len(top)} of {len(outliers)} (score = 1 - similarity to the nearest images) -> "
-        f"{run_dir / 'outliers.csv'}: " + ", ".join(f"{r['file']} {r['score']:.3f}" for r in top[:5])
+        f"{run_dir / 'outliers.csv'}; the first {min(5, len(top))}: "
+        + ", ".join(f"{r['file']} {r['score']:.3f}" for r in top[:5])
     )
     return 1 if failing else 0
 

@@ -43,6 +43,9 @@ SCALES = tuple(
 MAX_SHIFT = 12  # pixels of a thumbnail a crop may be off centre by (about 9%)
 PAIR_FLOOR = 0.95  # a pixel score below this is never a copy (distinct products of Fashion-MNIST: at most 0.93)
 CROP_FLOOR = 0.9  # the same for a crop aligned with a whole image (distinct Fashion-MNIST products: at most 0.8x)
+SMALL = THUMB // 2  # an image whose short side is under this many pixels is blown up into the thumbnail: smooth
+# thumbnails of distinct things correlate more (two trousers of the 28 px Fashion-MNIST sample: 0.91-0.92 as crops),
+# so a crop of such an image counts as a copy only above PAIR_FLOOR
 OUTLIER_SHARE, OUTLIER_K = 0.05, 50  # an outlier's neighbours: 5% of the set, 5 to 50 of them
 SET_QUANTILE, MARGIN = 0.99, 0.005  # the copy bar: above the set's own distinct neighbours' 99th percentile
 
@@ -136,7 +139,7 @@ class PixelCheck:
 
     def __init__(self, files):
         self.files = files
-        self.cache = {}
+        self.cache, self.sides = {}, {}
         self.mean = np.zeros((THUMB, THUMB), np.float32)
         step = max(1, len(files) // 256)  # the shared structure, from up to 256 images spread over the set
         sample = [self.thumb(f, 1.0) for f in files[::step]]
@@ -150,10 +153,15 @@ class PixelCheck:
         except Exception:  # noqa: BLE001 - unreadable: no pixel score
             return None
         w, h = image.size
+        self.sides[path] = min(w, h)
         box = tuple(
             round(v) for v in ((1 - scale) * w / 2, (1 - scale) * h / 2, (1 + scale) * w / 2, (1 + scale) * h / 2)
         )
         return high_pass(image.crop(box).resize((THUMB, THUMB), Image.BILINEAR))
+
+    def small(self, i, j):
+        """Whether either image of the pair is under SMALL pixels on its short side (after its thumbnails were made)."""
+        return min(self.sides.get(self.files[i], SMALL), self.sides.get(self.files[j], SMALL)) < SMALL
 
     def spectra(self, i):
         """(the whole thumbnail minus the set's mean, and its mirror image; per SCALES crop, the plain thumbnail and its
@@ -281,7 +289,9 @@ def near_duplicate_rows(files, spatial, labels, splits):
     step = max(1, n // 300)  # the set's distinct neighbours: each sampled image and its farthest of the NEIGHBOURS
     distinct = [check.score(i, int(idx[i, -1])) for i in range(0, n, step) if idx.shape[1] > SHORTLIST]
     bar = (copy_bar([w for w, _ in distinct]), copy_bar([c for _, c in distinct], CROP_FLOOR, 1.0))
-    is_copy = {p: w >= bar[0] or c >= bar[1] for p, (w, c) in scores.items()}
+    is_copy = {
+        p: w >= bar[0] or c >= (max(bar[1], PAIR_FLOOR) if check.small(*p) else bar[1]) for p, (w, c) in scores.items()
+    }
     copy_groups = groups_of([p for p, yes in is_copy.items() if yes], n)
     in_copies = {i for g in copy_groups for i in g}
     alike = [p for p, (w, _) in scores.items() if w >= PAIR_FLOOR and not is_copy[p] and not set(p) & in_copies]

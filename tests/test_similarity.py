@@ -3,13 +3,15 @@ conflicts, a planted foreign image ranked first, distinct images left alone; the
 
 import csv
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageEnhance
 
 import similarity
-from conftest import copy_subset, run_script
+from conftest import ROOT, copy_subset, run_script
 
 
 def read(path):
@@ -115,3 +117,20 @@ def test_k_center_picks_spread_out_rows_not_a_cluster_of_copies():
     uncertainty = torch.cat([torch.full((20,), 0.9), torch.full((6,), 0.5)])
     picks = similarity.k_center(emb, 5, uncertainty, pool=10)
     assert picks[0] < 20 and sum(p < 20 for p in picks) == 1 and len(set(picks)) == 5
+
+
+def test_distinct_small_look_alikes_are_no_leak_but_a_copy_of_one_is(tmp_path):
+    """Three pairs of distinct 28 px trousers of the shipped sample that score 0.91-0.92 as crops (their thumbnails
+    are blown up, smooth): below the small-image bar, no group. A byte-for-byte copy of one in test/ is a leak."""
+    sample = ROOT / "data" / "fashion_sample"
+    names = ["train_00038", "train_00644", "train_00209", "t10k_00131", "train_00285", "t10k_00002"]
+    files = [str(next(sample.rglob(f"{n}.png"))) for n in names]
+    copy = tmp_path / "copy_of_train_00038.png"
+    shutil.copy(files[0], copy)
+    files.append(str(copy))
+    spatial = torch.nn.functional.normalize(torch.randn(3, 16).repeat_interleave(2, 0), dim=1)
+    spatial = torch.cat([spatial, spatial[:1]]) + 1e-3 * torch.randn(7, 16)  # each pair (and the copy) neighbours
+    splits = ["train", "train", "train", "test", "train", "test", "test"]
+    rows, counts, _, _ = similarity.near_duplicate_rows(files, spatial, ["trouser"] * 7, splits)
+    assert counts == {"leak": 1}, rows
+    assert sorted(Path(r["file"]).name for r in rows) == ["copy_of_train_00038.png", "train_00038.png"]
