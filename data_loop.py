@@ -36,7 +36,7 @@ class Asked:
     similar_to: str = None
     top: int = 20
     rank: int = None  # --rank_for_labelling N
-    multi_label: bool = False  # the model's task: the hint names --multi_label
+    train_flags: str = ""  # the flags the model was trained with, for the hint (train_flags_of)
 
     @property
     def features(self):
@@ -69,10 +69,8 @@ class Asked:
         n_rows = int((~np.isnan(store.uncertainty)).sum())
         if self.embeddings:
             unreadable = "; NaN for unreadable images" if n_rows < len(files) else ""
-            log(
-                f"embeddings: {n_rows} rows of {store.features.shape[1]} float32 features (rows in result.csv's "
-                f"order{unreadable}) -> {self.embeddings}"
-            )
+            dim, order = store.features.shape[1], f"rows in {Path(self.output).name}'s order{unreadable}"
+            log(f"embeddings: {n_rows} rows of {dim} float32 features ({order}) -> {self.embeddings}")
         if self.similar_to:
             with open(self.output, encoding="utf-8-sig", newline="") as f:
                 answers = [row.get("predict", "") for row in csv.DictReader(f)]
@@ -85,11 +83,24 @@ class Asked:
             rows = labelling_rows(store, files, self.rank, path.parent)
             write_csv(path, TO_LABEL_COLUMNS, rows)
             fewer = f" (only {len(rows)} readable, distinct files)" if len(rows) < self.rank else ""
-            flag = " --multi_label" if self.multi_label else ""
+            model_fn = path.with_name(f"{path.stem}.pth")
             log(
-                f"to label first: {len(rows)} images{fewer}, uncertain and unlike each other -> {path} (fill in the "
-                f"label column, then: python train.py --labels_csv {path}{flag})"
+                f"to label first: {len(rows)} images{fewer}, uncertain and unlike each other -> {path}; fill in the "
+                f"label column and add the rows to the CSV of labels you train on (a model of this list alone knows "
+                f"only the classes you label in it), or try it alone: python train.py --labels_csv {path} "
+                f"{self.train_flags} --model_fn {model_fn}"
             )
+
+
+def train_flags_of(ckpt):
+    """train.py's flags that made this checkpoint's model: its backbone, its weights, frozen or not, its task."""
+    saved = ckpt.get("args", {})
+    flags = [f"--model_name {ckpt.get('model_name', saved.get('model_name'))}", f"--input_size {ckpt['input_size']}"]
+    flags += ["--use_pretrained"] if saved.get("use_pretrained") else []
+    flags += [f"--weights {saved['weights']}"] if saved.get("weights") else []
+    flags += ["--freeze"] if saved.get("freeze") else []
+    flags += ["--multi_label"] if saved.get("multi_label") else []
+    return " ".join(flags)
 
 
 def labelled_rows(path):

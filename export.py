@@ -84,7 +84,7 @@ def int8_flags(add):
         choices=["auto", *int8.METHODS],
         default="auto",
         help="how activation ranges are calibrated "
-        "(auto: minmax, then percentile and entropy when the gate fails; the best kept)",
+        "(auto: minmax, then percentile and entropy while the gate fails; the first that passes is kept)",
     )
     add(
         "--calibration_images",

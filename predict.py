@@ -311,7 +311,7 @@ def main(args):
     labelled = any(label != -1 for _, label in inputs)
     report_path, confusion_path = check_outputs(args, inputs, labelled, predictor.task, searched, lists)
     asked = data_loop.Asked(
-        args.output, args.embeddings, args.similar_to, args.top, args.rank_for_labelling, predictor.task.multi_label
+        args.output, args.embeddings, args.similar_to, args.top, args.rank_for_labelling, data_loop.train_flags_of(ckpt)
     )
     query = asked.check(len(inputs))
     if asked.features and head is None:

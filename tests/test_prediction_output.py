@@ -330,16 +330,18 @@ def test_similar_to_and_rank_for_labelling_on_a_pool_with_copies(model, tmp_path
         writer = csv.DictWriter(f, list(picks[0]))
         writer.writeheader()
         writer.writerows(picks)
-    train.main(
-        train.parse_args(
-            [str(a) for a in ("--labels_csv", tmp_path / "pool_to_label.csv", "--model_name", "resnet18")]
-            + [str(a) for a in ("--input_size", 32, "--n_epochs", 1, "--num_workers", 0, "--verbose", 0)]
-            + ["--model_fn", str(tmp_path / "next.pth"), "--log_dir", str(tmp_path / "next")]
-        )
-    )
+    hint = printed.split("or try it alone: ")[1].split("\n")[0]  # the command the run suggests, as printed
+    assert hint == (
+        f"python train.py --labels_csv {tmp_path / 'pool_to_label.csv'} --model_name resnet18 --input_size 32 "
+        f"--freeze --model_fn {tmp_path / 'pool_to_label.pth'}"
+    ), hint
+    quick = ["--n_epochs", "1", "--num_workers", "0", "--verbose", "0", "--log_dir", str(tmp_path / "next")]
+    train.main(train.parse_args(shlex.split(hint)[2:] + quick))
     import model_loader
 
-    assert model_loader.load_checkpoint(tmp_path / "next.pth")["class_names"] == sorted({r["label"] for r in picks[:5]})
+    assert model_loader.load_checkpoint(tmp_path / "pool_to_label.pth")["class_names"] == sorted(
+        {r["label"] for r in picks[:5]}
+    )
     warned = capsys.readouterr().out
     assert "1 of 6 rows of the list to label have no label yet, left out" in warned, warned
     # a list with labels filled in is not replaced by the next ranking
