@@ -155,6 +155,7 @@ def model_card(predictor, settings):
         "max_upload_mb": settings.limits.max_upload_bytes / 2**20,
         "max_batch": settings.max_batch,
         "grad_cam": not str(settings.model_fn).lower().endswith(".onnx"),
+        "int8": ckpt.get("int8"),  # an export.py --int8 build: its gate's figures against fp32 (None otherwise)
     }
     calibration = predictor.calibration
     card.update(calibration.checkpoint_entries())  # temperature, or temperatures and thresholds per class

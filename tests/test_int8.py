@@ -66,6 +66,11 @@ def test_the_int8_build_is_written_with_its_figures_and_predicts_like_fp32(train
     printed = run_predict(capsys, "--model_fn", path, "--data_dir", data / "test", "--output", tmp_path / "q.csv")
     run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", tmp_path / "f.csv")
     assert "int8 (" in printed and "speed-up" in printed  # one line with the gate's figures
+    import serve
+    from predictor import Predictor
+
+    card = serve.model_card(Predictor.load(path, log=lambda *a: None), serve.Settings(model_fn=str(path)))
+    assert card["int8"]["agreement"] == figures["agreement"] and card["int8"]["calibration"] == figures["calibration"]
     q, f = read_csv(tmp_path / "q.csv"), read_csv(tmp_path / "f.csv")
     assert list(q[0]) == list(f[0]) and [r["file_dir"] for r in q] == [r["file_dir"] for r in f]
 
