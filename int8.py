@@ -8,6 +8,8 @@ out-of-distribution score's graph, which read the backbone's features, stay in f
 quantizing the convolutions alone agreed with fp32 on 96.7% of the sample's test images, the whole backbone on 100%:
 docs/export.md)."""
 
+import contextlib
+import io
 import json
 import random
 import tempfile
@@ -161,18 +163,19 @@ def quantize(fp32_path, out_path, images, method):
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(out_path),
-            CalibrationReader(images[: calibration_count(method, len(images))]),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
-            nodes_to_exclude=head_nodes(str(prepared)),
-            extra_options=None if method == "minmax" else {"CalibMaxIntermediateOutputs": 2},  # merged in twos
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's histogram calibrators print their progress
+            quantize_static(
+                str(prepared),
+                str(out_path),
+                CalibrationReader(images[: calibration_count(method, len(images))]),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                nodes_to_exclude=head_nodes(str(prepared)),
+                extra_options=None if method == "minmax" else {"CalibMaxIntermediateOutputs": 2},  # merged in twos
+            )
 
 
 def head_nodes(path):
