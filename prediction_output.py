@@ -72,7 +72,7 @@ def pack_floats(values):
     return None if values is None else base64.b64encode(np.asarray(values, dtype=np.float32).tobytes()).decode()
 
 
-def unpack_probs(packed):
+def unpack_floats(packed):
     return None if packed is None else np.frombuffer(base64.b64decode(packed), dtype=np.float32)
 
 
@@ -201,8 +201,9 @@ class PartialRun:
                     cache[key] = read_frame_at(files[key[0]], key[1])
                     if len(cache) > CACHED_FRAMES:
                         cache.popitem(last=False)
-                _, cells, pred, unlike, packed, *features = cache[key][where_row[index]]
-                yield index, cells, pred, unpack_probs(packed), unlike, unpack_probs(features[0] if features else None)
+                _, cells, pred, unlike, *packed = cache[key][where_row[index]]  # probs, and features when kept
+                packed = [unpack_floats(p) for p in packed] + [None]
+                yield index, cells, pred, packed[0], unlike, packed[1]
         finally:
             for f in files:
                 f.close()

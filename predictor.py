@@ -4,6 +4,7 @@ preprocessing and out-of-distribution reference, made ready on its device; a bat
 outputs (calibrated probabilities, the decisions, ood_score, Grad-CAM maps) and each image's row, with the columns
 result.csv has."""
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import ood
 import tasks
 from calibration import UNKNOWN, with_flips
 from cli import CLIError
-from features import feature_dim, pooled
+from features import capture_head_input, feature_dim, pooled
 from utils import Compute, amp_dtype_for, resolve_device
 
 MAX_PROB_COLUMNS = 20  # above this many classes, top-k columns replace the per-class probabilities
@@ -116,7 +117,7 @@ class Predictor:
         self.views = 2 if reading.tta else 1  # the image, and its mirror image with --tta
         many = len(self.class_names) > MAX_PROB_COLUMNS
         self.topk = min(reading.topk or (5 if many else 0), len(self.class_names))
-        self.tap = None  # keep_features: the classifier layer's input of the last forward
+        self.feature_layer = None  # keep_features: (the model, the classifier layer's name) whose input to keep
         self.check()
 
     @classmethod
@@ -156,8 +157,7 @@ class Predictor:
                 "--embeddings, --similar_to and --rank_for_labelling need the checkpoint (.pth): the ONNX file "
                 "gives the logits and ood_score only"
             )
-        inner = self.model.model if isinstance(self.model, ood.ScoredModel) else self.model
-        self.tap = FeatureTap(inner.get_submodule(head))
+        self.feature_layer = (self.model.model if isinstance(self.model, ood.ScoredModel) else self.model, head)
 
     def features_of(self, image):
         """(D,) float32: the penultimate features of one RGB image (keep_features first), preprocessed as the rows."""
@@ -189,7 +189,8 @@ class Predictor:
         """The Outputs of a batch of preprocessed images (maps: Grad-CAM of the best class, which needs the cam)."""
         compute, reading = self.compute, self.reading
         images = compute.to_device(images)
-        with compute.autocast():
+        tap = capture_head_input(*self.feature_layer) if self.feature_layer else nullcontext(None)
+        with compute.autocast(), tap as taken:
             views_in = with_flips(images) if reading.tta else images
             out = self.cam.forward(self.model, views_in) if maps else self.model(views_in)
         logits, scores = out if isinstance(out, tuple) else (out, None)
@@ -203,7 +204,7 @@ class Predictor:
                 unlike = (scores > self.ood_threshold).tolist()
                 if reading.reject_ood:
                     decisions = [UNKNOWN if u else d for d, u in zip(decisions, unlike)]
-        features = None if self.tap is None else pooled(self.tap.taken[: len(probs)]).detach().float().cpu()
+        features = None if taken is None else pooled(taken[-1][: len(probs)]).detach().float().cpu()
         return Outputs(probs, decisions, scores, unlike, heat, features)
 
     def row(self, sample, probs, decision, score=None, labelled=False):
@@ -233,15 +234,3 @@ class Predictor:
         if labelled:
             row["label"] = self.task.text(label, self.class_names)
         return list(row.values())
-
-
-class FeatureTap:
-    """A forward pre-hook on the classifier layer that keeps its input (the penultimate features) of the last
-    forward."""
-
-    def __init__(self, layer):
-        self.taken = None
-        layer.register_forward_pre_hook(self.take)
-
-    def take(self, module, inputs):
-        self.taken = inputs[0]

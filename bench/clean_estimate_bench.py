@@ -42,15 +42,15 @@ def parse_args(argv=None):
 
 @torch.inference_mode()
 def features_of(folder, size):
-    """(class names, labels, (1, n, 1280) eval-view features) of folder/train."""
-    names, samples = dl.scan_class_folders(folder / "train")
+    """(class names, labels, (n, 1280) eval-view features) of the class folders in `folder`."""
+    names, samples = dl.scan_class_folders(folder)
     model, head = ml.build_model("efficientnet_lite0", len(names), True, None, log=lambda *a: None)
     tf = dl.build_transforms(size, dl.default_resize(size), dl.IMAGENET_MEAN, dl.IMAGENET_STD, False)
     x = torch.stack([tf(dl.load_rgb(f)) for f, _ in samples])
     with capture_head_input(model.eval(), head) as taken:
         for i in range(0, len(x), 64):
             model(x[i : i + 64])
-    return names, torch.tensor([y for _, y in samples]), torch.cat(taken)[None]
+    return names, torch.tensor([y for _, y in samples]), torch.cat(taken)
 
 
 def row(features, labels, n_classes):
@@ -89,7 +89,8 @@ def main(args):
                 check=True,
                 capture_output=True,
             )
-        names, labels, features = features_of(folder, args.size)
+        names, labels, features = features_of(folder / "train", args.size)
+        features = features[None]  # the label check's (views, n, dim): the eval view alone
         for n_wrong in args.wrong:
             for seed in args.seeds if n_wrong else [None]:
                 planted = labels.clone()

@@ -29,17 +29,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from clean_estimate_bench import features_of  # noqa: E402
 from finetune_bench import build_set  # noqa: E402
 from scale_bench import cpu_line  # noqa: E402
 
 import calibration  # noqa: E402
-import data_loader as dl  # noqa: E402
 import data_loop  # noqa: E402
-import model_loader as ml  # noqa: E402
 import probe  # noqa: E402
 import similarity  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
-from features import capture_head_input  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "rank_for_labelling")
 L2 = 1e-2  # the head's penalty, the same for every strategy
@@ -58,20 +56,6 @@ def parse_args(argv=None):
     p.add_argument("--data", default=str(ROOT / "data" / "data_loop_bench"), help="where the sets are built")
     p.add_argument("--n", type=int, default=100_000, help="rows of the scale part")
     return p.parse_args(argv)
-
-
-@torch.inference_mode()
-def features_of(folder):
-    """(features (N, 1280), labels (N,)) of folder's class folders, EfficientNet-Lite0's ImageNet weights, 224 px."""
-    names, samples = dl.scan_class_folders(folder)
-    model, head = ml.build_model("efficientnet_lite0", len(names), True, None, log=lambda *a: None)
-    tf = dl.build_transforms(224, dl.default_resize(224), dl.IMAGENET_MEAN, dl.IMAGENET_STD, False)
-    out = []
-    with capture_head_input(model.eval(), head) as taken:
-        for i in range(0, len(samples), 64):
-            model(torch.stack([tf(dl.load_rgb(f)) for f, _ in samples[i : i + 64]]))
-        out = torch.cat(taken)
-    return out.float(), torch.tensor([y for _, y in samples])
 
 
 def fit(x, y, n_classes):
@@ -119,7 +103,8 @@ def labelling(args):
     gains = {}
     for name in args.sets:
         root = build_set(name, Path(args.data) / name, args.per_class, args.test_per_class)
-        pool, test = features_of(root / "train"), features_of(root / "test")
+        (_, py, px), (_, ty, tx) = (features_of(root / split, 224) for split in ("train", "test"))
+        pool, test = (px, py), (tx, ty)
         n_classes = int(pool[1].max()) + 1
         results = {s: [simulate(pool, test, n_classes, s, seed, args)[0] for seed in args.seeds] for s in STRATEGIES}
         for k, seed in enumerate(args.seeds):
