@@ -53,6 +53,15 @@ def parse_args(argv=None):
     p.add_argument("--picks", type=int, default=20, help="images labelled per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument(
+        "--imbalance",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="pool imbalance ratios to simulate, each a run: the first class keeps 1/R of its pool images, the last "
+        "all, those between a geometric share (defective is the first of the solar sets' classes); the test stays "
+        "balanced",
+    )
     p.add_argument("--data", default=str(ROOT / "data" / "data_loop_bench"), help="where the sets are built")
     p.add_argument("--n", type=int, default=100_000, help="rows of the scale part")
     return p.parse_args(argv)
@@ -80,6 +89,18 @@ def pick(strategy, head, x, unlabelled, n, rng):
     return [unlabelled[i] for i in chosen]
 
 
+def imbalanced(pool, n_classes, ratio):
+    """The pool with class c cut to 1/ratio ** ((n_classes - 1 - c) / (n_classes - 1)) of its images (its first
+    ones by file name: the sets were written in their source's shuffled or arbitrary order)."""
+    x, y = pool
+    keep = []
+    for c in range(n_classes):
+        rows = (y == c).nonzero().flatten()
+        keep += rows[: round(len(rows) / ratio ** ((n_classes - 1 - c) / max(n_classes - 1, 1)))].tolist()
+    keep = torch.tensor(sorted(keep))
+    return x[keep], y[keep]
+
+
 def simulate(pool, test, n_classes, strategy, seed, args):
     (x, y), (tx, ty) = pool, test
     rng = random.Random(seed)
@@ -89,8 +110,9 @@ def simulate(pool, test, n_classes, strategy, seed, args):
         chosen = set(labelled)
         labelled += pick(strategy, head, x, [i for i in range(len(y)) if i not in chosen], args.picks, rng)
     head = fit(x[labelled], y[labelled], n_classes)
+    picked = y[labelled[n_classes * args.start :]]
     with torch.no_grad():
-        return float((head(tx).argmax(1) == ty).float().mean()), len(labelled)
+        return float((head(tx).argmax(1) == ty).float().mean()), float((picked == 0).float().mean())
 
 
 def labelling(args):
@@ -98,24 +120,31 @@ def labelling(args):
         f"labelling: start {args.start} per class, {args.rounds} rounds of {args.picks} picks; test accuracy of "
         "the head fitted on the final labelled set\n"
     )
-    print("| set | pool / test images | seed | " + " | ".join(STRATEGIES) + " |")
-    print("|---|---|---|" + "---|" * len(STRATEGIES))
-    gains = {}
+    print("| set | pool imbalance | pool / test images | seed | " + " | ".join(STRATEGIES) + " |")
+    print("|---|---|---|---|" + "---|" * len(STRATEGIES))
+    gains, rare = {}, {}
     for name in args.sets:
         root = build_set(name, Path(args.data) / name, args.per_class, args.test_per_class)
         (_, py, px), (_, ty, tx) = (features_of(root / split, 224) for split in ("train", "test"))
-        pool, test = (px, py), (tx, ty)
-        n_classes = int(pool[1].max()) + 1
-        results = {s: [simulate(pool, test, n_classes, s, seed, args)[0] for seed in args.seeds] for s in STRATEGIES}
-        for k, seed in enumerate(args.seeds):
-            cells = " | ".join(f"{results[s][k]:.4f}" for s in STRATEGIES)
-            print(f"| {name} | {len(pool[1])} / {len(test[1])} | {seed} | {cells} |")
-        means = {s: sum(v) / len(v) for s, v in results.items()}
-        print(f"| {name} | | mean | " + " | ".join(f"{means[s]:.4f}" for s in STRATEGIES) + " |")
-        gains[name] = 100 * (means["rank_for_labelling"] - means["random"])
+        test, n_classes = (tx, ty), int(py.max()) + 1
+        for ratio in args.imbalance:
+            pool = imbalanced((px, py), n_classes, ratio)
+            ran = {s: [simulate(pool, test, n_classes, s, seed, args) for seed in args.seeds] for s in STRATEGIES}
+            results = {s: [accuracy for accuracy, _ in v] for s, v in ran.items()}
+            rare[name, ratio] = {s: sum(share for _, share in v) / len(v) for s, v in ran.items()}
+            for k, seed in enumerate(args.seeds):
+                cells = " | ".join(f"{results[s][k]:.4f}" for s in STRATEGIES)
+                print(f"| {name} | {ratio:g} | {len(pool[1])} / {len(test[1])} | {seed} | {cells} |")
+            means = {s: sum(v) / len(v) for s, v in results.items()}
+            print(f"| {name} | {ratio:g} | | mean | " + " | ".join(f"{means[s]:.4f}" for s in STRATEGIES) + " |")
+            gains[name, ratio] = 100 * (means["rank_for_labelling"] - means["random"])
     print()
-    for name, gain in gains.items():
-        print(f"{name}: --rank_for_labelling's picks {gain:+.2f} points over random picks (mean over the seeds)")
+    for (name, ratio), gain in gains.items():
+        print(
+            f"{name}, pool imbalance {ratio:g}: --rank_for_labelling's picks {gain:+.2f} points over random picks "
+            "(mean over the seeds); picks of the first class: "
+            + ", ".join(f"{s} {share:.0%}" for s, share in rare[name, ratio].items())
+        )
 
 
 def scale(args):
