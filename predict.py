@@ -95,7 +95,12 @@ def build_parser():
         help="go on from the rows of an interrupted run of the same command (its "
         "OUTPUT.partial/ folder): each image ends up in --output once",
     )
-    add("--plot", default="predictions.png", help="figure of sample predictions (confusion matrix beside it)")
+    add(
+        "--plot",
+        default=None,
+        help="figure of sample predictions (confusion matrix beside it); default: predictions.png beside "
+        "--output (in the current folder when that is among the images read)",
+    )
     add("--n_images", type=int, default=6, help="images in the figure")
     add("--show", action="store_true", help="also open the figure in a window")
     add(
@@ -270,6 +275,14 @@ def gather_inputs(args, ckpt, task):
     return inputs, searched, lists
 
 
+def default_plot(output, searched):
+    """predictions.png beside --output; in the current folder when that is among the images read (where a figure
+    would be read as an input next time)."""
+    beside = Path(output).with_name("predictions.png")
+    inside = searched and beside.parent.resolve().is_relative_to(Path(searched).resolve())
+    return "predictions.png" if inside else str(beside)
+
+
 def check_outputs(args, inputs, labelled, task, searched, lists=()):
     """(the report's path, the confusion matrix's path): one error line, before any work, when an output would
     replace something the run reads (the model, an image, a list or CSV) or another output, cannot be written, or
@@ -309,6 +322,7 @@ def main(args):
     predictor = Predictor(ckpt, model, None, reading)  # checks the settings against the model before any work
     inputs, searched, lists = gather_inputs(args, ckpt, predictor.task)
     labelled = any(label != -1 for _, label in inputs)
+    args.plot = args.plot or default_plot(args.output, searched)
     report_path, confusion_path = check_outputs(args, inputs, labelled, predictor.task, searched, lists)
     asked = data_loop.Asked(
         args.output, args.embeddings, args.similar_to, args.top, args.rank_for_labelling, data_loop.train_flags_of(ckpt)
@@ -538,7 +552,10 @@ def print_results(args, predictor, summary, timing, explained, outputs):
     )
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if "int8" in ckpt:  # an export.py --int8 build: what its gate measured against fp32
-        print(int8.Figures.from_metadata(ckpt["int8"]).line())
+        figures = int8.Figures.from_metadata(ckpt["int8"])
+        print(figures.line())
+        if int8.cpu_warning(figures):
+            print(int8.cpu_warning(figures), file=sys.stderr)
     if args.explain:
         empty = f" ({explained.empty} with an empty map: no evidence for the class)" if explained.empty else ""
         print(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import predict
 import prediction_output
@@ -418,3 +419,20 @@ def test_embeddings_of_a_1x1_convolution_classifier_are_its_pooled_input(tiny_da
         tmp_path / "s.npy",
     )
     assert np.load(tmp_path / "s.npy").shape == (18, 512) and "18 rows of 512 float32 features" in printed
+
+
+def test_the_figures_go_beside_the_output_by_default(model, tmp_path, capsys, monkeypatch):
+    ckpt, images = model
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "today" / "result.csv"
+    printed = run_predict(capsys, "--model_fn", ckpt, "--data_dir", images, "--output", out)
+    figure = out.with_name("predictions.png")
+    assert f"figure -> {figure}" in printed
+    with Image.open(figure) as im, Image.open(out.with_name("predictions_confusion.png")) as matrix:
+        assert im.width > 100 and matrix.width > 100
+    assert not (tmp_path / "predictions.png").exists() and len(rows_of(out)) == 24
+    # a table written among the images read: the figure stays out of them, in the current folder as before
+    photos = shutil.copytree(images, tmp_path / "photos")
+    printed = run_predict(capsys, "--model_fn", ckpt, "--data_dir", photos, "--output", photos / "result.csv")
+    assert "figure -> predictions.png" in printed and (tmp_path / "predictions.png").is_file()
+    assert not list(photos.rglob("predictions*.png")) and len(rows_of(photos / "result.csv")) == 24
