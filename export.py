@@ -93,6 +93,13 @@ def int8_flags(add):
         help="training images the ranges are calibrated on, drawn over all classes",
     )
     add("--calibration_dir", default=None, help="a folder of images to calibrate on instead of the training images")
+    add(
+        "--int8_weights",
+        choices=["auto", "s8", "s7"],
+        default="auto",
+        help="the weights' range: s8 (8 bits, for CPUs with VNNI), s7 (7 bits: x86 CPUs without VNNI, where 8-bit "
+        "weights can saturate); auto: what this CPU needs",
+    )
     add("--gate_images", type=int, default=1000, help="held-out images the int8 build is held against fp32 on")
     add("--max_drop", type=float, default=1.0, help="accuracy points int8 may lose against fp32")
     add("--min_agreement", type=float, default=0.98, help="share of images whose top-1 must agree with fp32's")
@@ -412,15 +419,16 @@ def build_int8(fp32, out, meta, calibration, ckpt, args):
     calibration_images, gate_images, labels = calibration
     methods = int8.METHODS if args.calibration == "auto" else (args.calibration,)
     tried = []
+    weights = int8.weight_format() if args.int8_weights == "auto" else args.int8_weights
     for method in methods:
         candidate = out.with_name(f"{out.stem}.{method}.onnx")
         try:
-            int8.quantize(fp32, candidate, calibration_images, method)
+            int8.quantize(fp32, candidate, calibration_images, method, weights)
         except Exception as e:  # noqa: BLE001 - onnxruntime's calibrators refuse some activations (a constant one)
             print(f"int8, {method} calibration failed ({describe_error(e, 160)})", file=sys.stderr)
             continue
         used = int8.calibration_count(method, len(calibration_images))
-        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used)
+        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used, weights)
         tried.append((figures, candidate))
         if args.verbose >= 1:
             print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])

@@ -1,6 +1,7 @@
 """The int8 build of export.py --int8 and its gate: onnxruntime's static quantization of the fp32 ONNX export (QDQ
 format; per-channel weights, since per-tensor scales are what breaks the depthwise convolutions of MobileNets and
-EfficientNets; unsigned 8-bit activations, signed weights, as x86's VNNI instructions take them), calibrated on the
+EfficientNets; unsigned 8-bit activations, signed weights, as x86's VNNI instructions take them, with 7 bits of
+range on x86 CPUs without VNNI, where 8-bit ones can saturate: saturates), calibrated on the
 model's own training images through its eval transform, then held against the fp32 export on labelled held-out
 images before anything is written: accuracy of both, top-1 agreement, the largest probability difference and the
 speed-up at batch 1 and 32. The backbone is quantized; the classifier layer (a Gemm or MatMul) and the
@@ -11,6 +12,7 @@ docs/export.md)."""
 import contextlib
 import io
 import json
+import platform
 import random
 import tempfile
 import time
@@ -59,6 +61,7 @@ class Figures:
     speedup_batch32: float = float("nan")
     fp32_mb: float = float("nan")
     int8_mb: float = float("nan")
+    weights: str = "s8"  # "s8": signed 8-bit; "s7": 7 bits of range (weight_format); files built before it: s8
 
     @classmethod
     def from_metadata(cls, figures):
@@ -77,11 +80,55 @@ class Figures:
             else "no labelled images: accuracy not measured, "
         )
         return (
-            f"int8 ({self.calibration} calibration on {self.calibration_images} training images; held against fp32 "
+            f"int8 ({self.calibration} calibration on {self.calibration_images} training images, "
+            f"{WEIGHT_WORDS.get(self.weights, self.weights)} weights; held against fp32 "
             f"on {self.gate_images} images): {accuracy}top-1 agreement {self.agreement:.2%}, largest probability "
             f"difference {self.max_prob_diff:.3f}; speed-up {self.speedup_batch1:.2f}x at batch 1, "
             f"{self.speedup_batch32:.2f}x at batch 32; {self.int8_mb:.1f} MB against {self.fp32_mb:.1f} MB"
         )
+
+
+WEIGHT_WORDS = {"s8": "8-bit", "s7": "7-bit"}
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # x86 instructions that add int8 products in 32 bits
+
+
+def cpu_flags():
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+def saturates(machine=None, flags=None):
+    """Whether onnxruntime's int8 convolutions can saturate on this CPU: an x86 one without VNNI, whose AVX2 and
+    AVX-512 path adds pairs of uint8 x int8 products in 16 bits (onnxruntime's documentation advises 7-bit weights
+    there). Measured on an AVX2-only EPYC, EfficientNet-Lite0 on Fashion tops: 8-bit weights agreed with fp32 on
+    85.9% of the images, 7-bit ones on 94.4% (docs/export.md)."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return not ((cpu_flags() if flags is None else flags) & VNNI_FLAGS)
+
+
+def weight_format():
+    """The weights the int8 build uses on this machine: 8-bit where the int8 kernels add in 32 bits, 7 bits of range
+    where they can saturate (saturates)."""
+    return "s7" if saturates() else "s8"
+
+
+def cpu_warning(figures):
+    """A warning line when an int8 file with 8-bit weights runs on a CPU where they can saturate, else ""."""
+    if figures.weights != "s8" or not saturates():
+        return ""
+    return (
+        "warning: this int8 file has 8-bit weights, built on a CPU with VNNI; this CPU has none, and onnxruntime's "
+        "int8 kernels can saturate here, so its answers may agree with fp32 less than the figures above say "
+        "(EfficientNet-Lite0 on Fashion tops: 98.1% with VNNI, 85.9% without); build it again on this machine: "
+        "python export.py --model_fn MODEL.pth --int8"
+    )
 
 
 def training_files(ckpt, n, seed=0):
@@ -150,8 +197,9 @@ class CalibrationReader:
         self.index = 0
 
 
-def quantize(fp32_path, out_path, images, method):
-    """The int8 QDQ model of fp32_path at out_path, calibrated on `images` with `method`."""
+def quantize(fp32_path, out_path, images, method, weights="s8"):
+    """The int8 QDQ model of fp32_path at out_path, calibrated on `images` with `method`; `weights`: "s8" (signed
+    8-bit), "s7" (signed, 7 bits of range) or "u8" (unsigned)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -171,7 +219,8 @@ def quantize(fp32_path, out_path, images, method):
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
+                weight_type=QuantType.QUInt8 if weights == "u8" else QuantType.QInt8,
+                reduce_range=weights == "s7",
                 calibrate_method=methods[method],
                 nodes_to_exclude=head_nodes(str(prepared)),
                 extra_options=None if method == "minmax" else {"CalibMaxIntermediateOutputs": 2},  # merged in twos
@@ -210,8 +259,8 @@ def run_model(path, images, batch=32):
     return torch.cat(logits), (torch.cat(scores) if scores else None)
 
 
-def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration):
-    """Figures of int8 against fp32 on images (labels: per image, or None)."""
+def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration, weights="s8"):
+    """Figures of int8 against fp32 on images (labels: per image, or None); `weights`: the build's (quantize)."""
     calibration = tasks.for_checkpoint(ckpt).calibration_of(ckpt)
     (a, _), (b, _) = run_model(fp32_path, images), run_model(int8_path, images)
     pa, pb = calibration.probabilities(a), calibration.probabilities(b)
@@ -229,6 +278,7 @@ def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration):
         *accuracy,
         float(same.float().mean()),
         float((pa - pb).abs().max()),
+        weights=weights,
     )
 
 

@@ -33,6 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import int8
 from cli import ArgumentParser, CLIError, StopFlag, flag_adder, run_cli
 from predictor import Predictor, Reading
 from run_paths import RunPaths
@@ -132,7 +133,16 @@ def load_predictor(args, explain_maps=False):
     """The model, loaded and made ready as predict.py does (predictor.Predictor)."""
     reading = Reading(args.threshold, args.unknown_label, args.tta, args.reject_ood)
     RunPaths().reads(args.model_fn, "the model --model_fn").check()  # one line for a missing file
-    return Predictor.load(args.model_fn, reading, args.gpu_id, args.amp, explain_maps=explain_maps, log=print)
+    predictor = Predictor.load(args.model_fn, reading, args.gpu_id, args.amp, explain_maps=explain_maps, log=print)
+    if int8_warning(predictor):
+        print(int8_warning(predictor), file=sys.stderr)
+    return predictor
+
+
+def int8_warning(predictor):
+    """int8.cpu_warning of an export.py --int8 build ("" for any other model)."""
+    figures = predictor.ckpt.get("int8")
+    return int8.cpu_warning(int8.Figures.from_metadata(figures)) if figures else ""
 
 
 def model_card(predictor, settings):
@@ -156,6 +166,7 @@ def model_card(predictor, settings):
         "max_batch": settings.max_batch,
         "grad_cam": not str(settings.model_fn).lower().endswith(".onnx"),
         "int8": ckpt.get("int8"),  # an export.py --int8 build: its gate's figures against fp32 (None otherwise)
+        "int8_warning": int8_warning(predictor),  # "" unless its 8-bit weights can saturate on this CPU
     }
     calibration = predictor.calibration
     card.update(calibration.checkpoint_entries())  # temperature, or temperatures and thresholds per class

@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS))
     p.add_argument("--speed_models", nargs="*", choices=MODELS, default=list(MODELS))
+    p.add_argument(
+        "--int8_weights", choices=["auto", "s8", "s7"], default="auto", help="export.py's --int8_weights (both parts)"
+    )
     p.add_argument("--scratch_epochs", type=int, default=20)
     p.add_argument("--scratch_size", type=int, default=112)
     p.add_argument("--data", default=str(ROOT / "data" / "finetune_bench"))
@@ -84,6 +87,7 @@ def accuracy_part(args, work):
             for method in int8.METHODS:
                 cmd = [sys.executable, ROOT / "export.py", "--model_fn", out / "m.pth", "--int8", "--calibration"]
                 cmd += [method, "--max_drop", "100", "--min_agreement", "0", "--output", out / f"m.{method}.int8.onnx"]
+                cmd += ["--int8_weights", args.int8_weights]
                 done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
                 line = next((ln for ln in done.stdout.splitlines() if ln.startswith("int8 (")), None)
                 if line is None:
@@ -103,6 +107,10 @@ def accuracy_part(args, work):
                 print(row, flush=True)
 
 
+def weights(args):
+    return int8.weight_format() if args.int8_weights == "auto" else args.int8_weights
+
+
 def speed_part(args, work):
     files = [f for f, _ in dl.scan_class_folders(ROOT / "data" / "fashion_sample" / "train")[1]][::6][:64]
     print(
@@ -116,7 +124,7 @@ def speed_part(args, work):
         ckpt = torch.load(ckpt_path, weights_only=True)
         images = int8.load_batch(files, dl.Preprocess.of(ckpt))
         q = work / f"{model}_224.int8.onnx"
-        int8.quantize(fp32, q, images, "minmax")
+        int8.quantize(fp32, q, images, "minmax", weights(args))
         rates = {}
         for _ in range(2):  # in turns: a burst of load on this shared machine does not decide
             for batch in (1, 32):
@@ -135,7 +143,8 @@ def main(args):
     flags = open("/proc/cpuinfo").read()
     print(
         f"machine: {cpu_line()}; avx512_vnni {'yes' if ' avx512_vnni' in flags else 'no'}, "
-        f"avx2 {'yes' if ' avx2' in flags else 'no'}; onnxruntime on the CPU, {torch.get_num_threads()} threads"
+        f"avx2 {'yes' if ' avx2' in flags else 'no'}; onnxruntime on the CPU, {torch.get_num_threads()} threads; "
+        f"int8 weights {weights(args)} (--int8_weights {args.int8_weights})"
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:

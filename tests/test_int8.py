@@ -11,6 +11,7 @@ import data_loader as dl
 import export
 import int8
 import model_loader as ml
+import predict
 import train
 from conftest import copy_subset, run_in_process
 from helpers import read_csv, run_predict
@@ -57,12 +58,15 @@ def test_the_int8_build_is_written_with_its_figures_and_predicts_like_fp32(train
     out = capsys.readouterr().out
     assert "quantized the backbone; kept in fp32: the classifier layer and the out-of-distribution score" in out
     line = [ln for ln in out.splitlines() if ln.startswith("int8 (")][0]
-    assert "on 24 training images; held against fp32 on 18 images" in line and "top-1 agreement" in line, out
+    assert (
+        "on 24 training images, " in line and "held against fp32 on 18 images" in line and "top-1 agreement" in line
+    ), out
     path = root / "m.int8.onnx"
     meta = {p.key: p.value for p in onnx.load(path).metadata_props}
     figures = json.loads(meta["int8"])
     assert figures["gate_images"] == 18 and figures["labelled"] and 0 <= figures["agreement"] <= 1
     assert figures["calibration"] in int8.METHODS and figures["int8_mb"] < figures["fp32_mb"]
+    assert figures["weights"] == int8.weight_format() and f"{int8.WEIGHT_WORDS[figures['weights']]} weights" in line
     printed = run_predict(capsys, "--model_fn", path, "--data_dir", data / "test", "--output", tmp_path / "q.csv")
     run_predict(capsys, "--model_fn", root / "m.pth", "--data_dir", data / "test", "--output", tmp_path / "f.csv")
     assert "int8 (" in printed and "speed-up" in printed  # one line with the gate's figures
@@ -164,3 +168,51 @@ def test_without_labels_only_the_agreement_is_gated(trained, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "only the agreement was gated" in out and "no labelled images: accuracy not measured" in out
+
+
+def test_seven_bit_weights_where_eight_bit_ones_can_saturate(monkeypatch):
+    """x86 without VNNI adds pairs of uint8 x int8 products in 16 bits: the build takes 7 bits of range there."""
+    assert int8.saturates("x86_64", {"avx2", "fma"}) and int8.saturates("AMD64", {"avx512f", "avx512bw"})
+    assert not int8.saturates("x86_64", {"avx2", "avx512_vnni"}) and not int8.saturates("x86_64", {"avx_vnni"})
+    assert not int8.saturates("aarch64", set())
+    monkeypatch.setattr(int8, "saturates", lambda *a: True)
+    assert int8.weight_format() == "s7"
+    monkeypatch.setattr(int8, "saturates", lambda *a: False)
+    assert int8.weight_format() == "s8"
+
+
+def conv_weights(path):
+    """The int8 values of every convolution's weight in an int8 QDQ file."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    return np.concatenate([values[producer[c.input[1]].input[0]].ravel() for c in convs])
+
+
+def test_the_weights_range_is_kept_and_8_bit_weights_warn_where_they_saturate(trained, tmp_path, capsys, monkeypatch):
+    root, data = trained
+    built = {}
+    for weights in ("s7", "s8"):
+        built[weights] = tmp_path / f"m.{weights}.int8.onnx"
+        argv = ["--model_fn", root / "m.pth", "--int8", "--int8_weights", weights, "--calibration", "minmax"]
+        argv += ["--calibration_images", "12", "--max_drop", "100", "--min_agreement", "0"]
+        export.main(export.parse_args([str(a) for a in [*argv, "--output", built[weights]]]))
+    capsys.readouterr()
+    s7, s8 = conv_weights(built["s7"]), conv_weights(built["s8"])
+    assert abs(s7.astype(int)).max() == 64  # +-64: two products of 255 x 64 add up within 16 bits
+    assert abs(s8.astype(int)).max() == 127
+    monkeypatch.setattr(int8, "saturates", lambda *a: True)  # a CPU without VNNI
+    for weights, warned in (("s8", True), ("s7", False)):
+        argv = ["--model_fn", built[weights], "--data_dir", data / "test", "--output", tmp_path / "p.csv"]
+        predict.main(predict.parse_args([str(a) for a in [*argv, "--num_workers", "0"]]))
+        err = capsys.readouterr().err
+        assert ("8-bit weights, built on a CPU with VNNI" in err) == warned, (weights, err)
+    import serve
+    from predictor import Predictor
+
+    card = serve.model_card(Predictor.load(built["s8"], log=lambda *a: None), serve.Settings(model_fn="m.onnx"))
+    assert card["int8"]["weights"] == "s8" and "can saturate" in card["int8_warning"]
