@@ -1,7 +1,7 @@
 """The int8 build of export.py --int8 and its gate: onnxruntime's static quantization of the fp32 ONNX export (QDQ
 format; per-channel weights, since per-tensor scales are what breaks the depthwise convolutions of MobileNets and
-EfficientNets; unsigned 8-bit activations, signed weights, as x86's VNNI instructions take them, with 7 bits of
-range on x86 CPUs without VNNI, where 8-bit ones can saturate: saturates), calibrated on the
+EfficientNets; unsigned 8-bit activations, signed weights, as x86's VNNI instructions take them, or 7 bits of
+range on x86 CPUs without VNNI, where 8-bit ones can saturate: see saturates), calibrated on the
 model's own training images through its eval transform, then held against the fp32 export on labelled held-out
 images before anything is written: accuracy of both, top-1 agreement, the largest probability difference and the
 speed-up at batch 1 and 32. The backbone is quantized; the classifier layer (a Gemm or MatMul) and the
@@ -10,6 +10,7 @@ quantizing the convolutions alone agreed with fp32 on 96.7% of the sample's test
 docs/export.md)."""
 
 import contextlib
+import functools
 import io
 import json
 import platform
@@ -62,6 +63,7 @@ class Figures:
     fp32_mb: float = float("nan")
     int8_mb: float = float("nan")
     weights: str = "s8"  # "s8": signed 8-bit; "s7": 7 bits of range (weight_format); files built before it: s8
+    built_saturating: bool | None = None  # saturates() where it was built (the gate measured that); None: not known
 
     @classmethod
     def from_metadata(cls, figures):
@@ -90,44 +92,49 @@ class Figures:
 
 WEIGHT_WORDS = {"s8": "8-bit", "s7": "7-bit"}
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # x86 instructions that add int8 products in 32 bits
+X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
-def cpu_flags():
-    """This CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+@functools.cache
+def cpu_flags(path="/proc/cpuinfo"):
+    """This CPU's feature flags as /proc/cpuinfo lists them (its 'flags' line on x86, 'Features' on ARM); None
+    where the file cannot be read (Windows, macOS)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(path).read_text()
     except OSError:
-        return set()
+        return None
     line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
 def saturates(machine=None, flags=None):
-    """Whether onnxruntime's int8 convolutions can saturate on this CPU: an x86 one without VNNI, whose AVX2 and
-    AVX-512 path adds pairs of uint8 x int8 products in 16 bits (onnxruntime's documentation advises 7-bit weights
-    there). Measured on an AVX2-only EPYC, EfficientNet-Lite0 on Fashion tops: 8-bit weights agreed with fp32 on
-    85.9% of the images, 7-bit ones on 94.4% (docs/export.md)."""
-    machine = (machine or platform.machine()).lower()
-    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    """Whether onnxruntime's int8 convolutions can saturate on this CPU: True on an x86 one without VNNI, whose AVX2
+    and AVX-512 path adds pairs of uint8 x int8 products in 16 bits (onnxruntime's documentation advises 7-bit
+    weights there); False on other CPUs and x86 ones with VNNI; None on x86 when the flags cannot be read. Measured
+    on an AVX2-only EPYC, EfficientNet-Lite0 on Fashion tops: 8-bit weights agreed with fp32 on 85.9% of the images,
+    7-bit ones on 94.4% (docs/export.md)."""
+    if (machine or platform.machine()).lower() not in X86:
         return False
-    return not ((cpu_flags() if flags is None else flags) & VNNI_FLAGS)
+    flags = cpu_flags() if flags is None else flags
+    return None if flags is None else not (flags & VNNI_FLAGS)
 
 
 def weight_format():
     """The weights the int8 build uses on this machine: 8-bit where the int8 kernels add in 32 bits, 7 bits of range
-    where they can saturate (saturates)."""
-    return "s7" if saturates() else "s8"
+    where they can saturate or it cannot be told (saturates)."""
+    return "s8" if saturates() is False else "s7"
 
 
-def cpu_warning(figures):
-    """A warning line when an int8 file with 8-bit weights runs on a CPU where they can saturate, else ""."""
-    if figures.weights != "s8" or not saturates():
+def cpu_warning(figures, device_type="cpu"):
+    """A warning line when a file with 8-bit weights runs on a CPU where they saturate and its figures were not
+    measured on such a CPU, else ""."""
+    if device_type != "cpu" or figures.weights != "s8" or not saturates() or figures.built_saturating:
         return ""
     return (
-        "warning: this int8 file has 8-bit weights, built on a CPU with VNNI; this CPU has none, and onnxruntime's "
-        "int8 kernels can saturate here, so its answers may agree with fp32 less than the figures above say "
-        "(EfficientNet-Lite0 on Fashion tops: 98.1% with VNNI, 85.9% without); build it again on this machine: "
-        "python export.py --model_fn MODEL.pth --int8"
+        "warning: this int8 file has 8-bit weights, and this CPU has no VNNI: onnxruntime's int8 kernels can "
+        "saturate here, so its answers may agree with fp32 less than its gate measured (EfficientNet-Lite0 on "
+        "Fashion tops: 98.1% with VNNI, 85.9% without); export.py --int8 --int8_weights s7 builds for such CPUs, "
+        "and the fp32 .onnx is the safe choice"
     )
 
 
@@ -279,6 +286,7 @@ def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration, w
         float(same.float().mean()),
         float((pa - pb).abs().max()),
         weights=weights,
+        built_saturating=saturates(),
     )
 
 

@@ -99,7 +99,7 @@ def build_parser():
         "--plot",
         default=None,
         help="figure of sample predictions (confusion matrix beside it); default: predictions.png beside "
-        "--output (in the current folder when that is among the images read)",
+        "--output (in the current folder when that is inside the folder searched for images)",
     )
     add("--n_images", type=int, default=6, help="images in the figure")
     add("--show", action="store_true", help="also open the figure in a window")
@@ -276,8 +276,8 @@ def gather_inputs(args, ckpt, task):
 
 
 def default_plot(output, searched):
-    """predictions.png beside --output; in the current folder when that is among the images read (where a figure
-    would be read as an input next time)."""
+    """predictions.png beside --output; in the current folder when that is inside the folder searched for images
+    (--data_dir's, or the checkpoint's test folder), where a figure would be read as an input next time."""
     beside = Path(output).with_name("predictions.png")
     inside = searched and beside.parent.resolve().is_relative_to(Path(searched).resolve())
     return "predictions.png" if inside else str(beside)
@@ -554,8 +554,9 @@ def print_results(args, predictor, summary, timing, explained, outputs):
     if "int8" in ckpt:  # an export.py --int8 build: what its gate measured against fp32
         figures = int8.Figures.from_metadata(ckpt["int8"])
         print(figures.line())
-        if int8.cpu_warning(figures):
-            print(int8.cpu_warning(figures), file=sys.stderr)
+        warning = int8.cpu_warning(figures, predictor.compute.device.type)
+        if warning:
+            print(warning, file=sys.stderr)
     if args.explain:
         empty = f" ({explained.empty} with an empty map: no evidence for the class)" if explained.empty else ""
         print(

@@ -134,15 +134,17 @@ def load_predictor(args, explain_maps=False):
     reading = Reading(args.threshold, args.unknown_label, args.tta, args.reject_ood)
     RunPaths().reads(args.model_fn, "the model --model_fn").check()  # one line for a missing file
     predictor = Predictor.load(args.model_fn, reading, args.gpu_id, args.amp, explain_maps=explain_maps, log=print)
-    if int8_warning(predictor):
-        print(int8_warning(predictor), file=sys.stderr)
+    warning = int8_warning(predictor)
+    if warning:
+        print(warning, file=sys.stderr)
     return predictor
 
 
 def int8_warning(predictor):
     """int8.cpu_warning of an export.py --int8 build ("" for any other model)."""
     figures = predictor.ckpt.get("int8")
-    return int8.cpu_warning(int8.Figures.from_metadata(figures)) if figures else ""
+    device = predictor.compute.device.type
+    return int8.cpu_warning(int8.Figures.from_metadata(figures), device) if figures else ""
 
 
 def model_card(predictor, settings):

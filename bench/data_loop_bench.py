@@ -129,6 +129,8 @@ def labelling(args):
         test, n_classes = (tx, ty), int(py.max()) + 1
         for ratio in args.imbalance:
             pool = imbalanced((px, py), n_classes, ratio)
+            if int(torch.bincount(pool[1]).min()) <= args.start:
+                raise SystemExit(f"--imbalance {ratio:g} leaves {name}'s first class no more than --start images")
             ran = {s: [simulate(pool, test, n_classes, s, seed, args) for seed in args.seeds] for s in STRATEGIES}
             results = {s: [accuracy for accuracy, _ in v] for s, v in ran.items()}
             rare[name, ratio] = {s: sum(share for _, share in v) / len(v) for s, v in ran.items()}
@@ -166,6 +168,8 @@ def scale(args):
 
 
 def main(args):
+    if any(r < 1 for r in args.imbalance):
+        raise SystemExit("--imbalance: ratios of 1 (balanced) or more")
     print(cpu_line(), f"{torch.get_num_threads()} threads\n")
     if "labelling" in args.parts:
         labelling(args)

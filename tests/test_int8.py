@@ -170,15 +170,46 @@ def test_without_labels_only_the_agreement_is_gated(trained, tmp_path, capsys):
     assert "only the agreement was gated" in out and "no labelled images: accuracy not measured" in out
 
 
-def test_seven_bit_weights_where_eight_bit_ones_can_saturate(monkeypatch):
-    """x86 without VNNI adds pairs of uint8 x int8 products in 16 bits: the build takes 7 bits of range there."""
-    assert int8.saturates("x86_64", {"avx2", "fma"}) and int8.saturates("AMD64", {"avx512f", "avx512bw"})
-    assert not int8.saturates("x86_64", {"avx2", "avx512_vnni"}) and not int8.saturates("x86_64", {"avx_vnni"})
-    assert not int8.saturates("aarch64", set())
+def test_seven_bit_weights_where_eight_bit_ones_can_saturate(tmp_path, monkeypatch):
+    """x86 without VNNI adds pairs of uint8 x int8 products in 16 bits: the build takes 7 bits of range there, and
+    where the flags cannot be read."""
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert int8.cpu_flags(str(x86)) == {"fpu", "sse2", "avx2", "fma"} and "asimddp" in int8.cpu_flags(str(arm))
+    assert int8.cpu_flags(str(tmp_path / "missing")) is None
+    assert int8.saturates("x86_64", int8.cpu_flags(str(x86))) is True
+    assert int8.saturates("AMD64", {"avx512f", "avx512bw"}) is True
+    assert (
+        int8.saturates("x86_64", {"avx2", "avx512_vnni"}) is False and int8.saturates("x86_64", {"avx_vnni"}) is False
+    )
+    assert int8.saturates("aarch64", set()) is False
+    for found, weights in ((True, "s7"), (None, "s7"), (False, "s8")):
+        monkeypatch.setattr(int8, "saturates", lambda *a, found=found: found)
+        assert int8.weight_format() == weights
+
+
+def test_the_warning_for_8_bit_weights_where_they_saturate(monkeypatch):
+    old = int8.Figures.from_metadata(
+        {
+            "calibration": "minmax",
+            "calibration_images": 1,
+            "gate_images": 1,
+            "labelled": True,
+            "accuracy_fp32": 1.0,
+            "accuracy_int8": 1.0,
+            "agreement": 1.0,
+            "max_prob_diff": 0.0,
+        }
+    )  # a file from before the weights
+    assert old.weights == "s8" and old.built_saturating is None
     monkeypatch.setattr(int8, "saturates", lambda *a: True)
-    assert int8.weight_format() == "s7"
+    assert "can saturate" in int8.cpu_warning(old) and not int8.cpu_warning(old, "cuda")
+    for weights, built_saturating, warns in (("s8", False, True), ("s8", True, False), ("s7", False, False)):
+        figures = int8.Figures(**{**vars(old), "weights": weights, "built_saturating": built_saturating})
+        assert bool(int8.cpu_warning(figures)) == warns, (weights, built_saturating)
     monkeypatch.setattr(int8, "saturates", lambda *a: False)
-    assert int8.weight_format() == "s8"
+    assert not int8.cpu_warning(old)
 
 
 def conv_weights(path):
@@ -196,6 +227,7 @@ def conv_weights(path):
 def test_the_weights_range_is_kept_and_8_bit_weights_warn_where_they_saturate(trained, tmp_path, capsys, monkeypatch):
     root, data = trained
     built = {}
+    monkeypatch.setattr(int8, "saturates", lambda *a: False)  # built on a CPU with VNNI
     for weights in ("s7", "s8"):
         built[weights] = tmp_path / f"m.{weights}.int8.onnx"
         argv = ["--model_fn", root / "m.pth", "--int8", "--int8_weights", weights, "--calibration", "minmax"]
@@ -210,7 +242,7 @@ def test_the_weights_range_is_kept_and_8_bit_weights_warn_where_they_saturate(tr
         argv = ["--model_fn", built[weights], "--data_dir", data / "test", "--output", tmp_path / "p.csv"]
         predict.main(predict.parse_args([str(a) for a in [*argv, "--num_workers", "0"]]))
         err = capsys.readouterr().err
-        assert ("8-bit weights, built on a CPU with VNNI" in err) == warned, (weights, err)
+        assert ("8-bit weights, and this CPU has no VNNI" in err) == warned, (weights, err)
     import serve
     from predictor import Predictor
 
