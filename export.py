@@ -451,6 +451,11 @@ def build_int8(fp32, out, meta, calibration, ckpt, args):
             print("int8: no labelled held-out images (their folders are not the classes): only the agreement was gated")
         if args.verbose >= 1:
             print(f"int8: quantized the backbone; kept in fp32: {int8.KEPT_FP32}")
+        if args.verbose >= 1 and weights == "s7" and args.int8_weights == "auto":
+            print(
+                "int8: 7-bit weights: this x86 CPU has no VNNI (or its flags cannot be read), where 8-bit weights "
+                "can saturate; --int8_weights s8 builds for CPUs with VNNI"
+            )
         return figures
     finally:
         for _, path in tried:

@@ -57,6 +57,7 @@ def test_the_int8_build_is_written_with_its_figures_and_predicts_like_fp32(train
     export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--int8", "--calibration_images", "24"]))
     out = capsys.readouterr().out
     assert "quantized the backbone; kept in fp32: the classifier layer and the out-of-distribution score" in out
+    assert ("int8: 7-bit weights: this x86 CPU has no VNNI" in out) == (int8.weight_format() == "s7")  # says why
     line = [ln for ln in out.splitlines() if ln.startswith("int8 (")][0]
     assert (
         "on 24 training images, " in line and "held against fp32 on 18 images" in line and "top-1 agreement" in line
@@ -233,7 +234,7 @@ def test_the_weights_range_is_kept_and_8_bit_weights_warn_where_they_saturate(tr
         argv = ["--model_fn", root / "m.pth", "--int8", "--int8_weights", weights, "--calibration", "minmax"]
         argv += ["--calibration_images", "12", "--max_drop", "100", "--min_agreement", "0"]
         export.main(export.parse_args([str(a) for a in [*argv, "--output", built[weights]]]))
-    capsys.readouterr()
+    assert "int8: 7-bit weights: this x86 CPU" not in capsys.readouterr().out  # asked for, not chosen for this CPU
     s7, s8 = conv_weights(built["s7"]), conv_weights(built["s8"])
     assert abs(s7.astype(int)).max() == 64  # +-64: two products of 255 x 64 add up within 16 bits
     assert abs(s8.astype(int)).max() == 127
