@@ -419,7 +419,7 @@ def build_int8(fp32, out, meta, calibration, ckpt, args):
     calibration_images, gate_images, labels = calibration
     methods = int8.METHODS if args.calibration == "auto" else (args.calibration,)
     tried = []
-    weights = int8.weight_format() if args.int8_weights == "auto" else args.int8_weights
+    weights = int8.weight_format(args.int8_weights)
     for method in methods:
         candidate = out.with_name(f"{out.stem}.{method}.onnx")
         try:

@@ -119,9 +119,11 @@ def saturates(machine=None, flags=None):
     return None if flags is None else not (flags & VNNI_FLAGS)
 
 
-def weight_format():
-    """The weights the int8 build uses on this machine: 8-bit where the int8 kernels add in 32 bits, 7 bits of range
-    where they can saturate or it cannot be told (saturates)."""
+def weight_format(asked="auto"):
+    """The weights the int8 build uses (--int8_weights): `asked` itself, or for "auto" this machine's: 8-bit where
+    the int8 kernels add in 32 bits, 7 bits of range where they can saturate or it cannot be told (saturates)."""
+    if asked != "auto":
+        return asked
     return "s8" if saturates() is False else "s7"
 
 
@@ -136,6 +138,11 @@ def cpu_warning(figures, device_type="cpu"):
         "Fashion tops: 98.1% with VNNI, 85.9% without); export.py --int8 --int8_weights s7 builds for such CPUs, "
         "and the fp32 .onnx is the safe choice"
     )
+
+
+def warning_for(ckpt, device_type):
+    """cpu_warning of a loaded model: "" unless it is an export.py --int8 build (its "int8" metadata)."""
+    return cpu_warning(Figures.from_metadata(ckpt["int8"]), device_type) if "int8" in ckpt else ""
 
 
 def training_files(ckpt, n, seed=0):
@@ -206,7 +213,7 @@ class CalibrationReader:
 
 def quantize(fp32_path, out_path, images, method, weights="s8"):
     """The int8 QDQ model of fp32_path at out_path, calibrated on `images` with `method`; `weights`: "s8" (signed
-    8-bit), "s7" (signed, 7 bits of range) or "u8" (unsigned)."""
+    8-bit) or "s7" (signed, 7 bits of range)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -226,7 +233,7 @@ def quantize(fp32_path, out_path, images, method, weights="s8"):
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QUInt8 if weights == "u8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8,
                 reduce_range=weights == "s7",
                 calibrate_method=methods[method],
                 nodes_to_exclude=head_nodes(str(prepared)),
@@ -266,7 +273,7 @@ def run_model(path, images, batch=32):
     return torch.cat(logits), (torch.cat(scores) if scores else None)
 
 
-def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration, weights="s8"):
+def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration, weights):
     """Figures of int8 against fp32 on images (labels: per image, or None); `weights`: the build's (quantize)."""
     calibration = tasks.for_checkpoint(ckpt).calibration_of(ckpt)
     (a, _), (b, _) = run_model(fp32_path, images), run_model(int8_path, images)

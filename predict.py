@@ -552,9 +552,8 @@ def print_results(args, predictor, summary, timing, explained, outputs):
     )
     print_ood_summary(reference, ood_threshold, n_unlike, n_done, args)
     if "int8" in ckpt:  # an export.py --int8 build: what its gate measured against fp32
-        figures = int8.Figures.from_metadata(ckpt["int8"])
-        print(figures.line())
-        warning = int8.cpu_warning(figures, predictor.compute.device.type)
+        print(int8.Figures.from_metadata(ckpt["int8"]).line())
+        warning = int8.warning_for(ckpt, predictor.compute.device.type)
         if warning:
             print(warning, file=sys.stderr)
     if args.explain:

@@ -134,17 +134,10 @@ def load_predictor(args, explain_maps=False):
     reading = Reading(args.threshold, args.unknown_label, args.tta, args.reject_ood)
     RunPaths().reads(args.model_fn, "the model --model_fn").check()  # one line for a missing file
     predictor = Predictor.load(args.model_fn, reading, args.gpu_id, args.amp, explain_maps=explain_maps, log=print)
-    warning = int8_warning(predictor)
+    warning = int8.warning_for(predictor.ckpt, predictor.compute.device.type)
     if warning:
         print(warning, file=sys.stderr)
     return predictor
-
-
-def int8_warning(predictor):
-    """int8.cpu_warning of an export.py --int8 build ("" for any other model)."""
-    figures = predictor.ckpt.get("int8")
-    device = predictor.compute.device.type
-    return int8.cpu_warning(int8.Figures.from_metadata(figures), device) if figures else ""
 
 
 def model_card(predictor, settings):
@@ -168,7 +161,7 @@ def model_card(predictor, settings):
         "max_batch": settings.max_batch,
         "grad_cam": not str(settings.model_fn).lower().endswith(".onnx"),
         "int8": ckpt.get("int8"),  # an export.py --int8 build: its gate's figures against fp32 (None otherwise)
-        "int8_warning": int8_warning(predictor),  # "" unless its 8-bit weights can saturate on this CPU
+        "int8_warning": int8.warning_for(ckpt, predictor.compute.device.type),  # "" unless its weights saturate here
     }
     calibration = predictor.calibration
     card.update(calibration.checkpoint_entries())  # temperature, or temperatures and thresholds per class

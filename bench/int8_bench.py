@@ -107,10 +107,6 @@ def accuracy_part(args, work):
                 print(row, flush=True)
 
 
-def weights(args):
-    return int8.weight_format() if args.int8_weights == "auto" else args.int8_weights
-
-
 def speed_part(args, work):
     files = [f for f, _ in dl.scan_class_folders(ROOT / "data" / "fashion_sample" / "train")[1]][::6][:64]
     print(
@@ -124,7 +120,7 @@ def speed_part(args, work):
         ckpt = torch.load(ckpt_path, weights_only=True)
         images = int8.load_batch(files, dl.Preprocess.of(ckpt))
         q = work / f"{model}_224.int8.onnx"
-        int8.quantize(fp32, q, images, "minmax", weights(args))
+        int8.quantize(fp32, q, images, "minmax", int8.weight_format(args.int8_weights))
         rates = {}
         for _ in range(2):  # in turns: a burst of load on this shared machine does not decide
             for batch in (1, 32):
@@ -144,7 +140,7 @@ def main(args):
     print(
         f"machine: {cpu_line()}; avx512_vnni {'yes' if ' avx512_vnni' in flags else 'no'}, "
         f"avx2 {'yes' if ' avx2' in flags else 'no'}; onnxruntime on the CPU, {torch.get_num_threads()} threads; "
-        f"int8 weights {weights(args)} (--int8_weights {args.int8_weights})"
+        f"int8 weights {int8.weight_format(args.int8_weights)} (--int8_weights {args.int8_weights})"
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
