@@ -64,7 +64,7 @@ def build_parser():
         default="127.0.0.1",
         help="the address to listen on: 127.0.0.1 = this machine only; 0.0.0.0 = every network interface",
     )
-    add("--port", type=int, default=8000)
+    add("--port", type=int, default=8000, help="0: a free port, named in the start-up line")
     add("--api_key", default=None, help=f"every route but /health needs this key (default: ${API_KEY_ENV}, else none)")
     add("--max_batch", type=int, default=16, help="images per forward at most")
     add("--max_wait_ms", type=float, default=5.0, help="how long the first image of a batch waits for others")
@@ -112,9 +112,11 @@ class Settings:
 
 
 def settings_from(args):
-    for name in ("max_batch", "max_queue", "workers", "port"):
+    for name in ("max_batch", "max_queue", "workers"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name} must be a positive number; got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in 0..65535 (0: a free port, printed at start-up); got {args.port}")
     if args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.max_megapixels <= 0:
         raise CLIError("--max_wait_ms must be 0 or more; --max_upload_mb and --max_megapixels positive")
     threads = args.decode_threads or min(4, os.cpu_count() or 1)
@@ -317,12 +319,32 @@ def app_factory():
     return create_app(load_predictor(args), settings_from(args))
 
 
+def listening_socket(host, port):
+    """The socket the server listens on, bound before the start-up line is printed, so that the line names the
+    port it got (--port 0: a free one the system picks) and a port in use is one line, not a log record."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CLIError(
+            f"cannot listen on {host} port {port}: {e.strerror or e}; choose another --port (0: a free one)"
+        ) from None
+    sock.set_inheritable(True)  # --workers: the worker processes accept on it
+    return sock
+
+
 def main(args):
     settings = settings_from(args)
-    where = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     key = " (API key required)" if settings.api_key else ""
+    predictor = load_predictor(args)  # fails here, in one line, before the port is taken or any worker starts
+    sock = listening_socket(args.host, args.port)
+    where = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{sock.getsockname()[1]}"
     if args.workers > 1:
-        predictor = load_predictor(args)  # fails here, in one line, before any worker starts
         os.environ[SETTINGS_ENV] = json.dumps(sys.argv[1:])
         print(
             f"serving {args.model_fn} ({predictor.ckpt['model_name']}) with {args.workers} processes on "
@@ -330,33 +352,38 @@ def main(args):
             flush=True,
         )
         del predictor
-        serve_until_stopped(None, args, args.workers)
+        serve_until_stopped(None, sock, args.workers)
         return
-    predictor = load_predictor(args)
     app = create_app(predictor, settings)
     print(
         f"serving {args.model_fn} ({predictor.ckpt['model_name']}, {len(predictor.class_names)} classes) on "
         f"{where}{key}; Ctrl-C to stop",
         flush=True,
     )
-    serve_until_stopped(app, args)
+    serve_until_stopped(app, sock)
 
 
-def serve_until_stopped(app, args, workers=None):
-    """uvicorn until Ctrl-C or SIGTERM: it stops taking requests, answers those in flight, and returns; exit 0.
-    (uvicorn re-raises the signal it caught once it is done: a StopFlag takes it instead of the quiet exit
-    handler, which would end the process with 130 or 143 after a clean stop.)"""
+def serve_until_stopped(app, sock, workers=None):
+    """uvicorn on the bound socket until Ctrl-C or SIGTERM: it stops taking requests, answers those in flight,
+    and returns; exit 0. (uvicorn re-raises the signal it caught once it is done: a StopFlag takes it instead of
+    the quiet exit handler, which would end the process with 130 or 143 after a clean stop.)"""
+    import inspect
+
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     stop = StopFlag().install()
     try:
-        options = dict(host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+        options = dict(log_level="warning", timeout_graceful_shutdown=10)
         if workers:
-            uvicorn.run("serve:app_factory", factory=True, workers=workers, **options)
+            config = uvicorn.Config("serve:app_factory", factory=True, workers=workers, **options)
+            older = "target" in inspect.signature(Multiprocess).parameters  # older uvicorn: the worker target too
+            Multiprocess(config, sockets=[sock], **({"target": uvicorn.Server(config).run} if older else {})).run()
         else:
-            uvicorn.run(app, **options)
+            uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
     finally:
         stop.restore()
+        sock.close()
     print("stopped" + (f" ({signal_name(stop.signum)})" if stop.signum else ""), flush=True)
 
 

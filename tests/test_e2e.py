@@ -374,7 +374,7 @@ def test_every_readme_command_works(tmp_path, tiny_data, monkeypatch, capsys):
 def run_readme_commands(work, weights, bin_dir, capsys, ran, by_torchrun, servers):
     """Each command of the README and its pages, in order, as adapt() makes it run here; serve.py as a server of
     its own (on a free port, which the curl line and the Python snippet then call)."""
-    from test_serve import Server, free_port
+    from test_serve import Server
 
     port = None
     for command in readme_commands():
@@ -396,9 +396,9 @@ def run_readme_commands(work, weights, bin_dir, capsys, ran, by_torchrun, server
                 by_torchrun.add(tokens[tokens.index("--model_fn") + 1])
             continue  # tests/test_distributed.py runs train.py's torchrun commands, test_prediction_output predict.py's
         if command.startswith("python serve.py"):
-            port = free_port()
             model = work / tokens[tokens.index("--model_fn") + 1]
-            servers.append(Server(model, "--max_wait_ms", "2", port=port))
+            servers.append(Server(model, "--max_wait_ms", "2"))
+            port = servers[-1].port
             ran.append(command)
             continue
         if command.startswith("curl"):

@@ -4,6 +4,8 @@ next request still answered, the queue limit, the API key, SIGTERM; and a real h
 import concurrent.futures
 import io
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -20,19 +22,11 @@ from conftest import ROOT, copy_subset
 from helpers import read_csv, run_predict, tiny_pairs
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    """`python serve.py ARGS` on a free port, until stop()."""
+    """`python serve.py ARGS --port 0` until stop(): the port is the one its start-up line names."""
 
-    def __init__(self, model, *args, env=None, port=None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, str(ROOT / "serve.py"), "--model_fn", str(model), "--port", str(self.port)]
+    def __init__(self, model, *args, env=None):
+        command = [sys.executable, str(ROOT / "serve.py"), "--model_fn", str(model), "--port", "0"]
         self.proc = subprocess.Popen(
             [*command, *map(str, args)],
             stdout=subprocess.PIPE,
@@ -40,17 +34,30 @@ class Server:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.2)
+        self.started = self.wait_for_line()
+        found = re.search(r" on http://127\.0\.0\.1:(\d+)", self.started)
+        if found:
+            self.port = int(found.group(1))
+            self.url = f"http://127.0.0.1:{self.port}"
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                        return
+                except requests.ConnectionError:
+                    time.sleep(0.2)
         self.stop()
-        raise AssertionError(f"the server did not start: {self.proc.stdout.read()} {self.proc.stderr.read()}")
+        raise AssertionError(
+            f"the server did not start: {self.started} {self.proc.stdout.read()} {self.proc.stderr.read()}"
+        )
+
+    def wait_for_line(self, timeout=60):
+        """The first line of its standard output ('serving ... on http://127.0.0.1:PORT ...'), or ''."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if select.select([self.proc.stdout], [], [], 0.2)[0]:
+                return self.proc.stdout.readline()
+        return ""
 
     def post(self, files, route="/predict", **kw):
         parts = [("file", (name, data, "application/octet-stream")) for name, data in files]
@@ -159,6 +166,21 @@ def test_answers_equal_predict_py_for_the_same_files(models, single, tmp_path, c
     info = requests.get(single.url + "/info", timeout=10).json()
     assert info["classes"] == ["bag", "sneaker", "trouser"] and info["input_size"] == 32
     assert info["metrics"]["test_count"] == 12 and "temperature" in info and info["ood"]["method"] == "knn"
+
+
+def test_workers_serve_the_same_answers_on_the_port_the_start_up_line_names(models, single):
+    root, data, _ = models
+    files = sorted((data / "test").rglob("*.png"))[:4]
+    server = Server(root / "single.pth", "--workers", "2")
+    try:
+        assert " with 2 processes on http://127.0.0.1:" in server.started and server.port != single.port
+        answers = [s.post([(f.name, f.read_bytes()) for f in files]) for s in (server, single)]
+        assert all(a.status_code == 200 for a in answers), answers[0].text
+        assert [r["predict"] for r in answers[0].json()["results"]] == [
+            r["predict"] for r in answers[1].json()["results"]
+        ]
+    finally:
+        assert server.stop() == 0
 
 
 def test_a_multi_label_model_answers_its_sets_as_predict_py(models, tmp_path, capsys):
@@ -273,6 +295,7 @@ def test_serve_binds_localhost_and_refuses_bad_flags_in_one_line(models):
     for argv, words in (
         (["--model_fn", root / "missing.pth"], "does not exist"),
         (["--model_fn", root / "single.pth", "--max_batch", "0"], "--max_batch must be"),
+        (["--model_fn", root / "single.pth", "--port", "70000"], "--port must be in 0..65535"),
     ):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "serve.py"), *map(str, argv)], capture_output=True, text=True, timeout=60
@@ -280,6 +303,18 @@ def test_serve_binds_localhost_and_refuses_bad_flags_in_one_line(models):
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and words in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     assert callable(run_cli)
+    with socket.socket() as taken:  # a port in use: one line, before anything is printed as served
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "serve.py"), "--model_fn", str(root / "single.pth"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot listen on 127.0.0.1 port {port}: ")
+    assert "(0: a free one)" in proc.stderr and len(proc.stderr.splitlines()) == 1 and "serving" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------- the page, in a real browser
