@@ -24,6 +24,7 @@ from utils import atomic_open, atomic_path
 
 SIMILAR_COLUMNS = ["rank", "file_dir", "similarity", "predict"]
 TO_LABEL_COLUMNS = ["file", "label", "why", "score"]
+TOP = 20  # --similar_to lists this many images unless --top says
 POOL = 4  # --rank_for_labelling spreads its N picks over the POOL x N most uncertain images
 
 
@@ -34,7 +35,7 @@ class Asked:
     output: str
     embeddings: str = None
     similar_to: str = None
-    top: int = 20
+    top: int = None  # --top K; None: TOP
     rank: int = None  # --rank_for_labelling N
     train_flags: str = ""  # the flags the model was trained with, for the hint (train_flags_of)
 
@@ -56,7 +57,14 @@ class Asked:
                 "it, or give another --output"
             )
         if not self.similar_to:
+            if self.top is not None:  # --top 3 meant as --topk 3 would otherwise change nothing, silently
+                raise CLIError(
+                    f"--top {self.top} is how many images --similar_to lists: give --similar_to IMAGE with it "
+                    "(the k best classes of each image: --topk K)"
+                )
             return None
+        if self.top is None:
+            self.top = TOP
         if self.top <= 0:
             raise CLIError(f"--top must be positive; got {self.top}")
         try:

@@ -180,7 +180,13 @@ def data_loop_flags(add):
         help="also write <output stem>_similar.csv: the --top input images most like IMAGE (cosine similarity of "
         "their features), most similar first",
     )
-    add("--top", type=int, default=20, metavar="K", help="how many images --similar_to lists")
+    add(
+        "--top",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"how many images --similar_to lists (default {data_loop.TOP})",
+    )
     add(
         "--rank_for_labelling",
         type=int,

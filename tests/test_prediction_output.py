@@ -371,6 +371,7 @@ def test_similar_to_and_rank_for_labelling_on_a_pool_with_copies(model, tmp_path
         (["--similar_to", ckpt], "--similar_to " + str(ckpt) + ": cannot be read as an image"),
         (["--rank_for_labelling", 35], "--rank_for_labelling 35: give a number from 1 to the 34 images"),
         (["--embeddings", tmp_path / "e.txt"], "name an .npy file"),
+        (["--top", 3], "--top 3 is how many images --similar_to lists: give --similar_to IMAGE with it"),
     ):
         err = run_in_process(predict, argv + extra, capsys)
         assert words in err, err
