@@ -28,6 +28,7 @@ import int8
 import labels_csv
 import model_loader
 import ood
+import qat
 import tasks
 from cli import ArgumentParser, CLIError, StopFlag, describe_error, flag_adder, run_cli  # noqa: E402
 from run_paths import RunPaths
@@ -99,6 +100,14 @@ def int8_flags(add):
         default="auto",
         help="the weights' range: s8 (8 bits, for CPUs with VNNI), s7 (7 bits: x86 CPUs without VNNI, where 8-bit "
         "weights can saturate); auto: what this CPU needs",
+    )
+    add(
+        "--qat",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="epochs of quantization-aware training before the int8 build (0: none): the backbone learns, on the "
+        "calibration images, to give through int8 rounding what it gives in fp32; minutes on a CPU",
     )
     add("--gate_images", type=int, default=1000, help="held-out images the int8 build is held against fp32 on")
     add("--max_drop", type=float, default=1.0, help="accuracy points int8 may lose against fp32")
@@ -306,15 +315,15 @@ def other_ways(fmt, args):
 def main(args):
     if args.check_images <= 0:
         raise CLIError("--check_images must be a positive number")
+    if args.qat < 0 or (args.qat and not args.int8):
+        raise CLIError("--qat EPOCHS trains for the int8 build: give it with --int8, as 0 or more epochs")
     fmt, output = resolve_output(args)
     if fmt == "pt2" and (args.opset is not None or args.exporter != "torchscript"):
         raise CLIError("--opset and --exporter are for ONNX, not the pt2 format")
     ckpt = model_loader.load_checkpoint(args.model_fn)
     task = tasks.for_checkpoint(ckpt)  # one label per image, or several: how the outputs are read
-    model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
-    if "ood" in ckpt:  # a second output, ood_score, computed in the graph (the reference as a constant)
-        model = ood.scored_model(model, head, ckpt, args.model_fn)
-    model = model.eval()
+    plain, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
+    model = with_outputs(plain.eval(), head, ckpt, args.model_fn)
     meta = exported_model.export_metadata(ckpt)
     images, source, files = check_batch(ckpt, args)
     paths = RunPaths().reads(args.model_fn, "the checkpoint --model_fn").reads_images(files)
@@ -331,7 +340,15 @@ def main(args):
                 with tempfile.TemporaryDirectory() as folder:
                     fp32 = Path(folder) / "fp32.onnx"
                     write_checked(fmt, fp32, model, example, meta, images, source, ckpt, task, args)
-                    figures = build_int8(fp32, tmp, meta, calibration, ckpt, args)
+                    trained = None
+                    if args.qat:
+                        trained = Path(folder) / "qat.onnx"
+                        if not quantization_aware(
+                            plain, head, trained, example, meta, calibration[0], ckpt, args, stop
+                        ):
+                            print(f"interrupted; {output} was not written", file=sys.stderr)
+                            sys.exit(stop.exit_status())
+                    figures = build_int8(fp32, tmp, meta, calibration, ckpt, args, trained)
             else:
                 write_checked(fmt, tmp, model, example, meta, images, source, ckpt, task, args)
             seconds = time.perf_counter() - start
@@ -348,6 +365,24 @@ def main(args):
     )
     if args.int8:
         print(figures.line())
+
+
+def with_outputs(model, head, ckpt, path):
+    """The model as it is exported: with an out-of-distribution reference (ood.py), a second output, ood_score,
+    computed in the graph (the reference as a constant)."""
+    return (ood.scored_model(model, head, ckpt, path) if "ood" in ckpt else model).eval()
+
+
+def quantization_aware(plain, head, path, example, meta, images, ckpt, args, stop):
+    """--qat: the fp32 ONNX file of the model trained for int8 (qat.distill on the calibration images) at `path`,
+    which build_int8 quantizes; False when Ctrl-C stopped the training."""
+    weights = int8.weight_format(args.int8_weights)
+    log = print if args.verbose >= 1 else (lambda *a: None)
+    trained, _ = qat.distill(plain, head, images, args.qat, int8.QMAX[weights], lambda: stop.requested, log)
+    if trained is None:
+        return False
+    write_onnx(with_outputs(trained, head, ckpt, args.model_fn), example, path, meta, args.opset, args.exporter)
+    return True
 
 
 def write_checked(fmt, path, model, example, meta, images, source, ckpt, task, args):
@@ -411,9 +446,10 @@ def int8_inputs(args, ckpt, files):
     )
 
 
-def build_int8(fp32, out, meta, calibration, ckpt, args):
-    """The int8 build of the checked fp32 export at `out`, with the gate's figures in its metadata; a CLIError
-    (nothing written) when the gate refuses it. --calibration auto tries the methods in turn until one passes."""
+def build_int8(fp32, out, meta, calibration, ckpt, args, trained=None):
+    """The int8 build of the checked fp32 export (or of `trained`, --qat's fp32 file) at `out`, held against the
+    fp32 export, with the gate's figures in its metadata; a CLIError (nothing written) when the gate refuses it.
+    --calibration auto tries the methods in turn until one passes."""
     import onnx
 
     calibration_images, gate_images, labels = calibration
@@ -423,12 +459,12 @@ def build_int8(fp32, out, meta, calibration, ckpt, args):
     for method in methods:
         candidate = out.with_name(f"{out.stem}.{method}.onnx")
         try:
-            int8.quantize(fp32, candidate, calibration_images, method, weights)
+            int8.quantize(trained or fp32, candidate, calibration_images, method, weights)
         except Exception as e:  # noqa: BLE001 - onnxruntime's calibrators refuse some activations (a constant one)
             print(f"int8, {method} calibration failed ({describe_error(e, 160)})", file=sys.stderr)
             continue
         used = int8.calibration_count(method, len(calibration_images))
-        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used, weights)
+        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used, weights, args.qat)
         tried.append((figures, candidate))
         if args.verbose >= 1:
             print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])
@@ -442,6 +478,8 @@ def build_int8(fp32, out, meta, calibration, ckpt, args):
         if reason:
             names = ", ".join(f.calibration for f, _ in tried)
             hint = "try --calibration with another method" if len(tried) == 1 else "the fp32 export is the safe choice"
+            if not args.qat:
+                hint += ", or train the model for int8 first with --qat 5"
             raise CLIError(f"{reason} (calibration tried: {names}); nothing was written; {hint}")
         int8.measure_speed(figures, fp32, chosen, gate_images)
         proto = onnx.load(str(chosen))

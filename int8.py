@@ -64,6 +64,7 @@ class Figures:
     int8_mb: float = float("nan")
     weights: str = "s8"  # "s8": signed 8-bit; "s7": 7 bits of range (weight_format); files built before it: s8
     built_saturating: bool | None = None  # saturates() where it was built (the gate measured that); None: not known
+    qat_epochs: int = 0  # export.py --qat: epochs of quantization-aware training before the build
 
     @classmethod
     def from_metadata(cls, figures):
@@ -75,6 +76,10 @@ class Figures:
         """Accuracy points lost (0 without labels)."""
         return 100 * (self.accuracy_fp32 - self.accuracy_int8) if self.labelled else 0.0
 
+    def trained_words(self):
+        epochs = self.qat_epochs
+        return f", after {epochs} epoch{'s' * (epochs != 1)} of quantization-aware training" if epochs else ""
+
     def line(self):
         accuracy = (
             f"accuracy fp32 {self.accuracy_fp32:.4f}, int8 {self.accuracy_int8:.4f} ({self.drop:+.2f} points lost), "
@@ -83,7 +88,7 @@ class Figures:
         )
         return (
             f"int8 ({self.calibration} calibration on {self.calibration_images} training images, "
-            f"{WEIGHT_WORDS.get(self.weights, self.weights)} weights; held against fp32 "
+            f"{WEIGHT_WORDS.get(self.weights, self.weights)} weights{self.trained_words()}; held against fp32 "
             f"on {self.gate_images} images): {accuracy}top-1 agreement {self.agreement:.2%}, largest probability "
             f"difference {self.max_prob_diff:.3f}; speed-up {self.speedup_batch1:.2f}x at batch 1, "
             f"{self.speedup_batch32:.2f}x at batch 32; {self.int8_mb:.1f} MB against {self.fp32_mb:.1f} MB"
@@ -91,6 +96,7 @@ class Figures:
 
 
 WEIGHT_WORDS = {"s8": "8-bit", "s7": "7-bit"}
+QMAX = {"s8": 127, "s7": 64}  # the weights' range, -QMAX..QMAX (onnxruntime's symmetric int8, reduce_range for s7)
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # x86 instructions that add int8 products in 32 bits
 X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
@@ -273,7 +279,7 @@ def run_model(path, images, batch=32):
     return torch.cat(logits), (torch.cat(scores) if scores else None)
 
 
-def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration, weights):
+def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration, weights, qat_epochs=0):
     """Figures of int8 against fp32 on images (labels: per image, or None); `weights`: the build's (quantize)."""
     calibration = tasks.for_checkpoint(ckpt).calibration_of(ckpt)
     (a, _), (b, _) = run_model(fp32_path, images), run_model(int8_path, images)
@@ -294,6 +300,7 @@ def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration, w
         float((pa - pb).abs().max()),
         weights=weights,
         built_saturating=saturates(),
+        qat_epochs=qat_epochs,
     )
 
 

@@ -2,6 +2,7 @@
 
   python bench/int8_bench.py                         # 3 sets x 4 models and the speed part; ~40 min on 2 CPUs
   python bench/int8_bench.py --sets fashion_tops --models efficientnet_lite0 --speed_models resnet18
+  python bench/int8_bench.py --models efficientnet_lite0 --speed_models --calibrations minmax --qat 0 6
 
 Accuracy part: for each set of bench/finetune_bench.py (solar_mono, fashion_tops, and solar_poly, which nothing was
 tuned on) and each model, train.py trains it as a user would, then export.py --int8 builds the int8 file with the
@@ -47,6 +48,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--int8_weights", choices=["auto", "s8", "s7"], default="auto", help="export.py's --int8_weights (both parts)"
     )
+    p.add_argument(
+        "--qat",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="EPOCHS",
+        help="export.py's --qat, each in turn (accuracy part)",
+    )
+    p.add_argument("--calibrations", nargs="+", choices=int8.METHODS, default=list(int8.METHODS))
     p.add_argument("--scratch_epochs", type=int, default=20)
     p.add_argument("--scratch_size", type=int, default=112)
     p.add_argument("--data", default=str(ROOT / "data" / "finetune_bench"))
@@ -55,8 +65,8 @@ def parse_args(argv=None):
 
 def accuracy_part(args, work):
     print(
-        "| set | model | fp32 accuracy | int8 accuracy | points lost | top-1 agreement | calibration | "
-        "largest prob. difference | passes the default gate |\n|---|---|---|---|---|---|---|---|---|"
+        "| set | model | fp32 accuracy | int8 accuracy | points lost | top-1 agreement | calibration | --qat epochs | "
+        "largest prob. difference | passes the default gate |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for name in args.sets:
         data = build_set(name, Path(args.data) / name, 120, 80)
@@ -84,15 +94,15 @@ def accuracy_part(args, work):
                     *flags,
                 ]
             )
-            for method in int8.METHODS:
+            for method, qat in [(m, q) for m in args.calibrations for q in args.qat]:
                 cmd = [sys.executable, ROOT / "export.py", "--model_fn", out / "m.pth", "--int8", "--calibration"]
                 cmd += [method, "--max_drop", "100", "--min_agreement", "0", "--output", out / f"m.{method}.int8.onnx"]
-                cmd += ["--int8_weights", args.int8_weights]
+                cmd += ["--int8_weights", args.int8_weights, "--qat", qat]
                 done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
                 line = next((ln for ln in done.stdout.splitlines() if ln.startswith("int8 (")), None)
                 if line is None:
                     reason = (done.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"| {name} | {model} | | | | | {method} | | failed: {reason[:120]} |", flush=True)
+                    print(f"| {name} | {model} | | | | | {method} | {qat} | | failed: {reason[:120]} |", flush=True)
                     continue
                 found = re.search(
                     r"accuracy fp32 ([\d.]+), int8 ([\d.]+) \(([-+\d.]+) points lost\), "
@@ -101,9 +111,8 @@ def accuracy_part(args, work):
                 )
                 fp32, q, lost, agree, diff = found.groups()
                 passes = "yes" if float(lost) <= 1.0 and float(agree) >= 98.0 else "no"  # export.py's default gate
-                row = (
-                    f"| {name} | {model} | {fp32} | {q} | {float(lost):.2f} | {agree}% | {method} | {diff} | {passes} |"
-                )
+                row = f"| {name} | {model} | {fp32} | {q} | {float(lost):.2f} | {agree}% | {method} | {qat} | {diff} | "
+                row += f"{passes} |"
                 print(row, flush=True)
 
 
@@ -140,7 +149,8 @@ def main(args):
     print(
         f"machine: {cpu_line()}; avx512_vnni {'yes' if ' avx512_vnni' in flags else 'no'}, "
         f"avx2 {'yes' if ' avx2' in flags else 'no'}; onnxruntime on the CPU, {torch.get_num_threads()} threads; "
-        f"int8 weights {int8.weight_format(args.int8_weights)} (--int8_weights {args.int8_weights})"
+        f"int8 weights {int8.weight_format(args.int8_weights)} (--int8_weights {args.int8_weights}); "
+        f"--qat {' '.join(map(str, args.qat))}"
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:

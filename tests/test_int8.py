@@ -134,6 +134,7 @@ def test_the_gate_refuses_and_writes_nothing(trained, tmp_path, capsys):
         capsys,
     )
     assert "int8 loses" in err and "more than --max_drop -1" in err and "nothing was written" in err, err
+    assert "or train the model for int8 first with --qat 5" in err  # what to try
     assert earlier.read_bytes() == b"an earlier build" and sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]
     err = run_in_process(
         export,
@@ -249,3 +250,115 @@ def test_the_weights_range_is_kept_and_8_bit_weights_warn_where_they_saturate(tr
 
     card = serve.model_card(Predictor.load(built["s8"], log=lambda *a: None), serve.Settings(model_fn="m.onnx"))
     assert card["int8"]["weights"] == "s8" and "can saturate" in card["int8_warning"]
+
+
+# ----------------------------------------------------------------------------- --qat: quantization-aware training
+
+
+def int8_logits(trained, tmp_path):
+    """(calibration images, held-out images, fp32 model, head, the int8 file's logits on the held-out images)."""
+    root, data = trained
+    ckpt = ml.load_checkpoint(root / "m.pth")
+    pre = dl.Preprocess.of(ckpt)
+    calibration = int8.load_batch(int8.training_files(ckpt, 24), pre)
+    held_out = int8.load_batch([str(f) for f in sorted((data / "test").rglob("*.png"))], pre)
+    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(tmp_path / "f.onnx")]))
+    int8.quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", calibration, "minmax", int8.weight_format())
+    model, head = ml.model_from_checkpoint(ckpt)
+    return calibration, held_out, model.eval(), head, int8.run_model(tmp_path / "q.onnx", held_out)[0]
+
+
+@pytest.mark.parametrize("which", ["trained", "lite0"])  # ResNet-18's blocks, EfficientNet-Lite0's
+def test_the_simulation_rounds_as_the_int8_file_does(which, request, tmp_path):
+    """qat.simulate's logits are far closer to onnxruntime's int8 file's than the fp32 model's are: it rounds the
+    weights and activations where the file does. Outside it, the model is fp32 again."""
+    calibration, held_out, model, head, q = int8_logits(request.getfixturevalue(which), tmp_path)
+    import qat
+
+    ranges = qat.activation_ranges(model, head, calibration)
+    with torch.no_grad():
+        fp32 = model(held_out)
+        with qat.simulate(model, head, ranges, int8.QMAX[int8.weight_format()]):
+            simulated = model(held_out)
+        assert torch.equal(model(held_out), fp32)
+    off, noise = float((simulated - q).abs().mean()), float((fp32 - q).abs().mean())
+    print(f"simulated against int8 {off:.4f}, fp32 against int8 {noise:.4f}")
+    assert noise > 0 and off < 0.3 * noise, (off, noise)
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    """A frozen ImageNet backbone (EfficientNet-Lite0 from its pip package) at 64 px with a head on 3 classes:
+    quantization-aware training is for pretrained features (on a random backbone it has nothing to keep)."""
+    root = tmp_path_factory.mktemp("qat")
+    data = copy_subset(root / "data", ["bag", "sneaker", "trouser"], 16, 6)
+    flags = ["--model_name", "efficientnet_lite0", "--use_pretrained", "--input_size", 64, "--n_epochs", 3]
+    flags += ["--freeze", "--num_workers", 0, "--verbose", 0, "--log_dir", root / "run"]
+    train.main(train.parse_args([str(a) for a in ["--data_dir", data, *flags, "--model_fn", root / "m.pth"]]))
+    return root, data
+
+
+def test_qat_trains_toward_the_fp32_answers_and_can_be_stopped(lite0):
+    import qat
+
+    ckpt = ml.load_checkpoint(lite0[0] / "m.pth")
+    model, head = ml.model_from_checkpoint(ckpt)
+    model.eval()
+    calibration = int8.load_batch(int8.training_files(ckpt, 24), dl.Preprocess.of(ckpt))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qmax = int8.QMAX[int8.weight_format()]
+    student, losses = qat.distill(model, head, calibration, 3, qmax, log=lambda *a: None)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+    def gap(net):  # how far its int8 logits are from the fp32 model's, on the images it was calibrated on
+        with torch.no_grad(), qat.simulate(net, head, qat.activation_ranges(net, head, calibration), qmax):
+            return float(((net(calibration) - fp32) ** 2).mean())
+
+    with torch.no_grad():
+        fp32 = model(calibration)
+    assert gap(student) < 0.5 * gap(model), (gap(student), gap(model))  # measured: 1.61 -> 0.35
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the fp32 model is untouched
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and not any(k.startswith(head + ".") for k in changed)  # the backbone learns, the head is kept
+    assert not any(p.requires_grad for p in student.parameters())
+    assert qat.distill(model, head, calibration, 3, qmax, stop=lambda: True, log=lambda *a: None) == (None, [])
+
+
+def test_export_qat_builds_from_the_trained_weights_held_against_the_original(lite0, tmp_path, capsys):
+    root, _ = lite0
+    common = ["--model_fn", root / "m.pth", "--int8", "--calibration", "minmax", "--calibration_images", 24]
+    common += ["--max_drop", 100, "--min_agreement", 0]
+    figures = {}
+    for epochs in (0, 2):
+        path = tmp_path / f"q{epochs}.int8.onnx"
+        capsys.readouterr()
+        export.main(export.parse_args([str(a) for a in [*common, "--qat", epochs, "--output", path]]))
+        out = capsys.readouterr().out
+        figures[epochs] = json.loads({p.key: p.value for p in onnx.load(path).metadata_props}["int8"])
+        assert ("after 2 epochs of quantization-aware training;" in out) == (epochs == 2), out
+        assert ("quantization-aware training, epoch 2/2: loss" in out) == (epochs == 2), out
+    assert figures[0]["qat_epochs"] == 0 and figures[2]["qat_epochs"] == 2
+    assert figures[2]["accuracy_fp32"] == figures[0]["accuracy_fp32"]  # held against the same fp32 model
+    q0, q2 = (conv_weights(tmp_path / f"q{e}.int8.onnx") for e in (0, 2))
+    assert q0.shape == q2.shape and (q0 != q2).any()  # the trained weights were quantized
+    for argv, words in (
+        (["--model_fn", root / "m.pth", "--qat", 2], "--qat EPOCHS trains for the int8 build: give it with --int8"),
+        ([*common, "--qat", -1], "--qat EPOCHS trains for the int8 build"),
+    ):
+        err = run_in_process(export, argv, capsys)
+        assert words in err, err
+
+
+def test_ctrl_c_during_qat_writes_nothing(trained, tmp_path, capsys):
+    root, _ = trained
+    ckpt = ml.load_checkpoint(root / "m.pth")
+    model, head = ml.model_from_checkpoint(ckpt)
+    args = export.parse_args(["--model_fn", str(root / "m.pth"), "--int8", "--qat", "1"])
+    images = int8.load_batch(int8.training_files(ckpt, 8), dl.Preprocess.of(ckpt))
+
+    class Stopped:
+        requested = True
+
+    path = tmp_path / "qat.onnx"
+    assert not export.quantization_aware(model.eval(), head, path, images[:2], {}, images, ckpt, args, Stopped())
+    assert not path.exists()
