@@ -322,8 +322,8 @@ def main(args):
         raise CLIError("--opset and --exporter are for ONNX, not the pt2 format")
     ckpt = model_loader.load_checkpoint(args.model_fn)
     task = tasks.for_checkpoint(ckpt)  # one label per image, or several: how the outputs are read
-    plain, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
-    model = with_outputs(plain.eval(), head, ckpt, args.model_fn)
+    model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
+    model = with_outputs(model.eval(), head, ckpt, args.model_fn)
     meta = exported_model.export_metadata(ckpt)
     images, source, files = check_batch(ckpt, args)
     paths = RunPaths().reads(args.model_fn, "the checkpoint --model_fn").reads_images(files)
@@ -343,9 +343,7 @@ def main(args):
                     trained = None
                     if args.qat:
                         trained = Path(folder) / "qat.onnx"
-                        if not quantization_aware(
-                            plain, head, trained, example, meta, calibration[0], ckpt, args, stop
-                        ):
+                        if not quantization_aware(trained, example, meta, calibration[0], ckpt, args, stop):
                             print(f"interrupted; {output} was not written", file=sys.stderr)
                             sys.exit(stop.exit_status())
                     figures = build_int8(fp32, tmp, meta, calibration, ckpt, args, trained)
@@ -373,12 +371,15 @@ def with_outputs(model, head, ckpt, path):
     return (ood.scored_model(model, head, ckpt, path) if "ood" in ckpt else model).eval()
 
 
-def quantization_aware(plain, head, path, example, meta, images, ckpt, args, stop):
+def quantization_aware(path, example, meta, images, ckpt, args, stop):
     """--qat: the fp32 ONNX file of the model trained for int8 (qat.distill on the calibration images) at `path`,
-    which build_int8 quantizes; False when Ctrl-C stopped the training."""
+    which build_int8 quantizes; False when Ctrl-C stopped the training. The model is built afresh from the
+    checkpoint: the exported one carries the out-of-distribution score's hook, which a trained copy would inherit
+    (and feed, every batch, into the first model's list)."""
+    model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
     weights = int8.weight_format(args.int8_weights)
     log = print if args.verbose >= 1 else (lambda *a: None)
-    trained, _ = qat.distill(plain, head, images, args.qat, int8.QMAX[weights], lambda: stop.requested, log)
+    trained, _ = qat.distill(model.eval(), head, images, args.qat, int8.QMAX[weights], lambda: stop.requested, log)
     if trained is None:
         return False
     write_onnx(with_outputs(trained, head, ckpt, args.model_fn), example, path, meta, args.opset, args.exporter)

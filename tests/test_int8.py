@@ -321,6 +321,7 @@ def test_qat_trains_toward_the_fp32_answers_and_can_be_stopped(lite0):
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and not any(k.startswith(head + ".") for k in changed)  # the backbone learns, the head is kept
     assert not any(p.requires_grad for p in student.parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in (*model.modules(), *student.modules()))
     assert qat.distill(model, head, calibration, 3, qmax, stop=lambda: True, log=lambda *a: None) == (None, [])
 
 
@@ -352,7 +353,6 @@ def test_export_qat_builds_from_the_trained_weights_held_against_the_original(li
 def test_ctrl_c_during_qat_writes_nothing(trained, tmp_path, capsys):
     root, _ = trained
     ckpt = ml.load_checkpoint(root / "m.pth")
-    model, head = ml.model_from_checkpoint(ckpt)
     args = export.parse_args(["--model_fn", str(root / "m.pth"), "--int8", "--qat", "1"])
     images = int8.load_batch(int8.training_files(ckpt, 8), dl.Preprocess.of(ckpt))
 
@@ -360,5 +360,5 @@ def test_ctrl_c_during_qat_writes_nothing(trained, tmp_path, capsys):
         requested = True
 
     path = tmp_path / "qat.onnx"
-    assert not export.quantization_aware(model.eval(), head, path, images[:2], {}, images, ckpt, args, Stopped())
+    assert not export.quantization_aware(path, images[:2], {}, images, ckpt, args, Stopped())
     assert not path.exists()
