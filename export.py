@@ -379,7 +379,16 @@ def quantization_aware(path, example, meta, images, ckpt, args, stop):
     model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
     weights = int8.weight_format(args.int8_weights)
     log = print if args.verbose >= 1 else (lambda *a: None)
-    trained, _ = qat.distill(model.eval(), head, images, args.qat, int8.QMAX[weights], lambda: stop.requested, log)
+    if qat.unsimulated(model, head):
+        print(
+            f"warning: --qat simulates int8 in convolutions; the {qat.unsimulated(model, head)} linear and attention "
+            f"layers of {ckpt['model_name']}'s backbone are not simulated, so the training can gain little",
+            file=sys.stderr,
+        )
+    try:
+        trained, _ = qat.distill(model.eval(), head, images, args.qat, int8.QMAX[weights], lambda: stop.requested, log)
+    except FloatingPointError as e:
+        raise CLIError(f"--qat: {e}; nothing was written; build without --qat") from None
     if trained is None:
         return False
     write_onnx(with_outputs(trained, head, ckpt, args.model_fn), example, path, meta, args.opset, args.exporter)
@@ -480,7 +489,7 @@ def build_int8(fp32, out, meta, calibration, ckpt, args, trained=None):
             names = ", ".join(f.calibration for f, _ in tried)
             hint = "try --calibration with another method" if len(tried) == 1 else "the fp32 export is the safe choice"
             if not args.qat:
-                hint += ", or train the model for int8 first with --qat 5"
+                hint += ", or train the model for int8 first with --qat 6"
             raise CLIError(f"{reason} (calibration tried: {names}); nothing was written; {hint}")
         int8.measure_speed(figures, fp32, chosen, gate_images)
         proto = onnx.load(str(chosen))

@@ -111,6 +111,15 @@ class simulate:  # noqa: N801 - used as a context manager, like torch.no_grad
         return False
 
 
+def unsimulated(model, head):
+    """How many linear and attention layers of the backbone the simulation leaves unrounded (onnxruntime's build
+    quantizes them): vision transformers and MLP-mixing models gain little from distill."""
+    return sum(
+        isinstance(m, (nn.Linear, nn.MultiheadAttention)) and not name.startswith(head)
+        for name, m in model.named_modules()
+    )
+
+
 def distill(model, head, images, epochs, qmax, stop=lambda: False, log=print, seed=0):
     """A copy of `model` (eval mode) trained for `epochs` on `images` (preprocessed, N x 3 x H x W) to give through
     int8 rounding the logits and classifier inputs the original gives in fp32 (random horizontal flips); returns
@@ -132,7 +141,7 @@ def distill(model, head, images, epochs, qmax, stop=lambda: False, log=print, se
     try:
         with torch.no_grad():
             teacher(images[: min(len(images), 64)])
-            spread = float(features["teacher"].flatten(1).var(0).mean()) or 1.0
+            spread = float(features["teacher"].flatten(1).var(0, unbiased=False).mean()) or 1.0  # one image: 1.0
         with simulate(student, head, ranges, qmax):
             optimizer = torch.optim.Adam(params, lr=LR)
             for _ in range(epochs):
@@ -146,6 +155,8 @@ def distill(model, head, images, epochs, qmax, stop=lambda: False, log=print, se
                     out = student(x)
                     loss = ((out - target) ** 2).mean()
                     loss = loss + ((features["student"] - features["teacher"]) ** 2).mean() / spread
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"the loss became {float(loss)} in epoch {len(losses) + 1}")
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()

@@ -334,6 +334,7 @@ def listening_socket(host, port):
         raise CLIError(
             f"cannot listen on {host} port {port}: {e.strerror or e}; choose another --port (0: a free one)"
         ) from None
+    sock.listen(2048)  # connections wait from now on, while the model and the workers start
     sock.set_inheritable(True)  # --workers: the worker processes accept on it
     return sock
 
@@ -344,23 +345,26 @@ def main(args):
     predictor = load_predictor(args)  # fails here, in one line, before the port is taken or any worker starts
     sock = listening_socket(args.host, args.port)
     where = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{sock.getsockname()[1]}"
-    if args.workers > 1:
-        os.environ[SETTINGS_ENV] = json.dumps(sys.argv[1:])
+    try:
+        if args.workers > 1:
+            os.environ[SETTINGS_ENV] = json.dumps(sys.argv[1:])
+            print(
+                f"serving {args.model_fn} ({predictor.ckpt['model_name']}) with {args.workers} processes on "
+                f"{where}{key}; Ctrl-C to stop",
+                flush=True,
+            )
+            del predictor
+            serve_until_stopped(None, sock, args.workers)
+            return
+        app = create_app(predictor, settings)
         print(
-            f"serving {args.model_fn} ({predictor.ckpt['model_name']}) with {args.workers} processes on "
+            f"serving {args.model_fn} ({predictor.ckpt['model_name']}, {len(predictor.class_names)} classes) on "
             f"{where}{key}; Ctrl-C to stop",
             flush=True,
         )
-        del predictor
-        serve_until_stopped(None, sock, args.workers)
-        return
-    app = create_app(predictor, settings)
-    print(
-        f"serving {args.model_fn} ({predictor.ckpt['model_name']}, {len(predictor.class_names)} classes) on "
-        f"{where}{key}; Ctrl-C to stop",
-        flush=True,
-    )
-    serve_until_stopped(app, sock)
+        serve_until_stopped(app, sock)
+    finally:
+        sock.close()
 
 
 def serve_until_stopped(app, sock, workers=None):
@@ -380,10 +384,12 @@ def serve_until_stopped(app, sock, workers=None):
             older = "target" in inspect.signature(Multiprocess).parameters  # older uvicorn: the worker target too
             Multiprocess(config, sockets=[sock], **({"target": uvicorn.Server(config).run} if older else {})).run()
         else:
-            uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
+            server = uvicorn.Server(uvicorn.Config(app, **options))
+            server.run(sockets=[sock])
+            if not server.started and not stop.requested:  # uvicorn logged why (the app's start-up failed)
+                raise CLIError("the server did not start (uvicorn's message above says why)")
     finally:
         stop.restore()
-        sock.close()
     print("stopped" + (f" ({signal_name(stop.signum)})" if stop.signum else ""), flush=True)
 
 

@@ -134,7 +134,7 @@ def test_the_gate_refuses_and_writes_nothing(trained, tmp_path, capsys):
         capsys,
     )
     assert "int8 loses" in err and "more than --max_drop -1" in err and "nothing was written" in err, err
-    assert "or train the model for int8 first with --qat 5" in err  # what to try
+    assert "or train the model for int8 first with --qat 6" in err  # what to try
     assert earlier.read_bytes() == b"an earlier build" and sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]
     err = run_in_process(
         export,
@@ -323,6 +323,18 @@ def test_qat_trains_toward_the_fp32_answers_and_can_be_stopped(lite0):
     assert not any(p.requires_grad for p in student.parameters())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in (*model.modules(), *student.modules()))
     assert qat.distill(model, head, calibration, 3, qmax, stop=lambda: True, log=lambda *a: None) == (None, [])
+    _, one = qat.distill(model, head, calibration[:1], 1, qmax, log=lambda *a: None)  # one image: no NaN variance
+    assert len(one) == 1 and torch.isfinite(torch.tensor(one)).all(), one
+
+
+def test_qat_counts_the_layers_it_does_not_simulate():
+    import torchvision
+
+    import qat
+
+    with torch.device("meta"):
+        vit, resnet = torchvision.models.vit_b_16(), torchvision.models.resnet18()
+    assert qat.unsimulated(vit, "heads.head") > 40 and qat.unsimulated(resnet, "fc") == 0
 
 
 def test_export_qat_builds_from_the_trained_weights_held_against_the_original(lite0, tmp_path, capsys):

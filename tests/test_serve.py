@@ -44,7 +44,7 @@ class Server:
                 try:
                     if requests.get(self.url + "/health", timeout=1).status_code == 200:
                         return
-                except requests.ConnectionError:
+                except (requests.ConnectionError, requests.Timeout):  # queued until the app (or its workers) start
                     time.sleep(0.2)
         self.stop()
         raise AssertionError(
@@ -52,11 +52,15 @@ class Server:
         )
 
     def wait_for_line(self, timeout=60):
-        """The first line of its standard output ('serving ... on http://127.0.0.1:PORT ...'), or ''."""
+        """Its start-up line ('serving ... on http://127.0.0.1:PORT ...'), or '' when it ends or times out first."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
+        while time.monotonic() < deadline:
             if select.select([self.proc.stdout], [], [], 0.2)[0]:
-                return self.proc.stdout.readline()
+                line = self.proc.stdout.readline()
+                if line.startswith("serving "):
+                    return line
+                if not line:  # the end of its output: it stopped
+                    return ""
         return ""
 
     def post(self, files, route="/predict", **kw):
