@@ -374,3 +374,32 @@ def test_ctrl_c_during_qat_writes_nothing(trained, tmp_path, capsys):
     path = tmp_path / "qat.onnx"
     assert not export.quantization_aware(path, images[:2], {}, images, ckpt, args, Stopped())
     assert not path.exists()
+
+
+def test_ctrl_c_during_qat_in_export_py_writes_nothing(trained, tmp_path):
+    """SIGINT while export.py --qat trains (the flag is checked after every batch): one line, status 130, no output
+    and no temporary file left beside it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root, _ = trained
+    out = tmp_path / "q.int8.onnx"
+    command = [sys.executable, str(export.__file__), "--model_fn", str(root / "m.pth"), "--int8", "--qat", "200"]
+    command += ["--calibration_images", "24", "--output", str(out)]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    try:
+        for line in proc.stdout:
+            if "quantization-aware training, epoch 1/200" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "epoch 2/200" not in rest  # it stopped within the batch it was in, not after the training
+    assert f"interrupted; {out} was not written" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
