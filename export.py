@@ -340,13 +340,9 @@ def main(args):
                 with tempfile.TemporaryDirectory() as folder:
                     fp32 = Path(folder) / "fp32.onnx"
                     write_checked(fmt, fp32, model, example, meta, images, source, ckpt, task, args)
-                    trained = None
-                    if args.qat:
-                        trained = Path(folder) / "qat.onnx"
-                        if not quantization_aware(trained, example, meta, calibration[0], ckpt, args, stop):
-                            print(f"interrupted; {output} was not written", file=sys.stderr)
-                            sys.exit(stop.exit_status())
-                    figures = build_int8(fp32, tmp, meta, calibration, ckpt, args, trained)
+                    trained = Path(folder) / "qat.onnx" if args.qat else None
+                    if not trained or quantization_aware(trained, example, meta, calibration[0], ckpt, args, stop):
+                        figures = build_int8(fp32, tmp, meta, calibration, ckpt, args, trained)
             else:
                 write_checked(fmt, tmp, model, example, meta, images, source, ckpt, task, args)
             seconds = time.perf_counter() - start
@@ -379,9 +375,10 @@ def quantization_aware(path, example, meta, images, ckpt, args, stop):
     model, head = model_loader.model_from_checkpoint(ckpt, args.model_fn)
     weights = int8.weight_format(args.int8_weights)
     log = print if args.verbose >= 1 else (lambda *a: None)
-    if qat.unsimulated(model, head):
+    unsimulated = qat.unsimulated(model, head)
+    if unsimulated:
         print(
-            f"warning: --qat simulates int8 in convolutions; the {qat.unsimulated(model, head)} linear and attention "
+            f"warning: --qat simulates int8 in convolutions; the {unsimulated} linear and attention "
             f"layers of {ckpt['model_name']}'s backbone are not simulated, so the training can gain little",
             file=sys.stderr,
         )

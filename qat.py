@@ -19,6 +19,8 @@ import torch.nn.utils.parametrize as parametrize
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
+from model_loader import is_head_param
+
 RESIDUAL_BLOCKS = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv"}  # torchvision's
 LR = 1e-5  # Adam's; the weights move by about a rounding step
 BATCH = 16
@@ -115,7 +117,7 @@ def unsimulated(model, head):
     """How many linear and attention layers of the backbone the simulation leaves unrounded (onnxruntime's build
     quantizes them): vision transformers and MLP-mixing models gain little from distill."""
     return sum(
-        isinstance(m, (nn.Linear, nn.MultiheadAttention)) and not name.startswith(head)
+        isinstance(m, (nn.Linear, nn.MultiheadAttention)) and name != head and not is_head_param(name, head)
         for name, m in model.named_modules()
     )
 
@@ -133,17 +135,16 @@ def distill(model, head, images, epochs, qmax, stop=lambda: False, log=print, se
         net.get_submodule(head).register_forward_pre_hook(lambda m, i, name=name: features.__setitem__(name, i[0]))
         for name, net in (("teacher", teacher), ("student", student))
     ]
-    params = [p for name, p in student.named_parameters() if not name.startswith(head + ".")]
     for name, p in student.named_parameters():
-        p.requires_grad_(not name.startswith(head + "."))
+        p.requires_grad_(not is_head_param(name, head))
     generator = torch.Generator().manual_seed(seed)
-    optimizer, losses = None, []
+    losses = []
     try:
         with torch.no_grad():
-            teacher(images[: min(len(images), 64)])
+            teacher(images[:64])
             spread = float(features["teacher"].flatten(1).var(0, unbiased=False).mean()) or 1.0  # one image: 1.0
         with simulate(student, head, ranges, qmax):
-            optimizer = torch.optim.Adam(params, lr=LR)
+            optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=LR)
             for _ in range(epochs):
                 order, total = torch.randperm(len(images), generator=generator), 0.0
                 for start in range(0, len(order), BATCH):
