@@ -326,7 +326,8 @@ def listening_socket(host, port):
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if os.name != "nt":  # a restart may reuse the port at once; on Windows this option would let a second
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # server take a port that is in use
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -339,12 +340,19 @@ def listening_socket(host, port):
     return sock
 
 
+def local_url(host, port):
+    """The address to open for a server on `host`: every interface is reached at the loopback one, and an IPv6
+    address goes in brackets (http://[::1]:8000)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def main(args):
     settings = settings_from(args)
     key = " (API key required)" if settings.api_key else ""
     predictor = load_predictor(args)  # fails here, in one line, before the port is taken or any worker starts
     sock = listening_socket(args.host, args.port)
-    where = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{sock.getsockname()[1]}"
+    where = local_url(args.host, sock.getsockname()[1])
     try:
         if args.workers > 1:
             os.environ[SETTINGS_ENV] = json.dumps(sys.argv[1:])

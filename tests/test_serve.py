@@ -35,10 +35,10 @@ class Server:
             env={**os.environ, **(env or {})},
         )
         self.started = self.wait_for_line()
-        found = re.search(r" on http://127\.0\.0\.1:(\d+)", self.started)
+        found = re.search(r" on (http://(?:127\.0\.0\.1|\[::1\])):(\d+)", self.started)
         if found:
-            self.port = int(found.group(1))
-            self.url = f"http://127.0.0.1:{self.port}"
+            self.port = int(found.group(2))
+            self.url = f"{found.group(1)}:{self.port}"
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
@@ -319,6 +319,12 @@ def test_serve_binds_localhost_and_refuses_bad_flags_in_one_line(models):
         )
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot listen on 127.0.0.1 port {port}: ")
     assert "(0: a free one)" in proc.stderr and len(proc.stderr.splitlines()) == 1 and "serving" not in proc.stdout
+    assert serve.local_url("0.0.0.0", 80) == "http://127.0.0.1:80" and serve.local_url("::", 80) == "http://[::1]:80"
+    server = Server(root / "single.pth", "--host", "::1")  # IPv6: the start-up line's address in brackets
+    try:
+        assert " on http://[::1]:" in server.started and requests.get(server.url + "/health", timeout=10).ok
+    finally:
+        assert server.stop() == 0
 
 
 # ----------------------------------------------------------------------------- the page, in a real browser
