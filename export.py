@@ -112,6 +112,12 @@ def int8_flags(add):
     add("--gate_images", type=int, default=1000, help="held-out images the int8 build is held against fp32 on")
     add("--max_drop", type=float, default=1.0, help="accuracy points int8 may lose against fp32")
     add("--min_agreement", type=float, default=0.98, help="share of images whose top-1 must agree with fp32's")
+    add(
+        "--min_ood_agreement",
+        type=float,
+        default=0.95,
+        help="share of images whose out-of-distribution flag (in_distribution) must agree with fp32's",
+    )
 
 
 def parse_args(argv=None):
@@ -429,8 +435,9 @@ def int8_inputs(args, ckpt, files):
     for name in ("calibration_images", "gate_images"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name} must be a positive number")
-    if not 0 <= args.min_agreement <= 1:
-        raise CLIError(f"--min_agreement must be in [0, 1]; got {args.min_agreement}")
+    for name in ("min_agreement", "min_ood_agreement"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise CLIError(f"--{name} must be in [0, 1]; got {getattr(args, name)}")
     if not files:
         raise CLIError(
             "--int8 is held against fp32 on real images: the test images of the training data cannot be "
@@ -463,6 +470,7 @@ def build_int8(fp32, out, meta, calibration, ckpt, args, trained=None):
     methods = int8.METHODS if args.calibration == "auto" else (args.calibration,)
     tried = []
     weights = int8.weight_format(args.int8_weights)
+    gate = (args.max_drop, args.min_agreement, args.min_ood_agreement)
     for method in methods:
         candidate = out.with_name(f"{out.stem}.{method}.onnx")
         try:
@@ -471,26 +479,29 @@ def build_int8(fp32, out, meta, calibration, ckpt, args, trained=None):
             print(f"int8, {method} calibration failed ({describe_error(e, 160)})", file=sys.stderr)
             continue
         used = int8.calibration_count(method, len(calibration_images))
-        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used, weights, args.qat)
+        own = None if args.calibration_dir else calibration_images  # the model's training images
+        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used, weights, args.qat, own)
         tried.append((figures, candidate))
         if args.verbose >= 1:
             print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])
-        if not int8.failure(figures, args.max_drop, args.min_agreement):
+        if not int8.failure(figures, *gate):
             break
     if not tried:
         raise CLIError(f"int8: every calibration tried failed ({', '.join(methods)}); nothing was written")
-    figures, chosen = int8.best_of(tried, args.max_drop, args.min_agreement)
+    figures, chosen = int8.best_of(tried, *gate)
     try:
-        reason = int8.failure(figures, args.max_drop, args.min_agreement)
+        reason = int8.failure(figures, *gate)
         if reason:
             names = ", ".join(f.calibration for f, _ in tried)
             hint = "try --calibration with another method" if len(tried) == 1 else "the fp32 export is the safe choice"
             if not args.qat:
                 hint += ", or train the model for int8 first with --qat 6"
+            if "--min_ood_agreement" in reason:
+                hint += "; --min_ood_agreement 0 if you use neither in_distribution nor --reject_ood"
             raise CLIError(f"{reason} (calibration tried: {names}); nothing was written; {hint}")
         int8.measure_speed(figures, fp32, chosen, gate_images)
         proto = onnx.load(str(chosen))
-        onnx.helper.set_model_props(proto, {**meta, **int8.metadata(figures)})
+        onnx.helper.set_model_props(proto, {**meta, **int8.metadata(figures)})  # the threshold fit_ood kept
         out.write_bytes(proto.SerializeToString())
         if labels is None and args.verbose >= 1:
             print("int8: no labelled held-out images (their folders are not the classes): only the agreement was gated")

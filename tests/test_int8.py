@@ -78,6 +78,11 @@ def test_the_int8_build_is_written_with_its_figures_and_predicts_like_fp32(train
     assert card["int8"]["agreement"] == figures["agreement"] and card["int8"]["calibration"] == figures["calibration"]
     q, f = read_csv(tmp_path / "q.csv"), read_csv(tmp_path / "f.csv")
     assert list(q[0]) == list(f[0]) and [r["file_dir"] for r in q] == [r["file_dir"] for r in f]
+    # the out-of-distribution flag on the gate images (the test folder), counted as predict.py writes it
+    assert float(meta["ood_threshold"]) == figures["ood_threshold"] and "out-of-distribution flag agreement" in line
+    unlike = [[r["in_distribution"] == "0" for r in rows] for rows in (f, q)]
+    assert [sum(u) for u in unlike] == [figures["ood_flagged_fp32"], figures["ood_flagged_int8"]]
+    assert sum(a == b for a, b in zip(*unlike)) / len(q) == pytest.approx(figures["ood_agreement"])
 
 
 def test_per_channel_weights_and_the_head_in_fp32(trained):
@@ -142,6 +147,12 @@ def test_the_gate_refuses_and_writes_nothing(trained, tmp_path, capsys):
         capsys,
     )
     assert "--min_agreement must be in [0, 1]" in err
+    err = run_in_process(
+        export,
+        ["--model_fn", root / "m.pth", "--int8", "--output", tmp_path / "x.int8.onnx", "--min_ood_agreement", "-0.1"],
+        capsys,
+    )
+    assert "--min_ood_agreement must be in [0, 1]" in err
 
 
 def test_without_labels_only_the_agreement_is_gated(trained, tmp_path, capsys):
@@ -170,6 +181,52 @@ def test_without_labels_only_the_agreement_is_gated(trained, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "only the agreement was gated" in out and "no labelled images: accuracy not measured" in out
+
+
+def test_the_out_of_distribution_threshold_is_refitted_where_int8_moves_the_score():
+    """Quantization noise raises the knn score (on solar cells fp32's threshold flagged 56 of 160 held-out cells
+    for int8, 13 for fp32): fit_ood keeps the candidate whose flags agree best with fp32's, and the gate holds it."""
+    fp32 = torch.linspace(0, 1, 40)
+    ckpt = {"ood": {"method": "knn", "threshold": 0.8, "k": 3}}
+    outputs = (
+        torch.zeros(40, 3),
+        fp32 + 0.3,
+        torch.zeros(40, 8),
+    )  # every score moved up: fp32's threshold flags 20, not 8
+    figures = int8.Figures("minmax", 24, 40, True, 1.0, 1.0, 1.0, 0.0)
+    int8.fit_ood(figures, None, None, ckpt, fp32, outputs)
+    assert figures.ood_refit == "threshold" and figures.ood_agreement == 1.0
+    assert figures.ood_flagged_fp32 == figures.ood_flagged_int8 == 8 and figures.ood_threshold == pytest.approx(
+        31 / 39 + 0.3
+    )
+    assert float(int8.metadata(figures)["ood_threshold"]) == figures.ood_threshold  # predict.py reads it there
+    int8.fit_ood(figures, None, None, ckpt, fp32, (outputs[0], fp32.clone(), outputs[2]))  # nothing moved
+    assert figures.ood_refit == "" and figures.ood_threshold == 0.8 and figures.ood_agreement == 1.0
+    assert int8.metadata(figures)["ood_threshold"] == "0.8"
+    figures.ood_agreement = 0.9
+    reason = int8.failure(figures, 1.0, 0.98, 0.95)
+    assert "out-of-distribution flag (in_distribution) agrees with fp32's on 90.00%" in reason
+    assert "under --min_ood_agreement 0.95" in reason and not int8.failure(figures, 1.0, 0.98, 0.9)
+
+
+def test_a_rebuilt_knn_reference_replaces_the_graph_constant(trained, tmp_path):
+    """replace_knn_bank swaps the reference rows inside an exported file (another row count included): the file then
+    scores as ood.score does with the new rows, and a constant that is not there is not replaced."""
+    import ood
+
+    root, _ = trained
+    ckpt = ml.load_checkpoint(root / "m.pth")
+    path = tmp_path / "m.onnx"  # the fp32 export holds the same constant as the int8 build
+    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(path), "--verbose", "0"]))
+    images = int8.load_batch(int8.training_files(ckpt, 30), dl.Preprocess.of(ckpt))
+    logits, before, features = int8.run_model(path, images)
+    bank = ood.knn_bank(features[:20], ood.MAX_REFERENCE_MB, seed=0)
+    assert bank.shape[0] != ckpt["ood"]["features"].shape[0]
+    assert not int8.replace_knn_bank(path, bank, bank)  # not the file's constant
+    assert int8.replace_knn_bank(path, ckpt["ood"]["features"], bank)
+    _, after, _ = int8.run_model(path, images)
+    expected = ood.score({**ckpt["ood"], "features": bank}, 1.0, features, logits)
+    assert torch.allclose(after, expected, atol=1e-3) and not torch.allclose(after, before, atol=1e-3)
 
 
 def test_seven_bit_weights_where_eight_bit_ones_can_saturate(tmp_path, monkeypatch):
