@@ -335,7 +335,7 @@ def main(args):
     paths = RunPaths().reads(args.model_fn, "the checkpoint --model_fn").reads_images(files)
     if not args.data_dir:
         paths.reads(ckpt.get("args", {}).get("labels_csv"), "the CSV of labels the model was trained with")
-    paths.writes(output, "--output").check()
+    paths.writes(output, "--output", replaces=fmt).check()
     example = images[:EXAMPLE_BATCH] if len(images) >= EXAMPLE_BATCH else images.expand(EXAMPLE_BATCH, -1, -1, -1)
     calibration = int8_inputs(args, ckpt, files) if args.int8 else None
     start = time.perf_counter()

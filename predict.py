@@ -299,20 +299,20 @@ def check_outputs(args, inputs, labelled, task, searched, lists=()):
     for path, what in lists:
         paths.reads(path, what)
     paths.searches(searched, "the images")
-    paths.writes(args.output, "--output")
+    paths.writes(args.output, "--output", replaces="csv")
     if labelled:
-        paths.writes(report_path, "--output's report")
+        paths.writes(report_path, "--output's report", replaces="csv")
     if args.n_images:
         paths.writes(args.plot, "--plot", figure=True)
         if labelled and task.confusion_matrix:
             paths.writes(confusion_path, "--plot's confusion matrix", figure=True)
     paths.writes_folder(args.explain, "--explain")
     paths.reads(args.similar_to, "the image --similar_to")
-    paths.writes(args.embeddings, "--embeddings")
+    paths.writes(args.embeddings, "--embeddings", replaces="npy")
     if args.similar_to:
-        paths.writes(data_loop.similar_path(args.output), "--similar_to's list")
+        paths.writes(data_loop.similar_path(args.output), "--similar_to's list", replaces="csv")
     if args.rank_for_labelling:
-        paths.writes(data_loop.to_label_path(args.output), "--rank_for_labelling's list")
+        paths.writes(data_loop.to_label_path(args.output), "--rank_for_labelling's list", replaces="csv")
     paths.check()
     return report_path, confusion_path
 

@@ -6,6 +6,8 @@ starts (train.py, predict.py, export.py and serve.py build one each):
   (a hard or symbolic link to the checkpoint is the checkpoint);
 - every output can be written (a temporary file tried; a missing folder is not made yet), and a file is not a
   folder;
+- an output replaces only a file of the kind the run writes there (`train.py --model_fn README.md` would have
+  replaced the README with a checkpoint): a checkpoint, an ONNX file, a CSV, an .npy array (KINDS);
 - a figure's name has a format matplotlib writes (`--plot model.pth` fails at start-up, not after the run);
 - nothing the run writes that is an image (a figure, a folder of overlays or of a run's figures) lands in a
   folder searched for images, where the next run would read it as one.
@@ -15,6 +17,7 @@ The first problem found is one error line (cli.CLIError); nothing has been writt
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 from cli import CLIError
@@ -47,6 +50,48 @@ def same_file(a, b):
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def is_torch_file(path):
+    """A file torch.save or torch.export.save wrote: a zip archive (torch's format since 1.6)."""
+    return zipfile.is_zipfile(path)
+
+
+def is_onnx_file(path):
+    """An ONNX model: a protobuf that onnx reads as a model with a graph."""
+    import onnx
+
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # noqa: BLE001 - onnx raises DecodeError, ValueError, ... for what is not a model
+        return False
+
+
+def is_text_file(path):
+    """A text file (what a CSV is): its first 64 KB decode as UTF-8 and hold no control byte but tab, line feed,
+    form feed and carriage return."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut at the end of the sample
+            return False
+    return not head.translate(None, b"\t\n\x0c\r").translate(None, bytes(range(32, 256)))
+
+
+def is_npy_file(path):
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
+KINDS = {  # what an output may replace: (its name in a message, the test of an existing file)
+    "checkpoint": ("a checkpoint", is_torch_file),
+    "pt2": ("a torch.export file", is_torch_file),
+    "onnx": ("an ONNX model", is_onnx_file),
+    "csv": ("a CSV file", is_text_file),
+    "npy": ("a NumPy .npy file", is_npy_file),
+}
 
 
 def figure_formats():
@@ -92,6 +137,7 @@ class RunPaths:
         self.images = []  # lists of image paths (predict.py may read millions: kept as given, scanned once)
         self.searched = []  # (folder, what): folders searched for images
         self.outputs = []  # (path, what, kind): kind "file", "figure" or "folder" (images=True: "image folder")
+        self.replaces = {}  # output path -> the KINDS key of the only files it may replace
 
     def reads(self, path, what, replaced_by=None):
         """A file the run reads (None: nothing). `replaced_by`: the `what` of the one output that may replace
@@ -110,10 +156,13 @@ class RunPaths:
             self.searched.append((Path(folder), what))
         return self
 
-    def writes(self, path, what, figure=False):
-        """A file the run writes; figure=True: a matplotlib figure (an image, in a format from its extension)."""
+    def writes(self, path, what, figure=False, replaces=None):
+        """A file the run writes; figure=True: a matplotlib figure (an image, in a format from its extension);
+        replaces: the KINDS key of what an existing file there must be (else it is not replaced)."""
         if path:
             self.outputs.append((Path(path), what, "figure" if figure else "file"))
+            if replaces:
+                self.replaces[Path(path)] = replaces
         return self
 
     def writes_folder(self, folder, what, images=True):
@@ -140,6 +189,7 @@ class RunPaths:
                     self.check_figure(path, what)
                 if path.is_dir():
                     raise CLIError(f"{what} {str(path)!r} is a folder, not a file")
+                self.check_kind(path, what)
         for _, path, what, kind in outputs:
             try_writing(path / ".write-test" if kind.endswith("folder") else path, what)
 
@@ -171,6 +221,22 @@ class RunPaths:
         if any(located(f) == at or same_file(f, path) for f in images):
             raise CLIError(
                 f"{what} {str(path)!r} is one of the input files; writing it would replace it: choose another name"
+            )
+
+    def check_kind(self, path, what):
+        """An existing, non-empty file at an output of a known kind must be of that kind."""
+        kind = self.replaces.get(path)
+        if kind is None or not path.is_file() or path.stat().st_size == 0:
+            return
+        noun, test = KINDS[kind]
+        try:
+            ok = test(path)
+        except OSError as e:
+            raise CLIError(f"{what} {str(path)!r} exists and cannot be read ({e.strerror or e})") from None
+        if not ok:
+            raise CLIError(
+                f"{what} {str(path)!r} exists and is not {noun}: writing it would replace it; choose another name "
+                "(or remove that file first)"
             )
 
     def check_figure(self, path, what):

@@ -135,7 +135,8 @@ def check_outputs(args, run_dir, splits, model_fn=None):
     for folder in splits.folders:
         paths.searches(folder, "the images")
     if model_fn:
-        paths.writes(model_fn, "--model_fn").writes(last_path(model_fn), "--model_fn's _last.pth")
+        paths.writes(model_fn, "--model_fn", replaces="checkpoint")
+        paths.writes(last_path(model_fn), "--model_fn's _last.pth", replaces="checkpoint")
     paths.writes_folder(run_dir, "--log_dir" if args.log_dir else "the run folder")
     paths.check()
 

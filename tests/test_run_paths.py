@@ -74,6 +74,43 @@ def test_a_read_file_may_be_replaced_by_the_output_named_for_it(tmp_path):
         paths().writes(last, "--model_fn").check()
 
 
+def test_an_output_replaces_only_a_file_of_its_kind(tmp_path):
+    """A checkpoint, an ONNX model, a CSV, an .npy array may be written again over one of their kind, or over an
+    empty file; over anything else, one line and nothing written."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    files = {"text": tmp_path / "notes.md", "zip": tmp_path / "old.pth", "npy": tmp_path / "old.npy"}
+    files["text"].write_text("# notes, with a line of text é\n")
+    torch.save({"state_dict": {}}, files["zip"])
+    np.save(files["npy"], np.zeros(3))
+    node = helper.make_node("Relu", ["x"], ["y"])
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
+    files["onnx"] = tmp_path / "old.onnx"
+    onnx.save(helper.make_model(helper.make_graph([node], "g", value[:1], value[1:])), files["onnx"])
+    files["empty"] = tmp_path / "empty"
+    files["empty"].touch()
+    accepted = {
+        "checkpoint": {"zip", "empty"},
+        "pt2": {"zip", "empty"},
+        "onnx": {"onnx", "empty"},
+        "csv": {"text", "empty"},
+        "npy": {"npy", "empty"},
+    }
+    before = {f: f.read_bytes() for f in files.values()}
+    for kind, ok in accepted.items():
+        for name, path in files.items():
+            paths = RunPaths().writes(path, "--out", replaces=kind)
+            if name in ok:
+                paths.check()
+            else:
+                with pytest.raises(CLIError, match=f"exists and is not {run_paths.KINDS[kind][0]}"):
+                    paths.check()
+    assert {f: f.read_bytes() for f in files.values()} == before
+    RunPaths().writes(tmp_path / "new.pth", "--out", replaces="checkpoint").check()  # a new name: nothing to lose
+
+
 def test_figures_need_a_format_and_stay_out_of_searched_folders(tmp_path):
     (tmp_path / "images" / "cat").mkdir(parents=True)
     with pytest.raises(CLIError, match=r"--plot '.*model\.pth': a figure cannot be saved as \.pth; name it \.png"):
@@ -166,6 +203,8 @@ def test_no_script_replaces_what_it_reads(trained, tmp_path, capsys):
     listed.write_text("".join(f"{p}\n" for p in sorted(data.rglob("*.png"))[:3]))
     weights = tmp_path / "w.pth"
     torch.save({}, weights)
+    notes = tmp_path / "README.md"
+    notes.write_text("# my project\n")
     capsys.readouterr()
     before = snapshot(root, tmp_path)
     out = ["--plot", tmp_path / "p.png", "--num_workers", "0"]
@@ -230,11 +269,18 @@ def test_no_script_replaces_what_it_reads(trained, tmp_path, capsys):
             "the checkpoint --resume continues",
         ),
         (export, ["--model_fn", root / "m.pth", "--output", labels, "--format", "onnx"], "the CSV of labels"),
+        # an output over a file of another kind, which the run does not read (a new user's README.md)
+        (train, train_argv + ["--model_fn", notes], f"--model_fn '{notes}' exists and is not a checkpoint"),
+        (export, ["--model_fn", root / "m.pth", "--output", notes, "--format", "onnx"], "is not an ONNX model"),
+        (predict, ["--model_fn", root / "m.onnx", "--output", root / "m.pth"] + out, "is not a CSV file"),
     ]
     for module, argv, message in cases:
         err = run_in_process(module, argv, capsys)
         assert message in err and (
-            "which this run reads; writing it would replace it" in err or "figure" in err or "own name" in err
+            "which this run reads; writing it would replace it" in err
+            or "figure" in err
+            or "own name" in err
+            or "writing it would replace it; choose another name (or remove that file first)" in err
         ), (argv, err)
     assert snapshot(root, tmp_path) == before  # nothing written or replaced
     assert not (tmp_path / "run").exists() and not (tmp_path / "p.png").exists()
