@@ -137,6 +137,9 @@ def file_kind(path):
         return e.strerror or type(e).__name__
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "a WebP image"
+    exported = {".onnx": b"\x08", ".pt2": b"PK"}.get(Path(path).suffix.lower())
+    if exported and head.startswith(exported):  # an export of this tool given where its checkpoint is read
+        return f"an exported {Path(path).suffix.lower()[1:]} model: give the .pth checkpoint train.py wrote"
     for magic, kind in MAGIC:
         if head.startswith(magic):
             return kind

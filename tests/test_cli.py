@@ -99,6 +99,14 @@ def test_predict_bad_inputs(tmp_path, capsys, tiny_data):
     Image.new("RGB", (8, 8)).save(photo, format="JPEG")
     err = run_in_process(predict, ["--model_fn", photo], capsys)
     assert err.endswith("is not a PyTorch checkpoint (a JPEG image)\n") and "weights_only" not in err, err
+    import model_loader
+
+    exported = tmp_path / "m.onnx"  # an export given where the checkpoint is read (export.py, train.py --weights)
+    exported.write_bytes(b"\x08\x07" + bytes(20))
+    assert model_loader.file_kind(exported) == "an exported onnx model: give the .pth checkpoint train.py wrote"
+    assert model_loader.file_kind(photo) == "a JPEG image" and "name it .onnx" in model_loader.file_kind(
+        exported.rename(tmp_path / "m.bin")
+    )
     bare = tmp_path / "bare.pth"
     import torchvision
 
