@@ -52,9 +52,8 @@ def decode_upload(data, name, preprocess, limits):
     if not data:
         raise UploadError(400, f"{name!r} is empty")
     if len(data) > limits.max_upload_bytes:
-        raise UploadError(
-            413, f"{name!r} is {len(data) / 2**20:.1f} MB, over the {limits.max_upload_bytes >> 20} MB limit"
-        )
+        # the body is read up to one byte past the limit: its real size is not known here
+        raise UploadError(413, f"{name!r} is larger than the {limits.max_upload_bytes / 2**20:.3g} MB upload limit")
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only: no pixel is decoded yet
             kind, (width, height) = img.format, img.size
