@@ -28,6 +28,7 @@ import metrics
 from calibration import UNKNOWN, Calibration, SetCalibration, SetTally, Tally, decide_sets
 
 DEFAULT_DELIM = " "
+MIN_WRONG_TO_SHARPEN = 3  # wrong validation images a temperature below 1 needs (SingleLabel.calibrate)
 TITLE_CLASSES = 3  # a multi-label title names this many classes at most (the most probable first), then "+N more"
 
 
@@ -176,7 +177,9 @@ class SingleLabel:
         A temperature is kept only when it lowers the validation NLL; else it stays 1.0, with the reason.
         When the NLL has no minimum inside the searched range the temperature stays 1.0, with the reason:
         with every validation image predicted right, the NLL keeps falling as T -> 0, and the 'fitted' T
-        would make every prediction certain (a test image that is wrong then gets confidence 1.0)."""
+        would make every prediction certain (a test image that is wrong then gets confidence 1.0). With one or two
+        wrong, the minimum is finite but rests on their margins alone (12 validation images gave T = 0.055 and a
+        confidence of 1.000 on every test image): a T below 1 needs MIN_WRONG_TO_SHARPEN wrong images."""
         if not len(labels):
             return None
         temperature, unfitted = metrics.fit_temperature(logits, labels), ""
@@ -188,6 +191,12 @@ class SingleLabel:
             ) + f"the validation NLL still falls at T = {lo:g} and no temperature can be fitted"
         elif temperature > hi / 1.01:
             unfitted = "the validation NLL falls as T grows without end (the model is no better than chance there)"
+        elif temperature < 1 and int((logits.argmax(1) != labels).sum()) < MIN_WRONG_TO_SHARPEN:
+            wrong = int((logits.argmax(1) != labels).sum())
+            unfitted = (
+                f"only {wrong} of {len(labels)} validation images predicted wrong: a sharper T = {temperature:.3f} "
+                f"would rest on their margins alone ({MIN_WRONG_TO_SHARPEN} wrong are needed for a T below 1)"
+            )
         elif not metrics.nll(logits, labels, temperature) < metrics.nll(logits, labels):  # must not make it worse
             unfitted = (
                 f"T = {temperature:.3f} would not lower the validation NLL (it gives "
