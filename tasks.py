@@ -226,7 +226,8 @@ class SingleLabel:
         """A pandas DataFrame in scikit-learn's layout: one row per class, then 'macro avg' (plain mean) and
         'weighted avg' (by support). preds may hold UNKNOWN (below --threshold): such rows count as wrong for
         recall and are left out of precision. roc_auc and average_precision are one-vs-rest from probs.
-        A class never predicted has precision 0 (as scikit-learn's zero_division=0)."""
+        A class never predicted has precision 0 (as scikit-learn's zero_division=0). The macro average is over the
+        classes among the labels or the predictions (scikit-learn's default labels)."""
         import numpy as np
         import pandas as pd
 
@@ -247,7 +248,10 @@ class SingleLabel:
         table = pd.DataFrame(rows, columns=columns)
         scores = columns[1:4] + columns[5:]
         total = int(table.support.sum())
-        macro = {"class": "macro avg", **table[scores].mean().to_dict(), "support": total}  # NaN (one-class) skipped
+        # over the classes present among the labels or the predictions, as scikit-learn's default: a class with
+        # neither (predicting one folder) would count as 0 and halve an average whose every row is right
+        present = table[(table.support > 0).to_numpy() | np.isin(np.arange(len(class_names)), preds)]
+        macro = {"class": "macro avg", **present[scores].mean().to_dict(), "support": total}  # NaN (one-class) skipped
         weighted = {
             "class": "weighted avg",
             **{m: metrics.weighted_mean(table[m], table.support) for m in scores},

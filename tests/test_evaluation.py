@@ -199,6 +199,13 @@ def test_report_counts_unknown_rows_wrong_for_recall_and_leaves_them_out_of_prec
     assert table.loc["weighted avg", "recall"] == pytest.approx((3 * 1 / 3 + 2 * 1 / 2 + 0) / 6)
     # class c: its only image (row 5) has score .3; negatives .1 .1 .3 .1 .3 -> 3 below, 2 ties: (3 + 1) / 5
     assert table.loc["c", "roc_auc"] == pytest.approx(4 / 5)
+    # a folder of one class predicted right: the classes neither labelled nor predicted stay out of the macro avg
+    one = tasks.SingleLabel().report([1, 1], [1, 1], torch.tensor([[0.1, 0.8, 0.1]] * 2), ["a", "b", "c"])
+    one = one.set_index("class")
+    assert one.loc["macro avg", ["precision", "recall", "f1"]].tolist() == [1.0, 1.0, 1.0]
+    assert one.loc["a", "recall"] == 0 and one.loc["macro avg", "support"] == 2
+    wrong = tasks.SingleLabel().report([1, 1], [1, 0], torch.tensor([[0.1, 0.8, 0.1]] * 2), ["a", "b", "c"])
+    assert wrong.set_index("class").loc["macro avg", "recall"] == pytest.approx((0 + 1 / 2) / 2)  # a predicted: in
 
 
 # ----------------------------------------------------------------------------- the scripts
