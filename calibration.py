@@ -255,7 +255,7 @@ class Tally:
         confidence, correct = self.confidence_correct()
         lines.append(
             f"mean confidence {float(confidence.mean()):.4f}, ECE {metrics.ece(confidence, correct):.4f} "
-            f"({N_BINS} bins; temperature {calibration.temperature:.3f} from the checkpoint)"
+            f"({N_BINS} bins; temperature {calibration.temperature:.3f} from the model)"
         )
         return lines, self.task.report(torch.tensor(self.labels), torch.tensor(self.preds), self.probs, class_names)
 
