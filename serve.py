@@ -158,7 +158,11 @@ def model_card(predictor, settings):
         "tta": reading.tta,
         "reject_ood": reading.reject_ood,
         "ood": None if reference is None else {"method": reference["method"], "threshold": predictor.ood_threshold},
-        "metrics": {k: float(v) for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, (int, float))},
+        "metrics": {  # counts and epochs as whole numbers: "test_count": 120, not 120.0
+            k: int(v) if (k.endswith("_count") or k.endswith("_epoch")) and float(v).is_integer() else float(v)
+            for k, v in (ckpt.get("metrics") or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        },
         "max_upload_mb": settings.limits.max_upload_bytes / 2**20,
         "max_batch": settings.max_batch,
         "grad_cam": not str(settings.model_fn).lower().endswith(".onnx"),
