@@ -425,6 +425,19 @@ def measure_speed(figures, fp32_path, int8_path, images):
     figures.fp32_mb, figures.int8_mb = (Path(p).stat().st_size / 2**20 for p in (fp32_path, int8_path))
 
 
+def speed_note(figures):
+    """A line when the int8 file ran slower than fp32 at batch 1 or 32 where it was built, else "": the gate does
+    not refuse a build for its speed (a smaller file may be what is wanted), but the user should not assume it."""
+    timed = ((1, figures.speedup_batch1), (32, figures.speedup_batch32))
+    slower = [f"{x:.2f}x at batch {b}" for b, x in timed if x < 1]
+    if not slower:
+        return ""
+    return (
+        f"note: on this CPU the int8 file ran slower than fp32 ({' and '.join(slower)}); int8 pays on CPUs with VNNI "
+        "and on some models more than others (docs/export.md#int8): time both files where they will run"
+    )
+
+
 def failure(figures, max_drop, min_agreement, min_ood_agreement=0.0):
     """The gate: the one-line reason the int8 build is refused, or ""."""
     if figures.labelled and not figures.drop <= max_drop:

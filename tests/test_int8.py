@@ -203,6 +203,11 @@ def test_the_out_of_distribution_threshold_is_refitted_where_int8_moves_the_scor
     int8.fit_ood(figures, None, None, ckpt, fp32, (outputs[0], fp32.clone(), outputs[2]))  # nothing moved
     assert figures.ood_refit == "" and figures.ood_threshold == 0.8 and figures.ood_agreement == 1.0
     assert int8.metadata(figures)["ood_threshold"] == "0.8"
+    figures.speedup_batch1, figures.speedup_batch32 = 0.57, 1.15  # timed where it was built: said, not refused
+    note = int8.speed_note(figures)
+    assert note.startswith("note: on this CPU the int8 file ran slower than fp32 (0.57x at batch 1)"), note
+    figures.speedup_batch1 = 1.2
+    assert int8.speed_note(figures) == ""
     figures.ood_agreement = 0.9
     reason = int8.failure(figures, 1.0, 0.98, 0.95)
     assert "out-of-distribution flag (in_distribution) agrees with fp32's on 90.00%" in reason
