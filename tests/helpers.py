@@ -140,3 +140,15 @@ def assert_shows(shown, output):
             continue
         shape = re.compile(line_shape(line))
         assert any(shape.fullmatch(real) for real in lines), f"the README shows a line no run prints:\n{line}"
+
+
+def earlier_onnx(path):
+    """A small, valid ONNX model at path (one Relu): an earlier build that a refused run must leave as it was.
+    Returns its bytes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "an earlier build", value[:1], value[1:])
+    onnx.save(helper.make_model(graph), str(path))
+    return Path(path).read_bytes()

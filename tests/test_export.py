@@ -21,7 +21,7 @@ import model_loader
 import predict
 from cli import CLIError
 from conftest import run_in_process
-from helpers import read_csv, readme_deploy_snippet
+from helpers import earlier_onnx, read_csv, readme_deploy_snippet
 
 FAMILIES = ["resnet18", "mobilenet_v2", "densenet121", "squeezenet1_0"]
 SIZE = 32  # px: every family runs at this size, and exports in seconds
@@ -180,7 +180,7 @@ def test_onnx_round_trip_metadata_and_dynamic_batch(ckpts, exported, tiny_data, 
 def test_self_check_catches_a_wrong_export_and_writes_nothing(ckpts, tmp_path, capsys, monkeypatch):
     path = ckpts["squeezenet1_0"][0]
     target = tmp_path / "m.onnx"
-    target.write_bytes(b"an earlier export")
+    earlier = earlier_onnx(target)
     real_write = export.write_onnx
 
     def tampered(model, example, out, meta, opset, exporter):  # the file's head bias shifted by 1
@@ -199,7 +199,7 @@ def test_self_check_catches_a_wrong_export_and_writes_nothing(ckpts, tmp_path, c
         r"was written; try --exporter dynamo, or --format pt2$",
     ):  # the other exporter may agree
         run_export(capsys, "--model_fn", path, "--output", target, "--check_images", "4")
-    assert target.read_bytes() == b"an earlier export" and leftovers(tmp_path) == []
+    assert target.read_bytes() == earlier and leftovers(tmp_path) == []
     dynamo = export.parse_args(["--exporter", "dynamo"])
     assert export.other_ways("onnx", dynamo) == "try --exporter torchscript, or --format pt2"
     assert export.other_ways("pt2", dynamo) == "try --format onnx"

@@ -14,7 +14,7 @@ import model_loader as ml
 import predict
 import train
 from conftest import copy_subset, run_in_process
-from helpers import read_csv, run_predict
+from helpers import earlier_onnx, read_csv, run_predict
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_the_gate_refuses_and_writes_nothing(trained, tmp_path, capsys):
     same name untouched."""
     root, _ = trained
     earlier = tmp_path / "old.int8.onnx"
-    earlier.write_bytes(b"an earlier build")
+    old = earlier_onnx(earlier)
     err = run_in_process(
         export,
         [
@@ -140,7 +140,7 @@ def test_the_gate_refuses_and_writes_nothing(trained, tmp_path, capsys):
     )
     assert "int8 loses" in err and "more than --max_drop -1" in err and "nothing was written" in err, err
     assert "or train the model for int8 first with --qat 6" in err  # what to try
-    assert earlier.read_bytes() == b"an earlier build" and sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]
+    assert earlier.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]
     err = run_in_process(
         export,
         ["--model_fn", root / "m.pth", "--int8", "--output", tmp_path / "x.int8.onnx", "--min_agreement", "1.5"],
