@@ -468,28 +468,29 @@ def build_int8(fp32, out, meta, calibration, ckpt, args, trained=None):
 
     calibration_images, gate_images, labels = calibration
     methods = int8.METHODS if args.calibration == "auto" else (args.calibration,)
-    tried = []
+    tried, made = [], []  # (figures, candidate file) of each build measured; every candidate file written
     weights = int8.weight_format(args.int8_weights)
     gate = (args.max_drop, args.min_agreement, args.min_ood_agreement)
-    for method in methods:
-        candidate = out.with_name(f"{out.stem}.{method}.onnx")
-        try:
-            int8.quantize(trained or fp32, candidate, calibration_images, method, weights)
-        except Exception as e:  # noqa: BLE001 - onnxruntime's calibrators refuse some activations (a constant one)
-            print(f"int8, {method} calibration failed ({describe_error(e, 160)})", file=sys.stderr)
-            continue
-        used = int8.calibration_count(method, len(calibration_images))
-        own = None if args.calibration_dir else calibration_images  # the model's training images
-        figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used, weights, args.qat, own)
-        tried.append((figures, candidate))
-        if args.verbose >= 1:
-            print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])
-        if not int8.failure(figures, *gate):
-            break
-    if not tried:
-        raise CLIError(f"int8: every calibration tried failed ({', '.join(methods)}); nothing was written")
-    figures, chosen = int8.best_of(tried, *gate)
     try:
+        for method in methods:
+            candidate = out.with_name(f"{out.stem}.{method}.onnx")
+            made.append(candidate)  # removed in the end, whatever fails on the way
+            try:
+                int8.quantize(trained or fp32, candidate, calibration_images, method, weights)
+            except Exception as e:  # noqa: BLE001 - onnxruntime's calibrators refuse some activations (a constant one)
+                print(f"int8, {method} calibration failed ({describe_error(e, 160)})", file=sys.stderr)
+                continue
+            used = int8.calibration_count(method, len(calibration_images))
+            own = None if args.calibration_dir else calibration_images  # the model's training images
+            figures = int8.compare(fp32, candidate, gate_images, labels, ckpt, method, used, weights, args.qat, own)
+            tried.append((figures, candidate))
+            if args.verbose >= 1:
+                print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])
+            if not int8.failure(figures, *gate):
+                break
+        if not tried:
+            raise CLIError(f"int8: every calibration tried failed ({', '.join(methods)}); nothing was written")
+        figures, chosen = int8.best_of(tried, *gate)
         reason = int8.failure(figures, *gate)
         if reason:
             names = ", ".join(f.calibration for f, _ in tried)
@@ -516,7 +517,7 @@ def build_int8(fp32, out, meta, calibration, ckpt, args, trained=None):
             )
         return figures
     finally:
-        for _, path in tried:
+        for path in made:
             path.unlink(missing_ok=True)
 
 

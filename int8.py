@@ -70,7 +70,9 @@ class Figures:
     ood_agreement: float | None = None  # share of images whose flag is the same as the fp32 export's
     ood_flagged_fp32: int | None = None  # images flagged unlike the training images by fp32, and by int8
     ood_flagged_int8: int | None = None
+    ood_flagged_both: int | None = None  # images flagged by both
     ood_refit: str = ""  # "": fp32's reference and threshold; "threshold" or "reference" (fit_ood)
+    ood_reference_images: int | None = None  # "reference": the training images its rows come from
     ood_threshold: float | None = None  # the int8 file's threshold
 
     @classmethod
@@ -92,11 +94,11 @@ class Figures:
             return ""
         refit = {
             "threshold": "; threshold refitted",
-            "reference": f"; reference rebuilt from int8 features of {self.calibration_images} training images",
+            "reference": f"; reference rebuilt from int8 features of {self.ood_reference_images} training images",
         }.get(self.ood_refit, "")
         return (
             f"; out-of-distribution flag agreement {self.ood_agreement:.2%} (flagged: fp32 {self.ood_flagged_fp32}, "
-            f"int8 {self.ood_flagged_int8}{refit})"
+            f"int8 {self.ood_flagged_int8}, both {self.ood_flagged_both}{refit})"
         )
 
     def line(self):
@@ -299,15 +301,16 @@ def run_model(path, images, batch=32):
 
     proto = onnx.load(str(path))
     has_score = len(proto.graph.output) == 2
-    feature_name = classifier_node(proto.graph).input[0]
-    proto.graph.output.append(onnx.helper.make_tensor_value_info(feature_name, onnx.TensorProto.FLOAT, None))
+    node = classifier_node(proto.graph)  # None where the classifier is a convolution (SqueezeNet): no features
+    if node is not None:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     batches = (images[i : i + batch].contiguous().numpy() for i in range(0, len(images), batch))
     runs = [session.run(None, {"input": x}) for x in batches]
     logits, *rest = (torch.cat([torch.from_numpy(r[j]) for r in runs]) for j in range(len(runs[0])))
-    return logits, (rest[0] if has_score else None), rest[-1].flatten(1)
+    return logits, (rest[0] if has_score else None), (rest[-1].flatten(1) if node is not None else None)
 
 
 def compare(fp32_path, int8_path, images, labels, ckpt, method, n_calibration, weights, qat_epochs=0, training=None):
@@ -360,13 +363,18 @@ def fit_ood(figures, int8_path, images, ckpt, fp32_scores, int8_outputs, trainin
     count = int(flagged.sum())
 
     def refitted(candidate_scores):
-        """The threshold above which int8 flags `count` of the gate images (ties aside)."""
-        ordered = candidate_scores.double().sort().values
-        return float(ordered[len(ordered) - count - 1]) if count < len(ordered) else threshold
+        """The threshold above which int8 flags `count` of the gate images (ties aside): halfway between the
+        highest score left unflagged and the lowest flagged, so that neither sits on it (another CPU's rounding)."""
+        ordered, n = candidate_scores.double().sort().values, len(candidate_scores)
+        if count >= n:
+            return threshold
+        top = float(ordered[n - count - 1])
+        return (top + float(ordered[n - count])) / 2 if count else top + max(1e-6, 1e-6 * abs(top))
 
     candidates = [("", threshold, scores), ("threshold", refitted(scores), scores)]
     bank = None
-    if reference["method"] == "knn" and training is not None and len(training) >= reference.get("k", ood.K):
+    usable = features is not None and training is not None and len(training) >= reference.get("k", ood.K)
+    if reference["method"] == "knn" and usable:
         bank = ood.knn_bank(run_model(int8_path, training)[2], ood.MAX_REFERENCE_MB, seed=0)
         rebuilt = ood.score({**reference, "features": bank}, ckpt.get("temperature", 1.0), features, logits)
         candidates.append(("reference", refitted(rebuilt), rebuilt))
@@ -378,6 +386,8 @@ def fit_ood(figures, int8_path, images, ckpt, fp32_scores, int8_outputs, trainin
     figures.ood_refit, figures.ood_threshold = kind, chosen
     figures.ood_agreement = float(((scores > chosen) == flagged).float().mean())
     figures.ood_flagged_fp32, figures.ood_flagged_int8 = count, int((scores > chosen).sum())
+    figures.ood_flagged_both = int(((scores > chosen) & flagged).sum())
+    figures.ood_reference_images = len(bank) if kind == "reference" else None
 
 
 def replace_knn_bank(path, old, new):
@@ -388,20 +398,18 @@ def replace_knn_bank(path, old, new):
     from onnx import numpy_helper
 
     proto = onnx.load(str(path))
-    forms = {
-        tuple(old.shape[::-1]): lambda rows: rows.float().T.contiguous().numpy(),
-        tuple(old.shape): lambda rows: rows.numpy(),
-    }
+    forms = (lambda rows: rows.float().T.contiguous().numpy(), lambda rows: rows.numpy())  # both tried
     for init in proto.graph.initializer:
-        form = forms.get(tuple(init.dims))
-        if form is None:
-            continue
-        value = numpy_helper.to_array(init)
-        if value.dtype.kind == "f" and np.allclose(value.astype(np.float32), form(old).astype(np.float32), atol=1e-3):
-            init.CopyFrom(numpy_helper.from_array(form(new).astype(value.dtype), init.name))
-            del proto.graph.value_info[:]  # shapes inferred for the old row count
-            onnx.save(proto, str(path))
-            return True
+        for form in forms:
+            if tuple(init.dims) != form(old).shape:
+                continue
+            value = numpy_helper.to_array(init)
+            same = np.allclose(value.astype(np.float32), form(old).astype(np.float32), atol=1e-3)
+            if value.dtype.kind == "f" and same:
+                init.CopyFrom(numpy_helper.from_array(form(new).astype(value.dtype), init.name))
+                del proto.graph.value_info[:]  # shapes inferred for the old row count
+                onnx.save(proto, str(path))
+                return True
     return False
 
 

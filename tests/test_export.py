@@ -462,3 +462,15 @@ def test_predict_refuses_bad_onnx_files(tiny_data, tmp_path, capsys):
     ):
         assert message in run_in_process(predict, ["--model_fn", model_fn] + base, capsys), model_fn
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_int8_of_a_model_whose_classifier_is_a_convolution(ckpts, tmp_path, capsys):
+    """SqueezeNet's classifier is a 1x1 convolution: the int8 build reads no features from it and is held against
+    fp32 on its logits alone (a review found it crashing, its candidate file left behind)."""
+    path = ckpts["squeezenet1_0"][0]
+    out = tmp_path / "s.int8.onnx"
+    argv = ["--model_fn", path, "--int8", "--output", out, "--calibration", "minmax", "--calibration_images", 12]
+    with onednn("squeezenet1_0"):
+        export.main(export.parse_args([str(a) for a in [*argv, "--max_drop", 100, "--min_agreement", 0]]))
+    assert "top-1 agreement" in capsys.readouterr().out and out.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no candidate file left

@@ -196,8 +196,9 @@ def test_the_out_of_distribution_threshold_is_refitted_where_int8_moves_the_scor
     figures = int8.Figures("minmax", 24, 40, True, 1.0, 1.0, 1.0, 0.0)
     int8.fit_ood(figures, None, None, ckpt, fp32, outputs)
     assert figures.ood_refit == "threshold" and figures.ood_agreement == 1.0
+    assert figures.ood_flagged_both == 8  # halfway between the highest score unflagged and the lowest flagged:
     assert figures.ood_flagged_fp32 == figures.ood_flagged_int8 == 8 and figures.ood_threshold == pytest.approx(
-        31 / 39 + 0.3
+        31.5 / 39 + 0.3
     )
     assert float(int8.metadata(figures)["ood_threshold"]) == figures.ood_threshold  # predict.py reads it there
     int8.fit_ood(figures, None, None, ckpt, fp32, (outputs[0], fp32.clone(), outputs[2]))  # nothing moved
@@ -232,6 +233,36 @@ def test_a_rebuilt_knn_reference_replaces_the_graph_constant(trained, tmp_path):
     _, after, _ = int8.run_model(path, images)
     expected = ood.score({**ckpt["ood"], "features": bank}, 1.0, features, logits)
     assert torch.allclose(after, expected, atol=1e-3) and not torch.allclose(after, before, atol=1e-3)
+
+
+def test_the_reference_rebuilt_from_int8_features_is_kept_where_it_flags_as_fp32_does(trained, tmp_path):
+    """fit_ood on a real int8 file, with the fp32 scores standing where the rebuilt reference puts them: the rebuilt
+    candidate is kept, written into the file, and the figures are the file's own."""
+    import copy
+
+    import ood
+
+    root, data = trained
+    ckpt = ml.load_checkpoint(root / "m.pth")
+    pre = dl.Preprocess.of(ckpt)
+    fp32, path = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    export.main(export.parse_args(["--model_fn", str(root / "m.pth"), "--output", str(fp32), "--verbose", "0"]))
+    training = int8.load_batch(int8.training_files(ckpt, 48), pre)
+    int8.quantize(fp32, path, training, "minmax", int8.weight_format())
+    gate = int8.load_batch(sorted(str(f) for f in (data / "test").rglob("*.png")), pre)
+    outputs = int8.run_model(path, gate)
+    bank = ood.knn_bank(int8.run_model(path, training)[2], ood.MAX_REFERENCE_MB, seed=0)
+    rebuilt = ood.score({**ckpt["ood"], "features": bank}, ckpt.get("temperature", 1.0), outputs[2], outputs[0])
+    order_rebuilt, order_built = rebuilt.argsort(descending=True), outputs[1].argsort(descending=True)
+    k = next(k for k in range(1, 9) if set(order_rebuilt[:k].tolist()) != set(order_built[:k].tolist()))
+    stand_in = copy.deepcopy(ckpt)  # fp32's threshold flags the k images the rebuilt reference scores highest
+    stand_in["ood"]["threshold"] = float(rebuilt.sort(descending=True).values[k - 1 : k + 1].mean())
+    figures = int8.Figures("minmax", 48, len(gate), True, 1.0, 1.0, 1.0, 0.0)
+    int8.fit_ood(figures, path, gate, stand_in, rebuilt, outputs, training)
+    assert figures.ood_refit == "reference" and figures.ood_reference_images == len(bank) == 48
+    assert figures.ood_agreement == 1.0 and figures.ood_flagged_fp32 == figures.ood_flagged_int8 == k
+    assert torch.allclose(int8.run_model(path, gate)[1], rebuilt, atol=1e-4)  # the file scores with the new rows
+    assert "reference rebuilt from int8 features of 48 training images" in figures.ood_words()
 
 
 def test_seven_bit_weights_where_eight_bit_ones_can_saturate(tmp_path, monkeypatch):
