@@ -86,8 +86,14 @@ class Calibration:
                 f"temperature stays 1.0: {self.unfitted} (validation NLL {m['valid_nll_before']:.4f}, ECE "
                 f"({N_BINS} bins) {m['valid_ece_before']:.4f} on {m['calibration_count']} validation images)"
             )
+        limited = (
+            f" (limited from the NLL's minimum, T = {m['sharpest_temperature']:.3f}, so that the mean validation "
+            f"confidence stays {m['confidence_limit']:.3f}, the accuracy of one more right and one more wrong image)"
+            if "sharpest_temperature" in m
+            else ""
+        )
         return (
-            f"temperature {self.temperature:.3f} fitted on {m['calibration_count']} validation images: "
+            f"temperature {self.temperature:.3f} fitted on {m['calibration_count']} validation images{limited}: "
             f"validation NLL {m['valid_nll_before']:.4f} -> {m['valid_nll_after']:.4f}, "
             f"validation ECE ({N_BINS} bins) {m['valid_ece_before']:.4f} -> {m['valid_ece_after']:.4f}"
         )

@@ -51,6 +51,29 @@ def fit_temperature(logits, labels, loss=nll):
     return math.exp((a + b) / 2)
 
 
+def mean_confidence(logits, temperature):
+    """The mean over rows of the largest softmax(logits / T) probability."""
+    return float((logits.double() / temperature).softmax(1).max(1).values.mean())
+
+
+def limit_sharpening(logits, labels, temperature):
+    """(T, (fitted T, limit) or None) for a fitted T below 1: the T, between it and 1, at which the mean confidence
+    on these images equals (right + 1) / (n + 2), the accuracy one more right and one more wrong image would give
+    (Laplace's rule of succession), when the fitted T would go above it; 1.0 when even T = 1 does. A few validation
+    images, nearly all right, otherwise fit a T that makes every prediction certain."""
+    right, n = int((logits.argmax(1) == labels).sum()), len(labels)
+    limit = (right + 1) / (n + 2)
+    if mean_confidence(logits, temperature) <= limit:
+        return temperature, None
+    if mean_confidence(logits, 1.0) >= limit:
+        return 1.0, (temperature, limit)
+    lo, hi = math.log(temperature), 0.0  # mean confidence falls as T grows: above the limit at lo, below at hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_confidence(logits, math.exp(mid)) > limit else (lo, mid)
+    return math.exp(hi), (temperature, limit)
+
+
 def temperature_in_range(t):
     """Whether a fitted T lies inside the searched range (else the loss had no minimum there)."""
     lo, hi = (math.exp(x) for x in LOG_T_RANGE)

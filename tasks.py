@@ -28,7 +28,6 @@ import metrics
 from calibration import UNKNOWN, Calibration, SetCalibration, SetTally, Tally, decide_sets
 
 DEFAULT_DELIM = " "
-MIN_WRONG_TO_SHARPEN = 3  # wrong validation images a temperature below 1 needs (SingleLabel.calibrate)
 TITLE_CLASSES = 3  # a multi-label title names this many classes at most (the most probable first), then "+N more"
 
 
@@ -177,9 +176,10 @@ class SingleLabel:
         A temperature is kept only when it lowers the validation NLL; else it stays 1.0, with the reason.
         When the NLL has no minimum inside the searched range the temperature stays 1.0, with the reason:
         with every validation image predicted right, the NLL keeps falling as T -> 0, and the 'fitted' T
-        would make every prediction certain (a test image that is wrong then gets confidence 1.0). With one or two
-        wrong, the minimum is finite but rests on their margins alone (12 validation images gave T = 0.055 and a
-        confidence of 1.000 on every test image): a T below 1 needs MIN_WRONG_TO_SHARPEN wrong images."""
+        would make every prediction certain (a test image that is wrong then gets confidence 1.0). A sharper T
+        (below 1) is limited so that the mean validation confidence stays at most the accuracy one more right and one
+        more wrong image would give (metrics.limit_sharpening): 12 validation images with one wrong gave T = 0.055
+        and a confidence of 1.000 on every test image."""
         if not len(labels):
             return None
         temperature, unfitted = metrics.fit_temperature(logits, labels), ""
@@ -191,17 +191,19 @@ class SingleLabel:
             ) + f"the validation NLL still falls at T = {lo:g} and no temperature can be fitted"
         elif temperature > hi / 1.01:
             unfitted = "the validation NLL falls as T grows without end (the model is no better than chance there)"
-        elif temperature < 1 and int((logits.argmax(1) != labels).sum()) < MIN_WRONG_TO_SHARPEN:
-            wrong = int((logits.argmax(1) != labels).sum())
-            unfitted = (
-                f"only {wrong} of {len(labels)} validation images predicted wrong: a sharper T = {temperature:.3f} "
-                f"would rest on their margins alone ({MIN_WRONG_TO_SHARPEN} wrong are needed for a T below 1)"
-            )
         elif not metrics.nll(logits, labels, temperature) < metrics.nll(logits, labels):  # must not make it worse
             unfitted = (
                 f"T = {temperature:.3f} would not lower the validation NLL (it gives "
                 f"{metrics.nll(logits, labels, temperature):.4f})"
             )
+        limited = None
+        if not unfitted and temperature < 1:
+            temperature, limited = metrics.limit_sharpening(logits, labels, temperature)
+            if temperature == 1.0:
+                unfitted = (
+                    f"the mean validation confidence is above {limited[1]:.3f} (the accuracy of one more right and "
+                    f"one more wrong image) at T = 1 already, so the NLL's minimum, T = {limited[0]:.3f}, is not kept"
+                )
         if unfitted:
             temperature = 1.0
         before, after = Calibration(), Calibration(float(temperature))
@@ -212,6 +214,8 @@ class SingleLabel:
             "valid_ece_after": metrics.ece(*after.confidence_correct(logits, labels)),
             "calibration_count": int(len(labels)),
         }
+        if limited and not unfitted:
+            found["sharpest_temperature"], found["confidence_limit"] = limited
         return Calibration(float(temperature), found, unfitted)
 
     def uncalibrated(self, n_classes):
