@@ -52,9 +52,27 @@ def same_file(a, b):
         return False
 
 
-def is_torch_file(path):
-    """A file torch.save or torch.export.save wrote: a zip archive (torch's format since 1.6)."""
-    return zipfile.is_zipfile(path)
+def zip_names(path):
+    """The names in a zip archive, or None when it is not one."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def is_checkpoint_file(path):
+    """A file torch.save wrote: a zip archive holding a data.pkl (torch's format since 1.6), or the legacy pickle
+    with torch's magic number first."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"\x80\x02\x8a\x0a":  # protocol 2, then the 10-byte LONG1 of the magic number
+            return True
+    return any(n.endswith("/data.pkl") for n in zip_names(path) or ())
+
+
+def is_pt2_file(path):
+    """A file torch.export.save wrote: a zip archive with an archive_format entry."""
+    return any(n.split("/")[-1] == "archive_format" for n in zip_names(path) or ())
 
 
 def is_onnx_file(path):
@@ -68,16 +86,15 @@ def is_onnx_file(path):
 
 
 def is_text_file(path):
-    """A text file (what a CSV is): its first 64 KB decode as UTF-8 and hold no control byte but tab, line feed,
-    form feed and carriage return."""
+    """A text file (what a CSV is, in any encoding a spreadsheet saves): UTF-16 with its byte order mark, or first
+    64 KB with at most 1% control bytes (tab, line ends, form feed and escape aside). A zip,
+    an image or a model has NULs or many control bytes in its first bytes."""
     with open(path, "rb") as f:
         head = f.read(65536)
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 3:  # not a character cut at the end of the sample
-            return False
-    return not head.translate(None, b"\t\n\x0c\r").translate(None, bytes(range(32, 256)))
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    control = head.translate(None, b"\t\n\x0c\r\x1b").translate(None, bytes(range(32, 256)))
+    return len(control) <= 0.01 * len(head)
 
 
 def is_npy_file(path):
@@ -86,8 +103,8 @@ def is_npy_file(path):
 
 
 KINDS = {  # what an output may replace: (its name in a message, the test of an existing file)
-    "checkpoint": ("a checkpoint", is_torch_file),
-    "pt2": ("a torch.export file", is_torch_file),
+    "checkpoint": ("a checkpoint", is_checkpoint_file),
+    "pt2": ("a torch.export file", is_pt2_file),
     "onnx": ("an ONNX model", is_onnx_file),
     "csv": ("a CSV file", is_text_file),
     "npy": ("a NumPy .npy file", is_npy_file),

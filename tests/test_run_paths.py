@@ -77,6 +77,8 @@ def test_a_read_file_may_be_replaced_by_the_output_named_for_it(tmp_path):
 def test_an_output_replaces_only_a_file_of_its_kind(tmp_path):
     """A checkpoint, an ONNX model, a CSV, an .npy array may be written again over one of their kind, or over an
     empty file; over anything else, one line and nothing written."""
+    import zipfile
+
     import numpy as np
     import onnx
     from onnx import TensorProto, helper
@@ -84,6 +86,18 @@ def test_an_output_replaces_only_a_file_of_its_kind(tmp_path):
     files = {"text": tmp_path / "notes.md", "zip": tmp_path / "old.pth", "npy": tmp_path / "old.npy"}
     files["text"].write_text("# notes, with a line of text é\n")
     torch.save({"state_dict": {}}, files["zip"])
+    files["legacy"] = tmp_path / "legacy.pth"  # torch's format before 1.6
+    torch.save({"state_dict": {}}, files["legacy"], _use_new_zipfile_serialization=False)
+    files["pt2"] = tmp_path / "old.pt2"  # torch.export.save's archive
+    with zipfile.ZipFile(files["pt2"], "w") as z:
+        z.writestr("old/archive_format", "pt2")
+    files["archive"] = tmp_path / "images.zip"  # a user's zip of images: none of these
+    with zipfile.ZipFile(files["archive"], "w") as z:
+        z.writestr("images/a.png", b"\x89PNG")
+    files["cp1252"] = tmp_path / "excel.csv"  # a CSV a spreadsheet saved in its own encoding
+    files["cp1252"].write_bytes("file,label\ncafé.png,a\n".encode("cp1252"))
+    files["utf16"] = tmp_path / "utf16.csv"
+    files["utf16"].write_bytes("file,label\nx.png,a\n".encode("utf-16"))
     np.save(files["npy"], np.zeros(3))
     node = helper.make_node("Relu", ["x"], ["y"])
     value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
@@ -92,10 +106,10 @@ def test_an_output_replaces_only_a_file_of_its_kind(tmp_path):
     files["empty"] = tmp_path / "empty"
     files["empty"].touch()
     accepted = {
-        "checkpoint": {"zip", "empty"},
-        "pt2": {"zip", "empty"},
+        "checkpoint": {"zip", "legacy", "empty"},
+        "pt2": {"pt2", "empty"},
         "onnx": {"onnx", "empty"},
-        "csv": {"text", "empty"},
+        "csv": {"text", "cp1252", "utf16", "empty"},
         "npy": {"npy", "empty"},
     }
     before = {f: f.read_bytes() for f in files.values()}
