@@ -46,6 +46,11 @@ class Limits:
     max_pixels: int = 50_000_000  # width x height, checked before decoding (a decompression bomb is a few KB)
 
 
+def limit_text(n_bytes):
+    """'20 MB', '1024 MB', '524 bytes': a byte limit as --max_upload_mb gives it, without a rounding to 0."""
+    return f"{n_bytes / 2**20:.6g} MB" if n_bytes >= 2**20 else f"{n_bytes} bytes"
+
+
 def decode_upload(data, name, preprocess, limits):
     """The upload's bytes -> the model's input tensor, decoded as predict.py decodes a file (data_loader.load_rgb,
     the same reduced-scale JPEG decoding and eval transform). UploadError for anything else."""
@@ -53,7 +58,7 @@ def decode_upload(data, name, preprocess, limits):
         raise UploadError(400, f"{name!r} is empty")
     if len(data) > limits.max_upload_bytes:
         # the body is read up to one byte past the limit: its real size is not known here
-        raise UploadError(413, f"{name!r} is larger than the {limits.max_upload_bytes / 2**20:.3g} MB upload limit")
+        raise UploadError(413, f"{name!r} is larger than the upload limit, {limit_text(limits.max_upload_bytes)}")
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only: no pixel is decoded yet
             kind, (width, height) = img.format, img.size

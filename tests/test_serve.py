@@ -275,7 +275,7 @@ def test_upload_size_queue_limit_api_key_and_sigterm(models, tmp_path):
         assert requests.get(server.url + "/info?api_key=s3cret", timeout=10).status_code == 200
         assert server.post([("x.png", image)], headers={"X-API-Key": "wrong"}).status_code == 401
         big = server.post([("big.png", image + b"\0" * 1024)], **keyed)
-        assert big.status_code == 413 and big.json()["detail"] == "'big.png' is larger than the 0.0005 MB upload limit"
+        assert big.status_code == 413 and big.json()["detail"] == "'big.png' is larger than the upload limit, 524 bytes"
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: server.post([("x.png", image)], **keyed), range(4)))
         codes = sorted(a.status_code for a in answers)
@@ -322,7 +322,15 @@ def test_serve_binds_localhost_and_refuses_bad_flags_in_one_line(models):
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot listen on 127.0.0.1 port {port}: ")
     assert "(0: a free one)" in proc.stderr and len(proc.stderr.splitlines()) == 1 and "serving" not in proc.stdout
     assert serve.local_url("0.0.0.0", 80) == "http://127.0.0.1:80" and serve.local_url("::", 80) == "http://[::1]:80"
-    server = Server(root / "single.pth", "--host", "::1")  # IPv6: the start-up line's address in brackets
+    import serving
+
+    assert [serving.limit_text(n) for n in (20 << 20, 1024 << 20, 524)] == ["20 MB", "1024 MB", "524 bytes"]
+    try:  # IPv6, where this host has it: the start-up line's address in brackets
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return
+    server = Server(root / "single.pth", "--host", "::1")
     try:
         assert " on http://[::1]:" in server.started and requests.get(server.url + "/health", timeout=10).ok
     finally:
