@@ -14,6 +14,7 @@ file (EfficientNet-PyTorch's names: _conv_stem, _blocks.N._expand_conv, ...) int
 import importlib.util
 from pathlib import Path
 
+import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
@@ -36,8 +37,10 @@ class SamePadConv2d(nn.Conv2d):
     the nn.Conv2d it replaces."""
 
     def forward(self, x):
-        pads = []
-        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+        pads, sizes = [], x.shape[-2:]
+        if torch.jit.is_tracing():  # an ONNX export, whose image size is fixed: constant pads, which onnxruntime
+            sizes = [int(size) for size in sizes]  # folds into the convolution (computed ones cost a third of int8)
+        for size, k, s in zip(reversed(sizes), reversed(self.kernel_size), reversed(self.stride)):
             out = (size + s - 1) // s  # ceil(size / s) from positive operands: ONNX's integer division truncates
             total = max((out - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]

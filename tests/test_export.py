@@ -474,3 +474,47 @@ def test_int8_of_a_model_whose_classifier_is_a_convolution(ckpts, tmp_path, caps
         export.main(export.parse_args([str(a) for a in [*argv, "--max_drop", 100, "--min_agreement", 0]]))
     assert "top-1 agreement" in capsys.readouterr().out and out.stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no candidate file left
+
+
+def test_a_zero_pad_before_a_convolution_becomes_its_own_padding():
+    """fold_pads_into_convs: an uneven zero Pad of height and width read by one Conv alone is folded into the Conv,
+    with the same outputs; a Pad of another value, of the channels, or read twice is left as it is."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "w")
+    x = rng.standard_normal((1, 1, 9, 8)).astype(np.float32)
+
+    def model(pads, fill=None, second_reader=False):
+        inits = [weight, numpy_helper.from_array(np.array(pads, np.int64), "p")]
+        if fill is not None:
+            inits.append(numpy_helper.from_array(np.array(fill, np.float32), "v"))
+        nodes = [
+            helper.make_node("Pad", ["x", "p"] + (["v"] if fill is not None else []), ["xp"], mode="constant"),
+            helper.make_node("Conv", ["xp", "w"], ["y"], strides=[2, 2]),
+        ]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        if second_reader:
+            nodes.append(helper.make_node("Relu", ["xp"], ["z"]))
+            outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 9, 8])]
+        graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+    def run(proto):
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    folded = model([0, 0, 1, 0, 0, 0, 2, 1])
+    before = run(folded)
+    assert export.fold_pads_into_convs(folded) == 1 and [n.op_type for n in folded.graph.node] == ["Conv"]
+    assert [list(a.ints) for a in folded.graph.node[0].attribute if a.name == "pads"] == [[1, 0, 2, 1]]
+    assert np.allclose(run(folded), before, atol=1e-6)
+    for kept in (
+        model([0, 0, 1, 0, 0, 0, 2, 1], fill=1.0),
+        model([0, 1, 1, 0, 0, 0, 2, 1]),
+        model([0, 0, 1, 0, 0, 0, 2, 1], second_reader=True),
+    ):
+        assert export.fold_pads_into_convs(kept) == 0 and "Pad" in [n.op_type for n in kept.graph.node]
