@@ -567,8 +567,11 @@ def build_int8(fp32, out, meta, calibration, ckpt, args, trained=None):
             tried.append((figures, candidate))
             if args.verbose >= 1:
                 print(f"int8, {method} calibration: " + figures.line().split(": ", 1)[1].split("; speed-up")[0])
-            if not int8.failure(figures, *gate):
+            refused = int8.failure(figures, *gate)
+            if not refused:
                 break
+            if args.verbose >= 1 and method != methods[-1]:  # auto: say why before the next method is tried
+                print(f"int8, {method} calibration refused by the gate: {refused}; trying the next method")
         if not tried:
             raise CLIError(f"int8: every calibration tried failed ({', '.join(methods)}); nothing was written")
         figures, chosen = int8.best_of(tried, *gate)

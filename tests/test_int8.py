@@ -155,6 +155,20 @@ def test_the_gate_refuses_and_writes_nothing(trained, tmp_path, capsys):
     assert "--min_ood_agreement must be in [0, 1]" in err
 
 
+def test_auto_calibration_says_why_each_method_was_refused_before_the_next(trained, tmp_path, capsys):
+    from cli import CLIError
+
+    root, _ = trained
+    capsys.readouterr()
+    argv = ["--model_fn", root / "m.pth", "--int8", "--output", tmp_path / "a.int8.onnx", "--max_drop", -1]
+    with pytest.raises(CLIError, match="more than --max_drop -1"):
+        export.main(export.parse_args([str(a) for a in [*argv, "--calibration_images", 16]]))
+    refused = [ln for ln in capsys.readouterr().out.splitlines() if "calibration refused by the gate" in ln]
+    assert [ln.split(" calibration")[0] for ln in refused] == ["int8, minmax", "int8, percentile"], refused
+    assert all("int8 loses" in ln and ln.endswith("; trying the next method") for ln in refused), refused
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_without_labels_only_the_agreement_is_gated(trained, tmp_path, capsys):
     root, data = trained
     loose = tmp_path / "loose"
