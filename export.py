@@ -590,8 +590,9 @@ def build_int8(fp32, out, meta, calibration, ckpt, args, trained=None):
         out.write_bytes(proto.SerializeToString())
         if labels is None and args.verbose >= 1:
             print("int8: no labelled held-out images (their folders are not the classes): only the agreement was gated")
-        if int8.speed_note(figures):
-            print(int8.speed_note(figures))
+        note = int8.speed_note(figures)
+        if note:
+            print(note)
         if args.verbose >= 1:
             print(f"int8: quantized the backbone; kept in fp32: {int8.KEPT_FP32}")
         if args.verbose >= 1 and weights == "s7" and args.int8_weights == "auto":

@@ -109,6 +109,16 @@ def is_exported(path):
     return Path(path).suffix.lower() in EXPORTED_SUFFIXES
 
 
+def onnx_session(model, providers=("CPUExecutionProvider",)):
+    """An onnxruntime session of `model` (a path, or the bytes of a model) with as many threads as PyTorch's CPU
+    ops."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(model, options, providers=list(providers))
+
+
 class OnnxModel:
     """An exported ONNX model behind the call predict.py makes: float32 image batch (N, 3, H, W) -> logits,
     or (logits, ood_score) when the graph has that second output, as torch tensors on the CPU. onnxruntime
@@ -126,10 +136,8 @@ class OnnxModel:
                 print(
                     "onnxruntime: this installation has no CUDA provider (onnxruntime-gpu has it); running on the CPU"
                 )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch's CPU ops
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            self.session = onnx_session(str(self.path), providers)
         except Exception as e:  # onnxruntime's Fail / InvalidProtobuf / NoSuchFile ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CLIError(f"{str(path)!r} is not an ONNX model onnxruntime can load ({first[:160]})") from None

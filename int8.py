@@ -297,16 +297,13 @@ def head_nodes(path):
 def run_model(path, images, batch=32):
     """(logits, ood_score or None, the classifier's input) of an ONNX file of export.py on images, in batches."""
     import onnx
-    import onnxruntime as ort
 
     proto = onnx.load(str(path))
     has_score = len(proto.graph.output) == 2
     node = classifier_node(proto.graph)  # None where the classifier is a convolution (SqueezeNet): no features
     if node is not None:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = exported_model.onnx_session(proto.SerializeToString())
     batches = (images[i : i + batch].contiguous().numpy() for i in range(0, len(images), batch))
     runs = [session.run(None, {"input": x}) for x in batches]
     logits, *rest = (torch.cat([torch.from_numpy(r[j]) for r in runs]) for j in range(len(runs[0])))
@@ -371,6 +368,10 @@ def fit_ood(figures, int8_path, images, ckpt, fp32_scores, int8_outputs, trainin
         top = float(ordered[n - count - 1])
         return (top + float(ordered[n - count])) / 2 if count else top + max(1e-6, 1e-6 * abs(top))
 
+    def agreement(candidate):
+        """The share of gate images a (kind, threshold, scores) candidate flags as fp32 does."""
+        return float(((candidate[2] > candidate[1]) == flagged).float().mean())
+
     candidates = [("", threshold, scores), ("threshold", refitted(scores), scores)]
     bank = None
     usable = features is not None and training is not None and len(training) >= reference.get("k", ood.K)
@@ -378,15 +379,16 @@ def fit_ood(figures, int8_path, images, ckpt, fp32_scores, int8_outputs, trainin
         bank = ood.knn_bank(run_model(int8_path, training)[2], ood.MAX_REFERENCE_MB, seed=0)
         rebuilt = ood.score({**reference, "features": bank}, ckpt.get("temperature", 1.0), features, logits)
         candidates.append(("reference", refitted(rebuilt), rebuilt))
-    kind, chosen, _ = max(candidates, key=lambda c: float(((c[2] > c[1]) == flagged).float().mean()))
+    kind, chosen, _ = max(candidates, key=agreement)
     if kind == "reference" and not replace_knn_bank(int8_path, reference["features"], bank):
-        kind, chosen, _ = max(candidates[:2], key=lambda c: float(((c[2] > c[1]) == flagged).float().mean()))
+        kind, chosen, _ = max(candidates[:2], key=agreement)
     if kind == "reference":
         scores = run_model(int8_path, images)[1]  # the file's own scores, with the constant replaced
+    kept = scores > chosen
     figures.ood_refit, figures.ood_threshold = kind, chosen
-    figures.ood_agreement = float(((scores > chosen) == flagged).float().mean())
-    figures.ood_flagged_fp32, figures.ood_flagged_int8 = count, int((scores > chosen).sum())
-    figures.ood_flagged_both = int(((scores > chosen) & flagged).sum())
+    figures.ood_agreement = float((kept == flagged).float().mean())
+    figures.ood_flagged_fp32, figures.ood_flagged_int8 = count, int(kept.sum())
+    figures.ood_flagged_both = int((kept & flagged).sum())
     figures.ood_reference_images = len(bank) if kind == "reference" else None
 
 
